@@ -1,0 +1,13 @@
+//! The sans-IO protocol core: identity, wire formats, links and the node
+//! state machine. No sockets, no tokio, no clock reads of our own (time comes
+//! in as `now`), no OS randomness (an RNG is passed in where one is needed).
+
+pub mod compress;
+pub mod identity;
+pub mod node;
+pub mod uri;
+pub mod wire;
+
+pub use identity::{Identity, NodeId, NodeRecord};
+pub use node::{Node, NodeConfig, NodeStatus, PeerConfig, TunOutcome};
+pub use uri::PeerUri;

@@ -1,0 +1,1266 @@
+//! The node: links to neighbours and what flows over them, as a sans-IO state
+//! machine.
+//!
+//! Inputs: packets from the TUN ([`Node::handle_tun_packet`]), datagrams from
+//! the UDP socket ([`Node::handle_datagram`]), the passing of time
+//! ([`Node::handle_timeout`]) and what the shell learns from the kernel
+//! ([`Node::set_path_mtu`]). Outputs: the return values (a datagram to send or
+//! a packet for the TUN, borrowed from the node's own buffers so the hot path
+//! allocates nothing) and queued control datagrams drained with
+//! [`Node::poll_transmit`].
+//!
+//! One caveat of the sans-IO shape: boringtun's `Tunn` reads the clock
+//! itself, so `now` drives only our own timers.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use serde::Serialize;
+
+use super::compress::Adaptive;
+use super::identity::{is_overlay_address, Identity, NodeId, NodeRecord};
+use super::uri::PeerUri;
+use super::wire::{self, Encoded, Incoming, Ipv6View, IPV6_MIN_MTU, MAX_PACKET};
+
+/// WireGuard's data-message overhead: type, receiver, counter, tag.
+pub const WG_OVERHEAD: usize = 32;
+/// Outer UDP header.
+pub const UDP_HEADER: usize = 8;
+/// Outer IPv4 header.
+pub const IPV4_HEADER: usize = 20;
+/// Outer IPv6 header.
+pub const IPV6_HEADER: usize = 40;
+
+/// The MTU budget of a direct link.
+///
+/// A link carries IPv6 packets inside WireGuard inside UDP. With a 1500-byte
+/// underlay: 1500 - 20 (IPv4) - 8 (UDP) - 32 (WireGuard) = 1440 bytes, or
+/// 1500 - 40 (IPv6) - 8 - 32 = 1420 over an IPv6 underlay. Our own framing
+/// costs nothing here: an uncompressed application packet goes as it is, and
+/// a compressed one is only sent when frame header plus compressed payload
+/// come out smaller than the original packet. (The one exception, an
+/// application packet that itself uses next-header 253, is wrapped with two
+/// extra bytes and may be refused by the MTU check.)
+pub fn link_mtu(underlay_mtu: usize, ipv6_underlay: bool) -> usize {
+    let outer = if ipv6_underlay {
+        IPV6_HEADER
+    } else {
+        IPV4_HEADER
+    };
+    underlay_mtu.saturating_sub(outer + UDP_HEADER + WG_OVERHEAD)
+}
+
+/// Control message: a node record, with flags saying whether the sender
+/// holds a verified record of the receiver (ACK) and whether it wants an
+/// answer (REPLY, set while it has no ACK from the receiver). Each side
+/// repeats its hello every second until it has the other's record and an
+/// ACK, so a lost hello costs a second, never a link.
+pub const MSG_HELLO: u8 = 1;
+const HELLO_FLAG_ACK: u8 = 1;
+/// Hello flag: "I don't know that you have my record: answer".
+const HELLO_FLAG_REPLY: u8 = 2;
+
+/// How often an unconfirmed hello is repeated.
+const HELLO_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a configured peer without a session is retried.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(5);
+/// A link from an unknown node that has not shown a valid record by then is dropped.
+const UNVERIFIED_TIMEOUT: Duration = Duration::from_secs(30);
+/// A link from an unconfigured node that has been silent this long is dropped.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Minimum spacing of ICMPv6 errors the node generates.
+const ICMP_INTERVAL: Duration = Duration::from_millis(20);
+/// Largest datagram handed to boringtun (its output buffer is larger).
+const MAX_DATAGRAM: usize = MAX_PACKET + WG_OVERHEAD;
+
+/// A peer named in the configuration.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// Who and where.
+    pub uri: PeerUri,
+}
+
+/// Where compression is switched off.
+#[derive(Clone, Debug, Default)]
+pub struct CompressionPolicy {
+    /// Compression on at all.
+    pub enabled: bool,
+    /// Overlay prefixes (address, length) whose traffic is never compressed.
+    pub off_prefixes: Vec<(Ipv6Addr, u8)>,
+    /// Nodes whose links are never compressed.
+    pub off_nodes: Vec<NodeId>,
+}
+
+impl CompressionPolicy {
+    fn allows(&self, node: &NodeId) -> bool {
+        if !self.enabled || self.off_nodes.contains(node) {
+            return false;
+        }
+        let addr = u128::from(node.overlay_address());
+        !self.off_prefixes.iter().any(|(p, len)| {
+            let mask = if *len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - *len as u32)
+            };
+            addr & mask == u128::from(*p) & mask
+        })
+    }
+}
+
+/// Node settings that the protocol core needs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Configured peers: linked at start, kept up, retried.
+    pub peers: Vec<PeerConfig>,
+    /// Compression policy.
+    pub compression: CompressionPolicy,
+    /// WireGuard persistent keepalive, seconds (0 = off).
+    pub keepalive: u16,
+    /// The TUN MTU: the largest packet a link carries before path MTU says less.
+    pub mtu: usize,
+    /// Most links at once (configured ones included).
+    pub max_links: usize,
+}
+
+/// Why packets or datagrams were dropped. Every drop is counted somewhere here.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Drops {
+    /// Datagram that is not a WireGuard message, or too large.
+    pub malformed: u64,
+    /// Datagram for a session index we don't have.
+    pub unknown_session: u64,
+    /// Handshake that failed to authenticate or was rate limited.
+    pub handshake_rejected: u64,
+    /// Data that failed to decrypt or authenticate.
+    pub auth_failed: u64,
+    /// Replayed data message.
+    pub replay: u64,
+    /// Decrypted packet that is not a valid IPv6 packet or frame.
+    pub bad_inner: u64,
+    /// Packet from a neighbour whose record we have not verified.
+    pub unverified: u64,
+    /// Inner source address is not the neighbour's address.
+    pub spoofed_source: u64,
+    /// Inner destination is not our address.
+    pub wrong_destination: u64,
+    /// Record rejected (bad signature, wrong key, wrong ID).
+    pub bad_record: u64,
+    /// TUN packet to an address with no link.
+    pub no_route: u64,
+    /// TUN packet that is not IPv6 or not well formed.
+    pub tun_malformed: u64,
+    /// TUN packet larger than the link's path MTU (answered with Packet Too Big).
+    pub too_big: u64,
+    /// New link refused: too many links.
+    pub link_limit: u64,
+    /// Other send failures (no endpoint, encryption error).
+    pub send_failed: u64,
+}
+
+/// Per-link counters.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct LinkCounters {
+    /// Application packets sent.
+    pub tx_packets: u64,
+    /// Application bytes sent, before compression.
+    pub tx_bytes: u64,
+    /// Bytes those packets took after compression (what was encrypted).
+    pub tx_wire_bytes: u64,
+    /// Application packets received.
+    pub rx_packets: u64,
+    /// Application bytes received, after decompression.
+    pub rx_bytes: u64,
+    /// Bytes those packets took on the link.
+    pub rx_wire_bytes: u64,
+    /// Packets sent compressed.
+    pub tx_compressed: u64,
+    /// Packets received compressed.
+    pub rx_compressed: u64,
+}
+
+/// The state of a link, as reported.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    /// No WireGuard session yet (handshaking or waiting).
+    Connecting,
+    /// Session up, records not yet exchanged.
+    Verifying,
+    /// Session up and the neighbour's record verified: traffic flows.
+    Up,
+    /// Session expired; a configured peer is being retried.
+    Down,
+}
+
+/// A neighbour's verified identity.
+struct Verified {
+    record: NodeRecord,
+    record_bytes: Vec<u8>,
+    address: Ipv6Addr,
+}
+
+struct Link {
+    index: u32,
+    tunn: Tunn,
+    peer_key: [u8; 32],
+    endpoint: Option<SocketAddr>,
+    /// Set when the link came from the configuration.
+    configured: Option<NodeId>,
+    verified: Option<Verified>,
+    they_have_ours: bool,
+    last_hello: Option<Instant>,
+    last_reconnect: Option<Instant>,
+    session_up: bool,
+    expired: bool,
+    created: Instant,
+    last_rx: Instant,
+    mtu: usize,
+    compress: bool,
+    adaptive: Adaptive,
+    counters: LinkCounters,
+    drops: Drops,
+}
+
+impl Link {
+    fn state(&self) -> LinkState {
+        if self.expired {
+            LinkState::Down
+        } else if !self.session_up {
+            LinkState::Connecting
+        } else if self.verified.is_none() {
+            LinkState::Verifying
+        } else {
+            LinkState::Up
+        }
+    }
+
+    fn node_id(&self) -> Option<NodeId> {
+        self.verified
+            .as_ref()
+            .map(|v| v.record.node_id())
+            .or(self.configured)
+    }
+}
+
+/// A datagram to send.
+#[derive(Debug)]
+pub struct Transmit {
+    /// Where to.
+    pub dst: SocketAddr,
+    /// What.
+    pub payload: Vec<u8>,
+}
+
+/// What to do with a packet read from the TUN.
+#[derive(Debug)]
+pub enum TunOutcome<'a> {
+    /// Send this datagram.
+    Send(SocketAddr, &'a [u8]),
+    /// Write this packet back to the TUN (an ICMPv6 error for the sender).
+    Reply(&'a [u8]),
+    /// Nothing to send now (dropped and counted, or queued behind a handshake).
+    Nothing,
+}
+
+/// A report on one link.
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkStatus {
+    /// The link's local index (as in logs).
+    pub link: u32,
+    /// Neighbour's node ID, when known.
+    pub node_id: Option<String>,
+    /// Neighbour's overlay address, when known.
+    pub address: Option<Ipv6Addr>,
+    /// State.
+    pub state: LinkState,
+    /// Whether it came from the configuration.
+    pub configured: bool,
+    /// Last known UDP endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// Seconds since the last completed handshake.
+    pub last_handshake_secs: Option<f64>,
+    /// Largest packet the link carries now (path MTU).
+    pub mtu: usize,
+    /// Whether compression is allowed on this link.
+    pub compression: bool,
+    /// Wire bytes / application bytes sent (1.0 = no gain).
+    pub tx_compression_ratio: f64,
+    /// Wire bytes / application bytes received.
+    pub rx_compression_ratio: f64,
+    /// Counters.
+    #[serde(flatten)]
+    pub counters: LinkCounters,
+    /// Drops on this link.
+    pub drops: Drops,
+}
+
+/// A report on the node.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeStatus {
+    /// Node ID.
+    pub node_id: String,
+    /// Overlay address.
+    pub address: Ipv6Addr,
+    /// Record sequence number in use.
+    pub record_seq: u64,
+    /// Drops not attributable to a link.
+    pub drops: Drops,
+    /// Links.
+    pub links: Vec<LinkStatus>,
+}
+
+/// The node's scratch buffers, kept apart from the links so both can be
+/// borrowed at once.
+struct Buffers {
+    a: Vec<u8>,
+    b: Vec<u8>,
+    ctl: Vec<u8>,
+}
+
+/// The protocol core of one node.
+pub struct Node {
+    identity: Identity,
+    record: NodeRecord,
+    record_bytes: Vec<u8>,
+    address: Ipv6Addr,
+    config: NodeConfig,
+    links: HashMap<u32, Link>,
+    by_key: HashMap<[u8; 32], u32>,
+    by_addr: HashMap<Ipv6Addr, u32>,
+    next_index: u32,
+    rate_limiter: Arc<RateLimiter>,
+    transmits: VecDeque<Transmit>,
+    drops: Drops,
+    bufs: Buffers,
+    last_icmp: Option<Instant>,
+    last_timer: Option<Instant>,
+}
+
+fn ratio(wire: u64, app: u64) -> f64 {
+    if app == 0 {
+        1.0
+    } else {
+        wire as f64 / app as f64
+    }
+}
+
+fn ipv6_underlay(addr: &SocketAddr) -> bool {
+    match addr {
+        SocketAddr::V4(_) => false,
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_none(),
+    }
+}
+
+impl Node {
+    /// Creates a node. `record_seq` must be higher than any record this
+    /// identity published before (the shell uses the wall clock and the
+    /// last stored value). `index_seed` randomises session indices.
+    pub fn new(
+        identity: Identity,
+        record_seq: u64,
+        config: NodeConfig,
+        now: Instant,
+        index_seed: u32,
+    ) -> Node {
+        let record = identity.sign_record(record_seq);
+        let record_bytes = record.to_bytes();
+        let address = identity.overlay_address();
+        let public = x25519::PublicKey::from(identity.link_secret());
+        let mut node = Node {
+            address,
+            record,
+            record_bytes,
+            links: HashMap::new(),
+            by_key: HashMap::new(),
+            by_addr: HashMap::new(),
+            next_index: index_seed & 0x00ff_ffff,
+            rate_limiter: Arc::new(RateLimiter::new(&public, 64)),
+            transmits: VecDeque::new(),
+            drops: Drops::default(),
+            bufs: Buffers {
+                a: vec![0u8; 2 * MAX_PACKET + 1024],
+                b: vec![0u8; 2 * MAX_PACKET + 1024],
+                ctl: Vec::with_capacity(2048),
+            },
+            last_icmp: None,
+            last_timer: None,
+            identity,
+            config,
+        };
+        let peers = node.config.peers.clone();
+        for p in peers {
+            if p.uri.node_id == node.identity.node_id() {
+                continue;
+            }
+            if let Some(idx) =
+                node.add_link(p.uri.link_key, p.uri.endpoint, Some(p.uri.node_id), now)
+            {
+                // A configured peer's address is known before it is verified,
+                // so packets to it can wait in the tunnel's handshake queue.
+                node.by_addr.insert(p.uri.node_id.overlay_address(), idx);
+                node.send_hello(idx, now);
+            }
+        }
+        node
+    }
+
+    /// This node's overlay address.
+    pub fn address(&self) -> Ipv6Addr {
+        self.address
+    }
+
+    /// This node's ID.
+    pub fn node_id(&self) -> NodeId {
+        self.identity.node_id()
+    }
+
+    /// The record this node presents to its neighbours.
+    pub fn record(&self) -> &NodeRecord {
+        &self.record
+    }
+
+    fn add_link(
+        &mut self,
+        peer_key: [u8; 32],
+        endpoint: Option<SocketAddr>,
+        configured: Option<NodeId>,
+        now: Instant,
+    ) -> Option<u32> {
+        if let Some(idx) = self.by_key.get(&peer_key) {
+            return Some(*idx);
+        }
+        if self.links.len() >= self.config.max_links {
+            self.drops.link_limit += 1;
+            return None;
+        }
+        let mut index = self.next_index;
+        while self.links.contains_key(&index) {
+            index = (index + 1) & 0x00ff_ffff;
+        }
+        self.next_index = (index + 1) & 0x00ff_ffff;
+        let keepalive = (self.config.keepalive > 0).then_some(self.config.keepalive);
+        let tunn = Tunn::new(
+            self.identity.link_secret().clone(),
+            x25519::PublicKey::from(peer_key),
+            None,
+            keepalive,
+            index,
+            Some(self.rate_limiter.clone()),
+        );
+        let compress = configured
+            .map(|id| self.config.compression.allows(&id))
+            .unwrap_or(self.config.compression.enabled);
+        self.links.insert(
+            index,
+            Link {
+                index,
+                tunn,
+                peer_key,
+                endpoint,
+                configured,
+                verified: None,
+                they_have_ours: false,
+                last_hello: None,
+                last_reconnect: None,
+                session_up: false,
+                expired: false,
+                created: now,
+                last_rx: now,
+                mtu: self.config.mtu,
+                compress,
+                adaptive: Adaptive::default(),
+                counters: LinkCounters::default(),
+                drops: Drops::default(),
+            },
+        );
+        self.by_key.insert(peer_key, index);
+        Some(index)
+    }
+
+    fn remove_link(&mut self, index: u32) {
+        if let Some(link) = self.links.remove(&index) {
+            self.by_key.remove(&link.peer_key);
+            self.by_addr.retain(|_, i| *i != index);
+            tracing::info!(link = index, node = ?link.node_id(), "link removed");
+        }
+    }
+
+    /// Next queued control datagram (handshakes, hellos, cookie replies).
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// When [`Node::handle_timeout`] wants to run next.
+    pub fn poll_timeout(&self) -> Instant {
+        match self.last_timer {
+            Some(t) => t + Duration::from_millis(250),
+            None => Instant::now(),
+        }
+    }
+
+    /// Tells the node the kernel's path MTU towards an endpoint.
+    pub fn set_path_mtu(&mut self, endpoint: SocketAddr, underlay_mtu: usize) {
+        let inner = link_mtu(underlay_mtu, ipv6_underlay(&endpoint));
+        for link in self.links.values_mut() {
+            if link.endpoint == Some(endpoint) {
+                let mtu = inner.min(self.config.mtu);
+                if mtu != link.mtu {
+                    tracing::info!(%endpoint, underlay_mtu, link_mtu = mtu, "path MTU changed");
+                    link.mtu = mtu;
+                }
+            }
+        }
+    }
+
+    /// Handles one packet read from the TUN.
+    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) -> TunOutcome<'_> {
+        let Ok(view) = Ipv6View::new_checked(packet) else {
+            self.drops.tun_malformed += 1;
+            return TunOutcome::Nothing;
+        };
+        let dst = view.dst();
+        let Some(link) = self.by_addr.get(&dst).and_then(|i| self.links.get_mut(i)) else {
+            self.drops.no_route += 1;
+            if is_overlay_address(&dst) && dst != self.address {
+                return self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 0, 0);
+            }
+            return TunOutcome::Nothing;
+        };
+        if packet.len() > link.mtu {
+            link.drops.too_big += 1;
+            let mtu = link.mtu.max(IPV6_MIN_MTU) as u32;
+            return self.icmp_reply(now, view, wire::ICMPV6_PACKET_TOO_BIG, 0, mtu);
+        }
+        let Some(endpoint) = link.endpoint else {
+            link.drops.send_failed += 1;
+            return TunOutcome::Nothing;
+        };
+        let (frame, compressed) = {
+            let slot = if link.compress {
+                link.adaptive.should_try(&view)
+            } else {
+                None
+            };
+            match wire::encode_app(view, slot.is_some(), &mut self.bufs.b) {
+                Encoded::AsIs => {
+                    if let Some(s) = slot {
+                        link.adaptive.report(s, false);
+                    }
+                    (view.bytes(), false)
+                }
+                Encoded::Compressed(n) => {
+                    if let Some(s) = slot {
+                        link.adaptive.report(s, true);
+                    }
+                    (&self.bufs.b[..n], true)
+                }
+                Encoded::Wrapped(n) => (&self.bufs.b[..n], false),
+            }
+        };
+        link.counters.tx_packets += 1;
+        link.counters.tx_bytes += packet.len() as u64;
+        link.counters.tx_wire_bytes += frame.len() as u64;
+        link.counters.tx_compressed += compressed as u64;
+        match link.tunn.encapsulate(frame, &mut self.bufs.a) {
+            TunnResult::WriteToNetwork(out) => TunOutcome::Send(endpoint, out),
+            TunnResult::Done => TunOutcome::Nothing,
+            _ => {
+                link.drops.send_failed += 1;
+                TunOutcome::Nothing
+            }
+        }
+    }
+
+    fn icmp_reply(
+        &mut self,
+        now: Instant,
+        view: Ipv6View<'_>,
+        ty: u8,
+        code: u8,
+        param: u32,
+    ) -> TunOutcome<'_> {
+        if let Some(t) = self.last_icmp {
+            if now.saturating_duration_since(t) < ICMP_INTERVAL {
+                return TunOutcome::Nothing;
+            }
+        }
+        match wire::icmpv6_error(view, ty, code, param, &mut self.bufs.b) {
+            Some(n) => {
+                self.last_icmp = Some(now);
+                TunOutcome::Reply(&self.bufs.b[..n])
+            }
+            None => TunOutcome::Nothing,
+        }
+    }
+
+    /// Handles one datagram from the UDP socket. Returns a packet to write
+    /// to the TUN, if the datagram carried one. Queued replies (handshake
+    /// responses, hellos) are drained with [`Node::poll_transmit`].
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> Option<&[u8]> {
+        // boringtun panics if its output buffer is shorter than the
+        // datagram: ours holds MAX_DATAGRAM, so refuse anything larger.
+        if datagram.len() > MAX_DATAGRAM {
+            self.drops.malformed += 1;
+            return None;
+        }
+        let from = normalize(from);
+        let index = match Tunn::parse_incoming_packet(datagram) {
+            Err(_) => {
+                self.drops.malformed += 1;
+                return None;
+            }
+            Ok(Packet::HandshakeInit(init)) => {
+                self.rate_limiter_check_and_index(now, from, datagram, &init)?
+            }
+            Ok(Packet::HandshakeResponse(p)) => p.receiver_idx >> 8,
+            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx >> 8,
+            Ok(Packet::PacketData(p)) => p.receiver_idx >> 8,
+        };
+        let Some(link) = self.links.get_mut(&index) else {
+            self.drops.unknown_session += 1;
+            return None;
+        };
+        let mut res = link
+            .tunn
+            .decapsulate(Some(from.ip()), datagram, &mut self.bufs.a);
+        let mut authenticated = false;
+        let mut inner_len = None;
+        loop {
+            match res {
+                TunnResult::Done => {
+                    authenticated = true;
+                    break;
+                }
+                TunnResult::WriteToNetwork(out) => {
+                    authenticated = true;
+                    self.transmits.push_back(Transmit {
+                        dst: from,
+                        payload: out.to_vec(),
+                    });
+                    // Flush packets that waited for this handshake.
+                    res = link.tunn.decapsulate(None, &[], &mut self.bufs.a);
+                }
+                TunnResult::WriteToTunnelV6(p, _) => {
+                    authenticated = true;
+                    inner_len = Some(p.len());
+                    break;
+                }
+                TunnResult::WriteToTunnelV4(..) => {
+                    authenticated = true;
+                    link.drops.bad_inner += 1;
+                    break;
+                }
+                TunnResult::Err(e) => {
+                    match e {
+                        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => {
+                            link.drops.replay += 1
+                        }
+                        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => {
+                            link.drops.unknown_session += 1
+                        }
+                        WireGuardError::InvalidMac
+                        | WireGuardError::WrongKey
+                        | WireGuardError::InvalidTai64nTimestamp
+                        | WireGuardError::WrongTai64nTimestamp
+                        | WireGuardError::UnderLoad
+                        | WireGuardError::UnexpectedPacket => link.drops.handshake_rejected += 1,
+                        _ => link.drops.auth_failed += 1,
+                    }
+                    break;
+                }
+            }
+        }
+        if !authenticated {
+            return None;
+        }
+        let was_up = link.session_up;
+        link.session_up = link.tunn.time_since_last_handshake().is_some();
+        link.expired = false;
+        link.last_rx = now;
+        if link.endpoint != Some(from) {
+            if link.endpoint.is_some() {
+                tracing::info!(link = index, old = ?link.endpoint, new = %from, "neighbour moved to a new endpoint");
+            }
+            link.endpoint = Some(from);
+            link.mtu = self.config.mtu;
+        }
+        if !was_up && link.session_up {
+            // No hello here: a responder can't send before the initiator's
+            // first data message, and the initiator's queued hello is that
+            // message. A restarted neighbour says so with an un-acked hello.
+            tracing::info!(link = index, endpoint = %from, node = ?link.node_id(), "link session established");
+        }
+        let n = inner_len?;
+        self.handle_inner(now, index, n)
+    }
+
+    /// Checks a handshake initiation's MAC and load, finds who sent it, and
+    /// returns the link index (creating a link for an unknown node).
+    fn rate_limiter_check_and_index(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        init: &boringtun::noise::HandshakeInit<'_>,
+    ) -> Option<u32> {
+        let mut cookie = [0u8; 64];
+        match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Ok(_) => {}
+            Err(TunnResult::WriteToNetwork(c)) => {
+                self.transmits.push_back(Transmit {
+                    dst: from,
+                    payload: c.to_vec(),
+                });
+                return None;
+            }
+            Err(_) => {
+                self.drops.handshake_rejected += 1;
+                return None;
+            }
+        }
+        let public = x25519::PublicKey::from(self.identity.link_secret());
+        let half = match parse_handshake_anon(self.identity.link_secret(), &public, init) {
+            Ok(h) => h,
+            Err(_) => {
+                self.drops.handshake_rejected += 1;
+                return None;
+            }
+        };
+        let idx = self.add_link(half.peer_static_public, Some(from), None, now);
+        if let Some(i) = idx {
+            if self.links[&i].configured.is_none() && self.links[&i].verified.is_none() {
+                tracing::debug!(link = i, %from, "handshake from an unknown node");
+            }
+        }
+        idx
+    }
+
+    fn handle_inner(&mut self, now: Instant, index: u32, n: usize) -> Option<&[u8]> {
+        let control = match Ipv6View::new_checked(&self.bufs.a[..n]) {
+            Ok(view) => wire::control_of(view).map(|(ty, body)| (view.src(), ty, body.to_vec())),
+            Err(_) => {
+                self.links.get_mut(&index)?.drops.bad_inner += 1;
+                return None;
+            }
+        };
+        if let Some((src, ty, body)) = control {
+            self.handle_control(now, index, src, ty, &body);
+            return None;
+        }
+        let view = Ipv6View::new_checked(&self.bufs.a[..n]).ok()?;
+        let link = self.links.get_mut(&index)?;
+        let (incoming, compressed) = match wire::decode(view, &mut self.bufs.b) {
+            Ok(x) => x,
+            Err(_) => {
+                link.drops.bad_inner += 1;
+                return None;
+            }
+        };
+        match incoming {
+            Incoming::Control(..) => None,
+            Incoming::App(p) => {
+                let Some(v) = &link.verified else {
+                    link.drops.unverified += 1;
+                    return None;
+                };
+                if view.src() != v.address {
+                    link.drops.spoofed_source += 1;
+                    return None;
+                }
+                if view.dst() != self.address {
+                    link.drops.wrong_destination += 1;
+                    return None;
+                }
+                link.counters.rx_packets += 1;
+                link.counters.rx_bytes += p.len() as u64;
+                link.counters.rx_wire_bytes += n as u64;
+                link.counters.rx_compressed += compressed as u64;
+                Some(p)
+            }
+        }
+    }
+
+    fn handle_control(&mut self, now: Instant, index: u32, src: Ipv6Addr, ty: u8, body: &[u8]) {
+        if ty != MSG_HELLO || body.is_empty() {
+            if let Some(l) = self.links.get_mut(&index) {
+                l.drops.bad_inner += 1;
+            }
+            return;
+        }
+        let ack = body[0] & HELLO_FLAG_ACK != 0;
+        let rec_bytes = &body[1..];
+        let link = match self.links.get_mut(&index) {
+            Some(l) => l,
+            None => return,
+        };
+        let known = link
+            .verified
+            .as_ref()
+            .is_some_and(|v| v.record_bytes == rec_bytes);
+        if !known {
+            match self.verify_hello(index, src, rec_bytes) {
+                Ok(v) => {
+                    let addr = v.address;
+                    let id = v.record.node_id();
+                    // Another link already speaking for this address: the
+                    // newer record wins (a node may have replaced its link key).
+                    if let Some(&other) = self.by_addr.get(&addr) {
+                        if other != index {
+                            let other_seq = self
+                                .links
+                                .get(&other)
+                                .and_then(|l| l.verified.as_ref())
+                                .map(|v| v.record.seq);
+                            match other_seq {
+                                Some(s) if s >= v.record.seq => {
+                                    if let Some(l) = self.links.get_mut(&index) {
+                                        l.drops.bad_record += 1;
+                                    }
+                                    return;
+                                }
+                                _ => {
+                                    let configured =
+                                        self.links.get(&other).and_then(|l| l.configured);
+                                    self.remove_link(other);
+                                    if let Some(l) = self.links.get_mut(&index) {
+                                        l.configured = l.configured.or(configured);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let compress = self.config.compression.allows(&id);
+                    let Some(link) = self.links.get_mut(&index) else {
+                        return;
+                    };
+                    let first = link.verified.is_none();
+                    link.verified = Some(v);
+                    link.compress = compress;
+                    self.by_addr.insert(addr, index);
+                    if first {
+                        tracing::info!(link = index, node = %id.short(), %addr, "neighbour verified");
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(link = index, "rejected neighbour record: {why}");
+                    if let Some(l) = self.links.get_mut(&index) {
+                        l.drops.bad_record += 1;
+                    }
+                    return;
+                }
+            }
+        }
+        let Some(link) = self.links.get_mut(&index) else {
+            return;
+        };
+        link.they_have_ours = ack;
+        if body[0] & HELLO_FLAG_REPLY != 0 {
+            self.send_hello(index, now);
+        }
+    }
+
+    fn verify_hello(
+        &self,
+        index: u32,
+        src: Ipv6Addr,
+        rec_bytes: &[u8],
+    ) -> Result<Verified, String> {
+        let link = &self.links[&index];
+        let record = NodeRecord::parse_verified(rec_bytes).map_err(|e| e.to_string())?;
+        // The record must name the very key the tunnel authenticated, or
+        // anyone could replay someone else's public record.
+        if record.link_key != link.peer_key {
+            return Err("record's link key is not the key this link authenticated".into());
+        }
+        if let Some(id) = link.configured {
+            if record.node_id() != id {
+                return Err(format!(
+                    "record is for node {}, configured {}",
+                    record.node_id().short(),
+                    id.short()
+                ));
+            }
+        }
+        if record.overlay_address() != src {
+            return Err("hello sent from an address that is not the record's".into());
+        }
+        if record.node_id() == self.identity.node_id() {
+            return Err("record is our own".into());
+        }
+        if let Some(v) = &link.verified {
+            if record.seq < v.record.seq {
+                return Err("record is older than the one we hold".into());
+            }
+        }
+        Ok(Verified {
+            address: record.overlay_address(),
+            record,
+            record_bytes: rec_bytes.to_vec(),
+        })
+    }
+
+    fn send_hello(&mut self, index: u32, now: Instant) {
+        let Some(link) = self.links.get_mut(&index) else {
+            return;
+        };
+        let dst = link
+            .verified
+            .as_ref()
+            .map(|v| v.address)
+            .or(link.configured.map(|id| id.overlay_address()))
+            .unwrap_or(Ipv6Addr::UNSPECIFIED);
+        let mut body = Vec::with_capacity(1 + self.record_bytes.len());
+        let mut flags = 0;
+        if link.verified.is_some() {
+            flags |= HELLO_FLAG_ACK;
+        }
+        if !link.they_have_ours {
+            flags |= HELLO_FLAG_REPLY;
+        }
+        body.push(flags);
+        body.extend_from_slice(&self.record_bytes);
+        let n = wire::encode_control(self.address, dst, MSG_HELLO, &body, &mut self.bufs.ctl);
+        link.last_hello = Some(now);
+        if let TunnResult::WriteToNetwork(out) =
+            link.tunn.encapsulate(&self.bufs.ctl[..n], &mut self.bufs.a)
+        {
+            if let Some(ep) = link.endpoint {
+                self.transmits.push_back(Transmit {
+                    dst: ep,
+                    payload: out.to_vec(),
+                });
+            }
+        }
+    }
+
+    /// Runs timers: WireGuard's (rekey, keepalive, retries), hello repeats,
+    /// reconnects of configured peers, pruning of idle unknown links.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_timer = Some(now);
+        self.rate_limiter.reset_count();
+        let indices: Vec<u32> = self.links.keys().copied().collect();
+        let mut remove = Vec::new();
+        for index in indices {
+            let Some(link) = self.links.get_mut(&index) else {
+                continue;
+            };
+            loop {
+                match link.tunn.update_timers(&mut self.bufs.a) {
+                    TunnResult::WriteToNetwork(out) => {
+                        if let Some(ep) = link.endpoint {
+                            self.transmits.push_back(Transmit {
+                                dst: ep,
+                                payload: out.to_vec(),
+                            });
+                        }
+                        // update_timers emits at most one datagram per call.
+                        break;
+                    }
+                    TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                        if !link.expired {
+                            tracing::info!(link = index, node = ?link.node_id(), "link session expired");
+                        }
+                        link.expired = true;
+                        link.session_up = false;
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            let up = link.tunn.time_since_last_handshake().is_some() && !link.expired;
+            if link.session_up && !up {
+                link.session_up = false;
+            }
+            if link.configured.is_some() && !link.session_up {
+                let due = link
+                    .last_reconnect
+                    .is_none_or(|t| now.saturating_duration_since(t) >= RECONNECT_INTERVAL);
+                if due && link.endpoint.is_some() {
+                    link.last_reconnect = Some(now);
+                    if let TunnResult::WriteToNetwork(out) = link
+                        .tunn
+                        .format_handshake_initiation(&mut self.bufs.a, false)
+                    {
+                        self.transmits.push_back(Transmit {
+                            dst: link.endpoint.expect("checked"),
+                            payload: out.to_vec(),
+                        });
+                    }
+                }
+            }
+            let hello_due = link.session_up
+                && (link.verified.is_none() || !link.they_have_ours)
+                && link
+                    .last_hello
+                    .is_none_or(|t| now.saturating_duration_since(t) >= HELLO_INTERVAL);
+            if link.configured.is_none() {
+                let age = now.saturating_duration_since(link.created);
+                let idle = now.saturating_duration_since(link.last_rx);
+                if (link.verified.is_none() && age > UNVERIFIED_TIMEOUT) || idle > IDLE_TIMEOUT {
+                    remove.push(index);
+                    continue;
+                }
+            }
+            if hello_due {
+                self.send_hello(index, now);
+            }
+        }
+        for i in remove {
+            self.remove_link(i);
+        }
+    }
+
+    /// A report for `qgate status`.
+    pub fn status(&self) -> NodeStatus {
+        let mut links: Vec<LinkStatus> = self
+            .links
+            .values()
+            .map(|l| LinkStatus {
+                link: l.index,
+                node_id: l.node_id().map(|i| i.to_string()),
+                address: l.node_id().map(|i| i.overlay_address()),
+                state: l.state(),
+                configured: l.configured.is_some(),
+                endpoint: l.endpoint,
+                last_handshake_secs: l.tunn.time_since_last_handshake().map(|d| d.as_secs_f64()),
+                mtu: l.mtu,
+                compression: l.compress,
+                tx_compression_ratio: ratio(l.counters.tx_wire_bytes, l.counters.tx_bytes),
+                rx_compression_ratio: ratio(l.counters.rx_wire_bytes, l.counters.rx_bytes),
+                counters: l.counters,
+                drops: l.drops,
+            })
+            .collect();
+        links.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        NodeStatus {
+            node_id: self.identity.node_id().to_string(),
+            address: self.address,
+            record_seq: self.record.seq,
+            drops: self.drops,
+            links,
+        }
+    }
+
+    /// Index of the link to a verified neighbour (for tests).
+    pub fn link_up_to(&self, addr: &Ipv6Addr) -> bool {
+        self.by_addr
+            .get(addr)
+            .and_then(|i| self.links.get(i))
+            .is_some_and(|l| l.state() == LinkState::Up && l.they_have_ours)
+    }
+}
+
+/// Maps IPv4-mapped IPv6 socket addresses (from a dual-stack socket) to IPv4.
+pub fn normalize(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::OsRng;
+
+    struct Net {
+        nodes: Vec<(Node, SocketAddr)>,
+        now: Instant,
+    }
+
+    fn cfg(peers: Vec<PeerUri>) -> NodeConfig {
+        NodeConfig {
+            peers: peers.into_iter().map(|uri| PeerConfig { uri }).collect(),
+            compression: CompressionPolicy {
+                enabled: true,
+                ..Default::default()
+            },
+            keepalive: 10,
+            mtu: 1440,
+            max_links: 16,
+        }
+    }
+
+    fn uri(id: &Identity, ep: SocketAddr) -> PeerUri {
+        PeerUri {
+            node_id: id.node_id(),
+            link_key: id.link_public(),
+            endpoint: Some(ep),
+        }
+    }
+
+    impl Net {
+        /// Delivers queued datagrams until the network is quiet; returns
+        /// packets written to each node's TUN.
+        fn run(&mut self) -> Vec<Vec<Vec<u8>>> {
+            let mut tun = vec![Vec::new(); self.nodes.len()];
+            for _ in 0..100 {
+                let mut moved = false;
+                for i in 0..self.nodes.len() {
+                    while let Some(t) = self.nodes[i].0.poll_transmit() {
+                        moved = true;
+                        let from = self.nodes[i].1;
+                        if let Some(j) = self.nodes.iter().position(|(_, a)| *a == t.dst) {
+                            if let Some(p) =
+                                self.nodes[j].0.handle_datagram(self.now, from, &t.payload)
+                            {
+                                tun[j].push(p.to_vec());
+                            }
+                        }
+                    }
+                }
+                if !moved {
+                    break;
+                }
+                self.now += Duration::from_millis(300);
+                for n in &mut self.nodes {
+                    n.0.handle_timeout(self.now);
+                }
+            }
+            tun
+        }
+
+        fn send(&mut self, from: usize, packet: &[u8]) -> Option<Vec<u8>> {
+            let src_ep = self.nodes[from].1;
+            let (dst, data) = match self.nodes[from].0.handle_tun_packet(self.now, packet) {
+                TunOutcome::Send(d, p) => (d, p.to_vec()),
+                _ => return None,
+            };
+            let j = self.nodes.iter().position(|(_, a)| *a == dst)?;
+            self.nodes[j]
+                .0
+                .handle_datagram(self.now, src_ep, &data)
+                .map(|p| p.to_vec())
+        }
+    }
+
+    fn udp_packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 40 + payload.len()];
+        wire::write_ipv6_header(&mut p, payload.len(), 17, 64, src, dst);
+        p[40..].copy_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn link_up_verify_forward_and_reject_spoofing() {
+        let now = Instant::now();
+        let ids: Vec<Identity> = (0..3)
+            .map(|_| Identity::generate(&mut OsRng).unwrap())
+            .collect();
+        let eps: Vec<SocketAddr> = (0..3)
+            .map(|i| format!("198.18.0.{}:7300", i + 1).parse().unwrap())
+            .collect();
+        let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
+        // A knows B; C knows B; B knows nobody (open network).
+        let peers_a = vec![uri(&ids[1], eps[1])];
+        let peers_c = vec![uri(&ids[1], eps[1])];
+        let mut it = ids.into_iter();
+        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now, 1);
+        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
+        let c = Node::new(it.next().unwrap(), 1, cfg(peers_c), now, 3);
+        let mut net = Net {
+            nodes: vec![(a, eps[0]), (b, eps[1]), (c, eps[2])],
+            now,
+        };
+        net.run();
+        assert!(net.nodes[0].0.link_up_to(&addrs[1]));
+        assert!(net.nodes[1].0.link_up_to(&addrs[0]));
+        assert!(net.nodes[1].0.link_up_to(&addrs[2]));
+
+        // A -> B, compressible payload, arrives intact.
+        let p = udp_packet(addrs[0], addrs[1], &[b'x'; 1000]);
+        assert_eq!(net.send(0, &p).as_deref(), Some(&p[..]));
+        // B -> C over the link C opened.
+        let p = udp_packet(addrs[1], addrs[2], b"hello from b, a short one");
+        assert_eq!(net.send(1, &p).as_deref(), Some(&p[..]));
+        // A claims C's address: B drops and counts it.
+        let p = udp_packet(addrs[2], addrs[1], b"spoofed");
+        assert_eq!(net.send(0, &p), None);
+        let st = net.nodes[1].0.status();
+        let spoofed: u64 = st.links.iter().map(|l| l.drops.spoofed_source).sum();
+        assert_eq!(spoofed, 1);
+        // Packet for someone else: wrong destination.
+        let p = udp_packet(addrs[0], addrs[2], b"not for b");
+        let (dst, data) = match net.nodes[0].0.handle_tun_packet(now, &p) {
+            TunOutcome::Nothing => (None, vec![]),
+            TunOutcome::Send(d, x) => (Some(d), x.to_vec()),
+            TunOutcome::Reply(r) => {
+                // no link A->C: A answers with ICMPv6 unreachable
+                assert_eq!(
+                    Ipv6View::new_checked(r).unwrap().next_header(),
+                    wire::NH_ICMPV6
+                );
+                (None, vec![])
+            }
+        };
+        assert!(dst.is_none() && data.is_empty());
+        // Too big for a smaller path MTU: Packet Too Big back to the TUN.
+        net.nodes[0].0.set_path_mtu(eps[1], 1400);
+        let p = udp_packet(addrs[0], addrs[1], &[7u8; 1390]);
+        match net.nodes[0]
+            .0
+            .handle_tun_packet(now + Duration::from_secs(1), &p)
+        {
+            TunOutcome::Reply(r) => {
+                let v = Ipv6View::new_checked(r).unwrap();
+                assert_eq!(v.payload()[0], wire::ICMPV6_PACKET_TOO_BIG);
+                let mtu = u32::from_be_bytes(v.payload()[4..8].try_into().unwrap());
+                assert_eq!(mtu as usize, 1400 - 28 - 32);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_datagrams_are_counted_not_fatal() {
+        let now = Instant::now();
+        let mut n = Node::new(
+            Identity::generate(&mut OsRng).unwrap(),
+            1,
+            cfg(vec![]),
+            now,
+            9,
+        );
+        let from: SocketAddr = "198.18.0.9:1".parse().unwrap();
+        let mut x: u64 = 88172645463325252;
+        for i in 0..50_000usize {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = [0, 1, 4, 32, 64, 92, 148, 200, 1500][i % 9];
+            let mut d: Vec<u8> = (0..len).map(|j| (x >> (j % 57)) as u8).collect();
+            if len >= 4 {
+                d[0] = (i % 5) as u8;
+                d[1..4].fill(0);
+            }
+            assert!(n.handle_datagram(now, from, &d).is_none());
+        }
+        assert!(n
+            .handle_datagram(now, from, &vec![4u8; MAX_DATAGRAM + 1])
+            .is_none());
+        let d = n.status().drops;
+        assert!(
+            d.malformed + d.unknown_session + d.handshake_rejected > 40_000,
+            "{d:?}"
+        );
+    }
+}
