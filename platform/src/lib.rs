@@ -1,1 +1,156 @@
+//! OS specifics for QuantumGate, kept behind a small interface: the TUN
+//! device and the privilege check. Linux only for now.
 
+use std::io;
+use std::net::Ipv6Addr;
+
+pub use tun_rs::AsyncDevice;
+
+/// Errors from platform set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    /// The TUN device could not be created or configured.
+    #[error("TUN interface {name}: {what}: {source}")]
+    Tun {
+        /// Interface name.
+        name: String,
+        /// The step that failed.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// A configured TUN interface carrying the overlay.
+pub struct Tun {
+    /// The device (async reads and writes of whole IP packets).
+    pub device: AsyncDevice,
+    /// Interface name.
+    pub name: String,
+}
+
+/// Creates the TUN interface `name`, sets its MTU, gives it `address` with
+/// prefix length `prefix` (which makes the kernel route that prefix to it)
+/// and brings it up. Duplicate address detection is switched off on the
+/// interface first: the address is derived from our key, nobody else on a
+/// point-to-point TUN can hold it, and DAD would keep programs from binding
+/// to it for a second or two after start.
+///
+/// Needs CAP_NET_ADMIN. Must be called from within a tokio runtime.
+pub fn create_tun(
+    name: &str,
+    mtu: u16,
+    address: Ipv6Addr,
+    prefix: u8,
+) -> Result<Tun, PlatformError> {
+    let err = |what, source| PlatformError::Tun {
+        name: name.to_string(),
+        what,
+        source,
+    };
+    let device = tun_rs::DeviceBuilder::new()
+        .name(name)
+        .mtu(mtu)
+        .build_async()
+        .map_err(|e| err("create", e))?;
+    let name = device.name().map_err(|e| err("read name", e))?;
+    // Best effort: a kernel without IPv6 sysctls still works, with DAD.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/accept_dad"), "0");
+    device
+        .add_address_v6(address, prefix)
+        .map_err(|e| err("add address", e))?;
+    device.enabled(true).map_err(|e| err("bring up", e))?;
+    Ok(Tun { device, name })
+}
+
+/// Whether this process may administer network interfaces (CAP_NET_ADMIN in
+/// its effective set), read from /proc/self/status.
+pub fn has_cap_net_admin() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
+/// Asks the kernel to set don't-fragment on every datagram the socket sends
+/// and to report EMSGSIZE when one exceeds the known path MTU, for IPv4 and
+/// IPv6 (both options, so a dual-stack socket's mapped IPv4 traffic gets it
+/// too). Neither nix nor socket2 wraps these options, hence the raw calls.
+pub fn set_dont_fragment(fd: std::os::fd::BorrowedFd<'_>, ipv6_socket: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    setsockopt_int(
+        fd.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DO,
+    )
+    .or_else(|e| if ipv6_socket { Ok(()) } else { Err(e) })?;
+    if ipv6_socket {
+        setsockopt_int(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DO,
+        )?;
+    }
+    Ok(())
+}
+
+fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: `value` outlives the call and its size is passed along.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &value as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The kernel's current path MTU towards `dst` (learnt from ICMP
+/// "fragmentation needed" / "packet too big"), read through a connected
+/// throw-away UDP socket.
+pub fn path_mtu(dst: std::net::SocketAddr) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let bind: std::net::SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let s = std::net::UdpSocket::bind(bind)?;
+    s.connect(dst)?;
+    let (level, name) = if dst.is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_MTU)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    };
+    let mut value: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes and `len` holds the size.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            &mut value as *mut i32 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc == 0 && value > 0 {
+        Ok(value as usize)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

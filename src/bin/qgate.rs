@@ -1,1 +1,210 @@
-fn main() {}
+//! `qgate`: the QuantumGate node.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use qgate::proto::{Identity, PeerUri};
+use qgate::shell::{config, control, run, state, status};
+
+/// QuantumGate node: an encrypted peer-to-peer IPv6 overlay.
+///
+/// Typical use: `qgate init --state-dir /var/lib/qgate`, add peer URIs to
+/// /var/lib/qgate/qgate.toml, then `qgate run --config /var/lib/qgate/qgate.toml`
+/// (as root or with CAP_NET_ADMIN) and `qgate status --config ...`.
+/// Logs go to stderr; QGATE_LOG (e.g. "debug") overrides the config's `log`.
+#[derive(Parser)]
+#[command(name = "qgate", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the node's keys and a commented default config (DIR/qgate.toml);
+    /// print the overlay address and peer URI. Never overwrites keys.
+    Init {
+        /// State directory to create (keys are written mode 0600).
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+        /// UDP address to listen on, put in the config and the peer URI.
+        #[arg(long, value_name = "IP:PORT", default_value = config::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+    },
+    /// Print the node ID, overlay address and peer URI of a state directory.
+    Id {
+        /// State directory.
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+        /// Print JSON: {"node_id", "address", "uri"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the node in the foreground (needs CAP_NET_ADMIN).
+    Run {
+        /// Configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Show the running node's identity, uptime and links.
+    Status {
+        /// Configuration file naming the control socket.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Wait up to this many seconds for the node to come up.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<f64>,
+    },
+}
+
+/// Exit code for bad configuration or usage.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("qgate: config error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("qgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Config(config::ConfigError),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+fn load_config(path: &Path) -> Result<config::Config, Failure> {
+    config::load(path).map_err(Failure::Config)
+}
+
+fn uri_for(id: &Identity, listen: Option<SocketAddr>) -> PeerUri {
+    PeerUri {
+        node_id: id.node_id(),
+        link_key: id.link_public(),
+        endpoint: listen.filter(|l| !l.ip().is_unspecified()),
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<(), Failure> {
+    match cli.cmd {
+        Cmd::Init { state_dir, listen } => {
+            let id = state::init(&state_dir)?;
+            let cfg_path = state_dir.join(state::CONFIG_FILE);
+            let wrote_config = if cfg_path.exists() {
+                false
+            } else {
+                let abs = std::fs::canonicalize(&state_dir).unwrap_or(state_dir.clone());
+                state::write_new(
+                    &cfg_path,
+                    config::default_text(&abs, &listen).as_bytes(),
+                    0o644,
+                )?;
+                true
+            };
+            let uri = uri_for(&id, Some(listen));
+            println!("node ID  {}", id.node_id());
+            println!("address  {}", id.overlay_address());
+            println!("peer URI {uri}");
+            if uri.endpoint.is_none() {
+                println!(
+                    "         (listening on {listen}: other nodes need your reachable IP, e.g. {uri}/198.18.0.1:{})",
+                    listen.port()
+                );
+            }
+            if wrote_config {
+                println!(
+                    "config   {} (edit peers, then `qgate run --config {}`)",
+                    cfg_path.display(),
+                    cfg_path.display()
+                );
+            } else {
+                println!(
+                    "config   {} already exists, left as it is",
+                    cfg_path.display()
+                );
+            }
+            Ok(())
+        }
+        Cmd::Id { state_dir, json } => {
+            let id = state::load_identity(&state_dir)?;
+            let cfg_path = state_dir.join(state::CONFIG_FILE);
+            let listen = config::load(&cfg_path).ok().map(|c| c.listen);
+            let uri = uri_for(&id, listen);
+            if json {
+                println!(
+                    "{}",
+                    json!({"node_id": id.node_id().to_string(), "address": id.overlay_address().to_string(), "uri": uri.to_string()})
+                );
+            } else {
+                println!("node ID  {}", id.node_id());
+                println!("address  {}", id.overlay_address());
+                println!("peer URI {uri}");
+            }
+            Ok(())
+        }
+        Cmd::Run { config } => {
+            let cfg = load_config(&config)?;
+            let filter = std::env::var("QGATE_LOG").unwrap_or_else(|_| cfg.log.clone());
+            // boringtun logs every handshake retry; keep it quiet unless asked.
+            let filter = if filter.contains("boringtun") {
+                filter
+            } else {
+                format!("{filter},boringtun=off")
+            };
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_new(&filter)
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            run::run(cfg)?;
+            Ok(())
+        }
+        Cmd::Status { config, json, wait } => {
+            let cfg = load_config(&config)?;
+            let deadline = Instant::now() + Duration::from_secs_f64(wait.unwrap_or(0.0).max(0.0));
+            let st = loop {
+                match control::request(&cfg.control_socket, "status") {
+                    Ok(st) => break st,
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(Failure::Other(e.context(if wait.is_some() {
+                            "node did not come up in time"
+                        } else {
+                            "is the node running? (`qgate status --wait 10` waits for it)"
+                        })))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st).context("encoding")?);
+            } else {
+                print!("{}", status::render(&st));
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,1 +1,9 @@
-//! The tokio I/O shell.
+//! The tokio I/O shell: configuration, state directory, control socket and
+//! the loops that move packets between the TUN, the UDP socket and the
+//! protocol core.
+
+pub mod config;
+pub mod control;
+pub mod run;
+pub mod state;
+pub mod status;

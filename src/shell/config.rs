@@ -1,0 +1,402 @@
+//! The node's TOML configuration: parsed and validated in full before
+//! anything is started. Every error is one line naming the key.
+
+use std::net::{Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::proto::node::{link_mtu, CompressionPolicy, NodeConfig, PeerConfig};
+use crate::proto::wire::IPV6_MIN_MTU;
+use crate::proto::{NodeId, PeerUri};
+
+/// Default UDP port.
+pub const DEFAULT_PORT: u16 = 7300;
+/// Default listen address: dual-stack, so both underlays work.
+pub const DEFAULT_LISTEN: &str = "[::]:7300";
+/// Default TUN name.
+pub const DEFAULT_TUN: &str = "qg0";
+/// Default keepalive, seconds.
+pub const DEFAULT_KEEPALIVE: u16 = 15;
+/// Default bound on links.
+pub const DEFAULT_MAX_LINKS: usize = 1024;
+/// Underlay MTU assumed for the default TUN MTU.
+pub const UNDERLAY_MTU: usize = 1500;
+
+/// A configuration error: which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// The key (dotted path), or a line reference when the TOML itself is broken.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: Option<PathBuf>,
+    listen: Option<String>,
+    #[serde(default)]
+    peers: Vec<String>,
+    log: Option<String>,
+    #[serde(default)]
+    tun: RawTun,
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    link: RawLink,
+    #[serde(default)]
+    compression: RawCompression,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTun {
+    name: Option<String>,
+    mtu: Option<u32>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLink {
+    keepalive: Option<u16>,
+    max_links: Option<usize>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCompression {
+    enabled: Option<bool>,
+    #[serde(default)]
+    off: Vec<String>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the file was read from.
+    pub path: PathBuf,
+    /// State directory (keys, record sequence).
+    pub state_dir: PathBuf,
+    /// UDP listen address.
+    pub listen: SocketAddr,
+    /// Configured peers.
+    pub peers: Vec<PeerUri>,
+    /// Log filter (tracing-subscriber syntax).
+    pub log: String,
+    /// TUN interface name.
+    pub tun_name: String,
+    /// TUN MTU.
+    pub mtu: usize,
+    /// Control socket path.
+    pub control_socket: PathBuf,
+    /// Keepalive seconds.
+    pub keepalive: u16,
+    /// Most links.
+    pub max_links: usize,
+    /// Compression policy.
+    pub compression: CompressionPolicy,
+}
+
+impl Config {
+    /// The protocol core's part.
+    pub fn node_config(&self) -> NodeConfig {
+        NodeConfig {
+            peers: self
+                .peers
+                .iter()
+                .map(|uri| PeerConfig { uri: uri.clone() })
+                .collect(),
+            compression: self.compression.clone(),
+            keepalive: self.keepalive,
+            mtu: self.mtu,
+            max_links: self.max_links,
+        }
+    }
+}
+
+/// The default TUN MTU for a listen address: the direct-link budget of
+/// [`link_mtu`] for a 1500-byte underlay, IPv6 outer headers if the socket
+/// can carry IPv6 (1420), IPv4 otherwise (1440).
+pub fn default_mtu(listen: &SocketAddr) -> usize {
+    link_mtu(UNDERLAY_MTU, listen.is_ipv6())
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        key: "(file)".into(),
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(&text, path)
+}
+
+fn toml_error(file: &str, text: &str, e: toml::de::Error) -> ConfigError {
+    let message = e.message().trim().replace('\n', " ");
+    let key = match e.span() {
+        Some(span) => {
+            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("");
+            let key = line.split('=').next().unwrap_or("").trim();
+            if line.contains('=') && !key.is_empty() {
+                format!("{key} (line {line_no})")
+            } else {
+                format!("line {line_no}")
+            }
+        }
+        None => "(file)".into(),
+    };
+    ConfigError {
+        file: file.into(),
+        key,
+        message,
+    }
+}
+
+/// Parses and validates configuration text; `path` is used for messages and
+/// to resolve relative paths.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(&file, text, e))?;
+    let err = |key: &str, message: String| ConfigError {
+        file: file.clone(),
+        key: key.into(),
+        message,
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+    let state_dir = resolve(raw.state_dir.ok_or_else(|| {
+        err(
+            "state_dir",
+            "missing: the directory holding the node's keys".into(),
+        )
+    })?);
+    let listen_s = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
+    let listen: SocketAddr = listen_s.parse().map_err(|_| {
+        err(
+            "listen",
+            format!("{listen_s:?} is not IP:PORT (IPv6 in brackets, e.g. \"[::]:7300\")"),
+        )
+    })?;
+    let mut peers = Vec::new();
+    for (i, p) in raw.peers.iter().enumerate() {
+        let uri: PeerUri = p
+            .parse()
+            .map_err(|e| err(&format!("peers[{i}]"), format!("{e}")))?;
+        peers.push(uri);
+    }
+    let tun_name = raw.tun.name.unwrap_or_else(|| DEFAULT_TUN.into());
+    if tun_name.is_empty()
+        || tun_name.len() > 15
+        || !tun_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(err(
+            "tun.name",
+            format!("{tun_name:?} is not an interface name (1-15 of a-z, 0-9, '-', '_', '.')"),
+        ));
+    }
+    let mtu = match raw.tun.mtu {
+        None => default_mtu(&listen),
+        Some(m) if (IPV6_MIN_MTU as u32..=65535).contains(&m) => m as usize,
+        Some(m) => {
+            return Err(err(
+                "tun.mtu",
+                format!("{m} is out of range: IPv6 needs at least {IPV6_MIN_MTU}, at most 65535"),
+            ))
+        }
+    };
+    let control_socket = resolve(
+        raw.control
+            .socket
+            .unwrap_or_else(|| state_dir.join("control.sock")),
+    );
+    // sockaddr_un holds 108 bytes including the terminating NUL.
+    if control_socket.as_os_str().len() > 107 {
+        return Err(err(
+            "control.socket",
+            format!(
+                "path is {} bytes; a Unix socket path holds at most 107",
+                control_socket.as_os_str().len()
+            ),
+        ));
+    }
+    let log = raw.log.unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&log).is_err() {
+        return Err(err(
+            "log",
+            format!("{log:?} is not a log filter (e.g. \"info\" or \"debug,boringtun=warn\")"),
+        ));
+    }
+    let keepalive = raw.link.keepalive.unwrap_or(DEFAULT_KEEPALIVE);
+    let max_links = raw.link.max_links.unwrap_or(DEFAULT_MAX_LINKS);
+    if max_links == 0 || max_links > 1 << 20 {
+        return Err(err(
+            "link.max_links",
+            format!("{max_links} is out of range 1..=1048576"),
+        ));
+    }
+    let mut compression = CompressionPolicy {
+        enabled: raw.compression.enabled.unwrap_or(true),
+        ..Default::default()
+    };
+    for (i, entry) in raw.compression.off.iter().enumerate() {
+        let key = format!("compression.off[{i}]");
+        if let Some((addr, len)) = entry.split_once('/') {
+            let a: Ipv6Addr = addr
+                .parse()
+                .map_err(|_| err(&key, format!("{entry:?} is not an IPv6 prefix or node ID")))?;
+            let l: u8 =
+                len.parse().ok().filter(|l| *l <= 128).ok_or_else(|| {
+                    err(&key, format!("{entry:?}: prefix length must be 0..=128"))
+                })?;
+            compression.off_prefixes.push((a, l));
+        } else {
+            let id = NodeId::parse(entry).map_err(|_| {
+                err(
+                    &key,
+                    format!("{entry:?} is neither an IPv6 prefix (fc12::/16) nor a 64-hex-digit node ID"),
+                )
+            })?;
+            compression.off_nodes.push(id);
+        }
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        state_dir,
+        listen,
+        peers,
+        log,
+        tun_name,
+        mtu,
+        control_socket,
+        keepalive,
+        max_links,
+        compression,
+    })
+}
+
+/// The commented default configuration `qgate init` writes.
+pub fn default_text(state_dir: &Path, listen: &SocketAddr) -> String {
+    format!(
+        r#"# QuantumGate node configuration. Every key is optional except state_dir;
+# the values shown commented out are the defaults. `qgate run --config FILE`
+# validates all of it before starting anything.
+
+# Where the node's keys live (identity.pem, link.key). Keep it private.
+state_dir = "{state}"
+
+# UDP address links arrive on: IPv4 ("0.0.0.0:7300") or IPv6/dual-stack ("[::]:7300").
+listen = "{listen}"
+
+# Nodes to link to at start: peer URIs as printed by `qgate init` / `qgate id`.
+# Any node will do; the network is open, so nodes not listed here may link to
+# this one too once their signed record checks out.
+peers = [
+]
+
+# Log filter: error, warn, info, debug, trace (tracing-subscriber syntax).
+# log = "info"
+
+[tun]
+# name = "{tun}"
+# MTU of the overlay interface. The default is what a direct link carries over
+# a 1500-byte underlay: 1440 with an IPv4 listen address, 1420 with IPv6
+# (outer IP + UDP 8 + WireGuard 32). Smaller paths are learnt per peer.
+# mtu = {mtu}
+
+[control]
+# Unix socket for `qgate status` (mode 0660).
+# socket = "{sock}"
+
+[link]
+# WireGuard persistent keepalive in seconds (0 = off).
+# keepalive = {ka}
+# Most links at once.
+# max_links = {ml}
+
+[compression]
+# Payloads are lz4-compressed before encryption when that saves bytes.
+# Compress-then-encrypt lets an observer learn something from packet sizes
+# (the VORACLE attack on VPNs): if secrets and attacker-chosen data share a
+# connection, turn compression off for those peers, prefixes, or entirely.
+# enabled = true
+# off = ["fc12:3456::/32", "<64-hex-digit node ID>"]
+"#,
+        state = state_dir.display(),
+        listen = listen,
+        tun = DEFAULT_TUN,
+        mtu = default_mtu(listen),
+        sock = state_dir.join("control.sock").display(),
+        ka = DEFAULT_KEEPALIVE,
+        ml = DEFAULT_MAX_LINKS,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("/etc/qgate/qgate.toml"))
+    }
+
+    #[test]
+    fn default_text_parses() {
+        let c = p(&default_text(
+            Path::new("/var/lib/qgate"),
+            &"0.0.0.0:7300".parse().unwrap(),
+        ))
+        .unwrap();
+        assert_eq!(c.mtu, 1440);
+        assert_eq!(c.tun_name, "qg0");
+        assert_eq!(c.control_socket, Path::new("/var/lib/qgate/control.sock"));
+        let c = p(&default_text(
+            Path::new("/x"),
+            &"[::]:7300".parse().unwrap(),
+        ))
+        .unwrap();
+        assert_eq!(c.mtu, 1420);
+    }
+
+    #[test]
+    fn errors_name_the_key_on_one_line() {
+        for (text, key) in [
+            ("state_dir='/x'\nbogus = 1\n", "bogus"),
+            ("state_dir='/x'\nlisten = 'nope'\n", "listen"),
+            ("state_dir='/x'\n[tun]\nmtu = 100\n", "tun.mtu"),
+            ("state_dir='/x'\n[tun]\nmtu = 'big'\n", "mtu"),
+            (
+                "state_dir='/x'\n[tun]\nname = 'way-too-long-a-name'\n",
+                "tun.name",
+            ),
+            ("state_dir='/x'\npeers = ['qg://2/x/y']\n", "peers[0]"),
+            (
+                "state_dir='/x'\n[compression]\noff = ['zz']\n",
+                "compression.off[0]",
+            ),
+            ("listen = '[::]:1'\n", "state_dir"),
+            ("state_dir='/x'\n[link]\nkeepalive = -1\n", "keepalive"),
+            ("state_dir='/x'\nlog = 'info,,=='\n", "log"),
+        ] {
+            let e = p(text).unwrap_err();
+            let line = e.to_string();
+            assert!(!line.contains('\n'), "{line}");
+            assert!(e.key.contains(key), "{text:?}: {line}");
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Human-readable rendering of `qgate status`.
+
+use serde_json::Value;
+
+fn bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn drops(v: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(m) = v.as_object() {
+        for (k, n) in m {
+            if n.as_u64().unwrap_or(0) > 0 {
+                parts.push(format!("{k}={n}"));
+            }
+        }
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// Renders the status object for a terminal.
+pub fn render(st: &Value) -> String {
+    let g = |k: &str| st.get(k).cloned().unwrap_or(Value::Null);
+    let s = |v: Value| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    };
+    let mut out = String::new();
+    out.push_str(&format!("node      {}\n", s(g("node_id"))));
+    out.push_str(&format!("address   {}\n", s(g("address"))));
+    out.push_str(&format!(
+        "uptime    {}   version {}\n",
+        duration(g("uptime_secs").as_f64().unwrap_or(0.0)),
+        s(g("version"))
+    ));
+    out.push_str(&format!(
+        "listen    {}   tun {} (mtu {})\n",
+        s(g("listen")),
+        s(st["tun"]["name"].clone()),
+        st["tun"]["mtu"]
+    ));
+    out.push_str(&format!("drops     {}\n", drops(&g("drops"))));
+    let links = g("links");
+    let links = links.as_array().cloned().unwrap_or_default();
+    let up = links.iter().filter(|l| l["state"] == "up").count();
+    out.push_str(&format!("links     {up} up of {}\n", links.len()));
+    for l in &links {
+        let addr = l["address"].as_str().unwrap_or("(unknown)");
+        let hs = l["last_handshake_secs"]
+            .as_f64()
+            .map(|t| format!("{} ago", duration(t)))
+            .unwrap_or_else(|| "never".into());
+        out.push_str(&format!(
+            "  {addr}  {}{}\n    endpoint {}  handshake {hs}  mtu {}\n    tx {} pkts {} (wire/app {:.2})  rx {} pkts {} (wire/app {:.2})  compression {}\n    drops {}\n",
+            l["state"].as_str().unwrap_or("?"),
+            if l["configured"] == true { " (configured)" } else { "" },
+            l["endpoint"].as_str().unwrap_or("-"),
+            l["mtu"],
+            l["tx_packets"],
+            bytes(l["tx_bytes"].as_f64().unwrap_or(0.0)),
+            l["tx_compression_ratio"].as_f64().unwrap_or(1.0),
+            l["rx_packets"],
+            bytes(l["rx_bytes"].as_f64().unwrap_or(0.0)),
+            l["rx_compression_ratio"].as_f64().unwrap_or(1.0),
+            if l["compression"] == true { "on" } else { "off" },
+            drops(&l["drops"]),
+        ));
+    }
+    out
+}
