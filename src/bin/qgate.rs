@@ -179,6 +179,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             run::run(cfg)?;
             Ok(())

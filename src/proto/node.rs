@@ -71,6 +71,8 @@ const HELLO_FLAG_REPLY: u8 = 2;
 const HELLO_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a configured peer without a session is retried.
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(5);
+/// Silence beyond the keepalive period after which a neighbour is re-handshaked.
+const SILENCE_GRACE: Duration = Duration::from_secs(5);
 /// A link from an unknown node that has not shown a valid record by then is dropped.
 const UNVERIFIED_TIMEOUT: Duration = Duration::from_secs(30);
 /// A link from an unconfigured node that has been silent this long is dropped.
@@ -960,45 +962,68 @@ impl Node {
             let Some(link) = self.links.get_mut(&index) else {
                 continue;
             };
-            loop {
-                match link.tunn.update_timers(&mut self.bufs.a) {
-                    TunnResult::WriteToNetwork(out) => {
-                        if let Some(ep) = link.endpoint {
-                            self.transmits.push_back(Transmit {
-                                dst: ep,
-                                payload: out.to_vec(),
-                            });
-                        }
-                        // update_timers emits at most one datagram per call.
-                        break;
+            // update_timers emits at most one datagram per call.
+            match link.tunn.update_timers(&mut self.bufs.a) {
+                TunnResult::WriteToNetwork(out) => {
+                    if let Some(ep) = link.endpoint {
+                        self.transmits.push_back(Transmit {
+                            dst: ep,
+                            payload: out.to_vec(),
+                        });
                     }
-                    TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                        if !link.expired {
-                            tracing::info!(link = index, node = ?link.node_id(), "link session expired");
-                        }
-                        link.expired = true;
-                        link.session_up = false;
-                        break;
-                    }
-                    _ => break,
                 }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    if !link.expired {
+                        tracing::info!(link = index, node = ?link.node_id(), "link session expired");
+                    }
+                    link.expired = true;
+                    link.session_up = false;
+                }
+                _ => {}
             }
             let up = link.tunn.time_since_last_handshake().is_some() && !link.expired;
             if link.session_up && !up {
                 link.session_up = false;
             }
+            // A neighbour that restarted has forgotten our session and
+            // silently drops what we send; WireGuard alone notices only when
+            // data (not keepalives) goes unanswered, or at the next rekey two
+            // minutes on. Keepalives make silence a signal: nothing heard for
+            // a keepalive period plus grace means a new handshake.
+            let silence = Duration::from_secs(self.config.keepalive as u64) + SILENCE_GRACE;
+            if self.config.keepalive > 0
+                && link.session_up
+                && now.saturating_duration_since(link.last_rx) > silence
+                && link
+                    .last_reconnect
+                    .is_none_or(|t| now.saturating_duration_since(t) >= silence)
+            {
+                if let Some(ep) = link.endpoint {
+                    link.last_reconnect = Some(now);
+                    tracing::debug!(link = index, "neighbour silent, handshaking again");
+                    if let TunnResult::WriteToNetwork(out) = link
+                        .tunn
+                        .format_handshake_initiation(&mut self.bufs.a, false)
+                    {
+                        self.transmits.push_back(Transmit {
+                            dst: ep,
+                            payload: out.to_vec(),
+                        });
+                    }
+                }
+            }
             if link.configured.is_some() && !link.session_up {
                 let due = link
                     .last_reconnect
                     .is_none_or(|t| now.saturating_duration_since(t) >= RECONNECT_INTERVAL);
-                if due && link.endpoint.is_some() {
+                if let (true, Some(ep)) = (due, link.endpoint) {
                     link.last_reconnect = Some(now);
                     if let TunnResult::WriteToNetwork(out) = link
                         .tunn
                         .format_handshake_initiation(&mut self.bufs.a, false)
                     {
                         self.transmits.push_back(Transmit {
-                            dst: link.endpoint.expect("checked"),
+                            dst: ep,
                             payload: out.to_vec(),
                         });
                     }

@@ -17,7 +17,7 @@ pub const DEFAULT_LISTEN: &str = "[::]:7300";
 /// Default TUN name.
 pub const DEFAULT_TUN: &str = "qg0";
 /// Default keepalive, seconds.
-pub const DEFAULT_KEEPALIVE: u16 = 15;
+pub const DEFAULT_KEEPALIVE: u16 = 10;
 /// Default bound on links.
 pub const DEFAULT_MAX_LINKS: usize = 1024;
 /// Underlay MTU assumed for the default TUN MTU.
@@ -324,7 +324,9 @@ peers = [
 # socket = "{sock}"
 
 [link]
-# WireGuard persistent keepalive in seconds (0 = off).
+# WireGuard persistent keepalive in seconds (0 = off). A neighbour silent for
+# this long plus 5 s is handshaked again, which is how a restarted neighbour
+# is noticed.
 # keepalive = {ka}
 # Most links at once.
 # max_links = {ml}
