@@ -1,0 +1,75 @@
+//! The command line without a network: init, id, config errors, status of a
+//! node that is not running.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+fn qgate(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_qgate"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("qgate-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn init_then_id_and_never_overwrite() {
+    let dir = tmp("init");
+    let d = dir.to_str().unwrap();
+    let out = qgate(&["init", "--state-dir", d, "--listen", "198.18.0.7:7300"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let id: serde_json::Value =
+        serde_json::from_slice(&qgate(&["id", "--json", "--state-dir", d]).stdout).unwrap();
+    let uri = id["uri"].as_str().unwrap();
+    let addr = id["address"].as_str().unwrap();
+    assert!(text.contains(uri) && text.contains(addr), "{text}");
+    assert!(
+        uri.starts_with("qg://1/") && uri.ends_with("/198.18.0.7:7300"),
+        "{uri}"
+    );
+    assert!(addr.starts_with("fc"));
+    assert_eq!(&id["node_id"].as_str().unwrap()[..2], &addr[2..4]);
+    for f in ["identity.pem", "link.key"] {
+        let m = std::fs::metadata(dir.join(f)).unwrap().permissions().mode();
+        assert_eq!(m & 0o777, 0o600, "{f}");
+    }
+    let key = std::fs::read(dir.join("identity.pem")).unwrap();
+    let again = qgate(&["init", "--state-dir", d]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
+    assert_eq!(std::fs::read(dir.join("identity.pem")).unwrap(), key);
+    let id2: serde_json::Value =
+        serde_json::from_slice(&qgate(&["id", "--json", "--state-dir", d]).stdout).unwrap();
+    assert_eq!(id, id2);
+
+    // The written config is valid; status says the node is not running.
+    let cfg = dir.join("qgate.toml");
+    let st = qgate(&["status", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(st.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&st.stderr).contains("is the node running"));
+    // A broken config is exit 2 with one line, for any command that reads it.
+    std::fs::write(&cfg, "state_dir = 5\n").unwrap();
+    let st = qgate(&["status", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(st.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("state_dir"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn help_explains_commands() {
+    let out = qgate(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["init", "id", "run", "status"] {
+        assert!(text.contains(cmd), "{text}");
+    }
+    let bad = qgate(&["run"]);
+    assert_eq!(bad.status.code(), Some(2));
+}
