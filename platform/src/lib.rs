@@ -4,7 +4,7 @@
 use std::io;
 use std::net::Ipv6Addr;
 
-pub use tun_rs::AsyncDevice;
+pub use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Errors from platform set-up.
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +36,18 @@ pub struct Tun {
 /// point-to-point TUN can hold it, and DAD would keep programs from binding
 /// to it for a second or two after start.
 ///
+/// With `offload`, the device speaks virtio-net headers: the kernel hands
+/// over TCP segments of up to 64 KiB (TSO), split with
+/// `AsyncDevice::recv_multiple`, and takes coalesced ones (GRO) from
+/// `AsyncDevice::send_multiple`; every write then needs a virtio-net header.
+///
 /// Needs CAP_NET_ADMIN. Must be called from within a tokio runtime.
 pub fn create_tun(
     name: &str,
     mtu: u16,
     address: Ipv6Addr,
     prefix: u8,
+    offload: bool,
 ) -> Result<Tun, PlatformError> {
     let err = |what, source| PlatformError::Tun {
         name: name.to_string(),
@@ -51,6 +57,7 @@ pub fn create_tun(
     let device = tun_rs::DeviceBuilder::new()
         .name(name)
         .mtu(mtu)
+        .offload(offload)
         .build_async()
         .map_err(|e| err("create", e))?;
     let name = device.name().map_err(|e| err("read name", e))?;

@@ -2,8 +2,17 @@
 //!
 //! Three loops share the node: TUN → UDP, UDP → TUN, and a timer. Each locks
 //! the node only to hand it packets (never across an await), copies out what
-//! to send, and does its I/O unlocked. Datagrams and TUN packets are taken in
-//! batches (whatever is ready, up to [`BATCH`]) so one lock serves many.
+//! to send, and does its I/O unlocked.
+//!
+//! Per-packet system calls, not crypto, bound a userspace tunnel's speed, so
+//! both directions move batches:
+//! - TUN → UDP: the TUN runs with virtio-net offloads, so one read returns a
+//!   TCP segment of up to 64 KiB that the kernel did not have to cut up
+//!   (tun-rs splits it); the encrypted datagrams leave in UDP GSO batches,
+//!   one `sendmsg` for up to 64 equal-sized datagrams (quinn-udp).
+//! - UDP → TUN: `recvmmsg` with UDP GRO (quinn-udp) returns many datagrams
+//!   per call; the decrypted packets are coalesced back into large TCP
+//!   segments (tun-rs's GRO table) before they are written to the TUN.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -19,16 +28,22 @@ use super::control::{ControlSocket, Handler};
 use super::state;
 use crate::proto::node::{normalize, Transmit};
 use crate::proto::{Node, TunOutcome};
-use qgate_platform::{AsyncDevice, Tun};
+use bytes::BytesMut;
+use qgate_platform::{AsyncDevice, GROTable, Tun, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use quinn_udp::{RecvMeta, UdpSocketState};
+use tokio::io::Interest;
 
-/// Most packets handled per lock.
-const BATCH: usize = 64;
-/// Buffer size for one packet or datagram.
+/// Receive buffers per `recvmmsg` call (each holds a GRO batch).
+const RECV_BATCH: usize = 8;
+/// Size of one receive buffer or TUN read: the largest GRO/TSO aggregate.
 const BUF: usize = 65536 + 256;
+/// Bytes in one GSO send (the kernel's limit is 64 KiB of UDP payload).
+const GSO_BYTES: usize = 60 * 1024;
 
 struct Shared {
     node: Mutex<Node>,
     udp: UdpSocket,
+    udp_state: UdpSocketState,
     tun: AsyncDevice,
     ipv6_socket: bool,
 }
@@ -76,6 +91,11 @@ fn bind_udp(listen: SocketAddr) -> Result<(UdpSocket, bool)> {
 
 async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) -> Result<()> {
     let (udp, ipv6_socket) = bind_udp(config.listen)?;
+    let udp_state = UdpSocketState::new((&udp).into()).context("setting up the UDP socket")?;
+    // quinn-udp asks for "probe" path MTU discovery, under which the kernel
+    // never reports a smaller path MTU; we want EMSGSIZE, so set DF again.
+    qgate_platform::set_dont_fragment(std::os::fd::AsFd::as_fd(&udp), ipv6_socket)
+        .context("setting don't-fragment on the UDP socket")?;
     let address = identity.overlay_address();
     let node_id = identity.node_id();
     let started = Instant::now();
@@ -91,7 +111,7 @@ async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) 
         );
     }
     let Tun { device, name } =
-        qgate_platform::create_tun(&config.tun_name, config.mtu as u16, address, 8)?;
+        qgate_platform::create_tun(&config.tun_name, config.mtu as u16, address, 8, true)?;
     let control = ControlSocket::bind(&config.control_socket)?;
     tracing::info!(
         node = %node_id,
@@ -105,6 +125,7 @@ async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) 
     let shared = Arc::new(Shared {
         node: Mutex::new(node),
         udp,
+        udp_state,
         tun: device,
         ipv6_socket,
     });
@@ -166,10 +187,30 @@ impl Shared {
     }
 
     async fn send(&self, dst: SocketAddr, data: &[u8]) {
-        let to = self.to_socket(dst);
-        let res = match self.udp.try_send_to(data, to) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.udp.send_to(data, to).await,
-            r => r,
+        self.send_gso(dst, data, data.len()).await
+    }
+
+    /// Sends `data` as datagrams of `segment` bytes (the last may be
+    /// shorter) in one system call.
+    async fn send_gso(&self, dst: SocketAddr, data: &[u8], segment: usize) {
+        let t = quinn_udp::Transmit {
+            destination: self.to_socket(dst),
+            ecn: None,
+            contents: data,
+            segment_size: (data.len() > segment).then_some(segment),
+            src_ip: None,
+        };
+        let res = loop {
+            match self.udp.try_io(Interest::WRITABLE, || {
+                self.udp_state.try_send((&self.udp).into(), &t)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.udp.writable().await.is_err() {
+                        return;
+                    }
+                }
+                r => break r,
+            }
         };
         if let Err(e) = res {
             if e.raw_os_error() == Some(libc::EMSGSIZE) {
@@ -181,6 +222,15 @@ impl Shared {
             } else {
                 tracing::debug!(%dst, "send failed: {e}");
             }
+        }
+    }
+
+    /// Writes one packet to the TUN (which expects a virtio-net header).
+    async fn write_tun(&self, packet: &[u8]) {
+        let mut buf = vec![0u8; VIRTIO_NET_HDR_LEN + packet.len()];
+        buf[VIRTIO_NET_HDR_LEN..].copy_from_slice(packet);
+        if let Err(e) = self.tun.send(&buf).await {
+            tracing::debug!("TUN write failed: {e}");
         }
     }
 }
@@ -199,54 +249,72 @@ async fn flush(sh: &Shared) {
     }
 }
 
-/// What a batch produced: datagrams to send and packets for the TUN, as
-/// ranges of one reused buffer.
+/// Encrypted datagrams collected for sending, grouped into GSO batches:
+/// runs of datagrams to one destination, all of one size but the last.
 #[derive(Default)]
-struct Outbox {
+struct GsoQueue {
     data: Vec<u8>,
-    sends: Vec<(SocketAddr, usize, usize)>,
-    tun: Vec<(usize, usize)>,
-    control: Vec<Transmit>,
+    /// (destination, start, end, segment size)
+    batches: Vec<(SocketAddr, usize, usize, usize)>,
+    /// Whether the open batch may take another datagram.
+    open: bool,
+    max_segments: usize,
 }
 
-impl Outbox {
-    fn clear(&mut self) {
-        self.data.clear();
-        self.sends.clear();
-        self.tun.clear();
-    }
-    fn push_send(&mut self, dst: SocketAddr, d: &[u8]) {
-        let s = self.data.len();
-        self.data.extend_from_slice(d);
-        self.sends.push((dst, s, self.data.len()));
-    }
-    fn push_tun(&mut self, d: &[u8]) {
-        let s = self.data.len();
-        self.data.extend_from_slice(d);
-        self.tun.push((s, self.data.len()));
-    }
-    async fn deliver(&mut self, sh: &Shared) {
-        for &(dst, s, e) in &self.sends {
-            sh.send(dst, &self.data[s..e]).await;
+impl GsoQueue {
+    fn new(max_segments: usize) -> GsoQueue {
+        GsoQueue {
+            max_segments: max_segments.max(1),
+            ..Default::default()
         }
-        for &(s, e) in &self.tun {
-            if let Err(e) = sh.tun.send(&self.data[s..e]).await {
-                tracing::debug!("TUN write failed: {e}");
+    }
+
+    fn push(&mut self, dst: SocketAddr, d: &[u8]) {
+        let start = self.data.len();
+        self.data.extend_from_slice(d);
+        let end = self.data.len();
+        if self.open {
+            if let Some(b) = self.batches.last_mut() {
+                let count = (b.2 - b.1) / b.3;
+                if b.0 == dst
+                    && d.len() <= b.3
+                    && end - b.1 <= GSO_BYTES
+                    && count < self.max_segments
+                {
+                    b.2 = end;
+                    // A shorter datagram must be the last of its batch.
+                    self.open = d.len() == b.3;
+                    return;
+                }
             }
         }
-        for t in self.control.drain(..) {
-            sh.send(t.dst, &t.payload).await;
+        self.batches.push((dst, start, end, d.len()));
+        self.open = true;
+    }
+
+    async fn flush(&mut self, sh: &Shared) {
+        for &(dst, s, e, seg) in &self.batches {
+            sh.send_gso(dst, &self.data[s..e], seg).await;
         }
-        self.clear();
+        self.data.clear();
+        self.batches.clear();
+        self.open = false;
     }
 }
 
 async fn tun_loop(sh: Arc<Shared>) {
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUF]).collect();
-    let mut lens = vec![0usize; BATCH];
-    let mut out = Outbox::default();
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + BUF];
+    let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; 2048]).collect();
+    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+    let mut queue = GsoQueue::new(sh.udp_state.max_gso_segments());
+    let mut replies: Vec<Vec<u8>> = Vec::new();
+    let mut control = Vec::new();
     loop {
-        let n = match sh.tun.recv(&mut bufs[0]).await {
+        let n = match sh
+            .tun
+            .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+            .await
+        {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!("TUN read failed: {e}");
@@ -254,65 +322,95 @@ async fn tun_loop(sh: Arc<Shared>) {
                 continue;
             }
         };
-        lens[0] = n;
-        let mut count = 1;
-        while count < BATCH {
-            match sh.tun.try_recv(&mut bufs[count]) {
-                Ok(n) => {
-                    lens[count] = n;
-                    count += 1;
-                }
-                Err(_) => break,
-            }
-        }
         let now = Instant::now();
         {
             let mut node = sh.node.lock().expect("node lock");
-            for i in 0..count {
-                match node.handle_tun_packet(now, &bufs[i][..lens[i]]) {
-                    TunOutcome::Send(dst, d) => out.push_send(dst, d),
-                    TunOutcome::Reply(p) => out.push_tun(p),
+            for i in 0..n {
+                match node.handle_tun_packet(now, &bufs[i][..sizes[i]]) {
+                    TunOutcome::Send(dst, d) => queue.push(dst, d),
+                    TunOutcome::Reply(p) => replies.push(p.to_vec()),
                     TunOutcome::Nothing => {}
                 }
             }
-            drain(&mut node, &mut out.control);
+            drain(&mut node, &mut control);
         }
-        out.deliver(&sh).await;
+        queue.flush(&sh).await;
+        for p in replies.drain(..) {
+            sh.write_tun(&p).await;
+        }
+        for t in control.drain(..) {
+            sh.send(t.dst, &t.payload).await;
+        }
     }
 }
 
 async fn udp_loop(sh: Arc<Shared>) {
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUF]).collect();
-    let mut meta: Vec<(usize, SocketAddr)> = Vec::with_capacity(BATCH);
-    let mut out = Outbox::default();
+    let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; BUF]).collect();
+    let mut meta = vec![RecvMeta::default(); RECV_BATCH];
+    let mut to_tun: Vec<BytesMut> = Vec::new();
+    let mut gro = GROTable::default();
+    let mut control = Vec::new();
     loop {
-        meta.clear();
-        match sh.udp.recv_from(&mut bufs[0]).await {
-            Ok((n, from)) => meta.push((n, from)),
+        let res = {
+            let mut iov: Vec<std::io::IoSliceMut<'_>> = bufs
+                .iter_mut()
+                .map(|b| std::io::IoSliceMut::new(b))
+                .collect();
+            loop {
+                match sh.udp.try_io(Interest::READABLE, || {
+                    sh.udp_state.recv((&sh.udp).into(), &mut iov, &mut meta)
+                }) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Err(e) = sh.udp.readable().await {
+                            break Err(e);
+                        }
+                    }
+                    r => break r,
+                }
+            }
+        };
+        let n = match res {
+            Ok(n) => n,
             Err(e) => {
                 // ICMP errors surface here as ECONNREFUSED etc. on Linux.
                 tracing::debug!("UDP receive: {e}");
                 continue;
             }
-        }
-        while meta.len() < BATCH {
-            match sh.udp.try_recv_from(&mut bufs[meta.len()]) {
-                Ok((n, from)) => meta.push((n, from)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => continue,
-            }
-        }
+        };
         let now = Instant::now();
+        let mut k = 0;
         {
             let mut node = sh.node.lock().expect("node lock");
-            for (i, &(n, from)) in meta.iter().enumerate() {
-                if let Some(p) = node.handle_datagram(now, normalize(from), &bufs[i][..n]) {
-                    out.push_tun(p);
+            for (m, buf) in meta.iter().zip(&bufs).take(n) {
+                let from = normalize(m.addr);
+                let stride = m.stride.max(1);
+                for seg in buf[..m.len].chunks(stride) {
+                    if let Some(p) = node.handle_datagram(now, from, seg) {
+                        if k == to_tun.len() {
+                            to_tun.push(BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + 2048));
+                        }
+                        let b = &mut to_tun[k];
+                        b.clear();
+                        b.resize(VIRTIO_NET_HDR_LEN, 0);
+                        b.extend_from_slice(p);
+                        k += 1;
+                    }
                 }
             }
-            drain(&mut node, &mut out.control);
+            drain(&mut node, &mut control);
         }
-        out.deliver(&sh).await;
+        if k > 0 {
+            if let Err(e) = sh
+                .tun
+                .send_multiple(&mut gro, &mut to_tun[..k], VIRTIO_NET_HDR_LEN)
+                .await
+            {
+                tracing::debug!("TUN write failed: {e}");
+            }
+        }
+        for t in control.drain(..) {
+            sh.send(t.dst, &t.payload).await;
+        }
     }
 }
 
