@@ -79,6 +79,10 @@ const UNVERIFIED_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Minimum spacing of ICMPv6 errors the node generates.
 const ICMP_INTERVAL: Duration = Duration::from_millis(20);
+/// Handshake initiations accepted from one source IP per timer period (250 ms).
+const HANDSHAKES_PER_SOURCE: u32 = 5;
+/// Distinct handshake sources tracked per timer period.
+const MAX_HANDSHAKE_SOURCES: usize = 4096;
 /// Largest datagram handed to boringtun (its output buffer is larger).
 const MAX_DATAGRAM: usize = MAX_PACKET + WG_OVERHEAD;
 
@@ -344,6 +348,10 @@ pub struct Node {
     bufs: Buffers,
     last_icmp: Option<Instant>,
     last_timer: Option<Instant>,
+    /// Handshake initiations per source IP in the current second: boringtun's
+    /// rate limiter is one global counter, so one noisy source could starve
+    /// everyone else's handshakes without a per-source limit in front of it.
+    handshakes_by_source: HashMap<IpAddr, u32>,
 }
 
 fn ratio(wire: u64, app: u64) -> f64 {
@@ -394,6 +402,7 @@ impl Node {
             },
             last_icmp: None,
             last_timer: None,
+            handshakes_by_source: HashMap::new(),
             identity,
             config,
         };
@@ -718,6 +727,20 @@ impl Node {
         datagram: &[u8],
         init: &boringtun::noise::HandshakeInit<'_>,
     ) -> Option<u32> {
+        // Cheap checks first: the per-source budget, then boringtun's MAC
+        // and load check, and only then the Diffie-Hellman work.
+        if self.handshakes_by_source.len() >= MAX_HANDSHAKE_SOURCES
+            && !self.handshakes_by_source.contains_key(&from.ip())
+        {
+            self.drops.handshake_rejected += 1;
+            return None;
+        }
+        let count = self.handshakes_by_source.entry(from.ip()).or_insert(0);
+        *count += 1;
+        if *count > HANDSHAKES_PER_SOURCE {
+            self.drops.handshake_rejected += 1;
+            return None;
+        }
         let mut cookie = [0u8; 64];
         match self
             .rate_limiter
@@ -956,6 +979,7 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_timer = Some(now);
         self.rate_limiter.reset_count();
+        self.handshakes_by_source.clear();
         let indices: Vec<u32> = self.links.keys().copied().collect();
         let mut remove = Vec::new();
         for index in indices {
@@ -1253,6 +1277,24 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn handshake_flood_from_one_source_is_capped() {
+        let now = Instant::now();
+        let target = Identity::generate(&mut OsRng).unwrap();
+        let target_uri = uri(&target, "198.18.0.1:7300".parse().unwrap());
+        let mut node = Node::new(target, 1, cfg(vec![]), now, 1);
+        // A real node's initiations, replayed many times from one address.
+        let attacker = Identity::generate(&mut OsRng).unwrap();
+        let mut a = Node::new(attacker, 1, cfg(vec![target_uri]), now, 2);
+        let init = a.poll_transmit().unwrap().payload;
+        let from: SocketAddr = "198.18.0.66:1".parse().unwrap();
+        for _ in 0..100 {
+            node.handle_datagram(now, from, &init);
+        }
+        let d = node.status().drops;
+        assert!(d.handshake_rejected >= 100 - HANDSHAKES_PER_SOURCE as u64, "{d:?}");
     }
 
     #[test]
