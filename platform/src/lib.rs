@@ -4,7 +4,7 @@
 use std::io;
 use std::net::Ipv6Addr;
 
-pub use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+pub use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Errors from platform set-up.
 #[derive(Debug, thiserror::Error)]
@@ -23,8 +23,9 @@ pub enum PlatformError {
 
 /// A configured TUN interface carrying the overlay.
 pub struct Tun {
-    /// The device (async reads and writes of whole IP packets).
-    pub device: AsyncDevice,
+    /// The device (blocking reads and writes of whole IP packets; share it
+    /// between a reading and a writing thread).
+    pub device: SyncDevice,
     /// Interface name.
     pub name: String,
 }
@@ -38,10 +39,10 @@ pub struct Tun {
 ///
 /// With `offload`, the device speaks virtio-net headers: the kernel hands
 /// over TCP segments of up to 64 KiB (TSO), split with
-/// `AsyncDevice::recv_multiple`, and takes coalesced ones (GRO) from
-/// `AsyncDevice::send_multiple`; every write then needs a virtio-net header.
+/// `SyncDevice::recv_multiple`, and takes coalesced ones (GRO) from
+/// `SyncDevice::send_multiple`; every write then needs a virtio-net header.
 ///
-/// Needs CAP_NET_ADMIN. Must be called from within a tokio runtime.
+/// Needs CAP_NET_ADMIN.
 pub fn create_tun(
     name: &str,
     mtu: u16,
@@ -58,7 +59,7 @@ pub fn create_tun(
         .name(name)
         .mtu(mtu)
         .offload(offload)
-        .build_async()
+        .build_sync()
         .map_err(|e| err("create", e))?;
     let name = device.name().map_err(|e| err("read name", e))?;
     // Best effort: a kernel without IPv6 sysctls still works, with DAD.

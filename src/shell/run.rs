@@ -1,8 +1,11 @@
-//! `qgate run`: the tokio shell around the protocol core.
+//! `qgate run`: the shell around the protocol core.
 //!
-//! Three loops share the node: TUN → UDP, UDP → TUN, and a timer. Each locks
-//! the node only to hand it packets (never across an await), copies out what
-//! to send, and does its I/O unlocked.
+//! Tokio runs the control socket, signals and the node's timers. The data
+//! plane runs on two dedicated threads, TUN → UDP and UDP → TUN, which block
+//! in the kernel and are woken by it directly: a packet then waits for no
+//! task scheduler, which keeps the added round-trip time small. Each thread
+//! locks the node only to hand it a batch of packets, copies out what to
+//! send, and does its I/O unlocked.
 //!
 //! Per-packet system calls, not crypto, bound a userspace tunnel's speed, so
 //! both directions move batches:
@@ -21,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use tokio::net::UdpSocket;
 
 use super::config::Config;
 use super::control::{ControlSocket, Handler};
@@ -29,9 +31,11 @@ use super::state;
 use crate::proto::node::{normalize, Transmit};
 use crate::proto::{Node, TunOutcome};
 use bytes::BytesMut;
-use qgate_platform::{AsyncDevice, GROTable, Tun, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use qgate_platform::{GROTable, SyncDevice, Tun, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use quinn_udp::{RecvMeta, UdpSocketState};
-use tokio::io::Interest;
+use std::net::UdpSocket;
+use std::os::fd::AsFd;
 
 /// Receive buffers per `recvmmsg` call (each holds a GRO batch).
 const RECV_BATCH: usize = 8;
@@ -44,7 +48,7 @@ struct Shared {
     node: Mutex<Node>,
     udp: UdpSocket,
     udp_state: UdpSocketState,
-    tun: AsyncDevice,
+    tun: SyncDevice,
     ipv6_socket: bool,
 }
 
@@ -59,7 +63,7 @@ pub fn run(config: Config) -> Result<()> {
     }
     let seq = state::next_record_seq(&config.state_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the runtime")?;
@@ -86,7 +90,7 @@ fn bind_udp(listen: SocketAddr) -> Result<(UdpSocket, bool)> {
     s.set_nonblocking(true)?;
     s.bind(&listen.into())
         .with_context(|| format!("binding UDP {listen}"))?;
-    Ok((UdpSocket::from_std(s.into())?, listen.is_ipv6()))
+    Ok((s.into(), listen.is_ipv6()))
 }
 
 async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) -> Result<()> {
@@ -130,7 +134,7 @@ async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) 
         ipv6_socket,
     });
     // Send the hellos the node queued for its configured peers.
-    flush(&shared).await;
+    flush(&shared);
 
     let handler: Handler = {
         let shared = shared.clone();
@@ -151,11 +155,18 @@ async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) 
         })
     };
 
-    let tasks = [
-        tokio::spawn(tun_loop(shared.clone())),
-        tokio::spawn(udp_loop(shared.clone())),
-        tokio::spawn(timer_loop(shared.clone())),
-    ];
+    // The data-plane threads end with the process.
+    for (name, f) in [
+        ("qgate-tun-rx", tun_loop as fn(Arc<Shared>)),
+        ("qgate-udp-rx", udp_loop as fn(Arc<Shared>)),
+    ] {
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || f(sh))
+            .context("starting a data-plane thread")?;
+    }
+    let timer = tokio::spawn(timer_loop(shared.clone()));
     let serve = control.serve(handler);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -163,9 +174,7 @@ async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) 
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, shutting down"),
         _ = term.recv() => tracing::info!("terminated, shutting down"),
     }
-    for t in tasks {
-        t.abort();
-    }
+    timer.abort();
     drop(control);
     Ok(())
 }
@@ -186,13 +195,13 @@ impl Shared {
         }
     }
 
-    async fn send(&self, dst: SocketAddr, data: &[u8]) {
-        self.send_gso(dst, data, data.len()).await
+    fn send(&self, dst: SocketAddr, data: &[u8]) {
+        self.send_gso(dst, data, data.len())
     }
 
     /// Sends `data` as datagrams of `segment` bytes (the last may be
     /// shorter) in one system call.
-    async fn send_gso(&self, dst: SocketAddr, data: &[u8], segment: usize) {
+    fn send_gso(&self, dst: SocketAddr, data: &[u8], segment: usize) {
         let t = quinn_udp::Transmit {
             destination: self.to_socket(dst),
             ecn: None,
@@ -200,14 +209,14 @@ impl Shared {
             segment_size: (data.len() > segment).then_some(segment),
             src_ip: None,
         };
+        let mut tries = 0;
         let res = loop {
-            match self.udp.try_io(Interest::WRITABLE, || {
-                self.udp_state.try_send((&self.udp).into(), &t)
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.udp.writable().await.is_err() {
-                        return;
-                    }
+            match self.udp_state.try_send((&self.udp).into(), &t) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && tries < 100 => {
+                    // Socket buffer full: wait (bounded) until it drains.
+                    tries += 1;
+                    let mut fds = [PollFd::new(self.udp.as_fd(), PollFlags::POLLOUT)];
+                    let _ = poll(&mut fds, PollTimeout::from(10u8));
                 }
                 r => break r,
             }
@@ -226,10 +235,10 @@ impl Shared {
     }
 
     /// Writes one packet to the TUN (which expects a virtio-net header).
-    async fn write_tun(&self, packet: &[u8]) {
+    fn write_tun(&self, packet: &[u8]) {
         let mut buf = vec![0u8; VIRTIO_NET_HDR_LEN + packet.len()];
         buf[VIRTIO_NET_HDR_LEN..].copy_from_slice(packet);
-        if let Err(e) = self.tun.send(&buf).await {
+        if let Err(e) = self.tun.send(&buf) {
             tracing::debug!("TUN write failed: {e}");
         }
     }
@@ -241,11 +250,11 @@ fn drain(node: &mut Node, out: &mut Vec<Transmit>) {
     }
 }
 
-async fn flush(sh: &Shared) {
+fn flush(sh: &Shared) {
     let mut out = Vec::new();
     drain(&mut sh.node.lock().expect("node lock"), &mut out);
     for t in out {
-        sh.send(t.dst, &t.payload).await;
+        sh.send(t.dst, &t.payload);
     }
 }
 
@@ -292,9 +301,9 @@ impl GsoQueue {
         self.open = true;
     }
 
-    async fn flush(&mut self, sh: &Shared) {
+    fn flush(&mut self, sh: &Shared) {
         for &(dst, s, e, seg) in &self.batches {
-            sh.send_gso(dst, &self.data[s..e], seg).await;
+            sh.send_gso(dst, &self.data[s..e], seg);
         }
         self.data.clear();
         self.batches.clear();
@@ -302,7 +311,7 @@ impl GsoQueue {
     }
 }
 
-async fn tun_loop(sh: Arc<Shared>) {
+fn tun_loop(sh: Arc<Shared>) {
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + BUF];
     let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; 2048]).collect();
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
@@ -310,15 +319,12 @@ async fn tun_loop(sh: Arc<Shared>) {
     let mut replies: Vec<Vec<u8>> = Vec::new();
     let mut control = Vec::new();
     loop {
-        let n = match sh
-            .tun
-            .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
-            .await
-        {
+        let n = match sh.tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::warn!("TUN read failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
@@ -334,17 +340,17 @@ async fn tun_loop(sh: Arc<Shared>) {
             }
             drain(&mut node, &mut control);
         }
-        queue.flush(&sh).await;
+        queue.flush(&sh);
         for p in replies.drain(..) {
-            sh.write_tun(&p).await;
+            sh.write_tun(&p);
         }
         for t in control.drain(..) {
-            sh.send(t.dst, &t.payload).await;
+            sh.send(t.dst, &t.payload);
         }
     }
 }
 
-async fn udp_loop(sh: Arc<Shared>) {
+fn udp_loop(sh: Arc<Shared>) {
     let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; BUF]).collect();
     let mut meta = vec![RecvMeta::default(); RECV_BATCH];
     let mut to_tun: Vec<BytesMut> = Vec::new();
@@ -352,25 +358,18 @@ async fn udp_loop(sh: Arc<Shared>) {
     let mut control = Vec::new();
     loop {
         let res = {
-            let mut iov: Vec<std::io::IoSliceMut<'_>> = bufs
-                .iter_mut()
-                .map(|b| std::io::IoSliceMut::new(b))
-                .collect();
-            loop {
-                match sh.udp.try_io(Interest::READABLE, || {
-                    sh.udp_state.recv((&sh.udp).into(), &mut iov, &mut meta)
-                }) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if let Err(e) = sh.udp.readable().await {
-                            break Err(e);
-                        }
-                    }
-                    r => break r,
-                }
-            }
+            let mut iov: Vec<std::io::IoSliceMut<'_>> =
+                bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
+            sh.udp_state.recv((&sh.udp).into(), &mut iov, &mut meta)
         };
         let n = match res {
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Sleep in the kernel until a datagram arrives.
+                let mut fds = [PollFd::new(sh.udp.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::NONE);
+                continue;
+            }
             Err(e) => {
                 // ICMP errors surface here as ECONNREFUSED etc. on Linux.
                 tracing::debug!("UDP receive: {e}");
@@ -400,16 +399,12 @@ async fn udp_loop(sh: Arc<Shared>) {
             drain(&mut node, &mut control);
         }
         if k > 0 {
-            if let Err(e) = sh
-                .tun
-                .send_multiple(&mut gro, &mut to_tun[..k], VIRTIO_NET_HDR_LEN)
-                .await
-            {
+            if let Err(e) = sh.tun.send_multiple(&mut gro, &mut to_tun[..k], VIRTIO_NET_HDR_LEN) {
                 tracing::debug!("TUN write failed: {e}");
             }
         }
         for t in control.drain(..) {
-            sh.send(t.dst, &t.payload).await;
+            sh.send(t.dst, &t.payload);
         }
     }
 }
@@ -419,10 +414,7 @@ async fn timer_loop(sh: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        sh.node
-            .lock()
-            .expect("node lock")
-            .handle_timeout(Instant::now());
-        flush(&sh).await;
+        sh.node.lock().expect("node lock").handle_timeout(Instant::now());
+        flush(&sh);
     }
 }
