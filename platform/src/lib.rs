@@ -23,8 +23,7 @@ pub enum PlatformError {
 
 /// A configured TUN interface carrying the overlay.
 pub struct Tun {
-    /// The device (blocking reads and writes of whole IP packets; share it
-    /// between a reading and a writing thread).
+    /// The device (non-blocking reads and writes of whole IP packets).
     pub device: SyncDevice,
     /// Interface name.
     pub name: String,
@@ -68,6 +67,10 @@ pub fn create_tun(
         .add_address_v6(address, prefix)
         .map_err(|e| err("add address", e))?;
     device.enabled(true).map_err(|e| err("bring up", e))?;
+    // The data plane polls the TUN together with its socket.
+    device
+        .set_nonblocking(true)
+        .map_err(|e| err("set non-blocking", e))?;
     Ok(Tun { device, name })
 }
 

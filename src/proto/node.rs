@@ -1294,7 +1294,10 @@ mod tests {
             node.handle_datagram(now, from, &init);
         }
         let d = node.status().drops;
-        assert!(d.handshake_rejected >= 100 - HANDSHAKES_PER_SOURCE as u64, "{d:?}");
+        assert!(
+            d.handshake_rejected >= 100 - HANDSHAKES_PER_SOURCE as u64,
+            "{d:?}"
+        );
     }
 
     #[test]
