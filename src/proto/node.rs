@@ -71,6 +71,10 @@ const HELLO_FLAG_REPLY: u8 = 2;
 const HELLO_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a configured peer without a session is retried.
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(5);
+/// Retry spacing for the first [`QUICK_RECONNECTS`] attempts.
+const QUICK_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+/// How many quick retries before settling to [`RECONNECT_INTERVAL`].
+const QUICK_RECONNECTS: u32 = 10;
 /// Silence beyond the keepalive period after which a neighbour is re-handshaked.
 const SILENCE_GRACE: Duration = Duration::from_secs(5);
 /// A link from an unknown node that has not shown a valid record by then is dropped.
@@ -224,6 +228,7 @@ struct Link {
     they_have_ours: bool,
     last_hello: Option<Instant>,
     last_reconnect: Option<Instant>,
+    reconnect_attempts: u32,
     session_up: bool,
     expired: bool,
     created: Instant,
@@ -481,6 +486,7 @@ impl Node {
                 they_have_ours: false,
                 last_hello: None,
                 last_reconnect: None,
+                reconnect_attempts: 0,
                 session_up: false,
                 expired: false,
                 created: now,
@@ -709,6 +715,7 @@ impl Node {
             link.mtu = self.config.mtu;
         }
         if !was_up && link.session_up {
+            link.reconnect_attempts = 0;
             // No hello here: a responder can't send before the initiator's
             // first data message, and the initiator's queued hello is that
             // message. A restarted neighbour says so with an un-acked hello.
@@ -1037,14 +1044,26 @@ impl Node {
                 }
             }
             if link.configured.is_some() && !link.session_up {
+                // Quick retries first (a peer started a moment after us),
+                // then WireGuard's own pace.
+                let interval = if link.reconnect_attempts < QUICK_RECONNECTS {
+                    QUICK_RECONNECT_INTERVAL
+                } else {
+                    RECONNECT_INTERVAL
+                };
                 let due = link
                     .last_reconnect
-                    .is_none_or(|t| now.saturating_duration_since(t) >= RECONNECT_INTERVAL);
+                    .is_some_and(|t| now.saturating_duration_since(t) >= interval);
+                if link.last_reconnect.is_none() {
+                    // The first initiation went out with the first hello.
+                    link.last_reconnect = Some(now);
+                }
                 if let (true, Some(ep)) = (due, link.endpoint) {
                     link.last_reconnect = Some(now);
+                    link.reconnect_attempts = link.reconnect_attempts.saturating_add(1);
                     if let TunnResult::WriteToNetwork(out) = link
                         .tunn
-                        .format_handshake_initiation(&mut self.bufs.a, false)
+                        .format_handshake_initiation(&mut self.bufs.a, true)
                     {
                         self.transmits.push_back(Transmit {
                             dst: ep,

@@ -16,6 +16,10 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::UnixListener;
 
+/// Version of the control API, reported as `api` in every status object;
+/// raised when a field changes meaning or goes away (new fields don't).
+pub const API_VERSION: u32 = 1;
+
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
 

@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use super::config::Config;
-use super::control::{ControlSocket, Handler};
+use super::control::{self, ControlSocket, Handler};
 use super::state;
 use crate::proto::node::{normalize, Transmit};
 use crate::proto::{Node, TunOutcome};
@@ -146,6 +146,7 @@ async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) 
             "status" => {
                 let st = shared.node.lock().expect("node lock").status();
                 let mut v = serde_json::to_value(st)?;
+                v["api"] = json!(control::API_VERSION);
                 v["version"] = json!(env!("CARGO_PKG_VERSION"));
                 v["uptime_secs"] = json!(started.elapsed().as_secs_f64());
                 v["listen"] = json!(listen.to_string());
