@@ -181,6 +181,14 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
+            // A panic on any thread (the data plane runs on its own) ends
+            // the whole node, so a supervisor restarts it rather than
+            // leaving a process that answers status but moves no packets.
+            let default_hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                default_hook(info);
+                std::process::exit(101);
+            }));
             run::run(cfg)?;
             Ok(())
         }

@@ -83,6 +83,12 @@ const UNVERIFIED_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Minimum spacing of ICMPv6 errors the node generates.
 const ICMP_INTERVAL: Duration = Duration::from_millis(20);
+/// Application packets held per link while its neighbour is being verified.
+const MAX_PENDING: usize = 64;
+/// Least time between two record verifications on one link (RSA work).
+const VERIFY_INTERVAL: Duration = Duration::from_secs(1);
+/// Links from unconfigured nodes whose record has not been verified yet.
+const MAX_UNVERIFIED_LINKS: usize = 64;
 /// Handshake initiations accepted from one source IP per timer period (250 ms).
 const HANDSHAKES_PER_SOURCE: u32 = 5;
 /// Distinct handshake sources tracked per timer period.
@@ -229,6 +235,9 @@ struct Link {
     last_hello: Option<Instant>,
     last_reconnect: Option<Instant>,
     reconnect_attempts: u32,
+    /// Application packets waiting for the neighbour's record to verify.
+    pending: VecDeque<Vec<u8>>,
+    last_verify: Option<Instant>,
     session_up: bool,
     expired: bool,
     created: Instant,
@@ -453,6 +462,22 @@ impl Node {
         if let Some(idx) = self.by_key.get(&peer_key) {
             return Some(*idx);
         }
+        if configured.is_none() {
+            // Links from nodes not yet verified are cheap to make: keep them
+            // few, and let a new one push out the oldest.
+            let oldest = self
+                .links
+                .values()
+                .filter(|l| l.configured.is_none() && l.verified.is_none())
+                .map(|l| (l.created, l.index));
+            let count = oldest.clone().count();
+            if count >= MAX_UNVERIFIED_LINKS {
+                if let Some((_, i)) = oldest.min() {
+                    self.drops.link_limit += 1;
+                    self.remove_link_quietly(i);
+                }
+            }
+        }
         if self.links.len() >= self.config.max_links {
             self.drops.link_limit += 1;
             return None;
@@ -487,6 +512,8 @@ impl Node {
                 last_hello: None,
                 last_reconnect: None,
                 reconnect_attempts: 0,
+                pending: VecDeque::new(),
+                last_verify: None,
                 session_up: false,
                 expired: false,
                 created: now,
@@ -500,6 +527,13 @@ impl Node {
         );
         self.by_key.insert(peer_key, index);
         Some(index)
+    }
+
+    fn remove_link_quietly(&mut self, index: u32) {
+        if let Some(link) = self.links.remove(&index) {
+            self.by_key.remove(&link.peer_key);
+            self.by_addr.retain(|_, i| *i != index);
+        }
     }
 
     fn remove_link(&mut self, index: u32) {
@@ -555,6 +589,17 @@ impl Node {
             link.drops.too_big += 1;
             let mtu = link.mtu.max(IPV6_MIN_MTU) as u32;
             return self.icmp_reply(now, view, wire::ICMPV6_PACKET_TOO_BIG, 0, mtu);
+        }
+        if link.verified.is_none() {
+            // Not before the neighbour proved who it is: a configured URI
+            // names a node ID, but only its signed record proves that the
+            // link key belongs to that node.
+            if link.pending.len() >= MAX_PENDING {
+                link.pending.pop_front();
+                link.drops.send_failed += 1;
+            }
+            link.pending.push_back(packet.to_vec());
+            return TunOutcome::Nothing;
         }
         let Some(endpoint) = link.endpoint else {
             link.drops.send_failed += 1;
@@ -650,6 +695,9 @@ impl Node {
             self.drops.unknown_session += 1;
             return None;
         };
+        // A link created for this very handshake (see
+        // `rate_limiter_check_and_index`) is kept only if the handshake holds.
+        let fresh = link.configured.is_none() && link.verified.is_none() && !link.session_up;
         let mut res = link
             .tunn
             .decapsulate(Some(from.ip()), datagram, &mut self.bufs.a);
@@ -659,6 +707,16 @@ impl Node {
             match res {
                 TunnResult::Done => {
                     authenticated = true;
+                    break;
+                }
+                TunnResult::WriteToNetwork(out) if is_cookie_reply(out) => {
+                    // Under load boringtun answers an unauthenticated
+                    // handshake with a cookie: that proves nothing about the
+                    // sender, so the link is left as it is.
+                    self.transmits.push_back(Transmit {
+                        dst: from,
+                        payload: out.to_vec(),
+                    });
                     break;
                 }
                 TunnResult::WriteToNetwork(out) => {
@@ -701,6 +759,9 @@ impl Node {
             }
         }
         if !authenticated {
+            if fresh && link.tunn.time_since_last_handshake().is_none() {
+                self.remove_link_quietly(index);
+            }
             return None;
         }
         let was_up = link.session_up;
@@ -734,20 +795,9 @@ impl Node {
         datagram: &[u8],
         init: &boringtun::noise::HandshakeInit<'_>,
     ) -> Option<u32> {
-        // Cheap checks first: the per-source budget, then boringtun's MAC
-        // and load check, and only then the Diffie-Hellman work.
-        if self.handshakes_by_source.len() >= MAX_HANDSHAKE_SOURCES
-            && !self.handshakes_by_source.contains_key(&from.ip())
-        {
-            self.drops.handshake_rejected += 1;
-            return None;
-        }
-        let count = self.handshakes_by_source.entry(from.ip()).or_insert(0);
-        *count += 1;
-        if *count > HANDSHAKES_PER_SOURCE {
-            self.drops.handshake_rejected += 1;
-            return None;
-        }
+        // Cheap checks first: boringtun's MAC and load check (which also
+        // throws out random bytes), then the per-source budget, and only
+        // then the Diffie-Hellman work.
         let mut cookie = [0u8; 64];
         match self
             .rate_limiter
@@ -765,6 +815,18 @@ impl Node {
                 self.drops.handshake_rejected += 1;
                 return None;
             }
+        }
+        if self.handshakes_by_source.len() >= MAX_HANDSHAKE_SOURCES
+            && !self.handshakes_by_source.contains_key(&from.ip())
+        {
+            self.drops.handshake_rejected += 1;
+            return None;
+        }
+        let count = self.handshakes_by_source.entry(from.ip()).or_insert(0);
+        *count += 1;
+        if *count > HANDSHAKES_PER_SOURCE {
+            self.drops.handshake_rejected += 1;
+            return None;
         }
         let public = x25519::PublicKey::from(self.identity.link_secret());
         let half = match parse_handshake_anon(self.identity.link_secret(), &public, init) {
@@ -846,6 +908,15 @@ impl Node {
             .as_ref()
             .is_some_and(|v| v.record_bytes == rec_bytes);
         if !known {
+            // A verification costs RSA work: at most one per second per link.
+            if link
+                .last_verify
+                .is_some_and(|t| now.saturating_duration_since(t) < VERIFY_INTERVAL)
+            {
+                link.drops.bad_record += 1;
+                return;
+            }
+            link.last_verify = Some(now);
             match self.verify_hello(index, src, rec_bytes) {
                 Ok(v) => {
                     let addr = v.address;
@@ -887,6 +958,13 @@ impl Node {
                     self.by_addr.insert(addr, index);
                     if first {
                         tracing::info!(link = index, node = %id.short(), %addr, "neighbour verified");
+                        let pending = std::mem::take(&mut link.pending);
+                        for p in pending {
+                            if let TunOutcome::Send(dst, d) = self.handle_tun_packet(now, &p) {
+                                let payload = d.to_vec();
+                                self.transmits.push_back(Transmit { dst, payload });
+                            }
+                        }
                     }
                 }
                 Err(why) => {
@@ -936,6 +1014,9 @@ impl Node {
             return Err("record is our own".into());
         }
         if let Some(v) = &link.verified {
+            if record.node_id() != v.record.node_id() {
+                return Err("link already speaks for another node".into());
+            }
             if record.seq < v.record.seq {
                 return Err("record is older than the one we hold".into());
             }
@@ -1134,6 +1215,11 @@ impl Node {
     }
 }
 
+/// WireGuard cookie reply: message type 3, 64 bytes.
+fn is_cookie_reply(d: &[u8]) -> bool {
+    d.len() == 64 && d[0] == 3
+}
+
 /// Maps IPv4-mapped IPv6 socket addresses (from a dual-stack socket) to IPv4.
 pub fn normalize(a: SocketAddr) -> SocketAddr {
     match a {
@@ -1266,21 +1352,33 @@ mod tests {
         let st = net.nodes[1].0.status();
         let spoofed: u64 = st.links.iter().map(|l| l.drops.spoofed_source).sum();
         assert_eq!(spoofed, 1);
-        // Packet for someone else: wrong destination.
-        let p = udp_packet(addrs[0], addrs[2], b"not for b");
-        let (dst, data) = match net.nodes[0].0.handle_tun_packet(now, &p) {
-            TunOutcome::Nothing => (None, vec![]),
-            TunOutcome::Send(d, x) => (Some(d), x.to_vec()),
+        // No link from A to C: A answers its own program with ICMPv6
+        // destination unreachable.
+        let p = udp_packet(addrs[0], addrs[2], b"no link to c");
+        match net.nodes[0].0.handle_tun_packet(now, &p) {
             TunOutcome::Reply(r) => {
-                // no link A->C: A answers with ICMPv6 unreachable
-                assert_eq!(
-                    Ipv6View::new_checked(r).unwrap().next_header(),
-                    wire::NH_ICMPV6
-                );
-                (None, vec![])
+                let v = Ipv6View::new_checked(r).unwrap();
+                assert_eq!(v.next_header(), wire::NH_ICMPV6);
+                assert_eq!(v.payload()[0], wire::ICMPV6_DEST_UNREACHABLE);
+                assert_eq!(v.dst(), addrs[0]);
             }
-        };
-        assert!(dst.is_none() && data.is_empty());
+            other => panic!("{other:?}"),
+        }
+        // A misbehaving A routes C's traffic over its link to B: B drops it
+        // as not addressed to B.
+        let to_b = net.nodes[0].0.by_addr[&addrs[1]];
+        net.nodes[0].0.by_addr.insert(addrs[2], to_b);
+        let p = udp_packet(addrs[0], addrs[2], b"not for b");
+        assert_eq!(net.send(0, &p), None);
+        let wrong: u64 = net.nodes[1]
+            .0
+            .status()
+            .links
+            .iter()
+            .map(|l| l.drops.wrong_destination)
+            .sum();
+        assert_eq!(wrong, 1);
+        net.nodes[0].0.by_addr.remove(&addrs[2]);
         // Too big for a smaller path MTU: Packet Too Big back to the TUN.
         net.nodes[0].0.set_path_mtu(eps[1], 1400);
         let p = udp_packet(addrs[0], addrs[1], &[7u8; 1390]);
@@ -1299,6 +1397,47 @@ mod tests {
     }
 
     #[test]
+    fn configured_uri_with_foreign_key_gets_no_traffic() {
+        let now = Instant::now();
+        let ids: Vec<Identity> = (0..3)
+            .map(|_| Identity::generate(&mut OsRng).unwrap())
+            .collect();
+        let eps: Vec<SocketAddr> = (0..2)
+            .map(|i| format!("198.18.0.{}:7300", i + 1).parse().unwrap())
+            .collect();
+        let victim = ids[1].node_id();
+        // A's URI names the victim's node ID but the attacker's link key.
+        let forged = PeerUri {
+            node_id: victim,
+            link_key: ids[2].link_public(),
+            endpoint: Some(eps[1]),
+        };
+        let mut it = ids.into_iter();
+        let a = Node::new(it.next().unwrap(), 1, cfg(vec![forged]), now, 1);
+        let _victim = it.next();
+        let attacker = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
+        let mut net = Net {
+            nodes: vec![(a, eps[0]), (attacker, eps[1])],
+            now,
+        };
+        // A program on A sends to the victim's address before and after the
+        // handshake with the attacker completes.
+        let addr_a = net.nodes[0].0.address();
+        let secret = udp_packet(addr_a, victim.overlay_address(), b"secret for the victim");
+        let _ = net.nodes[0].0.handle_tun_packet(now, &secret);
+        let delivered = net.run();
+        let _ = net.nodes[0].0.handle_tun_packet(now, &secret);
+        let delivered2 = net.run();
+        assert!(
+            delivered.iter().chain(&delivered2).all(|t| t.is_empty()),
+            "nothing reaches the attacker"
+        );
+        let st = net.nodes[0].0.status();
+        assert!(st.links.iter().all(|l| l.state != LinkState::Up));
+        assert!(st.links.iter().map(|l| l.drops.bad_record).sum::<u64>() >= 1);
+    }
+
+    #[test]
     fn handshake_flood_from_one_source_is_capped() {
         let now = Instant::now();
         let target = Identity::generate(&mut OsRng).unwrap();
@@ -1309,14 +1448,22 @@ mod tests {
         let mut a = Node::new(attacker, 1, cfg(vec![target_uri]), now, 2);
         let init = a.poll_transmit().unwrap().payload;
         let from: SocketAddr = "198.18.0.66:1".parse().unwrap();
+        let (mut responses, mut cookies) = (0, 0);
         for _ in 0..100 {
             node.handle_datagram(now, from, &init);
+            while let Some(t) = node.poll_transmit() {
+                match t.payload[0] {
+                    2 => responses += 1,
+                    3 => cookies += 1,
+                    _ => {}
+                }
+            }
         }
+        // At most the per-source budget reached the Diffie-Hellman work; the
+        // rest were refused or asked for a cookie.
+        assert!(responses <= HANDSHAKES_PER_SOURCE, "{responses} responses");
         let d = node.status().drops;
-        assert!(
-            d.handshake_rejected >= 100 - HANDSHAKES_PER_SOURCE as u64,
-            "{d:?}"
-        );
+        assert!(d.handshake_rejected + cookies >= 90, "{d:?} {cookies}");
     }
 
     #[test]

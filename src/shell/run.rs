@@ -160,7 +160,7 @@ async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) 
     // The data-plane thread ends with the process.
     {
         let sh = shared.clone();
-        let (tun, udp) = (TunSide::new(max_gso), UdpSide::new());
+        let (tun, udp) = (TunSide::new(max_gso, config.mtu), UdpSide::new());
         std::thread::Builder::new()
             .name("qgate-data".into())
             .spawn(move || data_loop(sh, tun, udp))
@@ -222,7 +222,20 @@ impl Shared {
             }
         };
         if let Err(e) = res {
-            if e.raw_os_error() == Some(libc::EMSGSIZE) {
+            let errno = e.raw_os_error();
+            if t.segment_size.is_some() && matches!(errno, Some(libc::EINVAL) | Some(libc::EIO)) {
+                // Older kernels say EINVAL when a GSO segment exceeds the
+                // path MTU, and some devices can't do GSO (quinn-udp then
+                // stops batching): learn the MTU and send one by one.
+                if let Ok(mtu) = qgate_platform::path_mtu(dst) {
+                    self.node.lock().expect("node lock").set_path_mtu(dst, mtu);
+                }
+                for d in data.chunks(segment) {
+                    self.send_gso(dst, d, d.len());
+                }
+                return;
+            }
+            if errno == Some(libc::EMSGSIZE) {
                 // The kernel learnt a smaller path MTU (ICMP reached it).
                 match qgate_platform::path_mtu(dst) {
                     Ok(mtu) => self.node.lock().expect("node lock").set_path_mtu(dst, mtu),
@@ -305,6 +318,8 @@ impl GsoQueue {
         for &(dst, s, e, seg) in &self.batches {
             sh.send_gso(dst, &self.data[s..e], seg);
         }
+        // quinn-udp lowers this when the kernel refuses GSO.
+        self.max_segments = sh.udp_state.max_gso_segments().max(1);
         self.data.clear();
         self.batches.clear();
         self.open = false;
@@ -322,10 +337,12 @@ struct TunSide {
 }
 
 impl TunSide {
-    fn new(max_gso: usize) -> TunSide {
+    fn new(max_gso: usize, mtu: usize) -> TunSide {
         TunSide {
             original: vec![0u8; VIRTIO_NET_HDR_LEN + BUF],
-            bufs: (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; 2048]).collect(),
+            bufs: (0..IDEAL_BATCH_SIZE)
+                .map(|_| vec![0u8; mtu.max(2048)])
+                .collect(),
             sizes: vec![0usize; IDEAL_BATCH_SIZE],
             queue: GsoQueue::new(max_gso),
             replies: Vec::new(),

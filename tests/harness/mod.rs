@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -40,6 +41,18 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Makes a spawned process die with the test that spawned it, so even a
+/// test killed outright (no unwinding, no Drop) leaves no daemon behind.
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
     }
 }
 
@@ -259,7 +272,7 @@ impl Lab {
     pub fn spawn(&mut self, ns: &str, cmd: &str) -> u32 {
         let log =
             fs::File::create(self.dir.join(format!("helper-{}.log", self.helpers.len()))).unwrap();
-        let child = Command::new("ip")
+        let child = die_with_parent(&mut Command::new("ip"))
             .args(["netns", "exec", ns, "sh", "-c", &format!("exec {cmd}")])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -314,7 +327,7 @@ impl Lab {
             .open(&node.log)
             .unwrap();
         node.restarts += 1;
-        let child = Command::new("ip")
+        let child = die_with_parent(&mut Command::new("ip"))
             .args(["netns", "exec", &node.ns, qgate_bin(), "run", "--config"])
             .arg(&node.config)
             .stdin(Stdio::null())
