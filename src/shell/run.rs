@@ -32,7 +32,7 @@ use crate::proto::node::{normalize, Transmit};
 use crate::proto::{Node, TunOutcome};
 use bytes::BytesMut;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use qgate_platform::{GROTable, SyncDevice, Tun, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use qgate_platform::{GROTable, SyncDevice, Tun, VIRTIO_NET_HDR_LEN};
 use quinn_udp::{RecvMeta, UdpSocketState};
 use std::net::UdpSocket;
 use std::os::fd::AsFd;
@@ -41,6 +41,12 @@ use std::os::fd::AsFd;
 const RECV_BATCH: usize = 8;
 /// Size of one receive buffer or TUN read: the largest GRO/TSO aggregate.
 const BUF: usize = 65536 + 256;
+/// Packets one TUN read may split into: a 64 KiB TSO segment cut at the
+/// smallest MSS Linux sends (48 bytes, for a peer that advertises a tiny
+/// MSS) — fewer buffers would make tun-rs refuse the read and stall that
+/// flow. The buffers are allocated zeroed and untouched, so unused ones cost
+/// address space, not memory.
+const TSO_SEGMENTS: usize = 65536 / 48 + 1;
 /// Bytes in one GSO send (the kernel's limit is 64 KiB of UDP payload).
 const GSO_BYTES: usize = 60 * 1024;
 
@@ -340,10 +346,10 @@ impl TunSide {
     fn new(max_gso: usize, mtu: usize) -> TunSide {
         TunSide {
             original: vec![0u8; VIRTIO_NET_HDR_LEN + BUF],
-            bufs: (0..IDEAL_BATCH_SIZE)
+            bufs: (0..TSO_SEGMENTS)
                 .map(|_| vec![0u8; mtu.max(2048)])
                 .collect(),
-            sizes: vec![0usize; IDEAL_BATCH_SIZE],
+            sizes: vec![0usize; TSO_SEGMENTS],
             queue: GsoQueue::new(max_gso),
             replies: Vec::new(),
             control: Vec::new(),
