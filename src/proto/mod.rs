@@ -4,6 +4,7 @@
 
 pub mod compress;
 pub mod identity;
+pub mod message;
 pub mod node;
 pub mod uri;
 pub mod wire;

@@ -26,6 +26,7 @@ use serde::Serialize;
 
 use super::compress::Adaptive;
 use super::identity::{is_overlay_address, Identity, NodeId, NodeRecord};
+use super::message::{self, Reassembler, Segmenter};
 use super::uri::PeerUri;
 use super::wire::{self, Encoded, Incoming, Ipv6View, IPV6_MIN_MTU, MAX_PACKET};
 
@@ -238,6 +239,7 @@ struct Link {
     /// Application packets waiting for the neighbour's record to verify.
     pending: VecDeque<Vec<u8>>,
     last_verify: Option<Instant>,
+    reassembler: Reassembler,
     session_up: bool,
     expired: bool,
     created: Instant,
@@ -366,6 +368,7 @@ pub struct Node {
     /// rate limiter is one global counter, so one noisy source could starve
     /// everyone else's handshakes without a per-source limit in front of it.
     handshakes_by_source: HashMap<IpAddr, u32>,
+    segmenter: Segmenter,
 }
 
 fn ratio(wire: u64, app: u64) -> f64 {
@@ -417,6 +420,7 @@ impl Node {
             last_icmp: None,
             last_timer: None,
             handshakes_by_source: HashMap::new(),
+            segmenter: Segmenter::new(index_seed),
             identity,
             config,
         };
@@ -514,6 +518,7 @@ impl Node {
                 reconnect_attempts: 0,
                 pending: VecDeque::new(),
                 last_verify: None,
+                reassembler: Reassembler::default(),
                 session_up: false,
                 expired: false,
                 created: now,
@@ -891,6 +896,19 @@ impl Node {
     }
 
     fn handle_control(&mut self, now: Instant, index: u32, src: Ipv6Addr, ty: u8, body: &[u8]) {
+        if ty == message::MSG_SEGMENT {
+            let Some(link) = self.links.get_mut(&index) else {
+                return;
+            };
+            match link.reassembler.push(now, body) {
+                // The inner type is never a segment (parse_segment refuses
+                // that), so this recursion is one level deep.
+                Ok(Some((inner, whole))) => self.handle_control(now, index, src, inner, &whole),
+                Ok(None) => {}
+                Err(_) => link.drops.bad_inner += 1,
+            }
+            return;
+        }
         if ty != MSG_HELLO || body.is_empty() {
             if let Some(l) = self.links.get_mut(&index) {
                 l.drops.bad_inner += 1;
@@ -1032,12 +1050,6 @@ impl Node {
         let Some(link) = self.links.get_mut(&index) else {
             return;
         };
-        let dst = link
-            .verified
-            .as_ref()
-            .map(|v| v.address)
-            .or(link.configured.map(|id| id.overlay_address()))
-            .unwrap_or(Ipv6Addr::UNSPECIFIED);
         let mut body = Vec::with_capacity(1 + self.record_bytes.len());
         let mut flags = 0;
         if link.verified.is_some() {
@@ -1048,16 +1060,50 @@ impl Node {
         }
         body.push(flags);
         body.extend_from_slice(&self.record_bytes);
-        let n = wire::encode_control(self.address, dst, MSG_HELLO, &body, &mut self.bufs.ctl);
         link.last_hello = Some(now);
-        if let TunnResult::WriteToNetwork(out) =
-            link.tunn.encapsulate(&self.bufs.ctl[..n], &mut self.bufs.a)
-        {
-            if let Some(ep) = link.endpoint {
-                self.transmits.push_back(Transmit {
-                    dst: ep,
-                    payload: out.to_vec(),
-                });
+        self.send_control(index, MSG_HELLO, &body, false);
+    }
+
+    /// Sends a control message to a neighbour: in one frame when it fits a
+    /// segment, else (or when `segmented`) through the message layer.
+    fn send_control(&mut self, index: u32, ty: u8, body: &[u8], segmented: bool) {
+        let Some(link) = self.links.get(&index) else {
+            return;
+        };
+        let dst = link
+            .verified
+            .as_ref()
+            .map(|v| v.address)
+            .or(link.configured.map(|id| id.overlay_address()))
+            .unwrap_or(Ipv6Addr::UNSPECIFIED);
+        let frames: Vec<(u8, Vec<u8>)> = if !segmented && body.len() <= message::SEGMENT_PAYLOAD {
+            vec![(ty, body.to_vec())]
+        } else {
+            match self.segmenter.segment(ty, body) {
+                Ok(segs) => segs
+                    .into_iter()
+                    .map(|s| (message::MSG_SEGMENT, s))
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(link = index, "control message not sent: {e}");
+                    return;
+                }
+            }
+        };
+        for (t, b) in frames {
+            let n = wire::encode_control(self.address, dst, t, &b, &mut self.bufs.ctl);
+            let Some(link) = self.links.get_mut(&index) else {
+                return;
+            };
+            if let TunnResult::WriteToNetwork(out) =
+                link.tunn.encapsulate(&self.bufs.ctl[..n], &mut self.bufs.a)
+            {
+                if let Some(ep) = link.endpoint {
+                    self.transmits.push_back(Transmit {
+                        dst: ep,
+                        payload: out.to_vec(),
+                    });
+                }
             }
         }
     }
@@ -1093,6 +1139,7 @@ impl Node {
                 }
                 _ => {}
             }
+            link.reassembler.expire(now);
             let up = link.tunn.time_since_last_handshake().is_some() && !link.expired;
             if link.session_up && !up {
                 link.session_up = false;
@@ -1394,6 +1441,55 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn control_messages_survive_segmentation() {
+        let now = Instant::now();
+        let ids: Vec<Identity> = (0..2)
+            .map(|_| Identity::generate(&mut OsRng).unwrap())
+            .collect();
+        let eps: Vec<SocketAddr> = (0..2)
+            .map(|i| format!("198.18.0.{}:7300", i + 1).parse().unwrap())
+            .collect();
+        let b_uri = uri(&ids[1], eps[1]);
+        let mut it = ids.into_iter();
+        let a = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri]), now, 1);
+        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
+        let mut net = Net {
+            nodes: vec![(a, eps[0]), (b, eps[1])],
+            now,
+        };
+        net.run();
+        let addr_a = net.nodes[0].0.address();
+        let idx = net.nodes[1].0.by_addr[&addr_a];
+        // b re-sends its hello as segments; a takes it as any hello (a newer
+        // record would replace the old one, the same one is simply known).
+        net.nodes[0]
+            .0
+            .links
+            .values_mut()
+            .for_each(|l| l.they_have_ours = false);
+        let body = {
+            let n = &net.nodes[1].0;
+            let mut v = vec![HELLO_FLAG_ACK | HELLO_FLAG_REPLY];
+            v.extend_from_slice(&n.record_bytes);
+            v
+        };
+        net.nodes[1].0.send_control(idx, MSG_HELLO, &body, true);
+        assert!(!net.nodes[1].0.transmits.is_empty());
+        net.run();
+        let st = net.nodes[0].0.status();
+        assert_eq!(st.links[0].drops.bad_inner, 0);
+        assert!(net.nodes[0].0.link_up_to(&net.nodes[1].0.address()));
+        // A 20 KB message of an unknown type arrives whole and is counted
+        // as one bad message, not 17 bad segments.
+        net.nodes[1]
+            .0
+            .send_control(idx, 77, &vec![5u8; 20_000], false);
+        assert_eq!(net.nodes[1].0.transmits.len(), 17);
+        net.run();
+        assert_eq!(net.nodes[0].0.status().links[0].drops.bad_inner, 1);
     }
 
     #[test]
