@@ -359,6 +359,8 @@ pub struct Node {
     by_addr: HashMap<Ipv6Addr, u32>,
     next_index: u32,
     rate_limiter: Arc<RateLimiter>,
+    /// Cookie check for sources over their handshake budget.
+    cookie_gate: RateLimiter,
     transmits: VecDeque<Transmit>,
     drops: Drops,
     bufs: Buffers,
@@ -410,6 +412,8 @@ impl Node {
             by_addr: HashMap::new(),
             next_index: index_seed & 0x00ff_ffff,
             rate_limiter: Arc::new(RateLimiter::new(&public, 64)),
+            // A limit of 0 makes it demand a valid cookie of every packet.
+            cookie_gate: RateLimiter::new(&public, 0),
             transmits: VecDeque::new(),
             drops: Drops::default(),
             bufs: Buffers {
@@ -821,17 +825,38 @@ impl Node {
                 return None;
             }
         }
-        if self.handshakes_by_source.len() >= MAX_HANDSHAKE_SOURCES
+        // Over budget (or too many sources at once): the source must prove
+        // it receives at its address by echoing a cookie (WireGuard's mac2),
+        // which a spoofer cannot; dropping instead would let anyone who
+        // forges a neighbour's address lock that neighbour out.
+        let over = if self.handshakes_by_source.len() >= MAX_HANDSHAKE_SOURCES
             && !self.handshakes_by_source.contains_key(&from.ip())
         {
-            self.drops.handshake_rejected += 1;
-            return None;
-        }
-        let count = self.handshakes_by_source.entry(from.ip()).or_insert(0);
-        *count += 1;
-        if *count > HANDSHAKES_PER_SOURCE {
-            self.drops.handshake_rejected += 1;
-            return None;
+            true
+        } else {
+            let count = self.handshakes_by_source.entry(from.ip()).or_insert(0);
+            *count += 1;
+            *count > HANDSHAKES_PER_SOURCE
+        };
+        if over {
+            match self
+                .cookie_gate
+                .verify_packet(Some(from.ip()), datagram, &mut cookie)
+            {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(c)) => {
+                    self.drops.handshake_rejected += 1;
+                    self.transmits.push_back(Transmit {
+                        dst: from,
+                        payload: c.to_vec(),
+                    });
+                    return None;
+                }
+                Err(_) => {
+                    self.drops.handshake_rejected += 1;
+                    return None;
+                }
+            }
         }
         let public = x25519::PublicKey::from(self.identity.link_secret());
         let half = match parse_handshake_anon(self.identity.link_secret(), &public, init) {
@@ -1560,6 +1585,42 @@ mod tests {
         assert!(responses <= HANDSHAKES_PER_SOURCE, "{responses} responses");
         let d = node.status().drops;
         assert!(d.handshake_rejected + cookies >= 90, "{d:?} {cookies}");
+    }
+
+    #[test]
+    fn over_budget_source_gets_through_with_a_cookie() {
+        let now = Instant::now();
+        let ids: Vec<Identity> = (0..3)
+            .map(|_| Identity::generate(&mut OsRng).unwrap())
+            .collect();
+        let ep_a: SocketAddr = "198.18.0.1:7300".parse().unwrap();
+        let ep_b: SocketAddr = "198.18.0.2:7300".parse().unwrap();
+        let b_uri = uri(&ids[1], ep_b);
+        let mut it = ids.into_iter();
+        let mut a = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri.clone()]), now, 1);
+        let mut b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
+        let mut c = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri]), now, 3);
+        // Someone forging a's address spends a's whole handshake budget.
+        let forged = c.poll_transmit().unwrap().payload;
+        for _ in 0..HANDSHAKES_PER_SOURCE {
+            b.handle_datagram(now, ep_a, &forged);
+        }
+        while b.poll_transmit().is_some() {}
+        // a's own initiation now gets a cookie challenge, not a refusal...
+        let init = a.poll_transmit().unwrap().payload;
+        assert!(b.handle_datagram(now, ep_a, &init).is_none());
+        let challenge = b.poll_transmit().unwrap();
+        assert_eq!((challenge.dst, challenge.payload[0]), (ep_a, 3));
+        assert!(a.handle_datagram(now, ep_b, &challenge.payload).is_none());
+        // ...and its next initiation, carrying the cookie, is answered.
+        let link = a.links.values_mut().next().unwrap();
+        let retry = match link.tunn.format_handshake_initiation(&mut a.bufs.a, true) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        b.handle_datagram(now, ep_a, &retry);
+        let answer = b.poll_transmit().unwrap();
+        assert_eq!(answer.payload[0], 2, "handshake response");
     }
 
     #[test]
