@@ -371,6 +371,7 @@ pub struct Node {
     /// everyone else's handshakes without a per-source limit in front of it.
     handshakes_by_source: HashMap<IpAddr, u32>,
     segmenter: Segmenter,
+    fragment_id: u32,
 }
 
 fn ratio(wire: u64, app: u64) -> f64 {
@@ -425,6 +426,7 @@ impl Node {
             last_timer: None,
             handshakes_by_source: HashMap::new(),
             segmenter: Segmenter::new(index_seed),
+            fragment_id: index_seed,
             identity,
             config,
         };
@@ -595,6 +597,27 @@ impl Node {
             return TunOutcome::Nothing;
         };
         if packet.len() > link.mtu {
+            if link.mtu < IPV6_MIN_MTU && packet.len() <= IPV6_MIN_MTU && link.verified.is_some() {
+                // Programs never send less than 1280, so below that the node
+                // fragments for them (the receiving kernel reassembles).
+                self.fragment_id = self.fragment_id.wrapping_add(1);
+                let (id, mtu) = (self.fragment_id, link.mtu);
+                let mut frags = Vec::new();
+                if wire::fragment(view, mtu, id, |f| frags.push(f.to_vec())) {
+                    for f in frags {
+                        if let TunOutcome::Send(dst, d) = self.handle_tun_packet(now, &f) {
+                            let payload = d.to_vec();
+                            self.transmits.push_back(Transmit { dst, payload });
+                        }
+                    }
+                    return TunOutcome::Nothing;
+                }
+                let link = self.by_addr.get(&dst).and_then(|i| self.links.get_mut(i));
+                if let Some(l) = link {
+                    l.drops.too_big += 1;
+                }
+                return TunOutcome::Nothing;
+            }
             link.drops.too_big += 1;
             let mtu = link.mtu.max(IPV6_MIN_MTU) as u32;
             return self.icmp_reply(now, view, wire::ICMPV6_PACKET_TOO_BIG, 0, mtu);
@@ -1451,6 +1474,23 @@ mod tests {
             .sum();
         assert_eq!(wrong, 1);
         net.nodes[0].0.by_addr.remove(&addrs[2]);
+        // A path below 1280 + overhead: programs still send 1280, and the
+        // node fragments for them; B's kernel gets fragments it can join.
+        net.nodes[0].0.set_path_mtu(eps[1], 1300);
+        let p = udp_packet(addrs[0], addrs[1], &[9u8; 1240]);
+        assert!(matches!(
+            net.nodes[0].0.handle_tun_packet(now, &p),
+            TunOutcome::Nothing
+        ));
+        let got = net.run();
+        assert_eq!(got[1].len(), 2, "two fragments");
+        for f in &got[1] {
+            assert!(f.len() <= 1300 - 28 - 32);
+            assert_eq!(
+                Ipv6View::new_checked(f).unwrap().next_header(),
+                wire::NH_FRAGMENT
+            );
+        }
         // Too big for a smaller path MTU: Packet Too Big back to the TUN.
         net.nodes[0].0.set_path_mtu(eps[1], 1400);
         let p = udp_packet(addrs[0], addrs[1], &[7u8; 1390]);

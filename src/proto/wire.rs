@@ -265,6 +265,54 @@ pub fn encode_control(
     out.len()
 }
 
+/// IPv6 next-header value of the fragment header.
+pub const NH_FRAGMENT: u8 = 44;
+/// Length of the IPv6 fragment header.
+pub const FRAGMENT_HEADER_LEN: usize = 8;
+
+/// Cuts an IPv6 packet into fragments of at most `mtu` bytes each, as a
+/// source would (RFC 8200 §4.5), calling `out` with each fragment. Used for
+/// links whose path MTU is below the IPv6 minimum of 1280: programs are never
+/// told to send less than 1280, so the node fragments what they send.
+/// Returns false (and emits nothing) when the packet can't be fragmented
+/// here: it carries hop-by-hop or routing headers (which belong in the
+/// unfragmentable part), is already a fragment, or `mtu` is too small.
+pub fn fragment(packet: Ipv6View<'_>, mtu: usize, id: u32, mut out: impl FnMut(&[u8])) -> bool {
+    let nh = packet.next_header();
+    if matches!(nh, 0 | 43 | NH_FRAGMENT) {
+        return false;
+    }
+    let per = mtu.saturating_sub(IPV6_HEADER_LEN + FRAGMENT_HEADER_LEN) & !7;
+    if per == 0 {
+        return false;
+    }
+    let payload = packet.payload();
+    let mut buf = [0u8; IPV6_MIN_MTU];
+    let header = &packet.bytes()[..IPV6_HEADER_LEN];
+    let mut offset = 0;
+    while offset < payload.len() {
+        let n = per
+            .min(payload.len() - offset)
+            .min(IPV6_MIN_MTU - IPV6_HEADER_LEN - FRAGMENT_HEADER_LEN);
+        let more = offset + n < payload.len();
+        let total = IPV6_HEADER_LEN + FRAGMENT_HEADER_LEN + n;
+        buf[..IPV6_HEADER_LEN].copy_from_slice(header);
+        buf[4..6].copy_from_slice(&((FRAGMENT_HEADER_LEN + n) as u16).to_be_bytes());
+        buf[6] = NH_FRAGMENT;
+        let f = &mut buf[IPV6_HEADER_LEN..IPV6_HEADER_LEN + FRAGMENT_HEADER_LEN];
+        f[0] = nh;
+        f[1] = 0;
+        let off_field = ((offset / 8) as u16) << 3 | more as u16;
+        f[2..4].copy_from_slice(&off_field.to_be_bytes());
+        f[4..8].copy_from_slice(&id.to_be_bytes());
+        buf[IPV6_HEADER_LEN + FRAGMENT_HEADER_LEN..total]
+            .copy_from_slice(&payload[offset..offset + n]);
+        out(&buf[..total]);
+        offset += n;
+    }
+    true
+}
+
 /// ICMPv6 next-header value.
 pub const NH_ICMPV6: u8 = 58;
 
@@ -417,6 +465,39 @@ mod tests {
         assert_eq!(icmpv6_checksum(v.src(), v.dst(), &icmp), ck);
         // Never an error about an error.
         assert!(icmpv6_error(v, ICMPV6_PACKET_TOO_BIG, 0, 1300, &mut vec![0; 2000]).is_none());
+    }
+
+    #[test]
+    fn fragments_reassemble() {
+        let payload: Vec<u8> = (0..1240u32).map(|i| i as u8).collect();
+        let p = packet(17, &payload);
+        let mut frags = Vec::new();
+        assert!(fragment(Ipv6View::new_checked(&p).unwrap(), 1200, 9, |f| {
+            frags.push(f.to_vec())
+        }));
+        assert_eq!(frags.len(), 2);
+        let mut got = Vec::new();
+        for (i, f) in frags.iter().enumerate() {
+            assert!(f.len() <= 1200);
+            let v = Ipv6View::new_checked(f).unwrap();
+            assert_eq!(v.next_header(), NH_FRAGMENT);
+            let h = &v.payload()[..8];
+            assert_eq!(h[0], 17);
+            let off = u16::from_be_bytes([h[2], h[3]]);
+            assert_eq!(((off >> 3) * 8) as usize, got.len());
+            assert_eq!(off & 1 == 1, i == 0, "more-fragments flag");
+            assert_eq!(u32::from_be_bytes([h[4], h[5], h[6], h[7]]), 9);
+            got.extend_from_slice(&v.payload()[8..]);
+        }
+        assert_eq!(got, payload);
+        // Not with a hop-by-hop header, not below 56 bytes.
+        assert!(!fragment(
+            Ipv6View::new_checked(&packet(0, &payload)).unwrap(),
+            1200,
+            1,
+            |_| {}
+        ));
+        assert!(!fragment(Ipv6View::new_checked(&p).unwrap(), 50, 1, |_| {}));
     }
 
     #[test]
