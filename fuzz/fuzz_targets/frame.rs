@@ -11,5 +11,7 @@ fuzz_target!(|data: &[u8]| {
         let mut out = vec![0u8; 2 * wire::MAX_PACKET];
         let _ = wire::encode_app(v, true, &mut out);
         let _ = wire::icmpv6_error(v, wire::ICMPV6_PACKET_TOO_BIG, 0, 1280, &mut out);
+        let mtu = 48 + (data.len() % 1300);
+        let _ = wire::fragment(v, mtu, 1, |f| assert!(f.len() <= mtu.max(56)));
     }
 });
