@@ -458,13 +458,16 @@ impl UdpSide {
             }
             drain(&mut node, &mut self.control);
         }
-        if k > 0 {
-            if let Err(e) =
-                sh.tun
-                    .send_multiple(&mut self.gro, &mut self.to_tun[..k], VIRTIO_NET_HDR_LEN)
-            {
-                tracing::debug!("TUN write failed: {e}");
-            }
+        let res = match k {
+            0 => Ok(0),
+            // Nothing to coalesce: skip the GRO table.
+            1 => sh.tun.send(&self.to_tun[0]),
+            _ => sh
+                .tun
+                .send_multiple(&mut self.gro, &mut self.to_tun[..k], VIRTIO_NET_HDR_LEN),
+        };
+        if let Err(e) = res {
+            tracing::debug!("TUN write failed: {e}");
         }
         for t in self.control.drain(..) {
             sh.send(t.dst, &t.payload);
@@ -484,24 +487,37 @@ impl UdpSide {
 /// where the throughput comes from. Both sides keep their own buffers, so a
 /// second thread can be added back without reshaping anything.
 fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide) {
+    // Which side poll(2) said is ready; both at first.
+    let (mut tun_ready, mut udp_ready) = (true, true);
     loop {
-        // Serve both until neither has anything, alternating so neither
-        // direction starves the other.
-        let mut busy = true;
-        while busy {
-            let a = udp.step(&sh);
-            let b = tun.step(&sh);
-            busy = a || b;
+        // Serve the ready sides until neither has anything, alternating so
+        // neither direction starves the other. Writing to the TUN often
+        // makes the TUN readable at once (an echo reply, a TCP ACK), so a
+        // UDP batch makes the TUN side worth a look.
+        while tun_ready || udp_ready {
+            if udp_ready {
+                udp_ready = udp.step(&sh);
+                tun_ready |= udp_ready;
+            }
+            if tun_ready {
+                tun_ready = tun.step(&sh);
+            }
         }
         let mut fds = [
             PollFd::new(sh.tun.as_fd(), PollFlags::POLLIN),
             PollFd::new(sh.udp.as_fd(), PollFlags::POLLIN),
         ];
         match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Ok(_) => {
+                let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+                tun_ready = ready(&fds[0]);
+                udp_ready = ready(&fds[1]);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
                 tracing::warn!("poll failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
+                (tun_ready, udp_ready) = (true, true);
             }
         }
     }
