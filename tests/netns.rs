@@ -294,6 +294,47 @@ print("sent")
     assert!(dropped >= 10_000, "dropped and counted: {dropped}");
 }
 
+/// Sends `src` from namespace `from` to a socat listener on `to_addr` in
+/// namespace `to` (TCP over the overlay) and checks it arrives intact.
+fn upload(
+    lab: &mut Lab,
+    from: &str,
+    to: &str,
+    to_addr: &str,
+    port: u16,
+    src: &std::path::Path,
+    sum: &str,
+) {
+    let dst = lab.dir.join(format!("upload-{port}.bin"));
+    lab.spawn(
+        to,
+        &format!(
+            "socat -u TCP6-LISTEN:{port},bind=[{to_addr}],reuseaddr OPEN:{},creat,trunc",
+            dst.display()
+        ),
+    );
+    assert!(wait_until(UP, || lab
+        .sh(
+            from,
+            &format!(
+                "socat -u OPEN:{} TCP6:[{to_addr}]:{port},connect-timeout=2",
+                src.display()
+            )
+        )
+        .status
+        .success()));
+    assert!(
+        wait_until(UP, || {
+            let out = lab.sh(from, &format!("sha256sum {}", dst.display()));
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                == Some(sum)
+        }),
+        "upload to port {port} arrived intact"
+    );
+}
+
 #[test]
 fn path_mtu_is_learnt_through_a_router() {
     let mut lab = Lab::new("m");
@@ -323,34 +364,7 @@ fn path_mtu_is_learnt_through_a_router() {
     // only 1400, so a must learn the path MTU from ICMP.
     let src = lab.dir.join("up.bin");
     let sum = random_file(&src, 8 * 1024 * 1024);
-    let dst = lab.dir.join("down.bin");
-    lab.spawn(
-        &nb,
-        &format!(
-            "socat -u TCP6-LISTEN:9001,bind=[{ab}],reuseaddr OPEN:{},creat,trunc",
-            dst.display()
-        ),
-    );
-    assert!(wait_until(UP, || lab
-        .sh(
-            &na,
-            &format!(
-                "socat -u OPEN:{} TCP6:[{ab}]:9001,connect-timeout=2",
-                src.display()
-            )
-        )
-        .status
-        .success()));
-    assert!(
-        wait_until(UP, || {
-            let out = lab.sh(&na, &format!("sha256sum {}", dst.display()));
-            String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .next()
-                == Some(sum.as_str())
-        }),
-        "upload arrived intact"
-    );
+    upload(&mut lab, &na, &nb, &ab, 9001, &src, &sum);
     let l = lab.nodes[a].link_to(&ab).unwrap();
     // 1400 - IPv4 20 - UDP 8 - WireGuard 32
     assert_eq!(l["mtu"], 1340, "{l}");
@@ -366,34 +380,7 @@ fn path_mtu_is_learnt_through_a_router() {
     // 1280. Programs are told 1280 and the node fragments what they send.
     lab.sh_ok(&nr, "ip link set rb mtu 1300");
     lab.sh_ok(&nb, "ip link set eth0 mtu 1300");
-    let dst2 = lab.dir.join("down2.bin");
-    lab.spawn(
-        &nb,
-        &format!(
-            "socat -u TCP6-LISTEN:9002,bind=[{ab}],reuseaddr OPEN:{},creat,trunc",
-            dst2.display()
-        ),
-    );
-    assert!(wait_until(UP, || lab
-        .sh(
-            &na,
-            &format!(
-                "socat -u OPEN:{} TCP6:[{ab}]:9002,connect-timeout=2",
-                src.display()
-            )
-        )
-        .status
-        .success()));
-    assert!(
-        wait_until(UP, || {
-            let out = lab.sh(&na, &format!("sha256sum {}", dst2.display()));
-            String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .next()
-                == Some(sum.as_str())
-        }),
-        "upload over a sub-1280 path arrived intact"
-    );
+    upload(&mut lab, &na, &nb, &ab, 9002, &src, &sum);
     let l = lab.nodes[a].link_to(&ab).unwrap();
     assert_eq!(l["mtu"], 1240, "{l}");
     // b's kernel put fragments back together.

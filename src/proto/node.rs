@@ -830,23 +830,14 @@ impl Node {
         // Cheap checks first: boringtun's MAC and load check (which also
         // throws out random bytes), then the per-source budget, and only
         // then the Diffie-Hellman work.
-        let mut cookie = [0u8; 64];
-        match self
-            .rate_limiter
-            .verify_packet(Some(from.ip()), datagram, &mut cookie)
-        {
-            Ok(_) => {}
-            Err(TunnResult::WriteToNetwork(c)) => {
-                self.transmits.push_back(Transmit {
-                    dst: from,
-                    payload: c.to_vec(),
-                });
-                return None;
-            }
-            Err(_) => {
-                self.drops.handshake_rejected += 1;
-                return None;
-            }
+        if !pass_gate(
+            &self.rate_limiter,
+            from,
+            datagram,
+            &mut self.transmits,
+            &mut self.drops,
+        ) {
+            return None;
         }
         // Over budget (or too many sources at once): the source must prove
         // it receives at its address by echoing a cookie (WireGuard's mac2),
@@ -861,25 +852,16 @@ impl Node {
             *count += 1;
             *count > HANDSHAKES_PER_SOURCE
         };
-        if over {
-            match self
-                .cookie_gate
-                .verify_packet(Some(from.ip()), datagram, &mut cookie)
-            {
-                Ok(_) => {}
-                Err(TunnResult::WriteToNetwork(c)) => {
-                    self.drops.handshake_rejected += 1;
-                    self.transmits.push_back(Transmit {
-                        dst: from,
-                        payload: c.to_vec(),
-                    });
-                    return None;
-                }
-                Err(_) => {
-                    self.drops.handshake_rejected += 1;
-                    return None;
-                }
-            }
+        if over
+            && !pass_gate(
+                &self.cookie_gate,
+                from,
+                datagram,
+                &mut self.transmits,
+                &mut self.drops,
+            )
+        {
+            return None;
         }
         let public = x25519::PublicKey::from(self.identity.link_secret());
         let half = match parse_handshake_anon(self.identity.link_secret(), &public, init) {
@@ -1307,6 +1289,32 @@ impl Node {
             .get(addr)
             .and_then(|i| self.links.get(i))
             .is_some_and(|l| l.state() == LinkState::Up && l.they_have_ours)
+    }
+}
+
+/// Runs a boringtun rate limiter's checks (MAC, and under load the cookie)
+/// on a handshake message, queueing the cookie reply it may want sent.
+/// Returns whether the handshake may go on; a refusal is counted.
+fn pass_gate(
+    limiter: &RateLimiter,
+    from: SocketAddr,
+    datagram: &[u8],
+    transmits: &mut VecDeque<Transmit>,
+    drops: &mut Drops,
+) -> bool {
+    let mut cookie = [0u8; 64];
+    match limiter.verify_packet(Some(from.ip()), datagram, &mut cookie) {
+        Ok(_) => true,
+        Err(e) => {
+            drops.handshake_rejected += 1;
+            if let TunnResult::WriteToNetwork(c) = e {
+                transmits.push_back(Transmit {
+                    dst: from,
+                    payload: c.to_vec(),
+                });
+            }
+            false
+        }
     }
 }
 
