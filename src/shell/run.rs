@@ -44,8 +44,8 @@ const BUF: usize = 65536 + 256;
 /// Packets one TUN read may split into: a 64 KiB TSO segment cut at the
 /// smallest MSS Linux sends (48 bytes, for a peer that advertises a tiny
 /// MSS) — fewer buffers would make tun-rs refuse the read and stall that
-/// flow. The buffers are allocated zeroed and untouched, so unused ones cost
-/// address space, not memory.
+/// flow. They cost about 2.7 MiB (idle RSS measured 9.6 MiB against 7.0
+/// with 128 buffers).
 const TSO_SEGMENTS: usize = 65536 / 48 + 1;
 /// Bytes in one GSO send (the kernel's limit is 64 KiB of UDP payload).
 const GSO_BYTES: usize = 60 * 1024;
