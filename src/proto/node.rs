@@ -1357,6 +1357,18 @@ mod tests {
         }
     }
 
+    fn identities(n: usize) -> Vec<Identity> {
+        (0..n)
+            .map(|_| Identity::generate(&mut OsRng).unwrap())
+            .collect()
+    }
+
+    fn endpoints(n: usize) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|i| format!("198.18.0.{}:7300", i + 1).parse().unwrap())
+            .collect()
+    }
+
     fn uri(id: &Identity, ep: SocketAddr) -> PeerUri {
         PeerUri {
             node_id: id.node_id(),
@@ -1420,12 +1432,8 @@ mod tests {
     #[test]
     fn link_up_verify_forward_and_reject_spoofing() {
         let now = Instant::now();
-        let ids: Vec<Identity> = (0..3)
-            .map(|_| Identity::generate(&mut OsRng).unwrap())
-            .collect();
-        let eps: Vec<SocketAddr> = (0..3)
-            .map(|i| format!("198.18.0.{}:7300", i + 1).parse().unwrap())
-            .collect();
+        let ids = identities(3);
+        let eps = endpoints(3);
         let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
         // A knows B; C knows B; B knows nobody (open network).
         let peers_a = vec![uri(&ids[1], eps[1])];
@@ -1519,12 +1527,8 @@ mod tests {
     #[test]
     fn control_messages_survive_segmentation() {
         let now = Instant::now();
-        let ids: Vec<Identity> = (0..2)
-            .map(|_| Identity::generate(&mut OsRng).unwrap())
-            .collect();
-        let eps: Vec<SocketAddr> = (0..2)
-            .map(|i| format!("198.18.0.{}:7300", i + 1).parse().unwrap())
-            .collect();
+        let ids = identities(2);
+        let eps = endpoints(2);
         let b_uri = uri(&ids[1], eps[1]);
         let mut it = ids.into_iter();
         let a = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri]), now, 1);
@@ -1568,12 +1572,8 @@ mod tests {
     #[test]
     fn configured_uri_with_foreign_key_gets_no_traffic() {
         let now = Instant::now();
-        let ids: Vec<Identity> = (0..3)
-            .map(|_| Identity::generate(&mut OsRng).unwrap())
-            .collect();
-        let eps: Vec<SocketAddr> = (0..2)
-            .map(|i| format!("198.18.0.{}:7300", i + 1).parse().unwrap())
-            .collect();
+        let ids = identities(3);
+        let eps = endpoints(2);
         let victim = ids[1].node_id();
         // A's URI names the victim's node ID but the attacker's link key.
         let forged = PeerUri {
@@ -1638,9 +1638,7 @@ mod tests {
     #[test]
     fn over_budget_source_gets_through_with_a_cookie() {
         let now = Instant::now();
-        let ids: Vec<Identity> = (0..3)
-            .map(|_| Identity::generate(&mut OsRng).unwrap())
-            .collect();
+        let ids = identities(3);
         let ep_a: SocketAddr = "198.18.0.1:7300".parse().unwrap();
         let ep_b: SocketAddr = "198.18.0.2:7300".parse().unwrap();
         let b_uri = uri(&ids[1], ep_b);
