@@ -1190,15 +1190,13 @@ impl Node {
                 if let Some(ep) = link.endpoint {
                     link.last_reconnect = Some(now);
                     tracing::debug!(link = index, "neighbour silent, handshaking again");
-                    if let TunnResult::WriteToNetwork(out) = link
-                        .tunn
-                        .format_handshake_initiation(&mut self.bufs.a, false)
-                    {
-                        self.transmits.push_back(Transmit {
-                            dst: ep,
-                            payload: out.to_vec(),
-                        });
-                    }
+                    initiate(
+                        &mut link.tunn,
+                        ep,
+                        false,
+                        &mut self.bufs.a,
+                        &mut self.transmits,
+                    );
                 }
             }
             if link.configured.is_some() && !link.session_up {
@@ -1219,15 +1217,13 @@ impl Node {
                 if let (true, Some(ep)) = (due, link.endpoint) {
                     link.last_reconnect = Some(now);
                     link.reconnect_attempts = link.reconnect_attempts.saturating_add(1);
-                    if let TunnResult::WriteToNetwork(out) = link
-                        .tunn
-                        .format_handshake_initiation(&mut self.bufs.a, true)
-                    {
-                        self.transmits.push_back(Transmit {
-                            dst: ep,
-                            payload: out.to_vec(),
-                        });
-                    }
+                    initiate(
+                        &mut link.tunn,
+                        ep,
+                        true,
+                        &mut self.bufs.a,
+                        &mut self.transmits,
+                    );
                 }
             }
             let hello_due = link.session_up
@@ -1315,6 +1311,23 @@ fn pass_gate(
             }
             false
         }
+    }
+}
+
+/// Queues a handshake initiation to `ep` (a fresh one if `force`, else only
+/// when none is in progress).
+fn initiate(
+    tunn: &mut Tunn,
+    ep: SocketAddr,
+    force: bool,
+    buf: &mut [u8],
+    transmits: &mut VecDeque<Transmit>,
+) {
+    if let TunnResult::WriteToNetwork(out) = tunn.format_handshake_initiation(buf, force) {
+        transmits.push_back(Transmit {
+            dst: ep,
+            payload: out.to_vec(),
+        });
     }
 }
 
