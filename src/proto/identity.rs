@@ -8,7 +8,7 @@
 //! - node ID as text = 64 lowercase hex digits.
 
 use std::fmt;
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use boringtun::x25519;
 use rand_core::CryptoRngCore;
@@ -87,6 +87,12 @@ impl NodeId {
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl serde::Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
     }
 }
 
@@ -182,13 +188,30 @@ impl Identity {
         self.node_id.overlay_address()
     }
 
-    /// Signs a new record with the given sequence number.
+    /// The RSA public key, DER SubjectPublicKeyInfo.
+    pub fn public_der(&self) -> &[u8] {
+        &self.public_der
+    }
+
+    /// Signs `msg` (which starts with its own domain-separation context).
+    pub fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        let key = SigningKey::<Sha256>::new(self.rsa.clone());
+        let sig: Signature = key.sign(msg);
+        sig.to_vec()
+    }
+
+    /// Signs a new record with the given sequence number and no extensions.
     pub fn sign_record(&self, seq: u64) -> NodeRecord {
+        self.sign_record_with(seq, &RecordExt::default())
+    }
+
+    /// Signs a new record carrying expiry, endpoints and roles.
+    pub fn sign_record_with(&self, seq: u64, ext: &RecordExt) -> NodeRecord {
         let mut rec = NodeRecord {
             seq,
             link_key: self.link_public(),
             public_der: self.public_der.clone(),
-            ext: Vec::new(),
+            ext: ext.to_bytes(),
             signature: Vec::new(),
             node_id: self.node_id,
         };
@@ -197,6 +220,36 @@ impl Identity {
         rec.signature = sig.to_vec();
         rec
     }
+}
+
+/// Checks an RSA-2048 PKCS#1 v1.5 / SHA-256 signature over `msg` (which
+/// must start with its own domain-separation context) under the DER public
+/// key `public_der`; returns the signer's node ID. Non-canonical key
+/// encodings are refused, so one key has one ID.
+pub fn verify_signature(
+    public_der: &[u8],
+    msg: &[u8],
+    signature: &[u8],
+) -> Result<NodeId, IdentityError> {
+    let key = RsaPublicKey::from_public_key_der(public_der)
+        .map_err(|_| IdentityError::Malformed("bad public key"))?;
+    if key.size() != SIGNATURE_LEN {
+        return Err(IdentityError::KeySize);
+    }
+    let canonical = key
+        .to_public_key_der()
+        .map_err(|_| IdentityError::Malformed("bad public key"))?;
+    if canonical.as_bytes() != public_der {
+        return Err(IdentityError::Malformed("non-canonical public key"));
+    }
+    if signature.len() != SIGNATURE_LEN {
+        return Err(IdentityError::BadSignature);
+    }
+    let sig = Signature::try_from(signature).map_err(|_| IdentityError::BadSignature)?;
+    VerifyingKey::<Sha256>::new(key)
+        .verify(msg, &sig)
+        .map_err(|_| IdentityError::BadSignature)?;
+    Ok(NodeId::from_public_key_der(public_der))
 }
 
 /// Domain separation for record signatures, so a record signature can never
@@ -314,26 +367,7 @@ impl NodeRecord {
 
     /// Checks key size, canonical DER and the signature.
     pub fn verify(&self) -> Result<(), IdentityError> {
-        let key = RsaPublicKey::from_public_key_der(&self.public_der)
-            .map_err(|_| IdentityError::Malformed("bad public key"))?;
-        if key.size() != SIGNATURE_LEN {
-            return Err(IdentityError::KeySize);
-        }
-        // One key, one ID: refuse alternative encodings of the same key.
-        let canonical = key
-            .to_public_key_der()
-            .map_err(|_| IdentityError::Malformed("bad public key"))?;
-        if canonical.as_bytes() != self.public_der.as_slice() {
-            return Err(IdentityError::Malformed("non-canonical public key"));
-        }
-        if self.signature.len() != SIGNATURE_LEN {
-            return Err(IdentityError::BadSignature);
-        }
-        let sig = Signature::try_from(self.signature.as_slice())
-            .map_err(|_| IdentityError::BadSignature)?;
-        VerifyingKey::<Sha256>::new(key)
-            .verify(&self.signed_bytes(), &sig)
-            .map_err(|_| IdentityError::BadSignature)
+        verify_signature(&self.public_der, &self.signed_bytes(), &self.signature).map(|_| ())
     }
 
     /// The ID of the node this record speaks for (hash of its key).
@@ -344,6 +378,108 @@ impl NodeRecord {
     /// The overlay address of the node this record speaks for.
     pub fn overlay_address(&self) -> Ipv6Addr {
         self.node_id.overlay_address()
+    }
+
+    /// The extension fields (expiry, endpoints, roles).
+    pub fn fields(&self) -> Result<RecordExt, IdentityError> {
+        RecordExt::parse(&self.ext)
+    }
+}
+
+/// Role bit: the node relays for others.
+pub const ROLE_RELAY: u8 = 1;
+/// Role bit: the node is a caching gateway.
+pub const ROLE_CACHE: u8 = 2;
+/// Most endpoints a record lists.
+pub const MAX_ENDPOINTS: usize = 4;
+
+const EXT_EXPIRES: u8 = 1;
+const EXT_ENDPOINT: u8 = 2;
+const EXT_ROLES: u8 = 3;
+
+/// The fields a record carries in its signed extension area.
+///
+/// Encoding: a sequence of `type u8 | len u16 | value` entries; unknown
+/// types are skipped, so later versions can add fields without a new
+/// record version. Types: 1 = expiry (unix seconds, u64), 2 = endpoint
+/// (`4 | ipv4 [4] | port u16` or `6 | ipv6 [16] | port u16`, repeatable),
+/// 3 = roles (u8 bit set: 1 relay, 2 cache gateway).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordExt {
+    /// Unix time after which the record is void (DHT records need one).
+    pub expires: Option<u64>,
+    /// UDP endpoints where the node's links can be reached.
+    pub endpoints: Vec<SocketAddr>,
+    /// Role bits (`ROLE_*`).
+    pub roles: u8,
+}
+
+impl RecordExt {
+    /// Encodes the fields.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Some(e) = self.expires {
+            out.push(EXT_EXPIRES);
+            out.extend_from_slice(&8u16.to_be_bytes());
+            out.extend_from_slice(&e.to_be_bytes());
+        }
+        for ep in self.endpoints.iter().take(MAX_ENDPOINTS) {
+            let mut v = Vec::with_capacity(19);
+            match ep.ip() {
+                IpAddr::V4(a) => {
+                    v.push(4);
+                    v.extend_from_slice(&a.octets());
+                }
+                IpAddr::V6(a) => {
+                    v.push(6);
+                    v.extend_from_slice(&a.octets());
+                }
+            }
+            v.extend_from_slice(&ep.port().to_be_bytes());
+            out.push(EXT_ENDPOINT);
+            out.extend_from_slice(&(v.len() as u16).to_be_bytes());
+            out.extend_from_slice(&v);
+        }
+        if self.roles != 0 {
+            out.push(EXT_ROLES);
+            out.extend_from_slice(&1u16.to_be_bytes());
+            out.push(self.roles);
+        }
+        out
+    }
+
+    /// Decodes the fields; malformed known fields are an error.
+    pub fn parse(bytes: &[u8]) -> Result<RecordExt, IdentityError> {
+        let mut r = Reader(bytes);
+        let mut ext = RecordExt::default();
+        while !r.0.is_empty() {
+            let ty = r.u8()?;
+            let len = r.u16()? as usize;
+            let mut v = Reader(r.take(len)?);
+            match ty {
+                EXT_EXPIRES => {
+                    ext.expires = Some(u64::from_be_bytes(v.take(8)?.try_into().expect("8 bytes")))
+                }
+                EXT_ENDPOINT => {
+                    let ip = match v.u8()? {
+                        4 => IpAddr::from(<[u8; 4]>::try_from(v.take(4)?).expect("4 bytes")),
+                        6 => IpAddr::from(<[u8; 16]>::try_from(v.take(16)?).expect("16 bytes")),
+                        _ => return Err(IdentityError::Malformed("endpoint family")),
+                    };
+                    let port = v.u16()?;
+                    if ext.endpoints.len() >= MAX_ENDPOINTS {
+                        return Err(IdentityError::Malformed("too many endpoints"));
+                    }
+                    ext.endpoints.push(SocketAddr::new(ip, port));
+                }
+                EXT_ROLES => ext.roles = v.u8()?,
+                _ => continue,
+            }
+            if !v.0.is_empty() {
+                return Err(IdentityError::Malformed("extension length"));
+            }
+        }
+        Ok(ext)
     }
 }
 
@@ -369,7 +505,7 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn fixture() -> Identity {
@@ -422,6 +558,30 @@ mod tests {
         for n in 0..bytes.len() {
             assert!(NodeRecord::parse_verified(&bytes[..n]).is_err());
         }
+    }
+
+    #[test]
+    fn record_fields_roundtrip() {
+        let id = fixture();
+        let ext = RecordExt {
+            expires: Some(1_800_000_000),
+            endpoints: vec![
+                "198.18.0.1:7300".parse().unwrap(),
+                "[2001:db8::1]:7301".parse().unwrap(),
+            ],
+            roles: ROLE_RELAY,
+        };
+        let rec = id.sign_record_with(9, &ext);
+        let back = NodeRecord::parse_verified(&rec.to_bytes()).unwrap();
+        assert_eq!(back.fields().unwrap(), ext);
+        // Unknown extension types are skipped; truncated ones refused.
+        let mut raw = ext.to_bytes();
+        raw.extend_from_slice(&[99, 0, 2, 1, 2]);
+        assert_eq!(RecordExt::parse(&raw).unwrap(), ext);
+        for n in 0..raw.len() - 5 {
+            let _ = RecordExt::parse(&raw[..n]);
+        }
+        assert!(RecordExt::parse(&raw[..raw.len() - 1]).is_err());
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! in as `now`), no OS randomness (an RNG is passed in where one is needed).
 
 pub mod compress;
+pub mod dht;
 pub mod identity;
 pub mod message;
 pub mod node;
+pub mod records;
 pub mod uri;
 pub mod wire;
 

@@ -7,3 +7,4 @@ pub mod control;
 pub mod run;
 pub mod state;
 pub mod status;
+pub mod store;
