@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use base64::Engine;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
@@ -63,6 +64,66 @@ enum Cmd {
         /// Wait up to this many seconds for the node to come up.
         #[arg(long, value_name = "SECONDS")]
         wait: Option<f64>,
+    },
+    /// Show the nodes this node knows (its DHT routing table): bucket,
+    /// endpoints, last seen, and where each entry came from (config, store,
+    /// network, lan).
+    Peers {
+        /// Configuration file naming the control socket.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find a node's signed record in the DHT by node ID or overlay address.
+    Lookup {
+        /// Configuration file naming the control socket.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Node ID (64 hex digits) or overlay address (fc..).
+        target: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store or fetch signed values in the DHT (for extenders): one entry
+    /// per (namespace, key, publishing node).
+    Dht {
+        #[command(subcommand)]
+        op: DhtOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum DhtOp {
+    /// Sign VALUE as this node and store it under NAMESPACE/KEY.
+    Put {
+        /// Configuration file naming the control socket.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Namespace (1-32 bytes), e.g. an extender's name.
+        namespace: String,
+        /// Key (1-64 bytes).
+        key: String,
+        /// Value (at most 1024 bytes).
+        value: String,
+        /// Lifetime in seconds (at most 86400); the node re-stores it until then.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// Print every publisher's value under NAMESPACE/KEY.
+    Get {
+        /// Configuration file naming the control socket.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Namespace.
+        namespace: String,
+        /// Key.
+        key: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -215,5 +276,91 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Cmd::Peers { config, json } => {
+            let cfg = load_config(&config)?;
+            let v =
+                control::request(&cfg.control_socket, "peers").context("is the node running?")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
+            } else {
+                print!("{}", status::render_peers(&v));
+            }
+            Ok(())
+        }
+        Cmd::Lookup {
+            config,
+            target,
+            json,
+        } => {
+            let cfg = load_config(&config)?;
+            let v = control::call(
+                &cfg.control_socket,
+                &json!({"cmd": "lookup", "target": target}),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
+            } else {
+                print!("{}", status::render_lookup(&v));
+            }
+            if v["found"].as_bool() == Some(true) {
+                Ok(())
+            } else {
+                Err(Failure::Other(anyhow::anyhow!("{target}: not found")))
+            }
+        }
+        Cmd::Dht { op } => match op {
+            DhtOp::Put {
+                config,
+                namespace,
+                key,
+                value,
+                ttl,
+            } => {
+                let cfg = load_config(&config)?;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(value.as_bytes());
+                let v = control::call(
+                    &cfg.control_socket,
+                    &json!({"cmd": "dht_put", "namespace": namespace, "key": key, "value": b64, "ttl": ttl}),
+                )?;
+                println!(
+                    "stored {namespace}/{key} at {} nodes for {ttl} s",
+                    v["stored_at"]
+                );
+                Ok(())
+            }
+            DhtOp::Get {
+                config,
+                namespace,
+                key,
+                json,
+            } => {
+                let cfg = load_config(&config)?;
+                let v = control::call(
+                    &cfg.control_socket,
+                    &json!({"cmd": "dht_get", "namespace": namespace, "key": key}),
+                )?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
+                } else {
+                    let vals = v["values"].as_array().cloned().unwrap_or_default();
+                    if vals.is_empty() {
+                        return Err(Failure::Other(anyhow::anyhow!(
+                            "{namespace}/{key}: no values"
+                        )));
+                    }
+                    for x in vals {
+                        let shown = x["text"].as_str().map(String::from).unwrap_or_else(|| {
+                            format!("base64:{}", x["value"].as_str().unwrap_or(""))
+                        });
+                        println!(
+                            "{}  {}",
+                            &x["publisher"].as_str().unwrap_or("")[..16],
+                            shown
+                        );
+                    }
+                }
+                Ok(())
+            }
+        },
     }
 }

@@ -698,6 +698,11 @@ impl<R: Records> Dht<R> {
         self.publish(now);
     }
 
+    /// Replaces our own record without publishing it (not joined yet).
+    pub fn set_own_quietly(&mut self, own: Contact) {
+        self.own = own;
+    }
+
     /// The record checker.
     pub fn records(&mut self) -> &mut R {
         &mut self.records
@@ -754,6 +759,11 @@ impl<R: Records> Dht<R> {
     /// heard from, but without a liveness claim.
     pub fn add_contact(&mut self, now: Instant, contact: Contact, source: Source) {
         self.insert(now, contact, source, false);
+    }
+
+    /// Notes a node that proved itself to us directly (a verified link).
+    pub fn heard_from(&mut self, now: Instant, contact: Contact, source: Source) {
+        self.insert(now, contact, source, true);
     }
 
     /// Checks a record's bytes and makes a contact of it.

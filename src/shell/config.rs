@@ -20,6 +20,8 @@ pub const DEFAULT_TUN: &str = "qg0";
 pub const DEFAULT_KEEPALIVE: u16 = 10;
 /// Default bound on links.
 pub const DEFAULT_MAX_LINKS: usize = 1024;
+/// Default UDP port of LAN discovery announcements.
+pub const DEFAULT_LAN_PORT: u16 = 7301;
 /// Underlay MTU assumed for the default TUN MTU.
 pub const UNDERLAY_MTU: usize = 1500;
 
@@ -51,6 +53,17 @@ struct RawConfig {
     link: RawLink,
     #[serde(default)]
     compression: RawCompression,
+    #[serde(default)]
+    advertise: Vec<String>,
+    #[serde(default)]
+    discovery: RawDiscovery,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    lan: Option<bool>,
+    lan_port: Option<u16>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -106,6 +119,13 @@ pub struct Config {
     pub max_links: usize,
     /// Compression policy.
     pub compression: CompressionPolicy,
+    /// Endpoints published in the node's record (empty: the listen address
+    /// if it names one, else what neighbours observe).
+    pub advertise: Vec<SocketAddr>,
+    /// LAN discovery by IPv6 link-local multicast.
+    pub lan: bool,
+    /// UDP port of LAN announcements.
+    pub lan_port: u16,
 }
 
 impl Config {
@@ -121,6 +141,16 @@ impl Config {
             keepalive: self.keepalive,
             mtu: self.mtu,
             max_links: self.max_links,
+            advertise: if self.advertise.is_empty() && !self.listen.ip().is_unspecified() {
+                vec![self.listen]
+            } else {
+                self.advertise.clone()
+            },
+            roles: 0,
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
         }
     }
 }
@@ -275,7 +305,40 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             compression.off_nodes.push(id);
         }
     }
+    let mut advertise = Vec::new();
+    for (i, a) in raw.advertise.iter().enumerate() {
+        let ep: SocketAddr = a.parse().map_err(|_| {
+            err(
+                &format!("advertise[{i}]"),
+                format!("{a:?} is not IP:PORT (IPv6 in brackets)"),
+            )
+        })?;
+        if ep.ip().is_unspecified() || ep.port() == 0 {
+            return Err(err(
+                &format!("advertise[{i}]"),
+                format!("{a:?}: an advertised endpoint needs a real address and port"),
+            ));
+        }
+        advertise.push(ep);
+    }
+    if advertise.len() > crate::proto::identity::MAX_ENDPOINTS {
+        return Err(err(
+            "advertise",
+            format!(
+                "at most {} endpoints fit in a record",
+                crate::proto::identity::MAX_ENDPOINTS
+            ),
+        ));
+    }
+    let lan = raw.discovery.lan.unwrap_or(false);
+    let lan_port = raw.discovery.lan_port.unwrap_or(DEFAULT_LAN_PORT);
+    if lan_port == 0 {
+        return Err(err("discovery.lan_port", "0 is not a port".into()));
+    }
     Ok(Config {
+        advertise,
+        lan,
+        lan_port,
         path: path.to_path_buf(),
         state_dir,
         listen,
@@ -309,6 +372,11 @@ listen = "{listen}"
 peers = [
 ]
 
+# Endpoints other nodes reach this one at, published in its signed record so
+# that anyone can link to it. Default: the listen address if it names one,
+# else the address the node's neighbours see its packets come from.
+# advertise = ["198.18.0.1:7300"]
+
 # Log filter: error, warn, info, debug, trace (tracing-subscriber syntax).
 # log = "info"
 
@@ -338,6 +406,12 @@ peers = [
 # connection, turn compression off for those peers, prefixes, or entirely.
 # enabled = true
 # off = ["fc12:3456::/32", "<64-hex-digit node ID>"]
+
+[discovery]
+# Find nodes on the same LAN segment by IPv6 link-local multicast (ff02::7167).
+# Off by default: announcing tells everyone on the segment a node runs here.
+# lan = false
+# lan_port = {lan_port}
 "#,
         state = state_dir.display(),
         listen = listen,
@@ -346,6 +420,7 @@ peers = [
         sock = state_dir.join("control.sock").display(),
         ka = DEFAULT_KEEPALIVE,
         ml = DEFAULT_MAX_LINKS,
+        lan_port = DEFAULT_LAN_PORT,
     )
 }
 

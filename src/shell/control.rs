@@ -1,8 +1,11 @@
 //! The control socket: a Unix stream socket (mode 0660) speaking one JSON
 //! request line and one JSON response line per connection.
 //!
-//! Request: `{"cmd":"status"}`. Response: `{"ok":true,"status":{...}}` or
-//! `{"ok":false,"error":"..."}`.
+//! Request: `{"cmd":"status"}` (commands: `status`, `peers`,
+//! `lookup` with `target`, `dht_put` with `namespace`, `key`, `value`
+//! (base64) and `ttl`, `dht_get` with `namespace` and `key`). Response:
+//! `{"ok":true,"status":{...}}` or `{"ok":false,"error":"..."}`. Lookups
+//! take up to ~20 s to answer.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -23,8 +26,9 @@ pub const API_VERSION: u32 = 1;
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
 
-/// Answers requests; given the command, returns the status object.
-pub type Handler = Arc<dyn Fn(&str) -> Result<Value> + Send + Sync>;
+/// Answers requests; given the request object, returns the answer. It may
+/// block (a lookup waits for the network): it runs on a blocking thread.
+pub type Handler = Arc<dyn Fn(&Value) -> Result<Value> + Send + Sync>;
 
 /// A bound control socket; the file is removed when this is dropped.
 pub struct ControlSocket {
@@ -83,13 +87,11 @@ impl ControlSocket {
                     tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
                 let reply = match read {
                     Ok(Ok(_)) => match serde_json::from_str::<Value>(&line) {
-                        Ok(req) => {
-                            let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or("");
-                            match handler(cmd) {
-                                Ok(v) => json!({"ok": true, "status": v}),
-                                Err(e) => json!({"ok": false, "error": e.to_string()}),
-                            }
-                        }
+                        Ok(req) => match tokio::task::spawn_blocking(move || handler(&req)).await {
+                            Ok(Ok(v)) => json!({"ok": true, "status": v}),
+                            Ok(Err(e)) => json!({"ok": false, "error": format!("{e:#}")}),
+                            Err(_) => json!({"ok": false, "error": "request failed"}),
+                        },
                         Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
                     },
                     _ => return,
@@ -102,13 +104,18 @@ impl ControlSocket {
     }
 }
 
-/// Sends one request and returns the `status` object of the answer.
+/// Sends a request with only a command and returns the answer's `status` object.
 pub fn request(path: &Path, cmd: &str) -> Result<Value> {
+    call(path, &json!({ "cmd": cmd }))
+}
+
+/// Sends one request object and returns the answer's `status` object.
+pub fn call(path: &Path, req: &Value) -> Result<Value> {
     let mut s = StdUnixStream::connect(path)
         .with_context(|| format!("connecting to control socket {}", path.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(Duration::from_secs(40)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    writeln!(s, "{}", json!({ "cmd": cmd }))?;
+    writeln!(s, "{req}")?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     let v: Value = serde_json::from_str(&line).context("bad answer from node")?;

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod control;
+pub mod lan;
 pub mod run;
 pub mod state;
 pub mod status;

@@ -28,8 +28,12 @@ use serde_json::json;
 use super::config::Config;
 use super::control::{self, ControlSocket, Handler};
 use super::state;
-use crate::proto::node::{normalize, Transmit};
-use crate::proto::{Node, TunOutcome};
+use super::store::{PeerStore, StoredPeer};
+use crate::proto::dht::{LookupDone, Outcome, Source};
+use crate::proto::node::{normalize, LookupTarget, Transmit};
+use crate::proto::records::SignedValue;
+use crate::proto::{Node, NodeId, NodeRecord, TunOutcome};
+use base64::Engine;
 use bytes::BytesMut;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use qgate_platform::{GROTable, SyncDevice, Tun, VIRTIO_NET_HDR_LEN};
@@ -56,6 +60,8 @@ struct Shared {
     udp_state: UdpSocketState,
     tun: SyncDevice,
     ipv6_socket: bool,
+    store: PeerStore,
+    state_dir: std::path::PathBuf,
 }
 
 /// Starts the node and runs until SIGINT or SIGTERM.
@@ -67,13 +73,48 @@ pub fn run(config: Config) -> Result<()> {
             config.tun_name
         );
     }
+    let store = PeerStore::open(&config.state_dir)?;
     let seq = state::next_record_seq(&config.state_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(async_main(config, identity, seq))
+    rt.block_on(async_main(config, identity, seq, store))
+}
+
+fn source_code(s: Source) -> u8 {
+    match s {
+        Source::Config => 0,
+        Source::Network => 1,
+        Source::Store => 2,
+        Source::Lan => 3,
+    }
+}
+
+/// Writes the routing table to the peer store (one transaction).
+fn save_peers(sh: &Shared) {
+    let rows = sh
+        .node
+        .lock()
+        .expect("node lock")
+        .peer_snapshot(Instant::now());
+    let peers: Vec<([u8; 32], StoredPeer)> = rows
+        .into_iter()
+        .map(|(id, record, source, last_seen_unix)| {
+            (
+                id,
+                StoredPeer {
+                    record,
+                    source: source_code(source),
+                    last_seen_unix,
+                },
+            )
+        })
+        .collect();
+    if let Err(e) = sh.store.replace_all(&peers) {
+        tracing::warn!("saving the peer store: {e:#}");
+    }
 }
 
 fn bind_udp(listen: SocketAddr) -> Result<(UdpSocket, bool)> {
@@ -99,7 +140,12 @@ fn bind_udp(listen: SocketAddr) -> Result<(UdpSocket, bool)> {
     Ok((s.into(), listen.is_ipv6()))
 }
 
-async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) -> Result<()> {
+async fn async_main(
+    config: Config,
+    identity: crate::proto::Identity,
+    seq: u64,
+    store: PeerStore,
+) -> Result<()> {
     let (udp, ipv6_socket) = bind_udp(config.listen)?;
     let udp_state = UdpSocketState::new((&udp).into()).context("setting up the UDP socket")?;
     // quinn-udp asks for "probe" path MTU discovery, under which the kernel
@@ -109,7 +155,20 @@ async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) 
     let address = identity.overlay_address();
     let node_id = identity.node_id();
     let started = Instant::now();
-    let node = Node::new(identity, seq, config.node_config(), started, rand_u32());
+    let mut node = Node::new(identity, seq, config.node_config(), started, rand_u32());
+    // Nodes remembered from earlier runs: the way back in when every
+    // configured peer is gone.
+    let stored = store.load()?;
+    let kept = stored
+        .iter()
+        .filter(|(_, p)| node.add_stored_peer(started, &p.record))
+        .count();
+    tracing::info!(
+        stored = stored.len(),
+        usable = kept,
+        "peer store {} read",
+        config.state_dir.join(super::store::STORE_DIR).display()
+    );
     // The control socket is checked before the TUN exists, so a second
     // instance fails without touching the first one's interface.
     if config.control_socket.exists()
@@ -139,6 +198,8 @@ async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) 
         udp_state,
         tun: device,
         ipv6_socket,
+        store,
+        state_dir: config.state_dir.clone(),
     });
     // Send the hellos the node queued for its configured peers.
     flush(&shared);
@@ -148,18 +209,33 @@ async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) 
         let tun_name = name.clone();
         let listen = config.listen;
         let mtu = config.mtu;
-        Arc::new(move |cmd: &str| match cmd {
-            "status" => {
-                let st = shared.node.lock().expect("node lock").status();
-                let mut v = serde_json::to_value(st)?;
-                v["api"] = json!(control::API_VERSION);
-                v["version"] = json!(env!("CARGO_PKG_VERSION"));
-                v["uptime_secs"] = json!(started.elapsed().as_secs_f64());
-                v["listen"] = json!(listen.to_string());
-                v["tun"] = json!({"name": tun_name, "mtu": mtu});
-                Ok(v)
+        Arc::new(move |req: &serde_json::Value| {
+            let cmd = req
+                .get("cmd")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("");
+            match cmd {
+                "status" => {
+                    let st = shared.node.lock().expect("node lock").status();
+                    let mut v = serde_json::to_value(st)?;
+                    v["api"] = json!(control::API_VERSION);
+                    v["version"] = json!(env!("CARGO_PKG_VERSION"));
+                    v["uptime_secs"] = json!(started.elapsed().as_secs_f64());
+                    v["listen"] = json!(listen.to_string());
+                    v["tun"] = json!({"name": tun_name, "mtu": mtu});
+                    Ok(v)
+                }
+                "peers" => {
+                    let r = shared.node.lock().expect("node lock").peers(Instant::now());
+                    let mut v = serde_json::to_value(r)?;
+                    v["api"] = json!(control::API_VERSION);
+                    Ok(v)
+                }
+                "lookup" => api_lookup(&shared, req),
+                "dht_put" => api_put(&shared, req),
+                "dht_get" => api_get(&shared, req),
+                other => bail!("unknown command {other:?}"),
             }
-            other => bail!("unknown command {other:?}"),
         })
     };
 
@@ -173,6 +249,32 @@ async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) 
             .context("starting the data-plane thread")?;
     }
     let timer = tokio::spawn(timer_loop(shared.clone()));
+    let lan = if config.lan {
+        let sh = shared.clone();
+        let node = sh.node.lock().expect("node lock");
+        let uri = crate::proto::PeerUri {
+            node_id: node.node_id(),
+            link_key: node.record().link_key,
+            endpoint: None,
+        };
+        drop(node);
+        let port = shared.udp.local_addr()?.port();
+        let found = move |peer: crate::proto::PeerUri, ep: SocketAddr| {
+            sh.node
+                .lock()
+                .expect("node lock")
+                .add_lan_peer(Instant::now(), &peer, ep);
+            flush(&sh);
+        };
+        let (lan_port, tun) = (config.lan_port, name.clone());
+        Some(tokio::spawn(async move {
+            if let Err(e) = super::lan::run(lan_port, uri, port, tun, found).await {
+                tracing::warn!("LAN discovery stopped: {e:#}");
+            }
+        }))
+    } else {
+        None
+    };
     let serve = control.serve(handler);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -181,8 +283,148 @@ async fn async_main(config: Config, identity: crate::proto::Identity, seq: u64) 
         _ = term.recv() => tracing::info!("terminated, shutting down"),
     }
     timer.abort();
+    if let Some(l) = lan {
+        l.abort();
+    }
     drop(control);
+    save_peers(&shared);
     Ok(())
+}
+
+/// Waits (up to 30 s) for a control-API lookup to finish.
+fn wait_result(sh: &Shared, id: u64) -> Result<LookupDone> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(r) = sh.node.lock().expect("node lock").take_api_result(id) {
+            return Ok(r);
+        }
+        if Instant::now() >= deadline {
+            bail!("the lookup did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn str_arg<'a>(req: &'a serde_json::Value, key: &str) -> Result<&'a str> {
+    req.get(key)
+        .and_then(serde_json::Value::as_str)
+        .with_context(|| format!("request needs a string {key:?}"))
+}
+
+fn record_json(record: &[u8]) -> serde_json::Value {
+    match NodeRecord::parse_unverified(record) {
+        Ok(r) => {
+            let f = r.fields().unwrap_or_default();
+            json!({
+                "node_id": r.node_id().to_string(),
+                "address": r.overlay_address().to_string(),
+                "link_key": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r.link_key),
+                "seq": r.seq,
+                "expires": f.expires,
+                "endpoints": f.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                "roles": f.roles,
+            })
+        }
+        Err(_) => json!(null),
+    }
+}
+
+fn api_lookup(sh: &Shared, req: &serde_json::Value) -> Result<serde_json::Value> {
+    let t = str_arg(req, "target")?;
+    let target = if let Ok(id) = NodeId::parse(t) {
+        LookupTarget::Id(id)
+    } else if let Ok(a) = t.parse::<std::net::Ipv6Addr>() {
+        if !crate::proto::identity::is_overlay_address(&a) {
+            bail!("{a} is not an overlay address (fc00::/8)");
+        }
+        LookupTarget::Address(a)
+    } else {
+        bail!("{t:?} is neither a node ID (64 hex digits) nor an overlay address");
+    };
+    let id = sh
+        .node
+        .lock()
+        .expect("node lock")
+        .api_lookup(Instant::now(), &target)
+        .context("too many lookups running; try again")?;
+    let r = wait_result(sh, id)?;
+    let mut v = json!({
+        "found": false,
+        "hops": r.hops,
+        "queries": r.queries,
+        "elapsed_ms": r.elapsed.as_secs_f64() * 1000.0,
+    });
+    if let Outcome::Found(c) = &r.outcome {
+        v["found"] = json!(true);
+        v["record"] = record_json(&c.record);
+    }
+    Ok(v)
+}
+
+fn api_put(sh: &Shared, req: &serde_json::Value) -> Result<serde_json::Value> {
+    let ns = str_arg(req, "namespace")?;
+    let key = str_arg(req, "key")?;
+    let value = base64::engine::general_purpose::STANDARD
+        .decode(str_arg(req, "value")?)
+        .context("value must be base64")?;
+    let ttl = req
+        .get("ttl")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(3600);
+    let id = sh
+        .node
+        .lock()
+        .expect("node lock")
+        .dht_put(Instant::now(), ns.as_bytes(), key.as_bytes(), &value, ttl)
+        .map_err(anyhow::Error::msg)?;
+    let stored = match id {
+        Some(id) => match wait_result(sh, id)?.outcome {
+            Outcome::Stored(n) => n,
+            _ => 0,
+        },
+        None => 0,
+    };
+    Ok(json!({"stored_at": stored, "ttl": ttl}))
+}
+
+fn api_get(sh: &Shared, req: &serde_json::Value) -> Result<serde_json::Value> {
+    let ns = str_arg(req, "namespace")?;
+    let key = str_arg(req, "key")?;
+    let (id, local) = {
+        let mut node = sh.node.lock().expect("node lock");
+        let now = Instant::now();
+        let local = node.local_values(now, ns.as_bytes(), key.as_bytes());
+        (node.dht_get(now, ns.as_bytes(), key.as_bytes()), local)
+    };
+    let id = id.context("too many lookups running; try again")?;
+    let r = wait_result(sh, id)?;
+    let mut all = local;
+    if let Outcome::Values(v) = r.outcome {
+        all.extend(v);
+    }
+    // Newest entry per publisher.
+    let mut by_publisher: std::collections::BTreeMap<String, SignedValue> = Default::default();
+    for raw in all {
+        if let Ok(v) = SignedValue::parse(&raw) {
+            let p = v.publisher().to_string();
+            if by_publisher.get(&p).is_none_or(|o| v.seq > o.seq) {
+                by_publisher.insert(p, v);
+            }
+        }
+    }
+    let values: Vec<serde_json::Value> = by_publisher
+        .into_iter()
+        .map(|(p, v)| {
+            json!({
+                "publisher": p,
+                "seq": v.seq,
+                "expires": v.expires,
+                "value": base64::engine::general_purpose::STANDARD.encode(&v.value),
+                "text": String::from_utf8(v.value.clone()).ok(),
+            })
+        })
+        .collect();
+    Ok(json!({"values": values, "queries": r.queries}))
 }
 
 fn rand_u32() -> u32 {
@@ -271,9 +513,19 @@ fn drain(node: &mut Node, out: &mut Vec<Transmit>) {
 
 fn flush(sh: &Shared) {
     let mut out = Vec::new();
-    drain(&mut sh.node.lock().expect("node lock"), &mut out);
+    let mut tun = Vec::new();
+    {
+        let mut node = sh.node.lock().expect("node lock");
+        drain(&mut node, &mut out);
+        while let Some(p) = node.poll_tun_write() {
+            tun.push(p);
+        }
+    }
     for t in out {
         sh.send(t.dst, &t.payload);
+    }
+    for p in tun {
+        sh.write_tun(&p);
     }
 }
 
@@ -526,12 +778,28 @@ fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide) {
 async fn timer_loop(sh: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0;
+    let mut last_save = Instant::now();
     loop {
         tick.tick().await;
-        sh.node
-            .lock()
-            .expect("node lock")
-            .handle_timeout(Instant::now());
+        let new_seq = {
+            let mut node = sh.node.lock().expect("node lock");
+            node.handle_timeout(Instant::now());
+            node.record().seq
+        };
         flush(&sh);
+        if new_seq != seq {
+            seq = new_seq;
+            if let Err(e) = state::write_record_seq(&sh.state_dir, seq) {
+                tracing::warn!("storing the record sequence number: {e:#}");
+            }
+        }
+        // The peer store is a cache of the network: every 10 s is enough,
+        // and shutdown writes it too.
+        if last_save.elapsed() >= Duration::from_secs(10) {
+            last_save = Instant::now();
+            let sh = sh.clone();
+            let _ = tokio::task::spawn_blocking(move || save_peers(&sh)).await;
+        }
     }
 }

@@ -100,6 +100,14 @@ pub fn next_record_seq(dir: &Path) -> Result<u64> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let seq = now.max(prev + 1);
+    write_record_seq(dir, seq)?;
+    Ok(seq)
+}
+
+/// Stores the record sequence number in use (written and synced before a
+/// record with it is published, so no later run reuses it).
+pub fn write_record_seq(dir: &Path, seq: u64) -> Result<()> {
+    let path = dir.join(SEQ_FILE);
     let tmp: PathBuf = dir.join(format!("{SEQ_FILE}.tmp"));
     {
         let mut f = OpenOptions::new()
@@ -113,7 +121,7 @@ pub fn next_record_seq(dir: &Path) -> Result<u64> {
         f.sync_all()?;
     }
     fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(seq)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -65,6 +65,29 @@ pub fn render(st: &Value) -> String {
         st["tun"]["mtu"]
     ));
     out.push_str(&format!("drops     {}\n", drops(&g("drops"))));
+    let eps: Vec<String> = g("endpoints")
+        .as_array()
+        .map(|a| a.iter().map(|e| s(e.clone())).collect())
+        .unwrap_or_default();
+    out.push_str(&format!(
+        "record    seq {}   endpoints {}\n",
+        g("record_seq"),
+        if eps.is_empty() {
+            "(none yet)".into()
+        } else {
+            eps.join(" ")
+        }
+    ));
+    out.push_str(&format!(
+        "dht       {} known nodes   lookups {} ({} found)   records refused: forged {} expired {} stale {} oversized {}\n",
+        g("table_entries"),
+        st["dht"]["lookups"],
+        st["dht"]["lookups_found"],
+        st["dht"]["forged_records"],
+        st["dht"]["expired_records"],
+        st["dht"]["stale_records"],
+        st["dht"]["oversized_records"],
+    ));
     let links = g("links");
     let links = links.as_array().cloned().unwrap_or_default();
     let up = links.iter().filter(|l| l["state"] == "up").count();
@@ -92,4 +115,75 @@ pub fn render(st: &Value) -> String {
         ));
     }
     out
+}
+
+/// Renders `qgate peers` for a terminal.
+pub fn render_peers(v: &Value) -> String {
+    let entries = v["entries"].as_array().cloned().unwrap_or_default();
+    let mut out = format!(
+        "{} known nodes in {} buckets\n",
+        entries.iter().filter(|e| e["replacement"] != true).count(),
+        v["buckets"]
+    );
+    out.push_str("bucket  address                                  source   last seen  link        endpoints\n");
+    for e in &entries {
+        let seen = e["last_seen_secs"]
+            .as_f64()
+            .map(|t| format!("{} ago", duration(t)))
+            .unwrap_or_else(|| "-".into());
+        let eps: Vec<String> = e["endpoints"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:>6}  {:<39}  {:<7}  {:>9}  {:<10}  {}{}\n",
+            e["bucket"],
+            e["address"].as_str().unwrap_or("?"),
+            e["source"].as_str().unwrap_or("?"),
+            seen,
+            e["link"].as_str().unwrap_or("-"),
+            eps.join(" "),
+            if e["replacement"] == true {
+                "  (replacement)"
+            } else {
+                ""
+            },
+        ));
+    }
+    out
+}
+
+/// Renders `qgate lookup` for a terminal.
+pub fn render_lookup(v: &Value) -> String {
+    let how = format!(
+        "{} hops, {} queries, {:.0} ms",
+        v["hops"],
+        v["queries"],
+        v["elapsed_ms"].as_f64().unwrap_or(0.0)
+    );
+    if v["found"] != true {
+        return format!("not found ({how})\n");
+    }
+    let r = &v["record"];
+    let eps: Vec<String> = r["endpoints"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "node      {}\naddress   {}\nendpoints {}\nseq       {}   expires {}   roles {}\nfound in  {how}\n",
+        r["node_id"].as_str().unwrap_or("?"),
+        r["address"].as_str().unwrap_or("?"),
+        eps.join(" "),
+        r["seq"],
+        r["expires"],
+        r["roles"],
+    )
 }
