@@ -2402,6 +2402,62 @@ mod tests {
     }
 
     #[test]
+    fn forged_expired_replayed_and_oversized_records_are_refused_and_counted() {
+        let now = Instant::now();
+        let ids = identities(3);
+        let eps = endpoints(2);
+        let addr_b = ids[1].overlay_address();
+        let x = &ids[2];
+        let ext = |expires| RecordExt {
+            expires: Some(expires),
+            endpoints: vec![eps[0]],
+            roles: 0,
+        };
+        let good = x.sign_record_with(10, &ext(1_800_003_600)).to_bytes();
+        let mut forged = good.clone();
+        let n = forged.len();
+        forged[n - 5] ^= 1;
+        let expired = x.sign_record_with(11, &ext(1_799_000_000)).to_bytes();
+        let replayed = x.sign_record_with(5, &ext(1_800_003_600)).to_bytes();
+        let oversized = vec![1u8; crate::proto::identity::MAX_RECORD_LEN + 100];
+        let peers_a = vec![uri(&ids[1], eps[1])];
+        let mut it = ids.into_iter();
+        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now, 1);
+        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
+        let mut net = Net {
+            nodes: vec![(a, eps[0]), (b, eps[1])],
+            now,
+        };
+        net.run();
+        let idx = net.nodes[0].0.by_addr[&addr_b];
+        for (i, r) in [good, forged, expired, replayed, oversized]
+            .into_iter()
+            .enumerate()
+        {
+            let m = super::super::dht::Msg::Store {
+                txid: i as u32,
+                node: true,
+                record: r,
+            };
+            net.nodes[0]
+                .0
+                .send_control(idx, MSG_DHT, &m.to_bytes(), false);
+            net.run();
+        }
+        let d = net.nodes[1].0.status().dht;
+        assert_eq!(
+            (
+                d.forged_records,
+                d.expired_records,
+                d.stale_records,
+                d.oversized_records
+            ),
+            (1, 1, 1, 1),
+            "{d:?}"
+        );
+    }
+
+    #[test]
     fn configured_uri_with_foreign_key_gets_no_traffic() {
         let now = Instant::now();
         let ids = identities(3);
