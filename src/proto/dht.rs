@@ -82,6 +82,8 @@ const MAX_RATE_PEERS: usize = 8192;
 pub const MAX_VALUE_LEN: usize = 1024;
 /// Entries (publishers) kept under one key.
 pub const MAX_VALUES_PER_KEY: usize = 20;
+/// Value entries one publisher may have here.
+pub const MAX_VALUES_PER_PUBLISHER: usize = 64;
 /// Value entries kept in total.
 pub const MAX_VALUES: usize = 8192;
 /// Node records stored for others (STORE of node records) in total.
@@ -399,6 +401,9 @@ pub enum Goal {
         prefix: Vec<u8>,
         /// Lowest acceptable sequence number.
         min_seq: u64,
+        /// Only a record with an endpoint will do (to link to the node; a
+        /// node that has not learnt its endpoint yet publishes none).
+        reachable: bool,
     },
     /// The nodes closest to a key (bucket refresh, join).
     Closest(Key),
@@ -420,8 +425,14 @@ impl Goal {
     }
     fn matches(&self, c: &Contact) -> bool {
         match self {
-            Goal::Node { prefix, min_seq } => {
-                c.info.id.0.starts_with(prefix) && c.info.seq >= *min_seq
+            Goal::Node {
+                prefix,
+                min_seq,
+                reachable,
+            } => {
+                c.info.id.0.starts_with(prefix)
+                    && c.info.seq >= *min_seq
+                    && (!*reachable || c.info.ip.is_some())
             }
             _ => false,
         }
@@ -639,6 +650,9 @@ impl Rng {
     }
 }
 
+/// A value this node published: its expiry and the record.
+type OwnValue = (u64, Arc<[u8]>);
+
 /// One node's DHT.
 pub struct Dht<R: Records> {
     own: Contact,
@@ -651,7 +665,8 @@ pub struct Dht<R: Records> {
     stored_records: HashMap<NodeId, Contact>,
     values: HashMap<Key, Vec<StoredValue>>,
     value_count: usize,
-    own_values: HashMap<(Key, NodeId), Arc<[u8]>>,
+    /// Values we published: (key, us) → (expiry, record).
+    own_values: HashMap<(Key, NodeId), OwnValue>,
     budgets: HashMap<NodeId, (f64, Instant)>,
     next_lookup: u64,
     rng: Rng,
@@ -711,6 +726,11 @@ impl<R: Records> Dht<R> {
     /// Counters.
     pub fn stats(&self) -> DhtStats {
         self.stats
+    }
+
+    /// Unix milliseconds at `now`.
+    pub fn unix_millis(&self, now: Instant) -> u64 {
+        self.start_unix * 1000 + now.saturating_duration_since(self.start).as_millis() as u64
     }
 
     /// Unix seconds at `now`.
@@ -1223,10 +1243,42 @@ impl<R: Records> Dht<R> {
             list.remove(pos);
             self.value_count -= 1;
         }
-        if self.value_count >= MAX_VALUES {
+        let per_publisher = self
+            .values
+            .values()
+            .flatten()
+            .filter(|v| v.info.publisher == info.publisher)
+            .count();
+        if per_publisher >= MAX_VALUES_PER_PUBLISHER {
             self.stats.store_full += 1;
             return false;
         }
+        if self.value_count >= MAX_VALUES {
+            // Full: keep the keys closest to us (those are the ones lookups
+            // ask us for); the farthest goes if the newcomer is closer.
+            let own = self.id();
+            let far = self
+                .values
+                .keys()
+                .max_by_key(|k| distance(k, &own))
+                .copied();
+            match far {
+                Some(f) if distance(&f, &own) > distance(&info.target, &own) => {
+                    if let Some(l) = self.values.get_mut(&f) {
+                        l.pop();
+                        self.value_count -= 1;
+                        if l.is_empty() {
+                            self.values.remove(&f);
+                        }
+                    }
+                }
+                _ => {
+                    self.stats.store_full += 1;
+                    return false;
+                }
+            }
+        }
+        let list = self.values.entry(info.target).or_default();
         list.push(StoredValue {
             info,
             record: Arc::from(record),
@@ -1287,6 +1339,10 @@ impl<R: Records> Dht<R> {
             return;
         };
         let unix = self.unix(now);
+        let wants_values = self
+            .lookups
+            .get(&lookup)
+            .is_some_and(|l| matches!(l.goal, Goal::Values(_)));
         let mut checked = Vec::with_capacity(nodes.len());
         let mut forged = false;
         for n in nodes.iter().take(2 * REPLY_CONTACTS) {
@@ -1298,16 +1354,29 @@ impl<R: Records> Dht<R> {
                 Err(e) => {
                     forged |= e == RecordError::Forged;
                     self.count_record(Some(&e));
+                    if forged {
+                        break;
+                    }
                 }
             }
         }
         let mut vals = Vec::new();
-        for v in &values {
+        // Values cost an RSA check each: only for a lookup that wants them,
+        // and no more than a key can hold.
+        let take = if wants_values && !forged {
+            MAX_VALUES_PER_KEY
+        } else {
+            0
+        };
+        for v in values.iter().take(take) {
             match self.records.check_value(v, unix) {
                 Ok(info) => vals.push((info, v)),
                 Err(e) => {
                     forged |= e == RecordError::Forged;
                     self.count_record(Some(&e));
+                    if forged {
+                        break;
+                    }
                 }
             }
         }
@@ -1628,11 +1697,21 @@ impl<R: Records> Dht<R> {
     /// buckets near us and tells our neighbours we are here, then stores
     /// our record with the closest.
     pub fn publish(&mut self, now: Instant) {
-        self.last_publish = Some(now);
         let rec = self.own.record.clone();
         let own = self.id();
-        self.start_lookup(now, Goal::Closest(own), Then::StoreNode(rec));
-        let values: Vec<Arc<[u8]>> = self.own_values.values().cloned().collect();
+        self.last_publish = Some(
+            if self
+                .start_lookup(now, Goal::Closest(own), Then::StoreNode(rec))
+                .is_some()
+            {
+                now
+            } else {
+                // No lookup slot free: try again in a minute.
+                now.checked_sub(REPUBLISH_INTERVAL - Duration::from_secs(60))
+                    .unwrap_or(now)
+            },
+        );
+        let values: Vec<Arc<[u8]>> = self.own_values.values().map(|v| v.1.clone()).collect();
         for v in values {
             self.put_checked(now, v);
         }
@@ -1649,7 +1728,7 @@ impl<R: Records> Dht<R> {
         }
         let rec: Arc<[u8]> = Arc::from(record);
         self.own_values
-            .insert((info.target, info.publisher), rec.clone());
+            .insert((info.target, info.publisher), (info.expires, rec.clone()));
         self.store_value(now, record);
         Ok(self.put_checked(now, rec))
     }
@@ -1693,16 +1772,20 @@ impl<R: Records> Dht<R> {
         [rpc, lookup, refresh, publish].into_iter().flatten().min()
     }
 
-    /// Runs timers: request timeouts, bucket refreshes, republishing,
-    /// expiry of stored records and values.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        let expired: Vec<u32> = self
+    /// Fails at once every request in flight to `id` (the transport can't
+    /// reach it), as a timeout would later.
+    pub fn unreachable(&mut self, now: Instant, id: &NodeId) {
+        let dead: Vec<u32> = self
             .inflight
             .iter()
-            .filter(|(_, i)| now.saturating_duration_since(i.sent) >= RPC_TIMEOUT)
+            .filter(|(_, i)| i.to == *id)
             .map(|(t, _)| *t)
             .collect();
-        for t in expired {
+        self.fail_requests(now, dead);
+    }
+
+    fn fail_requests(&mut self, now: Instant, txids: Vec<u32>) {
+        for t in txids {
             let Some(inf) = self.inflight.remove(&t) else {
                 continue;
             };
@@ -1725,6 +1808,18 @@ impl<R: Records> Dht<R> {
                 Pending::Ping => {}
             }
         }
+    }
+
+    /// Runs timers: request timeouts, bucket refreshes, republishing,
+    /// expiry of stored records and values.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<u32> = self
+            .inflight
+            .iter()
+            .filter(|(_, i)| now.saturating_duration_since(i.sent) >= RPC_TIMEOUT)
+            .map(|(t, _)| *t)
+            .collect();
+        self.fail_requests(now, expired);
         let late: Vec<u64> = self
             .lookups
             .iter()
@@ -1753,11 +1848,7 @@ impl<R: Records> Dht<R> {
         });
         self.value_count = count;
         self.stored_records.retain(|_, c| c.info.expires > unix);
-        self.own_values.retain(|_, v| {
-            // Own values are known-good; only their expiry matters.
-            let _ = v;
-            true
-        });
+        self.own_values.retain(|_, v| v.0 > unix);
         for b in &mut self.buckets {
             b.entries.retain(|e| e.contact.info.expires > unix);
             b.replacements.retain(|(c, _)| c.info.expires > unix);
@@ -1998,6 +2089,7 @@ mod tests {
                 Goal::Node {
                     prefix: target.0.to_vec(),
                     min_seq: 0,
+                    reachable: false,
                 },
             )
             .unwrap();

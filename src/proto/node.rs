@@ -78,12 +78,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(6);
 /// An on-demand link whose session is down and that heard nothing for this
 /// long is dropped.
 const GONE_AFTER: Duration = Duration::from_secs(30);
+/// An on-demand link idle this long may be closed to make room for a new one.
+const LRU_IDLE: Duration = Duration::from_secs(10);
+/// LAN announcements acted on at most this often.
+const LAN_INTERVAL: Duration = Duration::from_secs(1);
+/// A neighbour's report of our endpoint counts this long.
+const OBSERVED_FOR: Duration = Duration::from_secs(600);
 /// How long a record judged stale is passed over.
 const STALE_FOR: Duration = Duration::from_secs(60);
 /// Packets waiting for an address lookup, per address.
 const WANT_QUEUE: usize = 16;
-/// Addresses being looked up at once.
-const MAX_WANTED: usize = 64;
+/// Addresses being looked up at once (half the DHT's lookup slots, so
+/// address lookups never starve its own upkeep).
+const MAX_WANTED: usize = super::dht::MAX_LOOKUPS / 2;
 /// A failed address lookup is not repeated for this long (its packets get
 /// ICMPv6 address unreachable).
 const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
@@ -439,8 +446,8 @@ pub struct Node {
     fragment_id: u32,
     dht: Dht<RsaRecords>,
     ext: RecordExt,
-    /// Our endpoint as neighbours see it: endpoint → (reporters, last report).
-    observed: HashMap<SocketAddr, (Vec<NodeId>, Instant)>,
+    /// Our endpoint as neighbours see it: reporter → (its latest report, when).
+    observed: HashMap<NodeId, (SocketAddr, Instant)>,
     last_resign: Option<Instant>,
     /// Addresses being looked up, with the packets waiting for them.
     wanted: HashMap<Ipv6Addr, Want>,
@@ -457,6 +464,7 @@ pub struct Node {
     tun_out: VecDeque<Vec<u8>>,
     joined: bool,
     value_seq: u64,
+    last_lan: Option<Instant>,
 }
 
 /// Packets waiting for an address lookup.
@@ -585,6 +593,7 @@ impl Node {
             tun_out: VecDeque::new(),
             joined: false,
             value_seq: 0,
+            last_lan: None,
             address,
             record,
             record_bytes,
@@ -656,9 +665,9 @@ impl Node {
         if let Some(idx) = self.by_key.get(&peer_key) {
             return Some(*idx);
         }
-        if configured.is_none() {
-            // Links from nodes not yet verified are cheap to make: keep them
-            // few, and let a new one push out the oldest.
+        {
+            // Links to or from nodes not yet verified are cheap to make:
+            // keep them few, and let a new one push out the oldest.
             let oldest = self
                 .links
                 .values()
@@ -673,8 +682,19 @@ impl Node {
             }
         }
         if self.links.len() >= self.config.max_links {
+            // Full: the on-demand link unused longest makes room, if it has
+            // been idle a while; else the new one is refused.
+            let lru = self
+                .links
+                .values()
+                .filter(|l| !l.persistent && now.saturating_duration_since(l.last_used) > LRU_IDLE)
+                .min_by_key(|l| l.last_used)
+                .map(|l| l.index);
             self.drops.link_limit += 1;
-            return None;
+            match lru {
+                Some(i) => self.remove_link(i),
+                None => return None,
+            }
         }
         let mut index = self.next_index;
         while self.links.contains_key(&index) {
@@ -1470,7 +1490,8 @@ impl Node {
                 if failed_connect {
                     if let Some(id) = link.configured {
                         let seq = self.dht.find_local(&id.0).map(|c| c.info.seq).unwrap_or(0);
-                        self.stale.insert(id.overlay_address(), (seq + 1, now));
+                        self.stale
+                            .insert(id.overlay_address(), (seq.saturating_add(1), now));
                     }
                 }
                 // A neighbour gone quiet for good (it died, or came back
@@ -1480,7 +1501,8 @@ impl Node {
                     link.verified.is_some() && self.config.keepalive > 0 && idle > GONE_AFTER;
                 if gone {
                     if let Some(v) = &link.verified {
-                        self.stale.insert(v.address, (v.record.seq + 1, now));
+                        self.stale
+                            .insert(v.address, (v.record.seq.saturating_add(1), now));
                     }
                 }
                 if failed_connect
@@ -1529,11 +1551,9 @@ impl Node {
         }
         let prefix = dst.octets()[1..16].to_vec();
         let min_seq = self.stale.get(&dst).map(|s| s.0).unwrap_or(0);
-        if let Some(c) = self
-            .dht
-            .find_local(&prefix)
-            .filter(|c| c.info.seq >= min_seq && c.info.id.overlay_address() == dst)
-        {
+        if let Some(c) = self.dht.find_local(&prefix).filter(|c| {
+            c.info.seq >= min_seq && c.info.ip.is_some() && c.info.id.overlay_address() == dst
+        }) {
             if let Some(idx) = self.connect(now, &c.record) {
                 if let Some(l) = self.links.get_mut(&idx) {
                     l.pending.push_back(view.bytes().to_vec());
@@ -1546,7 +1566,12 @@ impl Node {
             self.drops.lookup_limited += 1;
             return self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 3, 0);
         }
-        match self.dht.lookup(now, Goal::Node { prefix, min_seq }) {
+        let goal = Goal::Node {
+            prefix,
+            min_seq,
+            reachable: true,
+        };
+        match self.dht.lookup(now, goal) {
             Some(id) => {
                 tracing::debug!(%dst, "looking up an address");
                 self.purposes.insert(id, Purpose::Address(dst));
@@ -1604,8 +1629,12 @@ impl Node {
             Some(i) => *i,
             None => match self.connect(now, &to.record) {
                 Some(i) => i,
-                // No endpoint or no room: the request times out in the DHT.
-                None => return,
+                // No endpoint or no room: the request fails now rather
+                // than in two seconds.
+                None => {
+                    self.dht.unreachable(now, &to.info.id);
+                    return;
+                }
             },
         };
         let Some(link) = self.links.get_mut(&idx) else {
@@ -1632,6 +1661,17 @@ impl Node {
         }
         if let Some(i) = self.by_addr.get(&id.overlay_address()) {
             return Some(*i);
+        }
+        // A record may name someone else's link key: never let it borrow
+        // (or be mapped onto) that node's link.
+        if let Some(l) = self
+            .by_key
+            .get(&rec.link_key)
+            .and_then(|i| self.links.get(i))
+        {
+            if l.node_id().is_some_and(|x| x != id) {
+                return None;
+            }
         }
         let fields = rec.fields().ok()?;
         let ipv6_ok =
@@ -1748,7 +1788,7 @@ impl Node {
         self.stale
             .retain(|_, (_, t)| now.saturating_duration_since(*t) < STALE_FOR);
         let unix = self.dht.unix(now);
-        let endpoints = self.desired_endpoints();
+        let endpoints = self.desired_endpoints(now);
         let expiring = self.ext.expires.is_none_or(|e| e < unix + RECORD_TTL / 2);
         let due = self
             .last_resign
@@ -1763,42 +1803,55 @@ impl Node {
         if ep.port() == 0 || ep.ip().is_unspecified() {
             return;
         }
-        if !self.observed.contains_key(&ep) && self.observed.len() >= MAX_OBSERVED {
+        if !self.observed.contains_key(&reporter) && self.observed.len() >= MAX_OBSERVED {
             if let Some(old) = self
                 .observed
                 .iter()
                 .min_by_key(|(_, (_, t))| *t)
-                .map(|(e, _)| *e)
+                .map(|(r, _)| *r)
             {
                 self.observed.remove(&old);
             }
         }
-        let e = self.observed.entry(ep).or_insert((Vec::new(), now));
-        e.1 = now;
-        if !e.0.contains(&reporter) && e.0.len() < 8 {
-            e.0.push(reporter);
-        }
+        self.observed.insert(reporter, (ep, now));
     }
 
     /// Endpoints for our record: the configured ones, else per address
-    /// family the one most neighbours report (the latest on a tie).
-    fn desired_endpoints(&self) -> Vec<SocketAddr> {
+    /// family the one most neighbours report (one vote each, their latest,
+    /// for ten minutes). A tie keeps the endpoint we publish, so two
+    /// neighbours that see us differently can't make it flip back and forth.
+    fn desired_endpoints(&self, now: Instant) -> Vec<SocketAddr> {
         if !self.config.advertise.is_empty() {
             return self.config.advertise.clone();
         }
+        let mut votes: HashMap<SocketAddr, usize> = HashMap::new();
+        for (ep, t) in self.observed.values() {
+            let link_local =
+                matches!(ep.ip(), IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80);
+            if now.saturating_duration_since(*t) < OBSERVED_FOR && !link_local {
+                *votes.entry(*ep).or_default() += 1;
+            }
+        }
         let mut out = Vec::new();
         for v4 in [true, false] {
-            let best = self
-                .observed
+            let current = self
+                .ext
+                .endpoints
+                .iter()
+                .find(|e| e.is_ipv4() == v4)
+                .copied();
+            let cur_votes = current.and_then(|c| votes.get(&c).copied()).unwrap_or(0);
+            let best = votes
                 .iter()
                 .filter(|(e, _)| e.is_ipv4() == v4)
-                .filter(|(e, _)| match e.ip() {
-                    IpAddr::V6(a) => (a.segments()[0] & 0xffc0) != 0xfe80,
-                    IpAddr::V4(_) => true,
-                })
-                .max_by_key(|(_, (who, t))| (who.len(), *t))
-                .map(|(e, _)| *e);
-            out.extend(best);
+                .max_by_key(|(e, n)| (**n, **e))
+                .map(|(e, n)| (*e, *n));
+            match (current, best) {
+                (Some(c), Some((_, n))) if cur_votes >= n => out.push(c),
+                (_, Some((e, _))) => out.push(e),
+                (Some(c), None) => out.push(c),
+                (None, None) => {}
+            }
         }
         out
     }
@@ -1812,7 +1865,7 @@ impl Node {
             endpoints,
             roles: self.config.roles,
         };
-        let seq = (self.record.seq + 1).max(unix);
+        let seq = self.record.seq.saturating_add(1).max(unix);
         self.record = self.identity.sign_record_with(seq, &self.ext);
         self.record_bytes = self.record.to_bytes();
         tracing::info!(seq, endpoints = ?self.ext.endpoints, "record signed");
@@ -1854,6 +1907,15 @@ impl Node {
         if uri.node_id == self.node_id() || self.by_addr.contains_key(&addr) {
             return;
         }
+        // Announcements are unauthenticated: each costs us a handshake, so
+        // act on one a second at most.
+        if self
+            .last_lan
+            .is_some_and(|t| now.saturating_duration_since(t) < LAN_INTERVAL)
+        {
+            return;
+        }
+        self.last_lan = Some(now);
         if let Some(idx) = self.add_link(uri.link_key, Some(endpoint), Some(uri.node_id), now) {
             self.by_addr.insert(addr, idx);
             if let Some(l) = self.links.get_mut(&idx) {
@@ -1932,7 +1994,12 @@ impl Node {
             LookupTarget::Id(id) => id.0.to_vec(),
             LookupTarget::Address(a) => a.octets()[1..16].to_vec(),
         };
-        self.api_start(now, Goal::Node { prefix, min_seq: 0 })
+        let goal = Goal::Node {
+            prefix,
+            min_seq: 0,
+            reachable: false,
+        };
+        self.api_start(now, goal)
     }
 
     fn api_start(&mut self, now: Instant, goal: Goal) -> Option<u64> {
@@ -1961,7 +2028,12 @@ impl Node {
             return Err(super::records::ValueError::Ttl.to_string());
         }
         let unix = self.dht.unix(now);
-        self.value_seq = (self.value_seq + 1).max(unix);
+        // Milliseconds, so a burst of puts doesn't run ahead of the clock
+        // (and a quick restart doesn't sign values older than those stored).
+        self.value_seq = self
+            .value_seq
+            .saturating_add(1)
+            .max(self.dht.unix_millis(now));
         let v = SignedValue::sign(
             &self.identity,
             namespace,
@@ -2218,6 +2290,25 @@ mod tests {
             tun
         }
 
+        /// Moves datagrams until none is left, running no timers.
+        fn deliver(&mut self) {
+            for _ in 0..100 {
+                let mut moved = false;
+                for i in 0..self.nodes.len() {
+                    while let Some(t) = self.nodes[i].0.poll_transmit() {
+                        moved = true;
+                        let from = self.nodes[i].1;
+                        if let Some(j) = self.nodes.iter().position(|(_, a)| *a == t.dst) {
+                            self.nodes[j].0.handle_datagram(self.now, from, &t.payload);
+                        }
+                    }
+                }
+                if !moved {
+                    return;
+                }
+            }
+        }
+
         fn send(&mut self, from: usize, packet: &[u8]) -> Option<Vec<u8>> {
             let src_ep = self.nodes[from].1;
             let (dst, data) = match self.nodes[from].0.handle_tun_packet(self.now, packet) {
@@ -2273,16 +2364,10 @@ mod tests {
         let st = net.nodes[1].0.status();
         let spoofed: u64 = st.links.iter().map(|l| l.drops.spoofed_source).sum();
         assert_eq!(spoofed, 1);
-        // No link from A to C: A finds C's record through B (the DHT),
-        // links to C on demand, and the packet that waited arrives.
-        let p = udp_packet(addrs[0], addrs[2], b"no link to c yet");
-        let now = net.now;
-        assert!(matches!(
-            net.nodes[0].0.handle_tun_packet(now, &p),
-            TunOutcome::Nothing
-        ));
-        let tun = net.run();
-        assert!(tun[2].contains(&p), "queued packet reached C");
+        // A was configured with B only, yet reaches C: joining the DHT
+        // through B made A learn C's record and link to C on demand.
+        let p = udp_packet(addrs[0], addrs[2], b"no configured link to c");
+        assert_eq!(net.send(0, &p).as_deref(), Some(&p[..]));
         assert!(net.nodes[0].0.link_up_to(&addrs[2]));
         // An address nobody has: the lookup fails and the program gets
         // ICMPv6 address unreachable; at once, next time.
@@ -2399,6 +2484,39 @@ mod tests {
         assert_eq!(net.nodes[1].0.transmits.len(), 17);
         net.run();
         assert_eq!(net.nodes[0].0.status().links[0].drops.bad_inner, 1);
+    }
+
+    #[test]
+    fn packet_to_an_unlinked_address_waits_for_the_lookup_then_flows() {
+        let now = Instant::now();
+        let ids = identities(3);
+        let eps = endpoints(3);
+        let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
+        let conf = |peers: Vec<PeerUri>, ep: SocketAddr| NodeConfig {
+            advertise: vec![ep],
+            ..cfg(peers)
+        };
+        let (pa, pc) = (vec![uri(&ids[1], eps[1])], vec![uri(&ids[1], eps[1])]);
+        let mut it = ids.into_iter();
+        let a = Node::new(it.next().unwrap(), 1, conf(pa, eps[0]), now, 1);
+        let b = Node::new(it.next().unwrap(), 1, conf(vec![], eps[1]), now, 2);
+        let c = Node::new(it.next().unwrap(), 1, conf(pc, eps[2]), now, 3);
+        let mut net = Net {
+            nodes: vec![(a, eps[0]), (b, eps[1]), (c, eps[2])],
+            now,
+        };
+        // Links A-B and C-B come up; no timer has run, so A has not joined
+        // the DHT and knows nothing of C.
+        net.deliver();
+        assert!(net.nodes[0].0.link_up_to(&addrs[1]));
+        assert!(!net.nodes[0].0.by_addr.contains_key(&addrs[2]));
+        let p = udp_packet(addrs[0], addrs[2], b"waits for a lookup");
+        let out = net.nodes[0].0.handle_tun_packet(now, &p);
+        assert!(matches!(out, TunOutcome::Nothing), "{out:?}");
+        let tun = net.run();
+        assert!(tun[2].contains(&p), "the packet that waited reached C");
+        assert!(net.nodes[0].0.link_up_to(&addrs[2]));
+        assert_eq!(net.nodes[0].0.status().drops.unreachable, 0);
     }
 
     #[test]

@@ -141,7 +141,7 @@ pub fn render_peers(v: &Value) -> String {
             .unwrap_or_default();
         out.push_str(&format!(
             "{:>6}  {:<39}  {:<7}  {:>9}  {:<10}  {}{}\n",
-            e["bucket"],
+            e["bucket"].as_u64().unwrap_or(0),
             e["address"].as_str().unwrap_or("?"),
             e["source"].as_str().unwrap_or("?"),
             seen,

@@ -575,6 +575,7 @@ impl Sim {
             let goal = Goal::Node {
                 prefix: tid.0.to_vec(),
                 min_seq: 0,
+                reachable: false,
             };
             if let Some(id) = self.nodes[s].dht.lookup(now, goal) {
                 want.insert((s, id), tid);
