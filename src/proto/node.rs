@@ -2517,6 +2517,18 @@ mod tests {
         assert!(tun[2].contains(&p), "the packet that waited reached C");
         assert!(net.nodes[0].0.link_up_to(&addrs[2]));
         assert_eq!(net.nodes[0].0.status().drops.unreachable, 0);
+        // Nothing more to say: the on-demand link closes; the configured
+        // one stays.
+        for _ in 0..60 {
+            net.now += Duration::from_secs(3);
+            let now = net.now;
+            for n in &mut net.nodes {
+                n.0.handle_timeout(now);
+            }
+            net.deliver();
+        }
+        assert!(!net.nodes[0].0.by_addr.contains_key(&addrs[2]));
+        assert!(net.nodes[0].0.by_addr.contains_key(&addrs[1]));
     }
 
     #[test]
