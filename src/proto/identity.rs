@@ -425,17 +425,7 @@ impl RecordExt {
         }
         for ep in self.endpoints.iter().take(MAX_ENDPOINTS) {
             let mut v = Vec::with_capacity(19);
-            match ep.ip() {
-                IpAddr::V4(a) => {
-                    v.push(4);
-                    v.extend_from_slice(&a.octets());
-                }
-                IpAddr::V6(a) => {
-                    v.push(6);
-                    v.extend_from_slice(&a.octets());
-                }
-            }
-            v.extend_from_slice(&ep.port().to_be_bytes());
+            put_endpoint(&mut v, *ep);
             out.push(EXT_ENDPOINT);
             out.extend_from_slice(&(v.len() as u16).to_be_bytes());
             out.extend_from_slice(&v);
@@ -481,6 +471,21 @@ impl RecordExt {
         }
         Ok(ext)
     }
+}
+
+/// Encodes an endpoint: `4 | ipv4 [4] | port u16` or `6 | ipv6 [16] | port u16`.
+pub fn put_endpoint(out: &mut Vec<u8>, ep: SocketAddr) {
+    match ep.ip() {
+        IpAddr::V4(a) => {
+            out.push(4);
+            out.extend_from_slice(&a.octets());
+        }
+        IpAddr::V6(a) => {
+            out.push(6);
+            out.extend_from_slice(&a.octets());
+        }
+    }
+    out.extend_from_slice(&ep.port().to_be_bytes());
 }
 
 struct Reader<'a>(&'a [u8]);

@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use super::compress::Adaptive;
 use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source};
-use super::identity::{is_overlay_address, Identity, NodeId, NodeRecord, RecordExt};
+use super::identity::{is_overlay_address, put_endpoint, Identity, NodeId, NodeRecord, RecordExt};
 use super::message::{self, Reassembler, Segmenter};
 use super::records::{node_info, value_target, RsaRecords, SignedValue};
 use super::uri::PeerUri;
@@ -2125,21 +2125,7 @@ fn own_contact(record: &NodeRecord, bytes: &[u8]) -> Contact {
     }
 }
 
-/// `4 | ipv4 [4] | port` or `6 | ipv6 [16] | port`.
-fn put_endpoint(out: &mut Vec<u8>, ep: SocketAddr) {
-    match ep.ip() {
-        IpAddr::V4(a) => {
-            out.push(4);
-            out.extend_from_slice(&a.octets());
-        }
-        IpAddr::V6(a) => {
-            out.push(6);
-            out.extend_from_slice(&a.octets());
-        }
-    }
-    out.extend_from_slice(&ep.port().to_be_bytes());
-}
-
+/// Decodes what [`put_endpoint`] wrote; returns the rest.
 fn parse_endpoint(b: &[u8]) -> Option<(SocketAddr, &[u8])> {
     let (ip, rest): (IpAddr, &[u8]) = match *b.first()? {
         4 if b.len() >= 7 => (<[u8; 4]>::try_from(&b[1..5]).ok()?.into(), &b[5..]),

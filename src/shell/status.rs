@@ -117,6 +117,17 @@ pub fn render(st: &Value) -> String {
     out
 }
 
+/// The strings in a JSON array.
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Renders `qgate peers` for a terminal.
 pub fn render_peers(v: &Value) -> String {
     let entries = v["entries"].as_array().cloned().unwrap_or_default();
@@ -131,14 +142,7 @@ pub fn render_peers(v: &Value) -> String {
             .as_f64()
             .map(|t| format!("{} ago", duration(t)))
             .unwrap_or_else(|| "-".into());
-        let eps: Vec<String> = e["endpoints"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let eps = strings(&e["endpoints"]);
         out.push_str(&format!(
             "{:>6}  {:<39}  {:<7}  {:>9}  {:<10}  {}{}\n",
             e["bucket"].as_u64().unwrap_or(0),
@@ -169,14 +173,7 @@ pub fn render_lookup(v: &Value) -> String {
         return format!("not found ({how})\n");
     }
     let r = &v["record"];
-    let eps: Vec<String> = r["endpoints"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let eps = strings(&r["endpoints"]);
     format!(
         "node      {}\naddress   {}\nendpoints {}\nseq       {}   expires {}   roles {}\nfound in  {how}\n",
         r["node_id"].as_str().unwrap_or("?"),
