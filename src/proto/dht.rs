@@ -1595,24 +1595,28 @@ impl<R: Records> Dht<R> {
             return;
         }
         for (path, c) in sends {
-            let txid = self.txid();
-            self.inflight.insert(
+            let what = Pending::Find { lookup: id, path };
+            self.request(now, &c, what, |txid| Msg::Find {
                 txid,
-                Inflight {
-                    to: c.info.id,
-                    sent: now,
-                    what: Pending::Find { lookup: id, path },
-                },
-            );
-            self.send(
-                &c,
-                &Msg::Find {
-                    txid,
-                    target,
-                    values,
-                },
-            );
+                target,
+                values,
+            });
         }
+    }
+
+    /// Sends a request and remembers it until its answer or timeout.
+    fn request(&mut self, now: Instant, to: &Contact, what: Pending, msg: impl FnOnce(u32) -> Msg) {
+        let txid = self.txid();
+        let m = msg(txid);
+        self.inflight.insert(
+            txid,
+            Inflight {
+                to: to.info.id,
+                sent: now,
+                what,
+            },
+        );
+        self.send(to, &m);
     }
 
     fn finish(&mut self, now: Instant, id: u64, outcome: Option<Outcome>) {
@@ -1646,21 +1650,9 @@ impl<R: Records> Dht<R> {
                     l.storing = Some((targets.len(), 0));
                     self.lookups.insert(id, l);
                     for c in targets {
-                        let txid = self.txid();
-                        self.inflight.insert(
-                            txid,
-                            Inflight {
-                                to: c.info.id,
-                                sent: now,
-                                what: Pending::Store { lookup: id },
-                            },
-                        );
-                        let msg = Msg::Store {
-                            txid,
-                            node,
-                            record: record.to_vec(),
-                        };
-                        self.send(&c, &msg);
+                        let what = Pending::Store { lookup: id };
+                        let record = record.to_vec();
+                        self.request(now, &c, what, |txid| Msg::Store { txid, node, record });
                     }
                     return;
                 }
@@ -1917,16 +1909,7 @@ impl<R: Records> Dht<R> {
     /// Sends a liveness check (its answer refreshes the entry; silence
     /// counts as a failure).
     pub fn ping(&mut self, now: Instant, to: &Contact) {
-        let txid = self.txid();
-        self.inflight.insert(
-            txid,
-            Inflight {
-                to: to.info.id,
-                sent: now,
-                what: Pending::Ping,
-            },
-        );
-        self.send(to, &Msg::Ping { txid });
+        self.request(now, to, Pending::Ping, |txid| Msg::Ping { txid });
     }
 
     /// Lookups running.

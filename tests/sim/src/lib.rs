@@ -477,28 +477,21 @@ impl Sim {
         let behaviour = self.nodes[i].behaviour;
         match Msg::parse(bytes).ok()? {
             Msg::Find { txid, target, .. } => {
-                let accomplices: Vec<Contact> = match behaviour {
-                    Behaviour::Eclipser => self.nodes[i]
-                        .dht
-                        .closest(&target, 64)
-                        .into_iter()
-                        .filter(|c| {
-                            self.by_id
-                                .get(&c.info.id)
-                                .is_some_and(|&j| self.nodes[j].behaviour == Behaviour::Eclipser)
-                        })
-                        .collect(),
-                    _ => self.nodes[i]
-                        .dht
-                        .closest(&target, 64)
-                        .into_iter()
-                        .filter(|c| {
-                            self.by_id
-                                .get(&c.info.id)
-                                .is_some_and(|&j| self.nodes[j].behaviour != Behaviour::Honest)
-                        })
-                        .collect(),
+                // Eclipsers name only each other; liars any misbehaving node.
+                let accomplice = |b: Behaviour| match behaviour {
+                    Behaviour::Eclipser => b == Behaviour::Eclipser,
+                    _ => b != Behaviour::Honest,
                 };
+                let accomplices: Vec<Contact> = self.nodes[i]
+                    .dht
+                    .closest(&target, 64)
+                    .into_iter()
+                    .filter(|c| {
+                        self.by_id
+                            .get(&c.info.id)
+                            .is_some_and(|&j| accomplice(self.nodes[j].behaviour))
+                    })
+                    .collect();
                 let mut nodes: Vec<Vec<u8>> = accomplices
                     .iter()
                     .take(6)
