@@ -47,7 +47,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run the node in the foreground (needs CAP_NET_ADMIN).
+    /// Run the node in the foreground (needs CAP_NET_ADMIN, except with
+    /// `role = "relay"`, which makes no TUN).
     Run {
         /// Configuration file.
         #[arg(long, value_name = "FILE")]
@@ -69,6 +70,17 @@ enum Cmd {
     /// endpoints, last seen, and where each entry came from (config, store,
     /// network, lan).
     Peers {
+        /// Configuration file naming the control socket.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show circuits: those this node built (relays in order, age, bytes,
+    /// state), those it carries as a relay (its two neighbours only), and
+    /// those ending here (the authenticated source).
+    Circuits {
         /// Configuration file naming the control socket.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
@@ -284,6 +296,17 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
             } else {
                 print!("{}", status::render_peers(&v));
+            }
+            Ok(())
+        }
+        Cmd::Circuits { config, json } => {
+            let cfg = load_config(&config)?;
+            let v = control::request(&cfg.control_socket, "circuits")
+                .context("is the node running?")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
+            } else {
+                print!("{}", status::render_circuits(&v));
             }
             Ok(())
         }

@@ -396,6 +396,7 @@ pub const MAX_ENDPOINTS: usize = 4;
 const EXT_EXPIRES: u8 = 1;
 const EXT_ENDPOINT: u8 = 2;
 const EXT_ROLES: u8 = 3;
+const EXT_ONION: u8 = 4;
 
 /// The fields a record carries in its signed extension area.
 ///
@@ -403,7 +404,8 @@ const EXT_ROLES: u8 = 3;
 /// types are skipped, so later versions can add fields without a new
 /// record version. Types: 1 = expiry (unix seconds, u64), 2 = endpoint
 /// (`4 | ipv4 [4] | port u16` or `6 | ipv6 [16] | port u16`, repeatable),
-/// 3 = roles (u8 bit set: 1 relay, 2 cache gateway).
+/// 3 = roles (u8 bit set: 1 relay, 2 cache gateway), 4 = onion key (X25519,
+/// 32 bytes; the key circuits use, rotated apart from the link key).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecordExt {
     /// Unix time after which the record is void (DHT records need one).
@@ -412,6 +414,8 @@ pub struct RecordExt {
     pub endpoints: Vec<SocketAddr>,
     /// Role bits (`ROLE_*`).
     pub roles: u8,
+    /// Onion key for circuit handshakes.
+    pub onion_key: Option<[u8; 32]>,
 }
 
 impl RecordExt {
@@ -434,6 +438,11 @@ impl RecordExt {
             out.push(EXT_ROLES);
             out.extend_from_slice(&1u16.to_be_bytes());
             out.push(self.roles);
+        }
+        if let Some(k) = self.onion_key {
+            out.push(EXT_ONION);
+            out.extend_from_slice(&32u16.to_be_bytes());
+            out.extend_from_slice(&k);
         }
         out
     }
@@ -463,6 +472,7 @@ impl RecordExt {
                     ext.endpoints.push(SocketAddr::new(ip, port));
                 }
                 EXT_ROLES => ext.roles = v.u8()?,
+                EXT_ONION => ext.onion_key = Some(v.take(32)?.try_into().expect("32 bytes")),
                 _ => continue,
             }
             if !v.0.is_empty() {
@@ -575,6 +585,7 @@ pub(crate) mod tests {
                 "[2001:db8::1]:7301".parse().unwrap(),
             ],
             roles: ROLE_RELAY,
+            onion_key: Some([7; 32]),
         };
         let rec = id.sign_record_with(9, &ext);
         let back = NodeRecord::parse_verified(&rec.to_bytes()).unwrap();

@@ -7,7 +7,9 @@ pub mod dht;
 pub mod identity;
 pub mod message;
 pub mod node;
+pub mod onion;
 pub mod records;
+pub mod route;
 pub mod uri;
 pub mod wire;
 

@@ -29,8 +29,17 @@ use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Sou
 use super::identity::{is_overlay_address, put_endpoint, Identity, NodeId, NodeRecord, RecordExt};
 use super::message::{self, Reassembler, Segmenter};
 use super::records::{node_info, value_target, RsaRecords, SignedValue};
+use super::route::{Policy, RoutePolicy};
 use super::uri::PeerUri;
 use super::wire::{self, Encoded, Incoming, Ipv6View, IPV6_MIN_MTU, MAX_PACKET};
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+mod circuits;
+pub use circuits::{
+    CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
+    TrafficConfig, CIRCUIT_MTU,
+};
 
 /// WireGuard's data-message overhead: type, receiver, counter, tag.
 pub const WG_OVERHEAD: usize = 32;
@@ -68,6 +77,8 @@ pub fn link_mtu(underlay_mtu: usize, ipv6_underlay: bool) -> usize {
 pub const MSG_HELLO: u8 = 1;
 /// Control message type: a DHT message (see [`super::dht`]).
 pub const MSG_DHT: u8 = 3;
+/// Control message type: an onion cell (see `onion`).
+pub const MSG_CELL: u8 = 4;
 /// Hello flag: an observed-endpoint field follows the flags.
 const HELLO_FLAG_OBSERVED: u8 = 4;
 /// A link made on demand (not configured) closes after this long unused.
@@ -195,6 +206,17 @@ pub struct NodeConfig {
     pub roles: u8,
     /// The wall clock (unix seconds) at the `now` given to [`Node::new`].
     pub unix_time: u64,
+    /// Which destinations go through circuits.
+    pub routes: RoutePolicy,
+    /// Relaying for others.
+    pub relay: RelayConfig,
+    /// Traffic shaping on circuits.
+    pub traffic: TrafficConfig,
+    /// Whether there is a TUN (a dedicated relay has none and ends no
+    /// circuits).
+    pub has_tun: bool,
+    /// Seed of the core's CSPRNG (circuit keys, IDs, paths, noise).
+    pub rng_seed: [u8; 32],
 }
 
 /// Why packets or datagrams were dropped. Every drop is counted somewhere here.
@@ -296,7 +318,7 @@ struct Link {
     /// Last application packet or DHT message either way.
     last_used: Instant,
     /// DHT messages waiting for the neighbour's record to verify.
-    pending_ctl: VecDeque<Vec<u8>>,
+    pending_ctl: VecDeque<(u8, Vec<u8>)>,
     verified: Option<Verified>,
     they_have_ours: bool,
     last_hello: Option<Instant>,
@@ -407,6 +429,10 @@ pub struct NodeStatus {
     pub table_entries: usize,
     /// Drops not attributable to a link.
     pub drops: Drops,
+    /// Circuits this node built.
+    pub circuits: usize,
+    /// Relay and circuit-end counters.
+    pub relay: RelayStats,
     /// Links.
     pub links: Vec<LinkStatus>,
 }
@@ -417,6 +443,10 @@ struct Buffers {
     a: Vec<u8>,
     b: Vec<u8>,
     ctl: Vec<u8>,
+    /// A cell being built or forwarded.
+    cell: Vec<u8>,
+    /// A cell as it arrived.
+    cell_in: Vec<u8>,
 }
 
 /// The protocol core of one node.
@@ -465,6 +495,8 @@ pub struct Node {
     joined: bool,
     value_seq: u64,
     last_lan: Option<Instant>,
+    rng: ChaCha20Rng,
+    circ: circuits::Circuits,
 }
 
 /// Packets waiting for an address lookup.
@@ -480,6 +512,10 @@ enum Purpose {
     Address(Ipv6Addr),
     /// The control API wants the result.
     Api,
+    /// Filling the relay pool.
+    Pool,
+    /// A circuit we carry asked (hop circuit, address).
+    Circuit(u64, Ipv6Addr),
 }
 
 /// A routing-table entry as `qgate peers` shows it.
@@ -562,10 +598,13 @@ impl Node {
         now: Instant,
         index_seed: u32,
     ) -> Node {
+        let mut rng = ChaCha20Rng::from_seed(config.rng_seed);
+        let circ = circuits::Circuits::new(&mut rng, now);
         let ext = RecordExt {
             expires: Some(config.unix_time + RECORD_TTL),
             endpoints: config.advertise.clone(),
             roles: config.roles,
+            onion_key: Some(circ.onion_public()),
         };
         let record = identity.sign_record_with(record_seq, &ext);
         let record_bytes = record.to_bytes();
@@ -594,6 +633,8 @@ impl Node {
             joined: false,
             value_seq: 0,
             last_lan: None,
+            rng,
+            circ,
             address,
             record,
             record_bytes,
@@ -610,6 +651,8 @@ impl Node {
                 a: vec![0u8; 2 * MAX_PACKET + 1024],
                 b: vec![0u8; 2 * MAX_PACKET + 1024],
                 ctl: Vec::with_capacity(2048),
+                cell: vec![0u8; onion_cell_max()],
+                cell_in: vec![0u8; onion_cell_max()],
             },
             last_icmp: None,
             last_timer: None,
@@ -752,6 +795,8 @@ impl Node {
         if let Some(link) = self.links.remove(&index) {
             self.by_key.remove(&link.peer_key);
             self.by_addr.retain(|_, i| *i != index);
+            let now = link.last_rx.max(link.last_used);
+            self.circuits_link_gone(now, index);
         }
     }
 
@@ -760,6 +805,8 @@ impl Node {
             self.by_key.remove(&link.peer_key);
             self.by_addr.retain(|_, i| *i != index);
             tracing::info!(link = index, node = ?link.node_id(), "link removed");
+            let now = link.last_rx.max(link.last_used);
+            self.circuits_link_gone(now, index);
         }
     }
 
@@ -797,6 +844,15 @@ impl Node {
             return TunOutcome::Nothing;
         };
         let dst = view.dst();
+        // A node that talks to us over a circuit hears back on it.
+        if let Some(h) = self.inbound_route(now, &dst) {
+            return self.inbound_send(now, view, h);
+        }
+        if let Policy::Hops(min, max) = self.config.routes.for_addr(&dst) {
+            if is_overlay_address(&dst) && dst != self.address {
+                return self.circuit_send(now, view, min, max);
+            }
+        }
         let Some(link) = self.by_addr.get(&dst).and_then(|i| self.links.get_mut(i)) else {
             return self.tun_miss(now, view);
         };
@@ -1086,6 +1142,21 @@ impl Node {
     }
 
     fn handle_inner(&mut self, now: Instant, index: u32, n: usize) -> Option<&[u8]> {
+        if let Ok(view) = Ipv6View::new_checked(&self.bufs.a[..n]) {
+            if let Some((MSG_CELL, body)) = wire::control_of(view) {
+                // Cells are fixed-size and never segmented: the hot path,
+                // copied once into the cell buffer and handled in place.
+                let len = body.len().min(self.bufs.cell_in.len());
+                self.bufs.cell_in[..len].copy_from_slice(&body[..len]);
+                if body.len() != len {
+                    self.circ_bad_size();
+                    return None;
+                }
+                let link = self.links.get_mut(&index)?;
+                link.last_used = now;
+                return self.handle_cell(now, index, len).map(|p| &self.bufs.b[..p]);
+            }
+        }
         let control = match Ipv6View::new_checked(&self.bufs.a[..n]) {
             Ok(view) => wire::control_of(view).map(|(ty, body)| (view.src(), ty, body.to_vec())),
             Err(_) => {
@@ -1523,6 +1594,7 @@ impl Node {
             self.remove_link(i);
         }
         self.dht_timers(now);
+        self.circuit_timers(now);
     }
 
     // ---- discovery: DHT, on-demand links, our record -------------------
@@ -1647,7 +1719,7 @@ impl Node {
             if link.pending_ctl.len() >= MAX_PENDING_CTL {
                 link.pending_ctl.pop_front();
             }
-            link.pending_ctl.push_back(bytes.to_vec());
+            link.pending_ctl.push_back((MSG_DHT, bytes.to_vec()));
         }
     }
 
@@ -1701,8 +1773,13 @@ impl Node {
         }
         let pending = std::mem::take(&mut link.pending);
         let ctl = std::mem::take(&mut link.pending_ctl);
-        for m in ctl {
-            self.send_control(index, MSG_DHT, &m, false);
+        for (ty, m) in ctl {
+            if ty == MSG_CELL {
+                self.bufs.cell[..m.len()].copy_from_slice(&m);
+                self.send_cell(now, index, m.len());
+            } else {
+                self.send_control(index, ty, &m, false);
+            }
         }
         for p in pending {
             if let TunOutcome::Send(dst, d) = self.handle_tun_packet(now, &p) {
@@ -1755,6 +1832,18 @@ impl Node {
                     }
                     _ => {}
                 }
+            }
+            Some(Purpose::Pool) => {
+                if let Outcome::Closest(c) = &ev.outcome {
+                    self.add_to_pool(now, c);
+                }
+            }
+            Some(Purpose::Circuit(h, addr)) => {
+                let found = match ev.outcome {
+                    Outcome::Found(c) => Some(c),
+                    _ => None,
+                };
+                self.circuit_lookup_done(now, h, addr, found);
             }
             Some(Purpose::Api) => {
                 if self.api_results.len() >= MAX_API_RESULTS {
@@ -1864,6 +1953,7 @@ impl Node {
             expires: Some(unix + RECORD_TTL),
             endpoints,
             roles: self.config.roles,
+            onion_key: Some(self.circ.onion_public()),
         };
         let seq = self.record.seq.saturating_add(1).max(unix);
         self.record = self.identity.sign_record_with(seq, &self.ext);
@@ -2104,6 +2194,8 @@ impl Node {
             dht: self.dht.stats(),
             table_entries: self.dht.table_len(),
             drops: self.drops,
+            circuits: self.out_circuits(),
+            relay: self.relay_stats(),
             links,
         }
     }
@@ -2115,6 +2207,10 @@ impl Node {
             .and_then(|i| self.links.get(i))
             .is_some_and(|l| l.state() == LinkState::Up && l.they_have_ours)
     }
+}
+
+fn onion_cell_max() -> usize {
+    super::onion::CELL_LARGE
 }
 
 fn own_contact(record: &NodeRecord, bytes: &[u8]) -> Contact {
@@ -2198,6 +2294,7 @@ pub fn normalize(a: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::identity::ROLE_RELAY as ROLE_RELAY_BIT;
     use rand_core::OsRng;
 
     struct Net {
@@ -2218,6 +2315,15 @@ mod tests {
             advertise: vec![],
             roles: 0,
             unix_time: 1_800_000_000,
+            routes: RoutePolicy::default(),
+            relay: RelayConfig::default(),
+            traffic: TrafficConfig::default(),
+            has_tun: true,
+            rng_seed: {
+                let mut s = [0u8; 32];
+                rand_core::RngCore::fill_bytes(&mut OsRng, &mut s);
+                s
+            },
         }
     }
 
@@ -2517,6 +2623,171 @@ mod tests {
         assert!(net.nodes[0].0.by_addr.contains_key(&addrs[1]));
     }
 
+    /// A circuit network in one process: A and E plus four relays, all
+    /// configured with relay 1 only; A routes everything through 2..3 relays.
+    fn circuit_net(now: Instant) -> (Net, Vec<Ipv6Addr>, Vec<NodeId>) {
+        let ids = identities(6);
+        let eps = endpoints(6);
+        let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
+        let node_ids: Vec<NodeId> = ids.iter().map(|i| i.node_id()).collect();
+        let boot = vec![uri(&ids[1], eps[1])];
+        let mut nodes = Vec::new();
+        for (i, id) in ids.into_iter().enumerate() {
+            let relay = (1..=4).contains(&i);
+            let mut c = NodeConfig {
+                advertise: vec![eps[i]],
+                roles: if relay { ROLE_RELAY_BIT } else { 0 },
+                ..cfg(if i == 1 { vec![] } else { boot.clone() })
+            };
+            c.relay.distinct_subnets = false;
+            c.relay.enabled = relay;
+            if i == 0 {
+                c.routes.default = Policy::Hops(2, 3);
+            }
+            nodes.push((Node::new(id, 1, c, now, i as u32 + 1), eps[i]));
+        }
+        let mut net = Net { nodes, now };
+        net.run();
+        (net, addrs, node_ids)
+    }
+
+    /// Runs timers and delivery for `secs` of virtual time.
+    fn advance(net: &mut Net, secs: f64) -> Vec<Vec<Vec<u8>>> {
+        let mut tun = vec![Vec::new(); net.nodes.len()];
+        let steps = (secs / 0.25) as usize;
+        for _ in 0..steps {
+            net.now += Duration::from_millis(250);
+            let now = net.now;
+            // A node whose endpoint has port 1 is dead: it runs no timers
+            // and what it would send is lost.
+            for n in net.nodes.iter_mut().filter(|n| n.1.port() != 1) {
+                n.0.handle_timeout(now);
+            }
+            for _ in 0..50 {
+                let mut moved = false;
+                for i in 0..net.nodes.len() {
+                    while let Some(t) = net.nodes[i].0.poll_transmit() {
+                        if net.nodes[i].1.port() == 1 {
+                            continue;
+                        }
+                        moved = true;
+                        let from = net.nodes[i].1;
+                        if let Some(j) = net.nodes.iter().position(|(_, a)| *a == t.dst) {
+                            if let Some(p) = net.nodes[j].0.handle_datagram(now, from, &t.payload) {
+                                tun[j].push(p.to_vec());
+                            }
+                        }
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+        tun
+    }
+
+    /// Sends from node `from`'s TUN: the datagram (if any) goes out at once.
+    fn tun_send(net: &mut Net, from: usize, packet: &[u8]) -> Option<Vec<u8>> {
+        let src_ep = net.nodes[from].1;
+        let now = net.now;
+        let (dst, data) = match net.nodes[from].0.handle_tun_packet(now, packet) {
+            TunOutcome::Send(d, p) => (d, p.to_vec()),
+            _ => return None,
+        };
+        let j = net.nodes.iter().position(|(_, a)| *a == dst)?;
+        net.nodes[j]
+            .0
+            .handle_datagram(now, src_ep, &data)
+            .map(|p| p.to_vec())
+    }
+
+    #[test]
+    fn circuit_carries_both_ways_authenticates_the_source_and_heals() {
+        let now = Instant::now();
+        let (mut net, addrs, ids) = circuit_net(now);
+        let (a, e) = (0, 5);
+        let p = udp_packet(addrs[a], addrs[e], b"through relays");
+        assert!(matches!(
+            net.nodes[a].0.handle_tun_packet(net.now, &p),
+            TunOutcome::Nothing
+        ));
+        let tun = advance(&mut net, 3.0);
+        assert!(tun[e].contains(&p), "E got the packet through the circuit");
+        let report = net.nodes[a].0.circuits(net.now);
+        let c = &report.circuits[0];
+        assert_eq!(c.state, "ready");
+        assert!((2..=3).contains(&c.hops.len()), "{:?}", c.hops);
+        assert!(!c.hops.contains(&ids[a]) && !c.hops.contains(&ids[e]));
+        assert!(c.hops.iter().all(|h| ids[1..=4].contains(h)));
+        // Nothing went over a direct link between A and E (the DHT may
+        // have made one while joining; application traffic never uses it).
+        let direct = |net: &Net, from: usize, to: usize| {
+            net.nodes[from]
+                .0
+                .status()
+                .links
+                .iter()
+                .filter(|l| l.address == Some(addrs[to]))
+                .map(|l| l.counters.tx_packets)
+                .sum::<u64>()
+        };
+        assert_eq!(direct(&net, a, e), 0);
+        // E knows who talks to it; replies go back on the circuit.
+        let inbound = net.nodes[e].0.circuits(net.now).inbound;
+        assert_eq!(inbound.len(), 1);
+        assert_eq!(inbound[0].source, Some(addrs[a]));
+        let reply = udp_packet(addrs[e], addrs[a], b"and back");
+        assert!(tun_send(&mut net, e, &reply).is_none(), "not a direct link");
+        let tun = advance(&mut net, 0.5);
+        assert!(
+            tun[a].contains(&reply),
+            "the reply came back on the circuit"
+        );
+        assert_eq!(direct(&net, e, a), 0);
+        assert!(net.nodes[a].0.circuits(net.now).circuits[0].rx_bytes > 0);
+        // No relay holds both ends.
+        for r in 1..=4 {
+            for rel in net.nodes[r].0.circuits(net.now).relayed {
+                let ends = [rel.prev, rel.next];
+                assert!(
+                    !(ends.contains(&Some(ids[a])) && ends.contains(&Some(ids[e]))),
+                    "relay {r} saw both ends"
+                );
+            }
+        }
+        // A packet with a forged inner source is dropped at E.
+        let forged = udp_packet(addrs[2], addrs[e], b"I am relay 2");
+        assert!(net.nodes[a].0.inject_data(net.now, addrs[e], &forged));
+        let tun = advance(&mut net, 0.5);
+        assert!(!tun[e].contains(&forged));
+        assert_eq!(net.nodes[e].0.status().relay.drops.spoofed_source, 1);
+        // Kill the first relay of the circuit: probes notice, a new circuit
+        // carries traffic again within 10 s.
+        let dead = c.hops[0];
+        let k = ids.iter().position(|i| *i == dead).unwrap();
+        // Its datagrams now go nowhere, and nothing reaches it.
+        net.nodes[k].1 = "198.18.9.9:1".parse().unwrap();
+        let mut healed = None;
+        for step in 0..40 {
+            let p = udp_packet(addrs[a], addrs[e], format!("probe {step}").as_bytes());
+            let direct = tun_send(&mut net, a, &p);
+            let tun = advance(&mut net, 0.25);
+            if step > 0 && (direct.as_ref() == Some(&p) || tun[e].contains(&p)) {
+                healed = Some(step as f64 * 0.25);
+                break;
+            }
+        }
+        let healed = healed.expect("traffic resumed");
+        println!("traffic resumed {healed} s after the relay died");
+        assert!(healed <= 10.0, "resumed after {healed} s");
+        let c2 = &net.nodes[a].0.circuits(net.now).circuits[0];
+        assert!(
+            !c2.hops.contains(&dead),
+            "new circuit avoids the dead relay"
+        );
+    }
+
     #[test]
     fn forged_expired_replayed_and_oversized_records_are_refused_and_counted() {
         let now = Instant::now();
@@ -2528,6 +2799,7 @@ mod tests {
             expires: Some(expires),
             endpoints: vec![eps[0]],
             roles: 0,
+            onion_key: None,
         };
         let good = x.sign_record_with(10, &ext(1_800_003_600)).to_bytes();
         let mut forged = good.clone();

@@ -318,6 +318,7 @@ mod tests {
             expires: Some(expires),
             endpoints: vec!["198.18.0.1:7300".parse().unwrap()],
             roles: 0,
+            onion_key: None,
         }
     }
 

@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::proto::node::{link_mtu, CompressionPolicy, NodeConfig, PeerConfig};
+use crate::proto::identity::ROLE_RELAY;
+use crate::proto::node::{
+    link_mtu, CompressionPolicy, NodeConfig, PeerConfig, RelayConfig, TrafficConfig,
+};
+use crate::proto::route::{Policy, Route, RoutePolicy};
 use crate::proto::wire::IPV6_MIN_MTU;
 use crate::proto::{NodeId, PeerUri};
 
@@ -20,6 +24,8 @@ pub const DEFAULT_TUN: &str = "qg0";
 pub const DEFAULT_KEEPALIVE: u16 = 10;
 /// Default bound on links.
 pub const DEFAULT_MAX_LINKS: usize = 1024;
+/// Default security preset.
+pub const DEFAULT_PRESET: &str = "balanced";
 /// Default UDP port of LAN discovery announcements.
 pub const DEFAULT_LAN_PORT: u16 = 7301;
 /// Underlay MTU assumed for the default TUN MTU.
@@ -57,6 +63,38 @@ struct RawConfig {
     advertise: Vec<String>,
     #[serde(default)]
     discovery: RawDiscovery,
+    role: Option<String>,
+    preset: Option<String>,
+    #[serde(default)]
+    relay: RawRelay,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+    #[serde(default)]
+    traffic: RawTraffic,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    enabled: Option<bool>,
+    bandwidth: Option<String>,
+    distinct_subnets: Option<bool>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    prefix: String,
+    hops: String,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTraffic {
+    noise_rate: Option<f64>,
+    noise_size: Option<String>,
+    large_cells_only: Option<bool>,
+    compress: Option<bool>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -126,6 +164,16 @@ pub struct Config {
     pub lan: bool,
     /// UDP port of LAN announcements.
     pub lan_port: u16,
+    /// `role = "relay"`: no TUN, forwards only.
+    pub relay_only: bool,
+    /// The security preset's name.
+    pub preset: String,
+    /// Route policy.
+    pub routes: RoutePolicy,
+    /// Relay settings.
+    pub relay: RelayConfig,
+    /// Circuit traffic shaping.
+    pub traffic: TrafficConfig,
 }
 
 impl Config {
@@ -146,7 +194,16 @@ impl Config {
             } else {
                 self.advertise.clone()
             },
-            roles: 0,
+            roles: if self.relay.enabled { ROLE_RELAY } else { 0 },
+            routes: self.routes.clone(),
+            relay: self.relay.clone(),
+            traffic: self.traffic.clone(),
+            has_tun: !self.relay_only,
+            rng_seed: {
+                let mut seed = [0u8; 32];
+                rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
+                seed
+            },
             unix_time: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -335,7 +392,127 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     if lan_port == 0 {
         return Err(err("discovery.lan_port", "0 is not a port".into()));
     }
+    let relay_only = match raw.role.as_deref().unwrap_or("node") {
+        "node" => false,
+        "relay" => true,
+        other => {
+            return Err(err(
+                "role",
+                format!("{other:?} is neither \"node\" nor \"relay\""),
+            ))
+        }
+    };
+    let preset = raw.preset.unwrap_or_else(|| DEFAULT_PRESET.into());
+    let (default_policy, mut traffic) = match preset.as_str() {
+        "fast" => (Policy::Direct, TrafficConfig::default()),
+        "balanced" => (Policy::Hops(1, 2), TrafficConfig::default()),
+        "private" => (
+            Policy::Hops(2, 3),
+            TrafficConfig {
+                noise_rate: 2.0,
+                noise_size: (64, 1200),
+                always_large: true,
+                compress: false,
+            },
+        ),
+        other => {
+            return Err(err(
+                "preset",
+                format!("{other:?} is not one of \"fast\", \"balanced\", \"private\""),
+            ))
+        }
+    };
+    if let Some(r) = raw.traffic.noise_rate {
+        if !(0.0..=1000.0).contains(&r) {
+            return Err(err(
+                "traffic.noise_rate",
+                format!("{r} is out of range 0..=1000 cells/s"),
+            ));
+        }
+        traffic.noise_rate = r;
+    }
+    if let Some(ns) = &raw.traffic.noise_size {
+        let range = ns
+            .split_once("..")
+            .and_then(|(a, b)| {
+                Some((
+                    a.trim().parse::<usize>().ok()?,
+                    b.trim().parse::<usize>().ok()?,
+                ))
+            })
+            .filter(|(a, b)| a <= b && *b <= crate::proto::onion::MAX_DATA);
+        traffic.noise_size = range.ok_or_else(|| {
+            err(
+                "traffic.noise_size",
+                format!(
+                    "{ns:?} is not \"MIN..MAX\" bytes with MIN ≤ MAX ≤ {}",
+                    crate::proto::onion::MAX_DATA
+                ),
+            )
+        })?;
+    }
+    if let Some(b) = raw.traffic.large_cells_only {
+        traffic.always_large = b;
+    }
+    if let Some(b) = raw.traffic.compress {
+        traffic.compress = b;
+    }
+    let bandwidth = match raw.relay.bandwidth.as_deref() {
+        None | Some("unlimited") => None,
+        Some(b) => Some(parse_bandwidth(b).ok_or_else(|| {
+            err(
+                "relay.bandwidth",
+                format!("{b:?} is not \"unlimited\" or a rate like \"50Mbit\" or \"10MB\""),
+            )
+        })?),
+    };
+    let relay = RelayConfig {
+        enabled: raw.relay.enabled.unwrap_or(true) || relay_only,
+        bandwidth,
+        distinct_subnets: raw.relay.distinct_subnets.unwrap_or(true),
+    };
+    if relay_only && raw.relay.enabled == Some(false) {
+        return Err(err(
+            "relay.enabled",
+            "false, but role = \"relay\" does nothing else".into(),
+        ));
+    }
+    let mut routes = Vec::new();
+    for (i, r) in raw.route.iter().enumerate() {
+        let key = format!("route[{i}]");
+        let (a, l) = match r.prefix.split_once('/') {
+            Some((a, l)) => (a, l.parse::<u8>().ok().filter(|l| *l <= 128)),
+            None => (r.prefix.as_str(), Some(128)),
+        };
+        let prefix: Ipv6Addr = a.parse().map_err(|_| {
+            err(
+                &format!("{key}.prefix"),
+                format!("{:?} is not an IPv6 prefix", r.prefix),
+            )
+        })?;
+        let len = l.ok_or_else(|| {
+            err(
+                &format!("{key}.prefix"),
+                format!("{:?}: length must be 0..=128", r.prefix),
+            )
+        })?;
+        let policy = Policy::parse(&r.hops).map_err(|e| err(&format!("{key}.hops"), e))?;
+        routes.push(Route {
+            prefix,
+            len,
+            policy,
+        });
+    }
+    let routes = RoutePolicy {
+        routes,
+        default: default_policy,
+    };
     Ok(Config {
+        relay_only,
+        preset,
+        routes,
+        relay,
+        traffic,
         advertise,
         lan,
         lan_port,
@@ -351,6 +528,27 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         max_links,
         compression,
     })
+}
+
+/// Parses a rate: "50Mbit", "1Gbit", "800kbit" (bits/s) or "10MB", "512KB"
+/// (bytes/s); returns bytes per second.
+fn parse_bandwidth(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let bytes = match unit.trim() {
+        "bit" => n / 8.0,
+        "kbit" | "Kbit" => n * 1e3 / 8.0,
+        "Mbit" | "mbit" => n * 1e6 / 8.0,
+        "Gbit" | "gbit" => n * 1e9 / 8.0,
+        "B" => n,
+        "KB" | "kB" => n * 1e3,
+        "MB" => n * 1e6,
+        "GB" => n * 1e9,
+        _ => return None,
+    };
+    (bytes >= 1.0 && bytes.is_finite()).then_some(bytes as u64)
 }
 
 /// The commented default configuration `qgate init` writes.
@@ -379,6 +577,20 @@ peers = [
 
 # Log filter: error, warn, info, debug, trace (tracing-subscriber syntax).
 # log = "info"
+
+# "node": a TUN interface, programs talk through it, and it relays for others.
+# "relay": a routing gateway; no TUN, no CAP_NET_ADMIN, it only forwards.
+# role = "node"
+
+# Security preset, setting routes and traffic shape together:
+#   "fast"      direct links, lz4 on
+#   "balanced"  1..2 relays per circuit, lz4 on
+#   "private"   2..3 relays, cover traffic (2 noise cells/s), lz4 off, every
+#               cell the large size
+# Circuits need relays: on a network with fewer relays than a circuit asks
+# for, packets get "destination unreachable" (`qgate circuits` shows the
+# relay pool). Every value can be overridden in [relay], [[route]], [traffic].
+# preset = "{preset}"
 
 [tun]
 # name = "{tun}"
@@ -412,7 +624,34 @@ peers = [
 # Off by default: announcing tells everyone on the segment a node runs here.
 # lan = false
 # lan_port = {lan_port}
+
+[relay]
+# Carry circuits for others (the relay role is published in the record).
+# enabled = true
+# Cap on forwarded traffic: "unlimited", or a rate like "50Mbit" or "10MB".
+# bandwidth = "unlimited"
+# No two relays of a circuit (nor a relay and either end) in one IPv4 /16 or
+# IPv6 /48. Turn off only for test networks that live in a few subnets.
+# distinct_subnets = true
+
+[traffic]
+# Cover traffic: noise cells per second on each circuit in use, and their
+# payload size range in bytes; relays can't tell them from data.
+# noise_rate = 0.0
+# noise_size = "64..1200"
+# Send every cell at the large size (packet sizes then say nothing).
+# large_cells_only = false
+# lz4 on circuit payloads (off in "private": sizes can leak content).
+# compress = true
+
+# Routes: which destinations go direct and which through relays. First match
+# wins; without a match the preset decides. prefix is an overlay prefix or a
+# single address; hops is "direct" or "MIN..MAX" relays (1..3).
+# [[route]]
+# prefix = "fc00::/8"
+# hops = "2..3"
 "#,
+        preset = DEFAULT_PRESET,
         state = state_dir.display(),
         listen = listen,
         tun = DEFAULT_TUN,

@@ -58,7 +58,8 @@ struct Shared {
     node: Mutex<Node>,
     udp: UdpSocket,
     udp_state: UdpSocketState,
-    tun: SyncDevice,
+    /// None for a dedicated relay (`role = "relay"`).
+    tun: Option<SyncDevice>,
     ipv6_socket: bool,
     store: PeerStore,
     state_dir: std::path::PathBuf,
@@ -67,7 +68,7 @@ struct Shared {
 /// Starts the node and runs until SIGINT or SIGTERM.
 pub fn run(config: Config) -> Result<()> {
     let identity = state::load_identity(&config.state_dir)?;
-    if !qgate_platform::has_cap_net_admin() {
+    if !config.relay_only && !qgate_platform::has_cap_net_admin() {
         bail!(
             "qgate run needs CAP_NET_ADMIN to create TUN interface {}: run it as root or grant the capability (see platform/linux/qgate.service)",
             config.tun_name
@@ -179,8 +180,15 @@ async fn async_main(
             config.control_socket.display()
         );
     }
-    let Tun { device, name } =
-        qgate_platform::create_tun(&config.tun_name, config.mtu as u16, address, 8, true)?;
+    // A dedicated relay has no TUN: it needs no privilege and ends no
+    // circuits, it only forwards.
+    let (device, name) = if config.relay_only {
+        (None, String::new())
+    } else {
+        let Tun { device, name } =
+            qgate_platform::create_tun(&config.tun_name, config.mtu as u16, address, 8, true)?;
+        (Some(device), name)
+    };
     let control = ControlSocket::bind(&config.control_socket)?;
     tracing::info!(
         node = %node_id,
@@ -189,6 +197,8 @@ async fn async_main(
         tun = %name,
         mtu = config.mtu,
         peers = config.peers.len(),
+        role = if config.relay_only { "relay" } else { "node" },
+        preset = %config.preset,
         "qgate up"
     );
     let max_gso = udp_state.max_gso_segments();
@@ -209,6 +219,8 @@ async fn async_main(
         let tun_name = name.clone();
         let listen = config.listen;
         let mtu = config.mtu;
+        let role = if config.relay_only { "relay" } else { "node" };
+        let preset = config.preset.clone();
         Arc::new(move |req: &serde_json::Value| {
             let cmd = req
                 .get("cmd")
@@ -222,7 +234,23 @@ async fn async_main(
                     v["version"] = json!(env!("CARGO_PKG_VERSION"));
                     v["uptime_secs"] = json!(started.elapsed().as_secs_f64());
                     v["listen"] = json!(listen.to_string());
-                    v["tun"] = json!({"name": tun_name, "mtu": mtu});
+                    v["tun"] = if tun_name.is_empty() {
+                        json!(null)
+                    } else {
+                        json!({"name": tun_name, "mtu": mtu})
+                    };
+                    v["role"] = json!(role);
+                    v["preset"] = json!(preset);
+                    Ok(v)
+                }
+                "circuits" => {
+                    let r = shared
+                        .node
+                        .lock()
+                        .expect("node lock")
+                        .circuits(Instant::now());
+                    let mut v = serde_json::to_value(r)?;
+                    v["api"] = json!(control::API_VERSION);
                     Ok(v)
                 }
                 "peers" => {
@@ -242,7 +270,8 @@ async fn async_main(
     // The data-plane thread ends with the process.
     {
         let sh = shared.clone();
-        let (tun, udp) = (TunSide::new(max_gso, config.mtu), UdpSide::new());
+        let segments = if config.relay_only { 0 } else { TSO_SEGMENTS };
+        let (tun, udp) = (TunSide::new(max_gso, config.mtu, segments), UdpSide::new());
         std::thread::Builder::new()
             .name("qgate-data".into())
             .spawn(move || data_loop(sh, tun, udp))
@@ -499,7 +528,10 @@ impl Shared {
     fn write_tun(&self, packet: &[u8]) {
         let mut buf = vec![0u8; VIRTIO_NET_HDR_LEN + packet.len()];
         buf[VIRTIO_NET_HDR_LEN..].copy_from_slice(packet);
-        if let Err(e) = self.tun.send(&buf) {
+        let Some(tun) = &self.tun else {
+            return;
+        };
+        if let Err(e) = tun.send(&buf) {
             tracing::debug!("TUN write failed: {e}");
         }
     }
@@ -595,13 +627,18 @@ struct TunSide {
 }
 
 impl TunSide {
-    fn new(max_gso: usize, mtu: usize) -> TunSide {
+    fn new(max_gso: usize, mtu: usize, segments: usize) -> TunSide {
         TunSide {
-            original: vec![0u8; VIRTIO_NET_HDR_LEN + BUF],
-            bufs: (0..TSO_SEGMENTS)
-                .map(|_| vec![0u8; mtu.max(2048)])
-                .collect(),
-            sizes: vec![0usize; TSO_SEGMENTS],
+            original: vec![
+                0u8;
+                if segments > 0 {
+                    VIRTIO_NET_HDR_LEN + BUF
+                } else {
+                    0
+                }
+            ],
+            bufs: (0..segments).map(|_| vec![0u8; mtu.max(2048)]).collect(),
+            sizes: vec![0usize; segments],
             queue: GsoQueue::new(max_gso),
             replies: Vec::new(),
             control: Vec::new(),
@@ -612,10 +649,10 @@ impl TunSide {
     /// them to the node and sends what comes out. The TUN is non-blocking;
     /// returns false when nothing was waiting.
     fn step(&mut self, sh: &Shared) -> bool {
-        let n = match sh
-            .tun
-            .recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, 0)
-        {
+        let Some(dev) = &sh.tun else {
+            return false;
+        };
+        let n = match dev.recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, 0) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
@@ -710,13 +747,13 @@ impl UdpSide {
             }
             drain(&mut node, &mut self.control);
         }
-        let res = match k {
-            0 => Ok(0),
+        let res = match (k, &sh.tun) {
+            (0, _) | (_, None) => Ok(0),
             // Nothing to coalesce: skip the GRO table.
-            1 => sh.tun.send(&self.to_tun[0]),
-            _ => sh
-                .tun
-                .send_multiple(&mut self.gro, &mut self.to_tun[..k], VIRTIO_NET_HDR_LEN),
+            (1, Some(tun)) => tun.send(&self.to_tun[0]),
+            (_, Some(tun)) => {
+                tun.send_multiple(&mut self.gro, &mut self.to_tun[..k], VIRTIO_NET_HDR_LEN)
+            }
         };
         if let Err(e) = res {
             tracing::debug!("TUN write failed: {e}");
@@ -755,23 +792,55 @@ fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide) {
                 tun_ready = tun.step(&sh);
             }
         }
-        let mut fds = [
-            PollFd::new(sh.tun.as_fd(), PollFlags::POLLIN),
-            PollFd::new(sh.udp.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut fds = vec![PollFd::new(sh.udp.as_fd(), PollFlags::POLLIN)];
+        if let Some(t) = &sh.tun {
+            fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
+        }
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {
                 let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
-                tun_ready = ready(&fds[0]);
-                udp_ready = ready(&fds[1]);
+                tun_ready = fds.get(1).is_some_and(ready);
+                udp_ready = fds.first().is_some_and(ready);
             }
             Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
                 tracing::warn!("poll failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
-                (tun_ready, udp_ready) = (true, true);
+                (tun_ready, udp_ready) = (sh.tun.is_some(), true);
             }
         }
+    }
+}
+
+/// Test hook (feature `cell-log`): appends the cells this node forwarded as
+/// a relay to the file named by `QGATE_CELL_LOG`, one line each:
+/// `fwd|bwd <hex in> <hex out>`. At most `QGATE_CELL_LOG_MAX` lines (5000).
+#[cfg(feature = "cell-log")]
+fn write_cell_log(sh: &Shared) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static WRITTEN: AtomicUsize = AtomicUsize::new(0);
+    let cells = sh.node.lock().expect("node lock").take_cell_log();
+    let Ok(path) = std::env::var("QGATE_CELL_LOG") else {
+        return;
+    };
+    let max = std::env::var("QGATE_CELL_LOG_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000usize);
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    else {
+        return;
+    };
+    for (fwd, cin, cout) in cells {
+        if WRITTEN.fetch_add(1, Ordering::Relaxed) >= max {
+            return;
+        }
+        let dir = if fwd { "fwd" } else { "bwd" };
+        let _ = writeln!(f, "{dir} {} {}", hex::encode(cin), hex::encode(cout));
     }
 }
 
@@ -788,6 +857,8 @@ async fn timer_loop(sh: Arc<Shared>) {
             node.record().seq
         };
         flush(&sh);
+        #[cfg(feature = "cell-log")]
+        write_cell_log(&sh);
         if new_seq != seq {
             seq = new_seq;
             if let Err(e) = state::write_record_seq(&sh.state_dir, seq) {

@@ -58,12 +58,21 @@ pub fn render(st: &Value) -> String {
         duration(g("uptime_secs").as_f64().unwrap_or(0.0)),
         s(g("version"))
     ));
-    out.push_str(&format!(
-        "listen    {}   tun {} (mtu {})\n",
-        s(g("listen")),
-        s(st["tun"]["name"].clone()),
-        st["tun"]["mtu"]
-    ));
+    if st["tun"].is_null() {
+        out.push_str(&format!(
+            "listen    {}   role relay (no TUN: forwards only)\n",
+            s(g("listen"))
+        ));
+    } else {
+        out.push_str(&format!(
+            "listen    {}   tun {} (mtu {})   role {}   preset {}\n",
+            s(g("listen")),
+            s(st["tun"]["name"].clone()),
+            st["tun"]["mtu"],
+            s(g("role")),
+            s(g("preset")),
+        ));
+    }
     out.push_str(&format!("drops     {}\n", drops(&g("drops"))));
     let eps: Vec<String> = g("endpoints")
         .as_array()
@@ -87,6 +96,18 @@ pub fn render(st: &Value) -> String {
         st["dht"]["expired_records"],
         st["dht"]["stale_records"],
         st["dht"]["oversized_records"],
+    ));
+    let r = &st["relay"];
+    out.push_str(&format!(
+        "circuits  {} built here   relay {}: carrying {} ({} since start), forwarded {} cells / {}, refused {}\n          cell drops {}\n",
+        g("circuits"),
+        if r["enabled"] == true { "on" } else { "off" },
+        r["circuits"],
+        r["circuits_total"],
+        r["cells_forwarded"],
+        bytes(r["bytes_forwarded"].as_f64().unwrap_or(0.0)),
+        r["refused"],
+        drops(&r["drops"]),
     ));
     let links = g("links");
     let links = links.as_array().cloned().unwrap_or_default();
@@ -183,4 +204,64 @@ pub fn render_lookup(v: &Value) -> String {
         r["expires"],
         r["roles"],
     )
+}
+
+fn short(v: &Value) -> String {
+    v.as_str()
+        .map(|x| x.chars().take(16).collect())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Renders `qgate circuits` for a terminal.
+pub fn render_circuits(v: &Value) -> String {
+    let list = |k: &str| v[k].as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    let built = list("circuits");
+    out.push_str(&format!(
+        "built here: {}   (relay pool: {} known relays)\n",
+        built.len(),
+        v["pool"]
+    ));
+    for c in &built {
+        let hops: Vec<String> = c["hops"]
+            .as_array()
+            .map(|a| a.iter().map(short).collect())
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  #{} to {}  {}  age {}  mtu {}\n    via {}\n    tx {}  rx {}\n",
+            c["id"],
+            c["destination"].as_str().unwrap_or("?"),
+            c["state"].as_str().unwrap_or("?"),
+            duration(c["age_secs"].as_f64().unwrap_or(0.0)),
+            c["mtu"],
+            hops.join(" -> "),
+            bytes(c["tx_bytes"].as_f64().unwrap_or(0.0)),
+            bytes(c["rx_bytes"].as_f64().unwrap_or(0.0)),
+        ));
+    }
+    let relayed = list("relayed");
+    out.push_str(&format!("carried as relay: {}\n", relayed.len()));
+    for r in &relayed {
+        out.push_str(&format!(
+            "  {} -> {}  age {}  forward {}  backward {}\n",
+            short(&r["prev"]),
+            short(&r["next"]),
+            duration(r["age_secs"].as_f64().unwrap_or(0.0)),
+            bytes(r["fwd_bytes"].as_f64().unwrap_or(0.0)),
+            bytes(r["bwd_bytes"].as_f64().unwrap_or(0.0)),
+        ));
+    }
+    let inbound = list("inbound");
+    out.push_str(&format!("ending here: {}\n", inbound.len()));
+    for i in &inbound {
+        out.push_str(&format!(
+            "  from {} (via {})  age {}  rx {}  tx {}\n",
+            i["source"].as_str().unwrap_or("(not authenticated)"),
+            short(&i["prev"]),
+            duration(i["age_secs"].as_f64().unwrap_or(0.0)),
+            bytes(i["rx_bytes"].as_f64().unwrap_or(0.0)),
+            bytes(i["tx_bytes"].as_f64().unwrap_or(0.0)),
+        ));
+    }
+    out
 }

@@ -301,7 +301,13 @@ impl Lab {
         let config = dir.join("qgate.toml");
         // Keep a debug log for post-mortems.
         let text = fs::read_to_string(&config).unwrap();
-        fs::write(&config, text.replace("# log = \"info\"", "log = \"debug\"")).unwrap();
+        // Direct links unless a test asks for circuits (it replaces the
+        // preset line or adds [[route]] entries).
+        fs::write(
+            &config,
+            text.replace("# log = \"info\"", "log = \"debug\"\npreset = \"fast\""),
+        )
+        .unwrap();
         self.nodes.push(Node {
             name: name.into(),
             ns: ns.into(),

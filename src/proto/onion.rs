@@ -1,0 +1,759 @@
+//! Onion circuits: the cell format, the per-hop handshake and the layer
+//! crypto. Pure functions and small state; `node` drives them.
+//!
+//! ## Cells
+//!
+//! Everything a circuit carries travels between neighbours as a cell inside
+//! a link's control frame (`MSG_CELL`). A cell is exactly [`CELL_SMALL`] or
+//! [`CELL_LARGE`] bytes, wherever it is on the circuit:
+//!
+//! ```text
+//! circ u32     circuit ID on this link (the side that sent CREATE chose it)
+//! kind u8      CREATE, CREATED, RELAY or DESTROY
+//! nonce [16]   RELAY: the layer nonce (below); others: random
+//! body         the rest of the cell
+//! ```
+//!
+//! ## Layers
+//!
+//! Each hop shares keys with the source (see [`ClientHandshake`]), per
+//! direction: an AES-256 key for a CTR layer over the body, an AES-256 key
+//! for one block operation on the nonce, an AES-256-GCM key for cells
+//! addressed to that hop, and an 8-byte magic.
+//!
+//! Forward (source → destination), a hop receiving `(n, body)` computes
+//! `m = AES-dec(n)`. If `m` starts with its magic, the cell is for it: the
+//! body is GCM ciphertext under its key, with the counter in `m[8..]` as
+//! nonce. Otherwise it XORs the body with AES-CTR keyed per hop, IV `m`, and
+//! passes `(m, body)` on. Backward, a hop passes `(AES-enc(n), CTR(n, body))`
+//! and a hop that speaks itself sends `(AES-enc(magic | counter), GCM(...))`.
+//! The source, holding every hop's keys, builds and peels all layers.
+//!
+//! So the nonce and the body change at every hop (a relay can't match a cell
+//! it forwards to the one it received) and the cell never changes size (a
+//! relay can't tell how many hops remain). Integrity is end to end: the GCM
+//! tag of the hop a cell is for; relays check the size and the link (whose
+//! WireGuard AEAD authenticates every cell between neighbours). A per-hop
+//! tag would have to shrink the cell or sit at a fixed offset that tells
+//! position, so relay layers are unauthenticated, as in Tor's relay cells;
+//! a relay that flips bits only makes the cell fail at its end. Counters are
+//! checked against a sliding window ([`ReplayWindow`]) by the hop a cell is
+//! for.
+
+use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit, KeyIvInit, StreamCipher};
+use aes::Aes256;
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use boringtun::x25519;
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use rand_core::{CryptoRng, RngCore};
+use sha2::Sha256;
+
+use super::identity::NodeId;
+
+/// The small cell size (handshakes, probes, ACK-sized packets).
+pub const CELL_SMALL: usize = 256;
+/// The large cell size. A control frame (IPv6 header 40 + frame header 2)
+/// holding it is 1418 bytes: it fits a link over a 1500-byte underlay.
+pub const CELL_LARGE: usize = 1376;
+/// Circuit ID, kind, nonce.
+pub const CELL_HEADER: usize = 4 + 1 + 16;
+/// GCM tag.
+pub const TAG_LEN: usize = 16;
+/// Command and length inside an addressed body.
+pub const RELAY_HEADER: usize = 3;
+/// Most data bytes one cell carries.
+pub const MAX_DATA: usize = CELL_LARGE - CELL_HEADER - TAG_LEN - RELAY_HEADER;
+/// Most data bytes a small cell carries.
+pub const SMALL_DATA: usize = CELL_SMALL - CELL_HEADER - TAG_LEN - RELAY_HEADER;
+
+/// Cell kinds (visible to the neighbour, like Tor's link-level commands).
+pub const KIND_CREATE: u8 = 1;
+/// Answer to CREATE.
+pub const KIND_CREATED: u8 = 2;
+/// A layered cell.
+pub const KIND_RELAY: u8 = 3;
+/// Tear the circuit down (sent hop by hop).
+pub const KIND_DESTROY: u8 = 4;
+
+/// Length of a CREATE body's handshake (onion key B | client key X).
+pub const CREATE_LEN: usize = 64;
+/// Length of a CREATED body's handshake (server key Y | AUTH).
+pub const CREATED_LEN: usize = 64;
+
+/// Commands inside an addressed body, source → hop.
+pub mod cmd {
+    /// Extend the circuit: next hop's node ID, link key, endpoint, CREATE.
+    pub const EXTEND: u8 = 1;
+    /// The source proves who it is to the destination.
+    pub const AUTH: u8 = 2;
+    /// An application packet (a link frame: as is, or compressed).
+    pub const DATA: u8 = 3;
+    /// Are you there? (8 bytes echoed)
+    pub const PROBE: u8 = 4;
+    /// Cover traffic: dropped by the hop it is for.
+    pub const NOISE: u8 = 5;
+    /// Look up the record of an overlay address in the DHT.
+    pub const LOOKUP: u8 = 6;
+    /// Hop → source: the extend worked (CREATED handshake follows).
+    pub const EXTENDED: u8 = 10;
+    /// Hop → source: the extend failed (reason byte).
+    pub const EXTEND_FAILED: u8 = 11;
+    /// Destination → source: authenticated, data may flow.
+    pub const READY: u8 = 12;
+    /// Destination → source: authentication refused.
+    pub const REFUSED: u8 = 13;
+    /// Hop → source: probe answer.
+    pub const PROBE_REPLY: u8 = 14;
+    /// Hop → source: the looked-up record (empty: not found).
+    pub const LOOKUP_REPLY: u8 = 15;
+}
+
+/// Why a cell or handshake was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OnionError {
+    /// Not one of the fixed sizes.
+    #[error("cell of a size that is not a cell size")]
+    BadSize,
+    /// Unknown kind.
+    #[error("unknown cell kind")]
+    BadKind,
+    /// GCM tag did not verify.
+    #[error("cell failed authentication")]
+    Forged,
+    /// Counter seen before, or too old for the window.
+    #[error("replayed cell")]
+    Replay,
+    /// No hop recognised the cell.
+    #[error("cell recognised by no hop")]
+    Unrecognised,
+    /// Body fields don't add up.
+    #[error("malformed cell body")]
+    Malformed,
+    /// Handshake names an onion key we don't hold.
+    #[error("unknown onion key")]
+    UnknownOnionKey,
+    /// Handshake produced a non-contributory (all-zero) secret.
+    #[error("degenerate key exchange")]
+    Degenerate,
+    /// The server's AUTH did not verify (key confirmation failed).
+    #[error("handshake authentication failed")]
+    BadAuth,
+}
+
+/// A parsed cell header; the body stays in the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CellHeader {
+    /// Circuit ID on this link.
+    pub circ: u32,
+    /// Kind.
+    pub kind: u8,
+    /// Layer nonce.
+    pub nonce: [u8; 16],
+}
+
+/// Parses a cell's header, checking its size and kind.
+pub fn parse_cell(cell: &[u8]) -> Result<CellHeader, OnionError> {
+    if cell.len() != CELL_SMALL && cell.len() != CELL_LARGE {
+        return Err(OnionError::BadSize);
+    }
+    let kind = cell[4];
+    if !(KIND_CREATE..=KIND_DESTROY).contains(&kind) {
+        return Err(OnionError::BadKind);
+    }
+    Ok(CellHeader {
+        circ: u32::from_be_bytes(cell[..4].try_into().expect("4 bytes")),
+        kind,
+        nonce: cell[5..21].try_into().expect("16 bytes"),
+    })
+}
+
+/// Writes a cell header into `cell[..CELL_HEADER]`.
+pub fn write_header(cell: &mut [u8], circ: u32, kind: u8, nonce: &[u8; 16]) {
+    cell[..4].copy_from_slice(&circ.to_be_bytes());
+    cell[4] = kind;
+    cell[5..21].copy_from_slice(nonce);
+}
+
+/// The cell size that carries `data` bytes (None: too large).
+pub fn cell_size_for(data: usize, always_large: bool) -> Option<usize> {
+    if data <= SMALL_DATA && !always_large {
+        Some(CELL_SMALL)
+    } else if data <= MAX_DATA {
+        Some(CELL_LARGE)
+    } else {
+        None
+    }
+}
+
+/// An onion key pair: X25519, published in the node's record, rotated.
+pub struct OnionKey {
+    secret: x25519::StaticSecret,
+    /// The public half.
+    pub public: [u8; 32],
+}
+
+impl OnionKey {
+    /// A fresh key.
+    pub fn generate(rng: &mut (impl RngCore + CryptoRng)) -> OnionKey {
+        let secret = x25519::StaticSecret::random_from_rng(rng);
+        let public = x25519::PublicKey::from(&secret).to_bytes();
+        OnionKey { secret, public }
+    }
+
+    /// The secret half (tests reveal it to show forward secrecy).
+    pub fn secret_bytes(&self) -> [u8; 32] {
+        self.secret.to_bytes()
+    }
+
+    /// Rebuilds a key from its secret.
+    pub fn from_secret(secret: [u8; 32]) -> OnionKey {
+        let secret = x25519::StaticSecret::from(secret);
+        let public = x25519::PublicKey::from(&secret).to_bytes();
+        OnionKey { secret, public }
+    }
+}
+
+const PROTO: &[u8] = b"QuantumGate-ntor-x25519-sha256-1";
+
+fn hmac(key_suffix: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut key = PROTO.to_vec();
+    key.extend_from_slice(key_suffix);
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("any key length");
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// Secret input, AUTH and keys of one handshake, as both sides compute them.
+fn derive(
+    exp_yx: &[u8; 32],
+    exp_bx: &[u8; 32],
+    id: &NodeId,
+    b: &[u8; 32],
+    x: &[u8; 32],
+    y: &[u8; 32],
+) -> ([u8; 32], HopKeys) {
+    let input: [&[u8]; 7] = [exp_yx, exp_bx, &id.0, b, x, y, PROTO];
+    let seed = hmac(b":key_extract", &input);
+    let verify = hmac(b":verify", &input);
+    let auth = hmac(b":mac", &[&verify, &id.0, b, y, x, PROTO, b"Server"]);
+    let hk = Hkdf::<Sha256>::from_prk(&seed).expect("32-byte PRK");
+    let mut okm = [0u8; 2 * (3 * 32 + 8) + 32];
+    hk.expand(b"QuantumGate circuit keys v1", &mut okm)
+        .expect("short output");
+    let dir = |o: &[u8]| DirKeys {
+        ctr: o[..32].try_into().expect("32 bytes"),
+        block: Aes256::new_from_slice(&o[32..64]).expect("32-byte key"),
+        gcm: Aes256Gcm::new_from_slice(&o[64..96]).expect("32-byte key"),
+        magic: o[96..104].try_into().expect("8 bytes"),
+    };
+    let keys = HopKeys {
+        fwd: dir(&okm[..104]),
+        bwd: dir(&okm[104..208]),
+        bind: okm[208..240].try_into().expect("32 bytes"),
+    };
+    (auth, keys)
+}
+
+/// The source's side of one hop's handshake: ephemeral `x`, the hop's
+/// onion key `B` from its signed record, and its node ID.
+pub struct ClientHandshake {
+    x: x25519::StaticSecret,
+    x_pub: [u8; 32],
+    b: [u8; 32],
+    id: NodeId,
+}
+
+impl ClientHandshake {
+    /// Starts a handshake with hop `id` whose record names onion key `b`;
+    /// returns the CREATE body (`B | X`).
+    pub fn start(
+        rng: &mut (impl RngCore + CryptoRng),
+        id: NodeId,
+        b: [u8; 32],
+    ) -> (ClientHandshake, [u8; CREATE_LEN]) {
+        let x = x25519::StaticSecret::random_from_rng(rng);
+        let x_pub = x25519::PublicKey::from(&x).to_bytes();
+        let mut create = [0u8; CREATE_LEN];
+        create[..32].copy_from_slice(&b);
+        create[32..].copy_from_slice(&x_pub);
+        (ClientHandshake { x, x_pub, b, id }, create)
+    }
+
+    /// Finishes with the hop's CREATED body (`Y | AUTH`): checks AUTH (key
+    /// confirmation: only the holder of the onion key's secret can compute
+    /// it) and returns the hop's keys.
+    pub fn finish(self, created: &[u8]) -> Result<HopKeys, OnionError> {
+        if created.len() < CREATED_LEN {
+            return Err(OnionError::Malformed);
+        }
+        let y: [u8; 32] = created[..32].try_into().expect("32 bytes");
+        let y_key = x25519::PublicKey::from(y);
+        let s1 = self.x.diffie_hellman(&y_key);
+        let s2 = self.x.diffie_hellman(&x25519::PublicKey::from(self.b));
+        if !s1.was_contributory() || !s2.was_contributory() {
+            return Err(OnionError::Degenerate);
+        }
+        let (auth, keys) = derive(
+            s1.as_bytes(),
+            s2.as_bytes(),
+            &self.id,
+            &self.b,
+            &self.x_pub,
+            &y,
+        );
+        // Constant-time comparison through the MAC API.
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&auth).expect("key");
+        m.update(b"confirm");
+        let want = m.finalize();
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&created[32..64]).expect("key");
+        m.update(b"confirm");
+        if m.finalize() != want {
+            return Err(OnionError::BadAuth);
+        }
+        Ok(keys)
+    }
+}
+
+/// The hop's side: answers a CREATE body with its CREATED body and the keys.
+/// `keys` are the onion keys the hop holds (current and previous).
+pub fn server_handshake(
+    rng: &mut (impl RngCore + CryptoRng),
+    id: &NodeId,
+    keys: &[&OnionKey],
+    create: &[u8],
+) -> Result<([u8; CREATED_LEN], HopKeys), OnionError> {
+    if create.len() < CREATE_LEN {
+        return Err(OnionError::Malformed);
+    }
+    let b: [u8; 32] = create[..32].try_into().expect("32 bytes");
+    let x: [u8; 32] = create[32..64].try_into().expect("32 bytes");
+    let onion = keys
+        .iter()
+        .find(|k| k.public == b)
+        .ok_or(OnionError::UnknownOnionKey)?;
+    let y = x25519::StaticSecret::random_from_rng(rng);
+    let y_pub = x25519::PublicKey::from(&y).to_bytes();
+    let x_key = x25519::PublicKey::from(x);
+    let s1 = y.diffie_hellman(&x_key);
+    let s2 = onion.secret.diffie_hellman(&x_key);
+    if !s1.was_contributory() || !s2.was_contributory() {
+        return Err(OnionError::Degenerate);
+    }
+    let (auth, keys) = derive(s1.as_bytes(), s2.as_bytes(), id, &b, &x, &y_pub);
+    let mut created = [0u8; CREATED_LEN];
+    created[..32].copy_from_slice(&y_pub);
+    created[32..].copy_from_slice(&auth);
+    Ok((created, keys))
+}
+
+/// One direction's keys at one hop.
+pub struct DirKeys {
+    ctr: [u8; 32],
+    block: Aes256,
+    gcm: Aes256Gcm,
+    magic: [u8; 8],
+}
+
+type Ctr = ctr::Ctr128BE<Aes256>;
+
+impl DirKeys {
+    fn xor_stream(&self, iv: &[u8; 16], body: &mut [u8]) {
+        let mut c = Ctr::new((&self.ctr).into(), iv.into());
+        c.apply_keystream(body);
+    }
+
+    fn enc_block(&self, n: &[u8; 16]) -> [u8; 16] {
+        let mut b = (*n).into();
+        self.block.encrypt_block(&mut b);
+        b.into()
+    }
+
+    fn dec_block(&self, n: &[u8; 16]) -> [u8; 16] {
+        let mut b = (*n).into();
+        self.block.decrypt_block(&mut b);
+        b.into()
+    }
+
+    fn recognised(&self, m: &[u8; 16]) -> Option<u64> {
+        (m[..8] == self.magic).then(|| u64::from_be_bytes(m[8..].try_into().expect("8 bytes")))
+    }
+
+    fn gcm_nonce(counter: u64) -> [u8; 12] {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&counter.to_be_bytes());
+        n
+    }
+
+    /// Fills `body` (a whole cell body) with `cmd | len | data | zeros`,
+    /// sealed under counter `counter`; returns the inner nonce `magic | counter`.
+    fn seal(&self, counter: u64, command: u8, data: &[u8], body: &mut [u8]) -> [u8; 16] {
+        let plain = body.len() - TAG_LEN;
+        debug_assert!(data.len() + RELAY_HEADER <= plain);
+        body[0] = command;
+        body[1..3].copy_from_slice(&(data.len() as u16).to_be_bytes());
+        body[3..3 + data.len()].copy_from_slice(data);
+        body[3 + data.len()..plain].fill(0);
+        let (text, tag) = body.split_at_mut(plain);
+        let t = self
+            .gcm
+            .encrypt_in_place_detached(Nonce::from_slice(&Self::gcm_nonce(counter)), &[], text)
+            .expect("GCM encrypts any length we use");
+        tag.copy_from_slice(&t);
+        let mut m = [0u8; 16];
+        m[..8].copy_from_slice(&self.magic);
+        m[8..].copy_from_slice(&counter.to_be_bytes());
+        m
+    }
+
+    /// Opens an addressed body in place; returns (command, data range).
+    fn open(
+        &self,
+        counter: u64,
+        body: &mut [u8],
+    ) -> Result<(u8, std::ops::Range<usize>), OnionError> {
+        if body.len() < TAG_LEN + RELAY_HEADER {
+            return Err(OnionError::Malformed);
+        }
+        let plain = body.len() - TAG_LEN;
+        let (text, tag) = body.split_at_mut(plain);
+        let tag = Tag::clone_from_slice(tag);
+        self.gcm
+            .decrypt_in_place_detached(
+                Nonce::from_slice(&Self::gcm_nonce(counter)),
+                &[],
+                text,
+                &tag,
+            )
+            .map_err(|_| OnionError::Forged)?;
+        let len = u16::from_be_bytes([text[1], text[2]]) as usize;
+        if RELAY_HEADER + len > plain {
+            return Err(OnionError::Malformed);
+        }
+        Ok((text[0], RELAY_HEADER..RELAY_HEADER + len))
+    }
+}
+
+/// A hop's keys, both directions, plus a binding value only the source and
+/// this hop know (the destination's signs the source's authentication).
+pub struct HopKeys {
+    fwd: DirKeys,
+    bwd: DirKeys,
+    /// Transcript binding for the source's authentication to this hop.
+    pub bind: [u8; 32],
+}
+
+/// What a hop found in a forward cell.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// Addressed to this hop: (counter, command, data range in the body).
+    Mine(u64, u8, std::ops::Range<usize>),
+    /// Not for this hop: pass the cell on (nonce and body rewritten).
+    Pass,
+}
+
+impl HopKeys {
+    /// Relay/destination: handles a forward cell's nonce and body in place.
+    pub fn forward(&self, nonce: &mut [u8; 16], body: &mut [u8]) -> Result<Forward, OnionError> {
+        let m = self.fwd.dec_block(nonce);
+        if let Some(counter) = self.fwd.recognised(&m) {
+            let (c, r) = self.fwd.open(counter, body)?;
+            return Ok(Forward::Mine(counter, c, r));
+        }
+        self.fwd.xor_stream(&m, body);
+        *nonce = m;
+        Ok(Forward::Pass)
+    }
+
+    /// Relay: adds its layer to a backward cell in place.
+    pub fn backward(&self, nonce: &mut [u8; 16], body: &mut [u8]) {
+        self.bwd.xor_stream(nonce, body);
+        *nonce = self.bwd.enc_block(nonce);
+    }
+
+    /// Hop: writes a backward cell of its own into `body`; returns the nonce.
+    pub fn originate(&self, counter: u64, command: u8, data: &[u8], body: &mut [u8]) -> [u8; 16] {
+        let m = self.bwd.seal(counter, command, data, body);
+        self.bwd.enc_block(&m)
+    }
+}
+
+/// Source: builds a forward cell for `hops[target]` (earlier hops only
+/// pass it on) into `body`; returns the nonce to send.
+pub fn wrap(
+    hops: &[&HopKeys],
+    target: usize,
+    counter: u64,
+    command: u8,
+    data: &[u8],
+    body: &mut [u8],
+) -> [u8; 16] {
+    let m = hops[target].fwd.seal(counter, command, data, body);
+    let mut n = hops[target].fwd.enc_block(&m);
+    for h in hops[..target].iter().rev() {
+        h.fwd.xor_stream(&n, body);
+        n = h.fwd.enc_block(&n);
+    }
+    n
+}
+
+/// A backward cell as the source found it: from `hop`, with its counter,
+/// command and data range in the body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unwrapped {
+    /// Which hop spoke (index into the circuit's hops).
+    pub hop: usize,
+    /// Its counter.
+    pub counter: u64,
+    /// Command.
+    pub command: u8,
+    /// Data range in the body.
+    pub data: std::ops::Range<usize>,
+}
+
+/// Source: peels a backward cell in place.
+pub fn unwrap(
+    hops: &[&HopKeys],
+    nonce: [u8; 16],
+    body: &mut [u8],
+) -> Result<Unwrapped, OnionError> {
+    let mut n = nonce;
+    for (i, h) in hops.iter().enumerate() {
+        let m = h.bwd.dec_block(&n);
+        if let Some(counter) = h.bwd.recognised(&m) {
+            let (command, data) = h.bwd.open(counter, body)?;
+            return Ok(Unwrapped {
+                hop: i,
+                counter,
+                command,
+                data,
+            });
+        }
+        h.bwd.xor_stream(&m, body);
+        n = m;
+    }
+    Err(OnionError::Unrecognised)
+}
+
+/// Sliding-window replay check on cell counters (like WireGuard's, 2048 wide).
+#[derive(Clone, Debug, Default)]
+pub struct ReplayWindow {
+    top: u64,
+    seen_any: bool,
+    bits: [u64; 32],
+}
+
+const WINDOW: u64 = 32 * 64;
+
+impl ReplayWindow {
+    /// Accepts `counter` once; refuses repeats and counters older than the window.
+    pub fn check(&mut self, counter: u64) -> Result<(), OnionError> {
+        if self.seen_any && counter <= self.top {
+            let age = self.top - counter;
+            if age >= WINDOW {
+                return Err(OnionError::Replay);
+            }
+            let (w, b) = ((counter % WINDOW / 64) as usize, counter % 64);
+            if self.bits[w] & (1 << b) != 0 {
+                return Err(OnionError::Replay);
+            }
+            self.bits[w] |= 1 << b;
+            return Ok(());
+        }
+        // Moving forward: clear the slots between the old top and the new.
+        let start = if self.seen_any { self.top + 1 } else { counter };
+        if counter - start >= WINDOW {
+            self.bits = [0; 32];
+        } else {
+            for c in start..=counter {
+                let (w, b) = ((c % WINDOW / 64) as usize, c % 64);
+                self.bits[w] &= !(1 << b);
+            }
+        }
+        self.top = counter;
+        self.seen_any = true;
+        let (w, b) = ((counter % WINDOW / 64) as usize, counter % 64);
+        self.bits[w] |= 1 << b;
+        Ok(())
+    }
+}
+
+/// Domain separation for the source's signature to the destination.
+pub const AUTH_CONTEXT: &[u8] = b"QuantumGate circuit auth\0";
+
+/// The bytes the source signs to authenticate itself on a circuit: context,
+/// destination ID, and the binding only this circuit's two ends know.
+pub fn auth_message(dest: &NodeId, bind: &[u8; 32]) -> Vec<u8> {
+    let mut m = AUTH_CONTEXT.to_vec();
+    m.extend_from_slice(&dest.0);
+    m.extend_from_slice(bind);
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::OsRng;
+
+    fn hop(id: u8) -> (NodeId, OnionKey) {
+        (NodeId([id; 32]), OnionKey::generate(&mut OsRng))
+    }
+
+    fn handshake(id: &NodeId, key: &OnionKey) -> (HopKeys, HopKeys) {
+        let (c, create) = ClientHandshake::start(&mut OsRng, *id, key.public);
+        let (created, server) = server_handshake(&mut OsRng, id, &[key], &create).unwrap();
+        (c.finish(&created).unwrap(), server)
+    }
+
+    #[test]
+    fn handshake_agrees_and_confirms_keys() {
+        let (id, key) = hop(1);
+        let (client, server) = handshake(&id, &key);
+        assert_eq!(client.bind, server.bind);
+        // Wrong onion key: the hop can't even answer.
+        let (_, other) = hop(2);
+        let (_, create) = ClientHandshake::start(&mut OsRng, id, other.public);
+        assert_eq!(
+            server_handshake(&mut OsRng, &id, &[&key], &create).err(),
+            Some(OnionError::UnknownOnionKey)
+        );
+        // An impostor who holds a key under the right public value can't
+        // exist; one that answers with its own key fails confirmation.
+        let (c, create) = ClientHandshake::start(&mut OsRng, id, key.public);
+        let mut fake_create = create;
+        fake_create[..32].copy_from_slice(&other.public);
+        let (created, _) = server_handshake(&mut OsRng, &id, &[&other], &fake_create).unwrap();
+        assert_eq!(c.finish(&created).err(), Some(OnionError::BadAuth));
+        // Tampered AUTH.
+        let (c, create) = ClientHandshake::start(&mut OsRng, id, key.public);
+        let (mut created, _) = server_handshake(&mut OsRng, &id, &[&key], &create).unwrap();
+        created[40] ^= 1;
+        assert_eq!(c.finish(&created).err(), Some(OnionError::BadAuth));
+        // A small-order point from the client is refused.
+        let mut zero = [0u8; CREATE_LEN];
+        zero[..32].copy_from_slice(&key.public);
+        assert_eq!(
+            server_handshake(&mut OsRng, &id, &[&key], &zero).err(),
+            Some(OnionError::Degenerate)
+        );
+    }
+
+    /// Three relays and a destination: a cell for each hop reaches it
+    /// through the others, changes completely at every hop, never changes
+    /// size, and the backward direction peels at the source.
+    #[test]
+    fn layers_peel_one_per_hop_and_cells_change_at_every_hop() {
+        let hops: Vec<(NodeId, OnionKey)> = (1..=4).map(hop).collect();
+        let pairs: Vec<(HopKeys, HopKeys)> = hops.iter().map(|(i, k)| handshake(i, k)).collect();
+        let client: Vec<&HopKeys> = pairs.iter().map(|p| &p.0).collect();
+        let servers: Vec<&HopKeys> = pairs.iter().map(|p| &p.1).collect();
+        for size in [CELL_SMALL, CELL_LARGE] {
+            for target in 0..4 {
+                let data = vec![0xab; 100];
+                let mut body = vec![0u8; size - CELL_HEADER];
+                let mut n = wrap(&client, target, 7, cmd::DATA, &data, &mut body);
+                for (i, s) in servers.iter().enumerate() {
+                    let before = (n, body.clone());
+                    match s.forward(&mut n, &mut body).unwrap() {
+                        Forward::Mine(c, command, r) => {
+                            assert_eq!(i, target);
+                            assert_eq!((c, command), (7, cmd::DATA));
+                            assert_eq!(&body[r], &data[..]);
+                            break;
+                        }
+                        Forward::Pass => {
+                            assert!(i < target);
+                            assert_ne!(before.0, n, "nonce unchanged at hop {i}");
+                            let same = before.1.iter().zip(&body).filter(|(a, b)| a == b).count();
+                            assert!(same < body.len() / 16, "body barely changed at hop {i}");
+                            assert_eq!(body.len(), size - CELL_HEADER);
+                        }
+                    }
+                }
+                // Backward from `target`.
+                let mut body = vec![0u8; size - CELL_HEADER];
+                let mut n = servers[target].originate(9, cmd::PROBE_REPLY, b"pong", &mut body);
+                for s in servers[..target].iter().rev() {
+                    s.backward(&mut n, &mut body);
+                }
+                let u = unwrap(&client, n, &mut body).unwrap();
+                assert_eq!((u.hop, u.counter, u.command), (target, 9, cmd::PROBE_REPLY));
+                assert_eq!(&body[u.data], b"pong");
+            }
+        }
+    }
+
+    #[test]
+    fn forged_and_truncated_cells_are_refused() {
+        let (id, key) = hop(1);
+        let (client, server) = handshake(&id, &key);
+        let mut body = vec![0u8; CELL_SMALL - CELL_HEADER];
+        let mut n = wrap(&[&client], 0, 1, cmd::PROBE, b"12345678", &mut body);
+        body[30] ^= 0x40;
+        assert_eq!(server.forward(&mut n, &mut body), Err(OnionError::Forged));
+        assert_eq!(parse_cell(&[0u8; 255]).err(), Some(OnionError::BadSize));
+        assert_eq!(parse_cell(&[0u8; 1377]).err(), Some(OnionError::BadSize));
+        let mut cell = vec![0u8; CELL_SMALL];
+        cell[4] = 9;
+        assert_eq!(parse_cell(&cell).err(), Some(OnionError::BadKind));
+        // Random junk backward is recognised by nobody.
+        let mut junk = vec![7u8; CELL_SMALL - CELL_HEADER];
+        assert_eq!(
+            unwrap(&[&client], [3; 16], &mut junk).err(),
+            Some(OnionError::Unrecognised)
+        );
+    }
+
+    #[test]
+    fn replay_window_refuses_repeats_and_old_counters() {
+        let mut w = ReplayWindow::default();
+        assert!(w.check(5).is_ok());
+        assert!(w.check(5).is_err());
+        assert!(w.check(3).is_ok(), "reordered within the window");
+        assert!(w.check(3).is_err());
+        assert!(w.check(5000).is_ok());
+        assert!(w.check(5000 - WINDOW).is_err(), "older than the window");
+        assert!(w.check(5000 - WINDOW + 1).is_ok());
+        assert!(w.check(4999).is_ok());
+        assert!(w.check(4999).is_err());
+        assert!(w.check(u64::MAX).is_ok());
+        assert!(w.check(u64::MAX).is_err());
+    }
+
+    /// Forward secrecy: someone who recorded a circuit's handshake and cells
+    /// and later gets the hop's onion secret (its link and RSA keys play no
+    /// part) still can't open them: the ephemeral secret `y` is gone, and
+    /// answering the recorded CREATE again yields other keys.
+    #[test]
+    fn recorded_cells_stay_sealed_after_the_onion_key_leaks() {
+        let (id, key) = hop(1);
+        let (c, create) = ClientHandshake::start(&mut OsRng, id, key.public);
+        let (created, server) = server_handshake(&mut OsRng, &id, &[&key], &create).unwrap();
+        let client = c.finish(&created).unwrap();
+        let secret = b"the plaintext of a recorded cell";
+        let mut body = vec![0u8; CELL_SMALL - CELL_HEADER];
+        let n = wrap(&[&client], 0, 1, cmd::DATA, secret, &mut body);
+        let recorded = (n, body.clone());
+        // The hop itself can open it while it holds the circuit.
+        let (mut n2, mut b2) = recorded.clone();
+        assert!(matches!(
+            server.forward(&mut n2, &mut b2),
+            Ok(Forward::Mine(..))
+        ));
+        drop(server);
+        // Later: the onion secret leaks (the attacker rebuilds the key pair).
+        let leaked = OnionKey::from_secret(key.secret_bytes());
+        for _ in 0..8 {
+            let (_, replay) = server_handshake(&mut OsRng, &id, &[&leaked], &create).unwrap();
+            let (mut n3, mut b3) = recorded.clone();
+            assert!(!matches!(
+                replay.forward(&mut n3, &mut b3),
+                Ok(Forward::Mine(..))
+            ));
+            assert!(!b3.windows(secret.len()).any(|w| w == secret));
+        }
+    }
+}
