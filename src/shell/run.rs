@@ -271,7 +271,10 @@ async fn async_main(
     {
         let sh = shared.clone();
         let segments = if config.relay_only { 0 } else { TSO_SEGMENTS };
-        let (tun, udp) = (TunSide::new(max_gso, config.mtu, segments), UdpSide::new());
+        let (tun, udp) = (
+            TunSide::new(max_gso, config.mtu, segments),
+            UdpSide::new(max_gso),
+        );
         std::thread::Builder::new()
             .name("qgate-data".into())
             .spawn(move || data_loop(sh, tun, udp))
@@ -690,16 +693,21 @@ struct UdpSide {
     to_tun: Vec<BytesMut>,
     gro: GROTable,
     control: Vec<Transmit>,
+    /// What the node sends in answer: control messages, and the cells a
+    /// relay forwards (runs of equal-sized cells to one neighbour leave in
+    /// one GSO send).
+    queue: GsoQueue,
 }
 
 impl UdpSide {
-    fn new() -> UdpSide {
+    fn new(max_gso: usize) -> UdpSide {
         UdpSide {
             bufs: (0..RECV_BATCH).map(|_| vec![0u8; BUF]).collect(),
             meta: vec![RecvMeta::default(); RECV_BATCH],
             to_tun: Vec::new(),
             gro: GROTable::default(),
             control: Vec::new(),
+            queue: GsoQueue::new(max_gso),
         }
     }
 
@@ -759,8 +767,9 @@ impl UdpSide {
             tracing::debug!("TUN write failed: {e}");
         }
         for t in self.control.drain(..) {
-            sh.send(t.dst, &t.payload);
+            self.queue.push(t.dst, &t.payload);
         }
+        self.queue.flush(sh);
         true
     }
 }

@@ -73,8 +73,10 @@ const POOL_INTERVAL: Duration = Duration::from_secs(300);
 const POOL_INTERVAL_SMALL: Duration = Duration::from_secs(10);
 /// Below this the pool counts as small.
 const POOL_SMALL: usize = 16;
-/// Failed builds in a row before packets to a destination get ICMPv6.
+/// Failed builds in a row before packets to a destination get ICMPv6 ...
 const MAX_BUILD_FAILS: u32 = 3;
+/// ... for this long.
+const FAILED_FOR: Duration = Duration::from_secs(30);
 
 /// Relay settings.
 #[derive(Clone, Debug)]
@@ -352,7 +354,8 @@ pub(super) struct Circuits {
     pool: HashMap<NodeId, (Peer, u64)>,
     last_pool_fill: Option<Instant>,
     bad: HashMap<NodeId, Instant>,
-    build_fails: HashMap<Ipv6Addr, u32>,
+    /// Failed builds in a row per destination, and when the last failed.
+    build_fails: HashMap<Ipv6Addr, (u32, Instant)>,
     stats: RelayStats,
     bandwidth: (f64, Instant),
     /// Cells forwarded as relay, as (forward?, in, out), for the test hook.
@@ -727,7 +730,19 @@ impl Node {
         }
         if let Some(a) = hc.auth {
             if self.circ.inbound_by_src.get(&a) == Some(&h) {
-                self.circ.inbound_by_src.remove(&a);
+                // Another circuit from the same source (its replacement)
+                // carries the replies from now on.
+                let other = self
+                    .circ
+                    .hops
+                    .iter()
+                    .filter(|(_, o)| o.auth == Some(a))
+                    .max_by_key(|(_, o)| o.last_used)
+                    .map(|(k, _)| *k);
+                match other {
+                    Some(o) => self.circ.inbound_by_src.insert(a, o),
+                    None => self.circ.inbound_by_src.remove(&a),
+                };
             }
         }
         if tell_prev {
@@ -1053,7 +1068,10 @@ impl Node {
         let id = match self.circ.by_dst.get(&dst) {
             Some(&id) => id,
             None => {
-                if self.circ.build_fails.get(&dst).copied().unwrap_or(0) >= MAX_BUILD_FAILS {
+                let failing = self.circ.build_fails.get(&dst).is_some_and(|(n, t)| {
+                    *n >= MAX_BUILD_FAILS && now.saturating_duration_since(*t) < FAILED_FOR
+                });
+                if failing {
                     self.drops.unreachable += 1;
                     return self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 3, 0);
                 }
@@ -1314,8 +1332,7 @@ impl Node {
                     }
                     None => {
                         self.circ.stats.drops.malformed += 1;
-                        let fails = self.circ.build_fails.entry(dst).or_default();
-                        *fails = MAX_BUILD_FAILS;
+                        self.circ.build_fails.insert(dst, (MAX_BUILD_FAILS, now));
                         self.out_failed(now, id, None, "destination not found");
                     }
                 }
@@ -1342,7 +1359,7 @@ impl Node {
             }
             cmd::REFUSED if is_dest => {
                 let dst = c.dst;
-                *self.circ.build_fails.entry(dst).or_default() = MAX_BUILD_FAILS;
+                self.circ.build_fails.insert(dst, (MAX_BUILD_FAILS, now));
                 self.out_failed(now, id, None, "destination refused us");
             }
             _ => self.circ.stats.drops.bad_kind += 1,
@@ -1432,9 +1449,13 @@ impl Node {
             self.circ.bad.insert(b, now);
         }
         self.close_out(now, id);
-        let fails = self.circ.build_fails.entry(dst).or_default();
-        *fails += 1;
-        if *fails >= MAX_BUILD_FAILS || !in_use {
+        let fails = self.circ.build_fails.entry(dst).or_insert((0, now));
+        if now.saturating_duration_since(fails.1) >= FAILED_FOR {
+            fails.0 = 0;
+        }
+        fails.0 += 1;
+        fails.1 = now;
+        if fails.0 >= MAX_BUILD_FAILS || !in_use {
             return;
         }
         if replaced_by.is_some_and(|r| self.circ.out.contains_key(&r)) {
@@ -1588,6 +1609,9 @@ impl Node {
         self.circ
             .bad
             .retain(|_, t| now.saturating_duration_since(*t) < BAD_FOR);
+        self.circ
+            .build_fails
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < FAILED_FOR);
         // The pool: from the table, and random lookups further afield.
         let interval = if self.circ.pool.len() < POOL_SMALL {
             POOL_INTERVAL_SMALL
