@@ -351,7 +351,8 @@ pub(super) struct Circuits {
     onion: OnionKey,
     prev_onion: Option<OnionKey>,
     onion_since: Instant,
-    pool: HashMap<NodeId, (Peer, u64)>,
+    /// Relays paths are drawn from: (how to reach it, record seq, expiry).
+    pool: HashMap<NodeId, (Peer, u64, u64)>,
     last_pool_fill: Option<Instant>,
     bad: HashMap<NodeId, Instant>,
     /// Failed builds in a row per destination, and when the last failed.
@@ -1142,8 +1143,8 @@ impl Node {
             .circ
             .pool
             .values()
-            .filter(|(p, _)| p.id.0[..15] != *dst_prefix)
-            .map(|(p, _)| Candidate {
+            .filter(|(p, _, _)| p.id.0[..15] != *dst_prefix)
+            .map(|(p, _, _)| Candidate {
                 id: p.id,
                 ips: p.ips.clone(),
             })
@@ -1159,7 +1160,7 @@ impl Node {
         };
         let relays: Vec<Peer> = path
             .iter()
-            .filter_map(|id| self.circ.pool.get(id).map(|(p, _)| p.clone()))
+            .filter_map(|id| self.circ.pool.get(id).map(|(p, _, _)| p.clone()))
             .collect();
         let first = relays.first()?.clone();
         let link = self.connect_to(now, first.id, first.link_key, first.endpoint)?;
@@ -1446,7 +1447,10 @@ impl Node {
         let replaced_by = c.replaced_by;
         tracing::info!(circuit = id, %dst, "circuit failed: {why}");
         if let Some(b) = bad {
+            // Out of the pool (it comes back from the DHT if it lives) and
+            // not picked again for a while.
             self.circ.bad.insert(b, now);
+            self.circ.pool.remove(&b);
         }
         self.close_out(now, id);
         let fails = self.circ.build_fails.entry(dst).or_insert((0, now));
@@ -1587,9 +1591,9 @@ impl Node {
                     .circ
                     .pool
                     .get(&p.id)
-                    .is_none_or(|(_, seq)| *seq < c.info.seq);
+                    .is_none_or(|(_, seq, _)| *seq < c.info.seq);
                 if newer && c.info.expires > unix {
-                    self.circ.pool.insert(p.id, (p, c.info.seq));
+                    self.circ.pool.insert(p.id, (p, c.info.seq, c.info.expires));
                 }
             }
         }
@@ -1618,13 +1622,16 @@ impl Node {
         } else {
             POOL_INTERVAL
         };
-        let wants_pool = self.config.routes.default != Policy::Direct
-            || self
-                .config
-                .routes
-                .routes
-                .iter()
-                .any(|r| r.policy != Policy::Direct);
+        let wants_pool = self.config.has_tun
+            && (self.config.routes.default != Policy::Direct
+                || self
+                    .config
+                    .routes
+                    .routes
+                    .iter()
+                    .any(|r| r.policy != Policy::Direct));
+        let unix = self.dht.unix(now);
+        self.circ.pool.retain(|_, (_, _, expires)| *expires > unix);
         if wants_pool
             && self.dht.table_len() > 0
             && self
