@@ -967,6 +967,16 @@ impl<R: Records> Dht<R> {
         best.cloned()
     }
 
+    /// Forgets a node entirely (tests: a node that was never heard of).
+    #[cfg(test)]
+    pub(crate) fn forget(&mut self, id: &NodeId) {
+        for b in &mut self.buckets {
+            b.entries.retain(|e| e.contact.info.id != *id);
+            b.replacements.retain(|(c, _)| c.info.id != *id);
+        }
+        self.stored_records.retain(|_, c| c.info.id != *id);
+    }
+
     /// Entries of the routing table.
     pub fn table(&self, now: Instant) -> Vec<EntryView> {
         let mut out = Vec::new();

@@ -2788,6 +2788,33 @@ mod tests {
         );
     }
 
+    /// A destination the source knows nothing of is looked up by the last
+    /// relay of the circuit, never by the source itself.
+    #[test]
+    fn unknown_destination_is_looked_up_through_the_circuit() {
+        let now = Instant::now();
+        let (mut net, addrs, ids) = circuit_net(now);
+        let (a, e) = (0, 5);
+        // A forgets E and drops any link to it: only the relays know E.
+        if let Some(&i) = net.nodes[a].0.by_addr.get(&addrs[e]) {
+            net.nodes[a].0.remove_link(i);
+        }
+        net.nodes[a].0.dht.forget(&ids[e]);
+        assert!(net.nodes[a].0.local_record(&addrs[e]).is_none());
+        let p = udp_packet(addrs[a], addrs[e], b"who is E?");
+        assert!(matches!(
+            net.nodes[a].0.handle_tun_packet(net.now, &p),
+            TunOutcome::Nothing
+        ));
+        let tun = advance(&mut net, 3.0);
+        assert!(tun[e].contains(&p), "E got the packet");
+        let c = &net.nodes[a].0.circuits(net.now).circuits[0];
+        assert_eq!(c.destination_node, Some(ids[e]));
+        // A never linked to E: the last relay fetched E's record for it.
+        let st = net.nodes[a].0.status();
+        assert!(st.links.iter().all(|l| l.address != Some(addrs[e])));
+    }
+
     #[test]
     fn forged_expired_replayed_and_oversized_records_are_refused_and_counted() {
         let now = Instant::now();

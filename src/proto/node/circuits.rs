@@ -1031,7 +1031,7 @@ impl Node {
 
     /// A record for an address we already hold: a neighbour's, the DHT's
     /// table, or one a circuit looked up.
-    fn local_record(&self, addr: &Ipv6Addr) -> Option<Vec<u8>> {
+    pub(super) fn local_record(&self, addr: &Ipv6Addr) -> Option<Vec<u8>> {
         if let Some(v) = self
             .by_addr
             .get(addr)
