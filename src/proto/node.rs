@@ -2623,11 +2623,12 @@ mod tests {
         assert!(net.nodes[0].0.by_addr.contains_key(&addrs[1]));
     }
 
-    /// A circuit network in one process: A and E plus four relays, all
-    /// configured with relay 1 only; A routes everything through 2..3 relays.
+    /// A circuit network in one process: A (0) and E (5), four relays
+    /// (1..=4) and a node that does not relay (6), all configured with relay
+    /// 1 only; A routes everything through 2..3 relays.
     fn circuit_net(now: Instant) -> (Net, Vec<Ipv6Addr>, Vec<NodeId>) {
-        let ids = identities(6);
-        let eps = endpoints(6);
+        let ids = identities(7);
+        let eps = endpoints(7);
         let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
         let node_ids: Vec<NodeId> = ids.iter().map(|i| i.node_id()).collect();
         let boot = vec![uri(&ids[1], eps[1])];
@@ -2719,7 +2720,15 @@ mod tests {
         assert_eq!(c.state, "ready");
         assert!((2..=3).contains(&c.hops.len()), "{:?}", c.hops);
         assert!(!c.hops.contains(&ids[a]) && !c.hops.contains(&ids[e]));
+        // Only nodes with the relay role: never the bystander, which A
+        // knows as well as the relays.
         assert!(c.hops.iter().all(|h| ids[1..=4].contains(h)));
+        assert!(net.nodes[a].0.dht.find_local(&ids[6].0).is_some());
+        assert!(
+            report.pool <= 4,
+            "pool of {} holds a non-relay",
+            report.pool
+        );
         // Nothing went over a direct link between A and E (the DHT may
         // have made one while joining; application traffic never uses it).
         let direct = |net: &Net, from: usize, to: usize| {
