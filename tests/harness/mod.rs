@@ -441,3 +441,39 @@ pub fn random_file(path: &Path, len: usize) -> String {
         .unwrap()
         .to_string()
 }
+
+impl Lab {
+    /// Starts node `i` like [`Lab::start`], with extra environment variables
+    /// for the qgate process (e.g. `QGATE_CELL_LOG`).
+    pub fn start_with_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        let node = &mut self.nodes[i];
+        assert!(node.child.is_none(), "node {} already running", node.name);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .unwrap();
+        node.restarts += 1;
+        // `ip netns exec` passes its environment on to the program.
+        let child = die_with_parent(&mut Command::new("ip"))
+            .args(["netns", "exec", &node.ns, qgate_bin(), "run", "--config"])
+            .arg(&node.config)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        node.child = Some(child);
+        let out = run(Command::new(qgate_bin())
+            .args(["status", "--wait", "15", "--config"])
+            .arg(&node.config));
+        assert!(
+            out.status.success(),
+            "node {} did not come up: {}\nlog:\n{}",
+            node.name,
+            String::from_utf8_lossy(&out.stderr),
+            node.log()
+        );
+    }
+}
