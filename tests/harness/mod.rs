@@ -325,33 +325,7 @@ impl Lab {
 
     /// Starts node `i` and waits until its control socket answers.
     pub fn start(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
-        assert!(node.child.is_none(), "node {} already running", node.name);
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .unwrap();
-        node.restarts += 1;
-        let child = die_with_parent(&mut Command::new("ip"))
-            .args(["netns", "exec", &node.ns, qgate_bin(), "run", "--config"])
-            .arg(&node.config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        node.child = Some(child);
-        let out = run(Command::new(qgate_bin())
-            .args(["status", "--wait", "15", "--config"])
-            .arg(&node.config));
-        assert!(
-            out.status.success(),
-            "node {} did not come up: {}\nlog:\n{}",
-            node.name,
-            String::from_utf8_lossy(&out.stderr),
-            node.log()
-        );
+        self.start_with_env(i, &[]);
     }
 
     /// Stops node `i` (SIGTERM, or SIGKILL if `hard`) and reaps it.

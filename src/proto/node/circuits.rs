@@ -1109,14 +1109,20 @@ impl Node {
         }
     }
 
-    /// Wraps an application packet as DATA for circuit `id`'s destination.
-    fn out_data(&mut self, id: u64, view: Ipv6View<'_>) -> Option<(u32, usize)> {
+    /// An application packet as a circuit carries it: a link frame,
+    /// compressed when the traffic settings allow and it shrinks.
+    fn circuit_frame(&mut self, view: Ipv6View<'_>) -> Vec<u8> {
         let compress = self.config.traffic.compress && self.config.compression.enabled;
-        let len = view.bytes().len();
-        let frame: Vec<u8> = match wire::encode_app(view, compress, &mut self.bufs.b) {
+        match wire::encode_app(view, compress, &mut self.bufs.b) {
             Encoded::AsIs => view.bytes().to_vec(),
             Encoded::Compressed(n) | Encoded::Wrapped(n) => self.bufs.b[..n].to_vec(),
-        };
+        }
+    }
+
+    /// Wraps an application packet as DATA for circuit `id`'s destination.
+    fn out_data(&mut self, id: u64, view: Ipv6View<'_>) -> Option<(u32, usize)> {
+        let len = view.bytes().len();
+        let frame = self.circuit_frame(view);
         if frame.len() > MAX_DATA {
             self.drops.too_big += 1;
             return None;
@@ -1530,11 +1536,7 @@ impl Node {
                 CIRCUIT_MTU as u32,
             );
         }
-        let compress = self.config.traffic.compress && self.config.compression.enabled;
-        let frame: Vec<u8> = match wire::encode_app(view, compress, &mut self.bufs.b) {
-            Encoded::AsIs => view.bytes().to_vec(),
-            Encoded::Compressed(n) | Encoded::Wrapped(n) => self.bufs.b[..n].to_vec(),
-        };
+        let frame = self.circuit_frame(view);
         if frame.len() > MAX_DATA {
             return TunOutcome::Nothing;
         }
