@@ -5,6 +5,7 @@
 pub mod compress;
 pub mod dht;
 pub mod identity;
+pub mod limit;
 pub mod message;
 pub mod node;
 pub mod onion;

@@ -27,6 +27,7 @@ use serde::Serialize;
 use super::compress::Adaptive;
 use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source};
 use super::identity::{is_overlay_address, put_endpoint, Identity, NodeId, NodeRecord, RecordExt};
+use super::limit::{Limit, SourceTable};
 use super::message::{self, Reassembler, Segmenter};
 use super::records::{node_info, value_target, RsaRecords, SignedValue};
 use super::route::{Policy, RoutePolicy};
@@ -38,7 +39,7 @@ use rand_chacha::ChaCha20Rng;
 mod circuits;
 pub use circuits::{
     CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
-    TrafficConfig, CIRCUIT_MTU,
+    TrafficConfig, CIRCUIT_MTU, CREATE_LIMIT,
 };
 
 /// WireGuard's data-message overhead: type, receiver, counter, tag.
@@ -145,10 +146,24 @@ const MAX_PENDING: usize = 64;
 const VERIFY_INTERVAL: Duration = Duration::from_secs(1);
 /// Links from unconfigured nodes whose record has not been verified yet.
 const MAX_UNVERIFIED_LINKS: usize = 64;
-/// Handshake initiations accepted from one source IP per timer period (250 ms).
-const HANDSHAKES_PER_SOURCE: u32 = 5;
-/// Distinct handshake sources tracked per timer period.
-const MAX_HANDSHAKE_SOURCES: usize = 4096;
+/// Datagrams a source (IPv4 address or IPv6 /64) may send that no
+/// established session from its known endpoint accounts for: handshake
+/// initiations, packets for unknown sessions, garbage. A node needs one
+/// initiation per link every two minutes; many nodes behind one NAT share
+/// the budget.
+pub const SOURCE_LIMIT: Limit = Limit {
+    per_sec: 20,
+    burst: 40,
+};
+/// Handshake initiations over [`SOURCE_LIMIT`] that prove with a cookie
+/// (WireGuard's mac2) that their source receives at its address, and cookie
+/// replies sent to sources over the limit, per source.
+pub const PROVEN_LIMIT: Limit = Limit {
+    per_sec: 10,
+    burst: 10,
+};
+/// Sources tracked at once (a fixed table, ~160 KiB).
+pub const SOURCE_SLOTS: usize = 4096;
 /// Largest datagram handed to boringtun (its output buffer is larger).
 const MAX_DATAGRAM: usize = MAX_PACKET + WG_OVERHEAD;
 
@@ -256,6 +271,9 @@ pub struct Drops {
     pub lookup_limited: u64,
     /// TUN packet to an address whose lookup failed (answered with ICMPv6).
     pub unreachable: u64,
+    /// Datagram from a source over its budget for unauthenticated work
+    /// (handshake initiations, unknown sessions, garbage): dropped unread.
+    pub rate_limited: u64,
 }
 
 /// Per-link counters.
@@ -460,7 +478,11 @@ pub struct Node {
     by_key: HashMap<[u8; 32], u32>,
     by_addr: HashMap<Ipv6Addr, u32>,
     next_index: u32,
-    rate_limiter: Arc<RateLimiter>,
+    rate_limiter: RateLimiter,
+    /// The limiter the links' `Tunn`s check handshakes with again: MACs
+    /// only, never under load, since the two gates above decided that (and
+    /// a cookie from either gate must not be asked for again).
+    link_gate: Arc<RateLimiter>,
     /// Cookie check for sources over their handshake budget.
     cookie_gate: RateLimiter,
     transmits: VecDeque<Transmit>,
@@ -471,7 +493,10 @@ pub struct Node {
     /// Handshake initiations per source IP in the current second: boringtun's
     /// rate limiter is one global counter, so one noisy source could starve
     /// everyone else's handshakes without a per-source limit in front of it.
-    handshakes_by_source: HashMap<IpAddr, u32>,
+    /// Budgets of unauthenticated work per source.
+    sources: SourceTable,
+    /// The second budget, for sources proven by a cookie and cookie replies.
+    proven: SourceTable,
     segmenter: Segmenter,
     fragment_id: u32,
     dht: Dht<RsaRecords>,
@@ -564,7 +589,7 @@ pub struct PeersReport {
 pub type StoredPeerRow = ([u8; 32], Vec<u8>, Source, u64);
 
 /// A parsed lookup target.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LookupTarget {
     /// A node ID.
     Id(NodeId),
@@ -599,6 +624,10 @@ impl Node {
         index_seed: u32,
     ) -> Node {
         let mut rng = ChaCha20Rng::from_seed(config.rng_seed);
+        let rng_key = {
+            use rand_chacha::rand_core::RngCore;
+            (rng.next_u64(), rng.next_u64())
+        };
         let circ = circuits::Circuits::new(&mut rng, now);
         let ext = RecordExt {
             expires: Some(config.unix_time + RECORD_TTL),
@@ -642,7 +671,8 @@ impl Node {
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
             next_index: index_seed & 0x00ff_ffff,
-            rate_limiter: Arc::new(RateLimiter::new(&public, 64)),
+            rate_limiter: RateLimiter::new(&public, 64),
+            link_gate: Arc::new(RateLimiter::new(&public, u64::MAX)),
             // A limit of 0 makes it demand a valid cookie of every packet.
             cookie_gate: RateLimiter::new(&public, 0),
             transmits: VecDeque::new(),
@@ -656,7 +686,8 @@ impl Node {
             },
             last_icmp: None,
             last_timer: None,
-            handshakes_by_source: HashMap::new(),
+            sources: SourceTable::new(SOURCE_SLOTS, (rng_key.0, rng_key.1)),
+            proven: SourceTable::new(SOURCE_SLOTS, (rng_key.1, rng_key.0)),
             segmenter: Segmenter::new(index_seed),
             fragment_id: index_seed,
             identity,
@@ -751,7 +782,7 @@ impl Node {
             None,
             keepalive,
             index,
-            Some(self.rate_limiter.clone()),
+            Some(self.link_gate.clone()),
         );
         let compress = configured
             .map(|id| self.config.compression.allows(&id))
@@ -974,7 +1005,13 @@ impl Node {
         let from = normalize(from);
         let index = match Tunn::parse_incoming_packet(datagram) {
             Err(_) => {
-                self.drops.malformed += 1;
+                // Garbage costs its source budget too, so a source that
+                // sends it is throttled in everything it sends.
+                if self.sources.allow(now, from.ip(), SOURCE_LIMIT) {
+                    self.drops.malformed += 1;
+                } else {
+                    self.drops.rate_limited += 1;
+                }
                 return None;
             }
             Ok(Packet::HandshakeInit(init)) => {
@@ -985,9 +1022,23 @@ impl Node {
             Ok(Packet::PacketData(p)) => p.receiver_idx >> 8,
         };
         let Some(link) = self.links.get_mut(&index) else {
-            self.drops.unknown_session += 1;
+            if self.sources.allow(now, from.ip(), SOURCE_LIMIT) {
+                self.drops.unknown_session += 1;
+            } else {
+                self.drops.rate_limited += 1;
+            }
             return None;
         };
+        // Session traffic from where the neighbour is known to be costs no
+        // budget (so established links keep working through a flood); from
+        // anywhere else it is unauthenticated work like a handshake. (An
+        // initiation was charged in `rate_limiter_check_and_index`, and its
+        // link's endpoint is where it came from.)
+        if link.endpoint != Some(from) && !self.sources.allow(now, from.ip(), SOURCE_LIMIT) {
+            self.drops.rate_limited += 1;
+            return None;
+        }
+        let link = self.links.get_mut(&index)?;
         // A link created for this very handshake (see
         // `rate_limiter_check_and_index`) is kept only if the handshake holds.
         let fresh = link.configured.is_none() && link.verified.is_none() && !link.session_up;
@@ -1079,6 +1130,27 @@ impl Node {
         self.handle_inner(now, index, n)
     }
 
+    /// Fuzzing and test hook: handles `packet` as if it had arrived,
+    /// decrypted, on the link to the holder of link key `peer_key` (made if
+    /// there is none, as for a handshake from `from`). Returns the length of
+    /// a packet for the TUN, as [`Node::handle_datagram`] would.
+    #[doc(hidden)]
+    pub fn inject_inner(
+        &mut self,
+        now: Instant,
+        peer_key: [u8; 32],
+        from: SocketAddr,
+        packet: &[u8],
+    ) -> Option<usize> {
+        let index = self.add_link(peer_key, Some(from), None, now)?;
+        if let Some(l) = self.links.get_mut(&index) {
+            l.session_up = true;
+        }
+        let n = packet.len().min(self.bufs.a.len());
+        self.bufs.a[..n].copy_from_slice(&packet[..n]);
+        self.handle_inner(now, index, n).map(<[u8]>::len)
+    }
+
     /// Checks a handshake initiation's MAC and load, finds who sent it, and
     /// returns the link index (creating a link for an unknown node).
     fn rate_limiter_check_and_index(
@@ -1088,40 +1160,44 @@ impl Node {
         datagram: &[u8],
         init: &boringtun::noise::HandshakeInit<'_>,
     ) -> Option<u32> {
-        // Cheap checks first: boringtun's MAC and load check (which also
-        // throws out random bytes), then the per-source budget, and only
-        // then the Diffie-Hellman work.
-        if !pass_gate(
+        // Cheap checks first, in order of cost: the source's budget (a
+        // table lookup), boringtun's MAC and global load check (a hash,
+        // which also throws out random bytes), and only then the
+        // Diffie-Hellman work.
+        if !self.sources.allow(now, from.ip(), SOURCE_LIMIT) {
+            // Over budget. A source that proves with a cookie (WireGuard's
+            // mac2) that it receives at its address gets a second, smaller
+            // budget: else anyone who forges a neighbour's address could
+            // lock that neighbour out. Cookie replies come out of that
+            // budget too, so a flood gets few answers.
+            let mut cookie = [0u8; 64];
+            match self
+                .cookie_gate
+                .verify_packet(Some(from.ip()), datagram, &mut cookie)
+            {
+                Ok(_) if self.proven.allow(now, from.ip(), PROVEN_LIMIT) => {}
+                Err(TunnResult::WriteToNetwork(c))
+                    if self.proven.allow(now, from.ip(), PROVEN_LIMIT) =>
+                {
+                    self.drops.rate_limited += 1;
+                    self.transmits.push_back(Transmit {
+                        dst: from,
+                        payload: c.to_vec(),
+                    });
+                    return None;
+                }
+                _ => {
+                    self.drops.rate_limited += 1;
+                    return None;
+                }
+            }
+        } else if !pass_gate(
             &self.rate_limiter,
             from,
             datagram,
             &mut self.transmits,
             &mut self.drops,
         ) {
-            return None;
-        }
-        // Over budget (or too many sources at once): the source must prove
-        // it receives at its address by echoing a cookie (WireGuard's mac2),
-        // which a spoofer cannot; dropping instead would let anyone who
-        // forges a neighbour's address lock that neighbour out.
-        let over = if self.handshakes_by_source.len() >= MAX_HANDSHAKE_SOURCES
-            && !self.handshakes_by_source.contains_key(&from.ip())
-        {
-            true
-        } else {
-            let count = self.handshakes_by_source.entry(from.ip()).or_insert(0);
-            *count += 1;
-            *count > HANDSHAKES_PER_SOURCE
-        };
-        if over
-            && !pass_gate(
-                &self.cookie_gate,
-                from,
-                datagram,
-                &mut self.transmits,
-                &mut self.drops,
-            )
-        {
             return None;
         }
         let public = x25519::PublicKey::from(self.identity.link_secret());
@@ -1462,7 +1538,6 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_timer = Some(now);
         self.rate_limiter.reset_count();
-        self.handshakes_by_source.clear();
         let indices: Vec<u32> = self.links.keys().copied().collect();
         let mut remove = Vec::new();
         for index in indices {
@@ -2295,6 +2370,7 @@ pub fn normalize(a: SocketAddr) -> SocketAddr {
 mod tests {
     use super::*;
     use crate::proto::identity::ROLE_RELAY as ROLE_RELAY_BIT;
+    use crate::proto::onion;
     use rand_core::OsRng;
 
     struct Net {
@@ -2531,6 +2607,199 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A handshake initiation to `to` from a fresh key, as a new node sends it.
+    fn initiation(to: &Node, seed: u8) -> Vec<u8> {
+        let mut t = Tunn::new(
+            x25519::StaticSecret::from([seed; 32]),
+            x25519::PublicKey::from(to.identity.link_public()),
+            None,
+            None,
+            u32::from(seed),
+            None,
+        );
+        let mut buf = vec![0u8; 256];
+        match t.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!("no initiation"),
+        }
+    }
+
+    #[test]
+    fn handshake_flood_is_limited_per_source() {
+        let t0 = Instant::now();
+        let mut v = Node::new(identities(1).pop().unwrap(), 1, cfg(vec![]), t0, 1);
+        let flooder: SocketAddr = "198.18.5.5:40000".parse().unwrap();
+        let other: SocketAddr = "198.18.6.6:7300".parse().unwrap();
+        // Valid initiations from one source, 2000 a second for 2 s: each
+        // would cost Diffie-Hellman work and a link.
+        let inits: Vec<Vec<u8>> = (0..8).map(|i| initiation(&v, 100 + i)).collect();
+        let mut answered = 0;
+        let mut now = t0;
+        for i in 0..4000usize {
+            now = t0 + Duration::from_micros(500 * i as u64);
+            let from = SocketAddr::new(flooder.ip(), 40000 + (i % 1000) as u16);
+            v.handle_datagram(now, from, &inits[i % inits.len()]);
+            // Garbage from the same source shares its budget.
+            v.handle_datagram(now, from, &[0x55; 100]);
+            answered += std::iter::from_fn(|| v.poll_transmit())
+                .filter(|t| t.dst.ip() == flooder.ip() && t.payload[0] == 2)
+                .count();
+            if i % 500 == 0 {
+                v.handle_timeout(now);
+            }
+        }
+        let limit = SOURCE_LIMIT.burst as usize + 2 * SOURCE_LIMIT.per_sec as usize + 1;
+        let proven = PROVEN_LIMIT.burst as usize + 2 * PROVEN_LIMIT.per_sec as usize + 1;
+        // Handshake responses: within the source budget (the flooder has no
+        // cookies, so the proven budget gives it none).
+        assert!(answered <= limit, "{answered} answered");
+        let st = v.status();
+        assert!(
+            st.drops.rate_limited >= (8000 - limit - proven) as u64,
+            "{:?}",
+            st.drops
+        );
+        // Another source at the same moment is not limited: answered at
+        // once (the flood may have put the node under load as a whole,
+        // then the answer is a cookie, and the retry with it succeeds).
+        let limited = st.drops.rate_limited;
+        let mut t = Tunn::new(
+            x25519::StaticSecret::from([99; 32]),
+            x25519::PublicKey::from(v.identity.link_public()),
+            None,
+            None,
+            99,
+            None,
+        );
+        let mut buf = vec![0u8; 2048];
+        let mut answer = None;
+        for _ in 0..2 {
+            let init = match t.format_handshake_initiation(&mut buf, true) {
+                TunnResult::WriteToNetwork(p) => p.to_vec(),
+                _ => panic!("no initiation"),
+            };
+            v.handle_datagram(now, other, &init);
+            let to_other: Vec<Transmit> = std::iter::from_fn(|| v.poll_transmit())
+                .filter(|t| t.dst == other)
+                .collect();
+            assert_eq!(to_other.len(), 1);
+            if to_other[0].payload[0] == 2 {
+                answer = Some(2);
+                break;
+            }
+            assert_eq!(to_other[0].payload[0], 3, "a cookie");
+            let _ = t.decapsulate(None, &to_other[0].payload, &mut buf);
+        }
+        assert_eq!(answer, Some(2), "a handshake response");
+        assert_eq!(v.status().drops.rate_limited, limited);
+    }
+
+    #[test]
+    fn established_link_passes_data_through_a_flood() {
+        let now = Instant::now();
+        let ids = identities(2);
+        let eps = endpoints(2);
+        let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
+        let peers_a = vec![uri(&ids[1], eps[1])];
+        let mut it = ids.into_iter();
+        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now, 1);
+        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
+        let mut net = Net {
+            nodes: vec![(a, eps[0]), (b, eps[1])],
+            now,
+        };
+        net.run();
+        assert!(net.nodes[1].0.link_up_to(&addrs[0]));
+        let flooder: SocketAddr = "198.18.5.5:40000".parse().unwrap();
+        let init = initiation(&net.nodes[1].0, 42);
+        let mut delivered = 0;
+        for i in 0..2000u64 {
+            net.now += Duration::from_millis(1);
+            let b = &mut net.nodes[1].0;
+            for _ in 0..20 {
+                b.handle_datagram(net.now, flooder, &init);
+                b.handle_datagram(net.now, flooder, &[4, 0, 0, 0, 9, 9, 9, 9]);
+            }
+            while b.poll_transmit().is_some() {}
+            if i % 10 == 0 {
+                let p = udp_packet(addrs[0], addrs[1], format!("packet {i}").as_bytes());
+                delivered += (net.send(0, &p).as_deref() == Some(&p[..])) as usize;
+            }
+        }
+        assert_eq!(delivered, 200, "every packet of the established link");
+        let d = net.nodes[1].0.status().drops;
+        assert!(d.rate_limited > 70_000, "{d:?}");
+    }
+
+    #[test]
+    fn source_table_stays_bounded_under_a_spray() {
+        let t0 = Instant::now();
+        let mut v = Node::new(identities(1).pop().unwrap(), 1, cfg(vec![]), t0, 1);
+        let junk = [1u8; 148];
+        for i in 0..100_000u32 {
+            let now = t0 + Duration::from_micros(u64::from(i) * 20);
+            let ip = std::net::Ipv4Addr::from(0xc612_0000 + i);
+            v.handle_datagram(now, SocketAddr::new(ip.into(), 7300), &junk);
+            if i % 12_500 == 0 {
+                v.handle_timeout(now);
+            }
+            while v.poll_transmit().is_some() {}
+        }
+        assert!(v.sources.len() <= SOURCE_SLOTS);
+        assert!(v.sources.memory() <= 256 * 1024, "{}", v.sources.memory());
+        assert!(v.sources.evicted >= 100_000 - SOURCE_SLOTS as u64);
+        assert!(v.links.is_empty(), "random bytes make no link");
+    }
+
+    #[test]
+    fn create_floods_are_limited_per_neighbour() {
+        let t0 = Instant::now();
+        let ids = identities(3);
+        let eps = endpoints(3);
+        let keys: Vec<[u8; 32]> = ids.iter().map(|i| i.link_public()).collect();
+        let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
+        let v_uri = uri(&ids[0], eps[0]);
+        let mut it = ids.into_iter();
+        let v = Node::new(it.next().unwrap(), 1, cfg(vec![]), t0, 1);
+        let a = Node::new(it.next().unwrap(), 1, cfg(vec![v_uri.clone()]), t0, 2);
+        let b = Node::new(it.next().unwrap(), 1, cfg(vec![v_uri]), t0, 3);
+        let mut net = Net {
+            nodes: vec![(v, eps[0]), (a, eps[1]), (b, eps[2])],
+            now: t0,
+        };
+        net.run();
+        let t0 = net.now;
+        let v = &mut net.nodes[0].0;
+        assert!(v.link_up_to(&addrs[1]) && v.link_up_to(&addrs[2]));
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let (_c, create) =
+            onion::ClientHandshake::start(&mut rng, v.node_id(), v.circ.onion_public());
+        let cell_for = |circ: u32| {
+            let mut cell = vec![0u8; onion::CELL_SMALL];
+            onion::write_header(&mut cell, circ, onion::KIND_CREATE, &[0; 16]);
+            cell[onion::CELL_HEADER..onion::CELL_HEADER + create.len()].copy_from_slice(&create);
+            cell
+        };
+        let mut pkt = Vec::new();
+        // 1000 CREATEs in one second from neighbour a.
+        for i in 0..1000u32 {
+            let now = t0 + Duration::from_millis(u64::from(i));
+            wire::encode_control(addrs[1], addrs[0], MSG_CELL, &cell_for(i + 1), &mut pkt);
+            v.inject_inner(now, keys[1], eps[1], &pkt);
+            while v.poll_transmit().is_some() {}
+        }
+        let st = v.status().relay;
+        let allowed = CREATE_LIMIT.burst as u64 + CREATE_LIMIT.per_sec as u64 + 1;
+        assert!(st.drops.create_limited >= 1000 - allowed, "{st:?}");
+        assert!(st.circuits_total <= allowed, "{st:?}");
+        assert!(st.circuits_total >= CREATE_LIMIT.burst as u64, "{st:?}");
+        // Neighbour b still builds.
+        let before = st.circuits_total;
+        wire::encode_control(addrs[2], addrs[0], MSG_CELL, &cell_for(5), &mut pkt);
+        v.inject_inner(t0 + Duration::from_secs(1), keys[2], eps[2], &pkt);
+        assert_eq!(v.status().relay.circuits_total, before + 1);
     }
 
     #[test]
@@ -2950,9 +3219,10 @@ mod tests {
         }
         // At most the per-source budget reached the Diffie-Hellman work; the
         // rest were refused or asked for a cookie.
-        assert!(responses <= HANDSHAKES_PER_SOURCE, "{responses} responses");
+        let burst = SOURCE_LIMIT.burst as u64;
+        assert!(responses <= burst, "{responses} responses");
         let d = node.status().drops;
-        assert!(d.handshake_rejected + cookies >= 90, "{d:?} {cookies}");
+        assert!(d.rate_limited >= 100 - burst, "{d:?} {cookies}");
     }
 
     #[test]
@@ -2968,7 +3238,7 @@ mod tests {
         let mut c = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri]), now, 3);
         // Someone forging a's address spends a's whole handshake budget.
         let forged = c.poll_transmit().unwrap().payload;
-        for _ in 0..HANDSHAKES_PER_SOURCE {
+        for _ in 0..SOURCE_LIMIT.burst {
             b.handle_datagram(now, ep_a, &forged);
         }
         while b.poll_transmit().is_some() {}
@@ -3018,8 +3288,10 @@ mod tests {
             .is_none());
         let d = n.status().drops;
         assert!(
-            d.malformed + d.unknown_session + d.handshake_rejected > 40_000,
+            d.malformed + d.unknown_session + d.handshake_rejected + d.rate_limited > 40_000,
             "{d:?}"
         );
+        // One source: its budget, and then nothing more got any work.
+        assert!(d.rate_limited > 49_000, "{d:?}");
     }
 }

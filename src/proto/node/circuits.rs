@@ -26,6 +26,7 @@ use crate::proto::dht::{Contact, Goal};
 use crate::proto::identity::{
     put_endpoint, verify_signature, NodeId, NodeRecord, RecordExt, ROLE_RELAY,
 };
+use crate::proto::limit::{Limit, Rate};
 use crate::proto::onion::{
     self, auth_message, cmd, parse_cell, server_handshake, wrap, ClientHandshake, Forward, HopKeys,
     OnionError, OnionKey, ReplayWindow, CELL_HEADER, CELL_LARGE, CELL_SMALL, CREATED_LEN,
@@ -66,6 +67,13 @@ const MAX_OUT: usize = 256;
 pub const MAX_HOP_CIRCUITS: usize = 4096;
 /// Most circuits a relay carries for one neighbour.
 pub const MAX_PER_NEIGHBOUR: usize = 512;
+/// CREATE cells a relay takes from one neighbour (each costs two X25519
+/// operations): a source builds a few circuits every ten minutes, a
+/// neighbouring relay passes on the builds of many sources.
+pub const CREATE_LIMIT: Limit = Limit {
+    per_sec: 20,
+    burst: 64,
+};
 /// Relays kept in the pool.
 const POOL_MAX: usize = 256;
 /// How often the pool is topped up by a random lookup (faster while small).
@@ -150,6 +158,9 @@ pub struct CellDrops {
     pub over_bandwidth: u64,
     /// Cover traffic (dropped by design).
     pub noise: u64,
+    /// CREATE from a neighbour over its build budget ([`CREATE_LIMIT`]),
+    /// dropped before any handshake work.
+    pub create_limited: u64,
     /// Cells to a link that could not take them.
     pub send_failed: u64,
 }
@@ -347,6 +358,8 @@ pub(super) struct Circuits {
     on_link: HashMap<(u32, u32), CircRef>,
     inbound_by_src: HashMap<Ipv6Addr, u64>,
     per_neighbour: HashMap<u32, usize>,
+    /// CREATE budget per neighbour link (gone with the link).
+    create_rate: HashMap<u32, Rate>,
     next_id: u64,
     onion: OnionKey,
     prev_onion: Option<OnionKey>,
@@ -373,6 +386,7 @@ impl Circuits {
             on_link: HashMap::new(),
             inbound_by_src: HashMap::new(),
             per_neighbour: HashMap::new(),
+            create_rate: HashMap::new(),
             next_id: 1,
             onion: OnionKey::generate(rng),
             prev_onion: None,
@@ -671,6 +685,16 @@ impl Node {
     fn on_create(&mut self, now: Instant, link: u32, circ: u32, body: &[u8]) {
         if self.circ.on_link.contains_key(&(link, circ)) {
             self.circ.stats.drops.bad_kind += 1;
+            return;
+        }
+        if !self
+            .circ
+            .create_rate
+            .entry(link)
+            .or_insert_with(|| Rate::new(now))
+            .allow(now, CREATE_LIMIT)
+        {
+            self.circ.stats.drops.create_limited += 1;
             return;
         }
         let mine = self.circ.per_neighbour.get(&link).copied().unwrap_or(0);
@@ -1506,6 +1530,7 @@ impl Node {
             }
         }
         self.circ.per_neighbour.remove(&link);
+        self.circ.create_rate.remove(&link);
     }
 
     // ---- sending on inbound circuits --------------------------------------
