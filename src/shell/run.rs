@@ -26,13 +26,13 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use super::config::Config;
-use super::control::{self, ControlSocket, Handler};
+use super::control::{self, ControlSocket, Handler, Request};
 use super::state;
 use super::store::{PeerStore, StoredPeer};
 use crate::proto::dht::{LookupDone, Outcome, Source};
 use crate::proto::node::{normalize, LookupTarget, Transmit};
 use crate::proto::records::SignedValue;
-use crate::proto::{Node, NodeId, NodeRecord, TunOutcome};
+use crate::proto::{Node, NodeRecord, TunOutcome};
 use base64::Engine;
 use bytes::BytesMut;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -221,49 +221,47 @@ async fn async_main(
         let mtu = config.mtu;
         let role = if config.relay_only { "relay" } else { "node" };
         let preset = config.preset.clone();
-        Arc::new(move |req: &serde_json::Value| {
-            let cmd = req
-                .get("cmd")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("");
-            match cmd {
-                "status" => {
-                    let st = shared.node.lock().expect("node lock").status();
-                    let mut v = serde_json::to_value(st)?;
-                    v["api"] = json!(control::API_VERSION);
-                    v["version"] = json!(env!("CARGO_PKG_VERSION"));
-                    v["uptime_secs"] = json!(started.elapsed().as_secs_f64());
-                    v["listen"] = json!(listen.to_string());
-                    v["tun"] = if tun_name.is_empty() {
-                        json!(null)
-                    } else {
-                        json!({"name": tun_name, "mtu": mtu})
-                    };
-                    v["role"] = json!(role);
-                    v["preset"] = json!(preset);
-                    Ok(v)
-                }
-                "circuits" => {
-                    let r = shared
-                        .node
-                        .lock()
-                        .expect("node lock")
-                        .circuits(Instant::now());
-                    let mut v = serde_json::to_value(r)?;
-                    v["api"] = json!(control::API_VERSION);
-                    Ok(v)
-                }
-                "peers" => {
-                    let r = shared.node.lock().expect("node lock").peers(Instant::now());
-                    let mut v = serde_json::to_value(r)?;
-                    v["api"] = json!(control::API_VERSION);
-                    Ok(v)
-                }
-                "lookup" => api_lookup(&shared, req),
-                "dht_put" => api_put(&shared, req),
-                "dht_get" => api_get(&shared, req),
-                other => bail!("unknown command {other:?}"),
+        Arc::new(move |req: &Request| match req {
+            Request::Status => {
+                let st = shared.node.lock().expect("node lock").status();
+                let mut v = serde_json::to_value(st)?;
+                v["api"] = json!(control::API_VERSION);
+                v["version"] = json!(env!("CARGO_PKG_VERSION"));
+                v["uptime_secs"] = json!(started.elapsed().as_secs_f64());
+                v["listen"] = json!(listen.to_string());
+                v["tun"] = if tun_name.is_empty() {
+                    json!(null)
+                } else {
+                    json!({"name": tun_name, "mtu": mtu})
+                };
+                v["role"] = json!(role);
+                v["preset"] = json!(preset);
+                Ok(v)
             }
+            Request::Circuits => {
+                let r = shared
+                    .node
+                    .lock()
+                    .expect("node lock")
+                    .circuits(Instant::now());
+                let mut v = serde_json::to_value(r)?;
+                v["api"] = json!(control::API_VERSION);
+                Ok(v)
+            }
+            Request::Peers => {
+                let r = shared.node.lock().expect("node lock").peers(Instant::now());
+                let mut v = serde_json::to_value(r)?;
+                v["api"] = json!(control::API_VERSION);
+                Ok(v)
+            }
+            Request::Lookup(target) => api_lookup(&shared, target),
+            Request::DhtPut {
+                namespace,
+                key,
+                value,
+                ttl,
+            } => api_put(&shared, namespace, key, value, *ttl),
+            Request::DhtGet { namespace, key } => api_get(&shared, namespace, key),
         })
     };
 
@@ -337,12 +335,6 @@ fn wait_result(sh: &Shared, id: u64) -> Result<LookupDone> {
     }
 }
 
-fn str_arg<'a>(req: &'a serde_json::Value, key: &str) -> Result<&'a str> {
-    req.get(key)
-        .and_then(serde_json::Value::as_str)
-        .with_context(|| format!("request needs a string {key:?}"))
-}
-
 fn record_json(record: &[u8]) -> serde_json::Value {
     match NodeRecord::parse_unverified(record) {
         Ok(r) => {
@@ -361,23 +353,12 @@ fn record_json(record: &[u8]) -> serde_json::Value {
     }
 }
 
-fn api_lookup(sh: &Shared, req: &serde_json::Value) -> Result<serde_json::Value> {
-    let t = str_arg(req, "target")?;
-    let target = if let Ok(id) = NodeId::parse(t) {
-        LookupTarget::Id(id)
-    } else if let Ok(a) = t.parse::<std::net::Ipv6Addr>() {
-        if !crate::proto::identity::is_overlay_address(&a) {
-            bail!("{a} is not an overlay address (fc00::/8)");
-        }
-        LookupTarget::Address(a)
-    } else {
-        bail!("{t:?} is neither a node ID (64 hex digits) nor an overlay address");
-    };
+fn api_lookup(sh: &Shared, target: &LookupTarget) -> Result<serde_json::Value> {
     let id = sh
         .node
         .lock()
         .expect("node lock")
-        .api_lookup(Instant::now(), &target)
+        .api_lookup(Instant::now(), target)
         .context("too many lookups running; try again")?;
     let r = wait_result(sh, id)?;
     let mut v = json!({
@@ -393,21 +374,12 @@ fn api_lookup(sh: &Shared, req: &serde_json::Value) -> Result<serde_json::Value>
     Ok(v)
 }
 
-fn api_put(sh: &Shared, req: &serde_json::Value) -> Result<serde_json::Value> {
-    let ns = str_arg(req, "namespace")?;
-    let key = str_arg(req, "key")?;
-    let value = base64::engine::general_purpose::STANDARD
-        .decode(str_arg(req, "value")?)
-        .context("value must be base64")?;
-    let ttl = req
-        .get("ttl")
-        .and_then(serde_json::Value::as_u64)
-        .unwrap_or(3600);
+fn api_put(sh: &Shared, ns: &str, key: &str, value: &[u8], ttl: u64) -> Result<serde_json::Value> {
     let id = sh
         .node
         .lock()
         .expect("node lock")
-        .dht_put(Instant::now(), ns.as_bytes(), key.as_bytes(), &value, ttl)
+        .dht_put(Instant::now(), ns.as_bytes(), key.as_bytes(), value, ttl)
         .map_err(anyhow::Error::msg)?;
     let stored = match id {
         Some(id) => match wait_result(sh, id)?.outcome {
@@ -419,9 +391,7 @@ fn api_put(sh: &Shared, req: &serde_json::Value) -> Result<serde_json::Value> {
     Ok(json!({"stored_at": stored, "ttl": ttl}))
 }
 
-fn api_get(sh: &Shared, req: &serde_json::Value) -> Result<serde_json::Value> {
-    let ns = str_arg(req, "namespace")?;
-    let key = str_arg(req, "key")?;
+fn api_get(sh: &Shared, ns: &str, key: &str) -> Result<serde_json::Value> {
     let (id, local) = {
         let mut node = sh.node.lock().expect("node lock");
         let now = Instant::now();
