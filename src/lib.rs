@@ -4,5 +4,8 @@
 
 pub mod proto;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 #[cfg(feature = "shell")]
 pub mod shell;
