@@ -47,6 +47,7 @@ pub struct ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     state_dir: Option<PathBuf>,
+    key_file: Option<PathBuf>,
     listen: Option<String>,
     #[serde(default)]
     peers: Vec<String>,
@@ -137,8 +138,10 @@ struct RawCompression {
 pub struct Config {
     /// Where the file was read from.
     pub path: PathBuf,
-    /// State directory (keys, record sequence).
+    /// State directory (the sealed vault).
     pub state_dir: PathBuf,
+    /// Master key file (None: the state directory's default, DIR.key).
+    pub key_file: Option<PathBuf>,
     /// UDP listen address.
     pub listen: SocketAddr,
     /// Configured peers.
@@ -271,6 +274,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             "missing: the directory holding the node's keys".into(),
         )
     })?);
+    let key_file = raw.key_file.map(resolve);
     let listen_s = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
     let listen: SocketAddr = listen_s.parse().map_err(|_| {
         err(
@@ -518,6 +522,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         lan_port,
         path: path.to_path_buf(),
         state_dir,
+        key_file,
         listen,
         peers,
         log,
@@ -552,14 +557,25 @@ fn parse_bandwidth(s: &str) -> Option<u64> {
 }
 
 /// The commented default configuration `qgate init` writes.
-pub fn default_text(state_dir: &Path, listen: &SocketAddr) -> String {
+/// `key_file`: the key file to name in the config (None: a commented line).
+pub fn default_text(state_dir: &Path, listen: &SocketAddr, key_file: Option<&Path>) -> String {
+    let key_line = match key_file {
+        Some(k) => format!("key_file = {:?}", k.display().to_string()),
+        None => "# key_file = \"/media/usb/qgate.key\"".to_string(),
+    };
     format!(
         r#"# QuantumGate node configuration. Every key is optional except state_dir;
 # the values shown commented out are the defaults. `qgate run --config FILE`
 # validates all of it before starting anything.
 
-# Where the node's keys live (identity.pem, link.key). Keep it private.
+# Where the node keeps its state: the sealed vault (keys, peers, ...).
 state_dir = "{state}"
+
+# The master key that unseals the vault. Keep it off the machine when you can
+# (e.g. a USB stick that must be mounted when the node starts); `qgate run
+# --key-file` overrides this, `--passphrase-fd N` replaces it for a vault
+# sealed with a passphrase. Default: the file beside state_dir, "<state_dir>.key".
+{key_line}
 
 # UDP address links arrive on: IPv4 ("0.0.0.0:7300") or IPv6/dual-stack ("[::]:7300").
 listen = "{listen}"
@@ -653,6 +669,7 @@ peers = [
 "#,
         preset = DEFAULT_PRESET,
         state = state_dir.display(),
+        key_line = key_line,
         listen = listen,
         tun = DEFAULT_TUN,
         mtu = default_mtu(listen),
@@ -676,16 +693,20 @@ mod tests {
         let c = p(&default_text(
             Path::new("/var/lib/qgate"),
             &"0.0.0.0:7300".parse().unwrap(),
+            Some(Path::new("/var/lib/qgate.key")),
         ))
         .unwrap();
+        assert_eq!(c.key_file.as_deref(), Some(Path::new("/var/lib/qgate.key")));
         assert_eq!(c.mtu, 1440);
         assert_eq!(c.tun_name, "qg0");
         assert_eq!(c.control_socket, Path::new("/var/lib/qgate/control.sock"));
         let c = p(&default_text(
             Path::new("/x"),
             &"[::]:7300".parse().unwrap(),
+            None,
         ))
         .unwrap();
+        assert_eq!(c.key_file, None);
         assert_eq!(c.mtu, 1420);
     }
 
