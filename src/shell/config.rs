@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::proto::access::{AccessConfig, AccessList, Rule, DEFAULT_LINKS_PER_SUBNET};
 use crate::proto::identity::ROLE_RELAY;
 use crate::proto::node::{
     link_mtu, CompressionPolicy, NodeConfig, PeerConfig, RelayConfig, TrafficConfig,
@@ -72,6 +73,22 @@ struct RawConfig {
     route: Vec<RawRoute>,
     #[serde(default)]
     traffic: RawTraffic,
+    #[serde(default)]
+    access: RawAccess,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    #[serde(default)]
+    link_allow: Vec<String>,
+    #[serde(default)]
+    link_deny: Vec<String>,
+    #[serde(default)]
+    relay_allow: Vec<String>,
+    #[serde(default)]
+    relay_deny: Vec<String>,
+    links_per_subnet: Option<usize>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -177,6 +194,8 @@ pub struct Config {
     pub relay: RelayConfig,
     /// Circuit traffic shaping.
     pub traffic: TrafficConfig,
+    /// Who may link to the node and relay through it.
+    pub access: AccessConfig,
 }
 
 impl Config {
@@ -202,6 +221,7 @@ impl Config {
             relay: self.relay.clone(),
             traffic: self.traffic.clone(),
             has_tun: !self.relay_only,
+            access: self.access.clone(),
             rng_seed: {
                 let mut seed = [0u8; 32];
                 rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
@@ -511,7 +531,31 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         routes,
         default: default_policy,
     };
+    let rules = |key: &str, list: &[String]| -> Result<Vec<Rule>, ConfigError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.parse()
+                    .map_err(|e| err(&format!("access.{key}[{i}]"), format!("{e}")))
+            })
+            .collect()
+    };
+    let access = AccessConfig {
+        link: AccessList {
+            allow: rules("link_allow", &raw.access.link_allow)?,
+            deny: rules("link_deny", &raw.access.link_deny)?,
+        },
+        relay: AccessList {
+            allow: rules("relay_allow", &raw.access.relay_allow)?,
+            deny: rules("relay_deny", &raw.access.relay_deny)?,
+        },
+        links_per_subnet: raw
+            .access
+            .links_per_subnet
+            .unwrap_or(DEFAULT_LINKS_PER_SUBNET),
+    };
     Ok(Config {
+        access,
         relay_only,
         preset,
         routes,
@@ -660,6 +704,18 @@ peers = [
 # lz4 on circuit payloads (off in "private": sizes can leak content).
 # compress = true
 
+[access]
+# Who may link to this node, and who may build circuits through it. Entries
+# are node IDs (64 hex) or IP networks of underlay addresses ("198.51.100.0/24",
+# "2001:db8::/32", one address). Deny wins; a non-empty allow list admits only
+# what it names. Empty lists (the default) leave the network open.
+# link_allow = []
+# link_deny = []
+# relay_allow = []
+# relay_deny = []
+# Links at most per IPv4 /24 or IPv6 /48 of underlay address (0: no limit).
+# links_per_subnet = {lps}
+
 # Routes: which destinations go direct and which through relays. First match
 # wins; without a match the preset decides. prefix is an overlay prefix or a
 # single address; hops is "direct" or "MIN..MAX" relays (1..3).
@@ -677,6 +733,7 @@ peers = [
         ka = DEFAULT_KEEPALIVE,
         ml = DEFAULT_MAX_LINKS,
         lan_port = DEFAULT_LAN_PORT,
+        lps = DEFAULT_LINKS_PER_SUBNET,
     )
 }
 
@@ -686,6 +743,30 @@ mod tests {
 
     fn p(text: &str) -> Result<Config, ConfigError> {
         parse(text, Path::new("/etc/qgate/qgate.toml"))
+    }
+
+    #[test]
+    fn access_lists() {
+        let base = "state_dir = \"/s\"\n";
+        let c = p(base).unwrap();
+        assert!(c.access.link.is_open() && c.access.relay.is_open());
+        assert_eq!(c.access.links_per_subnet, DEFAULT_LINKS_PER_SUBNET);
+        let id = "cd".repeat(32);
+        let c = p(&format!(
+            "{base}[access]\nlink_deny = [\"198.51.100.0/24\", \"{id}\"]\nrelay_allow = [\"2001:db8::/32\"]\nlinks_per_subnet = 4\n"
+        ))
+        .unwrap();
+        assert_eq!(c.access.link.deny.len(), 2);
+        assert_eq!(c.access.relay.allow.len(), 1);
+        assert_eq!(c.access.links_per_subnet, 4);
+        assert_eq!(c.node_config().access, c.access);
+        let e = p(&format!(
+            "{base}[access]\nrelay_deny = [\"10.0.0.0/8\", \"nope\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "access.relay_deny[1]", "{e}");
+        let e = p(&format!("{base}[access]\nlink_alow = []\n")).unwrap_err();
+        assert!(e.to_string().contains("link_alow"), "{e}");
     }
 
     #[test]

@@ -673,6 +673,24 @@ impl Node {
             self.circ.stats.drops.bad_kind += 1;
             return;
         }
+        if !self.config.access.relay.is_open() {
+            // Only a verified neighbour can be checked against the lists.
+            let who = self.links.get(&link).and_then(|l| {
+                let v = l.verified.as_ref()?;
+                Some((l.endpoint.map(|e| e.ip()), v.record.node_id()))
+            });
+            let admitted = who.is_some_and(|(ip, id)| self.config.access.relay.admits(ip, &id));
+            if !admitted {
+                self.circ.stats.refused += 1;
+                self.drops.access_denied += 1;
+                tracing::debug!(
+                    link,
+                    "circuit refused: neighbour not allowed to relay through here"
+                );
+                self.send_plain(now, link, circ, KIND_DESTROY, &[3]);
+                return;
+            }
+        }
         let mine = self.circ.per_neighbour.get(&link).copied().unwrap_or(0);
         if self.circ.hops.len() >= MAX_HOP_CIRCUITS || mine >= MAX_PER_NEIGHBOUR {
             self.circ.stats.refused += 1;
