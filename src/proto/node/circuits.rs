@@ -1179,7 +1179,14 @@ impl Node {
         }
         let distinct = self.config.relay.distinct_subnets;
         let Some(path) = route::select(&mut self.rng, &pool, len, &exclude, &ends, distinct) else {
-            tracing::info!(%dst, relays = len, pool = pool.len(), "no path: too few usable relays");
+            // Destinations of this node's own traffic appear at debug only
+            // (see README, *Logs*).
+            tracing::info!(
+                relays = len,
+                pool = pool.len(),
+                "no path: too few usable relays"
+            );
+            tracing::debug!(%dst, "no path");
             return None;
         };
         let relays: Vec<Peer> = path
@@ -1366,7 +1373,13 @@ impl Node {
                 c.stage = Stage::Ready;
                 c.step_started = now;
                 let dst = c.dst;
-                tracing::info!(circuit = id, %dst, relays = c.relays.len(), ms = now.saturating_duration_since(c.created).as_millis() as u64, "circuit ready");
+                tracing::info!(
+                    circuit = id,
+                    relays = c.relays.len(),
+                    ms = now.saturating_duration_since(c.created).as_millis() as u64,
+                    "circuit ready"
+                );
+                tracing::debug!(circuit = id, %dst, "circuit ready");
                 self.circ.build_fails.remove(&dst);
                 // The replacement takes over from the circuit it replaces.
                 let old = self.circ.by_dst.insert(dst, id);
@@ -1469,7 +1482,8 @@ impl Node {
         let (dst, in_use) = (c.dst, now.saturating_duration_since(c.last_used) < OUT_IDLE);
         let queue = std::mem::take(&mut c.queue);
         let replaced_by = c.replaced_by;
-        tracing::info!(circuit = id, %dst, "circuit failed: {why}");
+        tracing::info!(circuit = id, "circuit failed: {why}");
+        tracing::debug!(circuit = id, %dst, "circuit failed");
         if let Some(b) = bad {
             // Out of the pool (it comes back from the DHT if it lives) and
             // not picked again for a while.
