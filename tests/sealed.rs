@@ -328,3 +328,40 @@ fn rotation_interrupted_after_each_step_loses_nothing() {
         v.close();
     }
 }
+
+#[test]
+fn init_hands_the_state_to_the_user() {
+    use std::os::unix::fs::MetadataExt;
+    let s = Scratch::new("user");
+    let state = s.p("node");
+    // An unknown user: refused before anything is written.
+    let o = qgate(&["init", "--state-dir", &state, "--user", "no-such-user-qg"]);
+    refused(&o, "does not exist");
+    assert!(!Path::new(&state).exists());
+    assert!(!Path::new(&format!("{state}.key")).exists());
+    // `nobody` exists everywhere; handing over needs root.
+    if !nix_root() {
+        eprintln!("not root: skipping the handover half");
+        return;
+    }
+    let o = qgate(&["init", "--state-dir", &state, "--user", "nobody"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let uid = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    for p in [
+        state.clone(),
+        format!("{state}/vault"),
+        format!("{state}/vault/data.mdb"),
+        format!("{state}/vault/header"),
+        format!("{state}.key"),
+    ] {
+        assert_eq!(std::fs::metadata(&p).unwrap().uid(), uid, "{p}");
+    }
+}
+
+fn nix_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}

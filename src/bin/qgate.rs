@@ -369,8 +369,13 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             };
             if let Some(name) = &user {
                 privilege::hand_over(&state_dir, name)?;
+                // The node reads its key file after it switched to that
+                // user; a file system without owners (a FAT stick) needs
+                // mount options instead (uid=, gid=).
                 if let Some(k) = &key_path {
-                    privilege::hand_over(k, name)?;
+                    if let Err(e) = privilege::hand_over(k, name) {
+                        println!("note     could not hand {} to {name}: {e:#}", k.display());
+                    }
                 }
             }
             let uri = uri_for(&id, Some(listen));

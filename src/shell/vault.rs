@@ -1696,6 +1696,16 @@ mod tests {
     }
 
     #[test]
+    fn one_holder_of_the_state_lock() {
+        let t = TempDir::new("lock");
+        let first = StateLock::take(&t.0).unwrap();
+        let e = StateLock::take(&t.0).err().expect("second lock refused");
+        assert!(format!("{e:#}").contains("in use"), "{e:#}");
+        drop(first);
+        StateLock::take(&t.0).unwrap();
+    }
+
+    #[test]
     fn key_files() {
         let t = TempDir::new("keyfile");
         let p = t.0.join("a.key");
