@@ -755,7 +755,7 @@ fn build(dir: &Path, header: &Header, keys: &Keys, contents: &Contents) -> Resul
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    write_synced(&dir.join(HEADER_FILE), &header.encode(), 0o600)?;
+    super::state::write_new(&dir.join(HEADER_FILE), &header.encode(), 0o600)?;
     let vault = open_env(dir, keys)?;
     vault.write_all(contents)?;
     vault
@@ -1309,19 +1309,6 @@ impl StateLock {
 
 // ---------------------------------------------------------------------------
 // Small file helpers
-
-/// Writes a new file durably.
-fn write_synced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(data)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
-}
 
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
