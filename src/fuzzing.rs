@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
+use crate::proto::access::AccessConfig;
 use crate::proto::dht::{Contact, Dht, Msg, RecordInfo};
 use crate::proto::identity::{RecordExt, ROLE_RELAY};
 use crate::proto::message::{
@@ -71,6 +72,7 @@ fn node_config(seed: u8) -> NodeConfig {
         traffic: TrafficConfig::default(),
         has_tun: true,
         rng_seed: [seed; 32],
+        access: AccessConfig::default(),
     }
 }
 

@@ -825,6 +825,34 @@ fn onion_circuit_through_relays_hides_the_ends_and_survives_a_relay_loss() {
     for l in about_e.iter().take(12) {
         eprintln!("  {l}");
     }
+    // Logs that don't betray: the relays ran at debug level, and no line
+    // their circuit code wrote names either end of the traffic they carried
+    // (node ID, overlay address, or underlay address of a or e).
+    let a_short = lab.nodes[a].node_id[..16].to_string();
+    for &r in &relays {
+        let log = lab.nodes[r].log();
+        let circuit_lines: Vec<&str> = log.lines().filter(|l| l.contains("::circuits:")).collect();
+        for l in &circuit_lines {
+            for (what, needle) in [
+                ("a's address", addr_a.as_str()),
+                ("a's ID", a_short.as_str()),
+                ("e's address", addr_e.as_str()),
+                ("e's ID", e_short.as_str()),
+                ("e's endpoint", e_ip.as_str()),
+            ] {
+                assert!(
+                    !l.contains(needle),
+                    "relay {} logged {what} in a circuit line: {l}",
+                    lab.nodes[r].name
+                );
+            }
+        }
+        eprintln!(
+            "relay {}: {} circuit log lines at debug, none names a or e",
+            lab.nodes[r].name,
+            circuit_lines.len()
+        );
+    }
     eprintln!("test took {:.1?}", t_test.elapsed());
 }
 

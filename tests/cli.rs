@@ -35,15 +35,40 @@ fn init_then_id_and_never_overwrite() {
     );
     assert!(addr.starts_with("fc"));
     assert_eq!(&id["node_id"].as_str().unwrap()[..2], &addr[2..4]);
-    for f in ["identity.pem", "link.key"] {
-        let m = std::fs::metadata(dir.join(f)).unwrap().permissions().mode();
-        assert_eq!(m & 0o777, 0o600, "{f}");
+    // Sealed in DIR/vault; the key file beside DIR, named after it.
+    let key_file = dir.with_file_name(format!(
+        "{}.key",
+        dir.file_name().unwrap().to_str().unwrap()
+    ));
+    assert!(text.contains(key_file.to_str().unwrap()), "{text}");
+    for (f, mode) in [(dir.join("vault"), 0o700), (key_file.clone(), 0o600)] {
+        let m = std::fs::metadata(&f).unwrap().permissions().mode();
+        assert_eq!(m & 0o777, mode, "{f:?}");
     }
-    let key = std::fs::read(dir.join("identity.pem")).unwrap();
+    assert!(!dir.join("identity.pem").exists());
+    let data = std::fs::read(dir.join("vault/data.mdb")).unwrap();
+    let key = std::fs::read(&key_file).unwrap();
     let again = qgate(&["init", "--state-dir", d]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
-    assert_eq!(std::fs::read(dir.join("identity.pem")).unwrap(), key);
+    assert_eq!(std::fs::read(dir.join("vault/data.mdb")).unwrap(), data);
+    assert_eq!(std::fs::read(&key_file).unwrap(), key);
+    // A second state dir beside it gets its own key file; an existing
+    // default key file is never overwritten.
+    let other = tmp("init-other");
+    let o = other.to_str().unwrap();
+    let other_key = other.with_file_name(format!(
+        "{}.key",
+        other.file_name().unwrap().to_str().unwrap()
+    ));
+    std::fs::write(&other_key, "keep me").unwrap();
+    let clash = qgate(&["init", "--state-dir", o]);
+    assert_eq!(clash.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&clash.stderr).contains("refusing to overwrite"));
+    assert_eq!(std::fs::read_to_string(&other_key).unwrap(), "keep me");
+    assert!(!other.join("vault").exists());
+    let _ = std::fs::remove_file(&other_key);
+    let _ = std::fs::remove_dir_all(&other);
     let id2: serde_json::Value =
         serde_json::from_slice(&qgate(&["id", "--json", "--state-dir", d]).stdout).unwrap();
     assert_eq!(id, id2);
@@ -61,13 +86,14 @@ fn init_then_id_and_never_overwrite() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("state_dir"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_file(&key_file).unwrap();
 }
 
 #[test]
 fn help_explains_commands() {
     let out = qgate(&["--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["init", "id", "run", "status"] {
+    for cmd in ["init", "id", "run", "status", "key"] {
         assert!(text.contains(cmd), "{text}");
     }
     let bad = qgate(&["run"]);

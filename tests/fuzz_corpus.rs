@@ -241,6 +241,7 @@ fn write_seeds() {
     let dflt = qgate::shell::config::default_text(
         std::path::Path::new("/var/lib/qgate"),
         &"0.0.0.0:7300".parse().unwrap(),
+        Some(std::path::Path::new("/media/usb/qgate.key")),
     );
     seeds.push(("config", dflt.into_bytes()));
     seeds.push((

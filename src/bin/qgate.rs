@@ -11,7 +11,8 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use qgate::proto::{Identity, PeerUri};
-use qgate::shell::{config, control, run, state, status};
+use qgate::shell::vault::{self, KeyOptions, KeySource, Vault};
+use qgate::shell::{config, control, privilege, run, state, status};
 
 /// QuantumGate node: an encrypted peer-to-peer IPv6 overlay.
 ///
@@ -26,33 +27,78 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Where the master key that unseals the state directory comes from.
+#[derive(clap::Args, Clone, Debug, Default)]
+struct KeyArgs {
+    /// Master key file (default: the config's `key_file`, else the file
+    /// beside the state directory, DIR.key). Keep it on removable media.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// Read a passphrase (one line) from this open file descriptor instead
+    /// of using a key file; it is stretched with Argon2id.
+    #[arg(long, value_name = "N", conflicts_with = "key_file")]
+    passphrase_fd: Option<i32>,
+    /// Prompt for a passphrase on the terminal.
+    #[arg(long, conflicts_with_all = ["key_file", "passphrase_fd"])]
+    ask_passphrase: bool,
+}
+
+impl KeyArgs {
+    fn options(&self) -> KeyOptions {
+        KeyOptions {
+            key_file: self.key_file.clone(),
+            passphrase_fd: self.passphrase_fd,
+            ask_passphrase: self.ask_passphrase,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create the node's keys and a commented default config (DIR/qgate.toml);
-    /// print the overlay address and peer URI. Never overwrites keys.
+    /// Create the node's keys, sealed in DIR/vault under a master key, and a
+    /// commented default config (DIR/qgate.toml); print the overlay address
+    /// and peer URI. Without a key option a new key file is written beside
+    /// the state directory (DIR.key). Never overwrites keys.
     Init {
-        /// State directory to create (keys are written mode 0600).
+        /// State directory to create (mode 0700).
         #[arg(long, value_name = "DIR")]
         state_dir: PathBuf,
         /// UDP address to listen on, put in the config and the peer URI.
         #[arg(long, value_name = "IP:PORT", default_value = config::DEFAULT_LISTEN)]
         listen: SocketAddr,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Hand the state directory (and a key file made here) to this user,
+        /// the one `qgate run` switches to (config `user`).
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
     },
-    /// Print the node ID, overlay address and peer URI of a state directory.
+    /// Print the node ID, overlay address and peer URI of a state directory
+    /// (unseals it: needs the key).
     Id {
         /// State directory.
         #[arg(long, value_name = "DIR")]
         state_dir: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
         /// Print JSON: {"node_id", "address", "uri"}.
         #[arg(long)]
         json: bool,
     },
     /// Run the node in the foreground (needs CAP_NET_ADMIN, except with
-    /// `role = "relay"`, which makes no TUN).
+    /// `role = "relay"`, which makes no TUN). Refuses to start without the
+    /// right key, or if the vault fails authentication.
     Run {
         /// Configuration file.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Master keys: make a key file, re-seal the state under a new key.
+    Key {
+        #[command(subcommand)]
+        op: KeyOp,
     },
     /// Show the running node's identity, uptime and links.
     Status {
@@ -104,6 +150,40 @@ enum Cmd {
     Dht {
         #[command(subcommand)]
         op: DhtOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyOp {
+    /// Write a new random master key to PATH (mode 0600); never overwrites.
+    New {
+        /// Where to write it (e.g. on a USB stick).
+        #[arg(long, value_name = "PATH")]
+        key_file: PathBuf,
+    },
+    /// Re-seal the whole state under a new key: a complete new vault is
+    /// written and synced, then swapped in with one atomic rename. A crash
+    /// at any point leaves a vault that the old or the new key opens. The
+    /// node must be stopped.
+    Rotate {
+        /// Configuration file naming the state directory.
+        #[arg(long, value_name = "FILE", required_unless_present = "state_dir")]
+        config: Option<PathBuf>,
+        /// State directory (instead of --config).
+        #[arg(long, value_name = "DIR", conflicts_with = "config")]
+        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// The new key file; created if it does not exist.
+        #[arg(
+            long,
+            value_name = "PATH",
+            required_unless_present = "new_passphrase_fd"
+        )]
+        new_key_file: Option<PathBuf>,
+        /// Seal with a passphrase read from this file descriptor instead.
+        #[arg(long, value_name = "N", conflicts_with = "new_key_file")]
+        new_passphrase_fd: Option<i32>,
     },
 }
 
@@ -180,10 +260,101 @@ fn uri_for(id: &Identity, listen: Option<SocketAddr>) -> PeerUri {
     }
 }
 
+/// `qgate key ...`.
+fn key_op(op: KeyOp) -> Result<(), Failure> {
+    match op {
+        KeyOp::New { key_file } => {
+            vault::generate_key_file(&key_file)?;
+            println!("new key file {} (mode 0600)", key_file.display());
+            Ok(())
+        }
+        KeyOp::Rotate {
+            config,
+            state_dir,
+            key,
+            new_key_file,
+            new_passphrase_fd,
+        } => {
+            let (state_dir, cfg_key) = match (config, state_dir) {
+                (Some(c), _) => {
+                    let cfg = load_config(&c)?;
+                    (cfg.state_dir, cfg.key_file)
+                }
+                (None, Some(d)) => (d, None),
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            let mut old = key.options();
+            if old.key_file.is_none() && old.passphrase_fd.is_none() && !old.ask_passphrase {
+                old.key_file = cfg_key;
+            }
+            let _lock = vault::StateLock::take(&state_dir)?;
+            let old = old.for_open(&state_dir)?;
+            let new = match (new_key_file, new_passphrase_fd) {
+                (_, Some(fd)) => KeySource::Passphrase(vault::read_passphrase_fd(fd)?),
+                (Some(p), None) => {
+                    if !p.exists() {
+                        vault::generate_key_file(&p)?;
+                        println!("new key file {} (mode 0600)", p.display());
+                    }
+                    KeySource::File(p)
+                }
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            // Fault injection for tests: QGATE_FAULT=rotate-after-STEP ends
+            // the process right after that step, as a crash would.
+            let fault = std::env::var("QGATE_FAULT").unwrap_or_default();
+            let after = |step: vault::RotateStep| -> Result<()> {
+                if fault == format!("rotate-after-{}", step.name()) {
+                    eprintln!("qgate: fault injected after the {} step", step.name());
+                    std::process::exit(86);
+                }
+                Ok(())
+            };
+            let id = vault::rotate(&state_dir, &old, &new, &after)?;
+            println!(
+                "{} is now sealed with {} (key {}); the old key no longer opens it",
+                state_dir.display(),
+                new.describe(),
+                vault::short_id(&id)
+            );
+            if let KeySource::File(p) = &new {
+                println!(
+                    "start the node with --key-file {} (or set key_file in the config)",
+                    p.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 fn dispatch(cli: Cli) -> Result<(), Failure> {
     match cli.cmd {
-        Cmd::Init { state_dir, listen } => {
-            let id = state::init(&state_dir)?;
+        Cmd::Init {
+            state_dir,
+            listen,
+            key,
+            user,
+        } => {
+            if vault::layout(&state_dir) != vault::Layout::Empty {
+                return Err(Failure::Other(anyhow::anyhow!(
+                    "{} already holds a node's keys; refusing to overwrite them (`qgate id --state-dir {}` prints them)",
+                    state_dir.display(),
+                    state_dir.display()
+                )));
+            }
+            // Check the user before writing anything.
+            if let Some(name) = &user {
+                privilege::lookup_user(name)?;
+            }
+            let (source, said) = key.options().for_create(&state_dir)?;
+            let id = Identity::generate(&mut rand_core::OsRng).context("generating keys")?;
+            let store = Vault::create(&state_dir, &source, &id)?;
+            store.close();
+            let key_path = match &source {
+                KeySource::File(p) => Some(std::fs::canonicalize(p).unwrap_or(p.clone())),
+                KeySource::Passphrase(_) => None,
+            };
             let cfg_path = state_dir.join(state::CONFIG_FILE);
             let wrote_config = if cfg_path.exists() {
                 false
@@ -191,15 +362,27 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 let abs = std::fs::canonicalize(&state_dir).unwrap_or(state_dir.clone());
                 state::write_new(
                     &cfg_path,
-                    config::default_text(&abs, &listen).as_bytes(),
+                    config::default_text(&abs, &listen, key_path.as_deref()).as_bytes(),
                     0o644,
                 )?;
                 true
             };
+            if let Some(name) = &user {
+                privilege::hand_over(&state_dir, name)?;
+                // The node reads its key file after it switched to that
+                // user; a file system without owners (a FAT stick) needs
+                // mount options instead (uid=, gid=).
+                if let Some(k) = &key_path {
+                    if let Err(e) = privilege::hand_over(k, name) {
+                        println!("note     could not hand {} to {name}: {e:#}", k.display());
+                    }
+                }
+            }
             let uri = uri_for(&id, Some(listen));
             println!("node ID  {}", id.node_id());
             println!("address  {}", id.overlay_address());
             println!("peer URI {uri}");
+            println!("key      {said}");
             if uri.endpoint.is_none() {
                 println!(
                     "         (listening on {listen}: other nodes need your reachable IP, e.g. {uri}/198.18.0.1:{})",
@@ -220,10 +403,22 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Cmd::Id { state_dir, json } => {
-            let id = state::load_identity(&state_dir)?;
+        Cmd::Id {
+            state_dir,
+            key,
+            json,
+        } => {
             let cfg_path = state_dir.join(state::CONFIG_FILE);
-            let listen = config::load(&cfg_path).ok().map(|c| c.listen);
+            let cfg = config::load(&cfg_path).ok();
+            let mut opts = key.options();
+            if opts.key_file.is_none() && opts.passphrase_fd.is_none() && !opts.ask_passphrase {
+                opts.key_file = cfg.as_ref().and_then(|c| c.key_file.clone());
+            }
+            let source = opts.for_open(&state_dir)?;
+            let store = Vault::open(&state_dir, &source)?;
+            let id = store.identity()?;
+            store.close();
+            let listen = cfg.map(|c| c.listen);
             let uri = uri_for(&id, listen);
             if json {
                 println!(
@@ -237,7 +432,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Cmd::Run { config } => {
+        Cmd::Run { config, key } => {
             let cfg = load_config(&config)?;
             let filter = std::env::var("QGATE_LOG").unwrap_or_else(|_| cfg.log.clone());
             // boringtun logs every handshake retry; keep it quiet unless asked.
@@ -262,9 +457,10 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 default_hook(info);
                 std::process::exit(101);
             }));
-            run::run(cfg)?;
+            run::run(cfg, key.options())?;
             Ok(())
         }
+        Cmd::Key { op } => key_op(op),
         Cmd::Status { config, json, wait } => {
             let cfg = load_config(&config)?;
             let deadline = Instant::now() + Duration::from_secs_f64(wait.unwrap_or(0.0).max(0.0));

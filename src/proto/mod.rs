@@ -2,6 +2,7 @@
 //! state machine. No sockets, no tokio, no clock reads of our own (time comes
 //! in as `now`), no OS randomness (an RNG is passed in where one is needed).
 
+pub mod access;
 pub mod compress;
 pub mod dht;
 pub mod identity;

@@ -24,6 +24,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use serde::Serialize;
 
+use super::access::{link_subnet, AccessConfig};
 use super::compress::Adaptive;
 use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source};
 use super::identity::{is_overlay_address, put_endpoint, Identity, NodeId, NodeRecord, RecordExt};
@@ -232,6 +233,8 @@ pub struct NodeConfig {
     pub has_tun: bool,
     /// Seed of the core's CSPRNG (circuit keys, IDs, paths, noise).
     pub rng_seed: [u8; 32],
+    /// Who may link to this node and use it as a relay.
+    pub access: AccessConfig,
 }
 
 /// Why packets or datagrams were dropped. Every drop is counted somewhere here.
@@ -271,6 +274,10 @@ pub struct Drops {
     pub lookup_limited: u64,
     /// TUN packet to an address whose lookup failed (answered with ICMPv6).
     pub unreachable: u64,
+    /// Link refused or closed by the access lists (`[access]`).
+    pub access_denied: u64,
+    /// New link refused: its subnet holds `links_per_subnet` links already.
+    pub subnet_limit: u64,
     /// Datagram from a source over its budget for unauthenticated work
     /// (handshake initiations, unknown sessions, garbage): dropped unread.
     pub rate_limited: u64,
@@ -1151,6 +1158,20 @@ impl Node {
         self.handle_inner(now, index, n).map(<[u8]>::len)
     }
 
+    /// Whether `ip`'s subnet (IPv4 /24, IPv6 /48) holds its share of links.
+    fn subnet_full(&self, ip: IpAddr) -> bool {
+        let limit = self.config.access.links_per_subnet;
+        if limit == 0 {
+            return false;
+        }
+        let net = link_subnet(ip);
+        self.links
+            .values()
+            .filter(|l| l.endpoint.is_some_and(|e| link_subnet(e.ip()) == net))
+            .count()
+            >= limit
+    }
+
     /// Checks a handshake initiation's MAC and load, finds who sent it, and
     /// returns the link index (creating a link for an unknown node).
     fn rate_limiter_check_and_index(
@@ -1200,6 +1221,11 @@ impl Node {
         ) {
             return None;
         }
+        // A denied network costs no Diffie-Hellman work.
+        if !self.config.access.link.admits_addr(from.ip()) {
+            self.drops.access_denied += 1;
+            return None;
+        }
         let public = x25519::PublicKey::from(self.identity.link_secret());
         let half = match parse_handshake_anon(self.identity.link_secret(), &public, init) {
             Ok(h) => h,
@@ -1208,6 +1234,10 @@ impl Node {
                 return None;
             }
         };
+        if !self.by_key.contains_key(&half.peer_static_public) && self.subnet_full(from.ip()) {
+            self.drops.subnet_limit += 1;
+            return None;
+        }
         let idx = self.add_link(half.peer_static_public, Some(from), None, now);
         if let Some(i) = idx {
             if self.links[&i].configured.is_none() && self.links[&i].verified.is_none() {
@@ -1347,6 +1377,17 @@ impl Node {
                 Ok(v) => {
                     let addr = v.address;
                     let id = v.record.node_id();
+                    let ip = self
+                        .links
+                        .get(&index)
+                        .and_then(|l| l.endpoint)
+                        .map(|e| e.ip());
+                    if !self.config.access.link.admits(ip, &id) {
+                        tracing::debug!(link = index, node = %id.short(), "link closed: denied by [access]");
+                        self.drops.access_denied += 1;
+                        self.remove_link(index);
+                        return;
+                    }
                     // Another link already speaking for this address: the
                     // newer record wins (a node may have replaced its link key).
                     if let Some(&other) = self.by_addr.get(&addr) {
@@ -2395,6 +2436,7 @@ mod tests {
             relay: RelayConfig::default(),
             traffic: TrafficConfig::default(),
             has_tun: true,
+            access: AccessConfig::default(),
             rng_seed: {
                 let mut s = [0u8; 32];
                 rand_core::RngCore::fill_bytes(&mut OsRng, &mut s);
@@ -2890,6 +2932,117 @@ mod tests {
         }
         assert!(!net.nodes[0].0.by_addr.contains_key(&addrs[2]));
         assert!(net.nodes[0].0.by_addr.contains_key(&addrs[1]));
+    }
+
+    #[test]
+    fn access_lists_and_subnet_limit_refuse_links() {
+        use crate::proto::access::Rule;
+        let now = Instant::now();
+        let ids = identities(3);
+        let eps = endpoints(3);
+        let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
+        let c_id = ids[2].node_id();
+        // Three B configurations; A and C both configured with B.
+        let deny_a_net = AccessConfig {
+            link: crate::proto::access::AccessList {
+                allow: vec![],
+                deny: vec![Rule::Net(eps[0].ip(), 32)],
+            },
+            ..AccessConfig::default()
+        };
+        let allow_only_c = AccessConfig {
+            link: crate::proto::access::AccessList {
+                allow: vec![Rule::Node(c_id)],
+                deny: vec![],
+            },
+            ..AccessConfig::default()
+        };
+        let one_per_subnet = AccessConfig {
+            links_per_subnet: 1,
+            ..AccessConfig::default()
+        };
+        for (case, access) in [deny_a_net, allow_only_c, one_per_subnet]
+            .into_iter()
+            .enumerate()
+        {
+            let (pa, pc) = (vec![uri(&ids[1], eps[1])], vec![uri(&ids[1], eps[1])]);
+            let clone = |i: &Identity| {
+                Identity::from_pem(&i.rsa_pem().unwrap(), i.link_secret_bytes()).unwrap()
+            };
+            let a = Node::new(clone(&ids[0]), 1, cfg(pa), now, 1);
+            let b = Node::new(
+                clone(&ids[1]),
+                1,
+                NodeConfig {
+                    access,
+                    ..cfg(vec![])
+                },
+                now,
+                2,
+            );
+            let c = Node::new(clone(&ids[2]), 1, cfg(pc), now, 3);
+            let mut net = Net {
+                nodes: vec![(a, eps[0]), (b, eps[1]), (c, eps[2])],
+                now,
+            };
+            // A starts first, so under the subnet limit it takes the slot.
+            net.run();
+            let st = net.nodes[1].0.status();
+            match case {
+                0 | 1 => {
+                    assert!(
+                        !net.nodes[1].0.link_up_to(&addrs[0]),
+                        "case {case}: A linked"
+                    );
+                    assert!(
+                        net.nodes[1].0.link_up_to(&addrs[2]),
+                        "case {case}: C refused"
+                    );
+                    assert!(st.drops.access_denied > 0, "case {case}");
+                }
+                _ => {
+                    let up = [0, 2].map(|i| net.nodes[1].0.link_up_to(&addrs[i]));
+                    assert_eq!(up.iter().filter(|u| **u).count(), 1, "{up:?}");
+                    assert!(st.drops.subnet_limit > 0);
+                    assert_eq!(st.drops.access_denied, 0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn relays_refuse_circuits_from_denied_nodes() {
+        use crate::proto::access::Rule;
+        let now = Instant::now();
+        let (mut net, addrs, ids) = circuit_net(now);
+        for r in 1..=4 {
+            net.nodes[r].0.config.access.relay.deny = vec![Rule::Node(ids[0])];
+        }
+        let (a, e) = (0, 5);
+        let p = udp_packet(addrs[a], addrs[e], b"through relays?");
+        assert!(matches!(
+            net.nodes[a].0.handle_tun_packet(net.now, &p),
+            TunOutcome::Nothing
+        ));
+        let tun = advance(&mut net, 20.0);
+        assert!(!tun[e].contains(&p), "a denied source got through");
+        let refused: u64 = (1..=4).map(|r| net.nodes[r].0.status().relay.refused).sum();
+        assert!(refused > 0);
+        assert!(net.nodes[a]
+            .0
+            .circuits(net.now)
+            .circuits
+            .iter()
+            .all(|c| c.state != "ready"));
+        // Another source is still carried.
+        let p = udp_packet(addrs[6], addrs[e], b"allowed source");
+        net.nodes[6].0.config.routes.default = Policy::Hops(1, 2);
+        assert!(matches!(
+            net.nodes[6].0.handle_tun_packet(net.now, &p),
+            TunOutcome::Nothing
+        ));
+        let tun = advance(&mut net, 5.0);
+        assert!(tun[e].contains(&p), "an allowed source was refused");
     }
 
     /// A circuit network in one process: A (0) and E (5), four relays

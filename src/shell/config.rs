@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::proto::access::{AccessConfig, AccessList, Rule, DEFAULT_LINKS_PER_SUBNET};
 use crate::proto::identity::ROLE_RELAY;
 use crate::proto::node::{
     link_mtu, CompressionPolicy, NodeConfig, PeerConfig, RelayConfig, TrafficConfig,
@@ -47,6 +48,7 @@ pub struct ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     state_dir: Option<PathBuf>,
+    key_file: Option<PathBuf>,
     listen: Option<String>,
     #[serde(default)]
     peers: Vec<String>,
@@ -71,6 +73,22 @@ struct RawConfig {
     route: Vec<RawRoute>,
     #[serde(default)]
     traffic: RawTraffic,
+    #[serde(default)]
+    access: RawAccess,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    #[serde(default)]
+    link_allow: Vec<String>,
+    #[serde(default)]
+    link_deny: Vec<String>,
+    #[serde(default)]
+    relay_allow: Vec<String>,
+    #[serde(default)]
+    relay_deny: Vec<String>,
+    links_per_subnet: Option<usize>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -137,8 +155,10 @@ struct RawCompression {
 pub struct Config {
     /// Where the file was read from.
     pub path: PathBuf,
-    /// State directory (keys, record sequence).
+    /// State directory (the sealed vault).
     pub state_dir: PathBuf,
+    /// Master key file (None: the state directory's default, DIR.key).
+    pub key_file: Option<PathBuf>,
     /// UDP listen address.
     pub listen: SocketAddr,
     /// Configured peers.
@@ -174,6 +194,8 @@ pub struct Config {
     pub relay: RelayConfig,
     /// Circuit traffic shaping.
     pub traffic: TrafficConfig,
+    /// Who may link to the node and relay through it.
+    pub access: AccessConfig,
 }
 
 impl Config {
@@ -199,6 +221,7 @@ impl Config {
             relay: self.relay.clone(),
             traffic: self.traffic.clone(),
             has_tun: !self.relay_only,
+            access: self.access.clone(),
             rng_seed: {
                 let mut seed = [0u8; 32];
                 rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
@@ -271,6 +294,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             "missing: the directory holding the node's keys".into(),
         )
     })?);
+    let key_file = raw.key_file.map(resolve);
     let listen_s = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
     let listen: SocketAddr = listen_s.parse().map_err(|_| {
         err(
@@ -507,7 +531,31 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         routes,
         default: default_policy,
     };
+    let rules = |key: &str, list: &[String]| -> Result<Vec<Rule>, ConfigError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.parse()
+                    .map_err(|e| err(&format!("access.{key}[{i}]"), format!("{e}")))
+            })
+            .collect()
+    };
+    let access = AccessConfig {
+        link: AccessList {
+            allow: rules("link_allow", &raw.access.link_allow)?,
+            deny: rules("link_deny", &raw.access.link_deny)?,
+        },
+        relay: AccessList {
+            allow: rules("relay_allow", &raw.access.relay_allow)?,
+            deny: rules("relay_deny", &raw.access.relay_deny)?,
+        },
+        links_per_subnet: raw
+            .access
+            .links_per_subnet
+            .unwrap_or(DEFAULT_LINKS_PER_SUBNET),
+    };
     Ok(Config {
+        access,
         relay_only,
         preset,
         routes,
@@ -518,6 +566,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         lan_port,
         path: path.to_path_buf(),
         state_dir,
+        key_file,
         listen,
         peers,
         log,
@@ -552,14 +601,25 @@ fn parse_bandwidth(s: &str) -> Option<u64> {
 }
 
 /// The commented default configuration `qgate init` writes.
-pub fn default_text(state_dir: &Path, listen: &SocketAddr) -> String {
+/// `key_file`: the key file to name in the config (None: a commented line).
+pub fn default_text(state_dir: &Path, listen: &SocketAddr, key_file: Option<&Path>) -> String {
+    let key_line = match key_file {
+        Some(k) => format!("key_file = {:?}", k.display().to_string()),
+        None => "# key_file = \"/media/usb/qgate.key\"".to_string(),
+    };
     format!(
         r#"# QuantumGate node configuration. Every key is optional except state_dir;
 # the values shown commented out are the defaults. `qgate run --config FILE`
 # validates all of it before starting anything.
 
-# Where the node's keys live (identity.pem, link.key). Keep it private.
+# Where the node keeps its state: the sealed vault (keys, peers, ...).
 state_dir = "{state}"
+
+# The master key that unseals the vault. Keep it off the machine when you can
+# (e.g. a USB stick that must be mounted when the node starts); `qgate run
+# --key-file` overrides this, `--passphrase-fd N` replaces it for a vault
+# sealed with a passphrase. Default: the file beside state_dir, "<state_dir>.key".
+{key_line}
 
 # UDP address links arrive on: IPv4 ("0.0.0.0:7300") or IPv6/dual-stack ("[::]:7300").
 listen = "{listen}"
@@ -644,6 +704,18 @@ peers = [
 # lz4 on circuit payloads (off in "private": sizes can leak content).
 # compress = true
 
+[access]
+# Who may link to this node, and who may build circuits through it. Entries
+# are node IDs (64 hex) or IP networks of underlay addresses ("198.51.100.0/24",
+# "2001:db8::/32", one address). Deny wins; a non-empty allow list admits only
+# what it names. Empty lists (the default) leave the network open.
+# link_allow = []
+# link_deny = []
+# relay_allow = []
+# relay_deny = []
+# Links at most per IPv4 /24 or IPv6 /48 of underlay address (0: no limit).
+# links_per_subnet = {lps}
+
 # Routes: which destinations go direct and which through relays. First match
 # wins; without a match the preset decides. prefix is an overlay prefix or a
 # single address; hops is "direct" or "MIN..MAX" relays (1..3).
@@ -653,6 +725,7 @@ peers = [
 "#,
         preset = DEFAULT_PRESET,
         state = state_dir.display(),
+        key_line = key_line,
         listen = listen,
         tun = DEFAULT_TUN,
         mtu = default_mtu(listen),
@@ -660,6 +733,7 @@ peers = [
         ka = DEFAULT_KEEPALIVE,
         ml = DEFAULT_MAX_LINKS,
         lan_port = DEFAULT_LAN_PORT,
+        lps = DEFAULT_LINKS_PER_SUBNET,
     )
 }
 
@@ -672,20 +746,48 @@ mod tests {
     }
 
     #[test]
+    fn access_lists() {
+        let base = "state_dir = \"/s\"\n";
+        let c = p(base).unwrap();
+        assert!(c.access.link.is_open() && c.access.relay.is_open());
+        assert_eq!(c.access.links_per_subnet, DEFAULT_LINKS_PER_SUBNET);
+        let id = "cd".repeat(32);
+        let c = p(&format!(
+            "{base}[access]\nlink_deny = [\"198.51.100.0/24\", \"{id}\"]\nrelay_allow = [\"2001:db8::/32\"]\nlinks_per_subnet = 4\n"
+        ))
+        .unwrap();
+        assert_eq!(c.access.link.deny.len(), 2);
+        assert_eq!(c.access.relay.allow.len(), 1);
+        assert_eq!(c.access.links_per_subnet, 4);
+        assert_eq!(c.node_config().access, c.access);
+        let e = p(&format!(
+            "{base}[access]\nrelay_deny = [\"10.0.0.0/8\", \"nope\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "access.relay_deny[1]", "{e}");
+        let e = p(&format!("{base}[access]\nlink_alow = []\n")).unwrap_err();
+        assert!(e.to_string().contains("link_alow"), "{e}");
+    }
+
+    #[test]
     fn default_text_parses() {
         let c = p(&default_text(
             Path::new("/var/lib/qgate"),
             &"0.0.0.0:7300".parse().unwrap(),
+            Some(Path::new("/var/lib/qgate.key")),
         ))
         .unwrap();
+        assert_eq!(c.key_file.as_deref(), Some(Path::new("/var/lib/qgate.key")));
         assert_eq!(c.mtu, 1440);
         assert_eq!(c.tun_name, "qg0");
         assert_eq!(c.control_socket, Path::new("/var/lib/qgate/control.sock"));
         let c = p(&default_text(
             Path::new("/x"),
             &"[::]:7300".parse().unwrap(),
+            None,
         ))
         .unwrap();
+        assert_eq!(c.key_file, None);
         assert_eq!(c.mtu, 1420);
     }
 

@@ -5,7 +5,8 @@
 pub mod config;
 pub mod control;
 pub mod lan;
+pub mod privilege;
 pub mod run;
 pub mod state;
 pub mod status;
-pub mod store;
+pub mod vault;

@@ -27,8 +27,7 @@ use serde_json::json;
 
 use super::config::Config;
 use super::control::{self, ControlSocket, Handler, Request};
-use super::state;
-use super::store::{PeerStore, StoredPeer};
+use super::vault::{KeyOptions, StateLock, StoredPeer, Vault};
 use crate::proto::dht::{LookupDone, Outcome, Source};
 use crate::proto::node::{normalize, LookupTarget, Transmit};
 use crate::proto::records::SignedValue;
@@ -61,27 +60,37 @@ struct Shared {
     /// None for a dedicated relay (`role = "relay"`).
     tun: Option<SyncDevice>,
     ipv6_socket: bool,
-    store: PeerStore,
-    state_dir: std::path::PathBuf,
+    store: Vault,
+    /// Held for the life of the node: no rotation or second node meanwhile.
+    _lock: StateLock,
 }
 
-/// Starts the node and runs until SIGINT or SIGTERM.
-pub fn run(config: Config) -> Result<()> {
-    let identity = state::load_identity(&config.state_dir)?;
+/// Starts the node and runs until SIGINT or SIGTERM. `key` names the master
+/// key (the config's `key_file` fills in when it names none).
+pub fn run(config: Config, mut key: KeyOptions) -> Result<()> {
+    if key.key_file.is_none() && key.passphrase_fd.is_none() && !key.ask_passphrase {
+        key.key_file = config.key_file.clone();
+    }
+    // First the key and the store: a node that cannot unseal its state
+    // stops here, before it touches the network.
+    let lock = StateLock::take(&config.state_dir)?;
+    let source = key.for_open(&config.state_dir)?;
+    let store = Vault::open(&config.state_dir, &source)?;
+    drop(source);
+    let identity = store.identity()?;
     if !config.relay_only && !qgate_platform::has_cap_net_admin() {
         bail!(
             "qgate run needs CAP_NET_ADMIN to create TUN interface {}: run it as root or grant the capability (see platform/linux/qgate.service)",
             config.tun_name
         );
     }
-    let store = PeerStore::open(&config.state_dir)?;
-    let seq = state::next_record_seq(&config.state_dir)?;
+    let seq = store.next_record_seq()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(async_main(config, identity, seq, store))
+    rt.block_on(async_main(config, identity, seq, store, lock))
 }
 
 fn source_code(s: Source) -> u8 {
@@ -145,7 +154,8 @@ async fn async_main(
     config: Config,
     identity: crate::proto::Identity,
     seq: u64,
-    store: PeerStore,
+    store: Vault,
+    lock: StateLock,
 ) -> Result<()> {
     let (udp, ipv6_socket) = bind_udp(config.listen)?;
     let udp_state = UdpSocketState::new((&udp).into()).context("setting up the UDP socket")?;
@@ -167,8 +177,8 @@ async fn async_main(
     tracing::info!(
         stored = stored.len(),
         usable = kept,
-        "peer store {} read",
-        config.state_dir.join(super::store::STORE_DIR).display()
+        "vault {} opened, peer store read",
+        config.state_dir.join(super::vault::VAULT_DIR).display()
     );
     // The control socket is checked before the TUN exists, so a second
     // instance fails without touching the first one's interface.
@@ -209,7 +219,7 @@ async fn async_main(
         tun: device,
         ipv6_socket,
         store,
-        state_dir: config.state_dir.clone(),
+        _lock: lock,
     });
     // Send the hellos the node queued for its configured peers.
     flush(&shared);
@@ -840,7 +850,7 @@ async fn timer_loop(sh: Arc<Shared>) {
         write_cell_log(&sh);
         if new_seq != seq {
             seq = new_seq;
-            if let Err(e) = state::write_record_seq(&sh.state_dir, seq) {
+            if let Err(e) = sh.store.write_record_seq(seq) {
                 tracing::warn!("storing the record sequence number: {e:#}");
             }
         }

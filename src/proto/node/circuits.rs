@@ -687,6 +687,24 @@ impl Node {
             self.circ.stats.drops.bad_kind += 1;
             return;
         }
+        if !self.config.access.relay.is_open() {
+            // Only a verified neighbour can be checked against the lists.
+            let who = self.links.get(&link).and_then(|l| {
+                let v = l.verified.as_ref()?;
+                Some((l.endpoint.map(|e| e.ip()), v.record.node_id()))
+            });
+            let admitted = who.is_some_and(|(ip, id)| self.config.access.relay.admits(ip, &id));
+            if !admitted {
+                self.circ.stats.refused += 1;
+                self.drops.access_denied += 1;
+                tracing::debug!(
+                    link,
+                    "circuit refused: neighbour not allowed to relay through here"
+                );
+                self.send_plain(now, link, circ, KIND_DESTROY, &[3]);
+                return;
+            }
+        }
         if !self
             .circ
             .create_rate
@@ -1185,7 +1203,14 @@ impl Node {
         }
         let distinct = self.config.relay.distinct_subnets;
         let Some(path) = route::select(&mut self.rng, &pool, len, &exclude, &ends, distinct) else {
-            tracing::info!(%dst, relays = len, pool = pool.len(), "no path: too few usable relays");
+            // Destinations of this node's own traffic appear at debug only
+            // (see README, *Logs*).
+            tracing::info!(
+                relays = len,
+                pool = pool.len(),
+                "no path: too few usable relays"
+            );
+            tracing::debug!(%dst, "no path");
             return None;
         };
         let relays: Vec<Peer> = path
@@ -1372,7 +1397,13 @@ impl Node {
                 c.stage = Stage::Ready;
                 c.step_started = now;
                 let dst = c.dst;
-                tracing::info!(circuit = id, %dst, relays = c.relays.len(), ms = now.saturating_duration_since(c.created).as_millis() as u64, "circuit ready");
+                tracing::info!(
+                    circuit = id,
+                    relays = c.relays.len(),
+                    ms = now.saturating_duration_since(c.created).as_millis() as u64,
+                    "circuit ready"
+                );
+                tracing::debug!(circuit = id, %dst, "circuit ready");
                 self.circ.build_fails.remove(&dst);
                 // The replacement takes over from the circuit it replaces.
                 let old = self.circ.by_dst.insert(dst, id);
@@ -1475,7 +1506,8 @@ impl Node {
         let (dst, in_use) = (c.dst, now.saturating_duration_since(c.last_used) < OUT_IDLE);
         let queue = std::mem::take(&mut c.queue);
         let replaced_by = c.replaced_by;
-        tracing::info!(circuit = id, %dst, "circuit failed: {why}");
+        tracing::info!(circuit = id, "circuit failed: {why}");
+        tracing::debug!(circuit = id, %dst, "circuit failed");
         if let Some(b) = bad {
             // Out of the pool (it comes back from the DHT if it lives) and
             // not picked again for a while.

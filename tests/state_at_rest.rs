@@ -1,0 +1,174 @@
+//! After two nodes ran with traffic between them, nothing in their state
+//! directories (the config file aside, which holds no secrets) shows what
+//! was sent, who the nodes are, or whom they knew: no payload, no node ID or
+//! overlay address in any encoding, no private key material.
+
+mod harness;
+
+use std::net::Ipv6Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use harness::{qgate_bin, Lab};
+use qgate::shell::vault::{KeySource, Vault};
+
+const UP: Duration = Duration::from_secs(20);
+
+/// Every file under `dir`, except the config.
+fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files(&p, out);
+        } else if p.file_name().unwrap() != "qgate.toml" {
+            out.push(p);
+        }
+    }
+}
+
+/// The ways a node's ID and address could appear.
+fn identity_needles(node_id: &str, address: &str, uri: &str) -> Vec<(String, Vec<u8>)> {
+    let raw_id = hex::decode(node_id).unwrap();
+    let ip: Ipv6Addr = address.parse().unwrap();
+    let seg = ip.segments();
+    let expanded: Vec<String> = seg.iter().map(|s| format!("{s:04x}")).collect();
+    let link_key = uri.split('/').nth(4).unwrap().to_string();
+    vec![
+        ("id hex".into(), node_id.as_bytes().to_vec()),
+        ("id HEX".into(), node_id.to_uppercase().into_bytes()),
+        ("id raw".into(), raw_id.clone()),
+        (
+            "id base64".into(),
+            STANDARD_NO_PAD.encode(&raw_id).into_bytes(),
+        ),
+        (
+            "id base64url".into(),
+            URL_SAFE_NO_PAD.encode(&raw_id).into_bytes(),
+        ),
+        ("address text".into(), address.as_bytes().to_vec()),
+        ("address expanded".into(), expanded.join(":").into_bytes()),
+        ("address raw".into(), ip.octets().to_vec()),
+        ("link key".into(), link_key.into_bytes()),
+    ]
+}
+
+#[test]
+fn state_dirs_hold_nothing_readable_after_traffic() {
+    let mut lab = Lab::new("r");
+    let na = lab.add_host("a", &["198.18.50.1/24"]);
+    let nb = lab.add_host("b", &["198.18.50.2/24"]);
+    let a = lab.add_node("a", &na, "198.18.50.1:7300");
+    let b = lab.add_node("b", &nb, "198.18.50.2:7300");
+    let ub = lab.nodes[b].uri.clone();
+    lab.nodes[a].set_peers(&[&ub]);
+    lab.start_all();
+    assert!(lab.wait_ping(a, b, UP), "ping a -> b");
+    let ab = lab.nodes[b].address.clone();
+
+    // Payloads: a TCP stream each way and a value stored through the
+    // control API (extender data).
+    let to_b = "PLAINTEXT-A-TO-B-7c1f9e";
+    let to_a = "PLAINTEXT-B-TO-A-d40b2a";
+    let got = lab.dir.join("got-at-b.txt");
+    lab.spawn(
+        &nb,
+        &format!(
+            "socat -u TCP6-LISTEN:9000,bind=[{ab}],reuseaddr OPEN:{},creat",
+            got.display()
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    lab.sh_ok(
+        &na,
+        &format!("for i in $(seq 200); do echo {to_b}; done | socat -u - TCP6:[{ab}]:9000"),
+    );
+    let aa = lab.nodes[a].address.clone();
+    lab.spawn(
+        &na,
+        &format!("socat -u TCP6-LISTEN:9001,bind=[{aa}],reuseaddr OPEN:/dev/null"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    lab.sh_ok(
+        &nb,
+        &format!("for i in $(seq 200); do echo {to_a}; done | socat -u - TCP6:[{aa}]:9001"),
+    );
+    assert!(std::fs::read_to_string(&got).unwrap().contains(to_b));
+    let dht_value = "PLAINTEXT-DHT-VALUE-55e1";
+    let put = lab.sh(
+        &na,
+        &format!(
+            "{} dht put --config {} demo-ns demo-key {dht_value}",
+            qgate_bin(),
+            lab.nodes[a].config.display()
+        ),
+    );
+    assert!(put.status.success(), "{put:?}");
+
+    // A clean stop: each node writes its peer store (the other node's
+    // record in it) on the way down.
+    lab.stop(a, false);
+    lab.stop(b, false);
+
+    let mut needles: Vec<(String, Vec<u8>)> = vec![
+        ("payload a->b".into(), to_b.as_bytes().to_vec()),
+        ("payload b->a".into(), to_a.as_bytes().to_vec()),
+        ("dht value".into(), dht_value.as_bytes().to_vec()),
+    ];
+    for n in [a, b] {
+        let node = &lab.nodes[n];
+        needles.extend(identity_needles(&node.node_id, &node.address, &node.uri));
+        // Private key material, as the vault itself holds it.
+        let key = lab.dir.join(format!("{}.key", node.name));
+        assert!(key.exists(), "the key file lives outside the state dir");
+        let v = Vault::open(&node.dir, &KeySource::File(key)).unwrap();
+        assert!(
+            !v.load().unwrap().is_empty(),
+            "{}: the peer store was written (else the scan proves little)",
+            node.name
+        );
+        let id = v.identity().unwrap();
+        v.close();
+        let pem = id.rsa_pem().unwrap();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = STANDARD.decode(&body).unwrap();
+        for (i, chunk) in der.chunks(24).enumerate() {
+            needles.push((format!("RSA key DER[{i}]"), chunk.to_vec()));
+        }
+        for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+            needles.push(("RSA key PEM line".into(), line.as_bytes().to_vec()));
+        }
+        let link = id.link_secret_bytes();
+        needles.push(("link secret raw".into(), link.to_vec()));
+        needles.push((
+            "link secret base64".into(),
+            STANDARD.encode(link).into_bytes(),
+        ));
+    }
+
+    let mut scanned = 0usize;
+    for n in [a, b] {
+        let mut list = Vec::new();
+        files(&lab.nodes[n].dir, &mut list);
+        assert!(
+            list.iter().any(|p| p.ends_with("vault/data.mdb")),
+            "{list:?}"
+        );
+        for f in list {
+            let bytes = std::fs::read(&f).unwrap();
+            scanned += bytes.len();
+            for (what, needle) in &needles {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == &needle[..]),
+                    "{} holds {what}",
+                    f.display()
+                );
+            }
+        }
+    }
+    eprintln!(
+        "scanned {scanned} bytes in two state dirs for {} needles: none found",
+        needles.len()
+    );
+}
