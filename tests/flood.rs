@@ -55,6 +55,8 @@ while True:
     due = min(int((now - start) * rate), rate * int(secs) + rate)
     while sent + failed < due:
         k = sent + failed
+        if k % 1024 == 0 and time.monotonic() >= end:
+            break
         try:
             socks[k % 64].sendto(pool[k % 1024], (host, port))
             sent += 1
