@@ -288,9 +288,12 @@ print("sent")
     // ...and after it.
     assert!(lab.nodes[b].running(), "b survived the flood");
     assert!(lab.wait_ping(a, b, UP));
+    // One source: beyond its budget, everything is dropped unread as
+    // rate_limited.
     let dropped = lab.nodes[b].drops("malformed")
         + lab.nodes[b].drops("unknown_session")
-        + lab.nodes[b].drops("handshake_rejected");
+        + lab.nodes[b].drops("handshake_rejected")
+        + lab.nodes[b].drops("rate_limited");
     assert!(dropped >= 10_000, "dropped and counted: {dropped}");
 }
 
