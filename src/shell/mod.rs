@@ -5,6 +5,7 @@
 pub mod config;
 pub mod control;
 pub mod lan;
+pub mod privilege;
 pub mod run;
 pub mod state;
 pub mod status;
