@@ -19,6 +19,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,8 +28,8 @@ use serde_json::json;
 
 use super::config::Config;
 use super::control::{self, ControlSocket, Handler};
-use super::state;
 use super::store::{PeerStore, StoredPeer};
+use super::{filter, privilege, state};
 use crate::proto::dht::{LookupDone, Outcome, Source};
 use crate::proto::node::{normalize, LookupTarget, Transmit};
 use crate::proto::records::SignedValue;
@@ -66,7 +67,17 @@ struct Shared {
 }
 
 /// Starts the node and runs until SIGINT or SIGTERM.
+///
+/// Everything that needs privilege happens first, on the main thread while
+/// it is still the only thread: read the keys, open the peer store, bind
+/// the UDP and control sockets, create and configure the TUN, install the
+/// inbound filter (and start its watcher, see `filter`). Then the node
+/// switches to the configured user, clears every capability and sets
+/// no-new-privileges (see `privilege`); only then do the runtime and the
+/// data-plane thread start, and they inherit the dropped state.
 pub fn run(config: Config) -> Result<()> {
+    // A missing user stops the node before it creates anything.
+    let target = privilege::Target::resolve(config.user.as_deref())?;
     let identity = state::load_identity(&config.state_dir)?;
     if !config.relay_only && !qgate_platform::has_cap_net_admin() {
         bail!(
@@ -74,14 +85,98 @@ pub fn run(config: Config) -> Result<()> {
             config.tun_name
         );
     }
+    let nft = if config.relay_only || config.inbound.all {
+        None
+    } else {
+        Some(filter::find_nft().with_context(|| {
+            "the inbound filter needs nftables' `nft` program, which is not installed (install nftables, or set [inbound] allow = [\"all\"] to run without a filter)"
+        })?)
+    };
     let store = PeerStore::open(&config.state_dir)?;
     let seq = state::next_record_seq(&config.state_dir)?;
+    let (udp, ipv6_socket) = bind_udp(config.listen)?;
+    // Bound before the TUN exists, so a second instance fails without
+    // touching the first one's interface.
+    let mut control = ControlSocket::bind(&config.control_socket)?;
+    // A dedicated relay has no TUN: it needs no privilege and ends no
+    // circuits, it only forwards.
+    let (device, name) = if config.relay_only {
+        (None, String::new())
+    } else {
+        let Tun { device, name } = qgate_platform::create_tun(
+            &config.tun_name,
+            config.mtu as u16,
+            identity.overlay_address(),
+            8,
+            true,
+        )?;
+        (Some(device), name)
+    };
+    let mut guard = match &nft {
+        Some(nft) => Some(filter::install(&name, &config.inbound, nft)?),
+        None => {
+            if !config.relay_only {
+                tracing::info!("no inbound filter: [inbound] allow = [\"all\"]");
+            }
+            None
+        }
+    };
+    control.hand_to(target.uid, target.gid)?;
+    privilege::drop_to(&target)?;
+    check_writable(
+        config.control_socket.parent().unwrap_or(Path::new(".")),
+        "the control socket's directory: the socket file will stay behind at shutdown (the next start removes it)",
+    );
+    check_writable(
+        &config.state_dir,
+        "the state directory: the record sequence number can't be stored (`qgate init --user NAME` hands the directory over)",
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(async_main(config, identity, seq, store))
+    let up = Up {
+        identity,
+        seq,
+        store,
+        udp,
+        ipv6_socket,
+        control,
+        device,
+        name,
+    };
+    let result = rt.block_on(async_main(config, up));
+    // The watcher removes the filter; wait for it, so the table is gone
+    // when the node has exited.
+    if let Some(g) = guard.as_mut() {
+        g.stop();
+    }
+    result
+}
+
+/// Warns when the (unprivileged) process can't create and remove files in
+/// `dir`.
+fn check_writable(dir: &Path, what: &str) {
+    if !qgate_platform::privilege::can_write_dir(dir) {
+        tracing::warn!(
+            "{} is not writable by uid {}: {what}",
+            dir.display(),
+            nix::unistd::Uid::current()
+        );
+    }
+}
+
+/// What `run` set up before the privilege drop.
+struct Up {
+    identity: crate::proto::Identity,
+    seq: u64,
+    store: PeerStore,
+    udp: UdpSocket,
+    ipv6_socket: bool,
+    control: ControlSocket,
+    device: Option<SyncDevice>,
+    name: String,
 }
 
 fn source_code(s: Source) -> u8 {
@@ -141,13 +236,17 @@ fn bind_udp(listen: SocketAddr) -> Result<(UdpSocket, bool)> {
     Ok((s.into(), listen.is_ipv6()))
 }
 
-async fn async_main(
-    config: Config,
-    identity: crate::proto::Identity,
-    seq: u64,
-    store: PeerStore,
-) -> Result<()> {
-    let (udp, ipv6_socket) = bind_udp(config.listen)?;
+async fn async_main(config: Config, up: Up) -> Result<()> {
+    let Up {
+        identity,
+        seq,
+        store,
+        udp,
+        ipv6_socket,
+        control,
+        device,
+        name,
+    } = up;
     let udp_state = UdpSocketState::new((&udp).into()).context("setting up the UDP socket")?;
     // quinn-udp asks for "probe" path MTU discovery, under which the kernel
     // never reports a smaller path MTU; we want EMSGSIZE, so set DF again.
@@ -170,26 +269,6 @@ async fn async_main(
         "peer store {} read",
         config.state_dir.join(super::store::STORE_DIR).display()
     );
-    // The control socket is checked before the TUN exists, so a second
-    // instance fails without touching the first one's interface.
-    if config.control_socket.exists()
-        && std::os::unix::net::UnixStream::connect(&config.control_socket).is_ok()
-    {
-        bail!(
-            "control socket {} is in use: is another qgate running with this config?",
-            config.control_socket.display()
-        );
-    }
-    // A dedicated relay has no TUN: it needs no privilege and ends no
-    // circuits, it only forwards.
-    let (device, name) = if config.relay_only {
-        (None, String::new())
-    } else {
-        let Tun { device, name } =
-            qgate_platform::create_tun(&config.tun_name, config.mtu as u16, address, 8, true)?;
-        (Some(device), name)
-    };
-    let control = ControlSocket::bind(&config.control_socket)?;
     tracing::info!(
         node = %node_id,
         %address,

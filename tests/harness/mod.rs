@@ -157,6 +157,12 @@ impl Node {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// The daemon's process ID while it runs (`ip netns exec` execs qgate,
+    /// so the child is the daemon itself).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// The node's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
@@ -303,11 +309,16 @@ impl Lab {
         let text = fs::read_to_string(&config).unwrap();
         // Direct links unless a test asks for circuits (it replaces the
         // preset line or adds [[route]] entries).
-        fs::write(
-            &config,
-            text.replace("# log = \"info\"", "log = \"debug\"\npreset = \"fast\""),
-        )
-        .unwrap();
+        // No inbound filter unless a test asks for one (tests reach the
+        // nodes' services over the overlay): it edits the `allow` line.
+        let text = text
+            .replace("# log = \"info\"", "log = \"debug\"\npreset = \"fast\"")
+            .replacen("# allow = []", "allow = [\"all\"]", 1);
+        assert!(
+            text.contains("allow = [\"all\"]"),
+            "no [inbound] allow in {text}"
+        );
+        fs::write(&config, text).unwrap();
         self.nodes.push(Node {
             name: name.into(),
             ns: ns.into(),
