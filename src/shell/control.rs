@@ -242,7 +242,7 @@ impl ControlSocket {
 }
 
 async fn serve_one(stream: UnixStream, handler: Handler, own_uid: u32, sock_gid: u32) {
-    let reply = match stream.peer_cred() {
+    let refusal = match stream.peer_cred() {
         Ok(cred)
             if allowed(
                 cred.uid(),
@@ -261,41 +261,39 @@ async fn serve_one(stream: UnixStream, handler: Handler, own_uid: u32, sock_gid:
                 pid = ?cred.pid(),
                 "control socket: connection refused"
             );
-            Some(json!({"ok": false, "error": format!(
+            Some(format!(
                 "permission denied: uid {} is not root, not the node's user and not in its group",
                 cred.uid()
-            )}))
+            ))
         }
         Err(e) => {
             tracing::debug!("control socket: no peer credentials: {e}");
-            Some(json!({"ok": false, "error": "permission denied: no peer credentials"}))
+            Some("permission denied: no peer credentials".to_string())
         }
     };
     let (r, mut w) = stream.into_split();
-    let reply = match reply {
-        Some(refusal) => refusal,
-        None => {
-            let mut line = Vec::new();
-            let mut reader =
-                TokioBufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST as u64 + 2));
-            match tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
-                Err(_) => json!({"ok": false, "error": format!(
-                    "no request line within {} s", READ_TIMEOUT.as_secs()
-                )}),
-                Ok(Err(e)) => {
-                    tracing::debug!("control socket read: {e}");
-                    return;
-                }
-                Ok(Ok(_)) => match parse_request(&line) {
-                    Ok(req) => match tokio::task::spawn_blocking(move || handler(&req)).await {
-                        Ok(Ok(v)) => json!({"ok": true, "status": v}),
-                        Ok(Err(e)) => json!({"ok": false, "error": format!("{e:#}")}),
-                        Err(_) => json!({"ok": false, "error": "request failed"}),
-                    },
-                    Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
-                },
-            }
+    // The request line is read even from a peer that will be refused, so
+    // that it is not writing into a closed socket when the answer comes.
+    let mut line = Vec::new();
+    let mut reader = TokioBufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST as u64 + 2));
+    let read = tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    let reply = match (refusal, read) {
+        (Some(refusal), _) => json!({"ok": false, "error": refusal}),
+        (None, Err(_)) => json!({"ok": false, "error": format!(
+            "no request line within {} s", READ_TIMEOUT.as_secs()
+        )}),
+        (None, Ok(Err(e))) => {
+            tracing::debug!("control socket read: {e}");
+            return;
         }
+        (None, Ok(Ok(_))) => match parse_request(&line) {
+            Ok(req) => match tokio::task::spawn_blocking(move || handler(&req)).await {
+                Ok(Ok(v)) => json!({"ok": true, "status": v}),
+                Ok(Err(e)) => json!({"ok": false, "error": format!("{e:#}")}),
+                Err(_) => json!({"ok": false, "error": "request failed"}),
+            },
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        },
     };
     let mut out = reply.to_string();
     out.push('\n');
