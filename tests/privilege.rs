@@ -143,6 +143,8 @@ fn unprivileged_node_with_inbound_filter() {
         assert_eq!(field("Uid"), vec![uid.to_string(); 4], "{:?}", t.path());
         assert_eq!(field("Gid"), vec![gid.to_string(); 4], "{:?}", t.path());
         assert_eq!(field("NoNewPrivs"), ["1"]);
+        // Started as root: the bounding set could be emptied too.
+        assert_eq!(field("CapBnd"), ["0000000000000000"]);
         tasks += 1;
     }
     assert!(
@@ -291,4 +293,64 @@ fn unprivileged_node_with_inbound_filter() {
             .contains("qgate_")),
         "table left 2 s after SIGKILL"
     );
+}
+
+/// The systemd unit's way: the process starts as the configured user with
+/// CAP_NET_ADMIN as an ambient capability (User=, AmbientCapabilities=), so
+/// only the capabilities go — the same code path, no setuid.
+#[test]
+fn started_as_the_user_with_ambient_cap_net_admin() {
+    let (uid, gid) = ensure_user();
+    let mut lab = Lab::new("w");
+    let na = lab.add_ns("a");
+    let nb = lab.add_ns("b");
+    lab.veth(&na, "eth0", &nb, "eth0", 1500);
+    lab.sh_ok(&na, "ip addr add 198.18.31.1/24 dev eth0");
+    lab.sh_ok(&nb, "ip addr add 198.18.31.2/24 dev eth0");
+    let a = lab.add_node("a", &na, "198.18.31.1:7300");
+    let b = lab.add_node("b", &nb, "198.18.31.2:7300");
+    let ub = lab.nodes[b].uri.clone();
+    lab.nodes[a].set_peers(&[&ub]);
+    lab.nodes[b].edit_config(|t| {
+        t.replacen("# user = \"qgate\"", &format!("user = \"{USER}\""), 1)
+            .replacen("allow = [\"all\"]", "allow = [\"udp/5353\"]", 1)
+    });
+    qgate::shell::privilege::hand_over(&lab.nodes[b].dir, USER).unwrap();
+    lab.start(a);
+    let (u, g) = (format!("--reuid={uid}"), format!("--regid={gid}"));
+    lab.start_wrapped(
+        b,
+        &[
+            "setpriv",
+            &u,
+            &g,
+            "--init-groups",
+            "--inh-caps=-all,+net_admin",
+            "--ambient-caps=-all,+net_admin",
+            "--bounding-set=-all,+net_admin",
+        ],
+        &[],
+    );
+    let pid = lab.nodes[b].pid().unwrap();
+    for cap in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(proc_field(pid, cap), ["0000000000000000"], "{cap}");
+    }
+    assert_eq!(proc_field(pid, "Uid"), vec![uid.to_string(); 4]);
+    assert_eq!(proc_field(pid, "Gid"), vec![gid.to_string(); 4]);
+    assert_eq!(proc_field(pid, "NoNewPrivs"), ["1"]);
+    let log = lab.nodes[b].log();
+    assert!(log.contains("kept (no CAP_SETPCAP)"), "{log}");
+    let nb = lab.nodes[b].ns.clone();
+    assert!(tables(&lab, &nb).contains("table inet qgate_qg0"));
+    assert!(lab.wait_ping(a, b, UP), "ping a -> b");
+    assert_eq!(
+        lab.nodes[b].status()["address"],
+        lab.nodes[b].address.as_str()
+    );
+    lab.stop(b, false);
+    assert!(
+        !tables(&lab, &nb).contains("qgate_"),
+        "table left after SIGTERM"
+    );
+    assert!(!lab.nodes[b].dir.join("control.sock").exists());
 }

@@ -431,6 +431,13 @@ impl Lab {
     /// Starts node `i` like [`Lab::start`], with extra environment variables
     /// for the qgate process (e.g. `QGATE_CELL_LOG`).
     pub fn start_with_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.start_wrapped(i, &[], env);
+    }
+
+    /// Starts node `i` with `wrapper` (a program and its arguments that
+    /// execs the rest, e.g. `setpriv ...`) between `ip netns exec NS` and
+    /// qgate. The wrapper must exec, so the child stays the daemon itself.
+    pub fn start_wrapped(&mut self, i: usize, wrapper: &[&str], env: &[(&str, &str)]) {
         let node = &mut self.nodes[i];
         assert!(node.child.is_none(), "node {} already running", node.name);
         let log = fs::OpenOptions::new()
@@ -441,7 +448,9 @@ impl Lab {
         node.restarts += 1;
         // `ip netns exec` passes its environment on to the program.
         let child = die_with_parent(&mut Command::new("ip"))
-            .args(["netns", "exec", &node.ns, qgate_bin(), "run", "--config"])
+            .args(["netns", "exec", &node.ns])
+            .args(wrapper)
+            .args([qgate_bin(), "run", "--config"])
             .arg(&node.config)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
