@@ -354,3 +354,50 @@ fn started_as_the_user_with_ambient_cap_net_admin() {
     );
     assert!(!lab.nodes[b].dir.join("control.sock").exists());
 }
+
+/// No working `nft`: the node refuses to start with one clear line and
+/// leaves no TUN behind; with `allow = ["all"]` it needs no nft at all.
+#[test]
+fn failing_nft_refuses_to_start() {
+    let mut lab = Lab::new("x");
+    let ns = lab.add_ns("a");
+    let a = lab.add_node("a", &ns, "[::1]:7300");
+    let fake = lab.dir.join("fakebin");
+    std::fs::create_dir_all(&fake).unwrap();
+    std::fs::write(
+        fake.join("nft"),
+        "#!/bin/sh\necho 'Error: Could not process rule: Operation not supported' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(fake.join("nft"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap());
+    let run = |lab: &Lab| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns, "env", &format!("PATH={path}")])
+            .args([qgate_bin(), "run", "--config"])
+            .arg(&lab.nodes[a].config)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    lab.nodes[a].edit_config(|t| t.replacen("allow = [\"all\"]", "allow = []", 1));
+    let out = run(&lab);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.starts_with("qgate: installing the inbound filter (nftables table inet qgate_qg0): ")
+            && last.contains("Operation not supported"),
+        "{err}"
+    );
+    assert!(
+        !lab.sh_ok(&ns, "ip link").contains("qg0"),
+        "TUN left behind"
+    );
+    assert!(!lab.nodes[a].dir.join("control.sock").exists());
+    // allow = ["all"] runs without calling nft (the fake one would fail).
+    lab.nodes[a].edit_config(|t| t.replacen("allow = []", "allow = [\"all\"]", 1));
+    lab.start_wrapped(a, &["env", &format!("PATH={path}")], &[]);
+    assert!(lab.nodes[a].log().contains("no inbound filter"));
+    assert!(!tables(&lab, &ns).contains("qgate_"));
+}
