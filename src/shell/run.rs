@@ -98,6 +98,19 @@ pub fn run(config: Config) -> Result<()> {
     // Bound before the TUN exists, so a second instance fails without
     // touching the first one's interface.
     let mut control = ControlSocket::bind(&config.control_socket)?;
+    // LAN discovery's socket too (a port below 1024 would need privilege);
+    // a failure only turns discovery off, as before.
+    let lan = if config.lan {
+        match super::lan::bind(config.lan_port) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("LAN discovery off: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     // A dedicated relay has no TUN: it needs no privilege and ends no
     // circuits, it only forwards.
     let (device, name) = if config.relay_only {
@@ -145,6 +158,7 @@ pub fn run(config: Config) -> Result<()> {
         control,
         device,
         name,
+        lan,
     };
     let result = rt.block_on(async_main(config, up));
     // The watcher removes the filter; wait for it, so the table is gone
@@ -177,6 +191,8 @@ struct Up {
     control: ControlSocket,
     device: Option<SyncDevice>,
     name: String,
+    /// LAN discovery's socket, when it is on.
+    lan: Option<UdpSocket>,
 }
 
 fn source_code(s: Source) -> u8 {
@@ -246,6 +262,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         control,
         device,
         name,
+        lan: lan_socket,
     } = up;
     let udp_state = UdpSocketState::new((&udp).into()).context("setting up the UDP socket")?;
     // quinn-udp asks for "probe" path MTU discovery, under which the kernel
@@ -360,7 +377,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
             .context("starting the data-plane thread")?;
     }
     let timer = tokio::spawn(timer_loop(shared.clone()));
-    let lan = if config.lan {
+    let lan = if let Some(lan_socket) = lan_socket {
         let sh = shared.clone();
         let node = sh.node.lock().expect("node lock");
         let uri = crate::proto::PeerUri {
@@ -379,7 +396,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         };
         let (lan_port, tun) = (config.lan_port, name.clone());
         Some(tokio::spawn(async move {
-            if let Err(e) = super::lan::run(lan_port, uri, port, tun, found).await {
+            if let Err(e) = super::lan::run(lan_socket, lan_port, uri, port, tun, found).await {
                 tracing::warn!("LAN discovery stopped: {e:#}");
             }
         }))
