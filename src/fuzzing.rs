@@ -378,25 +378,28 @@ pub fn cell(data: &[u8]) {
     }
 }
 
-/// Control API requests: a request line parsed and validated as the control
-/// socket does before any handler runs. What is accepted re-encodes to a
-/// request that parses to the same thing.
+/// Control API requests: a request line checked as the control socket does
+/// (`parse_request`) and then validated as the node's handler does
+/// (`Request::from_value`). What is accepted re-encodes to a request that
+/// parses to the same thing; every refusal is one line.
 #[cfg(feature = "shell")]
 pub fn control(data: &[u8]) {
-    use crate::shell::control::{Request, MAX_REQUEST};
-    let Ok(line) = std::str::from_utf8(data) else {
-        return;
-    };
-    match Request::parse(line) {
+    use crate::shell::control::{parse_request, Request};
+    let shape = parse_request(data);
+    match Request::parse(data) {
         Ok(r) => {
-            assert!(line.len() as u64 <= MAX_REQUEST);
+            // Only what passed the shape checks is a request.
+            assert!(shape.is_ok());
             let again = r.to_value().to_string();
-            assert_eq!(Request::parse(&again).as_ref(), Ok(&r));
+            assert_eq!(Request::parse(again.as_bytes()).as_ref(), Ok(&r));
         }
         Err(e) => {
             // One line for the client.
             assert!(!e.to_string().contains('\n'), "{e}");
         }
+    }
+    if let Err(e) = shape {
+        assert!(!e.contains('\n'), "{e}");
     }
 }
 

@@ -99,3 +99,41 @@ fn help_explains_commands() {
     let bad = qgate(&["run"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn run_refuses_a_missing_user_before_making_anything() {
+    let dir = tmp("nouser");
+    let d = dir.to_str().unwrap();
+    assert!(qgate(&["init", "--state-dir", d]).status.success());
+    let cfg = dir.join("qgate.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("# user = \"qgate\""), "{text}");
+    assert!(
+        text.contains("[inbound]\n") && text.contains("# allow = []"),
+        "{text}"
+    );
+    std::fs::write(
+        &cfg,
+        text.replace("# user = \"qgate\"", "user = \"qgate-no-such-user\""),
+    )
+    .unwrap();
+    let out = qgate(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(
+            "user \"qgate-no-such-user\" does not exist: create it with `useradd --system"
+        ),
+        "{err}"
+    );
+    assert!(!dir.join("control.sock").exists());
+    assert!(!dir.join("peers.lmdb").exists());
+    // A bad [inbound] entry is a config error naming the key.
+    std::fs::write(&cfg, text.replace("# allow = []", "allow = [\"tcp/http\"]")).unwrap();
+    let out = qgate(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("inbound.allow[0]"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -4,6 +4,8 @@
 use std::io;
 use std::net::Ipv6Addr;
 
+pub mod privilege;
+
 pub use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Errors from platform set-up.

@@ -151,6 +151,17 @@ enum Cmd {
         #[command(subcommand)]
         op: DhtOp,
     },
+    /// Internal: the inbound filter's watcher, started by `qgate run`
+    /// before it drops its privileges (see src/shell/filter.rs).
+    #[command(name = "__filter-guard", hide = true)]
+    FilterGuard {
+        /// The nftables table (family inet) to delete.
+        #[arg(long)]
+        table: String,
+        /// The nft program.
+        #[arg(long)]
+        nft: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -430,6 +441,10 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 println!("address  {}", id.overlay_address());
                 println!("peer URI {uri}");
             }
+            Ok(())
+        }
+        Cmd::FilterGuard { table, nft } => {
+            qgate::shell::filter::guard_main(&table, &nft)?;
             Ok(())
         }
         Cmd::Run { config, key } => {

@@ -75,6 +75,9 @@ struct RawConfig {
     traffic: RawTraffic,
     #[serde(default)]
     access: RawAccess,
+    user: Option<String>,
+    #[serde(default)]
+    inbound: RawInbound,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -89,6 +92,12 @@ struct RawAccess {
     #[serde(default)]
     relay_deny: Vec<String>,
     links_per_subnet: Option<usize>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    allow: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -196,6 +205,106 @@ pub struct Config {
     pub traffic: TrafficConfig,
     /// Who may link to the node and relay through it.
     pub access: AccessConfig,
+    /// `user = "NAME"`: the unprivileged user `qgate run` switches to once
+    /// its sockets and TUN are set up (None: keep the current uid).
+    pub user: Option<String>,
+    /// `[inbound] allow`: what new connections from the overlay may reach
+    /// this node (besides ICMPv6 echo and replies to its own connections).
+    pub inbound: Inbound,
+}
+
+/// What the inbound filter lets through, besides ICMPv6 echo requests and
+/// packets of connections this node opened.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Inbound {
+    /// `"all"`: no filter at all.
+    pub all: bool,
+    /// Allowed destination ports.
+    pub rules: Vec<PortRule>,
+}
+
+/// One `[inbound] allow` entry other than `"all"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRule {
+    /// Transport protocol.
+    pub proto: Transport,
+    /// First port of the range.
+    pub first: u16,
+    /// Last port of the range (equal to `first` for one port).
+    pub last: u16,
+}
+
+/// Transport protocol of a [`PortRule`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Transport {
+    /// The protocol's name in nftables and in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for PortRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}/{}", self.proto.name(), self.first)
+        } else {
+            write!(f, "{}/{}-{}", self.proto.name(), self.first, self.last)
+        }
+    }
+}
+
+/// Parses one `[inbound] allow` entry other than `"all"`: `"tcp/22"`,
+/// `"udp/9999"`, `"tcp/8000-8100"`.
+fn parse_port_rule(entry: &str) -> Result<PortRule, String> {
+    let bad = || {
+        format!(
+            "{entry:?} is not \"all\", \"tcp/PORT\", \"udp/PORT\" or a range like \"tcp/8000-8100\""
+        )
+    };
+    let (proto, ports) = entry.split_once('/').ok_or_else(bad)?;
+    let proto = match proto {
+        "tcp" => Transport::Tcp,
+        "udp" => Transport::Udp,
+        _ => return Err(bad()),
+    };
+    let port = |s: &str| -> Result<u16, String> {
+        match s.parse::<u16>() {
+            Ok(0) => Err(format!("{entry:?}: port 0 is not a port")),
+            Ok(p) => Ok(p),
+            Err(_) => Err(bad()),
+        }
+    };
+    let (first, last) = match ports.split_once('-') {
+        Some((a, b)) => (port(a)?, port(b)?),
+        None => {
+            let p = port(ports)?;
+            (p, p)
+        }
+    };
+    if first > last {
+        return Err(format!("{entry:?}: the range runs backwards"));
+    }
+    Ok(PortRule { proto, first, last })
+}
+
+/// Whether `name` looks like a Unix user name (what useradd accepts by
+/// default): 1-32 of a-z, 0-9, '_', '-', not starting with '-' or a digit.
+fn valid_user_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && !name.starts_with(|c: char| c == '-' || c.is_ascii_digit())
 }
 
 impl Config {
@@ -554,8 +663,34 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             .links_per_subnet
             .unwrap_or(DEFAULT_LINKS_PER_SUBNET),
     };
+    let user = match raw.user {
+        Some(u) if !valid_user_name(&u) => {
+            return Err(err(
+                "user",
+                format!("{u:?} is not a user name (1-32 of a-z, 0-9, '_', '-')"),
+            ))
+        }
+        u => u,
+    };
+    let mut inbound = Inbound::default();
+    let allow = raw.inbound.allow.unwrap_or_default();
+    for (i, entry) in allow.iter().enumerate() {
+        let key = format!("inbound.allow[{i}]");
+        if entry == "all" {
+            if allow.len() > 1 {
+                return Err(err(&key, "\"all\" allows everything: list it alone".into()));
+            }
+            inbound.all = true;
+        } else {
+            inbound
+                .rules
+                .push(parse_port_rule(entry).map_err(|m| err(&key, m))?);
+        }
+    }
     Ok(Config {
         access,
+        user,
+        inbound,
         relay_only,
         preset,
         routes,
@@ -651,6 +786,20 @@ peers = [
 # for, packets get "destination unreachable" (`qgate circuits` shows the
 # relay pool). Every value can be overridden in [relay], [[route]], [traffic].
 # preset = "{preset}"
+
+# Unprivileged user to run as once the sockets, the TUN and the inbound
+# filter are set up (then every capability is dropped and no-new-privileges
+# set). Unset: keep the current user, still dropping every capability.
+# `qgate init --user NAME` hands the state directory to that user.
+# user = "qgate"
+
+[inbound]
+# New connections from the overlay that may reach this node. Every node of
+# the network can send to its overlay address, so by default only ICMPv6
+# echo requests get in (plus replies to connections this node opened, and
+# ICMPv6 errors about them). Entries: "tcp/22", "udp/9999", "tcp/8000-8100",
+# or "all" (no filter). Enforced with nftables on the TUN interface.
+# allow = []
 
 [tun]
 # name = "{tun}"
@@ -789,6 +938,58 @@ mod tests {
         .unwrap();
         assert_eq!(c.key_file, None);
         assert_eq!(c.mtu, 1420);
+        assert_eq!(c.user, None);
+        assert_eq!(c.inbound, Inbound::default());
+    }
+
+    #[test]
+    fn user_and_inbound_parse() {
+        let c = p("state_dir='/x'\nuser = 'qgate'\n[inbound]\nallow = ['tcp/22', 'udp/9999', 'tcp/8000-8100']\n").unwrap();
+        assert_eq!(c.user.as_deref(), Some("qgate"));
+        assert!(!c.inbound.all);
+        let shown: Vec<String> = c.inbound.rules.iter().map(|r| r.to_string()).collect();
+        assert_eq!(shown, ["tcp/22", "udp/9999", "tcp/8000-8100"]);
+        assert_eq!(
+            c.inbound.rules[2],
+            PortRule {
+                proto: Transport::Tcp,
+                first: 8000,
+                last: 8100
+            }
+        );
+        let c = p("state_dir='/x'\n[inbound]\nallow = ['all']\n").unwrap();
+        assert!(c.inbound.all && c.inbound.rules.is_empty());
+        let c = p("state_dir='/x'\n[inbound]\nallow = []\n").unwrap();
+        assert_eq!(c.inbound, Inbound::default());
+    }
+
+    #[test]
+    fn bad_user_and_inbound_name_the_key() {
+        for (text, key) in [
+            ("user = ''\n", "user"),
+            ("user = 'Root'\n", "user"),
+            ("user = '-x'\n", "user"),
+            ("user = 'a b'\n", "user"),
+            ("user = 7\n", "user"),
+            ("[inbound]\nallow = ['tcp']\n", "inbound.allow[0]"),
+            ("[inbound]\nallow = ['icmp/1']\n", "inbound.allow[0]"),
+            (
+                "[inbound]\nallow = ['tcp/22', 'tcp/0']\n",
+                "inbound.allow[1]",
+            ),
+            ("[inbound]\nallow = ['tcp/65536']\n", "inbound.allow[0]"),
+            ("[inbound]\nallow = ['udp/9-1']\n", "inbound.allow[0]"),
+            ("[inbound]\nallow = ['udp/1-2-3']\n", "inbound.allow[0]"),
+            ("[inbound]\nallow = ['tcp/ 22']\n", "inbound.allow[0]"),
+            ("[inbound]\nallow = ['tcp/22', 'all']\n", "inbound.allow[1]"),
+            ("[inbound]\nallow = 'all'\n", "allow"),
+            ("[inbound]\ndeny = []\n", "deny"),
+        ] {
+            let e = p(&format!("state_dir='/x'\n{text}")).unwrap_err();
+            let line = e.to_string();
+            assert!(!line.contains('\n'), "{line}");
+            assert!(e.key.contains(key), "{text:?}: {line}");
+        }
     }
 
     #[test]

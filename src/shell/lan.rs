@@ -42,16 +42,10 @@ fn link_local_interfaces(skip: &str) -> Vec<(u32, String)> {
     out
 }
 
-/// Announces `uri` (with our UDP `port`) and calls `found` for every other
-/// node heard, with the endpoint its links are reached at. Runs until the
-/// task is dropped.
-pub async fn run(
-    lan_port: u16,
-    uri: PeerUri,
-    port: u16,
-    tun: String,
-    found: impl Fn(PeerUri, SocketAddr) + Send + 'static,
-) -> Result<()> {
+/// Binds the announcement socket on `lan_port`. Called before the node
+/// drops its privileges (a port below 1024 would need them); joining the
+/// group and everything after needs none.
+pub fn bind(lan_port: u16) -> Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
     s.set_only_v6(true)?;
@@ -60,6 +54,21 @@ pub async fn run(
     s.set_nonblocking(true)?;
     s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, lan_port)).into())
         .with_context(|| format!("binding LAN discovery port {lan_port}"))?;
+    Ok(s.into())
+}
+
+/// Announces `uri` (with our UDP `port`) on socket `s` (from [`bind`]) and
+/// calls `found` for every other node heard, with the endpoint its links are
+/// reached at. Runs until the task is dropped.
+pub async fn run(
+    s: std::net::UdpSocket,
+    lan_port: u16,
+    uri: PeerUri,
+    port: u16,
+    tun: String,
+    found: impl Fn(PeerUri, SocketAddr) + Send + 'static,
+) -> Result<()> {
+    let s = socket2::Socket::from(s);
     let ifaces = link_local_interfaces(&tun);
     for (idx, name) in &ifaces {
         if let Err(e) = s.join_multicast_v6(&GROUP, *idx) {

@@ -19,6 +19,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,7 @@ use serde_json::json;
 use super::config::Config;
 use super::control::{self, ControlSocket, Handler, Request};
 use super::vault::{KeyOptions, StateLock, StoredPeer, Vault};
+use super::{filter, privilege};
 use crate::proto::dht::{LookupDone, Outcome, Source};
 use crate::proto::node::{normalize, LookupTarget, Transmit};
 use crate::proto::records::SignedValue;
@@ -67,12 +69,21 @@ struct Shared {
 
 /// Starts the node and runs until SIGINT or SIGTERM. `key` names the master
 /// key (the config's `key_file` fills in when it names none).
+///
+/// Everything that needs privilege happens first, on the main thread while
+/// it is still the only thread: read the key and open the sealed state (a
+/// node that cannot unseal it stops here, before it touches the network),
+/// bind the UDP and control sockets, create and configure the TUN, install
+/// the inbound filter (and start its watcher, see `filter`). Then the node
+/// switches to the configured user, clears every capability and sets
+/// no-new-privileges (see `privilege`); only then do the runtime and the
+/// data-plane thread start, and they inherit the dropped state.
 pub fn run(config: Config, mut key: KeyOptions) -> Result<()> {
+    // A missing user stops the node before it creates anything.
+    let target = privilege::Target::resolve(config.user.as_deref())?;
     if key.key_file.is_none() && key.passphrase_fd.is_none() && !key.ask_passphrase {
         key.key_file = config.key_file.clone();
     }
-    // First the key and the store: a node that cannot unseal its state
-    // stops here, before it touches the network.
     let lock = StateLock::take(&config.state_dir)?;
     let source = key.for_open(&config.state_dir)?;
     let store = Vault::open(&config.state_dir, &source)?;
@@ -84,13 +95,119 @@ pub fn run(config: Config, mut key: KeyOptions) -> Result<()> {
             config.tun_name
         );
     }
+    let nft = if config.relay_only || config.inbound.all {
+        None
+    } else {
+        Some(filter::find_nft().with_context(|| {
+            "the inbound filter needs nftables' `nft` program, which is not installed (install nftables, or set [inbound] allow = [\"all\"] to run without a filter)"
+        })?)
+    };
     let seq = store.next_record_seq()?;
+    let (udp, ipv6_socket) = bind_udp(config.listen)?;
+    // Bound before the TUN exists, so a second instance fails without
+    // touching the first one's interface.
+    let mut control = ControlSocket::bind(&config.control_socket)?;
+    // LAN discovery's socket too (a port below 1024 would need privilege);
+    // a failure only turns discovery off, as before.
+    let lan = if config.lan {
+        match super::lan::bind(config.lan_port) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("LAN discovery off: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // A dedicated relay has no TUN: it needs no privilege and ends no
+    // circuits, it only forwards.
+    let (device, name) = if config.relay_only {
+        (None, String::new())
+    } else {
+        let Tun { device, name } = qgate_platform::create_tun(
+            &config.tun_name,
+            config.mtu as u16,
+            identity.overlay_address(),
+            8,
+            true,
+        )?;
+        (Some(device), name)
+    };
+    let mut guard = match &nft {
+        Some(nft) => Some(filter::install(&name, &config.inbound, nft)?),
+        None => {
+            if !config.relay_only {
+                tracing::info!("no inbound filter: [inbound] allow = [\"all\"]");
+            }
+            None
+        }
+    };
+    control.hand_to(target.uid, target.gid)?;
+    // Files a root start created (a migration, a new LMDB lock file) go to
+    // the user too, so a later start as that user (systemd) can open them.
+    if let Some(user) = &target.name {
+        if nix::unistd::Uid::current().is_root() {
+            privilege::hand_over(&config.state_dir, user)?;
+        }
+    }
+    privilege::drop_to(&target)?;
+    check_writable(
+        config.control_socket.parent().unwrap_or(Path::new(".")),
+        "the control socket's directory: the socket file will stay behind at shutdown (the next start removes it)",
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(async_main(config, identity, seq, store, lock))
+    let up = Up {
+        identity,
+        seq,
+        store,
+        lock,
+        udp,
+        ipv6_socket,
+        control,
+        device,
+        name,
+        lan,
+    };
+    let result = rt.block_on(async_main(config, up));
+    // The watcher removes the filter; wait for it, so the table is gone
+    // when the node has exited.
+    if let Some(g) = guard.as_mut() {
+        g.stop();
+    }
+    result
+}
+
+/// Warns when the (unprivileged) process can't create and remove files in
+/// `dir`.
+fn check_writable(dir: &Path, what: &str) {
+    if !qgate_platform::privilege::can_write_dir(dir) {
+        tracing::warn!(
+            "{} is not writable by uid {}: {what}",
+            dir.display(),
+            nix::unistd::Uid::current()
+        );
+    }
+}
+
+/// What `run` set up before the privilege drop.
+struct Up {
+    identity: crate::proto::Identity,
+    seq: u64,
+    store: Vault,
+    /// The state directory's lock, held for the node's life.
+    lock: StateLock,
+    udp: UdpSocket,
+    ipv6_socket: bool,
+    control: ControlSocket,
+    device: Option<SyncDevice>,
+    name: String,
+    /// LAN discovery's socket, when it is on.
+    lan: Option<UdpSocket>,
 }
 
 fn source_code(s: Source) -> u8 {
@@ -150,14 +267,19 @@ fn bind_udp(listen: SocketAddr) -> Result<(UdpSocket, bool)> {
     Ok((s.into(), listen.is_ipv6()))
 }
 
-async fn async_main(
-    config: Config,
-    identity: crate::proto::Identity,
-    seq: u64,
-    store: Vault,
-    lock: StateLock,
-) -> Result<()> {
-    let (udp, ipv6_socket) = bind_udp(config.listen)?;
+async fn async_main(config: Config, up: Up) -> Result<()> {
+    let Up {
+        identity,
+        seq,
+        store,
+        lock,
+        udp,
+        ipv6_socket,
+        control,
+        device,
+        name,
+        lan: lan_socket,
+    } = up;
     let udp_state = UdpSocketState::new((&udp).into()).context("setting up the UDP socket")?;
     // quinn-udp asks for "probe" path MTU discovery, under which the kernel
     // never reports a smaller path MTU; we want EMSGSIZE, so set DF again.
@@ -180,26 +302,6 @@ async fn async_main(
         "vault {} opened, peer store read",
         config.state_dir.join(super::vault::VAULT_DIR).display()
     );
-    // The control socket is checked before the TUN exists, so a second
-    // instance fails without touching the first one's interface.
-    if config.control_socket.exists()
-        && std::os::unix::net::UnixStream::connect(&config.control_socket).is_ok()
-    {
-        bail!(
-            "control socket {} is in use: is another qgate running with this config?",
-            config.control_socket.display()
-        );
-    }
-    // A dedicated relay has no TUN: it needs no privilege and ends no
-    // circuits, it only forwards.
-    let (device, name) = if config.relay_only {
-        (None, String::new())
-    } else {
-        let Tun { device, name } =
-            qgate_platform::create_tun(&config.tun_name, config.mtu as u16, address, 8, true)?;
-        (Some(device), name)
-    };
-    let control = ControlSocket::bind(&config.control_socket)?;
     tracing::info!(
         node = %node_id,
         %address,
@@ -231,48 +333,50 @@ async fn async_main(
         let mtu = config.mtu;
         let role = if config.relay_only { "relay" } else { "node" };
         let preset = config.preset.clone();
-        Arc::new(move |req: &Request| match req {
-            Request::Status => {
-                let st = shared.node.lock().expect("node lock").status();
-                let mut v = serde_json::to_value(st)?;
-                v["api"] = json!(control::API_VERSION);
-                v["version"] = json!(env!("CARGO_PKG_VERSION"));
-                v["uptime_secs"] = json!(started.elapsed().as_secs_f64());
-                v["listen"] = json!(listen.to_string());
-                v["tun"] = if tun_name.is_empty() {
-                    json!(null)
-                } else {
-                    json!({"name": tun_name, "mtu": mtu})
-                };
-                v["role"] = json!(role);
-                v["preset"] = json!(preset);
-                Ok(v)
-            }
-            Request::Circuits => {
-                let r = shared
-                    .node
-                    .lock()
-                    .expect("node lock")
-                    .circuits(Instant::now());
-                let mut v = serde_json::to_value(r)?;
-                v["api"] = json!(control::API_VERSION);
-                Ok(v)
-            }
-            Request::Peers => {
-                let r = shared.node.lock().expect("node lock").peers(Instant::now());
-                let mut v = serde_json::to_value(r)?;
-                v["api"] = json!(control::API_VERSION);
-                Ok(v)
-            }
-            Request::Lookup(target) => api_lookup(&shared, target),
-            Request::DhtPut {
-                namespace,
-                key,
-                value,
-                ttl,
-            } => api_put(&shared, namespace, key, value, *ttl),
-            Request::DhtGet { namespace, key } => api_get(&shared, namespace, key),
-        })
+        Arc::new(
+            move |req: &serde_json::Value| match &Request::from_value(req)? {
+                Request::Status => {
+                    let st = shared.node.lock().expect("node lock").status();
+                    let mut v = serde_json::to_value(st)?;
+                    v["api"] = json!(control::API_VERSION);
+                    v["version"] = json!(env!("CARGO_PKG_VERSION"));
+                    v["uptime_secs"] = json!(started.elapsed().as_secs_f64());
+                    v["listen"] = json!(listen.to_string());
+                    v["tun"] = if tun_name.is_empty() {
+                        json!(null)
+                    } else {
+                        json!({"name": tun_name, "mtu": mtu})
+                    };
+                    v["role"] = json!(role);
+                    v["preset"] = json!(preset);
+                    Ok(v)
+                }
+                Request::Circuits => {
+                    let r = shared
+                        .node
+                        .lock()
+                        .expect("node lock")
+                        .circuits(Instant::now());
+                    let mut v = serde_json::to_value(r)?;
+                    v["api"] = json!(control::API_VERSION);
+                    Ok(v)
+                }
+                Request::Peers => {
+                    let r = shared.node.lock().expect("node lock").peers(Instant::now());
+                    let mut v = serde_json::to_value(r)?;
+                    v["api"] = json!(control::API_VERSION);
+                    Ok(v)
+                }
+                Request::Lookup(target) => api_lookup(&shared, target),
+                Request::DhtPut {
+                    namespace,
+                    key,
+                    value,
+                    ttl,
+                } => api_put(&shared, namespace, key, value, *ttl),
+                Request::DhtGet { namespace, key } => api_get(&shared, namespace, key),
+            },
+        )
     };
 
     // The data-plane thread ends with the process.
@@ -289,7 +393,7 @@ async fn async_main(
             .context("starting the data-plane thread")?;
     }
     let timer = tokio::spawn(timer_loop(shared.clone()));
-    let lan = if config.lan {
+    let lan = if let Some(lan_socket) = lan_socket {
         let sh = shared.clone();
         let node = sh.node.lock().expect("node lock");
         let uri = crate::proto::PeerUri {
@@ -308,7 +412,7 @@ async fn async_main(
         };
         let (lan_port, tun) = (config.lan_port, name.clone());
         Some(tokio::spawn(async move {
-            if let Err(e) = super::lan::run(lan_port, uri, port, tun, found).await {
+            if let Err(e) = super::lan::run(lan_socket, lan_port, uri, port, tun, found).await {
                 tracing::warn!("LAN discovery stopped: {e:#}");
             }
         }))

@@ -157,9 +157,10 @@ impl Node {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
-    /// The qgate process's PID, while it runs (`ip netns exec` execs it).
+    /// The daemon's process ID while it runs (`ip netns exec` execs qgate,
+    /// so the child is the daemon itself).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// The node's log so far.
@@ -308,11 +309,16 @@ impl Lab {
         let text = fs::read_to_string(&config).unwrap();
         // Direct links unless a test asks for circuits (it replaces the
         // preset line or adds [[route]] entries).
-        fs::write(
-            &config,
-            text.replace("# log = \"info\"", "log = \"debug\"\npreset = \"fast\""),
-        )
-        .unwrap();
+        // No inbound filter unless a test asks for one (tests reach the
+        // nodes' services over the overlay): it edits the `allow` line.
+        let text = text
+            .replace("# log = \"info\"", "log = \"debug\"\npreset = \"fast\"")
+            .replacen("# allow = []", "allow = [\"all\"]", 1);
+        assert!(
+            text.contains("allow = [\"all\"]"),
+            "no [inbound] allow in {text}"
+        );
+        fs::write(&config, text).unwrap();
         self.nodes.push(Node {
             name: name.into(),
             ns: ns.into(),
@@ -425,6 +431,13 @@ impl Lab {
     /// Starts node `i` like [`Lab::start`], with extra environment variables
     /// for the qgate process (e.g. `QGATE_CELL_LOG`).
     pub fn start_with_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.start_wrapped(i, &[], env);
+    }
+
+    /// Starts node `i` with `wrapper` (a program and its arguments that
+    /// execs the rest, e.g. `setpriv ...`) between `ip netns exec NS` and
+    /// qgate. The wrapper must exec, so the child stays the daemon itself.
+    pub fn start_wrapped(&mut self, i: usize, wrapper: &[&str], env: &[(&str, &str)]) {
         let node = &mut self.nodes[i];
         assert!(node.child.is_none(), "node {} already running", node.name);
         let log = fs::OpenOptions::new()
@@ -435,7 +448,9 @@ impl Lab {
         node.restarts += 1;
         // `ip netns exec` passes its environment on to the program.
         let child = die_with_parent(&mut Command::new("ip"))
-            .args(["netns", "exec", &node.ns, qgate_bin(), "run", "--config"])
+            .args(["netns", "exec", &node.ns])
+            .args(wrapper)
+            .args([qgate_bin(), "run", "--config"])
             .arg(&node.config)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
