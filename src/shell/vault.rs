@@ -751,20 +751,44 @@ fn open_env(dir: &Path, keys: &Keys) -> Result<Vault> {
 /// Builds a complete vault in `dir` (which must not exist): header, tables,
 /// contents; committed and synced before it returns.
 fn build(dir: &Path, header: &Header, keys: &Keys, contents: &Contents) -> Result<()> {
+    write_vault(dir, header, keys, contents)?;
+    sync_vault(dir)
+}
+
+/// Writes a complete vault into `dir` (which must not exist): header,
+/// tables, contents, committed in one transaction and closed.
+fn write_vault(dir: &Path, header: &Header, keys: &Keys, contents: &Contents) -> Result<()> {
     fs::DirBuilder::new()
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    super::state::write_new(&dir.join(HEADER_FILE), &header.encode(), 0o600)?;
+    let path = dir.join(HEADER_FILE);
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&header.encode()))
+        .with_context(|| format!("writing {}", path.display()))?;
     let vault = open_env(dir, keys)?;
     vault.write_all(contents)?;
-    vault
-        .env
-        .force_sync()
-        .map_err(|e| anyhow!("syncing {}: {e}", dir.display()))?;
     vault.close();
-    sync_dir(dir)?;
     Ok(())
+}
+
+/// Makes a written vault durable: its files, its directory, and the entry
+/// naming it in the state directory.
+fn sync_vault(dir: &Path) -> Result<()> {
+    for f in [HEADER_FILE, "data.mdb", "lock.mdb"] {
+        let p = dir.join(f);
+        if p.exists() {
+            File::open(&p)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("syncing {}", p.display()))?;
+        }
+    }
+    sync_dir(dir)?;
+    sync_parent(dir)
 }
 
 impl Vault {
@@ -1218,20 +1242,11 @@ pub fn rotate(
     }
     let new_dir = state_dir.join(VAULT_NEW);
     remove_tree(&new_dir)?;
-    // Written: build commits the environment (LMDB syncs on commit) ...
-    build_unsynced(&new_dir, &header, &keys, &contents)?;
+    // Written: the new vault committed and closed ...
+    write_vault(&new_dir, &header, &keys, &contents)?;
     after(RotateStep::Written)?;
     // ... Synced: every file and the directory entries made durable.
-    for f in [HEADER_FILE, "data.mdb", "lock.mdb"] {
-        let p = new_dir.join(f);
-        if p.exists() {
-            File::open(&p)
-                .and_then(|f| f.sync_all())
-                .with_context(|| format!("syncing {}", p.display()))?;
-        }
-    }
-    sync_dir(&new_dir)?;
-    sync_dir(state_dir)?;
+    sync_vault(&new_dir)?;
     after(RotateStep::Synced)?;
     // Swapped: both names always exist, so every instant has a complete
     // vault under `vault`, sealed with the old key before and the new after.
@@ -1250,33 +1265,6 @@ pub fn rotate(
     sync_dir(state_dir)?;
     after(RotateStep::Cleaned)?;
     Ok(header.key_id)
-}
-
-/// `build` without the final sync of the directory (rotation syncs as a
-/// step of its own).
-fn build_unsynced(dir: &Path, header: &Header, keys: &Keys, contents: &Contents) -> Result<()> {
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(HEADER_FILE);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(&header.encode())
-        .with_context(|| format!("writing {}", path.display()))?;
-    let vault = open_env(dir, keys)?;
-    vault.write_all(contents)?;
-    vault.close();
-    Ok(())
-}
-
-/// The key ID of the vault in `state_dir`, short form (for messages).
-pub fn key_id_of(state_dir: &Path) -> Result<String> {
-    Ok(short(&Header::read(&state_dir.join(VAULT_DIR))?.key_id))
 }
 
 /// The short form of a key ID.
