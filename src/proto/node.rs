@@ -2465,6 +2465,21 @@ mod tests {
         }
     }
 
+    /// A (configured with B) and B (configured with nobody), the first two of
+    /// `ids` at the first two of `eps`, run until their link is quiet.
+    fn linked_pair(now: Instant, ids: Vec<Identity>, eps: &[SocketAddr]) -> Net {
+        let peers_a = vec![uri(&ids[1], eps[1])];
+        let mut it = ids.into_iter();
+        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now, 1);
+        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
+        let mut net = Net {
+            nodes: vec![(a, eps[0]), (b, eps[1])],
+            now,
+        };
+        net.run();
+        net
+    }
+
     impl Net {
         /// Delivers queued datagrams until the network is quiet; returns
         /// packets written to each node's TUN.
@@ -2744,15 +2759,7 @@ mod tests {
         let ids = identities(2);
         let eps = endpoints(2);
         let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
-        let peers_a = vec![uri(&ids[1], eps[1])];
-        let mut it = ids.into_iter();
-        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now, 1);
-        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
-        let mut net = Net {
-            nodes: vec![(a, eps[0]), (b, eps[1])],
-            now,
-        };
-        net.run();
+        let mut net = linked_pair(now, ids, &eps);
         assert!(net.nodes[1].0.link_up_to(&addrs[0]));
         let flooder: SocketAddr = "198.18.5.5:40000".parse().unwrap();
         let init = initiation(&net.nodes[1].0, 42);
@@ -2849,15 +2856,7 @@ mod tests {
         let now = Instant::now();
         let ids = identities(2);
         let eps = endpoints(2);
-        let b_uri = uri(&ids[1], eps[1]);
-        let mut it = ids.into_iter();
-        let a = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri]), now, 1);
-        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
-        let mut net = Net {
-            nodes: vec![(a, eps[0]), (b, eps[1])],
-            now,
-        };
-        net.run();
+        let mut net = linked_pair(now, ids, &eps);
         let addr_a = net.nodes[0].0.address();
         let idx = net.nodes[1].0.by_addr[&addr_a];
         // b re-sends its hello as segments; a takes it as any hello (a newer
@@ -3274,15 +3273,7 @@ mod tests {
         let expired = x.sign_record_with(11, &ext(1_799_000_000)).to_bytes();
         let replayed = x.sign_record_with(5, &ext(1_800_003_600)).to_bytes();
         let oversized = vec![1u8; crate::proto::identity::MAX_RECORD_LEN + 100];
-        let peers_a = vec![uri(&ids[1], eps[1])];
-        let mut it = ids.into_iter();
-        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now, 1);
-        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
-        let mut net = Net {
-            nodes: vec![(a, eps[0]), (b, eps[1])],
-            now,
-        };
-        net.run();
+        let mut net = linked_pair(now, ids, &eps);
         let idx = net.nodes[0].0.by_addr[&addr_b];
         for (i, r) in [good, forged, expired, replayed, oversized]
             .into_iter()
