@@ -132,11 +132,17 @@ fn nft_run(nft: &Path, args: &[&str], stdin: Option<&str>) -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("running {}", nft.display()))?;
+    // An nft that fails early may exit before reading its input; the write
+    // then fails with EPIPE, and the useful error is nft's own, on stderr.
+    // So a write error is only reported when nft itself claims success.
+    let mut write_err = None;
     if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
-        w.write_all(text.as_bytes())
-            .with_context(|| format!("writing to {}", nft.display()))?;
+        write_err = w.write_all(text.as_bytes()).err();
     }
     let out = child.wait_with_output()?;
+    if let (Some(e), true) = (write_err, out.status.success()) {
+        return Err(e).with_context(|| format!("writing to {}", nft.display()));
+    }
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let first = err
@@ -308,5 +314,24 @@ mod tests {
             Some(&ruleset("qg-test.0", &inbound)),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn nft_that_fails_before_reading_reports_its_own_error() {
+        // An nft that exits without reading its input: the write fails with
+        // EPIPE (the input is larger than a pipe buffer, so the write is
+        // still under way when nft exits), yet the error is nft's stderr.
+        let dir = std::env::temp_dir().join(format!("qgate-nft-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("nft");
+        std::fs::write(&fake, "#!/bin/sh\necho 'Error: not today' >&2\nexit 1\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let big = "#\n".repeat(1 << 20);
+        let err = nft_run(&fake, &["-f", "-"], Some(&big)).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("Error: not today"), "{msg}");
+        assert!(msg.contains("exit status: 1"), "{msg}");
     }
 }
