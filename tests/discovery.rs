@@ -8,7 +8,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{qgate_bin, wait_until, Lab};
+use harness::{qgate_bin, value_texts, wait_until, Lab};
 use serde_json::Value;
 
 const NODES: usize = 13;
@@ -158,12 +158,7 @@ fn thirteen_nodes_one_bootstrap_each_find_each_other_and_heal() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let texts: Vec<&str> = v["values"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|x| x["text"].as_str())
-        .collect();
+    let texts = value_texts(&v);
     assert!(
         texts.contains(&"from-three") && texts.contains(&"from-six"),
         "{v}"

@@ -1,7 +1,8 @@
 //! After two nodes ran with traffic between them, nothing in their state
 //! directories (the config file aside, which holds no secrets) shows what
 //! was sent, who the nodes are, or whom they knew: no payload, no node ID or
-//! overlay address in any encoding, no private key material.
+//! overlay address in any encoding, no private key material. And a value
+//! put through the control API is kept (sealed) across a crash.
 
 mod harness;
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use base64::Engine;
-use harness::{qgate_bin, Lab};
+use harness::{qgate_bin, value_texts, Lab};
 use qgate::shell::vault::{KeySource, Vault};
 
 const UP: Duration = Duration::from_secs(20);
@@ -128,6 +129,17 @@ fn state_dirs_hold_nothing_readable_after_traffic() {
             "{}: the peer store was written (else the scan proves little)",
             node.name
         );
+        // The value put through the control API is kept (a's own, b holds
+        // it for a): sealed, so the scan below must not find it.
+        let values = v.values().unwrap();
+        assert!(
+            values.iter().any(|r| r
+                .windows(dht_value.len())
+                .any(|w| w == dht_value.as_bytes())),
+            "{}: the DHT value is in the vault ({} values)",
+            node.name,
+            values.len()
+        );
         let id = v.identity().unwrap();
         v.close();
         let pem = id.rsa_pem().unwrap();
@@ -170,5 +182,40 @@ fn state_dirs_hold_nothing_readable_after_traffic() {
     eprintln!(
         "scanned {scanned} bytes in two state dirs for {} needles: none found",
         needles.len()
+    );
+}
+
+/// A value put through the control API is in the vault before the put
+/// answers: after a SIGKILL and a restart the node still serves it (a lone
+/// node, so no other node could have handed it back).
+#[test]
+fn a_value_put_survives_a_crash() {
+    let mut lab = Lab::new("v");
+    let na = lab.add_host("a", &["198.18.51.1/24"]);
+    let a = lab.add_node("a", &na, "198.18.51.1:7300");
+    lab.start(a);
+    let value = "KEPT-ACROSS-A-CRASH-3b9d";
+    let dht = |lab: &Lab, args: &str| {
+        lab.sh(
+            &na,
+            &format!(
+                "{} dht {args} --config {}",
+                qgate_bin(),
+                lab.nodes[a].config.display()
+            ),
+        )
+    };
+    let put = dht(&lab, &format!("put crash-ns crash-key {value}"));
+    assert!(put.status.success(), "{put:?}");
+    lab.stop(a, true);
+    lab.start(a);
+    let get = dht(&lab, "get crash-ns crash-key --json");
+    assert!(get.status.success(), "{get:?}");
+    let v: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(value_texts(&v), [value], "{v}");
+    assert!(
+        lab.nodes[a].log().contains("values=1"),
+        "the restart read the value from the vault:\n{}",
+        lab.nodes[a].log()
     );
 }

@@ -1227,7 +1227,9 @@ impl<R: Records> Dht<R> {
             }
         };
         let list = self.values.entry(info.target).or_default();
+        let before = list.len();
         list.retain(|v| v.info.expires > unix);
+        self.value_count -= before - list.len();
         if let Some(v) = list.iter_mut().find(|v| v.info.publisher == info.publisher) {
             if v.info.seq > info.seq {
                 self.stats.stale_records += 1;
@@ -1756,6 +1758,49 @@ impl<R: Records> Dht<R> {
             .unwrap_or_default()
     }
 
+    /// Every unexpired value record this node keeps, once each: those it
+    /// published (so a restart can publish them again) and those it holds
+    /// for others. For the node's store; [`Dht::restore_value`] takes them
+    /// back.
+    pub fn value_records(&self, now: Instant) -> Vec<Arc<[u8]>> {
+        let unix = self.unix(now);
+        let mut out: Vec<Arc<[u8]>> = self
+            .own_values
+            .values()
+            .filter(|v| v.0 > unix)
+            .map(|v| v.1.clone())
+            .collect();
+        let own = self.own.info.id;
+        out.extend(
+            self.values
+                .values()
+                .flatten()
+                .filter(|v| v.info.expires > unix && v.info.publisher != own)
+                .map(|v| v.record.clone()),
+        );
+        out
+    }
+
+    /// Takes back a value record kept by an earlier run. It is checked like
+    /// one arriving from the network (signature, expiry, limits); one this
+    /// node signed is also published again with the next [`Dht::publish`].
+    pub fn restore_value(&mut self, now: Instant, record: &[u8]) -> bool {
+        let unix = self.unix(now);
+        let Ok(info) = self.records.check_value(record, unix) else {
+            return false;
+        };
+        if record.len() > MAX_RECORD_BYTES {
+            return false;
+        }
+        if info.publisher == self.own.info.id {
+            // A value put in this run is newer than any kept one.
+            self.own_values
+                .entry((info.target, info.publisher))
+                .or_insert_with(|| (info.expires, Arc::from(record)));
+        }
+        self.store_value(now, record)
+    }
+
     /// When [`Dht::handle_timeout`] next has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let rpc = self.inflight.values().map(|i| i.sent + RPC_TIMEOUT).min();
@@ -2205,5 +2250,54 @@ mod tests {
         }
         assert_eq!(d.stats().requests_in, REQUEST_BURST as u64);
         assert_eq!(d.stats().rate_limited, 200 - REQUEST_BURST as u64);
+    }
+
+    #[test]
+    fn kept_values_come_back_after_a_restart() {
+        let value = |target: u8, publisher: u8, expires: u64, text: &[u8]| {
+            let mut v = vec![target; 32];
+            v.extend_from_slice(&[publisher; 32]);
+            v.extend_from_slice(&1u64.to_be_bytes());
+            v.extend_from_slice(&expires.to_be_bytes());
+            v.extend_from_slice(text);
+            v
+        };
+        let now = Instant::now();
+        let mut d = Dht::new(contact(0, 1), Plain, now, 1_700_000_000, 1);
+        d.put(now, &value(7, 0, 2_000_000_000, b"mine")).unwrap();
+        let from = contact(5, 1);
+        for (txid, v) in [
+            (1, value(7, 5, 2_000_000_000, b"held")),
+            (2, value(8, 5, 1_700_000_100, b"soon gone")),
+        ] {
+            let msg = Msg::Store {
+                txid,
+                node: false,
+                record: v,
+            };
+            d.handle_message(now, &from, &msg.to_bytes());
+        }
+        let kept = d.value_records(now);
+        // Our own value is both published and stored here: kept once.
+        assert_eq!(kept.len(), 3, "{kept:?}");
+
+        // The next run, 200 s later: the short-lived value has expired,
+        // and a damaged record is refused like one from the network.
+        let later = now + Duration::from_secs(200);
+        let mut d2 = Dht::new(contact(0, 2), Plain, later, 1_700_000_200, 2);
+        let back: Vec<bool> = kept.iter().map(|r| d2.restore_value(later, r)).collect();
+        assert_eq!(back.iter().filter(|b| **b).count(), 2, "{back:?}");
+        assert!(!d2.restore_value(later, &kept[0][..40]));
+        let mut texts: Vec<Vec<u8>> = d2
+            .local_values(later, &[7; 32])
+            .iter()
+            .map(|r| r[80..].to_vec())
+            .collect();
+        texts.sort();
+        assert_eq!(texts, [b"held".to_vec(), b"mine".to_vec()]);
+        assert!(d2.local_values(later, &[8; 32]).is_empty());
+        // Only our own is published again.
+        assert_eq!(d2.own_values.len(), 1);
+        assert_eq!(d2.value_records(later).len(), 2);
     }
 }

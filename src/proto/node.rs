@@ -2270,6 +2270,18 @@ impl Node {
         self.dht.local_values(now, &value_target(namespace, key))
     }
 
+    /// Every value record this node keeps (its own and those it holds for
+    /// others), for the node's store.
+    pub fn value_records(&self, now: Instant) -> Vec<Arc<[u8]>> {
+        self.dht.value_records(now)
+    }
+
+    /// Takes back a value record kept by an earlier run (checked like one
+    /// from the network; this node's own are published again on joining).
+    pub fn restore_value(&mut self, now: Instant, record: &[u8]) -> bool {
+        self.dht.restore_value(now, record)
+    }
+
     /// A packet for the TUN produced outside a TUN read.
     pub fn poll_tun_write(&mut self) -> Option<Vec<u8>> {
         self.tun_out.pop_front()

@@ -63,6 +63,8 @@ struct Shared {
     tun: Option<SyncDevice>,
     ipv6_socket: bool,
     store: Vault,
+    /// Fingerprint of the DHT values last written to the vault.
+    values_saved: Mutex<Option<u64>>,
     /// Held for the life of the node: no rotation or second node meanwhile.
     _lock: StateLock,
 }
@@ -244,6 +246,28 @@ fn save_peers(sh: &Shared) {
     }
 }
 
+/// Writes the DHT value records the node keeps to the vault, unless they
+/// are the ones written last time.
+fn save_values(sh: &Shared) {
+    use std::hash::{Hash, Hasher};
+    let records = sh
+        .node
+        .lock()
+        .expect("node lock")
+        .value_records(Instant::now());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    records.hash(&mut h);
+    let print = h.finish();
+    let mut last = sh.values_saved.lock().expect("values lock");
+    if *last == Some(print) {
+        return;
+    }
+    match sh.store.replace_values(&records) {
+        Ok(()) => *last = Some(print),
+        Err(e) => tracing::warn!("saving the DHT values: {e:#}"),
+    }
+}
+
 fn bind_udp(listen: SocketAddr) -> Result<(UdpSocket, bool)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let domain = if listen.is_ipv6() {
@@ -296,10 +320,18 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         .iter()
         .filter(|(_, p)| node.add_stored_peer(started, &p.record))
         .count();
+    // DHT values kept by the last run: this node's own are published again
+    // once it has joined, those held for others are served meanwhile.
+    let values = store.values()?;
+    let values_kept = values
+        .iter()
+        .filter(|r| node.restore_value(started, r))
+        .count();
     tracing::info!(
         stored = stored.len(),
         usable = kept,
-        "vault {} opened, peer store read",
+        values = values_kept,
+        "vault {} opened, peer store and DHT values read",
         config.state_dir.join(super::vault::VAULT_DIR).display()
     );
     tracing::info!(
@@ -321,6 +353,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         tun: device,
         ipv6_socket,
         store,
+        values_saved: Mutex::new(None),
         _lock: lock,
     });
     // Send the hellos the node queued for its configured peers.
@@ -432,6 +465,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     }
     drop(control);
     save_peers(&shared);
+    save_values(&shared);
     Ok(())
 }
 
@@ -495,6 +529,9 @@ fn api_put(sh: &Shared, ns: &str, key: &str, value: &[u8], ttl: u64) -> Result<s
         .expect("node lock")
         .dht_put(Instant::now(), ns.as_bytes(), key.as_bytes(), value, ttl)
         .map_err(anyhow::Error::msg)?;
+    // Kept in the vault before the answer: a value that was put survives a
+    // crash and is published again after a restart.
+    save_values(sh);
     let stored = match id {
         Some(id) => match wait_result(sh, id)?.outcome {
             Outcome::Stored(n) => n,
@@ -959,11 +996,16 @@ async fn timer_loop(sh: Arc<Shared>) {
             }
         }
         // The peer store is a cache of the network: every 10 s is enough,
-        // and shutdown writes it too.
+        // and shutdown writes it too. So are the values held for others
+        // (our own are written as soon as they are put).
         if last_save.elapsed() >= Duration::from_secs(10) {
             last_save = Instant::now();
             let sh = sh.clone();
-            let _ = tokio::task::spawn_blocking(move || save_peers(&sh)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                save_peers(&sh);
+                save_values(&sh);
+            })
+            .await;
         }
     }
 }

@@ -82,6 +82,10 @@ const META_DB: &str = "meta";
 const META_IDENTITY: &[u8] = b"identity";
 /// Meta key of the record sequence number.
 const META_SEQ: &[u8] = b"record_seq";
+/// Meta keys under this prefix hold the DHT value records the node keeps
+/// (those it published through the control API and those it holds for
+/// others), one per key.
+const META_VALUES: &[u8] = b"dht/value/";
 /// Version byte leading every peer value.
 const VALUE_VERSION: u8 = 1;
 /// Version, source and last-seen bytes before the record.
@@ -980,10 +984,50 @@ impl Vault {
         Ok(self.len()? == 0)
     }
 
+    /// The DHT value records kept by the last [`Vault::replace_values`].
+    pub fn values(&self) -> Result<Vec<Vec<u8>>> {
+        let mut rtxn = self.rtxn()?;
+        let mut out = Vec::new();
+        for entry in self
+            .meta
+            .prefix_iter(&mut rtxn, META_VALUES)
+            .map_err(|e| self.err(e))?
+        {
+            let (_, v) = entry.map_err(|e| self.err(e))?;
+            out.push(v.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Replaces the kept DHT value records with `records` in one write
+    /// transaction (a crash leaves the old or the new set).
+    pub fn replace_values<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<()> {
+        let mut end = META_VALUES.to_vec();
+        *end.last_mut().expect("non-empty prefix") += 1;
+        let range = (
+            std::ops::Bound::Included(META_VALUES),
+            std::ops::Bound::Excluded(&end[..]),
+        );
+        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        self.meta
+            .delete_range(&mut wtxn, &range)
+            .map_err(|e| self.err(e))?;
+        let mut key = META_VALUES.to_vec();
+        for (i, r) in records.iter().enumerate() {
+            key.truncate(META_VALUES.len());
+            key.extend_from_slice(&(i as u32).to_be_bytes());
+            self.meta
+                .put(&mut wtxn, &key, r.as_ref())
+                .map_err(|e| self.err(e))?;
+        }
+        wtxn.commit().map_err(|e| self.err(e))
+    }
+
     /// Stores an opaque value in the `meta` table under `key` (extender
-    /// data; `identity` and `record_seq` are reserved).
+    /// data; `identity`, `record_seq` and keys under `dht/value/` are
+    /// reserved).
     pub fn put_meta(&self, key: &[u8], value: &[u8]) -> Result<()> {
-        if key == META_IDENTITY || key == META_SEQ {
+        if key == META_IDENTITY || key == META_SEQ || key.starts_with(META_VALUES) {
             bail!("vault key {:?} is reserved", String::from_utf8_lossy(key));
         }
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
@@ -1422,12 +1466,23 @@ mod tests {
         assert!(v.next_record_seq().unwrap() > s);
         v.put_meta(b"dfs/x", b"extender value").unwrap();
         assert!(v.put_meta(META_IDENTITY, b"no").is_err());
+        assert!(v.put_meta(b"dht/value/\0\0\0\0", b"no").is_err());
+        // DHT values: replaced as a set, and apart from other meta entries.
+        v.replace_values(&[b"one".to_vec(), b"two".to_vec(), b"three".to_vec()])
+            .unwrap();
+        v.replace_values(&[b"two".to_vec(), b"four".to_vec()])
+            .unwrap();
         v.close();
         let v = Vault::open(&t.state(), &key).unwrap();
         assert_eq!(v.identity().unwrap().node_id(), id.node_id());
         assert_eq!(v.load().unwrap(), peers);
         assert_eq!(v.record_seq().unwrap(), s + 1);
         assert_eq!(v.meta_value(b"dfs/x").unwrap().unwrap(), b"extender value");
+        assert_eq!(v.values().unwrap(), [b"two".to_vec(), b"four".to_vec()]);
+        v.replace_values::<Vec<u8>>(&[]).unwrap();
+        assert!(v.values().unwrap().is_empty());
+        assert_eq!(v.meta_value(b"dfs/x").unwrap().unwrap(), b"extender value");
+        assert_eq!(v.identity().unwrap().node_id(), id.node_id());
         let mode = fs::metadata(t.state().join(VAULT_DIR))
             .unwrap()
             .permissions()
@@ -1608,6 +1663,7 @@ mod tests {
             v.replace_all(&peers).unwrap();
             let seq = v.next_record_seq().unwrap();
             v.put_meta(b"ext", b"kept").unwrap();
+            v.replace_values(&[b"a value record".to_vec()]).unwrap();
             v.close();
             let crash = |s: RotateStep| {
                 if s == step {
@@ -1633,6 +1689,7 @@ mod tests {
             assert_eq!(v.load().unwrap(), peers);
             assert_eq!(v.record_seq().unwrap(), seq);
             assert_eq!(v.meta_value(b"ext").unwrap().unwrap(), b"kept");
+            assert_eq!(v.values().unwrap(), [b"a value record".to_vec()]);
             v.close();
             // The leftover copy is gone after that open.
             assert!(!t.state().join(VAULT_NEW).exists());

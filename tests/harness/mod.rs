@@ -471,3 +471,11 @@ impl Lab {
         );
     }
 }
+
+/// The texts of the values in a `qgate dht get --json` answer.
+pub fn value_texts(answer: &Value) -> Vec<&str> {
+    answer["values"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x["text"].as_str()).collect())
+        .unwrap_or_default()
+}
