@@ -1,6 +1,7 @@
 //! The sealed state through the command line: refusals (no key, wrong key,
-//! tampered vault), passphrases, migration of a plaintext state, and key
-//! rotation interrupted after every step by a real process exit.
+//! tampered vault), passphrases (on a file descriptor and on a terminal),
+//! migration of a plaintext state, and key rotation interrupted after every
+//! step by a real process exit.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -29,6 +30,67 @@ fn qgate_pass(args: &str, pass: &str) -> Output {
         .env("QGATE", env!("CARGO_BIN_EXE_qgate"))
         .output()
         .unwrap()
+}
+
+/// Runs qgate on a terminal: `script` gives it a pty as its controlling
+/// terminal. Each answer is typed once the next prompt has appeared (and
+/// echo had time to go off). Returns the exit code and everything the
+/// terminal showed. Bounded: 30 s in all, then the run is killed.
+fn qgate_on_tty(args: &str, answers: &[&str]) -> (Option<i32>, String) {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let mut child = Command::new("script")
+        .args([
+            "-qefc",
+            &format!("{} {args}", env!("CARGO_BIN_EXE_qgate")),
+            "/dev/null",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux) runs");
+    let shown = Arc::new(Mutex::new(String::new()));
+    let mut out = child.stdout.take().unwrap();
+    let sink = shown.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stdin = child.stdin.take().unwrap();
+    for (i, answer) in answers.iter().enumerate() {
+        while shown.lock().unwrap().matches("passphrase").count() <= i && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = writeln!(stdin, "{answer}");
+    }
+    drop(stdin);
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    reader.join().unwrap();
+    let text = shown.lock().unwrap().clone();
+    (code, text)
 }
 
 /// A scratch directory holding state dirs and key files; removed on drop.
@@ -170,6 +232,46 @@ fn no_key_wrong_key_and_tampered_vault_are_refused() {
     );
     assert_eq!(snapshot(&state), tampered, "a refusal changed the vault");
     assert_eq!(id.len(), 64);
+}
+
+/// `--ask-passphrase` prompts on the terminal with echo off: twice at
+/// init (and refuses two different answers, writing nothing), once to open.
+#[test]
+fn passphrase_asked_on_the_terminal() {
+    let s = Scratch::new("tty");
+    let state = s.p("node");
+    let good = "tty horse battery staple";
+    let (code, shown) = qgate_on_tty(
+        &format!("init --state-dir {state} --ask-passphrase"),
+        &[good, "tty horse battery stapler"],
+    );
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(shown.contains("the passphrases differ"), "{shown}");
+    assert!(!Path::new(&state).exists(), "a refused init wrote {state}");
+    let (code, shown) = qgate_on_tty(
+        &format!("init --state-dir {state} --ask-passphrase"),
+        &[good, good],
+    );
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(shown.contains("the same passphrase again"), "{shown}");
+    assert!(!shown.contains(good), "the passphrase was echoed: {shown}");
+    // The prompt opens what --passphrase-fd opens, and refuses a wrong one.
+    let (code, shown) = qgate_on_tty(
+        &format!("id --json --state-dir {state} --ask-passphrase"),
+        &[good],
+    );
+    assert_eq!(code, Some(0), "{shown}");
+    let by_fd = node_id(&qgate_pass(
+        &format!("id --json --state-dir {state} --passphrase-fd 3"),
+        good,
+    ));
+    assert!(shown.contains(&by_fd), "{shown}");
+    let (code, shown) = qgate_on_tty(
+        &format!("id --json --state-dir {state} --ask-passphrase"),
+        &["tty horse"],
+    );
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(shown.contains("wrong key"), "{shown}");
 }
 
 #[test]
