@@ -2900,6 +2900,47 @@ mod tests {
         assert_eq!(net.nodes[0].0.status().links[0].drops.bad_inner, 1);
     }
 
+    /// A value put while the node was alone is kept (the shell writes
+    /// `value_records` to the vault); restored in the next run, it reaches
+    /// the node's peer once the node joins.
+    #[test]
+    fn a_kept_value_is_published_again_after_a_restart() {
+        let now = Instant::now();
+        let mut ids = identities(2);
+        let eps = endpoints(2);
+        let again = |id: &Identity| {
+            Identity::from_pem(&id.rsa_pem().unwrap(), id.link_secret_bytes()).unwrap()
+        };
+        let mut alone = Node::new(again(&ids[0]), 1, cfg(vec![]), now, 1);
+        alone
+            .dht_put(now, b"ns", b"k", b"kept value", 3600)
+            .unwrap();
+        let kept = alone.value_records(now);
+        assert_eq!(kept.len(), 1);
+        drop(alone);
+
+        let later = now + Duration::from_secs(60);
+        let b_id = ids.pop().unwrap();
+        let mut a = Node::new(
+            ids.pop().unwrap(),
+            2,
+            cfg(vec![uri(&b_id, eps[1])]),
+            later,
+            1,
+        );
+        assert!(a.restore_value(later, &kept[0]));
+        let b = Node::new(b_id, 1, cfg(vec![]), later, 2);
+        let mut net = Net {
+            nodes: vec![(a, eps[0]), (b, eps[1])],
+            now: later,
+        };
+        net.run();
+        advance(&mut net, 2.0);
+        let at_b = net.nodes[1].0.local_values(net.now, b"ns", b"k");
+        assert_eq!(at_b.len(), 1, "b stores a's kept value");
+        assert_eq!(&at_b[0][..], &kept[0][..]);
+    }
+
     #[test]
     fn packet_to_an_unlinked_address_waits_for_the_lookup_then_flows() {
         let now = Instant::now();
