@@ -96,26 +96,34 @@ fn status_as(lab: &Lab, config: &std::path::Path, regid: &str) -> (bool, String)
     )
 }
 
-#[test]
-fn unprivileged_node_with_inbound_filter() {
-    let (uid, gid) = ensure_user();
-    let mut lab = Lab::new("v");
+/// Two nodes a and b on one veth pair (198.18.`net`.1 and .2), a
+/// configured with b; b runs as the test user and lets in only `allow`,
+/// its state directory handed to that user. Nothing started yet.
+fn user_pair(tag: &str, net: u8, allow: &str) -> (Lab, String, String, usize, usize) {
+    let mut lab = Lab::new(tag);
     let na = lab.add_ns("a");
     let nb = lab.add_ns("b");
     lab.veth(&na, "eth0", &nb, "eth0", 1500);
-    lab.sh_ok(&na, "ip addr add 198.18.30.1/24 dev eth0");
-    lab.sh_ok(&nb, "ip addr add 198.18.30.2/24 dev eth0");
-    let a = lab.add_node("a", &na, "198.18.30.1:7300");
-    let b = lab.add_node("b", &nb, "198.18.30.2:7300");
+    lab.sh_ok(&na, &format!("ip addr add 198.18.{net}.1/24 dev eth0"));
+    lab.sh_ok(&nb, &format!("ip addr add 198.18.{net}.2/24 dev eth0"));
+    let a = lab.add_node("a", &na, &format!("198.18.{net}.1:7300"));
+    let b = lab.add_node("b", &nb, &format!("198.18.{net}.2:7300"));
     let ub = lab.nodes[b].uri.clone();
     lab.nodes[a].set_peers(&[&ub]);
     lab.nodes[b].edit_config(|t| {
         t.replacen("# user = \"qgate\"", &format!("user = \"{USER}\""), 1)
-            .replacen("allow = [\"all\"]", "allow = [\"tcp/8080\"]", 1)
+            .replacen("allow = [\"all\"]", &format!("allow = [\"{allow}\"]"), 1)
     });
+    qgate::shell::privilege::hand_over(&lab.nodes[b].dir, USER).unwrap();
+    (lab, na, nb, a, b)
+}
+
+#[test]
+fn unprivileged_node_with_inbound_filter() {
+    let (uid, gid) = ensure_user();
+    let (mut lab, na, nb, a, b) = user_pair("v", 30, "tcp/8080");
     let cfg = std::fs::read_to_string(&lab.nodes[b].config).unwrap();
     assert!(cfg.contains("user = \"qgate-test\"") && cfg.contains("allow = [\"tcp/8080\"]"));
-    qgate::shell::privilege::hand_over(&lab.nodes[b].dir, USER).unwrap();
     lab.start(a);
     lab.start(b);
 
@@ -301,21 +309,7 @@ fn unprivileged_node_with_inbound_filter() {
 #[test]
 fn started_as_the_user_with_ambient_cap_net_admin() {
     let (uid, gid) = ensure_user();
-    let mut lab = Lab::new("w");
-    let na = lab.add_ns("a");
-    let nb = lab.add_ns("b");
-    lab.veth(&na, "eth0", &nb, "eth0", 1500);
-    lab.sh_ok(&na, "ip addr add 198.18.31.1/24 dev eth0");
-    lab.sh_ok(&nb, "ip addr add 198.18.31.2/24 dev eth0");
-    let a = lab.add_node("a", &na, "198.18.31.1:7300");
-    let b = lab.add_node("b", &nb, "198.18.31.2:7300");
-    let ub = lab.nodes[b].uri.clone();
-    lab.nodes[a].set_peers(&[&ub]);
-    lab.nodes[b].edit_config(|t| {
-        t.replacen("# user = \"qgate\"", &format!("user = \"{USER}\""), 1)
-            .replacen("allow = [\"all\"]", "allow = [\"udp/5353\"]", 1)
-    });
-    qgate::shell::privilege::hand_over(&lab.nodes[b].dir, USER).unwrap();
+    let (mut lab, _, _, a, b) = user_pair("w", 31, "udp/5353");
     // It reads its key file as that user, as under systemd.
     let key = lab.dir.join(format!("{}.key", lab.nodes[b].name));
     qgate::shell::privilege::hand_over(&key, USER).unwrap();

@@ -32,6 +32,14 @@ fn qgate_pass(args: &str, pass: &str) -> Output {
         .unwrap()
 }
 
+/// `qgate id --json` on a passphrase vault, the passphrase on fd 3.
+fn id_by_passphrase(state: &str, pass: &str) -> Output {
+    qgate_pass(
+        &format!("id --json --state-dir {state} --passphrase-fd 3"),
+        pass,
+    )
+}
+
 /// Runs qgate on a terminal: `script` gives it a pty as its controlling
 /// terminal. Each answer is typed once the next prompt has appeared (and
 /// echo had time to go off). Returns the exit code and everything the
@@ -261,10 +269,7 @@ fn passphrase_asked_on_the_terminal() {
         &[good],
     );
     assert_eq!(code, Some(0), "{shown}");
-    let by_fd = node_id(&qgate_pass(
-        &format!("id --json --state-dir {state} --passphrase-fd 3"),
-        good,
-    ));
+    let by_fd = node_id(&id_by_passphrase(&state, good));
     assert!(shown.contains(&by_fd), "{shown}");
     let (code, shown) = qgate_on_tty(
         &format!("id --json --state-dir {state} --ask-passphrase"),
@@ -287,16 +292,10 @@ fn passphrase_vault() {
         !Path::new(&format!("{state}.key")).exists(),
         "no key file for a passphrase vault"
     );
-    let a = node_id(&qgate_pass(
-        &format!("id --json --state-dir {state} --passphrase-fd 3"),
-        "correct horse battery staple",
-    ));
+    let a = node_id(&id_by_passphrase(&state, "correct horse battery staple"));
     assert_eq!(a.len(), 64);
     refused(
-        &qgate_pass(
-            &format!("id --json --state-dir {state} --passphrase-fd 3"),
-            "correct horse battery stapler",
-        ),
+        &id_by_passphrase(&state, "correct horse battery stapler"),
         "wrong key",
     );
     // Without a passphrase option: told to give one.

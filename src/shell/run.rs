@@ -292,37 +292,31 @@ fn bind_udp(listen: SocketAddr) -> Result<(UdpSocket, bool)> {
 }
 
 async fn async_main(config: Config, up: Up) -> Result<()> {
-    let Up {
-        identity,
-        seq,
-        store,
-        lock,
-        udp,
-        ipv6_socket,
-        control,
-        device,
-        name,
-        lan: lan_socket,
-    } = up;
-    let udp_state = UdpSocketState::new((&udp).into()).context("setting up the UDP socket")?;
+    let udp_state = UdpSocketState::new((&up.udp).into()).context("setting up the UDP socket")?;
     // quinn-udp asks for "probe" path MTU discovery, under which the kernel
     // never reports a smaller path MTU; we want EMSGSIZE, so set DF again.
-    qgate_platform::set_dont_fragment(std::os::fd::AsFd::as_fd(&udp), ipv6_socket)
+    qgate_platform::set_dont_fragment(std::os::fd::AsFd::as_fd(&up.udp), up.ipv6_socket)
         .context("setting don't-fragment on the UDP socket")?;
-    let address = identity.overlay_address();
-    let node_id = identity.node_id();
+    let address = up.identity.overlay_address();
+    let node_id = up.identity.node_id();
     let started = Instant::now();
-    let mut node = Node::new(identity, seq, config.node_config(), started, rand_u32());
+    let mut node = Node::new(
+        up.identity,
+        up.seq,
+        config.node_config(),
+        started,
+        rand_u32(),
+    );
     // Nodes remembered from earlier runs: the way back in when every
     // configured peer is gone.
-    let stored = store.load()?;
+    let stored = up.store.load()?;
     let kept = stored
         .iter()
         .filter(|(_, p)| node.add_stored_peer(started, &p.record))
         .count();
     // DHT values kept by the last run: this node's own are published again
     // once it has joined, those held for others are served meanwhile.
-    let values = store.values()?;
+    let values = up.store.values()?;
     let values_kept = values
         .iter()
         .filter(|r| node.restore_value(started, r))
@@ -337,8 +331,8 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     tracing::info!(
         node = %node_id,
         %address,
-        listen = %udp.local_addr()?,
-        tun = %name,
+        listen = %up.udp.local_addr()?,
+        tun = %up.name,
         mtu = config.mtu,
         peers = config.peers.len(),
         role = if config.relay_only { "relay" } else { "node" },
@@ -348,20 +342,20 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     let max_gso = udp_state.max_gso_segments();
     let shared = Arc::new(Shared {
         node: Mutex::new(node),
-        udp,
+        udp: up.udp,
         udp_state,
-        tun: device,
-        ipv6_socket,
-        store,
+        tun: up.device,
+        ipv6_socket: up.ipv6_socket,
+        store: up.store,
         values_saved: Mutex::new(None),
-        _lock: lock,
+        _lock: up.lock,
     });
     // Send the hellos the node queued for its configured peers.
     flush(&shared);
 
     let handler: Handler = {
         let shared = shared.clone();
-        let tun_name = name.clone();
+        let tun_name = up.name.clone();
         let listen = config.listen;
         let mtu = config.mtu;
         let role = if config.relay_only { "relay" } else { "node" };
@@ -426,7 +420,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
             .context("starting the data-plane thread")?;
     }
     let timer = tokio::spawn(timer_loop(shared.clone()));
-    let lan = if let Some(lan_socket) = lan_socket {
+    let lan = if let Some(lan_socket) = up.lan {
         let sh = shared.clone();
         let node = sh.node.lock().expect("node lock");
         let uri = crate::proto::PeerUri {
@@ -443,7 +437,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
                 .add_lan_peer(Instant::now(), &peer, ep);
             flush(&sh);
         };
-        let (lan_port, tun) = (config.lan_port, name.clone());
+        let (lan_port, tun) = (config.lan_port, up.name.clone());
         Some(tokio::spawn(async move {
             if let Err(e) = super::lan::run(lan_socket, lan_port, uri, port, tun, found).await {
                 tracing::warn!("LAN discovery stopped: {e:#}");
@@ -452,7 +446,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     } else {
         None
     };
-    let serve = control.serve(handler);
+    let serve = up.control.serve(handler);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = serve => {}
@@ -463,7 +457,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     if let Some(l) = lan {
         l.abort();
     }
-    drop(control);
+    drop(up.control);
     save_peers(&shared);
     save_values(&shared);
     Ok(())
