@@ -242,6 +242,7 @@ fn write_seeds() {
         std::path::Path::new("/var/lib/qgate"),
         &"0.0.0.0:7300".parse().unwrap(),
         Some(std::path::Path::new("/media/usb/qgate.key")),
+        None,
     );
     seeds.push(("config", dflt.into_bytes()));
     seeds.push((

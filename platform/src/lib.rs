@@ -31,6 +31,37 @@ pub struct Tun {
     pub name: String,
 }
 
+/// The TUN control device.
+pub const TUN_DEVICE: &str = "/dev/net/tun";
+
+/// Checks that this process can open [`TUN_DEVICE`] before it tries to
+/// create an interface, so that the commonest failure gets a message that
+/// says what to do instead of "create: Permission denied".
+pub fn check_tun_device() -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(TUN_DEVICE)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(format!(
+            "{TUN_DEVICE} does not exist: load the tun module (`modprobe tun`) or create it (`mkdir -p /dev/net && mknod {TUN_DEVICE} c 10 200 && chmod 0666 {TUN_DEVICE}`)"
+        )),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            let (mode, owner) = std::fs::metadata(TUN_DEVICE)
+                .map(|m| (m.permissions().mode() & 0o777, m.uid()))
+                .unwrap_or((0, 0));
+            // SAFETY: getuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::geteuid() };
+            Err(format!(
+                "cannot open {TUN_DEVICE} as uid {uid}: it is mode {mode:04o} owned by uid {owner}; make it 0666 as udev does on standard systems (`chmod 0666 {TUN_DEVICE}`; opening it grants nothing without CAP_NET_ADMIN), or start qgate as root with `user = ...` in the config"
+            ))
+        }
+        Err(e) => Err(format!("cannot open {TUN_DEVICE}: {e}")),
+    }
+}
+
 /// Creates the TUN interface `name`, sets its MTU, gives it `address` with
 /// prefix length `prefix` (which makes the kernel route that prefix to it)
 /// and brings it up. Duplicate address detection is switched off on the

@@ -824,6 +824,11 @@ impl<R: Records> Dht<R> {
                 e.fails = 0;
                 e.proven = true;
             }
+            // A configured peer stays "config" however it was first
+            // learnt (after a restart, the peer store names it first).
+            if source == Source::Config {
+                e.source = Source::Config;
+            }
             if contact.info.seq > e.contact.info.seq {
                 e.contact = contact;
             }

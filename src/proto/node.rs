@@ -40,7 +40,7 @@ use rand_chacha::ChaCha20Rng;
 mod circuits;
 pub use circuits::{
     CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
-    TrafficConfig, CIRCUIT_MTU, CREATE_LIMIT,
+    RouteNoteView, RouteOutcome, RoutingSummary, TrafficConfig, CIRCUIT_MTU, CREATE_LIMIT,
 };
 
 /// WireGuard's data-message overhead: type, receiver, counter, tag.
@@ -260,6 +260,13 @@ pub struct Drops {
     pub wrong_destination: u64,
     /// Record rejected (bad signature, wrong key, wrong ID).
     pub bad_record: u64,
+    /// Hello with a new record within a second of the last verification on
+    /// its link: not checked (RSA work is budgeted); a later hello brings
+    /// the record again.
+    pub hello_limited: u64,
+    /// Record no newer than the one another link to the same node proved
+    /// already (that link stays).
+    pub stale_record: u64,
     /// TUN packet to an address with no link.
     pub no_route: u64,
     /// TUN packet that is not IPv6 or not well formed.
@@ -458,6 +465,8 @@ pub struct NodeStatus {
     pub circuits: usize,
     /// Relay and circuit-end counters.
     pub relay: RelayStats,
+    /// What the default route policy does now and why.
+    pub routing: RoutingSummary,
     /// Links.
     pub links: Vec<LinkStatus>,
 }
@@ -886,9 +895,13 @@ impl Node {
         if let Some(h) = self.inbound_route(now, &dst) {
             return self.inbound_send(now, view, h);
         }
-        if let Policy::Hops(min, max) = self.config.routes.for_addr(&dst) {
-            if is_overlay_address(&dst) && dst != self.address {
-                return self.circuit_send(now, view, min, max);
+        if is_overlay_address(&dst) && dst != self.address {
+            match self.config.routes.for_addr(&dst) {
+                Policy::Hops(min, max) => return self.circuit_send(now, view, min, max),
+                Policy::Prefer(min, max) if self.relays_for(now, dst, min, max) => {
+                    return self.circuit_send(now, view, min, max)
+                }
+                Policy::Prefer(..) | Policy::Direct => {}
             }
         }
         let Some(link) = self.by_addr.get(&dst).and_then(|i| self.links.get_mut(i)) else {
@@ -1369,7 +1382,7 @@ impl Node {
                 .last_verify
                 .is_some_and(|t| now.saturating_duration_since(t) < VERIFY_INTERVAL)
             {
-                link.drops.bad_record += 1;
+                link.drops.hello_limited += 1;
                 return;
             }
             link.last_verify = Some(now);
@@ -1400,7 +1413,7 @@ impl Node {
                             match other_seq {
                                 Some(s) if s >= v.record.seq => {
                                     if let Some(l) = self.links.get_mut(&index) {
-                                        l.drops.bad_record += 1;
+                                        l.drops.stale_record += 1;
                                     }
                                     return;
                                 }
@@ -2100,7 +2113,15 @@ impl Node {
     pub fn add_stored_peer(&mut self, now: Instant, record: &[u8]) -> bool {
         match self.dht.contact_from(now, record) {
             Ok(c) if c.info.id != self.node_id() => {
-                self.dht.add_contact(now, c, Source::Store);
+                // A peer the config names is "config" whatever the store
+                // remembered it as.
+                let configured = self.config.peers.iter().any(|p| p.uri.node_id == c.info.id);
+                let source = if configured {
+                    Source::Config
+                } else {
+                    Source::Store
+                };
+                self.dht.add_contact(now, c, source);
                 true
             }
             _ => false,
@@ -2324,6 +2345,7 @@ impl Node {
             drops: self.drops,
             circuits: self.out_circuits(),
             relay: self.relay_stats(),
+            routing: self.routing_summary(),
             links,
         }
     }
@@ -3095,6 +3117,81 @@ mod tests {
         ));
         let tun = advance(&mut net, 5.0);
         assert!(tun[e].contains(&p), "an allowed source was refused");
+    }
+
+    #[test]
+    fn relays_whenever_possible_else_direct_and_says_why() {
+        // Two nodes, both relays, on the default "balanced" policy: the
+        // only relay A knows is the destination itself, so A goes direct.
+        let now = Instant::now();
+        let ids = identities(2);
+        let eps = endpoints(2);
+        let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
+        let mut net = linked_pair(now, ids, &eps);
+        for n in &mut net.nodes {
+            n.0.config.routes.default = Policy::Prefer(1, 2);
+            n.0.config.roles = ROLE_RELAY_BIT;
+        }
+        let p = udp_packet(addrs[0], addrs[1], b"direct, for want of relays");
+        assert_eq!(net.send(0, &p).as_deref(), Some(&p[..]));
+        let r = net.nodes[0].0.routing_summary();
+        assert_eq!(r.default, "1..2 or direct");
+        assert_eq!(r.summary, "direct: 0 usable relays, 1 needed");
+        assert_eq!(r.direct_fallbacks, 1);
+        let c = net.nodes[0].0.circuits(net.now);
+        assert!(c.circuits.is_empty());
+        assert_eq!(c.no_circuit.len(), 1);
+        assert_eq!(c.no_circuit[0].destination, addrs[1]);
+        assert_eq!(c.no_circuit[0].outcome, RouteOutcome::Direct);
+        assert_eq!(
+            (c.no_circuit[0].usable_relays, c.no_circuit[0].needed),
+            (0, 1)
+        );
+        // The reply goes direct too (B's policy is the same).
+        let back = udp_packet(addrs[1], addrs[0], b"and back");
+        assert_eq!(net.send(1, &back).as_deref(), Some(&back[..]));
+
+        // A strict policy ("private") never goes direct: unreachable.
+        net.nodes[0].0.config.routes.default = Policy::Hops(2, 3);
+        let now = net.now + Duration::from_secs(2);
+        let out = net.nodes[0].0.handle_tun_packet(now, &p);
+        let TunOutcome::Reply(icmp) = out else {
+            panic!("expected ICMPv6 unreachable");
+        };
+        let v = Ipv6View::new_checked(icmp).unwrap();
+        assert_eq!(v.payload()[0], wire::ICMPV6_DEST_UNREACHABLE);
+        let r = net.nodes[0].0.routing_summary();
+        assert!(
+            r.summary
+                .starts_with("unreachable: 0 usable relays, 2 needed"),
+            "{}",
+            r.summary
+        );
+        assert_eq!(r.unreachable, 1);
+    }
+
+    #[test]
+    fn relays_whenever_possible_builds_circuits_when_relays_exist() {
+        let now = Instant::now();
+        let (mut net, addrs, _) = circuit_net(now);
+        net.nodes[0].0.config.routes.default = Policy::Prefer(1, 2);
+        let (a, e) = (0, 5);
+        let p = udp_packet(addrs[a], addrs[e], b"through relays, by default");
+        assert!(matches!(
+            net.nodes[a].0.handle_tun_packet(net.now, &p),
+            TunOutcome::Nothing
+        ));
+        let tun = advance(&mut net, 5.0);
+        assert!(tun[e].contains(&p), "not delivered");
+        let c = net.nodes[a].0.circuits(net.now);
+        assert_eq!(c.circuits.len(), 1);
+        assert!((1..=2).contains(&c.circuits[0].hops.len()));
+        assert!(c.no_circuit.is_empty());
+        assert!(net.nodes[a]
+            .0
+            .routing_summary()
+            .summary
+            .starts_with("through relays"));
     }
 
     /// A circuit network in one process: A (0) and E (5), four relays

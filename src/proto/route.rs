@@ -15,16 +15,37 @@ pub const MAX_HOPS: u8 = 3;
 pub enum Policy {
     /// Over a direct link.
     Direct,
-    /// Through a circuit of MIN..=MAX relays (1 ≤ MIN ≤ MAX ≤ 3).
+    /// Through a circuit of MIN..=MAX relays (1 ≤ MIN ≤ MAX ≤ 3); never
+    /// direct: with too few usable relays the destination is unreachable.
     Hops(u8, u8),
+    /// Through MIN..=MAX relays whenever the node knows enough usable
+    /// relays (the subnet rule included), otherwise over a direct link.
+    Prefer(u8, u8),
 }
 
 impl Policy {
-    /// Parses `direct` or `MIN..MAX` / `N`.
+    /// The relay range, if this policy uses circuits at all.
+    pub fn relays(&self) -> Option<(u8, u8)> {
+        match *self {
+            Policy::Direct => None,
+            Policy::Hops(a, b) | Policy::Prefer(a, b) => Some((a, b)),
+        }
+    }
+
+    /// Parses `direct`, `MIN..MAX` / `N` (relays only), or
+    /// `MIN..MAX or direct` (relays when possible).
     pub fn parse(s: &str) -> Result<Policy, String> {
         let s = s.trim();
         if s == "direct" {
             return Ok(Policy::Direct);
+        }
+        if let Some(r) = s.strip_suffix("or direct") {
+            return match Policy::parse(r)? {
+                Policy::Hops(a, b) => Ok(Policy::Prefer(a, b)),
+                _ => Err(format!(
+                    "{s:?}: write \"MIN..MAX or direct\", e.g. \"1..2 or direct\""
+                )),
+            };
         }
         let (a, b) = match s.split_once("..") {
             Some((a, b)) => (a.trim(), b.trim().trim_start_matches('=')),
@@ -44,6 +65,26 @@ impl Policy {
             ));
         }
         Ok(Policy::Hops(min, max))
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let range = |f: &mut std::fmt::Formatter<'_>, a: u8, b: u8| {
+            if a == b {
+                write!(f, "{a}")
+            } else {
+                write!(f, "{a}..{b}")
+            }
+        };
+        match *self {
+            Policy::Direct => write!(f, "direct"),
+            Policy::Hops(a, b) => range(f, a, b),
+            Policy::Prefer(a, b) => {
+                range(f, a, b)?;
+                write!(f, " or direct")
+            }
+        }
     }
 }
 
@@ -122,6 +163,34 @@ pub fn subnet(ip: &IpAddr) -> (bool, u64) {
     }
 }
 
+/// How many relays of `pool` could stand on one path at once under the
+/// same rules as [`select`]: not excluded, with an endpoint, and with
+/// `distinct`, no two in one subnet nor in a subnet of `endpoint_ips`.
+/// Greedy over the pool's order, exact when each relay has one address.
+pub fn usable(
+    pool: &[Candidate],
+    exclude: &[NodeId],
+    endpoint_ips: &[IpAddr],
+    distinct: bool,
+) -> usize {
+    let mut taken: Vec<(bool, u64)> = endpoint_ips.iter().map(subnet).collect();
+    let mut n = 0;
+    for c in pool {
+        if exclude.contains(&c.id) || c.ips.is_empty() {
+            continue;
+        }
+        if distinct {
+            let nets: Vec<(bool, u64)> = c.ips.iter().map(subnet).collect();
+            if nets.iter().any(|x| taken.contains(x)) {
+                continue;
+            }
+            taken.extend(nets);
+        }
+        n += 1;
+    }
+    n
+}
+
 /// Draws the number of relays for a new circuit, uniformly in MIN..=MAX.
 pub fn draw_len(rng: &mut impl RngCore, min: u8, max: u8) -> u8 {
     min + (rng.next_u32() % u32::from(max - min + 1)) as u8
@@ -191,7 +260,20 @@ mod tests {
         assert_eq!(Policy::parse("direct"), Ok(Policy::Direct));
         assert_eq!(Policy::parse("2..3"), Ok(Policy::Hops(2, 3)));
         assert_eq!(Policy::parse("2"), Ok(Policy::Hops(2, 2)));
-        for bad in ["0..2", "3..2", "1..4", "x", ""] {
+        assert_eq!(Policy::parse("1..2 or direct"), Ok(Policy::Prefer(1, 2)));
+        assert_eq!(Policy::parse("2 or direct"), Ok(Policy::Prefer(2, 2)));
+        for p in ["direct", "2", "1..3", "1..2 or direct"] {
+            assert_eq!(Policy::parse(p).unwrap().to_string(), p);
+        }
+        for bad in [
+            "0..2",
+            "3..2",
+            "1..4",
+            "x",
+            "",
+            "direct or direct",
+            "or direct",
+        ] {
             assert!(Policy::parse(bad).is_err(), "{bad}");
         }
         let p = RoutePolicy {
@@ -249,6 +331,27 @@ mod tests {
         // IPv6 /48.
         let v6 = [cand(1, "2001:db8:1:1::1"), cand(2, "2001:db8:1:2::1")];
         assert!(select(&mut rng, &v6, 2, &[], &[], true).is_none());
+    }
+
+    #[test]
+    fn usable_counts_what_select_can_use() {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        // Five relays in three /16s, one of them an end's.
+        let pool = [
+            cand(1, "198.18.1.1"),
+            cand(2, "198.18.1.2"),
+            cand(3, "10.1.0.1"),
+            cand(4, "10.2.0.1"),
+            cand(5, "10.2.0.2"),
+        ];
+        let ends: Vec<IpAddr> = vec!["198.18.9.9".parse().unwrap()];
+        assert_eq!(usable(&pool, &[], &ends, true), 2);
+        assert_eq!(usable(&pool, &[], &ends, false), 5);
+        assert_eq!(usable(&pool, &[NodeId([3; 32])], &ends, true), 1);
+        // It agrees with select: 2 is possible, 3 is not.
+        assert!(select(&mut rng, &pool, 2, &[], &ends, true).is_some());
+        assert!(select(&mut rng, &pool, 3, &[], &ends, true).is_none());
+        assert_eq!(usable(&[], &[], &[], true), 0);
     }
 
     #[test]

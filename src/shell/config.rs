@@ -25,6 +25,9 @@ pub const DEFAULT_TUN: &str = "qg0";
 pub const DEFAULT_KEEPALIVE: u16 = 10;
 /// Default bound on links.
 pub const DEFAULT_MAX_LINKS: usize = 1024;
+/// Where the CLI looks for the configuration when neither `--config` nor
+/// `QGATE_CONFIG` names one: the state directory the install uses.
+pub const DEFAULT_CONFIG: &str = "/var/lib/qgate/qgate.toml";
 /// Default security preset.
 pub const DEFAULT_PRESET: &str = "balanced";
 /// Default UDP port of LAN discovery announcements.
@@ -538,7 +541,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let preset = raw.preset.unwrap_or_else(|| DEFAULT_PRESET.into());
     let (default_policy, mut traffic) = match preset.as_str() {
         "fast" => (Policy::Direct, TrafficConfig::default()),
-        "balanced" => (Policy::Hops(1, 2), TrafficConfig::default()),
+        "balanced" => (Policy::Prefer(1, 2), TrafficConfig::default()),
         "private" => (
             Policy::Hops(2, 3),
             TrafficConfig {
@@ -737,10 +740,19 @@ fn parse_bandwidth(s: &str) -> Option<u64> {
 
 /// The commented default configuration `qgate init` writes.
 /// `key_file`: the key file to name in the config (None: a commented line).
-pub fn default_text(state_dir: &Path, listen: &SocketAddr, key_file: Option<&Path>) -> String {
+pub fn default_text(
+    state_dir: &Path,
+    listen: &SocketAddr,
+    key_file: Option<&Path>,
+    user: Option<&str>,
+) -> String {
     let key_line = match key_file {
         Some(k) => format!("key_file = {:?}", k.display().to_string()),
         None => "# key_file = \"/media/usb/qgate.key\"".to_string(),
+    };
+    let user_line = match user {
+        Some(u) => format!("user = {u:?}"),
+        None => "# user = \"qgate\"".to_string(),
     };
     format!(
         r#"# QuantumGate node configuration. Every key is optional except state_dir;
@@ -779,19 +791,22 @@ peers = [
 
 # Security preset, setting routes and traffic shape together:
 #   "fast"      direct links, lz4 on
-#   "balanced"  1..2 relays per circuit, lz4 on
-#   "private"   2..3 relays, cover traffic (2 noise cells/s), lz4 off, every
-#               cell the large size
-# Circuits need relays: on a network with fewer relays than a circuit asks
-# for, packets get "destination unreachable" (`qgate circuits` shows the
-# relay pool). Every value can be overridden in [relay], [[route]], [traffic].
+#   "balanced"  1..2 relays per circuit whenever the node knows enough usable
+#               relays, else direct ("1..2 or direct"); lz4 on
+#   "private"   2..3 relays and never direct, cover traffic (2 noise
+#               cells/s), lz4 off, every cell the large size
+# On a network with too few relays, "balanced" goes direct and "private"
+# answers "destination unreachable"; `qgate status` says which and why
+# (`qgate circuits` lists each destination). Every value can be overridden
+# in [relay], [[route]], [traffic].
 # preset = "{preset}"
 
 # Unprivileged user to run as once the sockets, the TUN and the inbound
 # filter are set up (then every capability is dropped and no-new-privileges
 # set). Unset: keep the current user, still dropping every capability.
-# `qgate init --user NAME` hands the state directory to that user.
-# user = "qgate"
+# `qgate init --user NAME` hands the state directory to that user and sets
+# this line.
+{user_line}
 
 [inbound]
 # New connections from the overlay that may reach this node. Every node of
@@ -867,7 +882,8 @@ peers = [
 
 # Routes: which destinations go direct and which through relays. First match
 # wins; without a match the preset decides. prefix is an overlay prefix or a
-# single address; hops is "direct" or "MIN..MAX" relays (1..3).
+# single address; hops is "direct", "MIN..MAX" relays (1..3, never direct),
+# or "MIN..MAX or direct" (relays when enough are known, else direct).
 # [[route]]
 # prefix = "fc00::/8"
 # hops = "2..3"
@@ -875,6 +891,7 @@ peers = [
         preset = DEFAULT_PRESET,
         state = state_dir.display(),
         key_line = key_line,
+        user_line = user_line,
         listen = listen,
         tun = DEFAULT_TUN,
         mtu = default_mtu(listen),
@@ -924,8 +941,10 @@ mod tests {
             Path::new("/var/lib/qgate"),
             &"0.0.0.0:7300".parse().unwrap(),
             Some(Path::new("/var/lib/qgate.key")),
+            Some("qgate"),
         ))
         .unwrap();
+        assert_eq!(c.user.as_deref(), Some("qgate"));
         assert_eq!(c.key_file.as_deref(), Some(Path::new("/var/lib/qgate.key")));
         assert_eq!(c.mtu, 1440);
         assert_eq!(c.tun_name, "qg0");
@@ -933,6 +952,7 @@ mod tests {
         let c = p(&default_text(
             Path::new("/x"),
             &"[::]:7300".parse().unwrap(),
+            None,
             None,
         ))
         .unwrap();

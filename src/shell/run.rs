@@ -97,6 +97,9 @@ pub fn run(config: Config, mut key: KeyOptions) -> Result<()> {
             config.tun_name
         );
     }
+    if !config.relay_only {
+        qgate_platform::check_tun_device().map_err(anyhow::Error::msg)?;
+    }
     let nft = if config.relay_only || config.inbound.all {
         None
     } else {
@@ -187,11 +190,21 @@ pub fn run(config: Config, mut key: KeyOptions) -> Result<()> {
 /// Warns when the (unprivileged) process can't create and remove files in
 /// `dir`.
 fn check_writable(dir: &Path, what: &str) {
+    use std::os::unix::fs::MetadataExt;
     if !qgate_platform::privilege::can_write_dir(dir) {
+        let me = nix::unistd::Uid::current();
+        // Root without capabilities is an ordinary user to the file system:
+        // name the owner, which is usually the `user` the config forgot.
+        let owner = std::fs::metadata(dir).map(|m| m.uid()).ok();
+        let hint = match owner {
+            Some(o) if o != me.as_raw() => {
+                format!(" (it belongs to uid {o}: set `user` in the config to that user)")
+            }
+            _ => String::new(),
+        };
         tracing::warn!(
-            "{} is not writable by uid {}: {what}",
+            "{} is not writable by uid {me}{hint}: {what}",
             dir.display(),
-            nix::unistd::Uid::current()
         );
     }
 }
@@ -339,6 +352,15 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         preset = %config.preset,
         "qgate up"
     );
+    for p in config.peers.iter().filter(|p| p.endpoint.is_none()) {
+        tracing::warn!(
+            "peer {} in `peers` has no endpoint: this node can't link to it until the DHT \
+             (through another peer) knows where it is; append /IP:PORT, the address and UDP \
+             port that node listens on, to its URI (e.g. {}/198.18.0.2:7300)",
+            p.node_id.short(),
+            p
+        );
+    }
     let max_gso = udp_state.max_gso_segments();
     let shared = Arc::new(Shared {
         node: Mutex::new(node),
@@ -508,6 +530,8 @@ fn api_lookup(sh: &Shared, target: &LookupTarget) -> Result<serde_json::Value> {
         "hops": r.hops,
         "queries": r.queries,
         "elapsed_ms": r.elapsed.as_secs_f64() * 1000.0,
+        // Answered from what the node already held: no query went out.
+        "already_known": r.hops == 0 && r.queries == 0,
     });
     if let Outcome::Found(c) = &r.outcome {
         v["found"] = json!(true);

@@ -73,6 +73,26 @@ pub fn render(st: &Value) -> String {
             s(g("preset")),
         ));
     }
+    let rt = &st["routing"];
+    if !rt.is_null() {
+        let mut line = format!(
+            "routing   {}   (default {}, relay pool {})",
+            rt["summary"].as_str().unwrap_or("?"),
+            rt["default"].as_str().unwrap_or("?"),
+            rt["pool"]
+        );
+        let (d, u) = (
+            rt["direct_fallbacks"].as_u64().unwrap_or(0),
+            rt["unreachable"].as_u64().unwrap_or(0),
+        );
+        if d + u > 0 {
+            line.push_str(&format!(
+                "\n          destinations without a circuit: {d} sent direct, {u} unreachable (`qgate circuits`)"
+            ));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
     out.push_str(&format!("drops     {}\n", drops(&g("drops"))));
     let eps: Vec<String> = g("endpoints")
         .as_array()
@@ -184,19 +204,23 @@ pub fn render_peers(v: &Value) -> String {
 
 /// Renders `qgate lookup` for a terminal.
 pub fn render_lookup(v: &Value) -> String {
-    let how = format!(
-        "{} hops, {} queries, {:.0} ms",
-        v["hops"],
-        v["queries"],
-        v["elapsed_ms"].as_f64().unwrap_or(0.0)
-    );
+    let how = if v["already_known"] == true {
+        "already known here (no query sent)".to_string()
+    } else {
+        format!(
+            "in {} hops, {} queries, {:.0} ms",
+            v["hops"],
+            v["queries"],
+            v["elapsed_ms"].as_f64().unwrap_or(0.0)
+        )
+    };
     if v["found"] != true {
-        return format!("not found ({how})\n");
+        return format!("not found ({})\n", how.trim_start_matches("in "));
     }
     let r = &v["record"];
     let eps = strings(&r["endpoints"]);
     format!(
-        "node      {}\naddress   {}\nendpoints {}\nseq       {}   expires {}   roles {}\nfound in  {how}\n",
+        "node      {}\naddress   {}\nendpoints {}\nseq       {}   expires {}   roles {}\nfound     {how}\n",
         r["node_id"].as_str().unwrap_or("?"),
         r["address"].as_str().unwrap_or("?"),
         eps.join(" "),
@@ -217,6 +241,12 @@ pub fn render_circuits(v: &Value) -> String {
     let list = |k: &str| v[k].as_array().cloned().unwrap_or_default();
     let mut out = String::new();
     let built = list("circuits");
+    if let Some(summary) = v["routing"]["summary"].as_str() {
+        out.push_str(&format!(
+            "routing: {summary}   (default {})\n",
+            v["routing"]["default"].as_str().unwrap_or("?")
+        ));
+    }
     out.push_str(&format!(
         "built here: {}   (relay pool: {} known relays)\n",
         built.len(),
@@ -249,6 +279,27 @@ pub fn render_circuits(v: &Value) -> String {
             duration(r["age_secs"].as_f64().unwrap_or(0.0)),
             bytes(r["fwd_bytes"].as_f64().unwrap_or(0.0)),
             bytes(r["bwd_bytes"].as_f64().unwrap_or(0.0)),
+        ));
+    }
+    let none = list("no_circuit");
+    if !none.is_empty() {
+        out.push_str(&format!(
+            "no circuit (too few usable relays): {}\n",
+            none.len()
+        ));
+    }
+    for n in &none {
+        let (usable, needed) = (n["usable_relays"].as_u64().unwrap_or(0), &n["needed"]);
+        out.push_str(&format!(
+            "  to {}  {}: {usable} usable relay{}, {needed} needed  idle {}\n",
+            n["destination"].as_str().unwrap_or("?"),
+            match n["outcome"].as_str() {
+                Some("direct") => "direct",
+                Some("unreachable") => "unreachable (this route never goes direct)",
+                _ => "?",
+            },
+            if usable == 1 { "" } else { "s" },
+            duration(n["idle_secs"].as_f64().unwrap_or(0.0)),
         ));
     }
     let inbound = list("inbound");

@@ -32,8 +32,12 @@ use crate::proto::onion::{
     OnionError, OnionKey, ReplayWindow, CELL_HEADER, CELL_LARGE, CELL_SMALL, CREATED_LEN,
     CREATE_LEN, KIND_CREATE, KIND_CREATED, KIND_DESTROY, KIND_RELAY, MAX_DATA,
 };
-use crate::proto::route::{self, Candidate, Policy};
+use crate::proto::route;
 use crate::proto::wire::{self, Encoded, Incoming, Ipv6View, IPV6_MIN_MTU};
+
+mod routing;
+use routing::{PathInputs, RouteNotes};
+pub use routing::{RouteNoteView, RouteOutcome, RoutingSummary};
 
 /// Largest packet a circuit carries (as is; compressed ones may be larger
 /// before compression, but the kernel is told this).
@@ -248,6 +252,11 @@ pub struct CircuitsReport {
     pub inbound: Vec<InboundView>,
     /// Relays known (the pool paths are drawn from).
     pub pool: usize,
+    /// What the default route policy does now and why.
+    pub routing: RoutingSummary,
+    /// Destinations without a circuit for want of relays: sent direct or
+    /// unreachable.
+    pub no_circuit: Vec<RouteNoteView>,
 }
 
 /// A node a circuit may go through or to.
@@ -370,6 +379,8 @@ pub(super) struct Circuits {
     bad: HashMap<NodeId, Instant>,
     /// Failed builds in a row per destination, and when the last failed.
     build_fails: HashMap<Ipv6Addr, (u32, Instant)>,
+    /// Destinations without a circuit for want of relays, and why.
+    notes: RouteNotes,
     stats: RelayStats,
     bandwidth: (f64, Instant),
     /// Cells forwarded as relay, as (forward?, in, out), for the test hook.
@@ -395,6 +406,7 @@ impl Circuits {
             last_pool_fill: None,
             bad: HashMap::new(),
             build_fails: HashMap::new(),
+            notes: RouteNotes::default(),
             stats: RelayStats::default(),
             bandwidth: (0.0, now),
             #[cfg(feature = "cell-log")]
@@ -1088,6 +1100,13 @@ impl Node {
 
     // ---- the source's side --------------------------------------------------
 
+    /// Whether builds to `dst` failed too often lately.
+    fn build_failing(&self, now: Instant, dst: &Ipv6Addr) -> bool {
+        self.circ.build_fails.get(dst).is_some_and(|(n, t)| {
+            *n >= MAX_BUILD_FAILS && now.saturating_duration_since(*t) < FAILED_FOR
+        })
+    }
+
     /// Sends an application packet to `dst` through a circuit, building one
     /// if needed.
     pub(super) fn circuit_send(
@@ -1111,16 +1130,14 @@ impl Node {
         let id = match self.circ.by_dst.get(&dst) {
             Some(&id) => id,
             None => {
-                let failing = self.circ.build_fails.get(&dst).is_some_and(|(n, t)| {
-                    *n >= MAX_BUILD_FAILS && now.saturating_duration_since(*t) < FAILED_FOR
-                });
-                if failing {
+                if self.build_failing(now, &dst) {
                     self.drops.unreachable += 1;
                     return self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 3, 0);
                 }
                 match self.build_circuit(now, dst, min, max) {
                     Some(id) => id,
                     None => {
+                        self.note_unreachable(now, dst, min);
                         self.drops.no_route += 1;
                         return self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 3, 0);
                     }
@@ -1175,7 +1192,16 @@ impl Node {
         self.wrap_out(id, target, cmd::DATA, &frame)
     }
 
-    /// Picks relays and starts a circuit to `dst`.
+    /// The destination's record and what it says, when known here.
+    fn local_peer(&self, dst: &Ipv6Addr) -> Option<Peer> {
+        self.local_record(dst)
+            .as_deref()
+            .and_then(Peer::from_record)
+    }
+
+    /// Picks relays and starts a circuit to `dst`: as many as drawn from
+    /// MIN..=MAX, or fewer (not below MIN) when the pool can't give that
+    /// many.
     fn build_circuit(&mut self, now: Instant, dst: Ipv6Addr, min: u8, max: u8) -> Option<u64> {
         if self.circ.out.len() >= MAX_OUT {
             return None;
@@ -1183,34 +1209,18 @@ impl Node {
         self.fill_pool_from_table(now);
         let dest_record = self.local_record(&dst);
         let dest = dest_record.as_deref().and_then(Peer::from_record);
-        let len = route::draw_len(&mut self.rng, min, max) as usize;
-        let mut exclude = vec![self.node_id()];
-        exclude.extend(self.circ.bad.keys().copied());
-        let dst_prefix = &dst.octets()[1..16];
-        let pool: Vec<Candidate> = self
-            .circ
-            .pool
-            .values()
-            .filter(|(p, _, _)| p.id.0[..15] != *dst_prefix)
-            .map(|(p, _, _)| Candidate {
-                id: p.id,
-                ips: p.ips.clone(),
-            })
-            .collect();
-        let mut ends: Vec<IpAddr> = self.ext.endpoints.iter().map(|e| e.ip()).collect();
-        if let Some(d) = &dest {
-            ends.extend(d.ips.iter().copied());
-        }
+        let drawn = route::draw_len(&mut self.rng, min, max);
+        let PathInputs {
+            pool,
+            exclude,
+            ends,
+        } = self.path_inputs(&dst);
         let distinct = self.config.relay.distinct_subnets;
-        let Some(path) = route::select(&mut self.rng, &pool, len, &exclude, &ends, distinct) else {
-            // Destinations of this node's own traffic appear at debug only
-            // (see README, *Logs*).
-            tracing::info!(
-                relays = len,
-                pool = pool.len(),
-                "no path: too few usable relays"
-            );
-            tracing::debug!(%dst, "no path");
+        let path = (min..=drawn).rev().find_map(|len| {
+            route::select(&mut self.rng, &pool, len.into(), &exclude, &ends, distinct)
+        });
+        let Some(path) = path else {
+            tracing::debug!(%dst, pool = pool.len(), "no path: too few usable relays");
             return None;
         };
         let relays: Vec<Peer> = path
@@ -1527,7 +1537,7 @@ impl Node {
         if replaced_by.is_some_and(|r| self.circ.out.contains_key(&r)) {
             return;
         }
-        if let Policy::Hops(min, max) = self.config.routes.for_addr(&dst) {
+        if let Some((min, max)) = self.config.routes.for_addr(&dst).relays() {
             if let Some(new) = self.build_circuit(now, dst, min, max) {
                 if let Some(n) = self.circ.out.get_mut(&new) {
                     n.queue = queue;
@@ -1675,6 +1685,7 @@ impl Node {
         self.circ
             .build_fails
             .retain(|_, (_, t)| now.saturating_duration_since(*t) < FAILED_FOR);
+        self.circ.notes.sweep(now);
         // The pool: from the table, and random lookups further afield.
         let interval = if self.circ.pool.len() < POOL_SMALL {
             POOL_INTERVAL_SMALL
@@ -1682,13 +1693,13 @@ impl Node {
             POOL_INTERVAL
         };
         let wants_pool = self.config.has_tun
-            && (self.config.routes.default != Policy::Direct
+            && (self.config.routes.default.relays().is_some()
                 || self
                     .config
                     .routes
                     .routes
                     .iter()
-                    .any(|r| r.policy != Policy::Direct));
+                    .any(|r| r.policy.relays().is_some()));
         let unix = self.dht.unix(now);
         self.circ.pool.retain(|_, (_, _, expires)| *expires > unix);
         if wants_pool
@@ -1763,7 +1774,7 @@ impl Node {
                     .is_none_or(|r| !self.circ.out.contains_key(&r))
             {
                 let dst = c.dst;
-                if let Policy::Hops(min, max) = self.config.routes.for_addr(&dst) {
+                if let Some((min, max)) = self.config.routes.for_addr(&dst).relays() {
                     let new = self.build_circuit(now, dst, min, max);
                     if let Some(c) = self.circ.out.get_mut(&id) {
                         c.replaced_by = new;
@@ -1889,6 +1900,8 @@ impl Node {
             relayed,
             inbound,
             pool: self.circ.pool.len(),
+            routing: self.routing_summary(),
+            no_circuit: self.route_notes(now),
         }
     }
 

@@ -1,0 +1,306 @@
+//! Whether a destination's packets go through relays or direct, and why.
+//!
+//! The default preset asks for relays "whenever possible"
+//! ([`Policy::Prefer`]): a destination gets a circuit when the node knows
+//! enough usable relays for it (not the node itself, not the destination,
+//! not a relay that just failed, and with the subnet rule, no two in one
+//! subnet nor in an end's), and goes over a direct link otherwise. A strict
+//! policy ([`Policy::Hops`], the `private` preset) never goes direct: the
+//! destination is unreachable until relays appear. Either decision is kept
+//! per destination as a [`RouteNote`], logged once at info when it is taken
+//! or changes, and shown by `qgate status` and `qgate circuits`; a direct
+//! decision is checked again every [`RECHECK`], so a network that grows
+//! relays moves its traffic onto circuits.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::proto::identity::NodeId;
+use crate::proto::node::Node;
+use crate::proto::route::{self, Candidate, Policy};
+
+/// A direct decision is checked again after this long.
+pub(super) const RECHECK: Duration = Duration::from_secs(10);
+/// Notes of destinations not sent to for this long are forgotten.
+const NOTE_KEEP: Duration = Duration::from_secs(600);
+/// Most destinations with a note (oldest forgotten first).
+const MAX_NOTES: usize = 1024;
+
+/// What the node does with packets to a destination that has no circuit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteOutcome {
+    /// Sent over a direct link: too few usable relays (`Prefer`).
+    Direct,
+    /// Answered with ICMPv6 unreachable: too few usable relays (`Hops`).
+    Unreachable,
+}
+
+/// Why a destination gets no circuit.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct RouteNote {
+    outcome: RouteOutcome,
+    usable: usize,
+    needed: u8,
+    /// When the relays were last counted.
+    checked: Instant,
+    /// When a packet last took this decision.
+    used: Instant,
+}
+
+/// One destination without a circuit, as `qgate circuits` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteNoteView {
+    /// Destination overlay address.
+    pub destination: Ipv6Addr,
+    /// Direct or unreachable.
+    pub outcome: RouteOutcome,
+    /// Usable relays when last counted.
+    pub usable_relays: usize,
+    /// Relays the policy needs at least.
+    pub needed: u8,
+    /// Seconds since a packet last went this way.
+    pub idle_secs: f64,
+}
+
+/// The route policy at work, as `qgate status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoutingSummary {
+    /// The default policy (`direct`, `1..2 or direct`, `2..3`).
+    pub default: String,
+    /// Relays known (the pool).
+    pub pool: usize,
+    /// Of those, how many one path could use (toward a destination whose
+    /// record names no endpoint of its own).
+    pub usable_relays: usize,
+    /// Relays the default policy needs at least (0 for direct).
+    pub needed: u8,
+    /// Destinations sent direct for want of relays.
+    pub direct_fallbacks: usize,
+    /// Destinations unreachable for want of relays.
+    pub unreachable: usize,
+    /// One line: what the default does now and why.
+    pub summary: String,
+}
+
+/// The per-destination notes.
+#[derive(Default)]
+pub(super) struct RouteNotes {
+    map: HashMap<Ipv6Addr, RouteNote>,
+}
+
+impl RouteNotes {
+    fn insert(&mut self, dst: Ipv6Addr, note: RouteNote) {
+        if self.map.len() >= MAX_NOTES && !self.map.contains_key(&dst) {
+            if let Some(oldest) = self.map.iter().min_by_key(|(_, n)| n.used).map(|(a, _)| *a) {
+                self.map.remove(&oldest);
+            }
+        }
+        self.map.insert(dst, note);
+    }
+
+    pub(super) fn sweep(&mut self, now: Instant) {
+        self.map
+            .retain(|_, n| now.saturating_duration_since(n.used) < NOTE_KEEP);
+    }
+}
+
+/// What a path toward one destination may be drawn from.
+pub(super) struct PathInputs {
+    pub(super) pool: Vec<Candidate>,
+    pub(super) exclude: Vec<NodeId>,
+    pub(super) ends: Vec<IpAddr>,
+}
+
+fn why(usable: usize, needed: u8) -> String {
+    format!(
+        "{usable} usable relay{}, {needed} needed",
+        if usable == 1 { "" } else { "s" }
+    )
+}
+
+impl Node {
+    /// The relays a circuit to `dst` may use, and what they must avoid.
+    pub(super) fn path_inputs(&self, dst: &Ipv6Addr) -> PathInputs {
+        let mut exclude = vec![self.node_id()];
+        exclude.extend(self.circ.bad.keys().copied());
+        let dst_prefix = &dst.octets()[1..16];
+        let pool: Vec<Candidate> = self
+            .circ
+            .pool
+            .values()
+            .filter(|(p, _, _)| p.id.0[..15] != *dst_prefix)
+            .map(|(p, _, _)| Candidate {
+                id: p.id,
+                ips: p.ips.clone(),
+            })
+            .collect();
+        let mut ends: Vec<IpAddr> = self.ext.endpoints.iter().map(|e| e.ip()).collect();
+        if let Some(d) = self.local_peer(dst) {
+            ends.extend(d.ips.iter().copied());
+        }
+        PathInputs {
+            pool,
+            exclude,
+            ends,
+        }
+    }
+
+    fn usable_toward(&self, dst: &Ipv6Addr) -> usize {
+        let p = self.path_inputs(dst);
+        route::usable(
+            &p.pool,
+            &p.exclude,
+            &p.ends,
+            self.config.relay.distinct_subnets,
+        )
+    }
+
+    /// For [`Policy::Prefer`]: whether packets to `dst` take a circuit
+    /// (one exists or is being built, or one can be built now); if not,
+    /// the decision is noted and they go direct.
+    pub(in crate::proto::node) fn relays_for(
+        &mut self,
+        now: Instant,
+        dst: Ipv6Addr,
+        min: u8,
+        max: u8,
+    ) -> bool {
+        if self.circ.by_dst.contains_key(&dst) || self.build_failing(now, &dst) {
+            // A destination whose builds keep failing is answered
+            // "unreachable" for a while (circuit_send); the relays to
+            // blame drop out of the pool, and then it goes direct.
+            return true;
+        }
+        if let Some(n) = self.circ.notes.map.get_mut(&dst) {
+            if n.outcome == RouteOutcome::Direct
+                && now.saturating_duration_since(n.checked) < RECHECK
+            {
+                n.used = now;
+                return false;
+            }
+        }
+        if self.build_circuit(now, dst, min, max).is_some() {
+            if let Some(old) = self.circ.notes.map.remove(&dst) {
+                tracing::info!(
+                    "relays available now: a destination that went direct ({}) gets a circuit",
+                    why(old.usable, old.needed)
+                );
+            }
+            return true;
+        }
+        let usable = self.usable_toward(&dst);
+        self.note(now, dst, RouteOutcome::Direct, usable, min);
+        false
+    }
+
+    /// A strict policy built no circuit to `dst`: for want of relays,
+    /// that is noted (and logged once).
+    pub(super) fn note_unreachable(&mut self, now: Instant, dst: Ipv6Addr, needed: u8) {
+        let usable = self.usable_toward(&dst);
+        if usable < usize::from(needed) {
+            self.note(now, dst, RouteOutcome::Unreachable, usable, needed);
+        } else {
+            tracing::debug!(%dst, usable, "no circuit built (limits or no link to the first relay)");
+        }
+    }
+
+    fn note(
+        &mut self,
+        now: Instant,
+        dst: Ipv6Addr,
+        outcome: RouteOutcome,
+        usable: usize,
+        needed: u8,
+    ) {
+        let old = self.circ.notes.map.get(&dst).copied();
+        self.circ.notes.insert(
+            dst,
+            RouteNote {
+                outcome,
+                usable,
+                needed,
+                checked: now,
+                used: now,
+            },
+        );
+        if old.is_some_and(|o| o.outcome == outcome) {
+            return;
+        }
+        // Destinations of this node's own traffic appear at debug only
+        // (see README, *Logs*).
+        match outcome {
+            RouteOutcome::Direct => tracing::info!(
+                "going direct to a destination: {} (the preset takes relays whenever possible)",
+                why(usable, needed)
+            ),
+            RouteOutcome::Unreachable => tracing::info!(
+                "destination unreachable: {}; this route never goes direct",
+                why(usable, needed)
+            ),
+        }
+        tracing::debug!(%dst, ?outcome, usable, needed, "route decision");
+    }
+
+    /// The per-destination decisions, for `qgate circuits`.
+    pub(in crate::proto::node) fn route_notes(&self, now: Instant) -> Vec<RouteNoteView> {
+        let mut v: Vec<RouteNoteView> = self
+            .circ
+            .notes
+            .map
+            .iter()
+            .map(|(d, n)| RouteNoteView {
+                destination: *d,
+                outcome: n.outcome,
+                usable_relays: n.usable,
+                needed: n.needed,
+                idle_secs: now.saturating_duration_since(n.used).as_secs_f64(),
+            })
+            .collect();
+        v.sort_by_key(|n| n.destination);
+        v
+    }
+
+    /// What the default policy does now and why, for `qgate status`.
+    pub fn routing_summary(&self) -> RoutingSummary {
+        let policy = self.config.routes.default;
+        // Toward a destination with no endpoint of its own: only our
+        // endpoints' subnets are taken.
+        let usable = self.usable_toward(&Ipv6Addr::UNSPECIFIED);
+        let count = |o: RouteOutcome| {
+            self.circ
+                .notes
+                .map
+                .values()
+                .filter(|n| n.outcome == o)
+                .count()
+        };
+        let needed = policy.relays().map_or(0, |(min, _)| min);
+        let enough = usable >= usize::from(needed);
+        let summary = match (policy, self.config.has_tun) {
+            (_, false) => "relay only: forwards circuits, sends no traffic of its own".to_string(),
+            (Policy::Direct, _) => "direct: the route policy asks for no relays".to_string(),
+            (Policy::Prefer(..), _) if enough => {
+                format!("through relays: {}", why(usable, needed))
+            }
+            (Policy::Prefer(..), _) => format!("direct: {}", why(usable, needed)),
+            (Policy::Hops(..), _) if enough => format!("through relays: {}", why(usable, needed)),
+            (Policy::Hops(..), _) => format!(
+                "unreachable: {}; this policy never goes direct",
+                why(usable, needed)
+            ),
+        };
+        RoutingSummary {
+            default: policy.to_string(),
+            pool: self.circ.pool.len(),
+            usable_relays: usable,
+            needed,
+            direct_fallbacks: count(RouteOutcome::Direct),
+            unreachable: count(RouteOutcome::Unreachable),
+            summary,
+        }
+    }
+}
