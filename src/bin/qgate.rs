@@ -27,6 +27,36 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// The configuration file, for commands that talk to or run a node.
+#[derive(clap::Args, Clone, Debug, Default)]
+struct ConfigArg {
+    /// Configuration file [default: $QGATE_CONFIG, else
+    /// /var/lib/qgate/qgate.toml when it exists].
+    #[arg(long, value_name = "FILE", env = "QGATE_CONFIG", hide_env = true)]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    /// The file named, or the install's default when it exists.
+    fn path(&self) -> Result<PathBuf, Failure> {
+        if let Some(p) = &self.config {
+            return Ok(p.clone());
+        }
+        let dflt = Path::new(config::DEFAULT_CONFIG);
+        if dflt.exists() {
+            return Ok(dflt.to_path_buf());
+        }
+        Err(Failure::Usage(format!(
+            "no configuration file: pass --config FILE or set QGATE_CONFIG (there is no {}; `qgate init --state-dir /var/lib/qgate` makes one)",
+            config::DEFAULT_CONFIG
+        )))
+    }
+
+    fn load(&self) -> Result<config::Config, Failure> {
+        load_config(&self.path()?)
+    }
+}
+
 /// Where the master key that unseals the state directory comes from.
 #[derive(clap::Args, Clone, Debug, Default)]
 struct KeyArgs {
@@ -76,9 +106,11 @@ enum Cmd {
     /// Print the node ID, overlay address and peer URI of a state directory
     /// (unseals it: needs the key).
     Id {
-        /// State directory.
+        /// State directory [default: the configuration file's state_dir].
         #[arg(long, value_name = "DIR")]
-        state_dir: PathBuf,
+        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
         #[command(flatten)]
         key: KeyArgs,
         /// Print JSON: {"node_id", "address", "uri"}.
@@ -89,9 +121,8 @@ enum Cmd {
     /// `role = "relay"`, which makes no TUN). Refuses to start without the
     /// right key, or if the vault fails authentication.
     Run {
-        /// Configuration file.
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         #[command(flatten)]
         key: KeyArgs,
     },
@@ -102,9 +133,8 @@ enum Cmd {
     },
     /// Show the running node's identity, uptime and links.
     Status {
-        /// Configuration file naming the control socket.
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -116,9 +146,8 @@ enum Cmd {
     /// endpoints, last seen, and where each entry came from (config, store,
     /// network, lan).
     Peers {
-        /// Configuration file naming the control socket.
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -127,18 +156,16 @@ enum Cmd {
     /// state), those it carries as a relay (its two neighbours only), and
     /// those ending here (the authenticated source).
     Circuits {
-        /// Configuration file naming the control socket.
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Find a node's signed record in the DHT by node ID or overlay address.
     Lookup {
-        /// Configuration file naming the control socket.
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Node ID (64 hex digits) or overlay address (fc..).
         target: String,
         /// Print JSON.
@@ -177,10 +204,9 @@ enum KeyOp {
     /// at any point leaves a vault that the old or the new key opens. The
     /// node must be stopped.
     Rotate {
-        /// Configuration file naming the state directory.
-        #[arg(long, value_name = "FILE", required_unless_present = "state_dir")]
-        config: Option<PathBuf>,
-        /// State directory (instead of --config).
+        #[command(flatten)]
+        config: ConfigArg,
+        /// State directory (instead of the configuration file).
         #[arg(long, value_name = "DIR", conflicts_with = "config")]
         state_dir: Option<PathBuf>,
         #[command(flatten)]
@@ -202,9 +228,8 @@ enum KeyOp {
 enum DhtOp {
     /// Sign VALUE as this node and store it under NAMESPACE/KEY.
     Put {
-        /// Configuration file naming the control socket.
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Namespace (1-32 bytes), e.g. an extender's name.
         namespace: String,
         /// Key (1-64 bytes).
@@ -217,9 +242,8 @@ enum DhtOp {
     },
     /// Print every publisher's value under NAMESPACE/KEY.
     Get {
-        /// Configuration file naming the control socket.
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Namespace.
         namespace: String,
         /// Key.
@@ -241,6 +265,10 @@ fn main() -> ExitCode {
             eprintln!("qgate: config error: {e}");
             ExitCode::from(EXIT_CONFIG)
         }
+        Err(Failure::Usage(e)) => {
+            eprintln!("qgate: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(Failure::Other(e)) => {
             eprintln!("qgate: {e:#}");
             ExitCode::FAILURE
@@ -250,6 +278,7 @@ fn main() -> ExitCode {
 
 enum Failure {
     Config(config::ConfigError),
+    Usage(String),
     Other(anyhow::Error),
 }
 
@@ -286,13 +315,12 @@ fn key_op(op: KeyOp) -> Result<(), Failure> {
             new_key_file,
             new_passphrase_fd,
         } => {
-            let (state_dir, cfg_key) = match (config, state_dir) {
-                (Some(c), _) => {
-                    let cfg = load_config(&c)?;
+            let (state_dir, cfg_key) = match state_dir {
+                Some(d) => (d, None),
+                None => {
+                    let cfg = config.load()?;
                     (cfg.state_dir, cfg.key_file)
                 }
-                (None, Some(d)) => (d, None),
-                (None, None) => unreachable!("clap requires one of them"),
             };
             let mut old = key.options();
             if old.key_file.is_none() && old.passphrase_fd.is_none() && !old.ask_passphrase {
@@ -373,7 +401,8 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 let abs = std::fs::canonicalize(&state_dir).unwrap_or(state_dir.clone());
                 state::write_new(
                     &cfg_path,
-                    config::default_text(&abs, &listen, key_path.as_deref()).as_bytes(),
+                    config::default_text(&abs, &listen, key_path.as_deref(), user.as_deref())
+                        .as_bytes(),
                     0o644,
                 )?;
                 true
@@ -416,11 +445,20 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Id {
             state_dir,
+            config,
             key,
             json,
         } => {
-            let cfg_path = state_dir.join(state::CONFIG_FILE);
-            let cfg = config::load(&cfg_path).ok();
+            let (state_dir, cfg) = match state_dir {
+                Some(d) => {
+                    let cfg = config::load(&d.join(state::CONFIG_FILE)).ok();
+                    (d, cfg)
+                }
+                None => {
+                    let cfg = config.load()?;
+                    (cfg.state_dir.clone(), Some(cfg))
+                }
+            };
             let mut opts = key.options();
             if opts.key_file.is_none() && opts.passphrase_fd.is_none() && !opts.ask_passphrase {
                 opts.key_file = cfg.as_ref().and_then(|c| c.key_file.clone());
@@ -448,7 +486,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Run { config, key } => {
-            let cfg = load_config(&config)?;
+            let cfg = config.load()?;
             let filter = std::env::var("QGATE_LOG").unwrap_or_else(|_| cfg.log.clone());
             // boringtun logs every handshake retry; keep it quiet unless asked.
             let filter = if filter.contains("boringtun") {
@@ -477,7 +515,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Key { op } => key_op(op),
         Cmd::Status { config, json, wait } => {
-            let cfg = load_config(&config)?;
+            let cfg = config.load()?;
             let deadline = Instant::now() + Duration::from_secs_f64(wait.unwrap_or(0.0).max(0.0));
             let st = loop {
                 match control::request(&cfg.control_socket, "status") {
@@ -500,7 +538,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Peers { config, json } => {
-            let cfg = load_config(&config)?;
+            let cfg = config.load()?;
             let v =
                 control::request(&cfg.control_socket, "peers").context("is the node running?")?;
             if json {
@@ -511,7 +549,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Circuits { config, json } => {
-            let cfg = load_config(&config)?;
+            let cfg = config.load()?;
             let v = control::request(&cfg.control_socket, "circuits")
                 .context("is the node running?")?;
             if json {
@@ -526,7 +564,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             target,
             json,
         } => {
-            let cfg = load_config(&config)?;
+            let cfg = config.load()?;
             let v = control::call(
                 &cfg.control_socket,
                 &json!({"cmd": "lookup", "target": target}),
@@ -550,7 +588,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 value,
                 ttl,
             } => {
-                let cfg = load_config(&config)?;
+                let cfg = config.load()?;
                 let b64 = base64::engine::general_purpose::STANDARD.encode(value.as_bytes());
                 let v = control::call(
                     &cfg.control_socket,
@@ -568,7 +606,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 key,
                 json,
             } => {
-                let cfg = load_config(&config)?;
+                let cfg = config.load()?;
                 let v = control::call(
                     &cfg.control_socket,
                     &json!({"cmd": "dht_get", "namespace": namespace, "key": key}),
