@@ -151,3 +151,146 @@ fn run_refuses_a_missing_user_before_making_anything() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("inbound.allow[0]"), "{err}");
 }
+
+fn qgate_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_qgate"))
+        .args(args)
+        .env_remove("QGATE_CONFIG")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// `init --user` writes the `user` line, `--advertise` puts the reachable
+/// endpoint in the config and the peer URI, and the commands find the
+/// config through QGATE_CONFIG (or the install's path) without --config.
+#[test]
+fn init_user_and_advertise_and_config_without_flags() {
+    let dir = tmp("adv");
+    let _cleanup = Cleanup(dir.clone());
+    let d = dir.to_str().unwrap();
+    let out = qgate(&[
+        "init",
+        "--state-dir",
+        d,
+        "--listen",
+        "0.0.0.0:7300",
+        "--user",
+        "root",
+        "--advertise",
+        "198.18.0.9:7300",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let cfg_path = dir.join("qgate.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    assert!(cfg.contains("\nuser = \"root\"\n"), "{cfg}");
+    assert!(
+        cfg.contains("\nadvertise = [\"198.18.0.9:7300\"]\n"),
+        "{cfg}"
+    );
+    let uri_line = text.lines().find(|l| l.starts_with("peer URI")).unwrap();
+    assert!(uri_line.ends_with("/198.18.0.9:7300"), "{text}");
+    // `qgate id` without --state-dir or --config: QGATE_CONFIG names it.
+    let c = cfg_path.to_str().unwrap();
+    let id = qgate_env(&["id"], &[("QGATE_CONFIG", c)]);
+    assert!(id.status.success(), "{id:?}");
+    let id_text = String::from_utf8_lossy(&id.stdout);
+    assert!(
+        id_text.contains(&uri_line["peer URI ".len()..]),
+        "{id_text}"
+    );
+    // No node runs: status says so, having found the config.
+    let st = qgate_env(&["status"], &[("QGATE_CONFIG", c)]);
+    assert_eq!(st.status.code(), Some(1), "{st:?}");
+    assert!(String::from_utf8_lossy(&st.stderr).contains("is the node running?"));
+    // Without any, the install's path is used when it exists, else one
+    // line says what to do (exit 2).
+    let none = qgate_env(&["status"], &[]);
+    let err = String::from_utf8_lossy(&none.stderr);
+    if std::path::Path::new("/var/lib/qgate/qgate.toml").exists() {
+        assert!(!err.contains("no configuration file"), "{err}");
+    } else {
+        assert_eq!(none.status.code(), Some(2), "{none:?}");
+        assert_eq!(
+            err.trim(),
+            "qgate: no configuration file: pass --config FILE or set QGATE_CONFIG (there is no /var/lib/qgate/qgate.toml; `qgate init --state-dir /var/lib/qgate` makes one)"
+        );
+    }
+    // An advertised endpoint must be reachable: no wildcard, no port 0.
+    let other = tmp("adv-bad");
+    let _cleanup_other = Cleanup(other.clone());
+    let bad = qgate(&[
+        "init",
+        "--state-dir",
+        other.to_str().unwrap(),
+        "--advertise",
+        "0.0.0.0:7300",
+    ]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(!other.exists(), "made a state dir for a refused init");
+}
+
+/// A peer URI with no endpoint is accepted (the DHT may know where that
+/// node is) but warned about at start, saying what to append.
+#[test]
+fn endpointless_peer_uri_is_warned_about_at_start() {
+    use std::io::Read;
+    let (dir, other) = (tmp("noep"), tmp("noep-peer"));
+    let _c1 = Cleanup(dir.clone());
+    let _c2 = Cleanup(other.clone());
+    let port = 40000 + (std::process::id() % 20000);
+    let listen = format!("127.0.0.1:{port}");
+    for (d, l) in [(&dir, listen.as_str()), (&other, "0.0.0.0:7300")] {
+        let out = qgate(&["init", "--state-dir", d.to_str().unwrap(), "--listen", l]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let id: serde_json::Value = serde_json::from_slice(
+        &qgate(&["id", "--json", "--state-dir", other.to_str().unwrap()]).stdout,
+    )
+    .unwrap();
+    let uri = id["uri"].as_str().unwrap().to_string();
+    assert_eq!(uri.matches('/').count(), 4, "{uri} has an endpoint");
+    let cfg = dir.join("qgate.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    // A dedicated relay: no TUN, so this runs without privileges.
+    let text = text
+        .replacen("peers = [\n]", &format!("peers = [\"{uri}\"]"), 1)
+        .replacen("# role = \"node\"", "role = \"relay\"", 1);
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qgate"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    // Up once the control socket answers; then stop it.
+    let up = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        qgate(&["status", "--config", cfg.to_str().unwrap()])
+            .status
+            .success()
+    });
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let log = reader.join().unwrap();
+    assert!(up, "the relay did not come up: {log}");
+    let short = &id["node_id"].as_str().unwrap()[..16];
+    let line = log
+        .lines()
+        .find(|l| l.contains("has no endpoint"))
+        .unwrap_or_else(|| panic!("no warning in {log}"));
+    assert!(line.contains(" WARN ") && line.contains(short), "{line}");
+    assert!(
+        line.contains("append /IP:PORT") && line.contains(&format!("{uri}/198.18.0.2:7300")),
+        "{line}"
+    );
+}

@@ -265,6 +265,19 @@ fn restarted_node_rejoins_from_its_store_on_a_new_port() {
         .filter(|e| e["source"] == "store")
         .count();
     assert!(from_store >= 3, "entries from the store: {p}");
+    // The configured bootstrap node stays "config", though the store named
+    // it first (and it is down).
+    let boot_entry = p["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["node_id"] == lab.nodes[0].node_id.as_str())
+        .cloned();
+    assert_eq!(
+        boot_entry.as_ref().map(|e| e["source"].clone()),
+        Some(Value::from("config")),
+        "{p}"
+    );
     // Others reach it at its new endpoint (and it them), with the
     // bootstrap node gone.
     for j in 1..4 {
@@ -283,6 +296,15 @@ fn restarted_node_rejoins_from_its_store_on_a_new_port() {
         last["record"]["endpoints"][0] == "198.18.31.5:7411"
     });
     assert!(fresh, "lookup still says {last}");
+    // Asked again, node 2 answers from what it holds: no query, and the
+    // text says so instead of "0 hops, 0 queries".
+    assert_eq!(last["already_known"], true, "{last}");
+    let out = qgate(&lab, 2, &["lookup", &addr]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("found     already known here (no query sent)"),
+        "{text}"
+    );
 }
 
 #[test]

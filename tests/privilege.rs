@@ -398,3 +398,61 @@ fn failing_nft_refuses_to_start() {
     assert!(lab.nodes[a].log().contains("no inbound filter"));
     assert!(!tables(&lab, &ns).contains("qgate_"));
 }
+
+/// Puts /dev/net/tun back to the mode it had, also when the test fails.
+struct TunMode(u32);
+
+impl Drop for TunMode {
+    fn drop(&mut self) {
+        let _ = std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+/// A machine whose /dev/net/tun is 0600 (some minimal systems; udev makes
+/// it 0666): a node started as an unprivileged user with CAP_NET_ADMIN, as
+/// systemd starts it, can't open it and says so in one line with the fix,
+/// before it makes anything.
+#[test]
+fn unopenable_tun_device_is_named_with_the_fix() {
+    let (uid, gid) = ensure_user();
+    let mut lab = Lab::new("t");
+    let ns = lab.add_ns("a");
+    let a = lab.add_node("a", &ns, "[::1]:7300");
+    lab.nodes[a]
+        .edit_config(|t| t.replacen("# user = \"qgate\"", &format!("user = \"{USER}\""), 1));
+    qgate::shell::privilege::hand_over(&lab.nodes[a].dir, USER).unwrap();
+    let key = lab.dir.join("a.key");
+    qgate::shell::privilege::hand_over(&key, USER).unwrap();
+    let mode = std::fs::metadata("/dev/net/tun")
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
+    let _restore = TunMode(mode);
+    std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (u, g) = (format!("--reuid={uid}"), format!("--regid={gid}"));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, "setpriv", &u, &g, "--init-groups"])
+        .args([
+            "--inh-caps=-all,+net_admin",
+            "--ambient-caps=-all,+net_admin",
+            "--bounding-set=-all,+net_admin",
+        ])
+        .args([qgate_bin(), "run", "--config"])
+        .arg(&lab.nodes[a].config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    drop(_restore);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.starts_with(&format!(
+            "qgate: cannot open /dev/net/tun as uid {uid}: it is mode 0600 owned by uid 0; make it 0666"
+        )) && last.contains("chmod 0666 /dev/net/tun"),
+        "{err}"
+    );
+    assert!(!lab.sh_ok(&ns, "ip link").contains("qg0"), "TUN made");
+    assert!(!lab.nodes[a].dir.join("control.sock").exists());
+}

@@ -316,3 +316,33 @@ pub fn render_circuits(v: &Value) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn lookup_says_when_the_record_was_already_known() {
+        let record = json!({"node_id": "ab", "address": "fcab::", "endpoints": ["198.18.0.1:7300"], "seq": 3, "expires": 9, "roles": 1});
+        let known = json!({"found": true, "hops": 0, "queries": 0, "elapsed_ms": 0.0, "already_known": true, "record": record});
+        assert!(render_lookup(&known).contains("found     already known here (no query sent)\n"));
+        let asked = json!({"found": true, "hops": 2, "queries": 5, "elapsed_ms": 12.4, "already_known": false, "record": record});
+        assert!(render_lookup(&asked).contains("found     in 2 hops, 5 queries, 12 ms\n"));
+        let missing = json!({"found": false, "hops": 3, "queries": 9, "elapsed_ms": 40.0, "already_known": false});
+        assert_eq!(
+            render_lookup(&missing),
+            "not found (3 hops, 9 queries, 40 ms)\n"
+        );
+    }
+
+    #[test]
+    fn routing_line_says_what_and_why() {
+        let st = json!({"node_id": "ab", "address": "fcab::", "routing": {
+            "summary": "direct: 0 usable relays, 1 needed", "default": "1..2 or direct",
+            "pool": 1, "direct_fallbacks": 1, "unreachable": 0}});
+        let out = render(&st);
+        assert!(out.contains("routing   direct: 0 usable relays, 1 needed   (default 1..2 or direct, relay pool 1)\n"), "{out}");
+        assert!(out.contains("1 sent direct, 0 unreachable"), "{out}");
+    }
+}

@@ -73,8 +73,8 @@ pub struct RoutingSummary {
     pub default: String,
     /// Relays known (the pool).
     pub pool: usize,
-    /// Of those, how many one path could use (toward a destination whose
-    /// record names no endpoint of its own).
+    /// Usable relays: as counted for the latest destination without a
+    /// circuit, else the fewest toward any linked neighbour.
     pub usable_relays: usize,
     /// Relays the default policy needs at least (0 for direct).
     pub needed: u8,
@@ -264,12 +264,13 @@ impl Node {
         v
     }
 
-    /// What the default policy does now and why, for `qgate status`.
+    /// What the default policy does now and why, for `qgate status`:
+    /// from the decisions packets took when there are any, else predicted
+    /// for the nodes this one has links to (the likeliest destinations; a
+    /// relay is never usable for traffic to itself).
     pub fn routing_summary(&self) -> RoutingSummary {
         let policy = self.config.routes.default;
-        // Toward a destination with no endpoint of its own: only our
-        // endpoints' subnets are taken.
-        let usable = self.usable_toward(&Ipv6Addr::UNSPECIFIED);
+        let needed = policy.relays().map_or(0, |(min, _)| min);
         let count = |o: RouteOutcome| {
             self.circ
                 .notes
@@ -278,17 +279,49 @@ impl Node {
                 .filter(|n| n.outcome == o)
                 .count()
         };
-        let needed = policy.relays().map_or(0, |(min, _)| min);
-        let enough = usable >= usize::from(needed);
-        let summary = match (policy, self.config.has_tun) {
-            (_, false) => "relay only: forwards circuits, sends no traffic of its own".to_string(),
+        let latest = self.circ.notes.map.values().max_by_key(|n| n.used);
+        let usable = match latest {
+            Some(n) => n.usable,
+            None => self
+                .by_addr
+                .keys()
+                .take(64)
+                .map(|a| self.usable_toward(a))
+                .min()
+                .unwrap_or_else(|| self.usable_toward(&Ipv6Addr::UNSPECIFIED)),
+        };
+        let circuits = self.circ.out.len();
+        let through = |n: usize| {
+            format!(
+                "{n} destination{} through relays",
+                if n == 1 { "" } else { "s" }
+            )
+        };
+        let summary = match (policy, latest) {
+            _ if !self.config.has_tun => {
+                "relay only: forwards circuits, sends no traffic of its own".to_string()
+            }
             (Policy::Direct, _) => "direct: the route policy asks for no relays".to_string(),
-            (Policy::Prefer(..), _) if enough => {
+            (_, Some(n)) => {
+                let what = match n.outcome {
+                    RouteOutcome::Direct => "direct",
+                    RouteOutcome::Unreachable => "unreachable",
+                };
+                let mut s = format!("{what}: {}", why(n.usable, n.needed));
+                if n.outcome == RouteOutcome::Unreachable {
+                    s.push_str("; this policy never goes direct");
+                }
+                if circuits > 0 {
+                    s.push_str(&format!("; {}", through(circuits)));
+                }
+                s
+            }
+            (_, None) if circuits > 0 => format!("{}, {}", through(circuits), why(usable, needed)),
+            (_, None) if usable >= usize::from(needed) => {
                 format!("through relays: {}", why(usable, needed))
             }
-            (Policy::Prefer(..), _) => format!("direct: {}", why(usable, needed)),
-            (Policy::Hops(..), _) if enough => format!("through relays: {}", why(usable, needed)),
-            (Policy::Hops(..), _) => format!(
+            (Policy::Prefer(..), None) => format!("direct: {}", why(usable, needed)),
+            (Policy::Hops(..), None) => format!(
                 "unreachable: {}; this policy never goes direct",
                 why(usable, needed)
             ),
