@@ -243,6 +243,7 @@ fn write_seeds() {
         &"0.0.0.0:7300".parse().unwrap(),
         Some(std::path::Path::new("/media/usb/qgate.key")),
         None,
+        None,
     );
     seeds.push(("config", dflt.into_bytes()));
     seeds.push((

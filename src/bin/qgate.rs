@@ -16,9 +16,11 @@ use qgate::shell::{config, control, privilege, run, state, status};
 
 /// QuantumGate node: an encrypted peer-to-peer IPv6 overlay.
 ///
-/// Typical use: `qgate init --state-dir /var/lib/qgate`, add peer URIs to
-/// /var/lib/qgate/qgate.toml, then `qgate run --config /var/lib/qgate/qgate.toml`
-/// (as root or with CAP_NET_ADMIN) and `qgate status --config ...`.
+/// Typical use, as root: `qgate init --state-dir /var/lib/qgate --user qgate
+/// --listen 0.0.0.0:7300 --advertise IP:7300`, put another node's peer URI
+/// under `peers` in /var/lib/qgate/qgate.toml, then `qgate run` (needs
+/// CAP_NET_ADMIN) and `qgate status`. Commands that need a config use
+/// --config FILE, else $QGATE_CONFIG, else /var/lib/qgate/qgate.toml.
 /// Logs go to stderr; QGATE_LOG (e.g. "debug") overrides the config's `log`.
 #[derive(Parser)]
 #[command(name = "qgate", version, about, long_about)]
@@ -102,6 +104,11 @@ enum Cmd {
         /// the one `qgate run` switches to (config `user`).
         #[arg(long, value_name = "NAME")]
         user: Option<String>,
+        /// The address and port other nodes reach this one at, when that is
+        /// not the listen address (e.g. listening on 0.0.0.0): written to
+        /// the config (`advertise`) and put in the peer URI.
+        #[arg(long, value_name = "IP:PORT")]
+        advertise: Option<SocketAddr>,
     },
     /// Print the node ID, overlay address and peer URI of a state directory
     /// (unseals it: needs the key).
@@ -374,7 +381,13 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             listen,
             key,
             user,
+            advertise,
         } => {
+            if let Some(a) = advertise.filter(|a| a.ip().is_unspecified() || a.port() == 0) {
+                return Err(Failure::Usage(format!(
+                    "--advertise {a}: other nodes need a real address and port"
+                )));
+            }
             if vault::layout(&state_dir) != vault::Layout::Empty {
                 return Err(Failure::Other(anyhow::anyhow!(
                     "{} already holds a node's keys; refusing to overwrite them (`qgate id --state-dir {}` prints them)",
@@ -401,8 +414,14 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 let abs = std::fs::canonicalize(&state_dir).unwrap_or(state_dir.clone());
                 state::write_new(
                     &cfg_path,
-                    config::default_text(&abs, &listen, key_path.as_deref(), user.as_deref())
-                        .as_bytes(),
+                    config::default_text(
+                        &abs,
+                        &listen,
+                        key_path.as_deref(),
+                        user.as_deref(),
+                        advertise.as_ref(),
+                    )
+                    .as_bytes(),
                     0o644,
                 )?;
                 true
@@ -418,14 +437,15 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                     }
                 }
             }
-            let uri = uri_for(&id, Some(listen));
+            let uri = uri_for(&id, advertise.or(Some(listen)));
             println!("node ID  {}", id.node_id());
             println!("address  {}", id.overlay_address());
             println!("peer URI {uri}");
             println!("key      {said}");
             if uri.endpoint.is_none() {
                 println!(
-                    "         (listening on {listen}: other nodes need your reachable IP, e.g. {uri}/198.18.0.1:{})",
+                    "         (no endpoint: listening on {listen}, the URI can't say where to reach this node; give others {uri}/IP:{} with this machine's address, or run init with --advertise IP:{})",
+                    listen.port(),
                     listen.port()
                 );
             }
@@ -467,8 +487,11 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             let store = Vault::open(&state_dir, &source)?;
             let id = store.identity()?;
             store.close();
-            let listen = cfg.map(|c| c.listen);
-            let uri = uri_for(&id, listen);
+            // The first advertised endpoint, else the listen address.
+            let endpoint = cfg
+                .as_ref()
+                .and_then(|c| c.advertise.first().copied().or(Some(c.listen)));
+            let uri = uri_for(&id, endpoint);
             if json {
                 println!(
                     "{}",

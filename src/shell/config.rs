@@ -745,7 +745,12 @@ pub fn default_text(
     listen: &SocketAddr,
     key_file: Option<&Path>,
     user: Option<&str>,
+    advertise: Option<&SocketAddr>,
 ) -> String {
+    let advertise_line = match advertise {
+        Some(a) => format!("advertise = [\"{a}\"]"),
+        None => "# advertise = [\"198.18.0.1:7300\"]".to_string(),
+    };
     let key_line = match key_file {
         Some(k) => format!("key_file = {:?}", k.display().to_string()),
         None => "# key_file = \"/media/usb/qgate.key\"".to_string(),
@@ -780,7 +785,7 @@ peers = [
 # Endpoints other nodes reach this one at, published in its signed record so
 # that anyone can link to it. Default: the listen address if it names one,
 # else the address the node's neighbours see its packets come from.
-# advertise = ["198.18.0.1:7300"]
+{advertise_line}
 
 # Log filter: error, warn, info, debug, trace (tracing-subscriber syntax).
 # log = "info"
@@ -892,6 +897,7 @@ peers = [
         state = state_dir.display(),
         key_line = key_line,
         user_line = user_line,
+        advertise_line = advertise_line,
         listen = listen,
         tun = DEFAULT_TUN,
         mtu = default_mtu(listen),
@@ -942,9 +948,11 @@ mod tests {
             &"0.0.0.0:7300".parse().unwrap(),
             Some(Path::new("/var/lib/qgate.key")),
             Some("qgate"),
+            Some(&"198.18.0.9:7300".parse().unwrap()),
         ))
         .unwrap();
         assert_eq!(c.user.as_deref(), Some("qgate"));
+        assert_eq!(c.advertise, vec!["198.18.0.9:7300".parse().unwrap()]);
         assert_eq!(c.key_file.as_deref(), Some(Path::new("/var/lib/qgate.key")));
         assert_eq!(c.mtu, 1440);
         assert_eq!(c.tun_name, "qg0");
@@ -952,6 +960,7 @@ mod tests {
         let c = p(&default_text(
             Path::new("/x"),
             &"[::]:7300".parse().unwrap(),
+            None,
             None,
             None,
         ))
@@ -966,6 +975,7 @@ mod tests {
     fn user_and_inbound_parse() {
         let c = p("state_dir='/x'\nuser = 'qgate'\n[inbound]\nallow = ['tcp/22', 'udp/9999', 'tcp/8000-8100']\n").unwrap();
         assert_eq!(c.user.as_deref(), Some("qgate"));
+        assert_eq!(c.advertise, vec!["198.18.0.9:7300".parse().unwrap()]);
         assert!(!c.inbound.all);
         let shown: Vec<String> = c.inbound.rules.iter().map(|r| r.to_string()).collect();
         assert_eq!(shown, ["tcp/22", "udp/9999", "tcp/8000-8100"]);
