@@ -19,27 +19,7 @@ const UP: Duration = Duration::from_secs(20);
 const USER: &str = "qgate-test";
 
 fn ensure_user() -> (u32, u32) {
-    if qgate::shell::privilege::lookup_user(USER).is_err() {
-        let out = Command::new("useradd")
-            .args([
-                "--system",
-                "--user-group",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                USER,
-            ])
-            .output()
-            .expect("running useradd");
-        assert!(
-            out.status.success() || qgate::shell::privilege::lookup_user(USER).is_ok(),
-            "useradd {USER}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    qgate::shell::privilege::lookup_user(USER).unwrap()
+    harness::ensure_test_user(USER)
 }
 
 /// The fields of /proc/PID/status named `key` (e.g. "Uid"), split.

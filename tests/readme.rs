@@ -98,24 +98,6 @@ fn in_readme(what: &str) {
     );
 }
 
-fn ensure_user() {
-    if qgate::shell::privilege::lookup_user(USER).is_err() {
-        let _ = Command::new("useradd")
-            .args([
-                "--system",
-                "--user-group",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                USER,
-            ])
-            .status();
-    }
-    qgate::shell::privilege::lookup_user(USER).expect("user qgate-test");
-}
-
 fn field(text: &str, name: &str) -> String {
     text.lines()
         .find_map(|l| l.strip_prefix(name))
@@ -141,7 +123,7 @@ fn the_readme_steps_give_ping_and_curl_between_two_machines() {
     ] {
         in_readme(step);
     }
-    ensure_user();
+    harness::ensure_test_user(USER);
     let mut lab = Lab::new("rd");
     let mut hosts = Vec::new();
     for (name, example_ip, ip) in [

@@ -479,3 +479,29 @@ pub fn value_texts(answer: &Value) -> Vec<&str> {
         .map(|a| a.iter().filter_map(|x| x["text"].as_str()).collect())
         .unwrap_or_default()
 }
+
+/// The system user `name` (uid, gid), created when missing (`.ci/run` makes
+/// `qgate-test` beforehand; a developer's machine may not have it).
+pub fn ensure_test_user(name: &str) -> (u32, u32) {
+    if qgate::shell::privilege::lookup_user(name).is_err() {
+        let out = Command::new("useradd")
+            .args([
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ])
+            .output()
+            .expect("running useradd");
+        assert!(
+            out.status.success() || qgate::shell::privilege::lookup_user(name).is_ok(),
+            "useradd {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    qgate::shell::privilege::lookup_user(name).unwrap()
+}
