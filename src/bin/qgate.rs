@@ -450,10 +450,16 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 );
             }
             if wrote_config {
+                // The install's path needs no --config on later commands.
+                let abs_cfg = std::fs::canonicalize(&cfg_path).unwrap_or(cfg_path.clone());
+                let run = if abs_cfg == Path::new(config::DEFAULT_CONFIG) {
+                    "qgate run".to_string()
+                } else {
+                    format!("qgate run --config {}", cfg_path.display())
+                };
                 println!(
-                    "config   {} (edit peers, then `qgate run --config {}`)",
+                    "config   {} (put peer URIs under `peers`, open ports under [inbound], then `{run}`)",
                     cfg_path.display(),
-                    cfg_path.display()
                 );
             } else {
                 println!(

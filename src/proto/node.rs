@@ -3187,11 +3187,11 @@ mod tests {
         assert_eq!(c.circuits.len(), 1);
         assert!((1..=2).contains(&c.circuits[0].hops.len()));
         assert!(c.no_circuit.is_empty());
-        assert!(net.nodes[a]
-            .0
-            .routing_summary()
-            .summary
-            .starts_with("through relays"));
+        let summary = net.nodes[a].0.routing_summary().summary;
+        assert!(
+            summary.starts_with("1 destination through relays"),
+            "{summary}"
+        );
     }
 
     /// A circuit network in one process: A (0) and E (5), four relays

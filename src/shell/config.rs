@@ -975,7 +975,6 @@ mod tests {
     fn user_and_inbound_parse() {
         let c = p("state_dir='/x'\nuser = 'qgate'\n[inbound]\nallow = ['tcp/22', 'udp/9999', 'tcp/8000-8100']\n").unwrap();
         assert_eq!(c.user.as_deref(), Some("qgate"));
-        assert_eq!(c.advertise, vec!["198.18.0.9:7300".parse().unwrap()]);
         assert!(!c.inbound.all);
         let shown: Vec<String> = c.inbound.rules.iter().map(|r| r.to_string()).collect();
         assert_eq!(shown, ["tcp/22", "udp/9999", "tcp/8000-8100"]);
