@@ -52,8 +52,14 @@ pub fn check_tun_device() -> Result<(), String> {
             let (mode, owner) = std::fs::metadata(TUN_DEVICE)
                 .map(|m| (m.permissions().mode() & 0o777, m.uid()))
                 .unwrap_or((0, 0));
-            // SAFETY: getuid has no preconditions and cannot fail.
+            // SAFETY: geteuid has no preconditions and cannot fail.
             let uid = unsafe { libc::geteuid() };
+            if mode & 0o006 == 0o006 {
+                // The mode allows it: something else says no.
+                return Err(format!(
+                    "cannot open {TUN_DEVICE} as uid {uid} although it is mode {mode:04o}: a device policy forbids it (under systemd, the unit needs `DeviceAllow=/dev/net/tun rw`; in a container, the device must be passed in; or an LSM such as AppArmor or SELinux denies it)"
+                ));
+            }
             Err(format!(
                 "cannot open {TUN_DEVICE} as uid {uid}: it is mode {mode:04o} owned by uid {owner}; make it 0666 as udev does on standard systems (`chmod 0666 {TUN_DEVICE}`; opening it grants nothing without CAP_NET_ADMIN), or start qgate as root with `user = ...` in the config"
             ))

@@ -45,8 +45,17 @@ impl ConfigArg {
             return Ok(p.clone());
         }
         let dflt = Path::new(config::DEFAULT_CONFIG);
-        if dflt.exists() {
-            return Ok(dflt.to_path_buf());
+        match std::fs::metadata(dflt) {
+            Ok(_) => return Ok(dflt.to_path_buf()),
+            // The state directory is 0700: an operator in group qgate can
+            // talk to the node but not read its config.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(Failure::Usage(format!(
+                    "cannot read {}: run as root, or set QGATE_CONFIG to a copy you can read",
+                    config::DEFAULT_CONFIG
+                )))
+            }
+            Err(_) => {}
         }
         Err(Failure::Usage(format!(
             "no configuration file: pass --config FILE or set QGATE_CONFIG (there is no {}; `qgate init --state-dir /var/lib/qgate` makes one)",
@@ -213,8 +222,9 @@ enum KeyOp {
     Rotate {
         #[command(flatten)]
         config: ConfigArg,
-        /// State directory (instead of the configuration file).
-        #[arg(long, value_name = "DIR", conflicts_with = "config")]
+        /// State directory (instead of the configuration file; wins over
+        /// QGATE_CONFIG).
+        #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
         #[command(flatten)]
         key: KeyArgs,

@@ -364,6 +364,9 @@ struct Link {
     expired: bool,
     created: Instant,
     last_rx: Instant,
+    /// When the neighbour last sent us an application packet over this
+    /// link (a node that talks to us directly is answered directly).
+    last_app_rx: Option<Instant>,
     mtu: usize,
     compress: bool,
     adaptive: Adaptive,
@@ -372,6 +375,12 @@ struct Link {
 }
 
 impl Link {
+    /// Opened by this node to a record it looked up (not configured, not
+    /// inbound).
+    fn opened_on_demand(&self) -> bool {
+        self.configured.is_some() && !self.persistent
+    }
+
     fn state(&self) -> LinkState {
         if self.expired {
             LinkState::Down
@@ -827,6 +836,7 @@ impl Node {
                 expired: false,
                 created: now,
                 last_rx: now,
+                last_app_rx: None,
                 mtu: self.config.mtu,
                 compress,
                 adaptive: Adaptive::default(),
@@ -1144,7 +1154,14 @@ impl Node {
             // No hello here: a responder can't send before the initiator's
             // first data message, and the initiator's queued hello is that
             // message. A restarted neighbour says so with an un-acked hello.
-            tracing::info!(link = index, endpoint = %from, node = ?link.node_id(), "link session established");
+            // A link this node opened on demand carries its own traffic:
+            // its far end is a destination, named at debug only (README,
+            // *Logs*); configured and inbound links are logged at info.
+            if link.opened_on_demand() {
+                tracing::debug!(link = index, endpoint = %from, node = ?link.node_id(), "link session established");
+            } else {
+                tracing::info!(link = index, endpoint = %from, node = ?link.node_id(), "link session established");
+            }
         }
         let n = inner_len?;
         self.handle_inner(now, index, n)
@@ -1312,6 +1329,7 @@ impl Node {
                     return None;
                 }
                 link.last_used = now;
+                link.last_app_rx = Some(now);
                 link.counters.rx_packets += 1;
                 link.counters.rx_bytes += p.len() as u64;
                 link.counters.rx_wire_bytes += n as u64;
@@ -1439,6 +1457,7 @@ impl Node {
                     link.verified = Some(v);
                     link.compress = compress;
                     let source = link.source;
+                    let on_demand = link.opened_on_demand();
                     self.by_addr.insert(addr, index);
                     self.stale.remove(&addr);
                     if let Some(c) = contact {
@@ -1447,7 +1466,11 @@ impl Node {
                         self.dht.heard_from(now, c, source);
                     }
                     if first {
-                        tracing::info!(link = index, node = %id.short(), %addr, "neighbour verified");
+                        if on_demand {
+                            tracing::debug!(link = index, node = %id.short(), %addr, "neighbour verified");
+                        } else {
+                            tracing::info!(link = index, node = %id.short(), %addr, "neighbour verified");
+                        }
                         self.flush_pending(now, index);
                     }
                 }
@@ -3191,6 +3214,35 @@ mod tests {
         assert!(
             summary.starts_with("1 destination through relays"),
             "{summary}"
+        );
+    }
+
+    #[test]
+    fn relays_whenever_possible_answers_a_direct_sender_directly() {
+        // E (5) talks to A over a direct link; A, on "relays whenever
+        // possible" with relays to spare, answers over that link rather
+        // than building a circuit back (which a NAT in front of E could
+        // stop). A's own first packet to another node still takes relays.
+        let now = Instant::now();
+        let (mut net, addrs, _) = circuit_net(now);
+        net.nodes[0].0.config.routes.default = Policy::Prefer(1, 2);
+        let (a, e) = (0, 5);
+        let hello = udp_packet(addrs[e], addrs[a], b"hello over a direct link");
+        // Over the link E has to A, or one E makes after a lookup.
+        let delivered = match net.send(e, &hello) {
+            Some(p) => p == hello,
+            None => advance(&mut net, 3.0)[a].contains(&hello),
+        };
+        assert!(delivered, "not delivered");
+        let reply = udp_packet(addrs[a], addrs[e], b"and back the same way");
+        assert_eq!(net.send(a, &reply).as_deref(), Some(&reply[..]));
+        let c = net.nodes[a].0.circuits(net.now);
+        assert!(c.circuits.is_empty(), "a circuit was built for a reply");
+        assert_eq!(c.no_circuit.len(), 1);
+        assert_eq!(c.no_circuit[0].outcome, RouteOutcome::DirectReply);
+        assert_eq!(
+            net.nodes[a].0.routing_summary().summary,
+            "direct: answering a node that talks to us over a direct link"
         );
     }
 

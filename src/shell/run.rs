@@ -531,7 +531,9 @@ fn api_lookup(sh: &Shared, target: &LookupTarget) -> Result<serde_json::Value> {
         "queries": r.queries,
         "elapsed_ms": r.elapsed.as_secs_f64() * 1000.0,
         // Answered from what the node already held: no query went out.
-        "already_known": r.hops == 0 && r.queries == 0,
+        "already_known": matches!(r.outcome, Outcome::Found(_)) && r.queries == 0,
+        // Not found without asking anyone: nobody to ask.
+        "no_contacts": !matches!(r.outcome, Outcome::Found(_)) && r.queries == 0,
     });
     if let Outcome::Found(c) = &r.outcome {
         v["found"] = json!(true);

@@ -214,6 +214,9 @@ pub fn render_lookup(v: &Value) -> String {
             v["elapsed_ms"].as_f64().unwrap_or(0.0)
         )
     };
+    if v["no_contacts"] == true {
+        return "not found: no node to ask (is a peer linked? see `qgate status`)\n".to_string();
+    }
     if v["found"] != true {
         return format!("not found ({})\n", how.trim_start_matches("in "));
     }
@@ -283,22 +286,25 @@ pub fn render_circuits(v: &Value) -> String {
     }
     let none = list("no_circuit");
     if !none.is_empty() {
-        out.push_str(&format!(
-            "no circuit (too few usable relays): {}\n",
-            none.len()
-        ));
+        out.push_str(&format!("no circuit: {}\n", none.len()));
     }
     for n in &none {
         let (usable, needed) = (n["usable_relays"].as_u64().unwrap_or(0), &n["needed"]);
+        let relays = format!(
+            "{usable} usable relay{}, {needed} needed",
+            if usable == 1 { "" } else { "s" }
+        );
+        let why = match n["outcome"].as_str() {
+            Some("direct") => format!("direct: {relays}"),
+            Some("direct_reply") => "direct: it talks to us over a direct link".to_string(),
+            Some("unreachable") => {
+                format!("unreachable: {relays} (this route never goes direct)")
+            }
+            _ => "?".to_string(),
+        };
         out.push_str(&format!(
-            "  to {}  {}: {usable} usable relay{}, {needed} needed  idle {}\n",
+            "  to {}  {why}  idle {}\n",
             n["destination"].as_str().unwrap_or("?"),
-            match n["outcome"].as_str() {
-                Some("direct") => "direct",
-                Some("unreachable") => "unreachable (this route never goes direct)",
-                _ => "?",
-            },
-            if usable == 1 { "" } else { "s" },
             duration(n["idle_secs"].as_f64().unwrap_or(0.0)),
         ));
     }

@@ -90,6 +90,17 @@ const MAX_BUILD_FAILS: u32 = 3;
 /// ... for this long.
 const FAILED_FOR: Duration = Duration::from_secs(30);
 
+/// Why no circuit was built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum BuildError {
+    /// Too few usable relays for a path.
+    NoPath,
+    /// This node builds [`MAX_OUT`] circuits already.
+    Limit,
+    /// No link to the first relay could be made.
+    NoLink,
+}
+
 /// Relay settings.
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
@@ -1130,14 +1141,16 @@ impl Node {
         let id = match self.circ.by_dst.get(&dst) {
             Some(&id) => id,
             None => {
-                if self.build_failing(now, &dst) {
+                if self.build_failing(now, &dst) || self.noted_unreachable(now, &dst) {
                     self.drops.unreachable += 1;
                     return self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 3, 0);
                 }
                 match self.build_circuit(now, dst, min, max) {
-                    Some(id) => id,
-                    None => {
-                        self.note_unreachable(now, dst, min);
+                    Ok(id) => id,
+                    Err(e) => {
+                        if e == BuildError::NoPath {
+                            self.note_unreachable(now, dst, min);
+                        }
                         self.drops.no_route += 1;
                         return self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 3, 0);
                     }
@@ -1202,9 +1215,15 @@ impl Node {
     /// Picks relays and starts a circuit to `dst`: as many as drawn from
     /// MIN..=MAX, or fewer (not below MIN) when the pool can't give that
     /// many.
-    fn build_circuit(&mut self, now: Instant, dst: Ipv6Addr, min: u8, max: u8) -> Option<u64> {
+    fn build_circuit(
+        &mut self,
+        now: Instant,
+        dst: Ipv6Addr,
+        min: u8,
+        max: u8,
+    ) -> Result<u64, BuildError> {
         if self.circ.out.len() >= MAX_OUT {
-            return None;
+            return Err(BuildError::Limit);
         }
         self.fill_pool_from_table(now);
         let dest_record = self.local_record(&dst);
@@ -1221,14 +1240,16 @@ impl Node {
         });
         let Some(path) = path else {
             tracing::debug!(%dst, pool = pool.len(), "no path: too few usable relays");
-            return None;
+            return Err(BuildError::NoPath);
         };
         let relays: Vec<Peer> = path
             .iter()
             .filter_map(|id| self.circ.pool.get(id).map(|(p, _, _)| p.clone()))
             .collect();
-        let first = relays.first()?.clone();
-        let link = self.connect_to(now, first.id, first.link_key, first.endpoint)?;
+        let first = relays.first().ok_or(BuildError::NoPath)?.clone();
+        let link = self
+            .connect_to(now, first.id, first.link_key, first.endpoint)
+            .ok_or(BuildError::NoLink)?;
         let circ = self.alloc_circ(link);
         let id = self.circ.next_id;
         self.circ.next_id += 1;
@@ -1260,7 +1281,7 @@ impl Node {
         self.circ.on_link.insert((link, circ), CircRef::Out(id));
         self.circ.by_dst.entry(dst).or_insert(id);
         self.send_plain(now, link, circ, KIND_CREATE, &create);
-        Some(id)
+        Ok(id)
     }
 
     /// CREATED from the first hop.
@@ -1538,7 +1559,7 @@ impl Node {
             return;
         }
         if let Some((min, max)) = self.config.routes.for_addr(&dst).relays() {
-            if let Some(new) = self.build_circuit(now, dst, min, max) {
+            if let Ok(new) = self.build_circuit(now, dst, min, max) {
                 if let Some(n) = self.circ.out.get_mut(&new) {
                     n.queue = queue;
                 }
@@ -1775,7 +1796,7 @@ impl Node {
             {
                 let dst = c.dst;
                 if let Some((min, max)) = self.config.routes.for_addr(&dst).relays() {
-                    let new = self.build_circuit(now, dst, min, max);
+                    let new = self.build_circuit(now, dst, min, max).ok();
                     if let Some(c) = self.circ.out.get_mut(&id) {
                         c.replaced_by = new;
                     }

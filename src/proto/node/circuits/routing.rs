@@ -6,11 +6,18 @@
 //! not a relay that just failed, and with the subnet rule, no two in one
 //! subnet nor in an end's), and goes over a direct link otherwise. A strict
 //! policy ([`Policy::Hops`], the `private` preset) never goes direct: the
-//! destination is unreachable until relays appear. Either decision is kept
-//! per destination as a [`RouteNote`], logged once at info when it is taken
-//! or changes, and shown by `qgate status` and `qgate circuits`; a direct
-//! decision is checked again every [`RECHECK`], so a network that grows
-//! relays moves its traffic onto circuits.
+//! destination is unreachable until relays appear. A node that talks to us
+//! over a direct link is answered over it (`Prefer` only): it knows our
+//! endpoint already, and a circuit back to it could fail where the direct
+//! path works (NAT). Only a shortage of relays sends traffic direct: a full
+//! circuit table or a first relay that can't be reached does not.
+//!
+//! Each decision is kept per destination as a [`RouteNote`], logged at info
+//! when it is taken or changes (at most once a minute per kind, with a count
+//! of those left out; the destination itself at debug only), and shown by
+//! `qgate status` and `qgate circuits`. Decisions are checked again after
+//! [`RECHECK`], so a network that grows relays moves its traffic onto
+//! circuits.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -18,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::BuildError;
 use crate::proto::identity::NodeId;
 use crate::proto::node::Node;
 use crate::proto::route::{self, Candidate, Policy};
@@ -28,6 +36,13 @@ pub(super) const RECHECK: Duration = Duration::from_secs(10);
 const NOTE_KEEP: Duration = Duration::from_secs(600);
 /// Most destinations with a note (oldest forgotten first).
 const MAX_NOTES: usize = 1024;
+/// A node that sent us an application packet over a direct link this
+/// recently is answered over it.
+const DIRECT_REPLY: Duration = Duration::from_secs(30);
+/// At most one info line per kind of decision this often.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+/// `qgate status` reports decisions taken this recently.
+const SUMMARY_FRESH: Duration = Duration::from_secs(60);
 
 /// What the node does with packets to a destination that has no circuit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -35,8 +50,21 @@ const MAX_NOTES: usize = 1024;
 pub enum RouteOutcome {
     /// Sent over a direct link: too few usable relays (`Prefer`).
     Direct,
+    /// Sent over a direct link: the destination talks to us over one
+    /// (`Prefer`).
+    DirectReply,
     /// Answered with ICMPv6 unreachable: too few usable relays (`Hops`).
     Unreachable,
+}
+
+impl RouteOutcome {
+    fn index(self) -> usize {
+        match self {
+            RouteOutcome::Direct => 0,
+            RouteOutcome::DirectReply => 1,
+            RouteOutcome::Unreachable => 2,
+        }
+    }
 }
 
 /// Why a destination gets no circuit.
@@ -56,7 +84,8 @@ pub(super) struct RouteNote {
 pub struct RouteNoteView {
     /// Destination overlay address.
     pub destination: Ipv6Addr,
-    /// Direct or unreachable.
+    /// Direct (for want of relays, or answering a direct sender) or
+    /// unreachable.
     pub outcome: RouteOutcome,
     /// Usable relays when last counted.
     pub usable_relays: usize,
@@ -78,7 +107,8 @@ pub struct RoutingSummary {
     pub usable_relays: usize,
     /// Relays the default policy needs at least (0 for direct).
     pub needed: u8,
-    /// Destinations sent direct for want of relays.
+    /// Destinations sent direct (for want of relays, or answering a node
+    /// that talks to us directly).
     pub direct_fallbacks: usize,
     /// Destinations unreachable for want of relays.
     pub unreachable: usize,
@@ -90,6 +120,10 @@ pub struct RoutingSummary {
 #[derive(Default)]
 pub(super) struct RouteNotes {
     map: HashMap<Ipv6Addr, RouteNote>,
+    /// Per kind of decision: the last info line, and decisions not logged
+    /// since.
+    logged: [Option<Instant>; 3],
+    quiet: [u64; 3],
 }
 
 impl RouteNotes {
@@ -160,8 +194,9 @@ impl Node {
     }
 
     /// For [`Policy::Prefer`]: whether packets to `dst` take a circuit
-    /// (one exists or is being built, or one can be built now); if not,
-    /// the decision is noted and they go direct.
+    /// (one exists or can be built, or builds fail for another reason than
+    /// too few relays, which `circuit_send` answers); if not, the decision
+    /// is noted and they go direct.
     pub(in crate::proto::node) fn relays_for(
         &mut self,
         now: Instant,
@@ -169,10 +204,17 @@ impl Node {
         min: u8,
         max: u8,
     ) -> bool {
-        if self.circ.by_dst.contains_key(&dst) || self.build_failing(now, &dst) {
-            // A destination whose builds keep failing is answered
-            // "unreachable" for a while (circuit_send); the relays to
-            // blame drop out of the pool, and then it goes direct.
+        if self.circ.by_dst.contains_key(&dst) {
+            return true;
+        }
+        if self.talks_to_us_directly(now, &dst) {
+            let usable = self.circ.notes.map.get(&dst).map_or(0, |n| n.usable);
+            self.note(now, dst, RouteOutcome::DirectReply, usable, min);
+            return false;
+        }
+        if self.build_failing(now, &dst) {
+            // Answered "unreachable" for a while by circuit_send; a relay
+            // to blame drops out of the pool meanwhile.
             return true;
         }
         if let Some(n) = self.circ.notes.map.get_mut(&dst) {
@@ -183,29 +225,59 @@ impl Node {
                 return false;
             }
         }
-        if self.build_circuit(now, dst, min, max).is_some() {
-            if let Some(old) = self.circ.notes.map.remove(&dst) {
-                tracing::info!(
-                    "relays available now: a destination that went direct ({}) gets a circuit",
-                    why(old.usable, old.needed)
-                );
+        match self.build_circuit(now, dst, min, max) {
+            Ok(_) => {
+                if let Some(old) = self.circ.notes.map.remove(&dst) {
+                    tracing::info!(
+                        "relays available now: a destination that went direct ({}) gets a circuit",
+                        why(old.usable, old.needed)
+                    );
+                }
+                true
             }
-            return true;
+            Err(BuildError::NoPath) => {
+                let usable = self.usable_toward(&dst);
+                self.note(now, dst, RouteOutcome::Direct, usable, min);
+                false
+            }
+            // Not a shortage of relays: no reason to give up on them.
+            Err(e) => {
+                tracing::debug!(%dst, ?e, "no circuit built");
+                true
+            }
         }
-        let usable = self.usable_toward(&dst);
-        self.note(now, dst, RouteOutcome::Direct, usable, min);
-        false
     }
 
-    /// A strict policy built no circuit to `dst`: for want of relays,
-    /// that is noted (and logged once).
+    /// Whether `dst` sent us an application packet over a direct link
+    /// lately.
+    fn talks_to_us_directly(&self, now: Instant, dst: &Ipv6Addr) -> bool {
+        self.by_addr
+            .get(dst)
+            .and_then(|i| self.links.get(i))
+            .and_then(|l| l.last_app_rx)
+            .is_some_and(|t| now.saturating_duration_since(t) < DIRECT_REPLY)
+    }
+
+    /// Whether `dst` was found unreachable (strict policy, too few relays)
+    /// lately; its packets are answered at once then, without a new try.
+    pub(super) fn noted_unreachable(&mut self, now: Instant, dst: &Ipv6Addr) -> bool {
+        match self.circ.notes.map.get_mut(dst) {
+            Some(n)
+                if n.outcome == RouteOutcome::Unreachable
+                    && now.saturating_duration_since(n.checked) < RECHECK =>
+            {
+                n.used = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A strict policy built no circuit to `dst` for want of relays:
+    /// noted (and logged).
     pub(super) fn note_unreachable(&mut self, now: Instant, dst: Ipv6Addr, needed: u8) {
         let usable = self.usable_toward(&dst);
-        if usable < usize::from(needed) {
-            self.note(now, dst, RouteOutcome::Unreachable, usable, needed);
-        } else {
-            tracing::debug!(%dst, usable, "no circuit built (limits or no link to the first relay)");
-        }
+        self.note(now, dst, RouteOutcome::Unreachable, usable, needed);
     }
 
     fn note(
@@ -230,19 +302,34 @@ impl Node {
         if old.is_some_and(|o| o.outcome == outcome) {
             return;
         }
+        tracing::debug!(%dst, ?outcome, usable, needed, "route decision");
         // Destinations of this node's own traffic appear at debug only
-        // (see README, *Logs*).
+        // (README, *Logs*), and a program sending to many addresses gets
+        // one info line a minute per kind, not one per address.
+        let k = outcome.index();
+        let notes = &mut self.circ.notes;
+        if notes.logged[k].is_some_and(|t| now.saturating_duration_since(t) < LOG_EVERY) {
+            notes.quiet[k] += 1;
+            return;
+        }
+        notes.logged[k] = Some(now);
+        let more = match std::mem::take(&mut notes.quiet[k]) {
+            0 => String::new(),
+            n => format!(" ({n} more like it in the last minute)"),
+        };
         match outcome {
             RouteOutcome::Direct => tracing::info!(
-                "going direct to a destination: {} (the preset takes relays whenever possible)",
+                "going direct to a destination: {} (the preset takes relays whenever possible){more}",
                 why(usable, needed)
             ),
+            RouteOutcome::DirectReply => tracing::info!(
+                "answering a node that talks to us over a direct link, over that link{more}"
+            ),
             RouteOutcome::Unreachable => tracing::info!(
-                "destination unreachable: {}; this route never goes direct",
+                "destination unreachable: {}; this route never goes direct{more}",
                 why(usable, needed)
             ),
         }
-        tracing::debug!(%dst, ?outcome, usable, needed, "route decision");
     }
 
     /// The per-destination decisions, for `qgate circuits`.
@@ -279,7 +366,18 @@ impl Node {
                 .filter(|n| n.outcome == o)
                 .count()
         };
-        let latest = self.circ.notes.map.values().max_by_key(|n| n.used);
+        let latest = self
+            .circ
+            .notes
+            .map
+            .values()
+            .filter(|n| {
+                // The core reads no clock: the last timer tick is "now"
+                // to within a tick.
+                self.last_timer
+                    .is_none_or(|t| t.saturating_duration_since(n.used) < SUMMARY_FRESH)
+            })
+            .max_by_key(|n| n.used);
         let usable = match latest {
             Some(n) => n.usable,
             None => self
@@ -303,11 +401,15 @@ impl Node {
             }
             (Policy::Direct, _) => "direct: the route policy asks for no relays".to_string(),
             (_, Some(n)) => {
-                let what = match n.outcome {
-                    RouteOutcome::Direct => "direct",
-                    RouteOutcome::Unreachable => "unreachable",
+                let mut s = match n.outcome {
+                    RouteOutcome::Direct => format!("direct: {}", why(n.usable, n.needed)),
+                    RouteOutcome::DirectReply => {
+                        "direct: answering a node that talks to us over a direct link".to_string()
+                    }
+                    RouteOutcome::Unreachable => {
+                        format!("unreachable: {}", why(n.usable, n.needed))
+                    }
                 };
-                let mut s = format!("{what}: {}", why(n.usable, n.needed));
                 if n.outcome == RouteOutcome::Unreachable {
                     s.push_str("; this policy never goes direct");
                 }
@@ -331,7 +433,7 @@ impl Node {
             pool: self.circ.pool.len(),
             usable_relays: usable,
             needed,
-            direct_fallbacks: count(RouteOutcome::Direct),
+            direct_fallbacks: count(RouteOutcome::Direct) + count(RouteOutcome::DirectReply),
             unreachable: count(RouteOutcome::Unreachable),
             summary,
         }
