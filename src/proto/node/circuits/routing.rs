@@ -207,6 +207,16 @@ impl Node {
         if self.circ.by_dst.contains_key(&dst) {
             return true;
         }
+        // A direct decision holds for RECHECK: a flow going direct costs
+        // two map lookups a packet.
+        if let Some(n) = self.circ.notes.map.get_mut(&dst) {
+            if n.outcome != RouteOutcome::Unreachable
+                && now.saturating_duration_since(n.checked) < RECHECK
+            {
+                n.used = now;
+                return false;
+            }
+        }
         if self.talks_to_us_directly(now, &dst) {
             let usable = self.circ.notes.map.get(&dst).map_or(0, |n| n.usable);
             self.note(now, dst, RouteOutcome::DirectReply, usable, min);
@@ -216,14 +226,6 @@ impl Node {
             // Answered "unreachable" for a while by circuit_send; a relay
             // to blame drops out of the pool meanwhile.
             return true;
-        }
-        if let Some(n) = self.circ.notes.map.get_mut(&dst) {
-            if n.outcome == RouteOutcome::Direct
-                && now.saturating_duration_since(n.checked) < RECHECK
-            {
-                n.used = now;
-                return false;
-            }
         }
         match self.build_circuit(now, dst, min, max) {
             Ok(_) => {
