@@ -50,6 +50,12 @@ impl fmt::Debug for Id {
     }
 }
 
+impl serde::Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

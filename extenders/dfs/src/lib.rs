@@ -18,10 +18,20 @@
 //! [`tree`], [`store`], [`server`], [`fetch`], [`node`], [`config`],
 //! [`progress`].
 
+pub mod announce;
+pub mod budget;
+pub mod config;
+pub mod fetch;
 pub mod id;
 pub mod manifest;
+pub mod node;
+pub mod progress;
+pub mod resume;
+pub mod schedule;
+pub mod server;
 pub mod store;
 pub mod tree;
+pub mod wire;
 
 pub use id::Id;
 
@@ -36,5 +46,24 @@ pub mod fuzzing {
             // per manifest, so one ID).
             assert_eq!(m.encode(), data);
         }
+    }
+
+    /// The request and response decoders of the wire protocol.
+    pub fn fuzz_wire(data: &[u8]) {
+        let _ = crate::wire::Request::parse(data);
+        let _ = crate::wire::Response::parse(data);
+        let mut d = crate::wire::FrameDecoder::new(crate::wire::MAX_RESPONSE_FRAME);
+        d.push(data);
+        while let Ok(Some(_)) = d.next_frame() {}
+    }
+
+    /// The provider record found in the DHT.
+    pub fn fuzz_provider_record(data: &[u8]) {
+        let _ = crate::announce::ProviderRecord::parse(data);
+    }
+
+    /// The resume state file.
+    pub fn fuzz_resume(data: &[u8]) {
+        let _ = crate::resume::ResumeState::parse(data);
     }
 }

@@ -1,0 +1,311 @@
+//! Real `qdfs` processes on loopback (127.0.0.1 and ::1 only): three
+//! providers serving a multi-MiB file, one killed mid-transfer, the fetch
+//! interrupted with SIGINT and resumed, and providers serving corrupted
+//! chunk groups (the `test-hooks` feature; `cargo test -p qdfs --features
+//! test-hooks`, as scripts/test runs it).
+//!
+//! Providers are slowed with `peer_rate` so that "mid-transfer" lasts long
+//! enough to act in, whatever the machine; the whole file takes about 4 s.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const QDFS: &str = env!("CARGO_BIN_EXE_qdfs");
+
+/// Deterministic, incompressible test data.
+fn test_data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+struct Provider {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Provider {
+    /// Adds `file` to a new store in `dir` and serves it on `listen`.
+    fn start(dir: &Path, file: &Path, listen: &str, rate: u64, corrupt: Option<&str>) -> Provider {
+        std::fs::create_dir_all(dir).unwrap();
+        let cfg = dir.join("qdfs.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = \"store\"\nlisten = \"{listen}\"\nannounce = false\npeer_rate = {rate}\n"
+            ),
+        )
+        .unwrap();
+        let add = Command::new(QDFS)
+            .args([
+                "add",
+                file.to_str().unwrap(),
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(add.status.success(), "{add:?}");
+        let mut cmd = Command::new(QDFS);
+        cmd.args(["serve", "--config", cfg.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(c) = corrupt {
+            cmd.env("QDFS_TEST_CORRUPT_GROUP", c);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected serve output {line:?}"))
+            .parse()
+            .unwrap();
+        Provider {
+            child,
+            addr,
+            dir: dir.into(),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Bytes this provider has served, from its stats file.
+    fn bytes_served(&self) -> u64 {
+        let b = std::fs::read(self.dir.join("store/stats.json")).unwrap_or_default();
+        serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null)["bytes_served"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn get_cmd(id: &str, out: &Path, providers: &[&Provider]) -> Command {
+    let mut c = Command::new(QDFS);
+    c.args([
+        "get",
+        id,
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+        "--no-dht",
+        "--no-provide",
+    ]);
+    for p in providers {
+        c.args(["--provider", &p.addr.to_string()]);
+    }
+    c
+}
+
+/// The final `{"event":"done",...}` line of a `qdfs get --json`.
+fn done_event(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.contains("\"event\":\"done\""))
+        .unwrap_or_else(|| {
+            panic!(
+                "no done event; stdout {stdout} stderr {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    serde_json::from_str(line).unwrap()
+}
+
+fn add_id(file: &Path, dir: &Path) -> String {
+    let out = Command::new(QDFS)
+        .args(["add", file.to_str().unwrap(), "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn three_providers_one_killed_interrupted_and_resumed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 12 << 20;
+    let data = test_data(size, 1);
+    let src = tmp.path().join("source.bin");
+    std::fs::write(&src, &data).unwrap();
+    let id = add_id(&src, &tmp.path().join("idstore"));
+    assert_eq!(id.len(), 64);
+
+    // 2 MB/s each: 6 MB/s from three, so the file takes about 2 s.
+    let rate = 2_000_000;
+    let mut a = Provider::start(&tmp.path().join("a"), &src, "127.0.0.1:0", rate, None);
+    let b = Provider::start(&tmp.path().join("b"), &src, "[::1]:0", rate, None);
+    let c = Provider::start(&tmp.path().join("c"), &src, "127.0.0.1:0", rate, None);
+    let out = tmp.path().join("fetched.bin");
+
+    let started = Instant::now();
+    let first = get_cmd(&id, &out, &[&a, &b, &c])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let a_served = a.bytes_served();
+    a.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    sigint(first.id());
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(
+        first.status.code(),
+        Some(130),
+        "interrupted fetch: {}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(a_served > 0, "the killed provider served before it died");
+    assert!(!out.exists(), "no output before it is whole");
+
+    let second = get_cmd(&id, &out, &[&a, &b, &c]).output().unwrap();
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let elapsed = started.elapsed();
+    assert_eq!(std::fs::read(&out).unwrap(), data, "fetched bytes differ");
+    let done = done_event(&second);
+    let f = &done["files"][0];
+    let already = f["already"].as_u64().unwrap();
+    let total = f["received_total"].as_u64().unwrap();
+    assert!(already > 0, "the second run resumed: {f}");
+    assert!(
+        (total as f64) < size as f64 * 1.05,
+        "received {total} bytes over both runs for {size}"
+    );
+    let providers = f["providers"].as_array().unwrap();
+    assert_eq!(providers[0]["outcome"]["state"], "failed", "{f}");
+    assert!(b.bytes_served() > 0 && c.bytes_served() > 0);
+    for p in &providers[1..] {
+        assert_eq!(p["outcome"]["state"], "finished", "{f}");
+        assert!(p["groups"].as_u64().unwrap() > 0, "{f}");
+    }
+    eprintln!(
+        "12 MiB from 3 rate-limited providers, one killed, interrupted and resumed in {:.2} s; \
+         {already} bytes kept across the interruption, {total} bytes received in all ({:.2} % over the size)",
+        elapsed.as_secs_f64(),
+        (total as f64 / size as f64 - 1.0) * 100.0
+    );
+}
+
+fn sigint(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn unreachable_and_unknown_are_clean_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("small.bin");
+    std::fs::write(&src, test_data(100_000, 2)).unwrap();
+    let p = Provider::start(&tmp.path().join("p"), &src, "127.0.0.1:0", 0, None);
+    let out = tmp.path().join("x");
+    let unknown = "ab".repeat(32);
+    let r = get_cmd(&unknown, &out, &[&p]).output().unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("no provider had"));
+    let r = Command::new(QDFS)
+        .args(["get", "nothex", "-o", "/tmp/nowhere", "--no-dht"])
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    assert!(!out.exists());
+}
+
+#[test]
+fn folder_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("folder");
+    std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    std::fs::write(src.join("a.bin"), test_data(70_000, 3)).unwrap();
+    std::fs::write(src.join("sub/b.txt"), b"hello").unwrap();
+    std::fs::write(src.join("sub/deeper/empty"), b"").unwrap();
+    let p = Provider::start(&tmp.path().join("p"), &src, "[::1]:0", 0, None);
+    let id = add_id(&src, &tmp.path().join("idstore"));
+    let out = tmp.path().join("copy");
+    let client = tmp.path().join("client");
+    let r = get_cmd(&id, &out, &[&p])
+        .args(["--data-dir"])
+        .arg(&client)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    for f in ["a.bin", "sub/b.txt", "sub/deeper/empty"] {
+        assert_eq!(
+            std::fs::read(src.join(f)).unwrap(),
+            std::fs::read(out.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(done_event(&r)["files"].as_array().unwrap().len(), 3);
+}
+
+#[cfg(feature = "test-hooks")]
+#[test]
+fn corrupt_provider_is_caught_and_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 4 << 20;
+    let data = test_data(size, 4);
+    let src = tmp.path().join("source.bin");
+    std::fs::write(&src, &data).unwrap();
+    let id = add_id(&src, &tmp.path().join("idstore"));
+
+    // Alone, a provider corrupting group 40 is caught exactly there:
+    // nothing from group 40 on is kept, the groups before it are.
+    let bad = Provider::start(&tmp.path().join("bad"), &src, "127.0.0.1:0", 0, Some("40"));
+    let out = tmp.path().join("fetched.bin");
+    let r = get_cmd(&id, &out, &[&bad]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("corrupt chunk group 40"), "{stderr}");
+    assert!(!out.exists());
+    let part = std::fs::read(tmp.path().join("fetched.bin.qdfs-part")).unwrap();
+    let group = 16 * 1024;
+    assert_eq!(&part[..40 * group], &data[..40 * group]);
+
+    // Among good providers, one corrupting everything is dropped at its
+    // first group; the others finish, only missing groups are fetched.
+    let worse = Provider::start(&tmp.path().join("worse"), &src, "[::1]:0", 0, Some("all"));
+    let good = Provider::start(&tmp.path().join("good"), &src, "127.0.0.1:0", 0, None);
+    let r = get_cmd(&id, &out, &[&worse, &good]).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    let done = done_event(&r);
+    let f = &done["files"][0];
+    assert_eq!(f["already"].as_u64().unwrap(), 40 * group as u64, "{f}");
+    assert_eq!(f["providers"][0]["outcome"]["state"], "dropped", "{f}");
+    assert_eq!(f["providers"][0]["groups"], 0, "{f}");
+    assert_eq!(f["providers"][1]["outcome"]["state"], "finished", "{f}");
+}
