@@ -307,6 +307,11 @@ fn announcer(store: &Store, node: &NodeClient, local: SocketAddr) {
                     let key = announce::key(&id, shard);
                     match node.dht_put(announce::NAMESPACE, &key, &value, announce::RECORD_TTL_SECS)
                     {
+                        Ok(0) => {
+                            // Nobody took it (the node has no DHT peers
+                            // yet): try again next round.
+                            tracing::info!(%id, "announce stored nowhere yet; will retry");
+                        }
                         Ok(n) => {
                             tracing::info!(%id, stored_at = n, "announced");
                             announced.insert(id, Instant::now());
