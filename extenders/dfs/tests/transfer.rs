@@ -309,3 +309,156 @@ fn corrupt_provider_is_caught_and_dropped() {
     assert_eq!(f["providers"][0]["groups"], 0, "{f}");
     assert_eq!(f["providers"][1]["outcome"]["state"], "finished", "{f}");
 }
+
+/// A provider that speaks the protocol but sends garbage in place of the
+/// verified stream (right length, wrong bytes).
+fn hostile_provider(manifest: Vec<u8>, size: u64) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    use qdfs::wire::{read_frame, Request, Response, MAX_REQUEST_FRAME};
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let handle = std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(20);
+        let mut served = 0;
+        while Instant::now() < end && served < 3 {
+            let Ok((mut s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            served += 1;
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut junk = test_data(1 << 20, 99).into_iter().cycle();
+            while let Ok(body) = read_frame(&mut s, MAX_REQUEST_FRAME) {
+                let reply = match Request::parse(&body) {
+                    Ok(Request::Hello { version }) => Response::Hello { version }.encode(),
+                    Ok(Request::GetManifest { .. }) => Response::Manifest {
+                        bytes: manifest.clone(),
+                    }
+                    .encode(),
+                    Ok(Request::GetRanges { groups, .. }) => {
+                        let n = qdfs::tree::encoded_len(size, groups.ranges());
+                        let mut r = Response::Ranges { encoded_len: n }.encode();
+                        r.extend(junk.by_ref().take(n as usize));
+                        r
+                    }
+                    Err(_) => break,
+                };
+                if s.write_all(&reply).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (addr, handle)
+}
+
+#[test]
+fn hostile_provider_and_clients_do_no_harm() {
+    use qdfs::wire::{read_frame, Request, Response, MAX_RESPONSE_FRAME};
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 2 << 20;
+    let data = test_data(size, 5);
+    let src = tmp.path().join("source.bin");
+    std::fs::write(&src, &data).unwrap();
+    // Slowed, so that the hostile provider surely gets pieces to send.
+    let good = Provider::start(
+        &tmp.path().join("good"),
+        &src,
+        "127.0.0.1:0",
+        2_000_000,
+        None,
+    );
+    let id = add_id(&src, &tmp.path().join("idstore"));
+    let manifest = std::fs::read(tmp.path().join("idstore/manifests").join(&id)).unwrap();
+
+    // Garbage where the verified stream should be: caught at the first
+    // group, the provider dropped, the good one finishes.
+    // Its thread ends by itself within 20 s (or with the test).
+    let (bad_addr, _bad) = hostile_provider(manifest, size as u64);
+    let out = tmp.path().join("fetched.bin");
+    let mut cmd = get_cmd(&id, &out, &[]);
+    cmd.args(["--provider", &bad_addr.to_string()]);
+    cmd.args(["--provider", &good.addr.to_string()]);
+    let r = cmd.output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    let done = done_event(&r);
+    assert_eq!(
+        done["files"][0]["providers"][0]["outcome"]["state"],
+        "dropped"
+    );
+    assert_eq!(done["files"][0]["providers"][0]["groups"], 0);
+
+    // Clients breaking the protocol get an error and a closed connection;
+    // the server carries on.
+    let expect_refusal = |bytes: &[u8]| {
+        let mut s = std::net::TcpStream::connect(good.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(bytes).unwrap();
+        let body = read_frame(&mut s, MAX_RESPONSE_FRAME).unwrap();
+        assert!(
+            matches!(Response::parse(&body), Ok(Response::Error { .. })),
+            "{body:?}"
+        );
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+        assert!(rest.is_empty(), "connection not closed");
+    };
+    expect_refusal(&[0xff, 0xff, 0xff, 0xff]); // a 4 GiB frame
+    expect_refusal(
+        &Request::GetManifest {
+            id: qdfs::Id([0; 32]),
+        }
+        .encode(),
+    ); // no hello
+    expect_refusal(&Request::Hello { version: 77 }.encode());
+    expect_refusal(&[0, 0, 0, 3, 0x03, 0, 0]); // short GetRanges
+
+    // Eight connections from one address are the limit; a ninth is
+    // refused as busy; once they close, fetching works again.
+    let hold: Vec<_> = (0..8)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(good.addr).unwrap();
+            s.write_all(&Request::Hello { version: 1 }.encode())
+                .unwrap();
+            read_frame(&mut s, MAX_RESPONSE_FRAME).unwrap();
+            s
+        })
+        .collect();
+    let mut ninth = std::net::TcpStream::connect(good.addr).unwrap();
+    ninth
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let body = read_frame(&mut ninth, MAX_RESPONSE_FRAME).unwrap();
+    assert_eq!(
+        Response::parse(&body),
+        Ok(Response::Error {
+            code: qdfs::wire::ErrorCode::Busy
+        })
+    );
+    drop(hold);
+    std::fs::remove_file(&out).unwrap();
+    let ok = qdfs_wait(Duration::from_secs(5), || {
+        get_cmd(&id, &out, &[&good])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
+    assert!(ok, "server did not recover");
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+}
+
+fn qdfs_wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
