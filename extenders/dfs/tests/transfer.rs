@@ -5,7 +5,8 @@
 //! test-hooks`, as scripts/test runs it).
 //!
 //! Providers are slowed with `peer_rate` so that "mid-transfer" lasts long
-//! enough to act in, whatever the machine; the whole file takes about 4 s.
+//! enough to act in, whatever the machine: 12 MiB from three providers at
+//! 2 MB/s each takes at least 2 s, and the fetch is interrupted well before.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -170,10 +171,12 @@ fn three_providers_one_killed_interrupted_and_resumed() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // Kill a once its counters show it serving (its stats are written
+    // twice a second), then interrupt the fetch a little later.
+    let serving = qdfs_wait(Duration::from_secs(10), || a.bytes_served() > 0);
     let a_served = a.bytes_served();
     a.kill();
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(400));
     sigint(first.id());
     let first = first.wait_with_output().unwrap();
     assert_eq!(
@@ -182,7 +185,10 @@ fn three_providers_one_killed_interrupted_and_resumed() {
         "interrupted fetch: {}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert!(a_served > 0, "the killed provider served before it died");
+    assert!(
+        serving && a_served > 0,
+        "the killed provider served before it died"
+    );
     assert!(!out.exists(), "no output before it is whole");
 
     let second = get_cmd(&id, &out, &[&a, &b, &c]).output().unwrap();
