@@ -14,7 +14,9 @@
 //! explicitly.
 //!
 //! Layout: pure parts (no sockets, no clock reads): [`id`], [`manifest`],
-//! [`wire`], [`budget`], [`announce`], [`resume`], [`schedule`]; I/O parts:
+//! [`wire`], [`budget`], [`announce`], [`resume`], [`schedule`], [`private`]
+//! (client-side encryption and k-of-n shares, not used by any command yet);
+//! I/O parts:
 //! [`tree`], [`store`], [`server`], [`fetch`], [`node`], [`config`],
 //! [`progress`].
 
@@ -25,6 +27,7 @@ pub mod fetch;
 pub mod id;
 pub mod manifest;
 pub mod node;
+pub mod private;
 pub mod progress;
 pub mod resume;
 pub mod schedule;
