@@ -248,6 +248,17 @@ fn unreachable_and_unknown_are_clean_errors() {
         .unwrap();
     assert!(!r.status.success());
     assert!(!out.exists());
+    // Bad configuration: one line naming the problem, before anything starts.
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, "data_dir = \"x\"\nmax_connections = 0\n").unwrap();
+    let r = Command::new(QDFS)
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("max_connections"), "{stderr}");
 }
 
 #[test]

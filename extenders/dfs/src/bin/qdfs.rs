@@ -122,7 +122,16 @@ fn main() {
     let code = match run(cli) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("qdfs: {e:#}");
+            // One line: each cause once (the library's messages often
+            // include their source already).
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg = format!("{msg}: {c}");
+                }
+            }
+            eprintln!("qdfs: {msg}");
             match e.downcast_ref::<FetchError>() {
                 Some(FetchError::Interrupted { .. }) => 130,
                 _ => 1,
