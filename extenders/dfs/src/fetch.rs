@@ -387,6 +387,10 @@ fn sibling(out: &Path, suffix: &str) -> PathBuf {
     out.with_file_name(name)
 }
 
+/// A provider waiting for a worker thread: its place in the list given,
+/// its address, its byte counter.
+type Spare = (usize, SocketAddr, Arc<AtomicU64>);
+
 /// Shared by the workers fetching one file.
 struct Shared {
     id: Id,
@@ -499,10 +503,13 @@ fn fetch_file(
         Ok(())
     };
 
+    // One counter per provider; `max_providers` threads take providers
+    // from the queue in order, and a thread whose provider failed takes
+    // the next one (spares), so a dead provider early in the list costs
+    // no capacity.
     let counters: Vec<Arc<AtomicU64>> = opts
         .providers
         .iter()
-        .take(opts.max_providers)
         .map(|_| Arc::new(AtomicU64::new(0)))
         .collect();
     let received = || {
@@ -511,12 +518,34 @@ fn fetch_file(
             .map(|c| c.load(Ordering::Relaxed))
             .sum::<u64>()
     };
+    let queue: Arc<Mutex<VecDeque<Spare>>> = Arc::new(Mutex::new(
+        opts.providers
+            .iter()
+            .zip(&counters)
+            .enumerate()
+            .map(|(i, (a, c))| (i, *a, Arc::clone(c)))
+            .collect(),
+    ));
     let mut workers = Vec::new();
     if !sh.sched().is_complete() {
-        for (addr, counter) in opts.providers.iter().zip(&counters) {
-            let (sh, addr, counter, o) =
-                (Arc::clone(&sh), *addr, Arc::clone(counter), opts.clone());
-            workers.push(std::thread::spawn(move || worker(&sh, addr, &o, counter)));
+        for _ in 0..opts.max_providers.max(1).min(opts.providers.len()) {
+            let (sh, queue, o) = (Arc::clone(&sh), Arc::clone(&queue), opts.clone());
+            workers.push(std::thread::spawn(move || {
+                let mut reports = Vec::new();
+                loop {
+                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                    let Some((i, addr, counter)) = next else {
+                        break;
+                    };
+                    let r = worker(&sh, addr, &o, counter);
+                    let finished = r.outcome == ProviderOutcome::Finished;
+                    reports.push((i, r));
+                    if finished || sh.stop.load(Ordering::Relaxed) || sh.sched().is_complete() {
+                        break;
+                    }
+                }
+                reports
+            }));
         }
     }
     let mut last_persist = Instant::now();
@@ -540,20 +569,26 @@ fn fetch_file(
             last_persist = Instant::now();
         }
     }
-    let mut providers = Vec::new();
+    let mut reports = Vec::new();
     for w in workers {
         if let Ok(r) = w.join() {
-            if let ProviderOutcome::Failed { error } = &r.outcome {
-                progress.note(&format!("provider {} failed: {error}", r.addr));
-            }
-            if let ProviderOutcome::Dropped { bad_group } = &r.outcome {
-                progress.note(&format!(
-                    "provider {} sent chunk group {bad_group} that failed verification; dropped",
-                    r.addr
-                ));
-            }
-            providers.push(r);
+            reports.extend(r);
         }
+    }
+    // In the order the providers were given.
+    reports.sort_by_key(|(i, _)| *i);
+    let mut providers = Vec::new();
+    for (_, r) in reports {
+        if let ProviderOutcome::Failed { error } = &r.outcome {
+            progress.note(&format!("provider {} failed: {error}", r.addr));
+        }
+        if let ProviderOutcome::Dropped { bad_group } = &r.outcome {
+            progress.note(&format!(
+                "provider {} sent chunk group {bad_group} that failed verification; dropped",
+                r.addr
+            ));
+        }
+        providers.push(r);
     }
     let received_now = received();
     persist(received_now)?;

@@ -248,6 +248,24 @@ fn unreachable_and_unknown_are_clean_errors() {
         .unwrap();
     assert!(!r.status.success());
     assert!(!out.exists());
+    // With room for one provider at a time, a dead first provider is
+    // replaced by the next one given.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let id = add_id(&src, &tmp.path().join("idstore"));
+    let mut cmd = get_cmd(&id, &out, &[]);
+    cmd.args(["--max-providers", "1", "--provider", &dead.to_string()]);
+    cmd.args(["--provider", &p.addr.to_string()]);
+    let r = cmd.output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
+    let f = &done_event(&r)["files"][0];
+    assert_eq!(f["providers"][0]["outcome"]["state"], "failed", "{f}");
+    assert_eq!(f["providers"][1]["outcome"]["state"], "finished", "{f}");
+    std::fs::remove_file(&out).unwrap();
+
     // Bad configuration: one line naming the problem, before anything starts.
     let cfg = tmp.path().join("bad.toml");
     std::fs::write(&cfg, "data_dir = \"x\"\nmax_connections = 0\n").unwrap();
