@@ -1,0 +1,179 @@
+//! The `qdfs serve` configuration file (TOML).
+//!
+//! ```toml
+//! data_dir = "/var/lib/qdfs"          # the store (relative: to this file)
+//! # listen = "[fc12:...]:7400"        # default: the node's overlay address
+//! port = 7400                          # port used with the overlay address
+//! control_socket = "/var/lib/qgate/control.sock"
+//! announce = true                      # publish provider records in the DHT
+//! max_connections = 64
+//! max_connections_per_peer = 8
+//! peer_rate = 0                        # bytes/s per peer; 0: unlimited
+//! ```
+//! Unknown keys are refused, so a typo is an error rather than a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::budget::Limits;
+
+/// The node's control socket when none is configured.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/var/lib/qgate/control.sock";
+/// The QuantumDFS port on the overlay address when none is configured.
+pub const DEFAULT_PORT: u16 = 7400;
+
+/// Where the server listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// This address (tests, or a node's overlay address written out).
+    Address(SocketAddr),
+    /// The node's overlay address (asked from the control socket), this port.
+    NodeOverlay {
+        /// The port.
+        port: u16,
+    },
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The store directory.
+    pub data_dir: PathBuf,
+    /// Where to listen.
+    pub listen: Listen,
+    /// The node's control socket.
+    pub control_socket: PathBuf,
+    /// Whether to publish provider records in the DHT.
+    pub announce: bool,
+    /// Connection and rate budgets.
+    pub limits: Limits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    data_dir: PathBuf,
+    listen: Option<String>,
+    port: Option<u16>,
+    control_socket: Option<PathBuf>,
+    announce: Option<bool>,
+    max_connections: Option<usize>,
+    max_connections_per_peer: Option<usize>,
+    peer_rate: Option<u64>,
+}
+
+/// What is wrong with a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// It could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It is not valid TOML or has unknown or mistyped keys.
+    #[error("{0}")]
+    Syntax(String),
+    /// A key has a value out of range.
+    #[error("{key}: {why}")]
+    Value {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Config::parse(&text, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Validates configuration text; relative paths are taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let listen = match (raw.listen, raw.port) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Value {
+                    key: "port",
+                    why: "give either listen or port, not both".into(),
+                })
+            }
+            (Some(l), None) => Listen::Address(l.parse().map_err(|_| ConfigError::Value {
+                key: "listen",
+                why: format!("{l:?} is not an address like [fc00::1]:7400"),
+            })?),
+            (None, port) => Listen::NodeOverlay {
+                port: port.unwrap_or(DEFAULT_PORT),
+            },
+        };
+        let positive = |key: &'static str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(ConfigError::Value {
+                key,
+                why: "must be at least 1".into(),
+            }),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        };
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        Ok(Config {
+            data_dir: resolve(raw.data_dir),
+            listen,
+            control_socket: resolve(
+                raw.control_socket
+                    .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
+            ),
+            announce: raw.announce.unwrap_or(true),
+            limits: Limits {
+                max_connections: positive("max_connections", raw.max_connections, 64)?,
+                max_connections_per_peer: positive(
+                    "max_connections_per_peer",
+                    raw.max_connections_per_peer,
+                    8,
+                )?,
+                peer_rate: raw.peer_rate.filter(|r| *r > 0),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_refusals() {
+        let c = Config::parse("data_dir = \"store\"\n", Path::new("/etc/qdfs")).unwrap();
+        assert_eq!(c.data_dir, Path::new("/etc/qdfs/store"));
+        assert_eq!(c.listen, Listen::NodeOverlay { port: 7400 });
+        assert_eq!(c.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
+        assert!(c.announce);
+        assert_eq!(c.limits.peer_rate, None);
+        let c = Config::parse(
+            "data_dir = \"/s\"\nlisten = \"127.0.0.1:0\"\npeer_rate = 1000\nannounce = false\n",
+            Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(c.listen, Listen::Address("127.0.0.1:0".parse().unwrap()));
+        assert_eq!(c.limits.peer_rate, Some(1000));
+        for bad in [
+            "",
+            "data_dir = 3",
+            "data_dir = \"/s\"\nlisten = \"nowhere\"",
+            "data_dir = \"/s\"\nlisten = \"[::1]:1\"\nport = 2",
+            "data_dir = \"/s\"\nmax_connections = 0",
+            "data_dir = \"/s\"\nqouta = 1",
+        ] {
+            assert!(Config::parse(bad, Path::new("/")).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Which chunk groups to ask which provider for, sans IO.
+//!
+//! The file is handed out in pieces of up to `piece` consecutive groups,
+//! in order (sequential writes, and the front of a file is usable first),
+//! skipping groups already verified or in flight. A provider that fails
+//! gives its unfinished groups back and others pick them up.
+
+use std::ops::Range;
+
+/// One bit per chunk group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bitmap {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl Bitmap {
+    /// `len` clear bits.
+    pub fn new(len: u64) -> Bitmap {
+        Bitmap {
+            words: vec![0; len.div_ceil(64) as usize],
+            len,
+        }
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it has no bits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bit `i` (false past the end).
+    pub fn get(&self, i: u64) -> bool {
+        i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// Sets or clears bit `i` (ignored past the end).
+    pub fn set(&mut self, i: u64, on: bool) {
+        if i >= self.len {
+            return;
+        }
+        let w = &mut self.words[(i / 64) as usize];
+        if on {
+            *w |= 1 << (i % 64);
+        } else {
+            *w &= !(1 << (i % 64));
+        }
+    }
+
+    /// Bits set.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// The bits as bytes, bit `i` in byte `i / 8`, bit `i % 8`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        (0..self.len.div_ceil(8))
+            .map(|b| (self.words[(b / 8) as usize] >> ((b % 8) * 8)) as u8)
+            .collect()
+    }
+
+    /// The inverse of [`Bitmap::to_bytes`]; `None` if the length is wrong
+    /// or bits past `len` are set.
+    pub fn from_bytes(bytes: &[u8], len: u64) -> Option<Bitmap> {
+        if bytes.len() as u64 != len.div_ceil(8) {
+            return None;
+        }
+        let mut m = Bitmap::new(len);
+        for (i, b) in bytes.iter().enumerate() {
+            m.words[i / 8] |= (*b as u64) << ((i % 8) * 8);
+        }
+        let tail = len % 64;
+        if tail != 0 && m.words.last().is_some_and(|w| w >> tail != 0) {
+            return None;
+        }
+        Some(m)
+    }
+}
+
+/// The fetch plan of one file.
+#[derive(Debug)]
+pub struct Schedule {
+    done: Bitmap,
+    taken: Bitmap,
+    done_count: u64,
+    piece: u64,
+    cursor: u64,
+}
+
+impl Schedule {
+    /// A plan for the groups not set in `done`, in pieces of `piece` groups.
+    pub fn new(done: Bitmap, piece: u64) -> Schedule {
+        let len = done.len();
+        Schedule {
+            done_count: done.count(),
+            done,
+            taken: Bitmap::new(len),
+            piece: piece.max(1),
+            cursor: 0,
+        }
+    }
+
+    fn free(&self, g: u64) -> bool {
+        !self.done.get(g) && !self.taken.get(g)
+    }
+
+    /// The next piece to ask for, now marked in flight; `None` when every
+    /// group is verified or in flight.
+    pub fn next_piece(&mut self) -> Option<Range<u64>> {
+        let n = self.done.len();
+        let start = (self.cursor..n)
+            .chain(0..self.cursor.min(n))
+            .find(|g| self.free(*g))?;
+        let mut end = start + 1;
+        while end < n && end - start < self.piece && self.free(end) {
+            end += 1;
+        }
+        for g in start..end {
+            self.taken.set(g, true);
+        }
+        self.cursor = end;
+        Some(start..end)
+    }
+
+    /// Records group `g` as verified and written.
+    pub fn complete(&mut self, g: u64) {
+        if g < self.done.len() && !self.done.get(g) {
+            self.done.set(g, true);
+            self.done_count += 1;
+        }
+        self.taken.set(g, false);
+    }
+
+    /// Gives back the unfinished groups of a piece.
+    pub fn release(&mut self, r: Range<u64>) {
+        for g in r.clone() {
+            self.taken.set(g, false);
+        }
+        self.cursor = self.cursor.min(r.start);
+    }
+
+    /// Whether every group is verified.
+    pub fn is_complete(&self) -> bool {
+        self.done_count == self.done.len()
+    }
+
+    /// Groups verified.
+    pub fn done_count(&self) -> u64 {
+        self.done_count
+    }
+
+    /// The verified groups.
+    pub fn done(&self) -> &Bitmap {
+        &self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_bytes_round_trip() {
+        let mut b = Bitmap::new(70);
+        for i in [0, 9, 63, 64, 69, 70] {
+            b.set(i, true);
+        }
+        assert_eq!(b.count(), 5);
+        let bytes = b.to_bytes();
+        assert_eq!(bytes.len(), 9);
+        assert_eq!(Bitmap::from_bytes(&bytes, 70), Some(b));
+        assert!(Bitmap::from_bytes(&bytes, 71).is_some());
+        assert!(Bitmap::from_bytes(&[0x80], 7).is_none());
+        assert!(Bitmap::from_bytes(&[0, 0], 7).is_none());
+    }
+
+    #[test]
+    fn pieces_skip_done_and_taken_and_come_back_on_release() {
+        let mut done = Bitmap::new(10);
+        done.set(2, true);
+        let mut s = Schedule::new(done, 4);
+        assert_eq!(s.next_piece(), Some(0..2));
+        assert_eq!(s.next_piece(), Some(3..7));
+        assert_eq!(s.next_piece(), Some(7..10));
+        assert_eq!(s.next_piece(), None);
+        s.complete(3);
+        s.complete(4);
+        s.release(3..7);
+        assert_eq!(s.next_piece(), Some(5..7));
+        for g in [0, 1, 5, 6, 7, 8] {
+            s.complete(g);
+        }
+        assert!(!s.is_complete());
+        s.complete(9);
+        s.complete(9);
+        assert!(s.is_complete());
+        assert_eq!(s.done_count(), 10);
+        assert_eq!(s.next_piece(), None);
+        let mut empty = Schedule::new(Bitmap::new(0), 4);
+        assert!(empty.is_complete());
+        assert_eq!(empty.next_piece(), None);
+    }
+}

@@ -1,0 +1,409 @@
+//! `qdfs serve`: the provider side, one thread per connection (bounded by
+//! the [`Budgets`]), each driving a sans-IO [`ServerSession`].
+//!
+//! What a peer can make this server do is bounded: connections in all and
+//! per peer address, requests per connection, 4 KiB per request frame,
+//! 4 MiB of file data per request, an idle timeout, and optionally a rate
+//! per peer. Data is sent through bao-tree's validating encoder, so bytes
+//! that no longer match the tree (a provided file edited in place) end the
+//! response instead of going out.
+
+use std::io::{self, BufWriter, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::budget::{Budgets, Limits};
+use crate::id::Id;
+use crate::store::{ServedFile, Store};
+use crate::tree;
+use crate::wire::{
+    self, Action, ErrorCode, GroupRanges, ReadFrameError, Response, ServerSession,
+    MAX_REQUEST_FRAME,
+};
+
+/// Requests one connection may make before it must reconnect.
+pub const MAX_REQUESTS_PER_CONNECTION: u64 = 100_000;
+/// A connection idle this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A peer that reads nothing for this long is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Counters, as `qdfs status` shows them.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// Connections refused by a budget.
+    pub refused: AtomicU64,
+    /// Requests answered.
+    pub requests: AtomicU64,
+    /// Manifests sent.
+    pub manifests_served: AtomicU64,
+    /// Chunk groups sent.
+    pub groups_served: AtomicU64,
+    /// Bytes of verified stream sent (data and tree hashes).
+    pub bytes_served: AtomicU64,
+    /// Requests for something not provided here.
+    pub not_found: AtomicU64,
+    /// Responses cut short (the data failed its check, or the peer left).
+    pub aborted: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Connections refused by a budget.
+    pub refused: u64,
+    /// Requests answered.
+    pub requests: u64,
+    /// Manifests sent.
+    pub manifests_served: u64,
+    /// Chunk groups sent.
+    pub groups_served: u64,
+    /// Bytes of verified stream sent.
+    pub bytes_served: u64,
+    /// Requests for something not provided here.
+    pub not_found: u64,
+    /// Responses cut short.
+    pub aborted: u64,
+}
+
+impl Stats {
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            connections: g(&self.connections),
+            refused: g(&self.refused),
+            requests: g(&self.requests),
+            manifests_served: g(&self.manifests_served),
+            groups_served: g(&self.groups_served),
+            bytes_served: g(&self.bytes_served),
+            not_found: g(&self.not_found),
+            aborted: g(&self.aborted),
+        }
+    }
+}
+
+/// The provider: a store, budgets and counters shared by every connection.
+#[derive(Debug)]
+pub struct Server {
+    store: Store,
+    budgets: Mutex<Budgets>,
+    /// Counters.
+    pub stats: Stats,
+    stop: AtomicBool,
+    /// Test hook: which chunk groups to corrupt in everything served.
+    #[cfg(feature = "test-hooks")]
+    corrupt: Option<hooks::CorruptAt>,
+}
+
+fn bump(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Server {
+    /// A server for `store` under `limits`.
+    pub fn new(store: Store, limits: Limits) -> Server {
+        Server {
+            store,
+            budgets: Mutex::new(Budgets::new(limits)),
+            stats: Stats::default(),
+            stop: AtomicBool::new(false),
+            #[cfg(feature = "test-hooks")]
+            corrupt: hooks::CorruptAt::from_env(),
+        }
+    }
+
+    /// The store served.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Makes [`Server::run`] return after its next accept.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    fn budgets(&self) -> std::sync::MutexGuard<'_, Budgets> {
+        // A panicking connection thread must not stop the server: the
+        // budgets stay usable (their worst state is a leaked slot).
+        self.budgets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Accepts connections until stopped, one thread each.
+    pub fn run(self: &Arc<Server>, listener: TcpListener) {
+        for conn in listener.incoming() {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let Ok(peer) = conn.peer_addr() else { continue };
+            if let Err(why) = self.budgets().admit(peer.ip(), Instant::now()) {
+                bump(&self.stats.refused, 1);
+                tracing::debug!(%peer, "refused: {why}");
+                let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = (&conn).write_all(
+                    &Response::Error {
+                        code: ErrorCode::Busy,
+                    }
+                    .encode(),
+                );
+                continue;
+            }
+            bump(&self.stats.connections, 1);
+            let me = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("qdfs-conn".into())
+                .spawn(move || {
+                    if let Err(e) = me.serve_connection(&conn, peer) {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                    me.budgets().release(peer.ip());
+                });
+            if spawned.is_err() {
+                self.budgets().release(peer.ip());
+            }
+        }
+    }
+
+    fn serve_connection(&self, conn: &TcpStream, peer: SocketAddr) -> io::Result<()> {
+        conn.set_read_timeout(Some(IDLE_TIMEOUT))?;
+        conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        conn.set_nodelay(true)?;
+        let mut session = ServerSession::new(MAX_REQUESTS_PER_CONNECTION);
+        let mut reader = io::BufReader::with_capacity(8192, conn);
+        let mut out = BufWriter::with_capacity(
+            64 * 1024,
+            Throttle {
+                conn,
+                server: self,
+                peer: peer.ip(),
+            },
+        );
+        loop {
+            let body = match wire::read_frame(&mut reader, MAX_REQUEST_FRAME) {
+                Ok(b) => b,
+                Err(ReadFrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Ok(())
+                }
+                Err(ReadFrameError::Io(e)) => return Err(e),
+                Err(ReadFrameError::Wire(e)) => {
+                    tracing::debug!(%peer, "bad frame: {e}");
+                    let r = Response::Error {
+                        code: ErrorCode::BadRequest,
+                    };
+                    out.write_all(&r.encode())?;
+                    return out.flush();
+                }
+            };
+            match session.on_frame(&body) {
+                Action::Reply(r) => out.write_all(&r.encode())?,
+                Action::Close(r) => {
+                    if let Some(r) = r {
+                        out.write_all(&r.encode())?;
+                    }
+                    return out.flush();
+                }
+                Action::SendManifest(id) => {
+                    bump(&self.stats.requests, 1);
+                    let r = match self.store.manifest_bytes(&id) {
+                        Ok(Some(bytes)) => {
+                            bump(&self.stats.manifests_served, 1);
+                            Response::Manifest { bytes }
+                        }
+                        Ok(None) => {
+                            bump(&self.stats.not_found, 1);
+                            Response::Error {
+                                code: ErrorCode::NotFound,
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%id, "store: {e}");
+                            Response::Error {
+                                code: ErrorCode::Unavailable,
+                            }
+                        }
+                    };
+                    out.write_all(&r.encode())?;
+                }
+                Action::SendRanges(id, groups) => {
+                    bump(&self.stats.requests, 1);
+                    self.send_ranges(&mut out, &id, &groups)?;
+                }
+            }
+            // Answer now unless the next request is already here (then
+            // the answers go out together).
+            if reader.buffer().is_empty() {
+                out.flush()?;
+            }
+        }
+    }
+
+    fn send_ranges(&self, out: &mut impl Write, id: &Id, groups: &GroupRanges) -> io::Result<()> {
+        let refuse = |out: &mut dyn Write, code| out.write_all(&Response::Error { code }.encode());
+        let file = match self.store.open_file(id) {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                bump(&self.stats.not_found, 1);
+                return refuse(out, ErrorCode::NotFound);
+            }
+            Err(e) => {
+                tracing::warn!(%id, "store: {e}");
+                return refuse(out, ErrorCode::Unavailable);
+            }
+        };
+        let size = file.manifest.size;
+        if groups.end() > tree::group_count(size) {
+            return refuse(out, ErrorCode::BadRequest);
+        }
+        let encoded_len = tree::encoded_len(size, groups.ranges());
+        out.write_all(&Response::Ranges { encoded_len }.encode())?;
+        let ranges = tree::chunk_ranges(groups.ranges());
+        let mut counted = Counted { inner: out, n: 0 };
+        let result = self.encode(&file, &ranges, &mut counted);
+        bump(&self.stats.bytes_served, counted.n);
+        match result {
+            Ok(()) => {
+                bump(&self.stats.groups_served, groups.groups());
+                Ok(())
+            }
+            Err(e) => {
+                // The stream is cut mid-way: the client sees a short
+                // response and asks elsewhere.
+                bump(&self.stats.aborted, 1);
+                tracing::warn!(%id, "response aborted: {e}");
+                Err(io::Error::other(e.to_string()))
+            }
+        }
+    }
+
+    fn encode(
+        &self,
+        file: &ServedFile,
+        ranges: &bao_tree::ChunkRanges,
+        out: &mut impl Write,
+    ) -> Result<(), bao_tree::io::EncodeError> {
+        #[cfg(feature = "test-hooks")]
+        if let Some(at) = self.corrupt {
+            let data = hooks::Corrupt {
+                inner: &file.data,
+                at,
+                size: file.manifest.size,
+            };
+            return bao_tree::io::sync::encode_ranges(data, &file.outboard, ranges, out);
+        }
+        bao_tree::io::sync::encode_ranges_validated(&file.data, &file.outboard, ranges, out)
+    }
+}
+
+/// Counts bytes written through it.
+struct Counted<'a, W: Write> {
+    inner: &'a mut W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The socket, slowed to the peer's rate.
+struct Throttle<'a> {
+    conn: &'a TcpStream,
+    server: &'a Server,
+    peer: IpAddr,
+}
+
+impl Write for Throttle<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let wait = self
+            .server
+            .budgets()
+            .spend(self.peer, buf.len() as u64, Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        self.conn.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.flush()
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+mod hooks {
+    use std::fs::File;
+    use std::io;
+
+    use bao_tree::io::sync::{ReadAt, Size};
+
+    use crate::manifest::GROUP_BYTES;
+
+    /// Which groups a test provider corrupts: `QDFS_TEST_CORRUPT_GROUP=N`
+    /// for group N, `=all` for every group.
+    #[derive(Debug, Clone, Copy)]
+    pub enum CorruptAt {
+        Group(u64),
+        Every,
+    }
+
+    impl CorruptAt {
+        pub fn from_env() -> Option<CorruptAt> {
+            match std::env::var("QDFS_TEST_CORRUPT_GROUP").ok()?.as_str() {
+                "all" => Some(CorruptAt::Every),
+                n => n.parse().ok().map(CorruptAt::Group),
+            }
+        }
+    }
+
+    /// The data with the first byte of some groups flipped.
+    pub struct Corrupt<'a> {
+        pub inner: &'a File,
+        pub at: CorruptAt,
+        pub size: u64,
+    }
+
+    impl ReadAt for Corrupt<'_> {
+        fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read_at(pos, buf)?;
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                let off = pos + i as u64;
+                let hit = match self.at {
+                    CorruptAt::Group(g) => off == g * GROUP_BYTES,
+                    CorruptAt::Every => off % GROUP_BYTES == 0,
+                };
+                if hit {
+                    *b ^= 0x5a;
+                }
+            }
+            Ok(n)
+        }
+    }
+
+    impl Size for Corrupt<'_> {
+        fn size(&self) -> io::Result<Option<u64>> {
+            Ok(Some(self.size))
+        }
+    }
+}
