@@ -75,8 +75,9 @@ pub enum Kind {
 pub struct Entry {
     /// File or folder.
     pub kind: Kind,
-    /// Name within the folder: 1–255 bytes of UTF-8, no `/` or NUL, not
-    /// `.` or `..`.
+    /// Name within the folder: 1–255 bytes of UTF-8, no `/`, NUL, control
+    /// or bidirectional formatting characters, not `.` or `..`, not ending
+    /// in `.qdfs-part` or `.qdfs-state`.
     pub name: String,
     /// Size in bytes (a folder: all files under it).
     pub size: u64,
@@ -129,6 +130,18 @@ pub enum ManifestError {
     Unsorted(usize),
 }
 
+/// Suffixes a fetch uses for its side files; no entry name may end in one.
+pub const SIDE_SUFFIXES: [&str; 2] = [".qdfs-part", ".qdfs-state"];
+
+/// Bidirectional formatting characters (marks, embeddings, overrides,
+/// isolates).
+fn is_bidi_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
 /// Checks one entry name; the reason if it is unfit.
 pub fn check_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
@@ -142,6 +155,17 @@ pub fn check_name(name: &str) -> Result<(), &'static str> {
     }
     if name.contains('/') || name.contains('\0') {
         return Err("contains '/' or NUL");
+    }
+    // Names are printed to terminals: no control characters (C0, DEL,
+    // C1: ESC, CR, LF, ...) and no bidirectional formatting characters
+    // that could make one name display as another.
+    if name.chars().any(|c| c.is_control() || is_bidi_format(c)) {
+        return Err("contains a control or bidirectional formatting character");
+    }
+    // A fetch keeps its side files beside the output under these suffixes;
+    // an entry so named could collide with another entry's.
+    if SIDE_SUFFIXES.iter().any(|s| name.ends_with(s)) {
+        return Err("ends in .qdfs-part or .qdfs-state (reserved for fetches)");
     }
     Ok(())
 }
@@ -450,7 +474,23 @@ mod tests {
             Manifest::parse(&folder(&[b"a", b"a"])),
             Err(ManifestError::Unsorted(1))
         );
-        for bad in [&b""[..], b".", b"..", b"a/b", b"\xff", b"a\0"] {
+        for bad in [
+            &b""[..],
+            b".",
+            b"..",
+            b"a/b",
+            b"\xff",
+            b"a\0",
+            b"a\x1b[2Jb",
+            b"a\rb",
+            b"a\nb",
+            b"a\x7f",
+            "a\u{0085}".as_bytes(),
+            "evil\u{202E}txt.exe".as_bytes(),
+            "a\u{2066}b".as_bytes(),
+            b"x.qdfs-part",
+            b"x.qdfs-state",
+        ] {
             assert!(matches!(
                 Manifest::parse(&folder(&[bad])),
                 Err(ManifestError::BadName { index: 0, .. })
