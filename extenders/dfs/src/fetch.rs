@@ -63,7 +63,17 @@ pub struct Options {
     pub stop: Arc<AtomicBool>,
     /// Record fetched files here so this node provides them.
     pub provide: Option<Store>,
+    /// Most files and folders one folder fetch creates (counting every
+    /// entry at every level).
+    pub max_entries: u64,
+    /// Replace an existing output that is not this fetch being resumed.
+    pub force: bool,
 }
+
+/// Default for [`Options::max_entries`].
+pub const MAX_FETCH_ENTRIES: u64 = 100_000;
+/// Deepest folder nesting a fetch follows.
+pub const MAX_FETCH_DEPTH: usize = 64;
 
 impl Options {
     /// Defaults for these providers.
@@ -77,6 +87,8 @@ impl Options {
             io_timeout: Duration::from_secs(20),
             stop: Arc::new(AtomicBool::new(false)),
             provide: None,
+            max_entries: MAX_FETCH_ENTRIES,
+            force: false,
         }
     }
 }
@@ -155,6 +167,9 @@ pub enum FetchError {
         /// What is wrong.
         why: String,
     },
+    /// A folder fetch that would create more entries than allowed.
+    #[error("the folder holds more than {0} files and folders; refusing to create them")]
+    TooManyEntries(u64),
     /// Stopped by the user.
     #[error("interrupted with {done} of {size} bytes of {path} verified on disk; run the same command again to resume")]
     Interrupted {
@@ -331,27 +346,46 @@ pub fn get(
 ) -> Result<Vec<FileReport>, FetchError> {
     let m = fetch_manifest(id, opts)?;
     let mut reports = Vec::new();
-    get_manifest(id, m, out, opts, progress, 0, &mut reports)?;
+    let mut entries = 0;
+    let mut walk = Walk {
+        opts,
+        progress,
+        reports: &mut reports,
+        entries: &mut entries,
+    };
+    get_manifest(&mut walk, id, m, out, 0)?;
     Ok(reports)
 }
 
+/// What a folder fetch carries down the tree.
+struct Walk<'a> {
+    opts: &'a Options,
+    progress: &'a dyn Progress,
+    reports: &'a mut Vec<FileReport>,
+    /// Entries seen so far, against [`Options::max_entries`].
+    entries: &'a mut u64,
+}
+
 fn get_manifest(
+    w: &mut Walk<'_>,
     id: &Id,
     m: Manifest,
     out: &Path,
-    opts: &Options,
-    progress: &dyn Progress,
     depth: usize,
-    reports: &mut Vec<FileReport>,
 ) -> Result<(), FetchError> {
+    let (opts, progress) = (w.opts, w.progress);
     match m {
-        Manifest::File(f) => reports.push(fetch_file(id, f, out, opts, progress)?),
+        Manifest::File(f) => w.reports.push(fetch_file(id, f, out, opts, progress)?),
         Manifest::Folder(folder) => {
-            if depth > 64 {
+            if depth > MAX_FETCH_DEPTH {
                 return Err(FetchError::BadManifest {
                     id: *id,
-                    why: "folders nested deeper than 64".into(),
+                    why: format!("folders nested deeper than {MAX_FETCH_DEPTH}"),
                 });
+            }
+            *w.entries = w.entries.saturating_add(folder.entries.len() as u64);
+            if *w.entries > opts.max_entries {
+                return Err(FetchError::TooManyEntries(opts.max_entries));
             }
             fs::create_dir_all(out).map_err(io_err("creating", out))?;
             for e in &folder.entries {
@@ -371,7 +405,7 @@ fn get_manifest(
                 // Names were checked by the manifest parser: one plain
                 // component each, so the path stays under `out`.
                 let path = out.join(&e.name);
-                get_manifest(&e.id, child, &path, opts, progress, depth + 1, reports)?;
+                get_manifest(w, &e.id, child, &path, depth + 1)?;
             }
             if let Some(store) = &opts.provide {
                 store.put_manifest(&Manifest::Folder(folder))?;

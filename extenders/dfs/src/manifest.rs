@@ -114,6 +114,9 @@ pub enum ManifestError {
     /// A file bigger than [`MAX_FILE_SIZE`].
     #[error("file size {0} is out of range")]
     SizeOutOfRange(u64),
+    /// A folder whose entries add up to more than [`MAX_FILE_SIZE`].
+    #[error("folder entries add up to more than {MAX_FILE_SIZE} bytes")]
+    TotalOutOfRange,
     /// Bytes after the end.
     #[error("{0} bytes after the end of the manifest")]
     TrailingBytes(usize),
@@ -270,6 +273,7 @@ impl Manifest {
                     });
                 }
                 let mut entries: Vec<Entry> = Vec::with_capacity(count);
+                let mut total: u64 = 0;
                 for index in 0..count {
                     let kind = kind_of(r.u8()?)?;
                     let len = r.u16()? as usize;
@@ -290,6 +294,12 @@ impl Manifest {
                     if size > MAX_FILE_SIZE {
                         return Err(ManifestError::SizeOutOfRange(size));
                     }
+                    // The folder's total is bounded like one file's, so
+                    // `size()` and every sum over a folder stay exact.
+                    total = total
+                        .checked_add(size)
+                        .filter(|t| *t <= MAX_FILE_SIZE)
+                        .ok_or(ManifestError::TotalOutOfRange)?;
                     let id = Id(r.hash()?);
                     entries.push(Entry {
                         kind,
@@ -339,11 +349,14 @@ impl Manifest {
         Id::of_manifest(&self.encode())
     }
 
-    /// Bytes of content it names (a folder: all files under it).
+    /// Bytes of content it names (a folder: all files under it). Exact
+    /// for anything [`Manifest::parse`] or [`FolderManifest::new`]
+    /// returned (their totals are at most [`MAX_FILE_SIZE`]); saturates
+    /// rather than overflowing for a folder built by hand.
     pub fn size(&self) -> u64 {
         match self {
             Manifest::File(f) => f.size,
-            Manifest::Folder(d) => d.entries.iter().map(|e| e.size).sum(),
+            Manifest::Folder(d) => d.entries.iter().fold(0u64, |t, e| t.saturating_add(e.size)),
         }
     }
 }
@@ -358,6 +371,16 @@ impl FolderManifest {
             if index > 0 && entries[index - 1].name == e.name {
                 return Err(ManifestError::Unsorted(index));
             }
+        }
+        let mut total: u64 = 0;
+        for e in &entries {
+            if e.size > MAX_FILE_SIZE {
+                return Err(ManifestError::SizeOutOfRange(e.size));
+            }
+            total = total
+                .checked_add(e.size)
+                .filter(|t| *t <= MAX_FILE_SIZE)
+                .ok_or(ManifestError::TotalOutOfRange)?;
         }
         let m = FolderManifest { entries };
         if Manifest::Folder(m.clone()).encode().len() > MAX_MANIFEST {
@@ -496,6 +519,42 @@ mod tests {
                 Err(ManifestError::BadName { index: 0, .. })
             ));
         }
+    }
+
+    #[test]
+    fn folder_totals_are_checked() {
+        let folder = |sizes: &[u64]| {
+            let mut v = b"QDFS\x01\x02".to_vec();
+            v.extend_from_slice(&(sizes.len() as u32).to_be_bytes());
+            for (i, size) in sizes.iter().enumerate() {
+                v.extend_from_slice(&[KIND_FILE, 0, 1, b'a' + i as u8]);
+                v.extend_from_slice(&size.to_be_bytes());
+                v.extend_from_slice(&[0; 32]);
+            }
+            v
+        };
+        // Four entries of 2^62 bytes each add up to 2^64: would overflow.
+        assert_eq!(
+            Manifest::parse(&folder(&[MAX_FILE_SIZE; 4])),
+            Err(ManifestError::TotalOutOfRange)
+        );
+        // Two add up to more than one file may be.
+        assert_eq!(
+            Manifest::parse(&folder(&[MAX_FILE_SIZE, 1])),
+            Err(ManifestError::TotalOutOfRange)
+        );
+        let ok = Manifest::parse(&folder(&[MAX_FILE_SIZE - 1, 1])).unwrap();
+        assert_eq!(ok.size(), MAX_FILE_SIZE);
+        let e = |name: &str| Entry {
+            kind: Kind::File,
+            name: name.into(),
+            size: MAX_FILE_SIZE,
+            id: Id([1; 32]),
+        };
+        assert_eq!(
+            FolderManifest::new(vec![e("a"), e("b")]),
+            Err(ManifestError::TotalOutOfRange)
+        );
     }
 
     #[test]

@@ -497,3 +497,37 @@ fn qdfs_wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+#[test]
+fn folder_fetch_entry_cap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("folder");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    for f in ["a", "b", "sub/c"] {
+        std::fs::write(src.join(f), f.as_bytes()).unwrap();
+    }
+    let p = Provider::start(&tmp.path().join("p"), &src, "127.0.0.1:0", 0, None);
+    let id: qdfs::id::Id = add_id(&src, &tmp.path().join("idstore")).parse().unwrap();
+    let mut opts = qdfs::fetch::Options::new(vec![p.addr]);
+    assert_eq!(opts.max_entries, qdfs::fetch::MAX_FETCH_ENTRIES);
+    // a, b, sub, sub/c: four entries.
+    opts.max_entries = 3;
+    let r = qdfs::fetch::get(
+        &id,
+        &tmp.path().join("capped"),
+        &opts,
+        &qdfs::progress::Silent,
+    );
+    assert!(
+        matches!(r, Err(qdfs::fetch::FetchError::TooManyEntries(3))),
+        "{r:?}"
+    );
+    opts.max_entries = 4;
+    let r = qdfs::fetch::get(
+        &id,
+        &tmp.path().join("fits"),
+        &opts,
+        &qdfs::progress::Silent,
+    );
+    assert_eq!(r.unwrap().len(), 3);
+}
