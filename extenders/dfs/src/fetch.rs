@@ -22,7 +22,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -415,6 +415,14 @@ fn get_manifest(
     Ok(())
 }
 
+/// Opens an existing file for reading, refusing a symbolic link.
+fn open_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
 fn sibling(out: &Path, suffix: &str) -> PathBuf {
     let mut name = out.file_name().unwrap_or_default().to_os_string();
     name.push(suffix);
@@ -453,7 +461,11 @@ fn done_bytes(size: u64, done: &Bitmap) -> u64 {
 /// The resume state for `id` at `state_path`, if it fits this file and
 /// its part file.
 fn load_state(state_path: &Path, part: &Path, id: &Id, size: u64) -> Option<ResumeState> {
-    let bytes = fs::read(state_path).ok()?;
+    let mut bytes = Vec::new();
+    open_nofollow(state_path)
+        .ok()?
+        .read_to_end(&mut bytes)
+        .ok()?;
     let st = ResumeState::parse(&bytes).ok()?;
     let part_len = fs::metadata(part).ok()?.len();
     (st.id == *id && st.size == size && part_len == size).then_some(st)
@@ -497,13 +509,21 @@ fn fetch_file(
 
     let groups = tree::group_count(m.size);
     let resumed = load_state(&state_path, &part, id, m.size);
+    // Never through a symbolic link: one planted at the part file's name
+    // would redirect the write.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&part)
         .map_err(io_err("opening", &part))?;
+    if !file.metadata().map_err(io_err("opening", &part))?.is_file() {
+        return Err(io_err("opening", &part)(io::Error::other(
+            "not a regular file",
+        )));
+    }
     let (done, received_before) = match resumed {
         Some(st) => (st.done, st.received),
         None => {
@@ -683,10 +703,12 @@ fn finish(
     opts: &Options,
 ) -> Result<(), FetchError> {
     let f = File::open(part).map_err(io_err("opening", part))?;
-    let ob_path = opts.provide.as_ref().map(|s| s.temp_outboard("fetched"));
-    let sink: Box<dyn Write> = match &ob_path {
-        Some(p) => Box::new(File::create(p).map_err(io_err("creating", p))?),
-        None => Box::new(io::sink()),
+    let (ob_path, sink): (Option<PathBuf>, Box<dyn Write>) = match &opts.provide {
+        Some(s) => {
+            let (p, f) = s.temp_outboard("fetched")?;
+            (Some(p), Box::new(f))
+        }
+        None => (None, Box::new(io::sink())),
     };
     let h = tree::hash_stream(f, m.size, sink).map_err(|source| FetchError::Hash {
         path: part.into(),
@@ -714,9 +736,8 @@ fn finish(
 fn provide(opts: &Options, out: &Path, m: &FileManifest) -> Result<(), FetchError> {
     if let Some(store) = &opts.provide {
         let abs = fs::canonicalize(out).map_err(io_err("resolving", out))?;
-        let ob = store.temp_outboard("fetched");
+        let (ob, w) = store.temp_outboard("fetched")?;
         let f = File::open(&abs).map_err(io_err("opening", &abs))?;
-        let w = File::create(&ob).map_err(io_err("creating", &ob))?;
         tree::hash_stream(f, m.size, w).map_err(|source| FetchError::Hash {
             path: abs.clone(),
             source,

@@ -531,3 +531,20 @@ fn folder_fetch_entry_cap() {
     );
     assert_eq!(r.unwrap().len(), 3);
 }
+
+#[test]
+fn planted_part_link_is_not_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("f.bin");
+    std::fs::write(&src, test_data(50_000, 8)).unwrap();
+    let p = Provider::start(&tmp.path().join("p"), &src, "127.0.0.1:0", 0, None);
+    let id = add_id(&src, &tmp.path().join("idstore"));
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let out = tmp.path().join("out.bin");
+    std::os::unix::fs::symlink(&victim, tmp.path().join("out.bin.qdfs-part")).unwrap();
+    let r = get_cmd(&id, &out, &[&p]).output().unwrap();
+    assert!(!r.status.success());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(!out.exists());
+}
