@@ -167,6 +167,15 @@ pub enum FetchError {
         /// What is wrong.
         why: String,
     },
+    /// The output exists and is not this fetch being resumed, or a path
+    /// on the way is a symbolic link.
+    #[error("{path} {why}")]
+    OutputExists {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A folder fetch that would create more entries than allowed.
     #[error("the folder holds more than {0} files and folders; refusing to create them")]
     TooManyEntries(u64),
@@ -345,6 +354,16 @@ pub fn get(
     progress: &dyn Progress,
 ) -> Result<Vec<FileReport>, FetchError> {
     let m = fetch_manifest(id, opts)?;
+    check_output(id, &m, out, opts.force)?;
+    let marker = sibling(out, ".qdfs-state");
+    if let Manifest::Folder(_) = &m {
+        // Marks `out` as this folder fetch's, so that running it again
+        // resumes into the directory instead of refusing it.
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+        }
+        write_atomic(&marker, &folder_marker(id))?;
+    }
     let mut reports = Vec::new();
     let mut entries = 0;
     let mut walk = Walk {
@@ -353,8 +372,110 @@ pub fn get(
         reports: &mut reports,
         entries: &mut entries,
     };
+    let folder = matches!(m, Manifest::Folder(_));
     get_manifest(&mut walk, id, m, out, 0)?;
+    if folder {
+        match fs::remove_file(&marker) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("removing", &marker)(e));
+            }
+            _ => {}
+        }
+    }
     Ok(reports)
+}
+
+const FOLDER_MAGIC: &[u8; 8] = b"QDFSFD01";
+
+/// What a folder fetch keeps at `<output>.qdfs-state` until it completes.
+fn folder_marker(id: &Id) -> Vec<u8> {
+    let mut v = FOLDER_MAGIC.to_vec();
+    v.extend_from_slice(&id.0);
+    v
+}
+
+/// Whether `out` is an interrupted fetch of folder `id`.
+fn is_folder_fetch_of(out: &Path, id: &Id) -> bool {
+    let mut bytes = Vec::new();
+    open_nofollow(&sibling(out, ".qdfs-state"))
+        .and_then(|f| f.take(64).read_to_end(&mut bytes))
+        .is_ok()
+        && bytes == folder_marker(id)
+}
+
+/// Whether `out` is a regular file (not a link) that already holds `m`.
+fn is_complete(out: &Path, m: &FileManifest) -> bool {
+    if !fs::symlink_metadata(out).is_ok_and(|md| md.is_file() && md.len() == m.size) {
+        return false;
+    }
+    open_nofollow(out)
+        .is_ok_and(|f| tree::hash_stream(f, m.size, io::sink()).is_ok_and(|h| h.root == m.root))
+}
+
+/// Refuses an output that exists and is not this fetch being resumed
+/// (unless `force`), and a symbolic link always.
+fn check_output(id: &Id, m: &Manifest, out: &Path, force: bool) -> Result<(), FetchError> {
+    let md = match fs::symlink_metadata(out) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("checking", out)(e)),
+    };
+    let refuse = |why: &'static str| {
+        Err(FetchError::OutputExists {
+            path: out.into(),
+            why,
+        })
+    };
+    if md.file_type().is_symlink() {
+        return refuse("is a symbolic link (never followed; remove it or choose another output)");
+    }
+    match m {
+        Manifest::File(f) => {
+            if md.is_dir() {
+                return refuse("is a directory");
+            }
+            if !force && !is_complete(out, f) {
+                return refuse("exists and is not this file (give --force to replace it)");
+            }
+        }
+        Manifest::Folder(_) => {
+            if !md.is_dir() {
+                return refuse("exists and is not a directory");
+            }
+            let empty = fs::read_dir(out)
+                .map_err(io_err("listing", out))?
+                .next()
+                .is_none();
+            if !force && !empty && !is_folder_fetch_of(out, id) {
+                return refuse(
+                    "is a non-empty directory and not this folder's fetch being resumed \
+                     (give --force to merge into it)",
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates one directory level, or accepts a real directory already there;
+/// never follows a symbolic link.
+fn make_dir(path: &Path) -> Result<(), FetchError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let md = fs::symlink_metadata(path).map_err(io_err("checking", path))?;
+            if md.is_dir() {
+                Ok(())
+            } else {
+                Err(FetchError::OutputExists {
+                    path: path.into(),
+                    why: "is in the way of a folder entry and is not a directory \
+                          (symbolic links are never followed)",
+                })
+            }
+        }
+        Err(e) => Err(io_err("creating", path)(e)),
+    }
 }
 
 /// What a folder fetch carries down the tree.
@@ -387,7 +508,7 @@ fn get_manifest(
             if *w.entries > opts.max_entries {
                 return Err(FetchError::TooManyEntries(opts.max_entries));
             }
-            fs::create_dir_all(out).map_err(io_err("creating", out))?;
+            make_dir(out)?;
             for e in &folder.entries {
                 let child = fetch_manifest(&e.id, opts)?;
                 let fits = match (&child, e.kind) {
@@ -487,24 +608,20 @@ fn fetch_file(
         .unwrap_or_default();
 
     // Already here from an earlier run: check it and keep it.
-    if !state_path.exists() && fs::metadata(out).is_ok_and(|md| md.is_file() && md.len() == m.size)
-    {
-        let f = File::open(out).map_err(io_err("opening", out))?;
-        if tree::hash_stream(f, m.size, io::sink()).is_ok_and(|h| h.root == m.root) {
-            progress.begin(&name, m.size, m.size);
-            progress.end();
-            provide(opts, out, &m)?;
-            return Ok(FileReport {
-                path: out.into(),
-                id: *id,
-                size: m.size,
-                already: m.size,
-                received: 0,
-                received_total: 0,
-                seconds: started.elapsed().as_secs_f64(),
-                providers: Vec::new(),
-            });
-        }
+    if fs::symlink_metadata(&state_path).is_err() && is_complete(out, &m) {
+        progress.begin(&name, m.size, m.size);
+        progress.end();
+        provide(opts, out, &m)?;
+        return Ok(FileReport {
+            path: out.into(),
+            id: *id,
+            size: m.size,
+            already: m.size,
+            received: 0,
+            received_total: 0,
+            seconds: started.elapsed().as_secs_f64(),
+            providers: Vec::new(),
+        });
     }
 
     let groups = tree::group_count(m.size);
