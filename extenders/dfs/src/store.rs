@@ -189,11 +189,8 @@ impl Store {
     /// Hashes and adds one file.
     pub fn add_file(&self, path: &Path) -> Result<(Id, FileManifest), StoreError> {
         let abs = fs::canonicalize(path).map_err(io_err("resolving", path))?;
-        let tmp = self
-            .dir
-            .join("outboards")
-            .join(format!(".adding{}", std::process::id()));
-        let m = tree::hash_file(&abs, &tmp).map_err(|source| StoreError::Hash {
+        let (tmp, ob) = self.temp_outboard("adding")?;
+        let m = tree::hash_file(&abs, ob, &tmp).map_err(|source| StoreError::Hash {
             path: abs.clone(),
             source,
         })?;
@@ -383,6 +380,14 @@ mod tests {
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         assert_eq!(fs::read(&target).unwrap(), b"newer");
         assert!(fs::symlink_metadata(&planted).unwrap().is_symlink());
+        // The store's outboard while adding a file, likewise.
+        let store = Store::open(&tmp.path().join("store")).unwrap();
+        let planted = store
+            .dir()
+            .join(format!("outboards/.adding{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        store.add_file(&target).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
         let (p, _) = create_temp(&target).unwrap();
         let (q, _) = create_temp(&target).unwrap();
         assert_ne!(p, q);
