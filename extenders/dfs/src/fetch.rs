@@ -22,7 +22,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -63,7 +63,17 @@ pub struct Options {
     pub stop: Arc<AtomicBool>,
     /// Record fetched files here so this node provides them.
     pub provide: Option<Store>,
+    /// Most files and folders one folder fetch creates (counting every
+    /// entry at every level).
+    pub max_entries: u64,
+    /// Replace an existing output that is not this fetch being resumed.
+    pub force: bool,
 }
+
+/// Default for [`Options::max_entries`].
+pub const MAX_FETCH_ENTRIES: u64 = 100_000;
+/// Deepest folder nesting a fetch follows.
+pub const MAX_FETCH_DEPTH: usize = 64;
 
 impl Options {
     /// Defaults for these providers.
@@ -77,6 +87,8 @@ impl Options {
             io_timeout: Duration::from_secs(20),
             stop: Arc::new(AtomicBool::new(false)),
             provide: None,
+            max_entries: MAX_FETCH_ENTRIES,
+            force: false,
         }
     }
 }
@@ -155,6 +167,18 @@ pub enum FetchError {
         /// What is wrong.
         why: String,
     },
+    /// The output exists and is not this fetch being resumed, or a path
+    /// on the way is a symbolic link.
+    #[error("{path} {why}")]
+    OutputExists {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A folder fetch that would create more entries than allowed.
+    #[error("the folder holds more than {0} files and folders; refusing to create them")]
+    TooManyEntries(u64),
     /// Stopped by the user.
     #[error("interrupted with {done} of {size} bytes of {path} verified on disk; run the same command again to resume")]
     Interrupted {
@@ -330,30 +354,161 @@ pub fn get(
     progress: &dyn Progress,
 ) -> Result<Vec<FileReport>, FetchError> {
     let m = fetch_manifest(id, opts)?;
+    check_output(id, &m, out, opts.force)?;
+    let marker = sibling(out, ".qdfs-state");
+    if let Manifest::Folder(_) = &m {
+        // Marks `out` as this folder fetch's, so that running it again
+        // resumes into the directory instead of refusing it.
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+        }
+        write_atomic(&marker, &folder_marker(id))?;
+    }
     let mut reports = Vec::new();
-    get_manifest(id, m, out, opts, progress, 0, &mut reports)?;
+    let mut entries = 0;
+    let mut walk = Walk {
+        opts,
+        progress,
+        reports: &mut reports,
+        entries: &mut entries,
+    };
+    let folder = matches!(m, Manifest::Folder(_));
+    get_manifest(&mut walk, id, m, out, 0)?;
+    if folder {
+        match fs::remove_file(&marker) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("removing", &marker)(e));
+            }
+            _ => {}
+        }
+    }
     Ok(reports)
 }
 
+const FOLDER_MAGIC: &[u8; 8] = b"QDFSFD01";
+
+/// What a folder fetch keeps at `<output>.qdfs-state` until it completes.
+fn folder_marker(id: &Id) -> Vec<u8> {
+    let mut v = FOLDER_MAGIC.to_vec();
+    v.extend_from_slice(&id.0);
+    v
+}
+
+/// Whether `out` is an interrupted fetch of folder `id`.
+fn is_folder_fetch_of(out: &Path, id: &Id) -> bool {
+    let mut bytes = Vec::new();
+    open_nofollow(&sibling(out, ".qdfs-state"))
+        .and_then(|f| f.take(64).read_to_end(&mut bytes))
+        .is_ok()
+        && bytes == folder_marker(id)
+}
+
+/// Whether `out` is a regular file (not a link) that already holds `m`.
+fn is_complete(out: &Path, m: &FileManifest) -> bool {
+    if !fs::symlink_metadata(out).is_ok_and(|md| md.is_file() && md.len() == m.size) {
+        return false;
+    }
+    open_nofollow(out)
+        .is_ok_and(|f| tree::hash_stream(f, m.size, io::sink()).is_ok_and(|h| h.root == m.root))
+}
+
+/// Refuses an output that exists and is not this fetch being resumed
+/// (unless `force`), and a symbolic link always.
+fn check_output(id: &Id, m: &Manifest, out: &Path, force: bool) -> Result<(), FetchError> {
+    let md = match fs::symlink_metadata(out) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("checking", out)(e)),
+    };
+    let refuse = |why: &'static str| {
+        Err(FetchError::OutputExists {
+            path: out.into(),
+            why,
+        })
+    };
+    if md.file_type().is_symlink() {
+        return refuse("is a symbolic link (never followed; remove it or choose another output)");
+    }
+    match m {
+        Manifest::File(f) => {
+            if md.is_dir() {
+                return refuse("is a directory");
+            }
+            if !force && !is_complete(out, f) {
+                return refuse("exists and is not this file (give --force to replace it)");
+            }
+        }
+        Manifest::Folder(_) => {
+            if !md.is_dir() {
+                return refuse("exists and is not a directory");
+            }
+            let empty = fs::read_dir(out)
+                .map_err(io_err("listing", out))?
+                .next()
+                .is_none();
+            if !force && !empty && !is_folder_fetch_of(out, id) {
+                return refuse(
+                    "is a non-empty directory and not this folder's fetch being resumed \
+                     (give --force to merge into it)",
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates one directory level, or accepts a real directory already there;
+/// never follows a symbolic link.
+fn make_dir(path: &Path) -> Result<(), FetchError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let md = fs::symlink_metadata(path).map_err(io_err("checking", path))?;
+            if md.is_dir() {
+                Ok(())
+            } else {
+                Err(FetchError::OutputExists {
+                    path: path.into(),
+                    why: "is in the way of a folder entry and is not a directory \
+                          (symbolic links are never followed)",
+                })
+            }
+        }
+        Err(e) => Err(io_err("creating", path)(e)),
+    }
+}
+
+/// What a folder fetch carries down the tree.
+struct Walk<'a> {
+    opts: &'a Options,
+    progress: &'a dyn Progress,
+    reports: &'a mut Vec<FileReport>,
+    /// Entries seen so far, against [`Options::max_entries`].
+    entries: &'a mut u64,
+}
+
 fn get_manifest(
+    w: &mut Walk<'_>,
     id: &Id,
     m: Manifest,
     out: &Path,
-    opts: &Options,
-    progress: &dyn Progress,
     depth: usize,
-    reports: &mut Vec<FileReport>,
 ) -> Result<(), FetchError> {
+    let (opts, progress) = (w.opts, w.progress);
     match m {
-        Manifest::File(f) => reports.push(fetch_file(id, f, out, opts, progress)?),
+        Manifest::File(f) => w.reports.push(fetch_file(id, f, out, opts, progress)?),
         Manifest::Folder(folder) => {
-            if depth > 64 {
+            if depth > MAX_FETCH_DEPTH {
                 return Err(FetchError::BadManifest {
                     id: *id,
-                    why: "folders nested deeper than 64".into(),
+                    why: format!("folders nested deeper than {MAX_FETCH_DEPTH}"),
                 });
             }
-            fs::create_dir_all(out).map_err(io_err("creating", out))?;
+            *w.entries = w.entries.saturating_add(folder.entries.len() as u64);
+            if *w.entries > opts.max_entries {
+                return Err(FetchError::TooManyEntries(opts.max_entries));
+            }
+            make_dir(out)?;
             for e in &folder.entries {
                 let child = fetch_manifest(&e.id, opts)?;
                 let fits = match (&child, e.kind) {
@@ -371,7 +526,7 @@ fn get_manifest(
                 // Names were checked by the manifest parser: one plain
                 // component each, so the path stays under `out`.
                 let path = out.join(&e.name);
-                get_manifest(&e.id, child, &path, opts, progress, depth + 1, reports)?;
+                get_manifest(w, &e.id, child, &path, depth + 1)?;
             }
             if let Some(store) = &opts.provide {
                 store.put_manifest(&Manifest::Folder(folder))?;
@@ -379,6 +534,14 @@ fn get_manifest(
         }
     }
     Ok(())
+}
+
+/// Opens an existing file for reading, refusing a symbolic link.
+fn open_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
 }
 
 fn sibling(out: &Path, suffix: &str) -> PathBuf {
@@ -419,7 +582,11 @@ fn done_bytes(size: u64, done: &Bitmap) -> u64 {
 /// The resume state for `id` at `state_path`, if it fits this file and
 /// its part file.
 fn load_state(state_path: &Path, part: &Path, id: &Id, size: u64) -> Option<ResumeState> {
-    let bytes = fs::read(state_path).ok()?;
+    let mut bytes = Vec::new();
+    open_nofollow(state_path)
+        .ok()?
+        .read_to_end(&mut bytes)
+        .ok()?;
     let st = ResumeState::parse(&bytes).ok()?;
     let part_len = fs::metadata(part).ok()?.len();
     (st.id == *id && st.size == size && part_len == size).then_some(st)
@@ -441,35 +608,39 @@ fn fetch_file(
         .unwrap_or_default();
 
     // Already here from an earlier run: check it and keep it.
-    if !state_path.exists() && fs::metadata(out).is_ok_and(|md| md.is_file() && md.len() == m.size)
-    {
-        let f = File::open(out).map_err(io_err("opening", out))?;
-        if tree::hash_stream(f, m.size, io::sink()).is_ok_and(|h| h.root == m.root) {
-            progress.begin(&name, m.size, m.size);
-            progress.end();
-            provide(opts, out, &m)?;
-            return Ok(FileReport {
-                path: out.into(),
-                id: *id,
-                size: m.size,
-                already: m.size,
-                received: 0,
-                received_total: 0,
-                seconds: started.elapsed().as_secs_f64(),
-                providers: Vec::new(),
-            });
-        }
+    if fs::symlink_metadata(&state_path).is_err() && is_complete(out, &m) {
+        progress.begin(&name, m.size, m.size);
+        progress.end();
+        provide(opts, out, &m)?;
+        return Ok(FileReport {
+            path: out.into(),
+            id: *id,
+            size: m.size,
+            already: m.size,
+            received: 0,
+            received_total: 0,
+            seconds: started.elapsed().as_secs_f64(),
+            providers: Vec::new(),
+        });
     }
 
     let groups = tree::group_count(m.size);
     let resumed = load_state(&state_path, &part, id, m.size);
+    // Never through a symbolic link: one planted at the part file's name
+    // would redirect the write.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&part)
         .map_err(io_err("opening", &part))?;
+    if !file.metadata().map_err(io_err("opening", &part))?.is_file() {
+        return Err(io_err("opening", &part)(io::Error::other(
+            "not a regular file",
+        )));
+    }
     let (done, received_before) = match resumed {
         Some(st) => (st.done, st.received),
         None => {
@@ -649,10 +820,12 @@ fn finish(
     opts: &Options,
 ) -> Result<(), FetchError> {
     let f = File::open(part).map_err(io_err("opening", part))?;
-    let ob_path = opts.provide.as_ref().map(|s| s.temp_outboard("fetched"));
-    let sink: Box<dyn Write> = match &ob_path {
-        Some(p) => Box::new(File::create(p).map_err(io_err("creating", p))?),
-        None => Box::new(io::sink()),
+    let (ob_path, sink): (Option<PathBuf>, Box<dyn Write>) = match &opts.provide {
+        Some(s) => {
+            let (p, f) = s.temp_outboard("fetched")?;
+            (Some(p), Box::new(f))
+        }
+        None => (None, Box::new(io::sink())),
     };
     let h = tree::hash_stream(f, m.size, sink).map_err(|source| FetchError::Hash {
         path: part.into(),
@@ -680,9 +853,8 @@ fn finish(
 fn provide(opts: &Options, out: &Path, m: &FileManifest) -> Result<(), FetchError> {
     if let Some(store) = &opts.provide {
         let abs = fs::canonicalize(out).map_err(io_err("resolving", out))?;
-        let ob = store.temp_outboard("fetched");
+        let (ob, w) = store.temp_outboard("fetched")?;
         let f = File::open(&abs).map_err(io_err("opening", &abs))?;
-        let w = File::create(&ob).map_err(io_err("creating", &ob))?;
         tree::hash_stream(f, m.size, w).map_err(|source| FetchError::Hash {
             path: abs.clone(),
             source,

@@ -75,8 +75,9 @@ pub enum Kind {
 pub struct Entry {
     /// File or folder.
     pub kind: Kind,
-    /// Name within the folder: 1–255 bytes of UTF-8, no `/` or NUL, not
-    /// `.` or `..`.
+    /// Name within the folder: 1–255 bytes of UTF-8, no `/`, NUL, control
+    /// or bidirectional formatting characters, not `.` or `..`, not ending
+    /// in `.qdfs-part` or `.qdfs-state`.
     pub name: String,
     /// Size in bytes (a folder: all files under it).
     pub size: u64,
@@ -113,6 +114,9 @@ pub enum ManifestError {
     /// A file bigger than [`MAX_FILE_SIZE`].
     #[error("file size {0} is out of range")]
     SizeOutOfRange(u64),
+    /// A folder whose entries add up to more than [`MAX_FILE_SIZE`].
+    #[error("folder entries add up to more than {MAX_FILE_SIZE} bytes")]
+    TotalOutOfRange,
     /// Bytes after the end.
     #[error("{0} bytes after the end of the manifest")]
     TrailingBytes(usize),
@@ -129,6 +133,18 @@ pub enum ManifestError {
     Unsorted(usize),
 }
 
+/// Suffixes a fetch uses for its side files; no entry name may end in one.
+pub const SIDE_SUFFIXES: [&str; 2] = [".qdfs-part", ".qdfs-state"];
+
+/// Bidirectional formatting characters (marks, embeddings, overrides,
+/// isolates).
+fn is_bidi_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
 /// Checks one entry name; the reason if it is unfit.
 pub fn check_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
@@ -142,6 +158,17 @@ pub fn check_name(name: &str) -> Result<(), &'static str> {
     }
     if name.contains('/') || name.contains('\0') {
         return Err("contains '/' or NUL");
+    }
+    // Names are printed to terminals: no control characters (C0, DEL,
+    // C1: ESC, CR, LF, ...) and no bidirectional formatting characters
+    // that could make one name display as another.
+    if name.chars().any(|c| c.is_control() || is_bidi_format(c)) {
+        return Err("contains a control or bidirectional formatting character");
+    }
+    // A fetch keeps its side files beside the output under these suffixes;
+    // an entry so named could collide with another entry's.
+    if SIDE_SUFFIXES.iter().any(|s| name.ends_with(s)) {
+        return Err("ends in .qdfs-part or .qdfs-state (reserved for fetches)");
     }
     Ok(())
 }
@@ -246,6 +273,7 @@ impl Manifest {
                     });
                 }
                 let mut entries: Vec<Entry> = Vec::with_capacity(count);
+                let mut total: u64 = 0;
                 for index in 0..count {
                     let kind = kind_of(r.u8()?)?;
                     let len = r.u16()? as usize;
@@ -266,6 +294,12 @@ impl Manifest {
                     if size > MAX_FILE_SIZE {
                         return Err(ManifestError::SizeOutOfRange(size));
                     }
+                    // The folder's total is bounded like one file's, so
+                    // `size()` and every sum over a folder stay exact.
+                    total = total
+                        .checked_add(size)
+                        .filter(|t| *t <= MAX_FILE_SIZE)
+                        .ok_or(ManifestError::TotalOutOfRange)?;
                     let id = Id(r.hash()?);
                     entries.push(Entry {
                         kind,
@@ -315,11 +349,14 @@ impl Manifest {
         Id::of_manifest(&self.encode())
     }
 
-    /// Bytes of content it names (a folder: all files under it).
+    /// Bytes of content it names (a folder: all files under it). Exact
+    /// for anything [`Manifest::parse`] or [`FolderManifest::new`]
+    /// returned (their totals are at most [`MAX_FILE_SIZE`]); saturates
+    /// rather than overflowing for a folder built by hand.
     pub fn size(&self) -> u64 {
         match self {
             Manifest::File(f) => f.size,
-            Manifest::Folder(d) => d.entries.iter().map(|e| e.size).sum(),
+            Manifest::Folder(d) => d.entries.iter().fold(0u64, |t, e| t.saturating_add(e.size)),
         }
     }
 }
@@ -334,6 +371,16 @@ impl FolderManifest {
             if index > 0 && entries[index - 1].name == e.name {
                 return Err(ManifestError::Unsorted(index));
             }
+        }
+        let mut total: u64 = 0;
+        for e in &entries {
+            if e.size > MAX_FILE_SIZE {
+                return Err(ManifestError::SizeOutOfRange(e.size));
+            }
+            total = total
+                .checked_add(e.size)
+                .filter(|t| *t <= MAX_FILE_SIZE)
+                .ok_or(ManifestError::TotalOutOfRange)?;
         }
         let m = FolderManifest { entries };
         if Manifest::Folder(m.clone()).encode().len() > MAX_MANIFEST {
@@ -450,12 +497,64 @@ mod tests {
             Manifest::parse(&folder(&[b"a", b"a"])),
             Err(ManifestError::Unsorted(1))
         );
-        for bad in [&b""[..], b".", b"..", b"a/b", b"\xff", b"a\0"] {
+        for bad in [
+            &b""[..],
+            b".",
+            b"..",
+            b"a/b",
+            b"\xff",
+            b"a\0",
+            b"a\x1b[2Jb",
+            b"a\rb",
+            b"a\nb",
+            b"a\x7f",
+            "a\u{0085}".as_bytes(),
+            "evil\u{202E}txt.exe".as_bytes(),
+            "a\u{2066}b".as_bytes(),
+            b"x.qdfs-part",
+            b"x.qdfs-state",
+        ] {
             assert!(matches!(
                 Manifest::parse(&folder(&[bad])),
                 Err(ManifestError::BadName { index: 0, .. })
             ));
         }
+    }
+
+    #[test]
+    fn folder_totals_are_checked() {
+        let folder = |sizes: &[u64]| {
+            let mut v = b"QDFS\x01\x02".to_vec();
+            v.extend_from_slice(&(sizes.len() as u32).to_be_bytes());
+            for (i, size) in sizes.iter().enumerate() {
+                v.extend_from_slice(&[KIND_FILE, 0, 1, b'a' + i as u8]);
+                v.extend_from_slice(&size.to_be_bytes());
+                v.extend_from_slice(&[0; 32]);
+            }
+            v
+        };
+        // Four entries of 2^62 bytes each add up to 2^64: would overflow.
+        assert_eq!(
+            Manifest::parse(&folder(&[MAX_FILE_SIZE; 4])),
+            Err(ManifestError::TotalOutOfRange)
+        );
+        // Two add up to more than one file may be.
+        assert_eq!(
+            Manifest::parse(&folder(&[MAX_FILE_SIZE, 1])),
+            Err(ManifestError::TotalOutOfRange)
+        );
+        let ok = Manifest::parse(&folder(&[MAX_FILE_SIZE - 1, 1])).unwrap();
+        assert_eq!(ok.size(), MAX_FILE_SIZE);
+        let e = |name: &str| Entry {
+            kind: Kind::File,
+            name: name.into(),
+            size: MAX_FILE_SIZE,
+            id: Id([1; 32]),
+        };
+        assert_eq!(
+            FolderManifest::new(vec![e("a"), e("b")]),
+            Err(ManifestError::TotalOutOfRange)
+        );
     }
 
     #[test]

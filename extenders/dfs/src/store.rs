@@ -14,8 +14,9 @@
 //! Every file is written under a temporary name, synced and renamed, so a
 //! crash leaves either the old state or the new one.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use bao_tree::io::outboard::PostOrderOutboard;
@@ -98,17 +99,45 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreErr
 
 /// Writes `bytes` to `path` atomically (temporary file, sync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = tmp_name(path);
-    let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+    let (tmp, mut f) = create_temp(path)?;
     f.write_all(bytes).map_err(io_err("writing", &tmp))?;
     f.sync_all().map_err(io_err("syncing", &tmp))?;
     fs::rename(&tmp, path).map_err(io_err("renaming", &tmp))?;
     Ok(())
 }
 
+/// Creates a new temporary file beside `path`, named `<name>.tmp<random>`:
+/// always a new file (`O_CREAT|O_EXCL`, plus `O_NOFOLLOW`), so a file or
+/// symbolic link planted under a guessed name cannot redirect the write.
+pub fn create_temp(path: &Path) -> Result<(PathBuf, File), StoreError> {
+    let mut last = None;
+    for _ in 0..16 {
+        let tmp = tmp_name(path);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(io_err("creating", &tmp)(e)),
+        }
+    }
+    let e = last.unwrap_or_else(|| io::Error::other("no free temporary name"));
+    Err(io_err("creating", path)(e))
+}
+
 fn tmp_name(path: &Path) -> PathBuf {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // RandomState is seeded from the OS's random source.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp{}", std::process::id()));
+    name.push(format!(".tmp{:016x}", h.finish()));
     path.with_file_name(name)
 }
 
@@ -160,11 +189,8 @@ impl Store {
     /// Hashes and adds one file.
     pub fn add_file(&self, path: &Path) -> Result<(Id, FileManifest), StoreError> {
         let abs = fs::canonicalize(path).map_err(io_err("resolving", path))?;
-        let tmp = self
-            .dir
-            .join("outboards")
-            .join(format!(".adding{}", std::process::id()));
-        let m = tree::hash_file(&abs, &tmp).map_err(|source| StoreError::Hash {
+        let (tmp, ob) = self.temp_outboard("adding")?;
+        let m = tree::hash_file(&abs, ob, &tmp).map_err(|source| StoreError::Hash {
             path: abs.clone(),
             source,
         })?;
@@ -331,16 +357,41 @@ impl Store {
     }
 
     /// A temporary path inside the store for an outboard being built.
-    pub fn temp_outboard(&self, tag: &str) -> PathBuf {
-        self.dir
-            .join("outboards")
-            .join(format!(".{tag}{}", std::process::id()))
+    pub fn temp_outboard(&self, tag: &str) -> Result<(PathBuf, File), StoreError> {
+        create_temp(&self.dir.join("outboards").join(format!(".{tag}")))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_atomic_ignores_planted_temporaries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let target = tmp.path().join("state");
+        // The old predictable name, planted as a link to the victim.
+        let planted = tmp.path().join(format!("state.tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        write_atomic(&target, b"new").unwrap();
+        write_atomic(&target, b"newer").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(&target).unwrap(), b"newer");
+        assert!(fs::symlink_metadata(&planted).unwrap().is_symlink());
+        // The store's outboard while adding a file, likewise.
+        let store = Store::open(&tmp.path().join("store")).unwrap();
+        let planted = store
+            .dir()
+            .join(format!("outboards/.adding{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        store.add_file(&target).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        let (p, _) = create_temp(&target).unwrap();
+        let (q, _) = create_temp(&target).unwrap();
+        assert_ne!(p, q);
+    }
 
     #[test]
     fn add_file_and_folder_then_open() {

@@ -107,17 +107,15 @@ pub fn hash_stream(
     })
 }
 
-/// Hashes the file at `path` into a manifest, writing its outboard to
-/// `outboard_path`.
-pub fn hash_file(path: &Path, outboard_path: &Path) -> Result<FileManifest, HashError> {
+/// Hashes the file at `path` into a manifest, writing its outboard to `ob`
+/// (already open, at `outboard_path`).
+pub fn hash_file(path: &Path, ob: File, outboard_path: &Path) -> Result<FileManifest, HashError> {
     let io = |what: String| move |source| HashError::Io { what, source };
     let f = File::open(path).map_err(io(format!("opening {}", path.display())))?;
     let size = f
         .metadata()
         .map_err(io(format!("reading {}", path.display())))?
         .len();
-    let ob =
-        File::create(outboard_path).map_err(io(format!("creating {}", outboard_path.display())))?;
     // A file that shrinks while being hashed ends in an error, not a
     // manifest for bytes that never existed.
     let m = hash_stream(f.take(size), size, &ob)?;

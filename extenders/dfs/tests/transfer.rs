@@ -497,3 +497,148 @@ fn qdfs_wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+#[test]
+fn folder_fetch_entry_cap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("folder");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    for f in ["a", "b", "sub/c"] {
+        std::fs::write(src.join(f), f.as_bytes()).unwrap();
+    }
+    let p = Provider::start(&tmp.path().join("p"), &src, "127.0.0.1:0", 0, None);
+    let id: qdfs::id::Id = add_id(&src, &tmp.path().join("idstore")).parse().unwrap();
+    let mut opts = qdfs::fetch::Options::new(vec![p.addr]);
+    assert_eq!(opts.max_entries, qdfs::fetch::MAX_FETCH_ENTRIES);
+    // a, b, sub, sub/c: four entries.
+    opts.max_entries = 3;
+    let r = qdfs::fetch::get(
+        &id,
+        &tmp.path().join("capped"),
+        &opts,
+        &qdfs::progress::Silent,
+    );
+    assert!(
+        matches!(r, Err(qdfs::fetch::FetchError::TooManyEntries(3))),
+        "{r:?}"
+    );
+    opts.max_entries = 4;
+    let r = qdfs::fetch::get(
+        &id,
+        &tmp.path().join("fits"),
+        &opts,
+        &qdfs::progress::Silent,
+    );
+    assert_eq!(r.unwrap().len(), 3);
+}
+
+#[test]
+fn planted_part_link_is_not_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("f.bin");
+    std::fs::write(&src, test_data(50_000, 8)).unwrap();
+    let p = Provider::start(&tmp.path().join("p"), &src, "127.0.0.1:0", 0, None);
+    let id = add_id(&src, &tmp.path().join("idstore"));
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let out = tmp.path().join("out.bin");
+    std::os::unix::fs::symlink(&victim, tmp.path().join("out.bin.qdfs-part")).unwrap();
+    let r = get_cmd(&id, &out, &[&p]).output().unwrap();
+    assert!(!r.status.success());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(!out.exists());
+}
+
+/// A folder with a `.bashrc` and a `.ssh/authorized_keys`, served.
+fn hostile_folder(tmp: &Path) -> (Provider, String) {
+    let src = tmp.join("folder");
+    std::fs::create_dir_all(src.join(".ssh")).unwrap();
+    std::fs::write(src.join(".bashrc"), b"evil\n").unwrap();
+    std::fs::write(src.join(".ssh/authorized_keys"), b"ssh-ed25519 evil\n").unwrap();
+    let p = Provider::start(&tmp.join("p"), &src, "127.0.0.1:0", 0, None);
+    let id = add_id(&src, &tmp.join("idstore"));
+    (p, id)
+}
+
+#[test]
+fn existing_output_is_refused_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (p, id) = hostile_folder(tmp.path());
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join(".bashrc"), b"mine\n").unwrap();
+    let r = get_cmd(&id, &home, &[&p]).output().unwrap();
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(home.join(".bashrc")).unwrap(), b"mine\n");
+    assert!(!home.join(".ssh").exists());
+    // With --force it merges.
+    let r = get_cmd(&id, &home, &[&p]).arg("--force").output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(home.join(".bashrc")).unwrap(), b"evil\n");
+
+    // A file output that holds something else.
+    let src = tmp.path().join("one.bin");
+    std::fs::write(&src, test_data(20_000, 4)).unwrap();
+    let fp = Provider::start(&tmp.path().join("fp"), &src, "127.0.0.1:0", 0, None);
+    let fid = add_id(&src, &tmp.path().join("idstore"));
+    let out = tmp.path().join("existing.bin");
+    std::fs::write(&out, b"mine").unwrap();
+    let r = get_cmd(&fid, &out, &[&fp]).output().unwrap();
+    assert!(!r.status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), b"mine");
+    let r = get_cmd(&fid, &out, &[&fp]).arg("--force").output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // Complete already: running again keeps it without --force.
+    let r = get_cmd(&fid, &out, &[&fp]).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
+}
+
+#[test]
+fn symlinks_in_the_output_are_never_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (p, id) = hostile_folder(tmp.path());
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    // The output itself a link: refused even with --force.
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let r = get_cmd(&id, &link, &[&p]).arg("--force").output().unwrap();
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("symbolic link"), "{err}");
+    // A link where a folder entry goes, merged with --force.
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::os::unix::fs::symlink(&victim, out.join(".ssh")).unwrap();
+    let r = get_cmd(&id, &out, &[&p]).arg("--force").output().unwrap();
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("symbolic links are never followed"), "{err}");
+    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
+}
+
+#[test]
+fn interrupted_folder_fetch_resumes_into_its_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (p, id) = hostile_folder(tmp.path());
+    let id: qdfs::id::Id = id.parse().unwrap();
+    let out = tmp.path().join("copy");
+    let opts = qdfs::fetch::Options::new(vec![p.addr]);
+    opts.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let r = qdfs::fetch::get(&id, &out, &opts, &qdfs::progress::Silent);
+    assert!(
+        matches!(r, Err(qdfs::fetch::FetchError::Interrupted { .. })),
+        "{r:?}"
+    );
+    assert!(std::fs::read_dir(&out).unwrap().next().is_some());
+    opts.stop.store(false, std::sync::atomic::Ordering::Relaxed);
+    let r = qdfs::fetch::get(&id, &out, &opts, &qdfs::progress::Silent);
+    assert_eq!(r.unwrap().len(), 2);
+    assert_eq!(std::fs::read(out.join(".bashrc")).unwrap(), b"evil\n");
+    assert!(!tmp.path().join("copy.qdfs-state").exists());
+    // Complete and no longer marked: running it again is refused.
+    assert!(qdfs::fetch::get(&id, &out, &opts, &qdfs::progress::Silent).is_err());
+}

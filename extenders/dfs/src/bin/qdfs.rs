@@ -79,6 +79,10 @@ enum Cmd {
         /// Most providers used at once.
         #[arg(long, default_value_t = 8)]
         max_providers: usize,
+        /// Write even if the output exists and is not this fetch being
+        /// resumed (replace a file, merge into a non-empty directory).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -167,11 +171,13 @@ fn run(cli: Cli) -> Result<()> {
             no_provide,
             json,
             max_providers,
+            force,
             store,
         } => {
             let id: Id = id.parse().context("bad ID")?;
             let mut opts = fetch::Options::new(providers);
             opts.max_providers = max_providers.max(1);
+            opts.force = force;
             if !no_dht && control_socket.exists() {
                 for p in dht_providers(&NodeClient::new(&control_socket), &id) {
                     if !opts.providers.contains(&p) {
