@@ -1,0 +1,205 @@
+//! Shared pieces of the namespace tests: a `Lab` of network namespaces on a
+//! bridge with real `qgate` nodes and spawned processes, all removed on
+//! drop (also when the test fails). Each `tests/netns*.rs` file includes it
+//! with `mod common;`.
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+pub const QDFS: &str = env!("CARGO_BIN_EXE_qdfs");
+
+pub fn qgate_bin() -> PathBuf {
+    Path::new(QDFS).with_file_name("qgate")
+}
+
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+pub fn must(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn ip(args: &[&str]) {
+    must(Command::new("ip").args(args));
+}
+
+/// Makes a spawned process die with the test, even one killed outright.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+pub struct NodeInfo {
+    pub ns: String,
+    pub dir: PathBuf,
+    pub address: String,
+    pub uri: String,
+}
+
+/// Namespaces and processes, removed on drop.
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub namespaces: Vec<String>,
+    pub children: Vec<Child>,
+    pub nodes: Vec<NodeInfo>,
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        // Unique per process and per lab, so tests may run in parallel
+        // (interface names stay within 15 bytes: "qd" + 5 digits + a
+        // letter + "t" + a short host name).
+        static LABS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        let n = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 26;
+        let prefix = format!("qd{}{}", std::process::id() % 100_000, (b'a' + n) as char);
+        let dir = std::env::temp_dir().join(format!("qdfs-lab-{prefix}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Lab {
+            prefix,
+            dir,
+            namespaces: Vec::new(),
+            children: Vec::new(),
+            nodes: Vec::new(),
+        }
+    }
+
+    pub fn add_ns(&mut self, name: &str) -> String {
+        let ns = format!("{}{}", self.prefix, name);
+        ip(&["netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A host namespace on the bridge in `sw` with one underlay address.
+    pub fn add_host(&mut self, sw: &str, name: &str, addr: &str) -> String {
+        let ns = self.add_ns(name);
+        let tmp = format!("{}t{}", self.prefix, name);
+        let port = format!("p{name}");
+        ip(&[
+            "link", "add", &tmp, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        ip(&["link", "set", &tmp, "netns", sw]);
+        ip(&["-n", sw, "link", "set", &tmp, "name", &port]);
+        ip(&["-n", sw, "link", "set", &port, "master", "br0", "up"]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns, "addr", "add", addr, "dev", "eth0"]);
+        ns
+    }
+
+    pub fn spawn(&mut self, ns: &str, program: &Path, args: &[&str], log: &str) -> usize {
+        let log = fs::File::create(self.dir.join(log)).unwrap();
+        let child = die_with_parent(&mut Command::new("ip"))
+            .args(["netns", "exec", ns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// Creates and starts a qgate node listening on `listen` in `ns`.
+    pub fn add_node(&mut self, name: &str, ns: &str, listen: &str, peers: &[String]) {
+        let dir = self.dir.join(name);
+        let q = qgate_bin();
+        must(
+            Command::new(&q)
+                .args(["init", "--listen", listen, "--state-dir"])
+                .arg(&dir),
+        );
+        let out = must(
+            Command::new(&q)
+                .args(["id", "--json", "--state-dir"])
+                .arg(&dir),
+        );
+        let id: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let config = dir.join("qgate.toml");
+        let list: Vec<String> = peers.iter().map(|u| format!("\"{u}\",")).collect();
+        let text = fs::read_to_string(&config)
+            .unwrap()
+            .replace("# log = \"info\"", "log = \"debug\"\npreset = \"fast\"")
+            // Only the DFS port is open to the overlay.
+            .replacen("# allow = []", "allow = [\"tcp/7400\"]", 1)
+            .replacen(
+                "peers = [\n",
+                &format!("peers = [\n{}\n", list.join("\n")),
+                1,
+            );
+        assert!(text.contains("allow = [\"tcp/7400\"]"));
+        fs::write(&config, text).unwrap();
+        let cfg = config.to_str().unwrap().to_string();
+        self.spawn(ns, &q, &["run", "--config", &cfg], &format!("{name}.log"));
+        must(Command::new(&q).args(["status", "--wait", "15", "--config", &cfg]));
+        self.nodes.push(NodeInfo {
+            ns: ns.into(),
+            dir,
+            address: id["address"].as_str().unwrap().into(),
+            uri: id["uri"].as_str().unwrap().into(),
+        });
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            let mut logs: Vec<PathBuf> = fs::read_dir(&self.dir)
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            logs.retain(|p| p.extension().is_some_and(|x| x == "log"));
+            logs.sort();
+            for path in logs {
+                let log = fs::read_to_string(&path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                eprintln!("---- {} (last 30 lines) ----", path.display());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
