@@ -18,6 +18,10 @@ pub struct Limits {
     pub peer_rate: Option<u64>,
 }
 
+/// Peers remembered with no connection open (for their rate buckets)
+/// before the longest-idle are forgotten.
+pub const MAX_IDLE_PEERS: usize = 4096;
+
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -65,6 +69,7 @@ impl Budgets {
         if self.total >= self.limits.max_connections {
             return Err(Refusal::Full);
         }
+        self.sweep(now);
         let burst = self.burst();
         let p = self.peers.entry(peer).or_insert(Peer {
             connections: 0,
@@ -79,13 +84,43 @@ impl Budgets {
         Ok(())
     }
 
-    /// Gives back a slot taken by [`Budgets::admit`].
+    /// Gives back a slot taken by [`Budgets::admit`]. The peer's rate
+    /// bucket outlives its connections (until [`Budgets::sweep`] finds it
+    /// full again), so reconnecting does not refill it.
     pub fn release(&mut self, peer: IpAddr) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.connections = p.connections.saturating_sub(1);
             self.total = self.total.saturating_sub(1);
-            if p.connections == 0 {
+            if p.connections == 0 && self.limits.peer_rate.is_none_or(|r| r == 0) {
                 self.peers.remove(&peer);
+            }
+        }
+    }
+
+    /// Forgets peers with no connection whose bucket has refilled (they
+    /// would start full anyway); then, if more than [`MAX_IDLE_PEERS`]
+    /// are left, the idle ones that waited longest. Called by `admit`.
+    fn sweep(&mut self, now: Instant) {
+        if self.peers.len() <= MAX_IDLE_PEERS {
+            return;
+        }
+        let rate = self.limits.peer_rate.unwrap_or(0) as f64;
+        let burst = self.burst();
+        self.peers.retain(|_, p| {
+            p.connections > 0
+                || p.tokens + now.saturating_duration_since(p.last).as_secs_f64() * rate < burst
+        });
+        if self.peers.len() > MAX_IDLE_PEERS {
+            let mut idle: Vec<(Instant, IpAddr)> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| p.connections == 0)
+                .map(|(a, p)| (p.last, *a))
+                .collect();
+            idle.sort();
+            let excess = self.peers.len() - MAX_IDLE_PEERS;
+            for (_, a) in idle.into_iter().take(excess) {
+                self.peers.remove(&a);
             }
         }
     }
@@ -169,5 +204,27 @@ mod tests {
         let mut free = Budgets::new(limits(None));
         free.admit(a, t).unwrap();
         assert_eq!(free.spend(a, u64::MAX, t), Duration::ZERO);
+    }
+
+    #[test]
+    fn reconnecting_does_not_refill_the_bucket() {
+        let t = Instant::now();
+        let mut b = Budgets::new(limits(Some(1 << 20)));
+        let a: IpAddr = "::1".parse().unwrap();
+        b.admit(a, t).unwrap();
+        assert_eq!(b.spend(a, 256 * 1024, t), Duration::ZERO);
+        b.release(a);
+        b.admit(a, t).unwrap();
+        let wait = b.spend(a, 512 * 1024, t);
+        assert!((wait.as_secs_f64() - 0.5).abs() < 0.01, "{wait:?}");
+        b.release(a);
+        // Many other idle peers later, the table stays bounded.
+        for i in 0..(MAX_IDLE_PEERS as u32 + 10) {
+            let p = IpAddr::from(std::net::Ipv4Addr::from(i));
+            b.admit(p, t).unwrap();
+            b.spend(p, 1 << 20, t);
+            b.release(p);
+        }
+        assert!(b.peers.len() <= MAX_IDLE_PEERS + 1);
     }
 }

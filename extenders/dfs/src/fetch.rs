@@ -59,6 +59,10 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// A provider silent this long is dropped.
     pub io_timeout: Duration,
+    /// Slowest rate (bytes/s) a piece may arrive at, once `io_timeout` has
+    /// passed: a provider that trickles a piece slower is dropped, so one
+    /// that sends a byte now and then cannot hold a fetch.
+    pub min_rate: u64,
     /// Set (by SIGINT) to stop, keeping what is verified.
     pub stop: Arc<AtomicBool>,
     /// Record fetched files here so this node provides them.
@@ -85,6 +89,7 @@ impl Options {
             pipeline: 2,
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(20),
+            min_rate: 16 * 1024,
             stop: Arc::new(AtomicBool::new(false)),
             provide: None,
             max_entries: MAX_FETCH_ENTRIES,
@@ -260,14 +265,22 @@ impl From<ReadFrameError> for ConnError {
     }
 }
 
-/// Counts the bytes read from a socket.
+/// Counts the bytes read from a socket, and refuses to read past a
+/// deadline (a piece that arrives too slowly).
 struct Counting {
     stream: TcpStream,
     n: Arc<AtomicU64>,
+    deadline: Option<Instant>,
 }
 
 impl Read for Counting {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.deadline.is_some_and(|d| Instant::now() > d) {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "piece arriving slower than the minimum rate",
+            ));
+        }
         let n = self.stream.read(buf)?;
         self.n.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
@@ -291,6 +304,7 @@ impl Conn {
             Counting {
                 stream: stream.try_clone()?,
                 n: counter,
+                deadline: None,
             },
         );
         let mut c = Conn { stream, reader };
@@ -729,7 +743,9 @@ fn fetch_file(
             received: received(),
             providers: sh.active.load(Ordering::Relaxed),
         });
-        if opts.stop.load(Ordering::Relaxed) && !stopping {
+        // Stopped, or complete while a slow provider still holds a doubled
+        // piece: unblock every connection.
+        if (opts.stop.load(Ordering::Relaxed) || sh.sched().is_complete()) && !stopping {
             stopping = true;
             for s in sh.streams.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                 let _ = s.shutdown(Shutdown::Both);
@@ -877,7 +893,9 @@ fn worker(
     let outcome = loop {
         match run_worker(sh, addr, opts, &counter, &mut groups) {
             Ok(()) => break ProviderOutcome::Finished,
-            Err(_) if sh.stop.load(Ordering::Relaxed) => break ProviderOutcome::Finished,
+            Err(_) if sh.stop.load(Ordering::Relaxed) || sh.sched().is_complete() => {
+                break ProviderOutcome::Finished
+            }
             Err(ConnError::Corrupt(g)) => break ProviderOutcome::Dropped { bad_group: g },
             Err(e @ (ConnError::Refused(_) | ConnError::Local(_))) => {
                 break ProviderOutcome::Failed {
@@ -942,7 +960,17 @@ fn fetch_pieces(
             return Ok(());
         }
         while inflight.len() < opts.pipeline.max(1) {
-            let Some(r) = sh.sched().next_piece() else {
+            let next = {
+                let mut sched = sh.sched();
+                // The endgame: with nothing left to hand out, an idle
+                // provider doubles a piece another one still holds.
+                match sched.next_piece() {
+                    Some(r) => Some(r),
+                    None if inflight.is_empty() => sched.double_piece(),
+                    None => None,
+                }
+            };
+            let Some(r) = next else {
                 break;
             };
             inflight.push_back(r.clone());
@@ -958,7 +986,13 @@ fn fetch_pieces(
             std::thread::sleep(Duration::from_millis(20));
             continue;
         };
-        receive_piece(sh, conn, r, groups)?;
+        let budget = tree::encoded_len(sh.manifest.size, std::slice::from_ref(&r))
+            .checked_div(opts.min_rate.max(1))
+            .map_or(opts.io_timeout, Duration::from_secs);
+        conn.reader.get_mut().deadline = Some(Instant::now() + opts.io_timeout.max(budget));
+        let got = receive_piece(sh, conn, r, groups);
+        conn.reader.get_mut().deadline = None;
+        got?;
         inflight.pop_front();
     }
 }
@@ -993,13 +1027,16 @@ fn receive_piece(
                 }
                 // Verified by the decoder against the tree: only now
                 // does it touch the disk.
+                // (In the endgame two providers may deliver one group:
+                // the same verified bytes, counted once.)
                 sh.file
                     .write_all_at(&leaf.data, leaf.offset)
                     .map_err(ConnError::Local)?;
-                sh.sched().complete(g);
-                sh.done_bytes
-                    .fetch_add(leaf.data.len() as u64, Ordering::Relaxed);
-                *groups += 1;
+                if sh.sched().complete(g) {
+                    sh.done_bytes
+                        .fetch_add(leaf.data.len() as u64, Ordering::Relaxed);
+                    *groups += 1;
+                }
             }
             Err(DecodeError::LeafHashMismatch(c)) => {
                 return Err(ConnError::Corrupt(c.0 / tree::CHUNKS_PER_GROUP))

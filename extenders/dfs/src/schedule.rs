@@ -89,6 +89,8 @@ pub struct Schedule {
     done_count: u64,
     piece: u64,
     cursor: u64,
+    /// Groups handed out a second time in the endgame.
+    doubled: Bitmap,
 }
 
 impl Schedule {
@@ -101,6 +103,7 @@ impl Schedule {
             taken: Bitmap::new(len),
             piece: piece.max(1),
             cursor: 0,
+            doubled: Bitmap::new(len),
         }
     }
 
@@ -126,13 +129,35 @@ impl Schedule {
         Some(start..end)
     }
 
-    /// Records group `g` as verified and written.
-    pub fn complete(&mut self, g: u64) {
-        if g < self.done.len() && !self.done.get(g) {
+    /// The endgame: when nothing is free, a piece already in flight
+    /// elsewhere, asked for a second time so that one slow or stalled
+    /// provider cannot hold the end of a file. Each group is handed out
+    /// twice at most; whichever answer verifies first counts, the other is
+    /// the same verified bytes again.
+    pub fn double_piece(&mut self) -> Option<Range<u64>> {
+        let n = self.done.len();
+        let doublable =
+            |s: &Schedule, g: u64| s.taken.get(g) && !s.doubled.get(g) && !s.done.get(g);
+        let start = (0..n).find(|g| doublable(self, *g))?;
+        let mut end = start + 1;
+        while end < n && end - start < self.piece && doublable(self, end) {
+            end += 1;
+        }
+        for g in start..end {
+            self.doubled.set(g, true);
+        }
+        Some(start..end)
+    }
+
+    /// Records group `g` as verified and written; whether it was new.
+    pub fn complete(&mut self, g: u64) -> bool {
+        let new = g < self.done.len() && !self.done.get(g);
+        if new {
             self.done.set(g, true);
             self.done_count += 1;
         }
         self.taken.set(g, false);
+        new
     }
 
     /// Gives back the unfinished groups of a piece.
@@ -203,5 +228,22 @@ mod tests {
         let mut empty = Schedule::new(Bitmap::new(0), 4);
         assert!(empty.is_complete());
         assert_eq!(empty.next_piece(), None);
+    }
+
+    #[test]
+    fn endgame_doubles_each_piece_in_flight_once() {
+        let mut s = Schedule::new(Bitmap::new(10), 4);
+        assert_eq!(s.double_piece(), None, "nothing in flight yet");
+        assert_eq!(s.next_piece(), Some(0..4));
+        assert_eq!(s.next_piece(), Some(4..8));
+        assert_eq!(s.next_piece(), Some(8..10));
+        assert!(s.complete(0));
+        assert_eq!(s.double_piece(), Some(1..5));
+        assert_eq!(s.double_piece(), Some(5..9));
+        assert_eq!(s.double_piece(), Some(9..10));
+        assert_eq!(s.double_piece(), None, "each group at most twice");
+        assert!(s.complete(1));
+        assert!(!s.complete(1), "the second answer is not new");
+        assert_eq!(s.done_count(), 2);
     }
 }

@@ -8,7 +8,7 @@
 //! that no longer match the tree (a provided file edited in place) end the
 //! response instead of going out.
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufRead, BufWriter, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,14 @@ pub const MAX_REQUESTS_PER_CONNECTION: u64 = 100_000;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A peer that reads nothing for this long is dropped.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A new connection must say Hello within this time.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request, once its first byte is here, must be whole within this time
+/// (a peer trickling a byte now and then does not keep its slot).
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Slowest rate (bytes/s) a peer may read an answer at, once
+/// [`WRITE_TIMEOUT`] has passed.
+pub const MIN_READ_RATE: u64 = 16 * 1024;
 
 /// Counters, as `qdfs status` shows them.
 #[derive(Debug, Default)]
@@ -185,16 +193,41 @@ impl Server {
         conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
         conn.set_nodelay(true)?;
         let mut session = ServerSession::new(MAX_REQUESTS_PER_CONNECTION);
-        let mut reader = io::BufReader::with_capacity(8192, conn);
+        let hello_by = Instant::now() + HELLO_TIMEOUT;
+        let mut reader = io::BufReader::with_capacity(
+            8192,
+            Timed {
+                conn,
+                deadline: hello_by,
+            },
+        );
         let mut out = BufWriter::with_capacity(
             64 * 1024,
             Throttle {
                 conn,
                 server: self,
                 peer: peer.ip(),
+                deadline: None,
             },
         );
+        let mut said_hello = false;
         loop {
+            // Waiting for the next request may take up to the idle time
+            // (the Hello, less); once it has begun, it must be whole soon.
+            if reader.buffer().is_empty() {
+                if said_hello {
+                    reader.get_mut().deadline = Instant::now() + IDLE_TIMEOUT;
+                }
+                if reader.fill_buf()?.is_empty() {
+                    return Ok(());
+                }
+            }
+            reader.get_mut().deadline = if said_hello {
+                Instant::now() + FRAME_TIMEOUT
+            } else {
+                hello_by
+            };
+            said_hello = true;
             let body = match wire::read_frame(&mut reader, MAX_REQUEST_FRAME) {
                 Ok(b) => b,
                 Err(ReadFrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -253,7 +286,12 @@ impl Server {
         }
     }
 
-    fn send_ranges(&self, out: &mut impl Write, id: &Id, groups: &GroupRanges) -> io::Result<()> {
+    fn send_ranges(
+        &self,
+        out: &mut BufWriter<Throttle<'_>>,
+        id: &Id,
+        groups: &GroupRanges,
+    ) -> io::Result<()> {
         let refuse = |out: &mut dyn Write, code| out.write_all(&Response::Error { code }.encode());
         let file = match self.store.open_file(id) {
             Ok(Some(f)) => f,
@@ -271,10 +309,25 @@ impl Server {
             return refuse(out, ErrorCode::BadRequest);
         }
         let encoded_len = tree::encoded_len(size, groups.ranges());
+        let allowed = WRITE_TIMEOUT.max(Duration::from_secs(encoded_len / MIN_READ_RATE));
+        out.get_mut().deadline = Some(Instant::now() + allowed);
+        let r = self.send_encoded(out, id, &file, groups, encoded_len);
+        out.get_mut().deadline = None;
+        r
+    }
+
+    fn send_encoded(
+        &self,
+        out: &mut BufWriter<Throttle<'_>>,
+        id: &Id,
+        file: &ServedFile,
+        groups: &GroupRanges,
+        encoded_len: u64,
+    ) -> io::Result<()> {
         out.write_all(&Response::Ranges { encoded_len }.encode())?;
         let ranges = tree::chunk_ranges(groups.ranges());
         let mut counted = Counted { inner: out, n: 0 };
-        let result = self.encode(&file, &ranges, &mut counted);
+        let result = self.encode(file, &ranges, &mut counted);
         bump(&self.stats.bytes_served, counted.n);
         match result {
             Ok(()) => {
@@ -327,11 +380,36 @@ impl<W: Write> Write for Counted<'_, W> {
     }
 }
 
-/// The socket, slowed to the peer's rate.
+/// How long until `deadline`, or a timed-out error when it has passed.
+fn remaining(deadline: Instant, what: &'static str) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, what));
+    }
+    Ok(left)
+}
+
+/// The socket's reading side, bounded by a deadline.
+struct Timed<'a> {
+    conn: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = remaining(self.deadline, "request not received in time")?;
+        self.conn.set_read_timeout(Some(left))?;
+        self.conn.read(buf)
+    }
+}
+
+/// The socket, slowed to the peer's rate, with a deadline for the answer
+/// being sent.
 struct Throttle<'a> {
     conn: &'a TcpStream,
     server: &'a Server,
     peer: IpAddr,
+    deadline: Option<Instant>,
 }
 
 impl Write for Throttle<'_> {
@@ -342,6 +420,10 @@ impl Write for Throttle<'_> {
             .spend(self.peer, buf.len() as u64, Instant::now());
         if !wait.is_zero() {
             std::thread::sleep(wait);
+        }
+        if let Some(d) = self.deadline {
+            let left = remaining(d, "peer reads the answer too slowly")?;
+            self.conn.set_write_timeout(Some(left.min(WRITE_TIMEOUT)))?;
         }
         self.conn.write_all(buf)?;
         Ok(buf.len())

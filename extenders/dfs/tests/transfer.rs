@@ -642,3 +642,81 @@ fn interrupted_folder_fetch_resumes_into_its_directory() {
     // Complete and no longer marked: running it again is refused.
     assert!(qdfs::fetch::get(&id, &out, &opts, &qdfs::progress::Silent).is_err());
 }
+
+#[test]
+fn a_trickling_provider_cannot_hold_the_fetch() {
+    // One provider sends 2 KB/s: it takes a piece (512 KiB) at the start
+    // and would need minutes for it. The fast provider does the rest and
+    // then asks for the slow one's piece too (the endgame), so the fetch
+    // ends in about the time the fast provider alone needs.
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 4 << 20;
+    let data = test_data(size, 7);
+    let src = tmp.path().join("source.bin");
+    std::fs::write(&src, &data).unwrap();
+    let id = add_id(&src, &tmp.path().join("idstore"));
+    let slow = Provider::start(&tmp.path().join("slow"), &src, "127.0.0.1:0", 2_000, None);
+    let fast = Provider::start(&tmp.path().join("fast"), &src, "[::1]:0", 0, None);
+    let out = tmp.path().join("fetched.bin");
+    let started = Instant::now();
+    let r = get_cmd(&id, &out, &[&slow, &fast]).output().unwrap();
+    let elapsed = started.elapsed();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    let done = done_event(&r);
+    let groups: Vec<u64> = done["files"][0]["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["groups"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        groups.iter().sum::<u64>(),
+        256,
+        "each group counted once: {done}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(15),
+        "the slow provider held the fetch for {elapsed:?}"
+    );
+}
+
+#[test]
+fn a_silent_or_trickling_client_loses_its_slot() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("source.bin");
+    std::fs::write(&src, test_data(1 << 16, 3)).unwrap();
+    let p = Provider::start(&tmp.path().join("p"), &src, "127.0.0.1:0", 0, None);
+    let started = Instant::now();
+    // One says nothing; one sends its Hello a byte every 3 s.
+    let mut silent = std::net::TcpStream::connect(p.addr).unwrap();
+    let mut trickle = std::net::TcpStream::connect(p.addr).unwrap();
+    let hello = [0u8, 0, 0, 2, 1, 1];
+    let t = std::thread::spawn(move || {
+        for b in hello {
+            if trickle.write_all(&[b]).is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        let mut buf = [0u8; 64];
+        trickle
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        // Closed by the server: end of stream or a reset, never a Hello.
+        !matches!(trickle.read(&mut buf), Ok(n) if n > 0)
+    });
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = silent.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the silent client got an answer");
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= Duration::from_secs(9) && closed_after < Duration::from_secs(20),
+        "silent client closed after {closed_after:?}"
+    );
+    assert!(t.join().unwrap(), "the trickling client was still served");
+}
