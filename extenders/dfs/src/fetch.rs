@@ -22,6 +22,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -181,6 +182,9 @@ pub enum FetchError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// Another fetch is writing this output now.
+    #[error("another qdfs get is writing {0} now")]
+    Busy(PathBuf),
     /// A folder fetch that would create more entries than allowed.
     #[error("the folder holds more than {0} files and folders; refusing to create them")]
     TooManyEntries(u64),
@@ -654,6 +658,12 @@ fn fetch_file(
         return Err(io_err("opening", &part)(io::Error::other(
             "not a regular file",
         )));
+    }
+    // One fetch per output at a time: a second `qdfs get` to the same
+    // path would write the same part file and state under the first.
+    // SAFETY: flock on a descriptor we own; the lock goes with the file.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(FetchError::Busy(out.into()));
     }
     let (done, received_before) = match resumed {
         Some(st) => (st.done, st.received),

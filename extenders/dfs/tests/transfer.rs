@@ -329,6 +329,10 @@ fn corrupt_provider_is_caught_and_dropped() {
     let part = std::fs::read(tmp.path().join("fetched.bin.qdfs-part")).unwrap();
     let group = 16 * 1024;
     assert_eq!(&part[..40 * group], &data[..40 * group]);
+    assert!(
+        part[40 * group..].iter().all(|&b| b == 0),
+        "nothing from the corrupt group on reached the disk"
+    );
 
     // Among good providers, one corrupting everything is dropped at its
     // first group; the others finish, only missing groups are fetched.
@@ -719,4 +723,34 @@ fn a_silent_or_trickling_client_loses_its_slot() {
         "silent client closed after {closed_after:?}"
     );
     assert!(t.join().unwrap(), "the trickling client was still served");
+}
+
+#[test]
+fn two_fetches_to_one_output_do_not_mix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 4 << 20;
+    let data = test_data(size, 9);
+    let src = tmp.path().join("source.bin");
+    std::fs::write(&src, &data).unwrap();
+    let id = add_id(&src, &tmp.path().join("idstore"));
+    // Slow enough (1 MB/s) that the first is still running.
+    let p = Provider::start(&tmp.path().join("p"), &src, "127.0.0.1:0", 1_000_000, None);
+    let out = tmp.path().join("fetched.bin");
+    let first = get_cmd(&id, &out, &[&p])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(qdfs_wait(Duration::from_secs(10), || p.bytes_served() > 0));
+    let second = get_cmd(&id, &out, &[&p]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("another qdfs get is writing"), "{stderr}");
+    let first = first.wait_with_output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), data);
 }
