@@ -14,7 +14,7 @@
 //! explicitly.
 //!
 //! Layout: pure parts (no sockets, no clock reads): [`id`], [`manifest`],
-//! [`wire`], [`budget`], [`announce`], [`resume`], [`schedule`], [`private`]
+//! [`wire`], [`budget`], [`announce`], [`resume`], [`schedule`], [`seal`], [`private`]
 //! (client-side encryption and k-of-n shares, not used by any command yet);
 //! I/O parts:
 //! [`tree`], [`store`], [`server`], [`fetch`], [`node`], [`config`],
@@ -31,6 +31,7 @@ pub mod private;
 pub mod progress;
 pub mod resume;
 pub mod schedule;
+pub mod seal;
 pub mod server;
 pub mod store;
 pub mod tree;
@@ -68,5 +69,11 @@ pub mod fuzzing {
     /// The resume state file.
     pub fn fuzz_resume(data: &[u8]) {
         let _ = crate::resume::ResumeState::parse(data);
+    }
+
+    /// A sealed state file (opened with a fixed key).
+    pub fn fuzz_sealed(data: &[u8]) {
+        let k = crate::seal::StateKey::derive(&[0; 32]);
+        let _ = crate::seal::open(&k, "fuzz", data);
     }
 }
