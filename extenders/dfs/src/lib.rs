@@ -18,18 +18,24 @@
 //! (client-side encryption and k-of-n shares, not used by any command yet);
 //! I/O parts:
 //! [`tree`], [`store`], [`server`], [`fetch`], [`node`], [`config`],
-//! [`progress`].
+//! [`progress`], [`cache`] (the chunk cache), [`gateway`] (serving what the
+//! store lacks through the cache and upstream), [`http`] (the HTTP
+//! gateway); [`route`] (which gateway gets which piece) is pure.
 
 pub mod announce;
 pub mod budget;
+pub mod cache;
 pub mod config;
 pub mod fetch;
+pub mod gateway;
+pub mod http;
 pub mod id;
 pub mod manifest;
 pub mod node;
 pub mod private;
 pub mod progress;
 pub mod resume;
+pub mod route;
 pub mod schedule;
 pub mod server;
 pub mod store;
