@@ -391,13 +391,15 @@ pub fn answer(gw: &Arc<Gateway>, method: &Method, url: &str, range: Option<&str>
                 end,
                 piece: None,
             };
+            // Always a Content-Length (players seek with it), never chunked.
             Response::new(
                 StatusCode(status),
                 headers,
-                Box::new(reader),
+                Box::new(reader) as Box<dyn Read + Send>,
                 Some(len),
                 None,
             )
+            .with_chunked_threshold(usize::MAX)
         }
     }
 }
