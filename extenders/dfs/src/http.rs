@@ -531,4 +531,30 @@ mod tests {
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;"
         );
     }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let seed = format!("/dfs/{}/a%20b/../c\nbytes=10-20", "ab".repeat(32)).into_bytes();
+        let alphabet = b"/%.-=,0123456789abf\n bytes";
+        for _ in 0..20_000 {
+            let mut b = seed.clone();
+            for _ in 0..=(next() % 4) {
+                let i = (next() as usize) % b.len();
+                b[i] = if next() % 2 == 0 {
+                    alphabet[(next() as usize) % alphabet.len()]
+                } else {
+                    next() as u8
+                };
+            }
+            b.truncate((next() as usize) % (b.len() + 1));
+            crate::fuzzing::fuzz_http(&b);
+        }
+    }
 }

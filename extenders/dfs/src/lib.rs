@@ -71,6 +71,22 @@ pub mod fuzzing {
         let _ = crate::announce::ProviderRecord::parse(data);
     }
 
+    /// The HTTP gateway's request-target and `Range` parsers (the first
+    /// line of `data` is the target, the rest the header value).
+    pub fn fuzz_http(data: &[u8]) {
+        let text = String::from_utf8_lossy(data);
+        let (target, range) = text.split_once('\n').unwrap_or((&text, ""));
+        let _ = crate::http::parse_path(target);
+        let _ = crate::http::percent_decode(target);
+        for size in [0, 1, 1000, u64::MAX] {
+            if let crate::http::RangeAsk::Part { start, end } =
+                crate::http::parse_range(Some(range), size)
+            {
+                assert!(start < end && end <= size);
+            }
+        }
+    }
+
     /// The resume state file.
     pub fn fuzz_resume(data: &[u8]) {
         let _ = crate::resume::ResumeState::parse(data);
