@@ -192,7 +192,8 @@ pub fn decode(
 /// The aligned piece `k` of a file of `size` bytes, as a group range.
 pub fn piece_range(size: u64, k: u64) -> Range<u64> {
     let n = tree::group_count(size);
-    (k * PIECE_GROUPS).min(n)..((k + 1) * PIECE_GROUPS).min(n)
+    let at = |k: u64| k.saturating_mul(PIECE_GROUPS).min(n);
+    at(k)..at(k.saturating_add(1))
 }
 
 /// The piece `groups` is exactly, if it is one aligned piece.
