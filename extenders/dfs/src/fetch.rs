@@ -77,6 +77,8 @@ pub struct Options {
 
 /// Default for [`Options::max_entries`].
 pub const MAX_FETCH_ENTRIES: u64 = 100_000;
+/// Most caching gateways one fetch uses (the first ones given).
+pub const MAX_GATEWAYS: usize = 16;
 /// Deepest folder nesting a fetch follows.
 pub const MAX_FETCH_DEPTH: usize = 64;
 
@@ -617,10 +619,11 @@ fn fetch_file_routed(
     }
     let mut gw = opts.clone();
     gw.providers = opts.gateways.clone();
+    gw.providers.truncate(MAX_GATEWAYS);
     // Every gateway needs its own worker, or its pieces wait forever.
     gw.max_providers = gw.providers.len();
     gw.piece_groups = PIECE_GROUPS;
-    let route = Route::new(opts.gateways.clone());
+    let route = Route::new(gw.providers.clone());
     match fetch_file(id, m, out, &gw, progress, Some(route)) {
         Err(FetchError::ProvidersFailed { .. }) if !opts.providers.is_empty() => {
             progress.note("the gateways failed; fetching the rest from providers");

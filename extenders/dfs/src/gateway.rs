@@ -282,7 +282,18 @@ impl Gateway {
     fn providers(&self, id: &Id) -> Vec<SocketAddr> {
         let mut out = self.upstream.clone();
         if let Some(lookup) = &self.lookup {
-            let found = self.found.get_with(*id, || Arc::new(lookup(id)));
+            // An empty answer is not remembered: the provider's record may
+            // be a few seconds from landing in the DHT.
+            let found = match self.found.get(id) {
+                Some(f) => f,
+                None => {
+                    let f = Arc::new(lookup(id));
+                    if !f.is_empty() {
+                        self.found.insert(*id, Arc::clone(&f));
+                    }
+                    f
+                }
+            };
             for p in found.iter() {
                 if !out.contains(p) {
                     out.push(*p);
