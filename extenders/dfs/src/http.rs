@@ -6,22 +6,35 @@
 //! against the file's BLAKE3 tree, one 512 KiB piece at a time, so memory
 //! per response stays at one piece whatever the file size.
 //!
-//! Parsing (path, range) is pure and never panics on what a client sends;
-//! the I/O shell is [`tiny_http`] with a fixed number of worker threads.
+//! Parsing (request head, path, range) is pure and never panics on what a
+//! client sends. The I/O shell is a thread per connection, bounded like
+//! the DFS server's ([`Budgets`]: [`MAX_CONNECTIONS`] in all,
+//! [`MAX_CONNECTIONS_PER_PEER`] per address), one request per connection
+//! (`Connection: close`), a request head of at most [`MAX_HEAD`] bytes read
+//! within [`HEAD_TIMEOUT`].
 
-use std::io::{self, Read};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::io::{self, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tiny_http::{Header, Method, Response, StatusCode};
+use crate::budget::{Budgets, Limits};
 
 use crate::cache::PIECE_GROUPS;
 use crate::gateway::{Gateway, GatewayError};
 use crate::id::Id;
 use crate::manifest::{check_name, FileManifest, Kind, Manifest, GROUP_BYTES};
 
-/// Worker threads answering requests.
-pub const WORKERS: usize = 8;
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Connections served at once to one address.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
+/// Longest request head (request line and headers).
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Time a client has to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that reads nothing for this long is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest request path accepted.
 pub const MAX_PATH: usize = 8192;
 /// Most path components after the ID.
@@ -250,25 +263,114 @@ impl Read for PieceReader {
     }
 }
 
-fn header(k: &str, v: &str) -> Option<Header> {
-    Header::from_bytes(k.as_bytes(), v.as_bytes()).ok()
+/// A request method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// GET.
+    Get,
+    /// HEAD: the same headers, no body.
+    Head,
+    /// Anything else (refused with 405).
+    Other,
 }
 
-type Reply = Response<Box<dyn Read + Send>>;
+/// The parts of a request head the gateway uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The method.
+    pub method: Method,
+    /// The request target (path and query).
+    pub target: String,
+    /// The `Range` header's value, if any.
+    pub range: Option<String>,
+}
+
+/// Parses a request head (up to and without the empty line): a request
+/// line `METHOD TARGET HTTP/1.x` and `Name: value` header lines. `None`
+/// for anything else (400).
+pub fn parse_head(head: &[u8]) -> Option<Head> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n");
+    let mut req = lines.next()?.split(' ');
+    let (m, target, version) = (req.next()?, req.next()?, req.next()?);
+    if req.next().is_some() || !version.starts_with("HTTP/1.") || !target.starts_with('/') {
+        return None;
+    }
+    let method = match m {
+        "GET" => Method::Get,
+        "HEAD" => Method::Head,
+        m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) => Method::Other,
+        _ => return None,
+    };
+    let mut range = None;
+    for l in lines {
+        let (name, value) = l.split_once(':')?;
+        if name.is_empty() || name.bytes().any(|b| b <= b' ' || b >= 0x7f) {
+            return None;
+        }
+        if name.eq_ignore_ascii_case("range") {
+            range = Some(value.trim().to_string());
+        }
+    }
+    Some(Head {
+        method,
+        target: target.to_string(),
+        range,
+    })
+}
+
+/// An answer: status, headers, and a body of exactly `len` bytes.
+pub struct Reply {
+    /// The status code.
+    pub status: u16,
+    /// Headers besides Content-Length and Connection.
+    pub headers: Vec<(&'static str, String)>,
+    /// The body.
+    pub body: Box<dyn Read + Send>,
+    /// Its length.
+    pub len: u64,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+fn bytes_reply(status: u16, headers: Vec<(&'static str, String)>, body: Vec<u8>) -> Reply {
+    Reply {
+        status,
+        headers,
+        len: body.len() as u64,
+        body: Box::new(io::Cursor::new(body)),
+    }
+}
 
 fn text(status: u16, msg: &str) -> Reply {
-    let body = format!("{msg}\n").into_bytes();
-    let len = body.len();
-    Response::new(
-        StatusCode(status),
-        [header("Content-Type", "text/plain; charset=utf-8")]
-            .into_iter()
-            .flatten()
-            .collect(),
-        Box::new(io::Cursor::new(body)),
-        Some(len),
-        None,
+    bytes_reply(
+        status,
+        vec![("Content-Type", "text/plain; charset=utf-8".into())],
+        format!("{msg}\n").into_bytes(),
     )
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        206 => "Partial Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        416 => "Range Not Satisfiable",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
 }
 
 fn gateway_status(e: &GatewayError) -> u16 {
@@ -280,8 +382,8 @@ fn gateway_status(e: &GatewayError) -> u16 {
 }
 
 /// Answers one request (the pure parts above, the gateway for data).
-pub fn answer(gw: &Arc<Gateway>, method: &Method, url: &str, range: Option<&str>) -> Reply {
-    if !matches!(method, Method::Get | Method::Head) {
+pub fn answer(gw: &Arc<Gateway>, method: Method, url: &str, range: Option<&str>) -> Reply {
+    if method == Method::Other {
         return text(405, "only GET and HEAD");
     }
     let p = match parse_path(url) {
@@ -335,19 +437,12 @@ pub fn answer(gw: &Arc<Gateway>, method: &Method, url: &str, range: Option<&str>
                 ));
             }
             html.push_str("</ul>\n</body></html>\n");
-            let len = html.len();
-            let headers = [
-                header("Content-Type", "text/html; charset=utf-8"),
-                header("Content-Security-Policy", "default-src 'none'"),
-                header("X-Content-Type-Options", "nosniff"),
+            let headers = vec![
+                ("Content-Type", "text/html; charset=utf-8".into()),
+                ("Content-Security-Policy", "default-src 'none'".into()),
+                ("X-Content-Type-Options", "nosniff".into()),
             ];
-            Response::new(
-                StatusCode(200),
-                headers.into_iter().flatten().collect(),
-                Box::new(io::Cursor::new(html.into_bytes())),
-                Some(len),
-                None,
-            )
+            bytes_reply(200, headers, html.into_bytes())
         }
         Manifest::File(fm) => {
             let ctype = p
@@ -355,33 +450,26 @@ pub fn answer(gw: &Arc<Gateway>, method: &Method, url: &str, range: Option<&str>
                 .last()
                 .map(|n| mime_guess::from_path(n).first_or_octet_stream().to_string())
                 .unwrap_or_else(|| "application/octet-stream".into());
-            let mut headers: Vec<Header> = [
-                header("Content-Type", &ctype),
-                header("Accept-Ranges", "bytes"),
-                header("X-Content-Type-Options", "nosniff"),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
+            let mut headers = vec![
+                ("Content-Type", ctype),
+                ("Accept-Ranges", "bytes".into()),
+                ("X-Content-Type-Options", "nosniff".into()),
+            ];
             let (status, start, end) = match parse_range(range, fm.size) {
                 RangeAsk::Whole => (200, 0, fm.size),
                 RangeAsk::Part { start, end } => {
-                    headers.extend(header(
+                    headers.push((
                         "Content-Range",
-                        &format!("bytes {start}-{}/{}", end - 1, fm.size),
+                        format!("bytes {start}-{}/{}", end - 1, fm.size),
                     ));
                     (206, start, end)
                 }
                 RangeAsk::Unsatisfiable => {
                     let mut r = text(416, "range not satisfiable");
-                    if let Some(h) = header("Content-Range", &format!("bytes */{}", fm.size)) {
-                        r.add_header(h);
-                    }
+                    r.headers
+                        .push(("Content-Range", format!("bytes */{}", fm.size)));
                     return r;
                 }
-            };
-            let Ok(len) = usize::try_from(end - start) else {
-                return text(500, "too large for this platform");
             };
             let reader = PieceReader {
                 gw: Arc::clone(gw),
@@ -391,51 +479,130 @@ pub fn answer(gw: &Arc<Gateway>, method: &Method, url: &str, range: Option<&str>
                 end,
                 piece: None,
             };
-            // Always a Content-Length (players seek with it), never chunked.
-            Response::new(
-                StatusCode(status),
+            Reply {
+                status,
                 headers,
-                Box::new(reader) as Box<dyn Read + Send>,
-                Some(len),
-                None,
-            )
-            .with_chunked_threshold(usize::MAX)
+                body: Box::new(reader),
+                len: end - start,
+            }
         }
     }
 }
 
-/// Serves HTTP on `addr` with [`WORKERS`] threads; returns the bound
-/// address.
+/// Reads a request head (through the empty line) within [`MAX_HEAD`]
+/// bytes; bytes after it are ignored (one request per connection).
+fn read_head(conn: &mut TcpStream) -> Result<Vec<u8>, u16> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    let deadline = Instant::now() + HEAD_TIMEOUT;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.truncate(end);
+            return Ok(buf);
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(431);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            return Err(400);
+        }
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return Err(400),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn send(conn: &TcpStream, reply: Reply, with_body: bool) -> io::Result<()> {
+    let mut out = BufWriter::with_capacity(64 * 1024, conn);
+    write!(
+        out,
+        "HTTP/1.1 {} {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        reply.status,
+        reason(reply.status),
+        reply.len
+    )?;
+    for (k, v) in &reply.headers {
+        // Values are built here from checked names and numbers; a line
+        // break would still be refused rather than split the head.
+        if v.contains(['\r', '\n']) {
+            return Err(io::Error::other("header value with a line break"));
+        }
+        write!(out, "{k}: {v}\r\n")?;
+    }
+    out.write_all(b"\r\n")?;
+    if with_body {
+        let n = io::copy(&mut reply.body.take(reply.len), &mut out)?;
+        if n != reply.len {
+            return Err(io::Error::other("body ended early"));
+        }
+    }
+    out.flush()
+}
+
+fn serve_connection(gw: &Arc<Gateway>, mut conn: TcpStream) -> io::Result<()> {
+    conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let head = match read_head(&mut conn).map(|h| parse_head(&h)) {
+        Ok(Some(h)) => h,
+        Ok(None) => return send(&conn, text(400, "bad request"), true),
+        Err(status) => return send(&conn, text(status, "bad request head"), true),
+    };
+    let reply = answer(gw, head.method, &head.target, head.range.as_deref());
+    send(&conn, reply, head.method != Method::Head)
+}
+
+/// Serves HTTP on `addr`, a thread per connection within the budgets;
+/// returns the bound address.
 pub fn spawn(addr: SocketAddr, gw: Arc<Gateway>) -> io::Result<SocketAddr> {
-    let server = tiny_http::Server::http(addr).map_err(|e| io::Error::other(e.to_string()))?;
-    let local = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| io::Error::other("not an IP listener"))?;
-    let server = Arc::new(server);
-    for _ in 0..WORKERS {
-        let (server, gw) = (Arc::clone(&server), Arc::clone(&gw));
-        std::thread::Builder::new()
-            .name("qdfs-http".into())
-            .spawn(move || loop {
-                let req = match server.recv() {
-                    Ok(r) => r,
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    let budgets = Arc::new(Mutex::new(Budgets::new(Limits {
+        max_connections: MAX_CONNECTIONS,
+        max_connections_per_peer: MAX_CONNECTIONS_PER_PEER,
+        peer_rate: None,
+    })));
+    std::thread::Builder::new()
+        .name("qdfs-http".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let conn = match conn {
+                    Ok(c) => c,
                     Err(e) => {
-                        tracing::debug!("http: {e}");
+                        tracing::debug!("http accept: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
                         continue;
                     }
                 };
-                let range = req
-                    .headers()
-                    .iter()
-                    .find(|h| h.field.equiv("Range"))
-                    .map(|h| h.value.as_str().to_owned());
-                let reply = answer(&gw, req.method(), req.url(), range.as_deref());
-                if let Err(e) = req.respond(reply) {
-                    tracing::debug!("http response cut: {e}");
+                let Ok(peer) = conn.peer_addr() else { continue };
+                let admitted = budgets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .admit(peer.ip(), Instant::now());
+                if admitted.is_err() {
+                    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = send(&conn, text(503, "busy"), true);
+                    continue;
                 }
-            })?;
-    }
+                let release = move |b: &Mutex<Budgets>| {
+                    b.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .release(peer.ip())
+                };
+                let (gw, mine) = (Arc::clone(&gw), Arc::clone(&budgets));
+                let spawned = std::thread::Builder::new()
+                    .name("qdfs-http-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = serve_connection(&gw, conn) {
+                            tracing::debug!(%peer, "http: {e}");
+                        }
+                        release(&mine);
+                    });
+                if spawned.is_err() {
+                    release(&budgets);
+                }
+            }
+        })?;
     Ok(local)
 }
 
@@ -555,6 +722,37 @@ mod tests {
             }
             b.truncate((next() as usize) % (b.len() + 1));
             crate::fuzzing::fuzz_http(&b);
+        }
+    }
+
+    #[test]
+    fn request_heads() {
+        let h = parse_head(b"GET /dfs/x HTTP/1.1\r\nHost: a\r\nrange: bytes=1-2").unwrap();
+        assert_eq!(h.method, Method::Get);
+        assert_eq!(h.target, "/dfs/x");
+        assert_eq!(h.range.as_deref(), Some("bytes=1-2"));
+        assert_eq!(parse_head(b"HEAD / HTTP/1.0").unwrap().method, Method::Head);
+        assert_eq!(
+            parse_head(b"POST / HTTP/1.1").unwrap().method,
+            Method::Other
+        );
+        for bad in [
+            &b""[..],
+            b"GET",
+            b"GET /",
+            b"GET / FTP/1",
+            b"GET x HTTP/1.1",
+            b"GET / HTTP/1.1 extra",
+            b"get / HTTP/1.1",
+            b"GET / HTTP/1.1\r\nno colon",
+            b"GET / HTTP/1.1\r\nbad name: x",
+            b"GET / HTTP/1.1\r\n\xff: x",
+        ] {
+            assert!(
+                parse_head(bad).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

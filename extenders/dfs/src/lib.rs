@@ -71,11 +71,13 @@ pub mod fuzzing {
         let _ = crate::announce::ProviderRecord::parse(data);
     }
 
-    /// The HTTP gateway's request-target and `Range` parsers (the first
-    /// line of `data` is the target, the rest the header value).
+    /// The HTTP gateway's request-head, request-target and `Range`
+    /// parsers (the whole input is also tried as a head; the first line of
+    /// `data` is the target, the rest the `Range` value).
     pub fn fuzz_http(data: &[u8]) {
         let text = String::from_utf8_lossy(data);
         let (target, range) = text.split_once('\n').unwrap_or((&text, ""));
+        let _ = crate::http::parse_head(data);
         let _ = crate::http::parse_path(target);
         let _ = crate::http::percent_decode(target);
         for size in [0, 1, 1000, u64::MAX] {

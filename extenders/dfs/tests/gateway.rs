@@ -387,6 +387,36 @@ fn http_ranges_types_listings_and_refusals() {
         "Range: bytes=0-0\r\n",
     );
     assert_eq!(st, 206);
+
+    // Connections are bounded: eight idle ones from one address, then the
+    // ninth is told 503 at once; garbage and an oversized head are 400/431.
+    let idle: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(h).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut s = TcpStream::connect(h).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut s = TcpStream::connect(h).unwrap();
+    s.write_all(b"\x00\x01 garbage\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    let mut s = TcpStream::connect(h).unwrap();
+    let _ = s.write_all(&vec![b'a'; 17_000]);
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    // Still serving.
+    let (st, _, body) = http(
+        h,
+        "GET",
+        &format!("/dfs/{id}/movie.mp4"),
+        "Range: bytes=5-9\r\n",
+    );
+    assert_eq!((st, &body[..]), (206, &video[5..10]));
 }
 
 #[test]
