@@ -9,6 +9,13 @@
 //! max_connections = 64
 //! max_connections_per_peer = 8
 //! peer_rate = 0                        # bytes/s per peer; 0: unlimited
+//! # Caching (src/cache.rs, src/gateway.rs, src/http.rs):
+//! role = "provider"                    # or "cache-gateway"
+//! cache = "256 MiB"                    # bytes on disk for the chunk cache; 0: off
+//! upstream = ["[fc00::2]:7400"]        # gateway: providers asked besides the DHT's
+//! gateways = ["[fc00::9]:7400"]        # `qdfs get --config`: gateways asked first
+//! http = "127.0.0.1:8080"              # HTTP gateway; unset: off
+//! http_overlay = false                 # also serve HTTP on the overlay address
 //! ```
 //! Unknown keys are refused, so a typo is an error rather than a default.
 
@@ -49,6 +56,42 @@ pub struct Config {
     pub announce: bool,
     /// Connection and rate budgets.
     pub limits: Limits,
+    /// Caching, gateways and HTTP.
+    pub caching: Caching,
+}
+
+/// What a `qdfs serve` is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Provides its store (and caches what its HTTP gateway reads).
+    #[default]
+    Provider,
+    /// Also answers for any ID, through its cache and upstream providers.
+    CacheGateway,
+}
+
+/// The caching part of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caching {
+    /// The role.
+    pub role: Role,
+    /// Bytes the chunk cache may take on disk (0: off).
+    pub cache_bytes: u64,
+    /// Providers a gateway asks besides those the DHT names.
+    pub upstream: Vec<SocketAddr>,
+    /// Gateways `qdfs get` asks first.
+    pub gateways: Vec<SocketAddr>,
+    /// Where the HTTP gateway listens.
+    pub http: Option<SocketAddr>,
+    /// Whether the HTTP gateway also listens on the overlay address.
+    pub http_overlay: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -62,6 +105,14 @@ struct Raw {
     max_connections: Option<usize>,
     max_connections_per_peer: Option<usize>,
     peer_rate: Option<u64>,
+    role: Option<String>,
+    cache: Option<Size>,
+    #[serde(default)]
+    upstream: Vec<SocketAddr>,
+    #[serde(default)]
+    gateways: Vec<SocketAddr>,
+    http: Option<SocketAddr>,
+    http_overlay: Option<bool>,
 }
 
 /// What is wrong with a configuration file.
@@ -125,7 +176,42 @@ impl Config {
             None => Ok(default),
         };
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let role = match raw.role.as_deref() {
+            None | Some("provider") => Role::Provider,
+            Some("cache-gateway") => Role::CacheGateway,
+            Some(other) => {
+                return Err(ConfigError::Value {
+                    key: "role",
+                    why: format!("{other:?}: expected \"provider\" or \"cache-gateway\""),
+                })
+            }
+        };
+        let cache_bytes = match raw.cache {
+            None => crate::cache::DEFAULT_CACHE_BYTES,
+            Some(Size::Bytes(n)) => n,
+            Some(Size::Text(t)) => {
+                crate::cache::parse_size(&t).ok_or_else(|| ConfigError::Value {
+                    key: "cache",
+                    why: format!("{t:?} is not a size like \"10 GiB\" or 268435456"),
+                })?
+            }
+        };
+        if raw.http_overlay == Some(true) && raw.http.is_none() {
+            return Err(ConfigError::Value {
+                key: "http_overlay",
+                why: "needs http (its port is used on the overlay address)".into(),
+            });
+        }
+        let caching = Caching {
+            role,
+            cache_bytes,
+            upstream: raw.upstream,
+            gateways: raw.gateways,
+            http: raw.http,
+            http_overlay: raw.http_overlay.unwrap_or(false),
+        };
         Ok(Config {
+            caching,
             data_dir: resolve(raw.data_dir),
             listen,
             control_socket: resolve(
@@ -165,6 +251,22 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, Listen::Address("127.0.0.1:0".parse().unwrap()));
         assert_eq!(c.limits.peer_rate, Some(1000));
+        assert_eq!(c.caching.role, Role::Provider);
+        assert_eq!(c.caching.cache_bytes, crate::cache::DEFAULT_CACHE_BYTES);
+        let c = Config::parse(
+            "data_dir = \"/s\"\nrole = \"cache-gateway\"\ncache = \"10 GiB\"\n\
+             upstream = [\"127.0.0.1:1\"]\ngateways = [\"[::1]:2\"]\n\
+             http = \"127.0.0.1:8080\"\nhttp_overlay = true\n",
+            Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(c.caching.role, Role::CacheGateway);
+        assert_eq!(c.caching.cache_bytes, 10 << 30);
+        assert_eq!(c.caching.upstream.len(), 1);
+        assert_eq!(c.caching.gateways, ["[::1]:2".parse().unwrap()]);
+        assert!(c.caching.http_overlay);
+        let c = Config::parse("data_dir = \"/s\"\ncache = 0\n", Path::new("/")).unwrap();
+        assert_eq!(c.caching.cache_bytes, 0);
         for bad in [
             "",
             "data_dir = 3",
@@ -172,6 +274,10 @@ mod tests {
             "data_dir = \"/s\"\nlisten = \"[::1]:1\"\nport = 2",
             "data_dir = \"/s\"\nmax_connections = 0",
             "data_dir = \"/s\"\nqouta = 1",
+            "data_dir = \"/s\"\nrole = \"cache\"",
+            "data_dir = \"/s\"\ncache = \"lots\"",
+            "data_dir = \"/s\"\ngateways = [\"nowhere\"]",
+            "data_dir = \"/s\"\nhttp_overlay = true",
         ] {
             assert!(Config::parse(bad, Path::new("/")).is_err(), "{bad}");
         }

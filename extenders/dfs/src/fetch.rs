@@ -33,10 +33,12 @@ use bao_tree::io::sync::DecodeResponseIter;
 use bao_tree::io::{BaoContentItem, DecodeError};
 use serde::Serialize;
 
+use crate::cache::PIECE_GROUPS;
 use crate::id::Id;
 use crate::manifest::{FileManifest, Kind, Manifest, GROUP_BYTES};
 use crate::progress::{Progress, Sample};
 use crate::resume::ResumeState;
+use crate::route::Route;
 use crate::schedule::{Bitmap, Schedule};
 use crate::store::{write_atomic, Store, StoreError};
 use crate::tree;
@@ -73,10 +75,15 @@ pub struct Options {
     pub max_entries: u64,
     /// Replace an existing output that is not this fetch being resumed.
     pub force: bool,
+    /// Caching gateways asked first, each for its share of the pieces
+    /// ([`crate::route`]); what they fail to deliver comes from `providers`.
+    pub gateways: Vec<SocketAddr>,
 }
 
 /// Default for [`Options::max_entries`].
 pub const MAX_FETCH_ENTRIES: u64 = 100_000;
+/// Most caching gateways one fetch uses (the first ones given).
+pub const MAX_GATEWAYS: usize = 16;
 /// Deepest folder nesting a fetch follows.
 pub const MAX_FETCH_DEPTH: usize = 64;
 
@@ -95,6 +102,7 @@ impl Options {
             provide: None,
             max_entries: MAX_FETCH_ENTRIES,
             force: false,
+            gateways: Vec::new(),
         }
     }
 }
@@ -336,11 +344,11 @@ impl Conn {
 /// Fetches a manifest from the first provider that has it, checked
 /// against its ID.
 pub fn fetch_manifest(id: &Id, opts: &Options) -> Result<Manifest, FetchError> {
-    if opts.providers.is_empty() {
+    if opts.providers.is_empty() && opts.gateways.is_empty() {
         return Err(FetchError::NoProviders);
     }
     let mut why = String::from("no answer");
-    for addr in &opts.providers {
+    for addr in opts.gateways.iter().chain(&opts.providers) {
         let attempt = || -> Result<Manifest, ConnError> {
             let mut c = Conn::open(*addr, opts, Arc::new(AtomicU64::new(0)))?;
             c.send(&Request::GetManifest { id: *id })?;
@@ -514,7 +522,9 @@ fn get_manifest(
 ) -> Result<(), FetchError> {
     let (opts, progress) = (w.opts, w.progress);
     match m {
-        Manifest::File(f) => w.reports.push(fetch_file(id, f, out, opts, progress)?),
+        Manifest::File(f) => w
+            .reports
+            .push(fetch_file_routed(id, f, out, opts, progress)?),
         Manifest::Folder(folder) => {
             if depth > MAX_FETCH_DEPTH {
                 return Err(FetchError::BadManifest {
@@ -582,6 +592,8 @@ struct Shared {
     streams: Mutex<Vec<TcpStream>>,
     done_bytes: AtomicU64,
     active: AtomicUsize,
+    /// Set when fetching from caching gateways: who gets which piece.
+    route: Option<Route>,
 }
 
 impl Shared {
@@ -610,12 +622,43 @@ fn load_state(state_path: &Path, part: &Path, id: &Id, size: u64) -> Option<Resu
     (st.id == *id && st.size == size && part_len == size).then_some(st)
 }
 
+/// Fetches a file from the caching gateways first, if there are any, each
+/// asked for the pieces it owns; what they fail to deliver comes from the
+/// providers, resuming from the verified groups the gateways delivered.
+fn fetch_file_routed(
+    id: &Id,
+    m: FileManifest,
+    out: &Path,
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Result<FileReport, FetchError> {
+    if opts.gateways.is_empty() {
+        return fetch_file(id, m, out, opts, progress, None);
+    }
+    let mut gw = opts.clone();
+    gw.providers = opts.gateways.clone();
+    gw.providers.truncate(MAX_GATEWAYS);
+    // Every gateway needs its own worker, or its pieces wait forever.
+    gw.max_providers = gw.providers.len();
+    gw.piece_groups = PIECE_GROUPS;
+    let route = Route::new(gw.providers.clone());
+    match fetch_file(id, m, out, &gw, progress, Some(route)) {
+        Err(FetchError::ProvidersFailed { .. }) if !opts.providers.is_empty() => {
+            progress.note("the gateways failed; fetching the rest from providers");
+            let r = fetch_file(id, m, out, opts, progress, None)?;
+            Ok(r)
+        }
+        r => r,
+    }
+}
+
 fn fetch_file(
     id: &Id,
     m: FileManifest,
     out: &Path,
     opts: &Options,
     progress: &dyn Progress,
+    route: Option<Route>,
 ) -> Result<FileReport, FetchError> {
     let started = Instant::now();
     let part = sibling(out, ".qdfs-part");
@@ -684,6 +727,7 @@ fn fetch_file(
         streams: Mutex::new(Vec::new()),
         done_bytes: AtomicU64::new(already),
         active: AtomicUsize::new(0),
+        route,
     });
     let persist = |received_now: u64| -> Result<(), FetchError> {
         let done = sh.sched().done().clone();
@@ -734,6 +778,9 @@ fn fetch_file(
                     };
                     let r = worker(&sh, addr, &o, counter);
                     let finished = r.outcome == ProviderOutcome::Finished;
+                    if let (false, Some(route)) = (finished, &sh.route) {
+                        route.mark_dead(&addr);
+                    }
                     reports.push((i, r));
                     if finished || sh.stop.load(Ordering::Relaxed) || sh.sched().is_complete() {
                         break;
@@ -949,7 +996,7 @@ fn run_worker(
     }
     sh.active.fetch_add(1, Ordering::Relaxed);
     let mut inflight: VecDeque<Range<u64>> = VecDeque::new();
-    let result = fetch_pieces(sh, &mut conn, opts, &mut inflight, groups);
+    let result = fetch_pieces(sh, addr, &mut conn, opts, &mut inflight, groups);
     sh.active.fetch_sub(1, Ordering::Relaxed);
     let mut sched = sh.sched();
     for r in inflight {
@@ -960,6 +1007,7 @@ fn run_worker(
 
 fn fetch_pieces(
     sh: &Shared,
+    addr: SocketAddr,
     conn: &mut Conn,
     opts: &Options,
     inflight: &mut VecDeque<Range<u64>>,
@@ -972,11 +1020,18 @@ fn fetch_pieces(
         while inflight.len() < opts.pipeline.max(1) {
             let next = {
                 let mut sched = sh.sched();
+                let fresh = match &sh.route {
+                    Some(route) => {
+                        sched.next_piece_in(PIECE_GROUPS, |k| route.owner(&sh.id, k) == Some(addr))
+                    }
+                    None => sched.next_piece(),
+                };
                 // The endgame: with nothing left to hand out, an idle
-                // provider doubles a piece another one still holds.
-                match sched.next_piece() {
+                // provider doubles a piece another one still holds (not
+                // between gateways: each owns its own pieces).
+                match fresh {
                     Some(r) => Some(r),
-                    None if inflight.is_empty() => sched.double_piece(),
+                    None if inflight.is_empty() && sh.route.is_none() => sched.double_piece(),
                     None => None,
                 }
             };

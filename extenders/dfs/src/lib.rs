@@ -18,18 +18,24 @@
 //! (client-side encryption and k-of-n shares, not used by any command yet);
 //! I/O parts:
 //! [`tree`], [`store`], [`server`], [`fetch`], [`node`], [`config`],
-//! [`progress`].
+//! [`progress`], [`cache`] (the chunk cache), [`gateway`] (serving what the
+//! store lacks through the cache and upstream), [`http`] (the HTTP
+//! gateway); [`route`] (which gateway gets which piece) is pure.
 
 pub mod announce;
 pub mod budget;
+pub mod cache;
 pub mod config;
 pub mod fetch;
+pub mod gateway;
+pub mod http;
 pub mod id;
 pub mod manifest;
 pub mod node;
 pub mod private;
 pub mod progress;
 pub mod resume;
+pub mod route;
 pub mod schedule;
 pub mod seal;
 pub mod server;
@@ -64,6 +70,24 @@ pub mod fuzzing {
     /// The provider record found in the DHT.
     pub fn fuzz_provider_record(data: &[u8]) {
         let _ = crate::announce::ProviderRecord::parse(data);
+    }
+
+    /// The HTTP gateway's request-head, request-target and `Range`
+    /// parsers (the whole input is also tried as a head; the first line of
+    /// `data` is the target, the rest the `Range` value).
+    pub fn fuzz_http(data: &[u8]) {
+        let text = String::from_utf8_lossy(data);
+        let (target, range) = text.split_once('\n').unwrap_or((&text, ""));
+        let _ = crate::http::parse_head(data);
+        let _ = crate::http::parse_path(target);
+        let _ = crate::http::percent_decode(target);
+        for size in [0, 1, 1000, u64::MAX] {
+            if let crate::http::RangeAsk::Part { start, end } =
+                crate::http::parse_range(Some(range), size)
+            {
+                assert!(start < end && end <= size);
+            }
+        }
     }
 
     /// The resume state file.

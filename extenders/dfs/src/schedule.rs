@@ -129,6 +129,38 @@ impl Schedule {
         Some(start..end)
     }
 
+    /// The next piece within one aligned block of `align` groups (block
+    /// `k` is groups `k * align ..`) for which `owns(k)` holds, now marked
+    /// in flight: the free groups at the start of the first such block
+    /// with any. Pieces never cross a block boundary, so a whole free block
+    /// is asked for exactly as a cache keeps it.
+    pub fn next_piece_in(
+        &mut self,
+        align: u64,
+        mut owns: impl FnMut(u64) -> bool,
+    ) -> Option<Range<u64>> {
+        let align = align.max(1);
+        let n = self.done.len();
+        for k in 0..n.div_ceil(align) {
+            let (lo, hi) = (k * align, ((k + 1) * align).min(n));
+            let Some(start) = (lo..hi).find(|g| self.free(*g)) else {
+                continue;
+            };
+            if !owns(k) {
+                continue;
+            }
+            let mut end = start + 1;
+            while end < hi && self.free(end) {
+                end += 1;
+            }
+            for g in start..end {
+                self.taken.set(g, true);
+            }
+            return Some(start..end);
+        }
+        None
+    }
+
     /// The endgame: when nothing is free, a piece already in flight
     /// elsewhere, asked for a second time so that one slow or stalled
     /// provider cannot hold the end of a file. Each group is handed out
@@ -226,6 +258,7 @@ mod tests {
         assert_eq!(s.done_count(), 10);
         assert_eq!(s.next_piece(), None);
         let mut empty = Schedule::new(Bitmap::new(0), 4);
+        assert_eq!(empty.next_piece_in(4, |_| true), None);
         assert!(empty.is_complete());
         assert_eq!(empty.next_piece(), None);
     }
@@ -245,5 +278,20 @@ mod tests {
         assert!(s.complete(1));
         assert!(!s.complete(1), "the second answer is not new");
         assert_eq!(s.done_count(), 2);
+    }
+
+    #[test]
+    fn aligned_pieces_by_owner() {
+        let mut done = Bitmap::new(10);
+        done.set(1, true);
+        let mut s = Schedule::new(done, 4);
+        // Only odd blocks: 4..8.
+        assert_eq!(s.next_piece_in(4, |k| k % 2 == 1), Some(4..8));
+        assert_eq!(s.next_piece_in(4, |k| k % 2 == 1), None);
+        // Block 0 has group 1 done: the free run at its start first.
+        assert_eq!(s.next_piece_in(4, |_| true), Some(0..1));
+        assert_eq!(s.next_piece_in(4, |_| true), Some(2..4));
+        assert_eq!(s.next_piece_in(4, |_| true), Some(8..10));
+        assert_eq!(s.next_piece_in(4, |_| true), None);
     }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::budget::{Budgets, Limits};
+use crate::gateway::Gateway;
 use crate::id::Id;
 use crate::store::{ServedFile, Store};
 use crate::tree;
@@ -107,6 +108,8 @@ pub struct Server {
     /// Counters.
     pub stats: Stats,
     stop: AtomicBool,
+    /// Set for `role = "cache-gateway"`: answers for IDs not in the store.
+    gateway: Option<Arc<Gateway>>,
     /// Test hook: which chunk groups to corrupt in everything served.
     #[cfg(feature = "test-hooks")]
     corrupt: Option<hooks::CorruptAt>,
@@ -124,9 +127,17 @@ impl Server {
             budgets: Mutex::new(Budgets::new(limits)),
             stats: Stats::default(),
             stop: AtomicBool::new(false),
+            gateway: None,
             #[cfg(feature = "test-hooks")]
             corrupt: hooks::CorruptAt::from_env(),
         }
+    }
+
+    /// Answers requests for IDs not in the store through `gateway` (the
+    /// cache, then upstream): `role = "cache-gateway"`.
+    pub fn with_gateway(mut self, gateway: Arc<Gateway>) -> Server {
+        self.gateway = Some(gateway);
+        self
     }
 
     /// The store served.
@@ -258,12 +269,15 @@ impl Server {
                             bump(&self.stats.manifests_served, 1);
                             Response::Manifest { bytes }
                         }
-                        Ok(None) => {
-                            bump(&self.stats.not_found, 1);
-                            Response::Error {
-                                code: ErrorCode::NotFound,
+                        Ok(None) => match &self.gateway {
+                            Some(g) => g.manifest_response(&id),
+                            None => {
+                                bump(&self.stats.not_found, 1);
+                                Response::Error {
+                                    code: ErrorCode::NotFound,
+                                }
                             }
-                        }
+                        },
                         Err(e) => {
                             tracing::warn!(%id, "store: {e}");
                             Response::Error {
@@ -296,6 +310,9 @@ impl Server {
         let file = match self.store.open_file(id) {
             Ok(Some(f)) => f,
             Ok(None) => {
+                if let Some(g) = &self.gateway {
+                    return g.serve_ranges(out, id, groups);
+                }
                 bump(&self.stats.not_found, 1);
                 return refuse(out, ErrorCode::NotFound);
             }

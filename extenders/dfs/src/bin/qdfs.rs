@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use qdfs::announce::{self, ProviderRecord};
-use qdfs::config::{Config, Listen, DEFAULT_CONTROL_SOCKET};
+use qdfs::cache::PieceCache;
+use qdfs::config::{Config, Listen, Role, DEFAULT_CONTROL_SOCKET};
 use qdfs::fetch::{self, FetchError, FileReport, ProviderOutcome};
+use qdfs::gateway::Gateway;
 use qdfs::node::NodeClient;
 use qdfs::progress::{Bar, JsonLines, Lines, Progress};
 use qdfs::server::Server;
@@ -83,6 +85,10 @@ enum Cmd {
         /// resumed (replace a file, merge into a non-empty directory).
         #[arg(long)]
         force: bool,
+        /// A caching gateway to ask first, ADDR:PORT (repeatable; added to
+        /// the `gateways` of --config).
+        #[arg(long = "gateway")]
+        gateways: Vec<SocketAddr>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -172,12 +178,14 @@ fn run(cli: Cli) -> Result<()> {
             json,
             max_providers,
             force,
+            gateways,
             store,
         } => {
             let id: Id = id.parse().context("bad ID")?;
             let mut opts = fetch::Options::new(providers);
             opts.max_providers = max_providers.max(1);
             opts.force = force;
+            opts.gateways = configured_gateways(&store, gateways)?;
             if !no_dht && control_socket.exists() {
                 for p in dht_providers(&NodeClient::new(&control_socket), &id) {
                     if !opts.providers.contains(&p) {
@@ -278,13 +286,20 @@ fn serve(config: &Path) -> Result<()> {
     println!("listening on {local}");
     std::io::stdout().flush()?;
     tracing::info!(%local, store = %cfg.data_dir.display(), "serving");
-    let server = Arc::new(Server::new(store, cfg.limits));
+    let gateway = start_caching(&cfg, &store, &node, local)?;
+    let mut server = Server::new(store, cfg.limits);
+    if cfg.caching.role == Role::CacheGateway {
+        server = server.with_gateway(Arc::clone(&gateway));
+    }
+    let server = Arc::new(server);
     {
         let server = Arc::clone(&server);
         let path = cfg.data_dir.join("stats.json");
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_millis(500));
-            let v = serde_json::to_vec(&server.stats.snapshot()).unwrap_or_default();
+            let mut v = serde_json::to_value(server.stats.snapshot()).unwrap_or_default();
+            v["gateway"] = serde_json::to_value(gateway.snapshot()).unwrap_or_default();
+            let v = serde_json::to_vec(&v).unwrap_or_default();
             if let Err(e) = write_atomic(&path, &v) {
                 tracing::warn!("writing stats: {e}");
             }
@@ -362,7 +377,8 @@ fn status(dir: &Path, json: bool) -> Result<()> {
     if json {
         println!(
             "{}",
-            json!({"data_dir": dir, "provided": ids.len(), "served": stats})
+            json!({"data_dir": dir, "provided": ids.len(), "served": stats,
+                   "cache": stats["gateway"]["cache"]})
         );
     } else {
         println!("store     {}", dir.display());
@@ -377,4 +393,60 @@ fn status(dir: &Path, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Gateways from `--gateway` and the `gateways` of `--config`.
+fn configured_gateways(store: &StoreArgs, given: Vec<SocketAddr>) -> Result<Vec<SocketAddr>> {
+    let mut out = given;
+    if let Some(c) = &store.config {
+        for g in Config::load(c)?.caching.gateways {
+            if !out.contains(&g) {
+                out.push(g);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The chunk cache (wiped and opened under DATA_DIR/cache), the gateway
+/// over it (upstream: `upstream` and the DHT), and the HTTP gateway if
+/// configured.
+fn start_caching(
+    cfg: &Config,
+    store: &Store,
+    node: &NodeClient,
+    local: SocketAddr,
+) -> Result<Arc<Gateway>> {
+    let c = &cfg.caching;
+    let dir = cfg.data_dir.join("cache");
+    let cache = PieceCache::open(&dir, c.cache_bytes)
+        .with_context(|| format!("opening the cache in {}", dir.display()))?;
+    let lookup: Option<qdfs::gateway::Lookup> = cfg.control_socket.exists().then(|| {
+        let node = node.clone();
+        Box::new(move |id: &Id| {
+            dht_providers(&node, id)
+                .into_iter()
+                .filter(|p| *p != local)
+                .collect()
+        }) as qdfs::gateway::Lookup
+    });
+    let gw = Arc::new(Gateway::new(
+        store.clone(),
+        cache,
+        c.upstream.clone(),
+        lookup,
+    ));
+    if let Some(http) = c.http {
+        let mut addrs = vec![http];
+        if c.http_overlay {
+            addrs.push(SocketAddr::new(local.ip(), http.port()));
+        }
+        for a in addrs {
+            let bound = qdfs::http::spawn(a, Arc::clone(&gw))
+                .with_context(|| format!("binding the HTTP gateway on {a}"))?;
+            println!("http on {bound}");
+        }
+        std::io::stdout().flush()?;
+    }
+    Ok(gw)
 }
