@@ -235,6 +235,7 @@ fn write_seeds() {
         r#"{"cmd":"extender_key","name":"dfs"}"#,
         r#"{"cmd":"service_announce","name":"dfs","port":7400,"version":1,"ttl":600}"#,
         r#"{"cmd":"service_lookup","name":"dfs"}"#,
+        r#"{"port":7400,"version":1}"#,
         r#"{"cmd":"nope"}"#,
         r#"[1,2,3]"#,
     ] {
