@@ -381,7 +381,8 @@ pub fn cell(data: &[u8]) {
 /// Control API requests: a request line checked as the control socket does
 /// (`parse_request`) and then validated as the node's handler does
 /// (`Request::from_value`). What is accepted re-encodes to a request that
-/// parses to the same thing; every refusal is one line.
+/// parses to the same thing; every refusal is one line. The same bytes as
+/// a service record (a DHT value `service_lookup` reads).
 #[cfg(feature = "shell")]
 pub fn control(data: &[u8]) {
     use crate::shell::control::{parse_request, Request};
@@ -400,6 +401,10 @@ pub fn control(data: &[u8]) {
     }
     if let Err(e) = shape {
         assert!(!e.contains('\n'), "{e}");
+    }
+    // Service records are other nodes' DHT values (service_lookup).
+    if let Ok(r) = qgate_api::ServiceRecord::decode(data) {
+        assert_eq!(qgate_api::ServiceRecord::decode(&r.encode()), Ok(r));
     }
 }
 

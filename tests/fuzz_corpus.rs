@@ -231,6 +231,11 @@ fn write_seeds() {
         &format!(r#"{{"cmd":"lookup","target":"{}"}}"#, id.node_id()),
         r#"{"cmd":"dht_put","namespace":"dfs","key":"block-42","value":"aGVsbG8=","ttl":600}"#,
         r#"{"cmd":"dht_get","namespace":"dfs","key":"block-42"}"#,
+        r#"{"cmd":"identity"}"#,
+        r#"{"cmd":"extender_key","name":"dfs"}"#,
+        r#"{"cmd":"service_announce","name":"dfs","port":7400,"version":1,"ttl":600}"#,
+        r#"{"cmd":"service_lookup","name":"dfs"}"#,
+        r#"{"port":7400,"version":1}"#,
         r#"{"cmd":"nope"}"#,
         r#"[1,2,3]"#,
     ] {

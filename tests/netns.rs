@@ -111,7 +111,7 @@ fn three_nodes_carry_real_programs() {
     assert_eq!(l["configured"], false);
     let st = lab.nodes[b].status();
     assert!(st["uptime_secs"].as_f64().unwrap() > 0.0);
-    assert_eq!(st["api"], 1);
+    assert_eq!(st["api"], qgate::shell::control::API_VERSION);
     assert_eq!(st["address"], ab.as_str());
 
     // Compression: 20 MB of text shrinks on the wire; the 50 MB of random

@@ -354,7 +354,8 @@ pub fn default_mtu(listen: &SocketAddr) -> usize {
     link_mtu(UNDERLAY_MTU, listen.is_ipv6())
 }
 
-/// Reads and validates a configuration file.
+/// Reads and validates a configuration file, and the inbound drop-ins
+/// beside it (see [`INBOUND_DIR`]).
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -362,7 +363,93 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         key: "(file)".into(),
         message: format!("cannot read: {e}"),
     })?;
-    parse(&text, path)
+    let mut config = parse(&text, path)?;
+    let dir = path.parent().unwrap_or(Path::new(".")).join(INBOUND_DIR);
+    for rule in load_inbound_dir(&dir)? {
+        if !config.inbound.rules.contains(&rule) {
+            config.inbound.rules.push(rule);
+        }
+    }
+    Ok(config)
+}
+
+/// The directory beside the configuration file whose `*.toml` files each
+/// add ports to `[inbound] allow`: `allow = ["tcp/7400"]`, nothing else.
+/// An extender's installer writes one (QuantumDFS: `qdfs.toml`) so that its
+/// port opens without anyone editing `qgate.toml`; removing the file closes
+/// it again at the node's next start. `"all"` is refused there: only
+/// `qgate.toml` may turn the filter off. The directory lives in the state
+/// directory (the node's user's, mode 0700/0710), so only root and the
+/// node's user can add a file.
+pub const INBOUND_DIR: &str = "inbound.d";
+/// Files read from [`INBOUND_DIR`] at most (more is a configuration error).
+const MAX_INBOUND_FILES: usize = 64;
+/// Largest drop-in file read.
+const MAX_INBOUND_FILE: u64 = 16 * 1024;
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawDropIn {
+    allow: Vec<String>,
+}
+
+/// The port rules of the `*.toml` files in `dir`, in file-name order
+/// (nothing when the directory does not exist).
+pub fn load_inbound_dir(dir: &Path) -> Result<Vec<PortRule>, ConfigError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(ConfigError {
+                file: dir.display().to_string(),
+                key: "(directory)".into(),
+                message: format!("cannot read: {e}"),
+            })
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    if files.len() > MAX_INBOUND_FILES {
+        return Err(ConfigError {
+            file: dir.display().to_string(),
+            key: "(directory)".into(),
+            message: format!("more than {MAX_INBOUND_FILES} drop-in files"),
+        });
+    }
+    let mut rules = Vec::new();
+    for path in files {
+        let file = path.display().to_string();
+        let err = |key: &str, message: String| ConfigError {
+            file: file.clone(),
+            key: key.into(),
+            message,
+        };
+        let mut text = String::new();
+        std::fs::File::open(&path)
+            .and_then(|f| {
+                std::io::Read::read_to_string(
+                    &mut std::io::Read::take(f, MAX_INBOUND_FILE),
+                    &mut text,
+                )
+            })
+            .map_err(|e| err("(file)", format!("cannot read: {e}")))?;
+        let raw: RawDropIn = toml::from_str(&text).map_err(|e| toml_error(&file, &text, e))?;
+        for (i, entry) in raw.allow.iter().enumerate() {
+            let key = format!("allow[{i}]");
+            if entry == "all" {
+                return Err(err(
+                    &key,
+                    "\"all\" is only accepted in the main configuration's [inbound] allow".into(),
+                ));
+            }
+            rules.push(parse_port_rule(entry).map_err(|m| err(&key, m))?);
+        }
+    }
+    Ok(rules)
 }
 
 fn toml_error(file: &str, text: &str, e: toml::de::Error) -> ConfigError {
@@ -819,6 +906,8 @@ peers = [
 # echo requests get in (plus replies to connections this node opened, and
 # ICMPv6 errors about them). Entries: "tcp/22", "udp/9999", "tcp/8000-8100",
 # or "all" (no filter). Enforced with nftables on the TUN interface.
+# Extenders' installers add their ports in inbound.d/*.toml beside this file
+# (`allow = ["tcp/7400"]`; `scripts/install --with-dfs` writes qdfs.toml).
 # allow = []
 
 [tun]
@@ -990,6 +1079,44 @@ mod tests {
         assert!(c.inbound.all && c.inbound.rules.is_empty());
         let c = p("state_dir='/x'\n[inbound]\nallow = []\n").unwrap();
         assert_eq!(c.inbound, Inbound::default());
+    }
+
+    #[test]
+    fn inbound_drop_ins_add_ports() {
+        let dir = std::env::temp_dir().join(format!("qgate-dropin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join(INBOUND_DIR)).unwrap();
+        let config = dir.join("qgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = '{}'\n[inbound]\nallow = ['tcp/22']\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let d = dir.join(INBOUND_DIR);
+        std::fs::write(d.join("qdfs.toml"), "allow = ['tcp/7400', 'tcp/22']\n").unwrap();
+        std::fs::write(d.join("other.toml"), "allow = ['udp/9000-9010']\n").unwrap();
+        std::fs::write(d.join("README"), "not read").unwrap();
+        let c = load(&config).unwrap();
+        let shown: Vec<String> = c.inbound.rules.iter().map(|r| r.to_string()).collect();
+        assert_eq!(shown, ["tcp/22", "udp/9000-9010", "tcp/7400"]);
+        for (text, key) in [
+            ("allow = ['all']\n", "allow[0]"),
+            ("allow = ['tcp/0']\n", "allow[0]"),
+            ("allow = ['tcp/1']\nextra = 1\n", "extra"),
+            ("allow = 'tcp/1'\n", "allow"),
+        ] {
+            std::fs::write(d.join("qdfs.toml"), text).unwrap();
+            let e = load(&config).unwrap_err();
+            assert!(e.file.ends_with("qdfs.toml"), "{e}");
+            assert!(e.key.contains(key), "{text}: {e}");
+        }
+        std::fs::remove_dir_all(d).unwrap();
+        let c = load(&config).unwrap();
+        assert_eq!(c.inbound.rules.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

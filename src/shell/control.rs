@@ -1,9 +1,13 @@
 //! The control socket: a Unix stream socket (mode 0660) speaking one JSON
 //! request line and one JSON response line per connection.
 //!
-//! Request: `{"cmd":"status"}` (commands: `status`, `peers`,
+//! Request: `{"cmd":"status"}` (commands: `status`, `peers`, `circuits`,
 //! `lookup` with `target`, `dht_put` with `namespace`, `key`, `value`
-//! (base64) and `ttl`, `dht_get` with `namespace` and `key`). Response:
+//! (base64) and `ttl`, `dht_get` with `namespace` and `key`, and for
+//! extenders `identity`, `extender_key` with `name`, `service_announce`
+//! with `name`, `port`, `version` and `ttl`, `service_lookup` with `name`;
+//! the wire types are the `qgate-api` crate's, documented for extender
+//! authors in extenders/README.md). Response:
 //! `{"ok":true,"status":{...}}` or `{"ok":false,"error":"..."}`. Lookups
 //! take up to ~20 s to answer.
 //!
@@ -26,7 +30,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use base64::Engine;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -36,9 +39,9 @@ use crate::proto::node::LookupTarget;
 use crate::proto::records::{MAX_KEY, MAX_NAMESPACE, MAX_VALUE_TTL};
 use crate::proto::NodeId;
 
-/// Version of the control API, reported as `api` in every status object;
-/// raised when a field changes meaning or goes away (new fields don't).
-pub const API_VERSION: u32 = 1;
+/// Version of the control API, reported as `api` in every status object
+/// and by `identity` (see the `qgate-api` crate for what raises it).
+pub const API_VERSION: u32 = qgate_api::API_VERSION;
 
 /// Longest request line accepted (without its newline).
 pub const MAX_REQUEST: usize = 4096;
@@ -74,6 +77,18 @@ const COMMANDS: &[(&str, &[Arg])] = &[
             ("key", ArgType::Str, true),
         ],
     ),
+    ("identity", &[]),
+    ("extender_key", &[("name", ArgType::Str, true)]),
+    (
+        "service_announce",
+        &[
+            ("name", ArgType::Str, true),
+            ("port", ArgType::Uint, true),
+            ("version", ArgType::Uint, true),
+            ("ttl", ArgType::Uint, false),
+        ],
+    ),
+    ("service_lookup", &[("name", ArgType::Str, true)]),
 ];
 
 #[derive(Clone, Copy)]
@@ -114,8 +129,11 @@ pub fn parse_request(line: &[u8]) -> std::result::Result<Value, String> {
     };
     for (name, ty, required) in args.iter() {
         match (obj.get(*name), ty) {
-            (None, _) if *required => {
+            (None, ArgType::Str) if *required => {
                 return Err(format!("{cmd} needs a string {name:?}"));
+            }
+            (None, ArgType::Uint) if *required => {
+                return Err(format!("{cmd} needs a number {name:?}"));
             }
             (None, _) | (Some(Value::String(_)), ArgType::Str) => {}
             (Some(v), ArgType::Uint) if v.is_u64() => {}
@@ -333,9 +351,11 @@ pub fn call(path: &Path, req: &Value) -> Result<Value> {
 }
 
 /// A control API request, parsed and validated in full: [`parse_request`]'s
-/// checks (size, UTF-8, JSON, command, argument types) and then the values
-/// (lookup target, namespace, key and value sizes, ttl), with no I/O. The
-/// node's handler turns every request into one of these first.
+/// checks (size, UTF-8, JSON, command, argument types), then the wire type
+/// of the extender API crate ([`qgate_api::Request`], so the node and its
+/// clients read and write the same objects) and its limits, then the
+/// values the kernel interprets (lookup target), with no I/O. The node's
+/// handler turns every request into one of these first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// `{"cmd":"status"}`
@@ -364,12 +384,45 @@ pub enum Request {
         /// Key.
         key: String,
     },
+    /// `{"cmd":"identity"}`: node ID, overlay address, API version.
+    Identity,
+    /// `{"cmd":"extender_key","name":..}`: the named extender's key.
+    ExtenderKey {
+        /// Extender name ([`qgate_api::check_name`]).
+        name: String,
+    },
+    /// `{"cmd":"service_announce","name":..,"port":..,"version":..,"ttl":SECS}`:
+    /// a service record in the DHT, signed by this node.
+    ServiceAnnounce {
+        /// Service name ([`qgate_api::check_name`]).
+        name: String,
+        /// Port on this node's overlay address.
+        port: u16,
+        /// The service's protocol version.
+        version: u32,
+        /// Lifetime, 1–[`MAX_VALUE_TTL`] seconds (default 3600).
+        ttl: u64,
+    },
+    /// `{"cmd":"service_lookup","name":..}`: who offers a service.
+    ServiceLookup {
+        /// Service name.
+        name: String,
+    },
 }
 
 /// Why a request was refused (one line, for the client).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct RequestError(pub String);
+
+// The API crate states the kernel's limits for extenders; they must agree.
+const _: () = {
+    assert!(qgate_api::MAX_NAMESPACE == MAX_NAMESPACE);
+    assert!(qgate_api::MAX_KEY == MAX_KEY);
+    assert!(qgate_api::MAX_VALUE == MAX_VALUE_LEN);
+    assert!(qgate_api::MAX_TTL == MAX_VALUE_TTL);
+    assert!(qgate_api::MAX_REQUEST == MAX_REQUEST);
+};
 
 impl Request {
     /// Parses and validates one request line (as the socket reads it).
@@ -381,29 +434,27 @@ impl Request {
     /// Validates a request object.
     pub fn from_value(v: &Value) -> Result<Request, RequestError> {
         let bad = RequestError;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| bad("request must be a JSON object".into()))?;
-        let s = |key: &str| -> Result<&str, RequestError> {
-            obj.get(key)
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad(format!("request needs a string {key:?}")))
-        };
-        let sized = |key: &str, max: usize| -> Result<String, RequestError> {
-            let x = s(key)?;
-            if x.is_empty() || x.len() > max {
-                return Err(bad(format!("{key:?} must be 1 to {max} bytes")));
-            }
-            Ok(x.to_string())
-        };
-        let cmd = obj.get("cmd").and_then(Value::as_str).unwrap_or("");
-        Ok(match cmd {
-            "status" => Request::Status,
-            "peers" => Request::Peers,
-            "circuits" => Request::Circuits,
-            "lookup" => {
-                let t = s("target")?;
-                if let Ok(id) = NodeId::parse(t) {
+        if !v.is_object() {
+            return Err(bad("request must be a JSON object".into()));
+        }
+        let wire: qgate_api::Request = serde_json::from_value(v.clone()).map_err(|e| {
+            let text = e.to_string();
+            bad(text
+                .lines()
+                .next()
+                .unwrap_or("bad request")
+                .chars()
+                .take(200)
+                .collect())
+        })?;
+        wire.validate().map_err(bad)?;
+        let ttl = |t: Option<u64>| t.unwrap_or(qgate_api::DEFAULT_TTL);
+        Ok(match wire {
+            qgate_api::Request::Status => Request::Status,
+            qgate_api::Request::Peers => Request::Peers,
+            qgate_api::Request::Circuits => Request::Circuits,
+            qgate_api::Request::Lookup { target: t } => {
+                if let Ok(id) = NodeId::parse(&t) {
                     Request::Lookup(LookupTarget::Id(id))
                 } else if let Ok(a) = t.parse::<std::net::Ipv6Addr>() {
                     if !crate::proto::identity::is_overlay_address(&a) {
@@ -416,65 +467,83 @@ impl Request {
                     )));
                 }
             }
-            "dht_put" => {
-                let value = base64::engine::general_purpose::STANDARD
-                    .decode(s("value")?)
-                    .map_err(|_| bad("value must be base64".into()))?;
-                if value.len() > MAX_VALUE_LEN {
-                    return Err(bad(format!("value longer than {MAX_VALUE_LEN} bytes")));
-                }
-                let ttl = match obj.get("ttl") {
-                    None | Some(Value::Null) => 3600,
-                    Some(t) => t
-                        .as_u64()
-                        .ok_or_else(|| bad("\"ttl\" must be a whole number of seconds".into()))?,
-                };
-                if ttl == 0 || ttl > MAX_VALUE_TTL {
-                    return Err(bad(format!("\"ttl\" must be 1 to {MAX_VALUE_TTL} seconds")));
-                }
-                Request::DhtPut {
-                    namespace: sized("namespace", MAX_NAMESPACE)?,
-                    key: sized("key", MAX_KEY)?,
-                    value,
-                    ttl,
-                }
-            }
-            "dht_get" => Request::DhtGet {
-                namespace: sized("namespace", MAX_NAMESPACE)?,
-                key: sized("key", MAX_KEY)?,
+            qgate_api::Request::DhtPut {
+                namespace,
+                key,
+                value,
+                ttl: t,
+            } => Request::DhtPut {
+                namespace,
+                key,
+                value,
+                ttl: ttl(t),
             },
-            other => return Err(bad(format!("unknown command {other:?}"))),
+            qgate_api::Request::DhtGet { namespace, key } => Request::DhtGet { namespace, key },
+            qgate_api::Request::Identity => Request::Identity,
+            qgate_api::Request::ExtenderKey { name } => Request::ExtenderKey { name },
+            qgate_api::Request::ServiceAnnounce {
+                name,
+                port,
+                version,
+                ttl: t,
+            } => Request::ServiceAnnounce {
+                name,
+                port,
+                version,
+                ttl: ttl(t),
+            },
+            qgate_api::Request::ServiceLookup { name } => Request::ServiceLookup { name },
         })
     }
 
-    /// The request as the client sends it.
-    pub fn to_value(&self) -> Value {
+    /// The request as the API crate writes it.
+    pub fn to_wire(&self) -> qgate_api::Request {
+        use qgate_api::Request as W;
         match self {
-            Request::Status => json!({"cmd": "status"}),
-            Request::Peers => json!({"cmd": "peers"}),
-            Request::Circuits => json!({"cmd": "circuits"}),
-            Request::Lookup(LookupTarget::Id(id)) => {
-                json!({"cmd": "lookup", "target": id.to_string()})
-            }
-            Request::Lookup(LookupTarget::Address(a)) => {
-                json!({"cmd": "lookup", "target": a.to_string()})
-            }
+            Request::Status => W::Status,
+            Request::Peers => W::Peers,
+            Request::Circuits => W::Circuits,
+            Request::Lookup(LookupTarget::Id(id)) => W::Lookup {
+                target: id.to_string(),
+            },
+            Request::Lookup(LookupTarget::Address(a)) => W::Lookup {
+                target: a.to_string(),
+            },
             Request::DhtPut {
                 namespace,
                 key,
                 value,
                 ttl,
-            } => json!({
-                "cmd": "dht_put",
-                "namespace": namespace,
-                "key": key,
-                "value": base64::engine::general_purpose::STANDARD.encode(value),
-                "ttl": ttl,
-            }),
-            Request::DhtGet { namespace, key } => {
-                json!({"cmd": "dht_get", "namespace": namespace, "key": key})
-            }
+            } => W::DhtPut {
+                namespace: namespace.clone(),
+                key: key.clone(),
+                value: value.clone(),
+                ttl: Some(*ttl),
+            },
+            Request::DhtGet { namespace, key } => W::DhtGet {
+                namespace: namespace.clone(),
+                key: key.clone(),
+            },
+            Request::Identity => W::Identity,
+            Request::ExtenderKey { name } => W::ExtenderKey { name: name.clone() },
+            Request::ServiceAnnounce {
+                name,
+                port,
+                version,
+                ttl,
+            } => W::ServiceAnnounce {
+                name: name.clone(),
+                port: *port,
+                version: *version,
+                ttl: Some(*ttl),
+            },
+            Request::ServiceLookup { name } => W::ServiceLookup { name: name.clone() },
         }
+    }
+
+    /// The request as the client sends it.
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self.to_wire()).unwrap_or(Value::Null)
     }
 }
 
@@ -532,6 +601,71 @@ mod tests {
         let at = format!("{{\"cmd\":\"status\",\"x\":\"{}\"}}", "a".repeat(pad));
         assert_eq!(at.len(), MAX_REQUEST);
         parse_request(at.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn extender_requests_parse_and_round_trip() {
+        for (line, want) in [
+            (&br#"{"cmd":"identity"}"#[..], Request::Identity),
+            (
+                br#"{"cmd":"extender_key","name":"dfs"}"#,
+                Request::ExtenderKey { name: "dfs".into() },
+            ),
+            (
+                br#"{"cmd":"service_announce","name":"dfs","port":7400,"version":1}"#,
+                Request::ServiceAnnounce {
+                    name: "dfs".into(),
+                    port: 7400,
+                    version: 1,
+                    ttl: 3600,
+                },
+            ),
+            (
+                br#"{"cmd":"service_lookup","name":"dfs"}"#,
+                Request::ServiceLookup { name: "dfs".into() },
+            ),
+        ] {
+            let r = Request::parse(line).unwrap();
+            assert_eq!(r, want);
+            let again = r.to_value().to_string();
+            assert_eq!(Request::parse(again.as_bytes()).unwrap(), r);
+        }
+        for (line, want) in [
+            (&br#"{"cmd":"extender_key"}"#[..], "needs a string \"name\""),
+            (
+                br#"{"cmd":"extender_key","name":"../x"}"#,
+                "must be 1 to 32",
+            ),
+            (br#"{"cmd":"extender_key","name":""}"#, "must be 1 to 32"),
+            (
+                br#"{"cmd":"service_announce","name":"dfs","version":1}"#,
+                "needs a number \"port\"",
+            ),
+            (
+                br#"{"cmd":"service_announce","name":"dfs","port":0,"version":1}"#,
+                "\"port\" must be 1 to 65535",
+            ),
+            (
+                br#"{"cmd":"service_announce","name":"dfs","port":70000,"version":1}"#,
+                "70000",
+            ),
+            (
+                br#"{"cmd":"service_announce","name":"dfs","port":1,"version":1,"ttl":0}"#,
+                "\"ttl\" must be 1 to",
+            ),
+            (
+                br#"{"cmd":"service_lookup","name":"DFS"}"#,
+                "must be 1 to 32",
+            ),
+            (
+                br#"{"cmd":"dht_put","namespace":"n","key":"k","value":"!!"}"#,
+                "base64",
+            ),
+        ] {
+            let e = Request::parse(line).unwrap_err().to_string();
+            assert!(e.contains(want), "{}: {e}", String::from_utf8_lossy(line));
+            assert!(!e.contains('\n'));
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod control;
+pub mod extender;
 pub mod filter;
 pub mod lan;
 pub mod privilege;

@@ -312,6 +312,10 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         .context("setting don't-fragment on the UDP socket")?;
     let address = up.identity.overlay_address();
     let node_id = up.identity.node_id();
+    let extender_keys = {
+        let secret = zeroize::Zeroizing::new(up.identity.link_secret_bytes());
+        super::extender::ExtenderKeys::new(&secret)
+    };
     let started = Instant::now();
     let mut node = Node::new(
         up.identity,
@@ -424,6 +428,51 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
                     ttl,
                 } => api_put(&shared, namespace, key, value, *ttl),
                 Request::DhtGet { namespace, key } => api_get(&shared, namespace, key),
+                Request::Identity => Ok(serde_json::to_value(qgate_api::Identity {
+                    api: control::API_VERSION,
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    node_id: qgate_api::NodeId(node_id.0),
+                    address,
+                })?),
+                Request::ExtenderKey { name } => {
+                    Ok(serde_json::to_value(qgate_api::ExtenderKey {
+                        name: name.clone(),
+                        key: extender_keys.key(name),
+                    })?)
+                }
+                Request::ServiceAnnounce {
+                    name,
+                    port,
+                    version,
+                    ttl,
+                } => {
+                    let record = qgate_api::ServiceRecord {
+                        port: *port,
+                        version: *version,
+                    };
+                    api_put(
+                        &shared,
+                        qgate_api::SERVICE_NAMESPACE,
+                        name,
+                        &record.encode(),
+                        *ttl,
+                    )
+                }
+                Request::ServiceLookup { name } => {
+                    let (values, _) = dht_newest(&shared, qgate_api::SERVICE_NAMESPACE, name)?;
+                    let values: Vec<qgate_api::DhtValue> = values
+                        .into_iter()
+                        .map(|v| qgate_api::DhtValue {
+                            publisher: qgate_api::NodeId(v.publisher().0),
+                            seq: v.seq,
+                            expires: v.expires,
+                            value: v.value,
+                        })
+                        .collect();
+                    Ok(serde_json::to_value(qgate_api::Services::from_values(
+                        &values,
+                    ))?)
+                }
             },
         )
     };
@@ -562,7 +611,9 @@ fn api_put(sh: &Shared, ns: &str, key: &str, value: &[u8], ttl: u64) -> Result<s
     Ok(json!({"stored_at": stored, "ttl": ttl}))
 }
 
-fn api_get(sh: &Shared, ns: &str, key: &str) -> Result<serde_json::Value> {
+/// The newest value per publisher under (`ns`, `key`), from this node and
+/// the network, and how many queries that took.
+fn dht_newest(sh: &Shared, ns: &str, key: &str) -> Result<(Vec<SignedValue>, usize)> {
     let (id, local) = {
         let mut node = sh.node.lock().expect("node lock");
         let now = Instant::now();
@@ -575,7 +626,6 @@ fn api_get(sh: &Shared, ns: &str, key: &str) -> Result<serde_json::Value> {
     if let Outcome::Values(v) = r.outcome {
         all.extend(v);
     }
-    // Newest entry per publisher.
     let mut by_publisher: std::collections::BTreeMap<String, SignedValue> = Default::default();
     for raw in all {
         if let Ok(v) = SignedValue::parse(&raw) {
@@ -585,11 +635,16 @@ fn api_get(sh: &Shared, ns: &str, key: &str) -> Result<serde_json::Value> {
             }
         }
     }
-    let values: Vec<serde_json::Value> = by_publisher
+    Ok((by_publisher.into_values().collect(), r.queries))
+}
+
+fn api_get(sh: &Shared, ns: &str, key: &str) -> Result<serde_json::Value> {
+    let (newest, queries) = dht_newest(sh, ns, key)?;
+    let values: Vec<serde_json::Value> = newest
         .into_iter()
-        .map(|(p, v)| {
+        .map(|v| {
             json!({
-                "publisher": p,
+                "publisher": v.publisher().to_string(),
                 "seq": v.seq,
                 "expires": v.expires,
                 "value": base64::engine::general_purpose::STANDARD.encode(&v.value),
@@ -597,7 +652,7 @@ fn api_get(sh: &Shared, ns: &str, key: &str) -> Result<serde_json::Value> {
             })
         })
         .collect();
-    Ok(json!({"values": values, "queries": r.queries}))
+    Ok(json!({"values": values, "queries": queries}))
 }
 
 fn rand_u32() -> u32 {

@@ -110,7 +110,7 @@ pub fn providers(values: &[DhtValue]) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = values
         .iter()
         .filter_map(|v| {
-            let addr = overlay_address_of(&v.publisher)?;
+            let addr = v.publisher.overlay_address();
             let rec = ProviderRecord::parse(&v.value).ok()?;
             Some(SocketAddr::V6(SocketAddrV6::new(addr, rec.port, 0, 0)))
         })
@@ -159,19 +159,17 @@ mod tests {
         let publisher = format!("{}{}", "12".repeat(15), "ff".repeat(17));
         let a = overlay_address_of(&publisher).unwrap();
         assert_eq!(a.to_string(), "fc12:1212:1212:1212:1212:1212:1212:1212");
+        let publisher: crate::node::NodeId = publisher.parse().unwrap();
+        assert_eq!(publisher.overlay_address(), a);
+        let value = |publisher, value| DhtValue {
+            publisher,
+            seq: 1,
+            expires: 0,
+            value,
+        };
         let values = vec![
-            DhtValue {
-                publisher: publisher.clone(),
-                value: ProviderRecord { port: 9 }.encode(),
-            },
-            DhtValue {
-                publisher: "zz".into(),
-                value: ProviderRecord { port: 9 }.encode(),
-            },
-            DhtValue {
-                publisher,
-                value: b"junk".to_vec(),
-            },
+            value(publisher, ProviderRecord { port: 9 }.encode()),
+            value(publisher, b"junk".to_vec()),
         ];
         let p = providers(&values);
         assert_eq!(p.len(), 1);

@@ -1,119 +1,70 @@
-//! The node's control socket, as a client: one JSON request line, one JSON
-//! answer line per connection (see the kernel's `src/shell/control.rs`).
-//! QuantumDFS uses it only for what sockets cannot give: the node's overlay
-//! address and the DHT.
+//! The node's control socket, through the extender API crate
+//! (`qgate-api`, which depends on nothing in the kernel): the node's
+//! identity, the DHT, and QuantumDFS's service record. QuantumDFS uses the
+//! node only for what sockets cannot give.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv6Addr;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use base64::Engine;
-use serde_json::{json, Value};
+pub use qgate_api::{DhtValue, Error as NodeError, NodeId, ServiceProvider};
 
-/// Why a control request failed.
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    /// The socket could not be reached or the exchange broke.
-    #[error("control socket {path}: {source}")]
-    Io {
-        /// The socket.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The node answered with an error.
-    #[error("node answered: {0}")]
-    Refused(String),
-    /// The answer was not what the API promises.
-    #[error("unexpected answer from the node: {0}")]
-    BadAnswer(String),
-}
+/// The name QuantumDFS announces its service under (DHT namespace
+/// `qgate.service`, key `qdfs`).
+pub const SERVICE_NAME: &str = "qdfs";
+/// The service version in its record: the wire protocol's.
+pub const SERVICE_VERSION: u32 = crate::wire::PROTOCOL_VERSION as u32;
 
 /// A client for one node's control socket.
 #[derive(Debug, Clone)]
 pub struct NodeClient {
-    path: PathBuf,
-}
-
-/// One value read from the DHT.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DhtValue {
-    /// The publishing node's ID (64 hex digits).
-    pub publisher: String,
-    /// The value.
-    pub value: Vec<u8>,
+    api: qgate_api::Client,
 }
 
 impl NodeClient {
     /// A client for the socket at `path`.
     pub fn new(path: &Path) -> NodeClient {
-        NodeClient { path: path.into() }
-    }
-
-    fn request(&self, req: Value) -> Result<Value, NodeError> {
-        let io = |source| NodeError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let mut s = UnixStream::connect(&self.path).map_err(io)?;
-        // DHT lookups take up to ~20 s on the node's side.
-        s.set_read_timeout(Some(Duration::from_secs(40)))
-            .map_err(io)?;
-        s.set_write_timeout(Some(Duration::from_secs(5)))
-            .map_err(io)?;
-        writeln!(s, "{req}").map_err(io)?;
-        let mut line = String::new();
-        BufReader::new(std::io::Read::take(s, 1 << 20))
-            .read_line(&mut line)
-            .map_err(io)?;
-        let v: Value =
-            serde_json::from_str(&line).map_err(|e| NodeError::BadAnswer(e.to_string()))?;
-        if v.get("ok").and_then(Value::as_bool) != Some(true) {
-            let e = v.get("error").and_then(Value::as_str).unwrap_or("?");
-            return Err(NodeError::Refused(e.chars().take(200).collect()));
+        NodeClient {
+            api: qgate_api::Client::new(path),
         }
-        Ok(v.get("status").cloned().unwrap_or(Value::Null))
     }
 
-    /// The node's overlay address.
+    /// The typed API client underneath.
+    pub fn api(&self) -> &qgate_api::Client {
+        &self.api
+    }
+
+    /// The node's overlay address (from `identity`, or `status` on a node
+    /// older than API version 2).
     pub fn overlay_address(&self) -> Result<Ipv6Addr, NodeError> {
-        let st = self.request(json!({"cmd": "status"}))?;
-        st.get("address")
-            .and_then(Value::as_str)
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| NodeError::BadAnswer("status has no address".into()))
+        match self.api.identity() {
+            Ok(id) => Ok(id.address),
+            Err(NodeError::Unsupported { .. }) => Ok(self.api.status()?.address),
+            Err(e) => Err(e),
+        }
     }
 
     /// Publishes a value; returns on how many nodes it was stored.
     pub fn dht_put(&self, ns: &str, key: &str, value: &[u8], ttl: u64) -> Result<u64, NodeError> {
-        let v = self.request(json!({
-            "cmd": "dht_put",
-            "namespace": ns,
-            "key": key,
-            "value": base64::engine::general_purpose::STANDARD.encode(value),
-            "ttl": ttl,
-        }))?;
-        Ok(v.get("stored_at").and_then(Value::as_u64).unwrap_or(0))
+        Ok(self.api.dht_put(ns, key, value, Some(ttl))?.stored_at)
     }
 
     /// Reads a key's values (the newest per publisher).
     pub fn dht_get(&self, ns: &str, key: &str) -> Result<Vec<DhtValue>, NodeError> {
-        let v = self.request(json!({"cmd": "dht_get", "namespace": ns, "key": key}))?;
-        let values = v
-            .get("values")
-            .and_then(Value::as_array)
-            .ok_or_else(|| NodeError::BadAnswer("dht_get without values".into()))?;
-        Ok(values
-            .iter()
-            .filter_map(|x| {
-                let publisher = x.get("publisher")?.as_str()?.to_string();
-                let value = base64::engine::general_purpose::STANDARD
-                    .decode(x.get("value")?.as_str()?)
-                    .ok()?;
-                Some(DhtValue { publisher, value })
-            })
-            .collect())
+        self.api.dht_get(ns, key)
+    }
+
+    /// Announces this node's QuantumDFS server on `port` of its overlay
+    /// address for `ttl` seconds; returns on how many nodes the record was
+    /// stored.
+    pub fn announce_service(&self, port: u16, ttl: u64) -> Result<u64, NodeError> {
+        Ok(self
+            .api
+            .service_announce(SERVICE_NAME, port, SERVICE_VERSION, Some(ttl))?
+            .stored_at)
+    }
+
+    /// The nodes announcing a QuantumDFS server.
+    pub fn lookup_service(&self) -> Result<Vec<ServiceProvider>, NodeError> {
+        self.api.service_lookup(SERVICE_NAME)
     }
 }

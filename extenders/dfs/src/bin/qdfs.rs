@@ -313,12 +313,24 @@ fn serve(config: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Publishes a provider record for every ID in the store, new ones within
-/// ten seconds, all of them again every [`announce::REPUBLISH_SECS`].
+/// Publishes the service record (`qgate.service`/`qdfs`: this port) and a
+/// provider record for every ID in the store, new ones within ten seconds,
+/// all of them again every [`announce::REPUBLISH_SECS`].
 fn announcer(store: &Store, node: &NodeClient, local: SocketAddr) {
     let mut announced: std::collections::HashMap<Id, Instant> = Default::default();
+    let mut service_at: Option<Instant> = None;
     let mut warned = false;
     loop {
+        if service_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(announce::REPUBLISH_SECS)) {
+            match node.announce_service(local.port(), announce::RECORD_TTL_SECS) {
+                Ok(n) if n > 0 => {
+                    tracing::info!(port = local.port(), stored_at = n, "service announced");
+                    service_at = Some(Instant::now());
+                }
+                Ok(_) => tracing::info!("service record stored nowhere yet; will retry"),
+                Err(e) => tracing::warn!("announcing the service: {e}"),
+            }
+        }
         let own = match local.ip() {
             IpAddr::V6(a) if a.octets()[0] == 0xfc => Ok(a),
             _ => node.overlay_address(),

@@ -131,8 +131,24 @@ impl Lab {
         self.children.len() - 1
     }
 
-    /// Creates and starts a qgate node listening on `listen` in `ns`.
+    /// Creates and starts a qgate node listening on `listen` in `ns`, with
+    /// only the DFS port (tcp/7400) open to the overlay.
     pub fn add_node(&mut self, name: &str, ns: &str, listen: &str, peers: &[String]) {
+        self.add_node_with(name, ns, listen, peers, &["tcp/7400"], |_| {});
+    }
+
+    /// Creates and starts a qgate node listening on `listen` in `ns`, with
+    /// `allow` as its `[inbound] allow`; `prepare` gets the state directory
+    /// (which holds qgate.toml) before the node starts.
+    pub fn add_node_with(
+        &mut self,
+        name: &str,
+        ns: &str,
+        listen: &str,
+        peers: &[String],
+        allow: &[&str],
+        prepare: impl FnOnce(&Path),
+    ) {
         let dir = self.dir.join(name);
         let q = qgate_bin();
         must(
@@ -148,18 +164,20 @@ impl Lab {
         let id: Value = serde_json::from_slice(&out.stdout).unwrap();
         let config = dir.join("qgate.toml");
         let list: Vec<String> = peers.iter().map(|u| format!("\"{u}\",")).collect();
+        let quoted: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
+        let allow_line = format!("allow = [{}]", quoted.join(", "));
         let text = fs::read_to_string(&config)
             .unwrap()
             .replace("# log = \"info\"", "log = \"debug\"\npreset = \"fast\"")
-            // Only the DFS port is open to the overlay.
-            .replacen("# allow = []", "allow = [\"tcp/7400\"]", 1)
+            .replacen("# allow = []", &allow_line, 1)
             .replacen(
                 "peers = [\n",
                 &format!("peers = [\n{}\n", list.join("\n")),
                 1,
             );
-        assert!(text.contains("allow = [\"tcp/7400\"]"));
+        assert!(text.contains(&allow_line));
         fs::write(&config, text).unwrap();
+        prepare(&dir);
         let cfg = config.to_str().unwrap().to_string();
         self.spawn(ns, &q, &["run", "--config", &cfg], &format!("{name}.log"));
         must(Command::new(&q).args(["status", "--wait", "15", "--config", &cfg]));
