@@ -9,6 +9,13 @@
 //! max_connections = 64
 //! max_connections_per_peer = 8
 //! peer_rate = 0                        # bytes/s per peer; 0: unlimited
+//! # Private storage (see crate::owner, crate::holder, crate::repair):
+//! quota = "10 GiB"                     # disk given to others' shares; 0: none
+//! shares = "3-of-6"                    # scheme for this owner's stores
+//! owner_key = "owner.key"              # default DATA_DIR/owner.key; repairs if present
+//! repair_grace = "1h"                  # a share failing this long is re-created
+//! repair_interval = "10 min"           # how often every share is challenged
+//! holders = ["[fc00::1]:7400"]         # holders to use besides the DHT's
 //! ```
 //! Unknown keys are refused, so a typo is an error rather than a default.
 
@@ -49,6 +56,25 @@ pub struct Config {
     pub announce: bool,
     /// Connection and rate budgets.
     pub limits: Limits,
+    /// Private storage settings.
+    pub private: PrivateConfig,
+}
+
+/// The private-storage part of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivateConfig {
+    /// Bytes given to others' shares (0: none are kept).
+    pub quota: u64,
+    /// The scheme this owner stores with.
+    pub scheme: crate::private::Scheme,
+    /// The owner key file (`None`: `DATA_DIR/owner.key`).
+    pub owner_key: Option<PathBuf>,
+    /// How long a share may fail its challenges before it is re-created.
+    pub repair_grace: std::time::Duration,
+    /// How often the repairer challenges every share.
+    pub repair_interval: std::time::Duration,
+    /// Holders to use besides those found in the DHT.
+    pub holders: Vec<SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +88,12 @@ struct Raw {
     max_connections: Option<usize>,
     max_connections_per_peer: Option<usize>,
     peer_rate: Option<u64>,
+    quota: Option<crate::units::Amount>,
+    shares: Option<String>,
+    owner_key: Option<PathBuf>,
+    repair_grace: Option<crate::units::Amount>,
+    repair_interval: Option<crate::units::Amount>,
+    holders: Option<Vec<SocketAddr>>,
 }
 
 /// What is wrong with a configuration file.
@@ -125,7 +157,32 @@ impl Config {
             None => Ok(default),
         };
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let value = |key: &'static str| move |why: String| ConfigError::Value { key, why };
+        let secs = |key: &'static str, v: Option<crate::units::Amount>, default: u64| match v {
+            None => Ok(std::time::Duration::from_secs(default)),
+            Some(a) => crate::units::seconds(&a)
+                .map_err(value(key))
+                .and_then(|s| match s {
+                    0 => Err(value(key)("must be at least 1 second".into())),
+                    s => Ok(std::time::Duration::from_secs(s)),
+                }),
+        };
+        let private = PrivateConfig {
+            quota: match &raw.quota {
+                None => 0,
+                Some(a) => crate::units::size(a).map_err(value("quota"))?,
+            },
+            scheme: match &raw.shares {
+                None => crate::private::Scheme::default(),
+                Some(s) => s.parse().map_err(|e| value("shares")(format!("{e}")))?,
+            },
+            owner_key: raw.owner_key.map(resolve),
+            repair_grace: secs("repair_grace", raw.repair_grace, 3600)?,
+            repair_interval: secs("repair_interval", raw.repair_interval, 600)?,
+            holders: raw.holders.unwrap_or_default(),
+        };
         Ok(Config {
+            private,
             data_dir: resolve(raw.data_dir),
             listen,
             control_socket: resolve(
@@ -165,6 +222,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, Listen::Address("127.0.0.1:0".parse().unwrap()));
         assert_eq!(c.limits.peer_rate, Some(1000));
+        assert_eq!(c.private.quota, 0);
+        let c = Config::parse(
+            "data_dir = \"/s\"\nquota = \"2 GiB\"\nrepair_grace = 5\nshares = \"2-of-4\"\nholders = [\"127.0.0.1:9\"]\n",
+            Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(c.private.quota, 2 << 30);
+        assert_eq!(c.private.repair_grace.as_secs(), 5);
+        assert_eq!(c.private.scheme.n, 4);
+        assert_eq!(c.private.holders.len(), 1);
         for bad in [
             "",
             "data_dir = 3",
@@ -172,6 +239,9 @@ mod tests {
             "data_dir = \"/s\"\nlisten = \"[::1]:1\"\nport = 2",
             "data_dir = \"/s\"\nmax_connections = 0",
             "data_dir = \"/s\"\nqouta = 1",
+            "data_dir = \"/s\"\nquota = \"lots\"",
+            "data_dir = \"/s\"\nshares = \"6-of-3\"",
+            "data_dir = \"/s\"\nrepair_grace = 0",
         ] {
             assert!(Config::parse(bad, Path::new("/")).is_err(), "{bad}");
         }

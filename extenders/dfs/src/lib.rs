@@ -15,25 +15,33 @@
 //!
 //! Layout: pure parts (no sockets, no clock reads): [`id`], [`manifest`],
 //! [`wire`], [`budget`], [`announce`], [`resume`], [`schedule`], [`private`]
-//! (client-side encryption and k-of-n shares, not used by any command yet);
-//! I/O parts:
-//! [`tree`], [`store`], [`server`], [`fetch`], [`node`], [`config`],
-//! [`progress`].
+//! (client-side encryption and k-of-n shares), [`cap`] (read capabilities),
+//! [`units`]; I/O parts: [`tree`], [`store`], [`server`], [`fetch`],
+//! [`node`], [`config`], [`progress`], and for private storage [`holder`]
+//! (keeping others' shares within a quota; its [`holder::Ledger`] is pure),
+//! [`owner`] (owner key, placing and reading shares, the owner's index)
+//! and [`repair`] (challenges and re-creating lost shares; its
+//! [`repair::Tracker`] is pure).
 
 pub mod announce;
 pub mod budget;
+pub mod cap;
 pub mod config;
 pub mod fetch;
+pub mod holder;
 pub mod id;
 pub mod manifest;
 pub mod node;
+pub mod owner;
 pub mod private;
 pub mod progress;
+pub mod repair;
 pub mod resume;
 pub mod schedule;
 pub mod server;
 pub mod store;
 pub mod tree;
+pub mod units;
 pub mod wire;
 
 pub use id::Id;
@@ -68,5 +76,25 @@ pub mod fuzzing {
     /// The resume state file.
     pub fn fuzz_resume(data: &[u8]) {
         let _ = crate::resume::ResumeState::parse(data);
+    }
+
+    /// A read capability, binary and text forms.
+    pub fn fuzz_capability(data: &[u8]) {
+        if let Ok(c) = crate::cap::Capability::parse(data) {
+            // One encoding per capability.
+            assert_eq!(c.encode(), data);
+            for j in 0..c.shares.len() {
+                let _ = c.share_id(j);
+            }
+        }
+        let _ = String::from_utf8_lossy(data).parse::<crate::cap::Capability>();
+    }
+
+    /// What private storage reads from the DHT or the network: the holder
+    /// record, the owner's index pointer, and the index itself.
+    pub fn fuzz_private_records(data: &[u8]) {
+        let _ = crate::holder::HolderRecord::parse(data);
+        let _ = crate::owner::OwnerKey::from_bytes([7; 32]).open_pointer(data);
+        let _ = crate::owner::Index::parse(data);
     }
 }

@@ -1,7 +1,6 @@
 //! Client-side sealing for private storage, sans IO over `Read`/`Write`:
-//! the building block of `qdfs store` / `qdfs fetch` (issue 12, item 3),
-//! which are **not built yet** — nothing here talks to the network, places
-//! shares on nodes, or keeps the owner's index.
+//! the building block of `qdfs store` / `qdfs fetch` ([`crate::owner`]
+//! places the shares on holders and keeps the owner's index).
 //!
 //! A file is encrypted on the client in segments of [`SEGMENT`] bytes with
 //! XChaCha20-Poly1305 under a random per-file key; segment `i`'s nonce is
@@ -262,6 +261,72 @@ pub fn open(
     Ok(())
 }
 
+/// Re-creates lost shares from any `k` present ones, without the key:
+/// `shares[j]` is share `j` (`None` where lost), `outs[j]` receives share
+/// `j` where `Some`. Only the size and scheme of `f` are used. Erasure
+/// coding is deterministic, so a re-created share is byte for byte the
+/// lost one (same root, same ID).
+pub fn regenerate(
+    f: &SealedFile,
+    shares: &mut [Option<&mut dyn Read>],
+    outs: &mut [Option<&mut dyn Write>],
+) -> Result<(), PrivateError> {
+    let (k, n) = (f.scheme.k as usize, f.scheme.n as usize);
+    let have = shares.iter().filter(|s| s.is_some()).count();
+    if shares.len() != n || outs.len() != n || have < k {
+        return Err(PrivateError::TooFewShares { have, need: k });
+    }
+    let mut buf: Vec<Vec<u8>> = vec![Vec::new(); n];
+    for i in 0..segments(f.size) {
+        let shard = shard_len(plain_len(f.size, i) + TAG, k);
+        let mut used = Vec::with_capacity(k);
+        for (j, s) in shares.iter_mut().enumerate() {
+            if used.len() == k {
+                break;
+            }
+            if let Some(r) = s {
+                buf[j].resize(shard, 0);
+                r.read_exact(&mut buf[j])?;
+                used.push(j);
+            }
+        }
+        let mut originals: Vec<Option<Vec<u8>>> = vec![None; k];
+        let mut recovery = Vec::new();
+        for &j in &used {
+            if j < k {
+                originals[j] = Some(buf[j].clone());
+            } else {
+                recovery.push((j - k, buf[j].as_slice()));
+            }
+        }
+        if originals.iter().any(Option::is_none) {
+            let present = originals
+                .iter()
+                .enumerate()
+                .filter_map(|(j, o)| o.as_deref().map(|d| (j, d)));
+            let restored = reed_solomon_simd::decode(k, n - k, present, recovery)
+                .map_err(|e| PrivateError::Coding(e.to_string()))?;
+            for (j, d) in restored {
+                if j < k {
+                    originals[j] = Some(d);
+                }
+            }
+        }
+        let originals: Vec<Vec<u8>> = originals
+            .into_iter()
+            .map(|o| o.ok_or(PrivateError::Open(i)))
+            .collect::<Result<_, _>>()?;
+        let rec = reed_solomon_simd::encode(k, n - k, &originals)
+            .map_err(|e| PrivateError::Coding(e.to_string()))?;
+        for (j, out) in outs.iter_mut().enumerate() {
+            if let Some(w) = out {
+                w.write_all(if j < k { &originals[j] } else { &rec[j - k] })?;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +352,28 @@ mod tests {
         let mut out = Vec::new();
         open(f, &mut rs, &mut out)?;
         Ok(out)
+    }
+
+    #[test]
+    fn regenerated_shares_are_identical() {
+        let d = data(2 * SEGMENT + 777);
+        let (f, shares) = seal_vec(&d, Scheme::default());
+        let mut readers: Vec<&[u8]> = shares.iter().map(|s| s.as_slice()).collect();
+        let mut rs: Vec<Option<&mut dyn Read>> = readers
+            .iter_mut()
+            .enumerate()
+            .map(|(j, r)| (j % 2 == 1).then_some(r as &mut dyn Read))
+            .collect();
+        let mut outs: Vec<Vec<u8>> = vec![Vec::new(); 6];
+        let mut ws: Vec<Option<&mut dyn Write>> = outs
+            .iter_mut()
+            .enumerate()
+            .map(|(j, o)| (j % 2 == 0).then_some(o as &mut dyn Write))
+            .collect();
+        regenerate(&f, &mut rs, &mut ws).unwrap();
+        for j in [0, 2, 4] {
+            assert!(outs[j] == shares[j], "share {j}");
+        }
     }
 
     #[test]

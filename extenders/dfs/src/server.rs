@@ -99,6 +99,8 @@ pub struct Server {
     /// Counters.
     pub stats: Stats,
     stop: AtomicBool,
+    /// Private storage: where others' shares go (`None`: none are kept).
+    holder: Option<Arc<crate::holder::Holder>>,
     /// Test hook: which chunk groups to corrupt in everything served.
     #[cfg(feature = "test-hooks")]
     corrupt: Option<hooks::CorruptAt>,
@@ -116,9 +118,16 @@ impl Server {
             budgets: Mutex::new(Budgets::new(limits)),
             stats: Stats::default(),
             stop: AtomicBool::new(false),
+            holder: None,
             #[cfg(feature = "test-hooks")]
             corrupt: hooks::CorruptAt::from_env(),
         }
+    }
+
+    /// Keeps others' private shares with `holder` (answers `PutShare`).
+    pub fn with_holder(mut self, holder: Arc<crate::holder::Holder>) -> Server {
+        self.holder = Some(holder);
+        self
     }
 
     /// The store served.
@@ -243,6 +252,18 @@ impl Server {
                 Action::SendRanges(id, groups) => {
                     bump(&self.stats.requests, 1);
                     self.send_ranges(&mut out, &id, &groups)?;
+                }
+                Action::ReceiveShare(m) => {
+                    bump(&self.stats.requests, 1);
+                    match &self.holder {
+                        Some(h) => h.receive(&self.store, &mut reader, &mut out, m, peer.ip())?,
+                        None => {
+                            let r = Response::Error {
+                                code: ErrorCode::QuotaExceeded,
+                            };
+                            out.write_all(&r.encode())?;
+                        }
+                    }
                 }
             }
             // Answer now unless the next request is already here (then

@@ -18,6 +18,9 @@ use qdfs::store::{write_atomic, Store};
 use qdfs::Id;
 use serde_json::json;
 
+#[path = "qdfs/private_cmd.rs"]
+mod private_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "qdfs",
@@ -86,6 +89,9 @@ enum Cmd {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Private storage: key, store, ls, fetch, share.
+    #[command(flatten)]
+    Private(private_cmd::PrivateCmd),
     /// Show what the store holds and what `qdfs serve` has served.
     Status {
         /// As JSON.
@@ -202,6 +208,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Status { json, store } => status(&data_dir(&store)?, json),
+        Cmd::Private(cmd) => private_cmd::run(cmd),
     }
 }
 
@@ -278,7 +285,8 @@ fn serve(config: &Path) -> Result<()> {
     println!("listening on {local}");
     std::io::stdout().flush()?;
     tracing::info!(%local, store = %cfg.data_dir.display(), "serving");
-    let server = Arc::new(Server::new(store, cfg.limits));
+    let server = Server::new(store, cfg.limits);
+    let server = Arc::new(private_cmd::attach(&cfg, server, &node, local)?);
     {
         let server = Arc::clone(&server);
         let path = cfg.data_dir.join("stats.json");
@@ -359,10 +367,11 @@ fn status(dir: &Path, json: bool) -> Result<()> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(serde_json::Value::Null);
+    let private = private_cmd::status(dir);
     if json {
         println!(
             "{}",
-            json!({"data_dir": dir, "provided": ids.len(), "served": stats})
+            json!({"data_dir": dir, "provided": ids.len(), "served": stats, "private": private})
         );
     } else {
         println!("store     {}", dir.display());
@@ -374,6 +383,13 @@ fn status(dir: &Path, json: bool) -> Result<()> {
                 }
             }
             None => println!("served    (no `qdfs serve` has run on this store)"),
+        }
+        for part in ["holder", "repair"] {
+            if let Some(o) = private[part].as_object() {
+                for (k, v) in o {
+                    println!("{part}.{k:<17} {v}");
+                }
+            }
         }
     }
     Ok(())

@@ -1,0 +1,357 @@
+//! `qdfs key`, `store`, `ls`, `fetch`, `share` and the private-storage part
+//! of `qdfs serve` (holding others' shares, repairing the owner's).
+
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use qdfs::announce;
+use qdfs::cap::Capability;
+use qdfs::config::{Config, DEFAULT_CONTROL_SOCKET};
+use qdfs::holder::{self, Holder, HolderRecord};
+use qdfs::node::NodeClient;
+use qdfs::owner::{self, IndexEntry, Net, OwnerKey};
+use qdfs::private::Scheme;
+use qdfs::repair::Repairer;
+use qdfs::server::Server;
+use qdfs::store::write_atomic;
+use serde_json::json;
+
+use super::{data_dir, StoreArgs};
+
+/// Where the owner's things are and how to reach holders.
+#[derive(clap::Args, Clone)]
+pub struct OwnerArgs {
+    /// The owner key file (default: DATA_DIR/owner.key, or the
+    /// configuration's owner_key).
+    #[arg(long)]
+    owner_key: Option<PathBuf>,
+    /// A holder to place shares on or read them from, ADDR:PORT (repeatable).
+    #[arg(long = "holder")]
+    holders: Vec<SocketAddr>,
+    /// Do not use the node's DHT (holders, shares and the index pointer).
+    #[arg(long)]
+    no_dht: bool,
+    /// The node's control socket (for the DHT).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// The private-storage commands.
+#[derive(Subcommand)]
+pub enum PrivateCmd {
+    /// Manage the owner key.
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+    /// Encrypt a file, erasure-code it and place its shares on holders;
+    /// prints the file's private ID.
+    Store {
+        /// The file to store.
+        path: PathBuf,
+        /// The scheme, K-of-N (default: the configuration's, else 3-of-6).
+        #[arg(long)]
+        shares: Option<Scheme>,
+        #[command(flatten)]
+        owner: OwnerArgs,
+    },
+    /// List the owner's stored files (ID, size, date, name).
+    Ls {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        owner: OwnerArgs,
+    },
+    /// Fetch a stored file by its private ID (owner) or a capability (anyone).
+    Fetch {
+        /// A private ID from `qdfs ls`, or a `qdfs:cap:` capability.
+        what: String,
+        /// Where to write it.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// Replace an existing output.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        owner: OwnerArgs,
+    },
+    /// Print a read capability for one stored file.
+    Share {
+        /// The private ID from `qdfs ls`.
+        id: String,
+        #[command(flatten)]
+        owner: OwnerArgs,
+    },
+}
+
+/// `qdfs key ...`.
+#[derive(Subcommand)]
+pub enum KeyCmd {
+    /// Create a new owner key (never over an existing one).
+    New {
+        #[command(flatten)]
+        owner: OwnerArgs,
+    },
+}
+
+struct Ctx {
+    dir: PathBuf,
+    key_path: PathBuf,
+    net: Net,
+    scheme: Scheme,
+}
+
+fn ctx(a: &OwnerArgs) -> Result<Ctx> {
+    let dir = data_dir(&a.store)?;
+    let cfg = a.store.config.as_deref().map(Config::load).transpose()?;
+    let key_path = a
+        .owner_key
+        .clone()
+        .or_else(|| cfg.as_ref().and_then(|c| c.private.owner_key.clone()))
+        .unwrap_or_else(|| dir.join("owner.key"));
+    let mut holders = a.holders.clone();
+    if let Some(c) = &cfg {
+        holders.extend(c.private.holders.iter().copied());
+    }
+    let socket = a
+        .control_socket
+        .clone()
+        .or_else(|| cfg.as_ref().map(|c| c.control_socket.clone()))
+        .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into());
+    let node = (!a.no_dht && socket.exists()).then(|| NodeClient::new(&socket));
+    let scheme = cfg.as_ref().map(|c| c.private.scheme).unwrap_or_default();
+    Ok(Ctx {
+        net: Net::new(holders, node, dir.join("private-work")),
+        dir,
+        key_path,
+        scheme,
+    })
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Runs one private-storage command.
+pub fn run(cmd: PrivateCmd) -> Result<()> {
+    match cmd {
+        PrivateCmd::Key {
+            cmd: KeyCmd::New { owner },
+        } => {
+            let c = ctx(&owner)?;
+            OwnerKey::create(&c.key_path)?;
+            println!("{}", c.key_path.display());
+            eprintln!("keep a copy of this key: it is the only way to your stored files");
+            Ok(())
+        }
+        PrivateCmd::Store {
+            path,
+            shares,
+            owner,
+        } => {
+            let c = ctx(&owner)?;
+            let key = OwnerKey::load_or_create(&c.key_path, true)?;
+            let meta = std::fs::metadata(&path).with_context(|| format!("{}", path.display()))?;
+            if !meta.is_file() {
+                bail!("{}: only files can be stored so far", path.display());
+            }
+            // The index first: a store must never drop existing entries.
+            let (mut index, prev) =
+                owner::load_index(&key, &c.dir, &c.net).context("reading the owner index")?;
+            let scheme = shares.unwrap_or(c.scheme);
+            let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            let cap = owner::store(f, meta.len(), scheme, &c.net)
+                .with_context(|| format!("storing {}", path.display()))?;
+            let entry = IndexEntry {
+                name: path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                size: meta.len(),
+                date: now_secs(),
+                cap: cap.to_text(),
+            };
+            let id = entry.id();
+            index.entries.push(entry);
+            owner::save_index(&key, &c.dir, &c.net, &index, prev.as_ref(), scheme)
+                .context("the file's shares are placed but the owner index was not updated")?;
+            println!("{id}");
+            Ok(())
+        }
+        PrivateCmd::Ls { json, owner } => {
+            let c = ctx(&owner)?;
+            let key = OwnerKey::load(&c.key_path)?;
+            let (index, _) = owner::load_index(&key, &c.dir, &c.net)?;
+            for e in &index.entries {
+                if json {
+                    println!(
+                        "{}",
+                        json!({"id": e.id(), "name": e.name, "size": e.size, "date": e.date})
+                    );
+                } else {
+                    println!("{}  {:>14}  {}  {}", e.id(), e.size, e.date, e.name);
+                }
+            }
+            Ok(())
+        }
+        PrivateCmd::Fetch {
+            what,
+            output,
+            force,
+            owner,
+        } => {
+            let c = ctx(&owner)?;
+            let cap = if what.starts_with(qdfs::cap::PREFIX) {
+                what.parse::<Capability>()?
+            } else {
+                let key = OwnerKey::load(&c.key_path)?;
+                let (index, _) = owner::load_index(&key, &c.dir, &c.net)?;
+                index
+                    .find(&what)
+                    .ok_or_else(|| owner::OwnerError::UnknownFile(what.clone()))?
+                    .capability()?
+            };
+            owner::read(&cap, &output, force, &c.net)?;
+            Ok(())
+        }
+        PrivateCmd::Share { id, owner } => {
+            let c = ctx(&owner)?;
+            let key = OwnerKey::load(&c.key_path)?;
+            let (index, _) = owner::load_index(&key, &c.dir, &c.net)?;
+            let e = index
+                .find(&id)
+                .ok_or_else(|| owner::OwnerError::UnknownFile(id.clone()))?;
+            println!("{}", e.capability()?.to_text());
+            Ok(())
+        }
+    }
+}
+
+/// The private-storage part of `qdfs serve`: keeps others' shares within
+/// `quota` (announcing this node as a holder), and with an owner key
+/// repairs the owner's files. Counters go to DATA_DIR/holder.json and
+/// DATA_DIR/repair.json for `qdfs status`.
+pub fn attach(
+    cfg: &Config,
+    server: Server,
+    node: &NodeClient,
+    local: SocketAddr,
+) -> Result<Server> {
+    let holder = Arc::new(Holder::open(server.store(), cfg.private.quota)?);
+    let server = server.with_holder(Arc::clone(&holder));
+    {
+        let (holder, path) = (Arc::clone(&holder), cfg.data_dir.join("holder.json"));
+        std::thread::spawn(move || loop {
+            let v = serde_json::to_vec(&holder.snapshot()).unwrap_or_default();
+            if let Err(e) = write_atomic(&path, &v) {
+                tracing::warn!("writing holder stats: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        });
+    }
+    if cfg.announce && cfg.private.quota > 0 {
+        let (holder, node) = (Arc::clone(&holder), node.clone());
+        std::thread::spawn(move || holder_announcer(&holder, &node, local));
+    }
+    let key_path = cfg
+        .private
+        .owner_key
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join("owner.key"));
+    if key_path.exists() {
+        let key = OwnerKey::load(&key_path)?;
+        let node = cfg
+            .control_socket
+            .exists()
+            .then(|| NodeClient::new(&cfg.control_socket));
+        let net = Net::new(
+            cfg.private.holders.clone(),
+            node,
+            cfg.data_dir.join("private-work"),
+        );
+        let mut r = Repairer::new(
+            key,
+            cfg.data_dir.clone(),
+            net,
+            cfg.private.repair_grace,
+            cfg.private.scheme,
+        );
+        let (interval, path) = (
+            cfg.private.repair_interval,
+            cfg.data_dir.join("repair.json"),
+        );
+        tracing::info!(?interval, grace = ?cfg.private.repair_grace, "repairing the owner's files");
+        std::thread::spawn(move || loop {
+            std::thread::sleep(interval);
+            match r.round(Instant::now()) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(shares = n, "repair round re-created shares"),
+                Err(e) => tracing::warn!("repair round: {e}"),
+            }
+            let v = serde_json::to_vec(&r.stats).unwrap_or_default();
+            if let Err(e) = write_atomic(&path, &v) {
+                tracing::warn!("writing repair stats: {e}");
+            }
+        });
+    }
+    Ok(server)
+}
+
+/// Publishes this node's holder record (port and free quota) every ten
+/// minutes, under the shard its address picks.
+fn holder_announcer(holder: &Holder, node: &NodeClient, local: SocketAddr) {
+    loop {
+        let own = match local.ip() {
+            IpAddr::V6(a) if a.octets()[0] == 0xfc => Ok(a),
+            _ => node.overlay_address(),
+        };
+        let wait = match own {
+            Ok(own) => {
+                let key = holder::holders_key(announce::shard_for(&own));
+                let rec = HolderRecord {
+                    port: local.port(),
+                    free: holder.free(),
+                };
+                match node.dht_put(
+                    announce::NAMESPACE,
+                    &key,
+                    &rec.encode(),
+                    announce::RECORD_TTL_SECS,
+                ) {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(stored_at = n, free = rec.free, "announced as holder");
+                        600
+                    }
+                    Ok(_) => 10,
+                    Err(e) => {
+                        tracing::warn!("announcing as holder: {e}");
+                        30
+                    }
+                }
+            }
+            Err(_) => 30,
+        };
+        std::thread::sleep(Duration::from_secs(wait));
+    }
+}
+
+/// The private-storage counters for `qdfs status`.
+pub fn status(dir: &Path) -> serde_json::Value {
+    let read = |name: &str| -> serde_json::Value {
+        std::fs::read(dir.join(name))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    json!({"holder": read("holder.json"), "repair": read("repair.json")})
+}
