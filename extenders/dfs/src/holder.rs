@@ -164,6 +164,9 @@ pub struct Holder {
     dir: PathBuf,
     quota: u64,
     ledger: Mutex<Ledger>,
+    /// Shares being received now (a second put of one is refused as busy,
+    /// so one share is never counted twice).
+    receiving: Mutex<std::collections::HashSet<crate::Id>>,
     held: AtomicU64,
     stored: AtomicU64,
     refused: AtomicU64,
@@ -199,6 +202,7 @@ impl Holder {
             dir,
             quota,
             ledger: Mutex::new(Ledger::new(quota, used)),
+            receiving: Mutex::new(Default::default()),
             held: AtomicU64::new(held),
             stored: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -246,20 +250,38 @@ impl Holder {
     ) -> io::Result<()> {
         let id = Manifest::File(m).id();
         let path = self.share_path(&m);
-        if path.exists() && store.manifest_bytes(&id).ok().flatten().is_some() {
+        let bytes = cost(m.size);
+        let busy = !self
+            .receiving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
+        // Checked after claiming the ID, so a put that just finished is seen.
+        if !busy && path.exists() && store.manifest_bytes(&id).ok().flatten().is_some() {
+            self.done_receiving(&id);
             out.write_all(&Response::Stored.encode())?;
             return Ok(());
         }
-        let bytes = cost(m.size);
-        if let Err(why) = self.ledger().reserve(peer, bytes) {
+        let reserved = if busy {
+            Err(Refusal::Busy)
+        } else {
+            self.ledger().reserve(peer, bytes)
+        };
+        if let Err(why) = reserved {
+            if !busy {
+                self.done_receiving(&id);
+            }
             self.refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, %id, size = m.size, "share refused: {why}");
             out.write_all(&Response::Error { code: why.code() }.encode())?;
             return Ok(());
         }
-        out.write_all(&Response::Accept.encode())?;
-        out.flush()?;
-        match self.take(store, input, &m, &path) {
+        let taken = out
+            .write_all(&Response::Accept.encode())
+            .and_then(|()| out.flush())
+            .and_then(|()| self.take(store, input, &m, &path));
+        self.done_receiving(&id);
+        match taken {
             Ok(()) => {
                 self.ledger().commit(peer, bytes);
                 self.held.fetch_add(1, Ordering::Relaxed);
@@ -281,6 +303,13 @@ impl Holder {
                 Err(e)
             }
         }
+    }
+
+    fn done_receiving(&self, id: &crate::Id) {
+        self.receiving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     /// Receives the bytes into temporaries and moves them into place if

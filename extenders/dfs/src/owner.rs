@@ -946,6 +946,8 @@ mod tests {
         let a = OwnerKey::from_bytes([3; 32]);
         let b = OwnerKey::from_bytes([4; 32]);
         assert_ne!(a.dht_key(), b.dht_key());
+        // The DHT's key limit.
+        assert!(a.dht_key().len() <= 64);
         let p = Pointer { seq: 9, cap: cap() };
         let v = a.seal_pointer(&p);
         assert!(v.len() <= MAX_POINTER);
