@@ -136,9 +136,12 @@ impl Ledger {
     }
 }
 
-/// Disk bytes a share of `size` bytes takes (data and outboard).
+/// Quota a share of `size` bytes takes: data and outboard, rounded up to
+/// whole 4 KiB blocks and at least one block each (so tiny or empty shares
+/// cannot fill the disk with entries at no cost).
 pub fn cost(size: u64) -> u64 {
-    size.saturating_add(tree::tree(size).outboard_size())
+    let block = |n: u64| n.div_ceil(4096).max(1).saturating_mul(4096);
+    block(size).saturating_add(block(tree::tree(size).outboard_size()))
 }
 
 /// Holder counters, as `qdfs status` shows them.

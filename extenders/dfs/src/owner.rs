@@ -13,7 +13,7 @@
 //!   JSON, sealed and stored like any file. A [`Pointer`] to it (sequence
 //!   number and the index's capability, sealed under a key derived from
 //!   the owner key) is published in the DHT under a key also derived from
-//!   the owner key, and kept locally in `DATA_DIR/owner-index.ptr`. Anyone
+//!   the owner key, and kept locally in `DATA_DIR/owner-index-<tag>.ptr`. Anyone
 //!   can publish under that key; readers ignore values that do not open
 //!   and take the highest sequence number.
 
@@ -539,7 +539,14 @@ pub fn place(
         order.sort_by_key(|c| distance(&id, c));
         let mut holder = None;
         for c in order {
-            match put_share(c, s.manifest, &s.path, net) {
+            let placed = put_share(c, s.manifest, &s.path, net).and_then(|()| {
+                // A holder that says Stored must prove it: one random chunk
+                // group checked against the share's root.
+                let g = u64::from_be_bytes(random_bytes::<8>());
+                crate::repair::challenge(c, s.manifest, g, net.io_timeout)
+                    .map_err(|e| PutError::Failed(format!("failed its first challenge: {e}")))
+            });
+            match placed {
                 Ok(()) => {
                     holder = Some(c);
                     break;
@@ -830,15 +837,17 @@ pub fn repair(
     Ok(out)
 }
 
-/// The owner's local copy of the pointer.
-pub fn pointer_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("owner-index.ptr")
+/// The owner's local copy of the pointer (named after the owner's DHT
+/// key, so owners sharing a data directory do not replace each other's).
+pub fn pointer_path(owner: &OwnerKey, data_dir: &Path) -> PathBuf {
+    let tag = blake3::hash(owner.dht_key().as_bytes()).to_hex();
+    data_dir.join(format!("owner-index-{}.ptr", &tag[..16]))
 }
 
 /// The newest pointer that opens: the local copy and the DHT's values.
 pub fn find_pointer(owner: &OwnerKey, data_dir: &Path, net: &Net) -> Option<Pointer> {
     let mut found: Vec<Pointer> = Vec::new();
-    if let Ok(b) = fs::read(pointer_path(data_dir)) {
+    if let Ok(b) = fs::read(pointer_path(owner, data_dir)) {
         found.extend(owner.open_pointer(&b));
     }
     if let Some(node) = &net.node {
@@ -905,7 +914,7 @@ pub fn publish_pointer(
 ) -> Result<(), OwnerError> {
     let sealed = owner.seal_pointer(p);
     fs::create_dir_all(data_dir).map_err(io_err("creating", data_dir))?;
-    write_atomic(&pointer_path(data_dir), &sealed)?;
+    write_atomic(&pointer_path(owner, data_dir), &sealed)?;
     if let Some(node) = &net.node {
         match node.dht_put(
             announce::NAMESPACE,

@@ -659,3 +659,75 @@ fn fresh_install_with_only_the_owner_key() {
     ls.extend(&common[2..]);
     assert_eq!(ok(&qdfs(&ls)).trim(), "");
 }
+
+/// A holder that answers every `PutShare` with `Stored` and holds nothing.
+fn lying_holder() -> SocketAddr {
+    use qdfs::wire::{read_frame, ErrorCode, Request, Response, MAX_REQUEST_FRAME};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(100) {
+            let Ok(mut s) = s else { return };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            while let Ok(body) = read_frame(&mut s, MAX_REQUEST_FRAME) {
+                let r = match Request::parse(&body) {
+                    Ok(Request::Hello { version }) => Response::Hello { version },
+                    Ok(Request::PutShare { .. }) => Response::Stored,
+                    Ok(_) => Response::Error {
+                        code: ErrorCode::NotFound,
+                    },
+                    Err(_) => break,
+                };
+                if s.write_all(&r.encode()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_holder_claiming_to_store_must_prove_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let holders: Vec<Serve> = (0..6)
+        .map(|i| Serve::holder(&tmp.path().join(format!("h{i}")), "64 MiB"))
+        .collect();
+    let liar = lying_holder();
+    let mut hs = vec![liar.to_string()];
+    hs.extend(addrs(&holders.iter().collect::<Vec<_>>()));
+    let owner = tmp.path().join("owner");
+    let data = test_data(100_000, 3);
+    let f = tmp.path().join("x.bin");
+    std::fs::write(&f, &data).unwrap();
+    let id = ok(&qdfs(&with_holders(
+        &[
+            "store",
+            f.to_str().unwrap(),
+            "--no-dht",
+            "--data-dir",
+            owner.to_str().unwrap(),
+        ],
+        &hs,
+    )))
+    .trim()
+    .to_string();
+    let cap = share_cap(&owner, &id);
+    assert!(cap.shares.iter().all(|s| s.hints[0] != liar));
+    // With the liar and only five honest holders the store is refused.
+    let out = qdfs(&with_holders(
+        &[
+            "store",
+            f.to_str().unwrap(),
+            "--no-dht",
+            "--data-dir",
+            owner.to_str().unwrap(),
+        ],
+        &hs[..6],
+    ));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("placed 5 of 6"),
+        "{out:?}"
+    );
+}
