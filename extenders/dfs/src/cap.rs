@@ -290,6 +290,13 @@ mod tests {
         assert!("cap".parse::<Capability>().is_err());
         assert_ne!(c.share_id(0), c.share_id(1));
         assert_eq!(c.share_id(6), None);
+        // The largest size a capability may claim costs no time.
+        let mut huge = c.clone();
+        huge.file.size = MAX_FILE_SIZE;
+        let t = std::time::Instant::now();
+        let parsed = Capability::parse(&huge.encode()).unwrap();
+        assert!(parsed.share_manifest(0).unwrap().size > MAX_FILE_SIZE / 3);
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

@@ -722,6 +722,20 @@ pub fn read(cap: &Capability, out: &Path, force: bool, net: &Net) -> Result<(), 
 }
 
 fn open_into(cap: &Capability, got: &[Option<PathBuf>], out: File) -> Result<(), OwnerError> {
+    let mut w = BufWriter::new(&out);
+    open_shares(cap, got, &mut w)?;
+    w.flush().map_err(|e| OwnerError::Private(e.into()))?;
+    drop(w);
+    out.sync_all()
+        .map_err(|e| OwnerError::Private(PrivateError::Io(e)))
+}
+
+/// Opens the shares at `got` (any `k` present) into `out`.
+fn open_shares(
+    cap: &Capability,
+    got: &[Option<PathBuf>],
+    out: impl Write,
+) -> Result<(), OwnerError> {
     let mut files: Vec<Option<io::BufReader<File>>> = Vec::new();
     for p in got {
         files.push(match p {
@@ -735,12 +749,8 @@ fn open_into(cap: &Capability, got: &[Option<PathBuf>], out: File) -> Result<(),
         .iter_mut()
         .map(|f| f.as_mut().map(|r| r as &mut dyn Read))
         .collect();
-    let mut w = BufWriter::new(&out);
-    private::open(&cap.file, &mut rs, &mut w)?;
-    w.flush().map_err(|e| OwnerError::Private(e.into()))?;
-    drop(w);
-    out.sync_all()
-        .map_err(|e| OwnerError::Private(PrivateError::Io(e)))
+    private::open(&cap.file, &mut rs, out)?;
+    Ok(())
 }
 
 /// Re-creates shares `lost` of `cap` from `k` others and places them on
@@ -878,10 +888,11 @@ pub fn load_index(
     if p.cap.file.size > MAX_INDEX {
         return Err(OwnerError::Index("larger than allowed".into()));
     }
+    // Opened in memory: the plaintext index never touches the disk.
     let dir = net.scratch()?;
-    let out = dir.0.join("index");
-    read(&p.cap, &out, false, net)?;
-    let bytes = fs::read(&out).map_err(io_err("reading", &out))?;
+    let got = fetch_shares(&p.cap, &dir.0, &HashSet::new(), net)?;
+    let mut bytes = Vec::new();
+    open_shares(&p.cap, &got, &mut bytes)?;
     Ok((Index::parse(&bytes)?, Some(p)))
 }
 
