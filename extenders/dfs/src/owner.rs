@@ -645,61 +645,96 @@ pub fn store(
     })
 }
 
-/// Fetches shares of `cap` into `dir` until `want` of them (none of
-/// `skip`) are there; returns the paths, `None` for shares not fetched.
+/// Fetches shares of `cap` (none of `skip`) into `dir` until `k` of them
+/// are there; returns the paths, `None` for shares not fetched.
+///
+/// `k + 1` shares are fetched at once (originals first, as they need no
+/// decoding); when one fails the next share takes its place, and as soon
+/// as `k` are complete the others are stopped. So the slowest holder of
+/// `k + 1` never holds the read up, at the cost of at most one share's
+/// extra transfer.
 fn fetch_shares(
     cap: &Capability,
     dir: &Path,
     skip: &HashSet<usize>,
     net: &Net,
 ) -> Result<Vec<Option<PathBuf>>, OwnerError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    struct Tally {
+        got: Vec<Option<PathBuf>>,
+        have: usize,
+        last: String,
+    }
     let (k, n) = (cap.file.scheme.k as usize, cap.file.scheme.n as usize);
-    let mut got: Vec<Option<PathBuf>> = vec![None; n];
-    let mut have = 0;
-    let mut last = String::from("no holder known");
-    #[allow(clippy::needless_range_loop)] // j is the share number throughout
-    for j in 0..n {
-        if have == k {
-            break;
+    let order: Vec<usize> = (0..n.min(cap.shares.len()))
+        .filter(|j| !skip.contains(j))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Mutex::new(Tally {
+        got: vec![None; n],
+        have: 0,
+        last: String::from("no holder known"),
+    });
+    let worker = || loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
         }
-        if skip.contains(&j) {
-            continue;
-        }
+        let Some(&j) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
+            return;
+        };
         let (Some(id), Some(s)) = (cap.share_id(j), cap.shares.get(j)) else {
             continue;
         };
         let providers = net.share_providers(&id, &s.hints);
-        if providers.is_empty() {
-            continue;
-        }
-        let mut opts = fetch::Options::new(providers);
-        opts.connect_timeout = net.connect_timeout;
-        opts.io_timeout = net.io_timeout;
-        opts.force = true;
         let p = dir.join(format!("share-{j}"));
-        match fetch::get(&id, &p, &opts, &Silent) {
-            Ok(_) => {
-                got[j] = Some(p);
-                have += 1;
-            }
-            Err(e) => {
-                tracing::info!(share = j, "share not fetched: {e}");
-                last = format!("share {j}: {e}");
-                if matches!(e, FetchError::Interrupted { .. }) {
-                    break;
+        let result = if providers.is_empty() {
+            Err("no holder known".to_string())
+        } else {
+            let mut opts = fetch::Options::new(providers);
+            opts.connect_timeout = net.connect_timeout;
+            opts.io_timeout = net.io_timeout;
+            opts.force = true;
+            opts.stop = Arc::clone(&stop);
+            fetch::get(&id, &p, &opts, &Silent).map_err(|e| match e {
+                FetchError::Interrupted { .. } => String::new(),
+                e => e.to_string(),
+            })
+        };
+        let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(_) if t.have < k => {
+                t.got[j] = Some(p);
+                t.have += 1;
+                if t.have == k {
+                    stop.store(true, Ordering::Relaxed);
                 }
             }
+            Ok(_) => {}
+            Err(e) if e.is_empty() => {}
+            Err(e) => {
+                tracing::info!(share = j, "share not fetched: {e}");
+                t.last = format!("share {j}: {e}");
+            }
         }
-    }
-    if have < k {
+    };
+    std::thread::scope(|sc| {
+        for _ in 0..(k + 1).min(order.len()) {
+            sc.spawn(worker);
+        }
+    });
+    let t = tally.into_inner().unwrap_or_else(|e| e.into_inner());
+    if t.have < k {
         return Err(OwnerError::NotEnoughShares {
-            have,
+            have: t.have,
             need: k,
             n,
-            last,
+            last: t.last,
         });
     }
-    Ok(got)
+    Ok(t.got)
 }
 
 /// Reads the file of `cap` from any `k` shares, writing its plaintext to
