@@ -27,6 +27,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -42,6 +43,9 @@ use crate::wire::{ErrorCode, Response};
 pub const MAX_PUTS_PER_PEER: usize = 2;
 /// Share puts in progress at once in all.
 pub const MAX_PUTS: usize = 16;
+/// Slowest a share's bytes may arrive on average (after a minute's grace):
+/// a peer trickling bytes cannot hold a reservation for long.
+pub const MIN_PUT_RATE: u64 = 16 * 1024;
 
 /// Why a reservation was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -186,6 +190,14 @@ impl Holder {
     pub fn open(store: &Store, quota: u64) -> io::Result<Holder> {
         let dir = store.dir().join("shares");
         fs::create_dir_all(&dir)?;
+        // Outboards of puts a crash interrupted.
+        if let Ok(rd) = fs::read_dir(store.dir().join("outboards")) {
+            for item in rd.flatten() {
+                if item.file_name().to_string_lossy().starts_with(".share.tmp") {
+                    let _ = fs::remove_file(item.path());
+                }
+            }
+        }
         let (mut used, mut held) = (0, 0);
         for item in fs::read_dir(&dir)? {
             let item = item?;
@@ -333,9 +345,11 @@ impl Holder {
             }
         };
         let result = (|| {
+            let budget = Duration::from_secs(60 + m.size / MIN_PUT_RATE);
             let mut tee = Tee {
                 inner: input.take(m.size),
                 copy: io::BufWriter::with_capacity(1 << 16, &data),
+                deadline: Instant::now() + budget,
             };
             let got = tree::hash_stream(&mut tee, m.size, &ob).map_err(io_other)?;
             tee.copy.flush()?;
@@ -363,14 +377,22 @@ impl Holder {
     }
 }
 
-/// A reader that copies what it reads to a writer.
+/// A reader that copies what it reads to a writer, and gives up after a
+/// deadline.
 struct Tee<R: Read, W: Write> {
     inner: R,
     copy: W,
+    deadline: Instant,
 }
 
 impl<R: Read, W: Write> Read for Tee<R, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if Instant::now() > self.deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "share bytes arrive too slowly",
+            ));
+        }
         let n = self.inner.read(buf)?;
         self.copy.write_all(&buf[..n])?;
         Ok(n)
@@ -532,6 +554,11 @@ mod tests {
             .encode()
         );
         // Outboards directory holds no temporaries.
+        // A crash's leftovers are removed on the next start.
+        fs::write(tmp.path().join("shares/abc.tmp0123"), b"x").unwrap();
+        fs::write(tmp.path().join("outboards/.share.tmp0123"), b"x").unwrap();
+        let again = Holder::open(&store, 1 << 20).unwrap();
+        assert_eq!(again.snapshot().shares_held, 1);
         let obs: Vec<_> = fs::read_dir(tmp.path().join("outboards"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
