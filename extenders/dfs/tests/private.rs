@@ -414,6 +414,39 @@ fn other_owners_and_capabilities() {
             .success()
     );
 
+    // A folder: each file its own entry, named by its path.
+    let folder = tmp.path().join("album");
+    std::fs::create_dir_all(folder.join("2024")).unwrap();
+    std::fs::write(folder.join("top.txt"), b"top").unwrap();
+    let deep = test_data(50_000, 4);
+    std::fs::write(folder.join("2024/deep.bin"), &deep).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", folder.join("link")).unwrap();
+    let out = ok(&qdfs(&with_holders(
+        &[
+            "store",
+            folder.to_str().unwrap(),
+            "--no-dht",
+            "--data-dir",
+            od,
+        ],
+        &hs,
+    )));
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let listing = ok(&qdfs(&["ls", "--no-dht", "--data-dir", od]));
+    assert!(listing.contains("album/2024/deep.bin") && listing.contains("album/top.txt"));
+    assert!(!listing.contains("link"), "{listing}");
+    let got_deep = tmp.path().join("deep.out");
+    ok(&qdfs(&[
+        "fetch",
+        "album/2024/deep.bin",
+        "-o",
+        got_deep.to_str().unwrap(),
+        "--no-dht",
+        "--data-dir",
+        od,
+    ]));
+    assert!(std::fs::read(&got_deep).unwrap() == deep);
+
     // A capability reads exactly its file, for anyone (no key at all).
     let cap_a = share_cap(&owner, &ida);
     let cap_b = share_cap(&owner, &idb);

@@ -51,10 +51,11 @@ pub enum PrivateCmd {
         #[command(subcommand)]
         cmd: KeyCmd,
     },
-    /// Encrypt a file, erasure-code it and place its shares on holders;
-    /// prints the file's private ID.
+    /// Encrypt a file (or each file of a folder), erasure-code it and place
+    /// its shares on holders; prints the private ID (and, for a folder,
+    /// each file's ID and name).
     Store {
-        /// The file to store.
+        /// The file or folder to store.
         path: PathBuf,
         /// The scheme, K-of-N (default: the configuration's, else 3-of-6).
         #[arg(long)]
@@ -162,30 +163,46 @@ pub fn run(cmd: PrivateCmd) -> Result<()> {
             let c = ctx(&owner)?;
             let key = OwnerKey::load_or_create(&c.key_path, true)?;
             let meta = std::fs::metadata(&path).with_context(|| format!("{}", path.display()))?;
-            if !meta.is_file() {
-                bail!("{}: only files can be stored so far", path.display());
+            let top = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "stored".into());
+            let mut files = Vec::new();
+            if meta.is_dir() {
+                walk(&path, &top, 0, &mut files)?;
+            } else if meta.is_file() {
+                files.push((path.clone(), top));
+            } else {
+                bail!("{}: neither a file nor a folder", path.display());
             }
             // The index first: a store must never drop existing entries.
             let (mut index, prev) =
                 owner::load_index(&key, &c.dir, &c.net).context("reading the owner index")?;
             let scheme = shares.unwrap_or(c.scheme);
-            let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-            let cap = owner::store(f, meta.len(), scheme, &c.net)
-                .with_context(|| format!("storing {}", path.display()))?;
-            let entry = IndexEntry {
-                name: path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                size: meta.len(),
-                date: now_secs(),
-                cap: cap.to_text(),
-            };
-            let id = entry.id();
-            index.entries.push(entry);
+            let mut lines = Vec::new();
+            for (file, name) in files {
+                let f = File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+                let size = f.metadata()?.len();
+                let cap = owner::store(f, size, scheme, &c.net)
+                    .with_context(|| format!("storing {}", file.display()))?;
+                let entry = IndexEntry {
+                    name,
+                    size,
+                    date: now_secs(),
+                    cap: cap.to_text(),
+                };
+                lines.push(if meta.is_dir() {
+                    format!("{}  {}", entry.id(), entry.name)
+                } else {
+                    entry.id()
+                });
+                index.entries.push(entry);
+            }
             owner::save_index(&key, &c.dir, &c.net, &index, prev.as_ref(), scheme)
-                .context("the file's shares are placed but the owner index was not updated")?;
-            println!("{id}");
+                .context("the files' shares are placed but the owner index was not updated")?;
+            for l in lines {
+                println!("{l}");
+            }
             Ok(())
         }
         PrivateCmd::Ls { json, owner } => {
@@ -235,6 +252,37 @@ pub fn run(cmd: PrivateCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Most files one `qdfs store` of a folder stores.
+const MAX_FOLDER_FILES: usize = 10_000;
+
+/// The files under `dir` (symbolic links and special files skipped), each
+/// with its name in the index: `prefix/relative/path`.
+fn walk(dir: &Path, prefix: &str, depth: usize, out: &mut Vec<(PathBuf, String)>) -> Result<()> {
+    if depth > 64 {
+        bail!("{}: folders nested deeper than 64", dir.display());
+    }
+    let mut items: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .collect::<std::io::Result<_>>()?;
+    items.sort_by_key(|e| e.file_name());
+    for item in items {
+        let name = item.file_name().to_string_lossy().into_owned();
+        let ft = item.file_type()?;
+        let rel = format!("{prefix}/{name}");
+        if ft.is_dir() {
+            walk(&item.path(), &rel, depth + 1, out)?;
+        } else if ft.is_file() {
+            if out.len() == MAX_FOLDER_FILES {
+                bail!("{}: more than {MAX_FOLDER_FILES} files", dir.display());
+            }
+            out.push((item.path(), rel));
+        } else {
+            tracing::warn!(path = %item.path().display(), "skipping (not a file or folder)");
+        }
+    }
+    Ok(())
 }
 
 /// The private-storage part of `qdfs serve`: keeps others' shares within
