@@ -8,8 +8,8 @@
 //!
 //! 1. the share's size (data plus outboard) is reserved against the quota
 //!    in the [`Ledger`] *before* any byte is read (atomic across concurrent
-//!    puts; at most [`MAX_PUTS_PER_PEER`] puts at once per peer address and
-//!    [`MAX_PUTS`] in all);
+//!    puts; at most [`MAX_PUTS_PER_PEER`] puts and half the quota in flight
+//!    at once per peer address, [`MAX_PUTS`] puts in all);
 //! 2. the bytes are hashed while they arrive, into a new temporary data
 //!    file under `DIR/shares/` and a new temporary outboard;
 //! 3. only when the root matches are they renamed into place and recorded
@@ -76,7 +76,8 @@ pub struct Ledger {
     used: u64,
     reserved: u64,
     puts: usize,
-    per_peer: HashMap<IpAddr, usize>,
+    /// Puts in progress and bytes they reserved, per peer address.
+    per_peer: HashMap<IpAddr, (usize, u64)>,
 }
 
 impl Ledger {
@@ -97,11 +98,14 @@ impl Ledger {
         if committed.saturating_add(bytes) > self.quota {
             return Err(Refusal::Quota);
         }
-        let n = self.per_peer.get(&peer).copied().unwrap_or(0);
-        if n >= MAX_PUTS_PER_PEER || self.puts >= MAX_PUTS {
+        let (n, inflight) = self.per_peer.get(&peer).copied().unwrap_or((0, 0));
+        // One peer may have at most half the quota in flight (any one share
+        // that fits is still taken when it has nothing else in flight).
+        let over_half = n > 0 && inflight.saturating_add(bytes) > self.quota / 2;
+        if n >= MAX_PUTS_PER_PEER || self.puts >= MAX_PUTS || over_half {
             return Err(Refusal::Busy);
         }
-        self.per_peer.insert(peer, n + 1);
+        self.per_peer.insert(peer, (n + 1, inflight + bytes));
         self.puts += 1;
         self.reserved += bytes;
         Ok(())
@@ -110,8 +114,9 @@ impl Ledger {
     fn end(&mut self, peer: IpAddr, bytes: u64) {
         self.reserved = self.reserved.saturating_sub(bytes);
         self.puts = self.puts.saturating_sub(1);
-        if let Some(n) = self.per_peer.get_mut(&peer) {
-            *n -= 1;
+        if let Some((n, inflight)) = self.per_peer.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+            *inflight = inflight.saturating_sub(bytes);
             if *n == 0 {
                 self.per_peer.remove(&peer);
             }
@@ -484,13 +489,17 @@ mod tests {
         let b: IpAddr = "::2".parse().unwrap();
         let mut l = Ledger::new(100, 10);
         assert_eq!(l.reserve(a, 91), Err(Refusal::Quota));
+        assert_eq!(l.reserve(a, 60), Ok(()));
+        // Over half the quota in flight from one peer.
+        assert_eq!(l.reserve(a, 10), Err(Refusal::Busy));
+        l.release(a, 60);
         assert_eq!(l.reserve(a, 40), Ok(()));
-        assert_eq!(l.reserve(a, 40), Ok(()));
+        assert_eq!(l.reserve(a, 10), Ok(()));
         // Over the per-peer count, then over the quota with what is reserved.
         assert_eq!(l.reserve(a, 1), Err(Refusal::Busy));
-        assert_eq!(l.reserve(b, 11), Err(Refusal::Quota));
-        assert_eq!(l.free(), 10);
-        l.release(a, 40);
+        assert_eq!(l.reserve(b, 41), Err(Refusal::Quota));
+        assert_eq!(l.free(), 40);
+        l.release(a, 10);
         l.commit(a, 40);
         assert_eq!(l.used(), 50);
         assert_eq!(l.free(), 50);
