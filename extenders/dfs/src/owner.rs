@@ -404,7 +404,7 @@ impl Net {
     }
 
     /// Providers of a share: its hints, then its provider records.
-    fn share_providers(&self, id: &Id, hints: &[SocketAddr]) -> Vec<SocketAddr> {
+    pub fn share_providers(&self, id: &Id, hints: &[SocketAddr]) -> Vec<SocketAddr> {
         let mut out = hints.to_vec();
         if let Some(node) = &self.node {
             let mut values = Vec::new();

@@ -185,9 +185,17 @@ impl Repairer {
             let (Some(m), Some(id)) = (cap.share_manifest(j), cap.share_id(j)) else {
                 continue;
             };
-            let Some(&holder) = s.hints.first() else {
-                lost.insert(j);
-                continue;
+            // The hinted holder; without a hint (a pointer too small to
+            // keep them), the first provider the DHT knows.
+            let holder = match s.hints.first() {
+                Some(&h) => h,
+                None => match self.net.share_providers(&id, &[]).first() {
+                    Some(&h) => h,
+                    None => {
+                        lost.insert(j);
+                        continue;
+                    }
+                },
             };
             let group = u64::from_be_bytes(owner::random_bytes::<8>());
             self.stats.challenges += 1;
