@@ -16,6 +16,13 @@
 //! gateways = ["[fc00::9]:7400"]        # `qdfs get --config`: gateways asked first
 //! http = "127.0.0.1:8080"              # HTTP gateway; unset: off
 //! http_overlay = false                 # also serve HTTP on the overlay address
+//! # Private storage (see crate::owner, crate::holder, crate::repair):
+//! quota = "10 GiB"                     # disk given to others' shares; 0: none
+//! shares = "3-of-6"                    # scheme for this owner's stores
+//! owner_key = "owner.key"              # default DATA_DIR/owner.key; repairs if present
+//! repair_grace = "1h"                  # a share failing this long is re-created
+//! repair_interval = "10 min"           # how often every share is challenged
+//! holders = ["[fc00::1]:7400"]         # holders to use besides the DHT's
 //! ```
 //! Unknown keys are refused, so a typo is an error rather than a default.
 
@@ -58,6 +65,8 @@ pub struct Config {
     pub limits: Limits,
     /// Caching, gateways and HTTP.
     pub caching: Caching,
+    /// Private storage settings.
+    pub private: PrivateConfig,
 }
 
 /// What a `qdfs serve` is for.
@@ -87,6 +96,23 @@ pub struct Caching {
     pub http_overlay: bool,
 }
 
+/// The private-storage part of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivateConfig {
+    /// Bytes given to others' shares (0: none are kept).
+    pub quota: u64,
+    /// The scheme this owner stores with.
+    pub scheme: crate::private::Scheme,
+    /// The owner key file (`None`: `DATA_DIR/owner.key`).
+    pub owner_key: Option<PathBuf>,
+    /// How long a share may fail its challenges before it is re-created.
+    pub repair_grace: std::time::Duration,
+    /// How often the repairer challenges every share.
+    pub repair_interval: std::time::Duration,
+    /// Holders to use besides those found in the DHT.
+    pub holders: Vec<SocketAddr>,
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Size {
@@ -113,6 +139,12 @@ struct Raw {
     gateways: Vec<SocketAddr>,
     http: Option<SocketAddr>,
     http_overlay: Option<bool>,
+    quota: Option<crate::units::Amount>,
+    shares: Option<String>,
+    owner_key: Option<PathBuf>,
+    repair_grace: Option<crate::units::Amount>,
+    repair_interval: Option<crate::units::Amount>,
+    holders: Option<Vec<SocketAddr>>,
 }
 
 /// What is wrong with a configuration file.
@@ -210,8 +242,33 @@ impl Config {
             http: raw.http,
             http_overlay: raw.http_overlay.unwrap_or(false),
         };
+        let value = |key: &'static str| move |why: String| ConfigError::Value { key, why };
+        let secs = |key: &'static str, v: Option<crate::units::Amount>, default: u64| match v {
+            None => Ok(std::time::Duration::from_secs(default)),
+            Some(a) => crate::units::seconds(&a)
+                .map_err(value(key))
+                .and_then(|s| match s {
+                    0 => Err(value(key)("must be at least 1 second".into())),
+                    s => Ok(std::time::Duration::from_secs(s)),
+                }),
+        };
+        let private = PrivateConfig {
+            quota: match &raw.quota {
+                None => 0,
+                Some(a) => crate::units::size(a).map_err(value("quota"))?,
+            },
+            scheme: match &raw.shares {
+                None => crate::private::Scheme::default(),
+                Some(s) => s.parse().map_err(|e| value("shares")(format!("{e}")))?,
+            },
+            owner_key: raw.owner_key.map(resolve),
+            repair_grace: secs("repair_grace", raw.repair_grace, 3600)?,
+            repair_interval: secs("repair_interval", raw.repair_interval, 600)?,
+            holders: raw.holders.unwrap_or_default(),
+        };
         Ok(Config {
             caching,
+            private,
             data_dir: resolve(raw.data_dir),
             listen,
             control_socket: resolve(
@@ -267,6 +324,16 @@ mod tests {
         assert!(c.caching.http_overlay);
         let c = Config::parse("data_dir = \"/s\"\ncache = 0\n", Path::new("/")).unwrap();
         assert_eq!(c.caching.cache_bytes, 0);
+        assert_eq!(c.private.quota, 0);
+        let c = Config::parse(
+            "data_dir = \"/s\"\nquota = \"2 GiB\"\nrepair_grace = 5\nshares = \"2-of-4\"\nholders = [\"127.0.0.1:9\"]\n",
+            Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(c.private.quota, 2 << 30);
+        assert_eq!(c.private.repair_grace.as_secs(), 5);
+        assert_eq!(c.private.scheme.n, 4);
+        assert_eq!(c.private.holders.len(), 1);
         for bad in [
             "",
             "data_dir = 3",
@@ -278,6 +345,9 @@ mod tests {
             "data_dir = \"/s\"\ncache = \"lots\"",
             "data_dir = \"/s\"\ngateways = [\"nowhere\"]",
             "data_dir = \"/s\"\nhttp_overlay = true",
+            "data_dir = \"/s\"\nquota = \"lots\"",
+            "data_dir = \"/s\"\nshares = \"6-of-3\"",
+            "data_dir = \"/s\"\nrepair_grace = 0",
         ] {
             assert!(Config::parse(bad, Path::new("/")).is_err(), "{bad}");
         }

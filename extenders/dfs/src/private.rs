@@ -1,7 +1,6 @@
 //! Client-side sealing for private storage, sans IO over `Read`/`Write`:
-//! the building block of `qdfs store` / `qdfs fetch` (issue 12, item 3),
-//! which are **not built yet** — nothing here talks to the network, places
-//! shares on nodes, or keeps the owner's index.
+//! the building block of `qdfs store` / `qdfs fetch` ([`crate::owner`]
+//! places the shares on holders and keeps the owner's index).
 //!
 //! A file is encrypted on the client in segments of [`SEGMENT`] bytes with
 //! XChaCha20-Poly1305 under a random per-file key; segment `i`'s nonce is
@@ -116,11 +115,16 @@ fn shard_len(sealed: usize, k: usize) -> usize {
     sealed.div_ceil(k).div_ceil(2).max(1) * 2
 }
 
-/// Bytes of each share file of a sealed file of `size` bytes.
+/// Bytes of each share file of a sealed file of `size` bytes (closed
+/// form: every segment but the last is full, so a hostile size costs no
+/// time).
 pub fn share_size(size: u64, scheme: Scheme) -> u64 {
-    (0..segments(size))
-        .map(|i| shard_len(plain_len(size, i) + TAG, scheme.k as usize) as u64)
-        .sum()
+    let k = scheme.k.max(1) as usize;
+    let count = segments(size);
+    let last = plain_len(size, count - 1);
+    (count - 1)
+        .saturating_mul(shard_len(SEGMENT + TAG, k) as u64)
+        .saturating_add(shard_len(last + TAG, k) as u64)
 }
 
 fn aead(f: &SealedFile) -> XChaCha20Poly1305 {
@@ -206,44 +210,9 @@ pub fn open(
     for i in 0..count {
         let len = plain_len(f.size, i);
         let shard = shard_len(len + TAG, k);
-        // Read this segment's piece of the first k shares present (the
-        // others are left unread: reading them could only fail).
-        let mut used = Vec::with_capacity(k);
-        for (j, s) in shares.iter_mut().enumerate() {
-            if used.len() == k {
-                break;
-            }
-            if let Some(r) = s {
-                buf[j].resize(shard, 0);
-                r.read_exact(&mut buf[j])?;
-                used.push(j);
-            }
-        }
-        let mut originals: Vec<Option<Vec<u8>>> = vec![None; k];
-        let mut recovery = Vec::new();
-        for &j in &used {
-            if j < k {
-                originals[j] = Some(buf[j].clone());
-            } else {
-                recovery.push((j - k, buf[j].as_slice()));
-            }
-        }
-        if originals.iter().any(Option::is_none) {
-            let present = originals
-                .iter()
-                .enumerate()
-                .filter_map(|(j, o)| o.as_deref().map(|d| (j, d)));
-            let restored = reed_solomon_simd::decode(k, n - k, present, recovery)
-                .map_err(|e| PrivateError::Coding(e.to_string()))?;
-            for (j, d) in restored {
-                if j < k {
-                    originals[j] = Some(d);
-                }
-            }
-        }
+        let originals = segment_originals(shares, &mut buf, k, shard, i)?;
         let mut sealed = Vec::with_capacity(shard * k);
         for o in &originals {
-            let o = o.as_deref().ok_or(PrivateError::Open(i))?;
             sealed.extend_from_slice(o);
         }
         sealed.truncate(len + TAG);
@@ -258,6 +227,87 @@ pub fn open(
             )
             .map_err(|_| PrivateError::Open(i))?;
         out.write_all(&plain)?;
+    }
+    Ok(())
+}
+
+/// Segment `seg`'s `k` original shards: its piece (`shard` bytes) of the
+/// first `k` shares present is read (the others are left unread: reading
+/// them could only fail), and missing originals are rebuilt from
+/// recovery shards.
+fn segment_originals(
+    shares: &mut [Option<&mut dyn Read>],
+    buf: &mut [Vec<u8>],
+    k: usize,
+    shard: usize,
+    seg: u64,
+) -> Result<Vec<Vec<u8>>, PrivateError> {
+    let n = shares.len();
+    let mut used = Vec::with_capacity(k);
+    for (j, s) in shares.iter_mut().enumerate() {
+        if used.len() == k {
+            break;
+        }
+        if let Some(r) = s {
+            buf[j].resize(shard, 0);
+            r.read_exact(&mut buf[j])?;
+            used.push(j);
+        }
+    }
+    let mut originals: Vec<Option<Vec<u8>>> = vec![None; k];
+    let mut recovery = Vec::new();
+    for &j in &used {
+        if j < k {
+            originals[j] = Some(buf[j].clone());
+        } else {
+            recovery.push((j - k, buf[j].as_slice()));
+        }
+    }
+    if originals.iter().any(Option::is_none) {
+        let present = originals
+            .iter()
+            .enumerate()
+            .filter_map(|(j, o)| o.as_deref().map(|d| (j, d)));
+        let restored = reed_solomon_simd::decode(k, n - k, present, recovery)
+            .map_err(|e| PrivateError::Coding(e.to_string()))?;
+        for (j, d) in restored {
+            if j < k {
+                originals[j] = Some(d);
+            }
+        }
+    }
+    originals
+        .into_iter()
+        .map(|o| o.ok_or(PrivateError::Open(seg)))
+        .collect()
+}
+
+/// Re-creates lost shares from any `k` present ones, without the key:
+/// `shares[j]` is share `j` (`None` where lost), `outs[j]` receives share
+/// `j` where `Some`. Only the size and scheme of `f` are used. Erasure
+/// coding is deterministic, so a re-created share is byte for byte the
+/// lost one (same root, same ID).
+pub fn regenerate(
+    f: &SealedFile,
+    shares: &mut [Option<&mut dyn Read>],
+    outs: &mut [Option<&mut dyn Write>],
+) -> Result<(), PrivateError> {
+    let (k, n) = (f.scheme.k as usize, f.scheme.n as usize);
+    let have = shares.iter().filter(|s| s.is_some()).count();
+    if shares.len() != n || outs.len() != n || have < k {
+        return Err(PrivateError::TooFewShares { have, need: k });
+    }
+    let mut buf: Vec<Vec<u8>> = vec![Vec::new(); n];
+    for i in 0..segments(f.size) {
+        let shard = shard_len(plain_len(f.size, i) + TAG, k);
+        let originals = segment_originals(shares, &mut buf, k, shard, i)?;
+        let rec = reed_solomon_simd::encode(k, n - k, &originals)
+            .map_err(|e| PrivateError::Coding(e.to_string()))?;
+        for (j, out) in outs.iter_mut().enumerate() {
+            if let Some(w) = out {
+                w.write_all(if j < k { &originals[j] } else { &rec[j - k] })?;
+            }
+        }
     }
     Ok(())
 }
@@ -290,6 +340,28 @@ mod tests {
     }
 
     #[test]
+    fn regenerated_shares_are_identical() {
+        let d = data(2 * SEGMENT + 777);
+        let (f, shares) = seal_vec(&d, Scheme::default());
+        let mut readers: Vec<&[u8]> = shares.iter().map(|s| s.as_slice()).collect();
+        let mut rs: Vec<Option<&mut dyn Read>> = readers
+            .iter_mut()
+            .enumerate()
+            .map(|(j, r)| (j % 2 == 1).then_some(r as &mut dyn Read))
+            .collect();
+        let mut outs: Vec<Vec<u8>> = vec![Vec::new(); 6];
+        let mut ws: Vec<Option<&mut dyn Write>> = outs
+            .iter_mut()
+            .enumerate()
+            .map(|(j, o)| (j % 2 == 0).then_some(o as &mut dyn Write))
+            .collect();
+        regenerate(&f, &mut rs, &mut ws).unwrap();
+        for j in [0, 2, 4] {
+            assert!(outs[j] == shares[j], "share {j}");
+        }
+    }
+
+    #[test]
     fn scheme_parse() {
         assert_eq!("3-of-6".parse::<Scheme>().unwrap(), Scheme { k: 3, n: 6 });
         for bad in ["3of6", "0-of-2", "4-of-4", "5-of-3", "1-of-999", "a-of-b"] {
@@ -314,6 +386,10 @@ mod tests {
             for s in &shares {
                 assert_eq!(s.len() as u64, share_size(size as u64, scheme));
             }
+            let by_segment: u64 = (0..segments(size as u64))
+                .map(|i| shard_len(plain_len(size as u64, i) + TAG, 3) as u64)
+                .sum();
+            assert_eq!(by_segment, share_size(size as u64, scheme));
             // Every way of losing three of six (small files), or three
             // of them (big ones, to keep the test quick unoptimised).
             let patterns: Vec<u32> = if size <= SEGMENT {

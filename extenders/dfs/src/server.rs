@@ -110,6 +110,8 @@ pub struct Server {
     stop: AtomicBool,
     /// Set for `role = "cache-gateway"`: answers for IDs not in the store.
     gateway: Option<Arc<Gateway>>,
+    /// Private storage: where others' shares go (`None`: none are kept).
+    holder: Option<Arc<crate::holder::Holder>>,
     /// Test hook: which chunk groups to corrupt in everything served.
     #[cfg(feature = "test-hooks")]
     corrupt: Option<hooks::CorruptAt>,
@@ -128,6 +130,7 @@ impl Server {
             stats: Stats::default(),
             stop: AtomicBool::new(false),
             gateway: None,
+            holder: None,
             #[cfg(feature = "test-hooks")]
             corrupt: hooks::CorruptAt::from_env(),
         }
@@ -137,6 +140,12 @@ impl Server {
     /// cache, then upstream): `role = "cache-gateway"`.
     pub fn with_gateway(mut self, gateway: Arc<Gateway>) -> Server {
         self.gateway = Some(gateway);
+        self
+    }
+
+    /// Keeps others' private shares with `holder` (answers `PutShare`).
+    pub fn with_holder(mut self, holder: Arc<crate::holder::Holder>) -> Server {
+        self.holder = Some(holder);
         self
     }
 
@@ -290,6 +299,18 @@ impl Server {
                 Action::SendRanges(id, groups) => {
                     bump(&self.stats.requests, 1);
                     self.send_ranges(&mut out, &id, &groups)?;
+                }
+                Action::ReceiveShare(m) => {
+                    bump(&self.stats.requests, 1);
+                    match &self.holder {
+                        Some(h) => h.receive(&self.store, &mut reader, &mut out, m, peer.ip())?,
+                        None => {
+                            let r = Response::Error {
+                                code: ErrorCode::QuotaExceeded,
+                            };
+                            out.write_all(&r.encode())?;
+                        }
+                    }
                 }
             }
             // Answer now unless the next request is already here (then

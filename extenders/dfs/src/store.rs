@@ -24,12 +24,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::Id;
 use crate::manifest::{self, Entry, FileManifest, FolderManifest, Kind, Manifest};
+use crate::seal::{self, StateKey};
 use crate::tree;
+
+/// The label a source record is sealed under (bound to its ID, so a sealed
+/// record cannot be moved to another file's name).
+fn source_label(id: &Id) -> String {
+    format!("source {id}")
+}
 
 /// The store in one directory.
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
+    /// Seals the sources (where provided files are) at rest; `None`: they
+    /// are written in the clear (no node answered).
+    state: Option<StateKey>,
 }
 
 /// Why a store operation failed.
@@ -150,7 +160,15 @@ impl Store {
         }
         Ok(Store {
             dir: dir.to_path_buf(),
+            state: None,
         })
+    }
+
+    /// Seals what the store records about provided files (their paths)
+    /// under `state` from now on, and opens what was sealed under it.
+    pub fn with_state(mut self, state: Option<StateKey>) -> Store {
+        self.state = state;
+        self
     }
 
     /// The store's directory.
@@ -214,7 +232,17 @@ impl Store {
             size: m.size,
         };
         let json = serde_json::to_vec(&src).unwrap_or_default();
-        write_atomic(&self.source_path(&id), &json)?;
+        let bytes = match &self.state {
+            Some(st) => seal::seal(
+                st,
+                &source_label(&id),
+                crate::owner::random_bytes::<24>(),
+                &json,
+            )
+            .map_err(|e| StoreError::Damaged(id.to_hex(), e.to_string()))?,
+            None => json,
+        };
+        write_atomic(&self.source_path(&id), &bytes)?;
         self.put_manifest(&manifest)?;
         Ok((id, m))
     }
@@ -312,8 +340,18 @@ impl Store {
         };
         let sp = self.source_path(id);
         let src: Source = match fs::read(&sp) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| StoreError::Damaged(id.to_hex(), e.to_string()))?,
+            Ok(b) => {
+                let damaged = |e: String| StoreError::Damaged(id.to_hex(), e);
+                let b = if seal::is_sealed(&b) {
+                    let st = self.state.as_ref().ok_or_else(|| {
+                        damaged("sealed under the node's key, and no node answered".into())
+                    })?;
+                    seal::open(st, &source_label(id), &b).map_err(|e| damaged(e.to_string()))?
+                } else {
+                    b
+                };
+                serde_json::from_slice(&b).map_err(|e| damaged(e.to_string()))?
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("reading", &sp)(e)),
         };

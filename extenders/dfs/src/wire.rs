@@ -12,12 +12,21 @@
 //! 0x01 Hello       version u8
 //! 0x02 GetManifest id [32]
 //! 0x03 GetRanges   id [32] | count u16 | count × (start u64, end u64)   group numbers
+//! 0x04 PutShare    file manifest bytes (asks a holder to keep a share; see below)
 //! 0x81 Hello       version u8
 //! 0x82 Manifest    manifest bytes
 //! 0x83 Ranges      encoded length u64, then that many raw bytes (not framed):
 //!                  the BLAKE3 verified stream of the requested groups
 //! 0x84 Error       code u8
+//! 0x85 Accept      send the share's bytes now (its size is reserved)
+//! 0x86 Stored      the share is held (its bytes, if sent, matched the root)
 //! ```
+//! `PutShare` (private storage, [`crate::holder`]) is answered before any
+//! share bytes move: `Accept` (the size is reserved against the holder's
+//! quota; the client then sends exactly `size` raw bytes, unframed, and
+//! the holder answers `Stored` or `Error(BadRequest)` if they do not hash
+//! to the root), `Stored` at once (already held), or
+//! `Error(QuotaExceeded | Busy)` (the client places the share elsewhere).
 //! Integers are big-endian. Requests are at most [`MAX_REQUEST_FRAME`]
 //! bytes, responses [`MAX_RESPONSE_FRAME`]; group ranges must be non-empty,
 //! ascending and disjoint, at most [`MAX_RANGES`] of them and
@@ -28,7 +37,7 @@ use std::io::{self, Read};
 use std::ops::Range;
 
 use crate::id::Id;
-use crate::manifest::MAX_MANIFEST;
+use crate::manifest::{FileManifest, Manifest, MAX_MANIFEST};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -142,6 +151,11 @@ pub enum Request {
         /// Which groups.
         groups: GroupRanges,
     },
+    /// Asks a holder to keep a private share (a plain file manifest).
+    PutShare {
+        /// The share's manifest (its ID is the share's ID).
+        manifest: FileManifest,
+    },
 }
 
 /// Why a server refused a request.
@@ -157,6 +171,8 @@ pub enum ErrorCode {
     Unavailable,
     /// The client's protocol version is not spoken here.
     VersionMismatch,
+    /// A share does not fit in the holder's quota (or it holds none).
+    QuotaExceeded,
 }
 
 impl ErrorCode {
@@ -167,6 +183,7 @@ impl ErrorCode {
             ErrorCode::Busy => 3,
             ErrorCode::Unavailable => 4,
             ErrorCode::VersionMismatch => 5,
+            ErrorCode::QuotaExceeded => 6,
         }
     }
     fn from_byte(b: u8) -> Result<ErrorCode, WireError> {
@@ -176,6 +193,7 @@ impl ErrorCode {
             3 => ErrorCode::Busy,
             4 => ErrorCode::Unavailable,
             5 => ErrorCode::VersionMismatch,
+            6 => ErrorCode::QuotaExceeded,
             other => return Err(WireError::UnknownErrorCode(other)),
         })
     }
@@ -204,6 +222,10 @@ pub enum Response {
         /// Why.
         code: ErrorCode,
     },
+    /// A `PutShare` is accepted: send the bytes.
+    Accept,
+    /// A share is held.
+    Stored,
 }
 
 fn frame(body: Vec<u8>) -> Vec<u8> {
@@ -243,6 +265,10 @@ impl Request {
                     b.extend_from_slice(&r.start.to_be_bytes());
                     b.extend_from_slice(&r.end.to_be_bytes());
                 }
+            }
+            Request::PutShare { manifest } => {
+                b.push(0x04);
+                b.extend_from_slice(&Manifest::File(*manifest).encode());
             }
         }
         frame(b)
@@ -287,6 +313,10 @@ impl Request {
                     groups: GroupRanges::new(ranges)?,
                 })
             }
+            0x04 => match Manifest::parse(rest) {
+                Ok(Manifest::File(manifest)) => Ok(Request::PutShare { manifest }),
+                _ => Err(bad("PutShare")),
+            },
             other => Err(WireError::UnknownType(other)),
         }
     }
@@ -307,6 +337,8 @@ impl Response {
                 b.extend_from_slice(&encoded_len.to_be_bytes());
             }
             Response::Error { code } => b.extend_from_slice(&[0x84, code.byte()]),
+            Response::Accept => b.push(0x85),
+            Response::Stored => b.push(0x86),
         }
         frame(b)
     }
@@ -342,6 +374,10 @@ impl Response {
                 }),
                 _ => Err(bad("Error")),
             },
+            0x85 if rest.is_empty() => Ok(Response::Accept),
+            0x85 => Err(bad("Accept")),
+            0x86 if rest.is_empty() => Ok(Response::Stored),
+            0x86 => Err(bad("Stored")),
             other => Err(WireError::UnknownType(other)),
         }
     }
@@ -429,6 +465,8 @@ pub enum Action {
     SendManifest(Id),
     /// Look up this file and send the verified stream of these groups.
     SendRanges(Id, GroupRanges),
+    /// Decide on keeping this share (and receive its bytes if accepted).
+    ReceiveShare(FileManifest),
     /// Send this response, if any, then close the connection.
     Close(Option<Response>),
 }
@@ -486,6 +524,9 @@ impl ServerSession {
             (Phase::Ready, Request::GetRanges { id, groups }) => {
                 self.count(Action::SendRanges(id, groups))
             }
+            (Phase::Ready, Request::PutShare { manifest }) => {
+                self.count(Action::ReceiveShare(manifest))
+            }
             _ => {
                 self.phase = Phase::Closed;
                 close(ErrorCode::BadRequest)
@@ -524,6 +565,12 @@ mod tests {
                 id,
                 groups: GroupRanges::new(vec![0..3, 5..6]).unwrap(),
             },
+            Request::PutShare {
+                manifest: FileManifest {
+                    size: 12345,
+                    root: [4; 32],
+                },
+            },
         ] {
             assert_eq!(Request::parse(body(&r.encode())), Ok(r));
         }
@@ -534,6 +581,11 @@ mod tests {
             Response::Error {
                 code: ErrorCode::Busy,
             },
+            Response::Error {
+                code: ErrorCode::QuotaExceeded,
+            },
+            Response::Accept,
+            Response::Stored,
         ] {
             assert_eq!(Response::parse(body(&r.encode())), Ok(r));
         }

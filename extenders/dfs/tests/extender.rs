@@ -25,7 +25,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ip, is_root, qgate_bin, Lab, QDFS};
+use common::QDFS;
 
 /// Connects to [addr]:port from inside `ns` (3 s timeout): "open",
 /// "refused" or "timeout".
@@ -47,21 +47,9 @@ fn probe(ns: &str, addr: &str, port: u16) -> String {
 
 #[test]
 fn service_records_keys_and_the_dfs_port() {
-    if !is_root() {
-        eprintln!("SKIPPED: namespace test needs root");
+    let Some((mut lab, sw)) = common::lab_with_bridge() else {
         return;
-    }
-    if !qgate_bin().exists() {
-        eprintln!(
-            "SKIPPED: {} not built (cargo build -p qgate)",
-            qgate_bin().display()
-        );
-        return;
-    }
-    let mut lab = Lab::new();
-    let sw = lab.add_ns("sw");
-    ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &sw, "link", "set", "br0", "up"]);
+    };
     let na = lab.add_host(&sw, "a", "198.18.43.1/24");
     let nb = lab.add_host(&sw, "b", "198.18.43.2/24");
     let nc = lab.add_host(&sw, "c", "198.18.43.3/24");

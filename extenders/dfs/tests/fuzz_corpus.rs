@@ -9,12 +9,14 @@ type Target = (&'static str, fn(&[u8]));
 
 #[test]
 fn every_target_survives_its_corpus() {
-    let targets: [Target; 5] = [
+    let targets: [Target; 7] = [
         ("manifest", qdfs::fuzzing::fuzz_manifest),
         ("wire", qdfs::fuzzing::fuzz_wire),
         ("provider_record", qdfs::fuzzing::fuzz_provider_record),
         ("resume", qdfs::fuzzing::fuzz_resume),
         ("http", qdfs::fuzzing::fuzz_http),
+        ("capability", qdfs::fuzzing::fuzz_capability),
+        ("private_records", qdfs::fuzzing::fuzz_private_records),
     ];
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
     for (name, run) in targets {

@@ -21,26 +21,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ip, is_root, must, qgate_bin, Lab, QDFS};
+use common::{must, QDFS};
 use serde_json::Value;
 
 #[test]
 fn fetch_through_the_dht_between_nodes() {
-    if !is_root() {
-        eprintln!("SKIPPED: namespace test needs root");
+    let Some((mut lab, sw)) = common::lab_with_bridge() else {
         return;
-    }
-    if !qgate_bin().exists() {
-        eprintln!(
-            "SKIPPED: {} not built (run the workspace's tests)",
-            qgate_bin().display()
-        );
-        return;
-    }
-    let mut lab = Lab::new();
-    let sw = lab.add_ns("sw");
-    ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &sw, "link", "set", "br0", "up"]);
+    };
     let na = lab.add_host(&sw, "a", "198.18.40.1/24");
     let nb = lab.add_host(&sw, "b", "198.18.40.2/24");
     let nc = lab.add_host(&sw, "c", "198.18.40.3/24");
@@ -146,6 +134,22 @@ fn fetch_through_the_dht_between_nodes() {
         .map(|p| p["groups"].as_u64().unwrap())
         .sum();
     assert_eq!(served, 384, "{f}");
+    // What each store records about the provided file (its path) is
+    // sealed under the node's key for QuantumDFS.
+    for name in ["a", "b"] {
+        let dir = lab.dir.join(format!("dfs-{name}/sources"));
+        let mut n = 0;
+        for e in fs::read_dir(&dir).unwrap().flatten() {
+            let b = fs::read(e.path()).unwrap();
+            assert!(b.starts_with(b"QDS1"), "{} not sealed", e.path().display());
+            assert!(
+                !b.windows(10).any(|w| w == b"shared.bin"),
+                "path in the clear"
+            );
+            n += 1;
+        }
+        assert_eq!(n, 1, "{name}: one source record");
+    }
     eprintln!(
         "6 MiB found through the DHT and fetched over the overlay from {addrs:?} in {:.2} s (found after {:.1} s)",
         f["seconds"].as_f64().unwrap(),

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ip, is_root, must, qgate_bin, Lab, QDFS};
+use common::{must, QDFS};
 use serde_json::Value;
 
 fn stats(path: &Path) -> Value {
@@ -25,18 +25,9 @@ fn stats(path: &Path) -> Value {
 
 #[test]
 fn gateway_finds_the_provider_in_the_dht_and_serves_the_second_client_from_its_cache() {
-    if !is_root() {
-        eprintln!("SKIPPED: namespace test needs root");
+    let Some((mut lab, sw)) = common::lab_with_bridge() else {
         return;
-    }
-    if !qgate_bin().exists() {
-        eprintln!("SKIPPED: {} not built", qgate_bin().display());
-        return;
-    }
-    let mut lab = Lab::new();
-    let sw = lab.add_ns("sw");
-    ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &sw, "link", "set", "br0", "up"]);
+    };
     let hosts: Vec<String> = ["a", "b", "c", "d"]
         .iter()
         .enumerate()

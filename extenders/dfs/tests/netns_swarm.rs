@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{die_with_parent, ip, is_root, must, qgate_bin, Lab, QDFS};
+use common::{die_with_parent, must, Lab, QDFS};
 use serde_json::Value;
 
 const SIZE: u64 = 200_000_000;
@@ -67,21 +67,9 @@ fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn swarm_of_eight_200_mb_from_several_providers_killed_and_resumed() {
-    if !is_root() {
-        eprintln!("SKIPPED: namespace test needs root");
+    let Some((mut lab, sw)) = common::lab_with_bridge() else {
         return;
-    }
-    if !qgate_bin().exists() {
-        eprintln!(
-            "SKIPPED: {} not built (run the workspace's tests)",
-            qgate_bin().display()
-        );
-        return;
-    }
-    let mut lab = Lab::new();
-    let sw = lab.add_ns("sw");
-    ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &sw, "link", "set", "br0", "up"]);
+    };
     let names = ["a", "b", "c", "d", "e", "f", "g", "h"];
     let mut a_uri = String::new();
     for (i, name) in names.iter().enumerate() {

@@ -382,7 +382,7 @@ fn hostile_provider(manifest: Vec<u8>, size: u64) -> (SocketAddr, std::thread::J
                         r.extend(junk.by_ref().take(n as usize));
                         r
                     }
-                    Err(_) => break,
+                    Ok(Request::PutShare { .. }) | Err(_) => break,
                 };
                 if s.write_all(&reply).is_err() {
                     break;

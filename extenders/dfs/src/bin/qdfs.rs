@@ -20,6 +20,9 @@ use qdfs::store::{write_atomic, Store};
 use qdfs::Id;
 use serde_json::json;
 
+#[path = "qdfs/private_cmd.rs"]
+mod private_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "qdfs",
@@ -92,6 +95,9 @@ enum Cmd {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Private storage: key, store, ls, fetch, share.
+    #[command(flatten)]
+    Private(private_cmd::PrivateCmd),
     /// Show what the store holds and what `qdfs serve` has served.
     Status {
         /// As JSON.
@@ -114,6 +120,15 @@ fn data_dir(args: &StoreArgs) -> Result<PathBuf> {
     }
     let home = std::env::var_os("HOME").context("no --data-dir, QDFS_DATA_DIR or HOME")?;
     Ok(Path::new(&home).join(".local/share/qdfs"))
+}
+
+/// The node's control socket for commands that take `StoreArgs`: the
+/// configuration's, else the default.
+fn control_socket_of(args: &StoreArgs) -> Result<PathBuf> {
+    Ok(match &args.config {
+        Some(c) => Config::load(c)?.control_socket,
+        None => DEFAULT_CONTROL_SOCKET.into(),
+    })
 }
 
 fn main() {
@@ -155,7 +170,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Serve { config } => serve(&config),
         Cmd::Add { path, store } => {
-            let store = Store::open(&data_dir(&store)?)?;
+            let state = private_cmd::state_key(&control_socket_of(&store)?);
+            let store = Store::open(&data_dir(&store)?)?.with_state(state);
             let started = Instant::now();
             let (id, m) = store
                 .add(&path)
@@ -194,7 +210,8 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             if !no_provide {
-                opts.provide = Some(Store::open(&data_dir(&store)?)?);
+                let state = private_cmd::state_key(&control_socket);
+                opts.provide = Some(Store::open(&data_dir(&store)?)?.with_state(state));
             }
             signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&opts.stop))?;
             signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&opts.stop))?;
@@ -210,6 +227,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Status { json, store } => status(&data_dir(&store)?, json),
+        Cmd::Private(cmd) => private_cmd::run(cmd),
     }
 }
 
@@ -270,7 +288,13 @@ fn print_reports(id: &Id, reports: &[FileReport], json: bool) {
 
 fn serve(config: &Path) -> Result<()> {
     let cfg = Config::load(config)?;
-    let store = Store::open(&cfg.data_dir)?;
+    // What the store records about provided files is sealed under the
+    // node's key for QuantumDFS (plain only when no node answers).
+    let state = private_cmd::state_key(&cfg.control_socket);
+    if state.is_none() {
+        tracing::warn!(socket = %cfg.control_socket.display(), "no node answered for a state key: the store's records are not sealed at rest");
+    }
+    let store = Store::open(&cfg.data_dir)?.with_state(state);
     let node = NodeClient::new(&cfg.control_socket);
     let addr = match cfg.listen {
         Listen::Address(a) => a,
@@ -291,7 +315,7 @@ fn serve(config: &Path) -> Result<()> {
     if cfg.caching.role == Role::CacheGateway {
         server = server.with_gateway(Arc::clone(&gateway));
     }
-    let server = Arc::new(server);
+    let server = Arc::new(private_cmd::attach(&cfg, server, &node, local)?);
     {
         let server = Arc::clone(&server);
         let path = cfg.data_dir.join("stats.json");
@@ -386,11 +410,12 @@ fn status(dir: &Path, json: bool) -> Result<()> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(serde_json::Value::Null);
+    let private = private_cmd::status(dir);
     if json {
         println!(
             "{}",
             json!({"data_dir": dir, "provided": ids.len(), "served": stats,
-                   "cache": stats["gateway"]["cache"]})
+                   "cache": stats["gateway"]["cache"], "private": private})
         );
     } else {
         println!("store     {}", dir.display());
@@ -402,6 +427,13 @@ fn status(dir: &Path, json: bool) -> Result<()> {
                 }
             }
             None => println!("served    (no `qdfs serve` has run on this store)"),
+        }
+        for part in ["holder", "repair"] {
+            if let Some(o) = private[part].as_object() {
+                for (k, v) in o {
+                    println!("{part}.{k:<17} {v}");
+                }
+            }
         }
     }
     Ok(())

@@ -72,6 +72,28 @@ pub struct Lab {
     pub nodes: Vec<NodeInfo>,
 }
 
+/// A lab with a bridge `br0` in its namespace "sw" (returned), or `None`
+/// after saying SKIPPED when this is not root or the `qgate` binary was not
+/// built (a workspace test run builds it).
+pub fn lab_with_bridge() -> Option<(Lab, String)> {
+    if !is_root() {
+        eprintln!("SKIPPED: namespace test needs root");
+        return None;
+    }
+    if !qgate_bin().exists() {
+        eprintln!(
+            "SKIPPED: {} not built (run the workspace's tests, or cargo build -p qgate)",
+            qgate_bin().display()
+        );
+        return None;
+    }
+    let mut lab = Lab::new();
+    let sw = lab.add_ns("sw");
+    ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+    ip(&["-n", &sw, "link", "set", "br0", "up"]);
+    Some((lab, sw))
+}
+
 impl Lab {
     pub fn new() -> Lab {
         // Unique per process and per lab, so tests may run in parallel
