@@ -323,11 +323,20 @@ impl Conn {
         c.send(&Request::Hello {
             version: PROTOCOL_VERSION,
         })?;
-        match c.recv()? {
+        match c.recv_within(opts.io_timeout)? {
             Response::Hello { version } if version == PROTOCOL_VERSION => Ok(c),
             Response::Error { code } => Err(ConnError::Refused(code)),
             _ => Err(ConnError::Protocol("no hello")),
         }
+    }
+
+    /// One whole answer frame within `limit` (a peer trickling bytes just
+    /// inside the socket timeout cannot stretch a small answer for ever).
+    fn recv_within(&mut self, limit: Duration) -> Result<Response, ConnError> {
+        self.reader.get_mut().deadline = Some(Instant::now() + limit);
+        let r = self.recv();
+        self.reader.get_mut().deadline = None;
+        r
     }
 
     fn send(&mut self, r: &Request) -> Result<(), ConnError> {
@@ -352,7 +361,7 @@ pub fn fetch_manifest(id: &Id, opts: &Options) -> Result<Manifest, FetchError> {
         let attempt = || -> Result<Manifest, ConnError> {
             let mut c = Conn::open(*addr, opts, Arc::new(AtomicU64::new(0)))?;
             c.send(&Request::GetManifest { id: *id })?;
-            match c.recv()? {
+            match c.recv_within(opts.io_timeout)? {
                 Response::Manifest { bytes } if Id::of_manifest(&bytes) == *id => {
                     Manifest::parse(&bytes).map_err(|_| ConnError::Protocol("bad manifest"))
                 }

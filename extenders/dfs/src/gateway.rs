@@ -215,9 +215,17 @@ pub struct Gateway {
     upstream: Vec<SocketAddr>,
     lookup: Option<Lookup>,
     found: Cache<Id, Arc<Vec<SocketAddr>>>,
+    /// IDs a lookup found no provider for, remembered briefly.
+    missing: Cache<Id, ()>,
+    /// DHT lookups running now (each costs the node a search).
+    lookups: std::sync::atomic::AtomicUsize,
     pool: Mutex<Vec<UpConn>>,
     counters: Counters,
 }
+
+/// Most DHT lookups a gateway runs at once: requests for unknown IDs
+/// beyond that get the configured upstream only.
+const MAX_LOOKUPS: usize = 4;
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -254,6 +262,11 @@ impl Gateway {
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
+            missing: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(10))
+                .build(),
+            lookups: std::sync::atomic::AtomicUsize::new(0),
             pool: Mutex::new(Vec::new()),
             counters: Counters::default(),
         }
@@ -282,13 +295,24 @@ impl Gateway {
     fn providers(&self, id: &Id) -> Vec<SocketAddr> {
         let mut out = self.upstream.clone();
         if let Some(lookup) = &self.lookup {
-            // An empty answer is not remembered: the provider's record may
-            // be a few seconds from landing in the DHT.
+            // An empty answer is remembered for 10 s only (the provider's
+            // record may be seconds from landing in the DHT), and at most
+            // MAX_LOOKUPS run at once: IDs nobody provides must not turn
+            // into a stream of DHT searches.
             let found = match self.found.get(id) {
                 Some(f) => f,
+                None if self.missing.contains_key(id) => Arc::new(Vec::new()),
                 None => {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    if self.lookups.fetch_add(1, SeqCst) >= MAX_LOOKUPS {
+                        self.lookups.fetch_sub(1, SeqCst);
+                        return out;
+                    }
                     let f = Arc::new(lookup(id));
-                    if !f.is_empty() {
+                    self.lookups.fetch_sub(1, SeqCst);
+                    if f.is_empty() {
+                        self.missing.insert(*id, ());
+                    } else {
                         self.found.insert(*id, Arc::clone(&f));
                     }
                     f

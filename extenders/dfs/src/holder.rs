@@ -460,7 +460,9 @@ pub fn holders(values: &[DhtValue]) -> Vec<(SocketAddr, u64)> {
         })
         .collect();
     out.sort();
-    out.dedup_by_key(|x| x.0);
+    // One entry per node (the address is derived from the publisher, so a
+    // node publishing several ports under several shards is still one).
+    out.dedup_by_key(|x| x.0.ip());
     out
 }
 

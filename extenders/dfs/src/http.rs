@@ -450,10 +450,18 @@ pub fn answer(gw: &Arc<Gateway>, method: Method, url: &str, range: Option<&str>)
                 .last()
                 .map(|n| mime_guess::from_path(n).first_or_octet_stream().to_string())
                 .unwrap_or_else(|| "application/octet-stream".into());
+            // Content is anyone's: a shared .html or .svg must not run
+            // script on the gateway's origin (a sandboxed document with no
+            // sources; videos, images and text still display).
             let mut headers = vec![
                 ("Content-Type", ctype),
                 ("Accept-Ranges", "bytes".into()),
                 ("X-Content-Type-Options", "nosniff".into()),
+                (
+                    "Content-Security-Policy",
+                    "default-src 'none'; media-src 'self'; img-src 'self'; style-src 'unsafe-inline'; sandbox"
+                        .into(),
+                ),
             ];
             let (status, start, end) = match parse_range(range, fm.size) {
                 RangeAsk::Whole => (200, 0, fm.size),

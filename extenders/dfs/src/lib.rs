@@ -17,6 +17,7 @@
 //! [`wire`], [`budget`], [`announce`], [`resume`], [`schedule`], [`seal`],
 //! [`route`] (which gateway gets which piece), [`private`] (client-side
 //! encryption and k-of-n shares), [`cap`] (read capabilities), [`units`];
+//! [`folder`] (folder listings and capabilities; reading a folder is I/O);
 //! I/O parts: [`tree`], [`store`], [`server`], [`fetch`], [`node`],
 //! [`config`], [`progress`], [`cache`] (the chunk cache), [`gateway`]
 //! (serving what the store lacks through the cache and upstream), [`http`]
@@ -32,6 +33,7 @@ pub mod cache;
 pub mod cap;
 pub mod config;
 pub mod fetch;
+pub mod folder;
 pub mod gateway;
 pub mod holder;
 pub mod http;
@@ -123,10 +125,13 @@ pub mod fuzzing {
     }
 
     /// What private storage reads from the DHT or the network: the holder
-    /// record, the owner's index pointer, and the index itself.
+    /// record, the owner's index pointer, the index itself, and a folder's
+    /// listing and capability text.
     pub fn fuzz_private_records(data: &[u8]) {
         let _ = crate::holder::HolderRecord::parse(data);
         let _ = crate::owner::OwnerKey::from_bytes([7; 32]).open_pointer(data);
         let _ = crate::owner::Index::parse(data);
+        let _ = crate::folder::Listing::parse(data);
+        let _ = crate::folder::parse_text(&String::from_utf8_lossy(data));
     }
 }

@@ -344,7 +344,7 @@ pub struct Pointer {
 }
 
 /// One stored file in the owner's index.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IndexEntry {
     /// The file's name when stored.
     pub name: String,
@@ -354,6 +354,17 @@ pub struct IndexEntry {
     pub date: u64,
     /// Its capability (text form).
     pub cap: String,
+}
+
+impl std::fmt::Debug for IndexEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the capability: it holds the file's key.
+        f.debug_struct("IndexEntry")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .field("date", &self.date)
+            .finish_non_exhaustive()
+    }
 }
 
 impl IndexEntry {
@@ -565,15 +576,28 @@ pub struct LocalShare {
     pub manifest: FileManifest,
 }
 
-/// Places each share on a distinct holder (see the module docs); holders
-/// in `exclude` get none. Returns the holder of each share, in order.
+/// Which node a holder address is: its IP, except on loopback (tests run
+/// many holders on one address, told apart by port).
+pub fn node_of(a: &SocketAddr) -> (IpAddr, u16) {
+    if a.ip().is_loopback() {
+        (a.ip(), a.port())
+    } else {
+        (a.ip(), 0)
+    }
+}
+
+/// Places each share on a distinct holder node (see the module docs);
+/// holders in `exclude` get none. Returns the holder of each share, in
+/// order.
 pub fn place(
     shares: &[LocalShare],
     candidates: &[SocketAddr],
     exclude: &HashSet<SocketAddr>,
     net: &Net,
 ) -> Result<Vec<SocketAddr>, OwnerError> {
-    let mut used: HashSet<SocketAddr> = exclude.clone();
+    // Distinct *nodes*: an overlay address is one node whatever its port
+    // (one node announcing several ports must not hold several shares).
+    let mut used: HashSet<(IpAddr, u16)> = exclude.iter().map(node_of).collect();
     let mut dead: HashSet<SocketAddr> = HashSet::new();
     let mut refused: HashSet<SocketAddr> = HashSet::new();
     let mut placed = Vec::with_capacity(shares.len());
@@ -582,7 +606,7 @@ pub fn place(
         let mut order: Vec<SocketAddr> = candidates
             .iter()
             .copied()
-            .filter(|c| !used.contains(c) && !dead.contains(c))
+            .filter(|c| !used.contains(&node_of(c)) && !dead.contains(c))
             .collect();
         order.sort_by_key(|c| distance(&id, c));
         let mut holder = None;
@@ -611,7 +635,7 @@ pub fn place(
         }
         match holder {
             Some(h) => {
-                used.insert(h);
+                used.insert(node_of(&h));
                 refused.remove(&h);
                 placed.push(h);
             }
@@ -938,7 +962,11 @@ pub fn pointer_path(owner: &OwnerKey, data_dir: &Path) -> PathBuf {
 }
 
 /// The newest pointer that opens: the local copy and the DHT's values.
-pub fn find_pointer(owner: &OwnerKey, data_dir: &Path, net: &Net) -> Option<Pointer> {
+pub fn find_pointer(
+    owner: &OwnerKey,
+    data_dir: &Path,
+    net: &Net,
+) -> Result<Option<Pointer>, OwnerError> {
     let mut found: Vec<Pointer> = Vec::new();
     if let Ok(b) = fs::read(pointer_path(owner, data_dir)) {
         found.extend(owner.open_pointer(&b));
@@ -946,10 +974,17 @@ pub fn find_pointer(owner: &OwnerKey, data_dir: &Path, net: &Net) -> Option<Poin
     if let Some(node) = &net.node {
         match node.dht_get(announce::NAMESPACE, &owner.dht_key()) {
             Ok(values) => found.extend(values.iter().filter_map(|v| owner.open_pointer(&v.value))),
-            Err(e) => tracing::info!("owner pointer from the DHT: {e}"),
+            // With no local pointer either, an empty index would be a
+            // guess: a store on top of it would hide every earlier file.
+            Err(e) if found.is_empty() => {
+                return Err(OwnerError::Index(format!(
+                    "cannot read the owner's index pointer from the DHT: {e}"
+                )))
+            }
+            Err(e) => tracing::warn!("owner pointer from the DHT: {e}; using the local one"),
         }
     }
-    found.into_iter().max_by_key(|p| p.seq)
+    Ok(found.into_iter().max_by_key(|p| p.seq))
 }
 
 /// Reads the owner's index (empty if there is none yet); returns it with
@@ -959,7 +994,7 @@ pub fn load_index(
     data_dir: &Path,
     net: &Net,
 ) -> Result<(Index, Option<Pointer>), OwnerError> {
-    let Some(p) = find_pointer(owner, data_dir, net) else {
+    let Some(p) = find_pointer(owner, data_dir, net)? else {
         return Ok((
             Index {
                 v: 1,
@@ -971,12 +1006,17 @@ pub fn load_index(
     if p.cap.file.size > MAX_INDEX {
         return Err(OwnerError::Index("larger than allowed".into()));
     }
-    // Opened in memory: the plaintext index never touches the disk.
+    Ok((Index::parse(&read_to_vec(&p.cap, net)?)?, Some(p)))
+}
+
+/// Reads a small sealed file (an index, a folder listing) into memory: its
+/// plaintext never touches the disk. The caller bounds its size.
+pub fn read_to_vec(cap: &Capability, net: &Net) -> Result<Vec<u8>, OwnerError> {
     let dir = net.scratch()?;
-    let got = fetch_shares(&p.cap, &dir.0, &HashSet::new(), net)?;
+    let got = fetch_shares(cap, &dir.0, &HashSet::new(), net)?;
     let mut bytes = Vec::new();
-    open_shares(&p.cap, &got, &mut bytes)?;
-    Ok((Index::parse(&bytes)?, Some(p)))
+    open_shares(cap, &got, &mut bytes)?;
+    Ok(bytes)
 }
 
 /// Stores `index` as a new sealed file and publishes a pointer to it with
@@ -989,12 +1029,35 @@ pub fn save_index(
     prev: Option<&Pointer>,
     scheme: Scheme,
 ) -> Result<Pointer, OwnerError> {
-    let bytes = serde_json::to_vec(index).map_err(|e| OwnerError::Index(e.to_string()))?;
+    // Someone else (the repairer, another machine with this key) may have
+    // saved since `prev` was read: merge their entries in rather than
+    // publish over them. Entries are only ever added or replaced (same
+    // ID, new holder hints), so the union by ID loses nothing.
+    let mut index = index.clone();
+    let mut seq = prev.map_or(0, |p| p.seq);
+    if let Some(newest) = find_pointer(owner, data_dir, net)?.filter(|n| n.seq > seq) {
+        if newest.cap.file.size > MAX_INDEX {
+            return Err(OwnerError::Index("larger than allowed".into()));
+        }
+        let theirs = Index::parse(&read_to_vec(&newest.cap, net)?)?;
+        let ours: HashSet<String> = index.entries.iter().map(IndexEntry::id).collect();
+        let missing: Vec<IndexEntry> = theirs
+            .entries
+            .into_iter()
+            .filter(|e| !ours.contains(&e.id()))
+            .collect();
+        if !missing.is_empty() {
+            tracing::info!(
+                merged = missing.len(),
+                "the owner's index changed meanwhile; merged its entries"
+            );
+        }
+        index.entries.splice(0..0, missing);
+        seq = newest.seq;
+    }
+    let bytes = serde_json::to_vec(&index).map_err(|e| OwnerError::Index(e.to_string()))?;
     let cap = store(&bytes[..], bytes.len() as u64, scheme, net)?;
-    let p = Pointer {
-        seq: prev.map_or(1, |p| p.seq + 1),
-        cap,
-    };
+    let p = Pointer { seq: seq + 1, cap };
     publish_pointer(owner, data_dir, net, &p)?;
     Ok(p)
 }

@@ -45,6 +45,26 @@ pub enum ChallengeError {
     Wrong(String),
 }
 
+/// A socket's reading side that gives up at a deadline.
+struct Deadline<'a> {
+    s: &'a TcpStream,
+    until: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "challenge answer too slow",
+            ));
+        }
+        self.s.set_read_timeout(Some(left))?;
+        self.s.read(buf)
+    }
+}
+
 #[allow(clippy::single_range_in_vec_init)] // one group, as a list of ranges
 /// Challenges `holder` for chunk group `group` (taken modulo the share's
 /// group count) of the share with manifest `m`.
@@ -58,17 +78,22 @@ pub fn challenge(
     let groups = tree::group_count(m.size).max(1);
     let g = group % groups;
     let id = Manifest::File(m).id();
-    let mut s = TcpStream::connect_timeout(&holder, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
+    let stream = TcpStream::connect_timeout(&holder, timeout)?;
+    stream.set_write_timeout(Some(timeout))?;
+    // The whole exchange within twice the timeout: a holder trickling a
+    // byte now and then must not hold the (sequential) repairer.
+    let mut s = Deadline {
+        s: &stream,
+        until: Instant::now() + 2 * timeout,
+    };
     let ranges = GroupRanges::new(vec![g..g + 1]).map_err(|e| wrong(&e.to_string()))?;
     let mut out = Request::Hello {
         version: PROTOCOL_VERSION,
     }
     .encode();
     out.extend(Request::GetRanges { id, groups: ranges }.encode());
-    s.write_all(&out)?;
-    let recv = |s: &mut TcpStream| -> Result<Response, ChallengeError> {
+    (&stream).write_all(&out)?;
+    let recv = |s: &mut Deadline| -> Result<Response, ChallengeError> {
         let b = read_frame(s, MAX_RESPONSE_FRAME).map_err(|e| wrong(&e.to_string()))?;
         Response::parse(&b).map_err(|e| wrong(&e.to_string()))
     };

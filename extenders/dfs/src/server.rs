@@ -37,6 +37,8 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request, once its first byte is here, must be whole within this time
 /// (a peer trickling a byte now and then does not keep its slot).
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a gateway's answer may spend fetching upstream, besides sending.
+const UPSTREAM_ALLOWANCE: Duration = Duration::from_secs(60);
 /// Slowest rate (bytes/s) a peer may read an answer at, once
 /// [`WRITE_TIMEOUT`] has passed.
 pub const MIN_READ_RATE: u64 = 16 * 1024;
@@ -303,7 +305,15 @@ impl Server {
                 Action::ReceiveShare(m) => {
                     bump(&self.stats.requests, 1);
                     match &self.holder {
-                        Some(h) => h.receive(&self.store, &mut reader, &mut out, m, peer.ip())?,
+                        Some(h) => {
+                            // The share's bytes follow on this reader: they
+                            // get the holder's budget (a minute plus one
+                            // second per 16 KiB), not one request's 10 s.
+                            let budget =
+                                Duration::from_secs(60 + m.size / crate::holder::MIN_PUT_RATE + 5);
+                            reader.get_mut().deadline = Instant::now() + budget;
+                            h.receive(&self.store, &mut reader, &mut out, m, peer.ip())?
+                        }
                         None => {
                             let r = Response::Error {
                                 code: ErrorCode::QuotaExceeded,
@@ -332,7 +342,14 @@ impl Server {
             Ok(Some(f)) => f,
             Ok(None) => {
                 if let Some(g) = &self.gateway {
-                    return g.serve_ranges(out, id, groups);
+                    // Bounded like any answer (the largest one at the
+                    // minimum read rate), plus a minute for upstream.
+                    let most = groups.groups() * crate::manifest::GROUP_BYTES;
+                    let allowed = WRITE_TIMEOUT.max(Duration::from_secs(most / MIN_READ_RATE));
+                    out.get_mut().deadline = Some(Instant::now() + allowed + UPSTREAM_ALLOWANCE);
+                    let r = g.serve_ranges(out, id, groups);
+                    out.get_mut().deadline = None;
+                    return r;
                 }
                 bump(&self.stats.not_found, 1);
                 return refuse(out, ErrorCode::NotFound);

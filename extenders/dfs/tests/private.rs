@@ -431,7 +431,7 @@ fn other_owners_and_capabilities() {
         ],
         &hs,
     )));
-    assert_eq!(out.lines().count(), 2, "{out}");
+    assert_eq!(out.lines().count(), 3, "two files and the folder: {out}");
     let listing = ok(&qdfs(&["ls", "--no-dht", "--data-dir", od]));
     assert!(listing.contains("album/2024/deep.bin") && listing.contains("album/top.txt"));
     assert!(!listing.contains("link"), "{listing}");
@@ -446,6 +446,44 @@ fn other_owners_and_capabilities() {
         od,
     ]));
     assert!(std::fs::read(&got_deep).unwrap() == deep);
+
+    // The folder's capability reads exactly that folder, for anyone: a
+    // directory with its two files, no owner key needed.
+    let fcap = ok(&qdfs(&["share", "album/", "--no-dht", "--data-dir", od]))
+        .trim()
+        .to_string();
+    assert!(fcap.starts_with("qdfs:folder:"), "{fcap}");
+    let stranger = tmp.path().join("stranger");
+    let got_dir = stranger.join("album.out");
+    ok(&qdfs(&[
+        "fetch",
+        &fcap,
+        "-o",
+        got_dir.to_str().unwrap(),
+        "--no-dht",
+        "--data-dir",
+        stranger.to_str().unwrap(),
+    ]));
+    assert_eq!(std::fs::read(got_dir.join("top.txt")).unwrap(), b"top");
+    assert!(std::fs::read(got_dir.join("2024/deep.bin")).unwrap() == deep);
+    let names: Vec<_> = std::fs::read_dir(&got_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "exactly the folder's entries: {names:?}");
+    assert!(!stranger.join("owner.key").exists());
+    // A folder capability is not a file capability (and the other way).
+    let as_file = fcap.replacen("qdfs:folder:", "qdfs:cap:", 1);
+    let out = qdfs(&[
+        "fetch",
+        &as_file,
+        "-o",
+        stranger.join("listing.json").to_str().unwrap(),
+        "--no-dht",
+        "--data-dir",
+        stranger.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "the listing itself is a sealed file");
 
     // A capability reads exactly its file, for anyone (no key at all).
     let cap_a = share_cap(&owner, &ida);

@@ -247,7 +247,12 @@ fn dht_providers(node: &NodeClient, id: &Id) -> Vec<SocketAddr> {
             Err(_) => {}
         }
     }
-    announce::providers(&values)
+    // In random order: the record order (sorted by address) would let a
+    // Sybil with low node IDs always be asked first.
+    let seed = qdfs::owner::random_bytes::<32>();
+    let mut ps = announce::providers(&values);
+    ps.sort_by_cached_key(|p| *blake3::keyed_hash(&seed, p.to_string().as_bytes()).as_bytes());
+    ps
 }
 
 fn print_reports(id: &Id, reports: &[FileReport], json: bool) {

@@ -12,6 +12,7 @@ use clap::Subcommand;
 use qdfs::announce;
 use qdfs::cap::Capability;
 use qdfs::config::{Config, DEFAULT_CONTROL_SOCKET};
+use qdfs::folder::{self, Listing, ListingEntry};
 use qdfs::holder::{self, Holder, HolderRecord};
 use qdfs::node::NodeClient;
 use qdfs::owner::{self, IndexEntry, Net, OwnerKey};
@@ -72,7 +73,9 @@ pub enum PrivateCmd {
         #[command(flatten)]
         owner: OwnerArgs,
     },
-    /// Fetch a stored file by its private ID (owner) or a capability (anyone).
+    /// Fetch a stored file or folder by its private ID or name (owner) or a
+    /// capability (anyone: `qdfs:cap:` for a file, `qdfs:folder:` for a
+    /// folder, written as a directory).
     Fetch {
         /// A private ID from `qdfs ls`, or a `qdfs:cap:` capability.
         what: String,
@@ -85,7 +88,8 @@ pub enum PrivateCmd {
         #[command(flatten)]
         owner: OwnerArgs,
     },
-    /// Print a read capability for one stored file.
+    /// Print a read capability for one stored file, or for a stored folder
+    /// (its entry `NAME/` in `qdfs ls`): whoever holds it reads exactly that.
     Share {
         /// The private ID from `qdfs ls`.
         id: String,
@@ -215,7 +219,7 @@ pub fn run(cmd: PrivateCmd) -> Result<()> {
             if meta.is_dir() {
                 walk(&path, &top, 0, &mut files)?;
             } else if meta.is_file() {
-                files.push((path.clone(), top));
+                files.push((path.clone(), top.clone()));
             } else {
                 bail!("{}: neither a file nor a folder", path.display());
             }
@@ -224,6 +228,10 @@ pub fn run(cmd: PrivateCmd) -> Result<()> {
                 owner::load_index(&key, &c.dir, &c.net).context("reading the owner index")?;
             let scheme = shares.unwrap_or(c.scheme);
             let mut lines = Vec::new();
+            let mut listing = Listing {
+                v: 1,
+                entries: Vec::new(),
+            };
             for (file, name) in files {
                 let f = File::open(&file).with_context(|| format!("opening {}", file.display()))?;
                 let size = f.metadata()?.len();
@@ -240,6 +248,29 @@ pub fn run(cmd: PrivateCmd) -> Result<()> {
                 } else {
                     entry.id()
                 });
+                if let Some(rel) = entry.name.strip_prefix(&format!("{top}/")) {
+                    listing.entries.push(ListingEntry {
+                        path: rel.to_string(),
+                        size,
+                        cap: entry.cap.clone(),
+                    });
+                }
+                index.entries.push(entry);
+            }
+            if meta.is_dir() {
+                // The folder itself: its listing, stored like a file, for
+                // a folder capability (`qdfs share TOP/`).
+                let bytes = listing.encode();
+                let total = listing.entries.iter().map(|e| e.size).sum();
+                let cap = owner::store(&bytes[..], bytes.len() as u64, scheme, &c.net)
+                    .context("storing the folder's listing")?;
+                let entry = IndexEntry {
+                    name: format!("{top}/"),
+                    size: total,
+                    date: now_secs(),
+                    cap: cap.to_text(),
+                };
+                lines.push(format!("{}  {}", entry.id(), entry.name));
                 index.entries.push(entry);
             }
             owner::save_index(&key, &c.dir, &c.net, &index, prev.as_ref(), scheme)
@@ -272,17 +303,24 @@ pub fn run(cmd: PrivateCmd) -> Result<()> {
             owner,
         } => {
             let c = ctx(&owner)?;
-            let cap = if what.starts_with(qdfs::cap::PREFIX) {
-                what.parse::<Capability>()?
+            let (cap, is_folder) = if what.starts_with(qdfs::cap::PREFIX) {
+                (what.parse::<Capability>()?, false)
+            } else if what.starts_with(folder::PREFIX) {
+                (folder::parse_text(&what)?, true)
             } else {
                 let key = OwnerKey::load(&c.key_path, c.state.as_ref())?;
                 let (index, _) = owner::load_index(&key, &c.dir, &c.net)?;
-                index
+                let e = index
                     .find(&what)
-                    .ok_or_else(|| owner::OwnerError::UnknownFile(what.clone()))?
-                    .capability()?
+                    .ok_or_else(|| owner::OwnerError::UnknownFile(what.clone()))?;
+                (e.capability()?, e.name.ends_with('/'))
             };
-            owner::read(&cap, &output, force, &c.net)?;
+            if is_folder {
+                let n = folder::read(&cap, &output, force, &c.net)?;
+                eprintln!("{n} files written under {}", output.display());
+            } else {
+                owner::read(&cap, &output, force, &c.net)?;
+            }
             Ok(())
         }
         PrivateCmd::Share { id, owner } => {
@@ -292,7 +330,11 @@ pub fn run(cmd: PrivateCmd) -> Result<()> {
             let e = index
                 .find(&id)
                 .ok_or_else(|| owner::OwnerError::UnknownFile(id.clone()))?;
-            println!("{}", e.capability()?.to_text());
+            if e.name.ends_with('/') {
+                println!("{}", folder::to_text(&e.capability()?));
+            } else {
+                println!("{}", e.capability()?.to_text());
+            }
             Ok(())
         }
     }
