@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::budget::{Budgets, Limits};
+use crate::budget::{Budgets, Limits, Refusal};
 use crate::gateway::Gateway;
 use crate::id::Id;
 use crate::store::{ServedFile, Store};
@@ -37,6 +37,62 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request, once its first byte is here, must be whole within this time
 /// (a peer trickling a byte now and then does not keep its slot).
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection idle this long may be closed to admit a new one when
+/// every slot is taken.
+pub const EVICT_IDLE: Duration = Duration::from_secs(2);
+
+/// The connections being served: each one's socket, whether it is in the
+/// middle of a request, and since when it has waited for the next.
+#[derive(Debug, Default)]
+struct Live {
+    next: u64,
+    conns: std::collections::HashMap<u64, LiveConn>,
+}
+
+#[derive(Debug)]
+struct LiveConn {
+    stream: TcpStream,
+    busy: bool,
+    idle_since: Instant,
+}
+
+impl Live {
+    fn add(&mut self, conn: &TcpStream) -> u64 {
+        self.next += 1;
+        if let Ok(stream) = conn.try_clone() {
+            self.conns.insert(
+                self.next,
+                LiveConn {
+                    stream,
+                    busy: false,
+                    idle_since: Instant::now(),
+                },
+            );
+        }
+        self.next
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.conns.remove(&id);
+    }
+
+    fn mark(&mut self, id: u64, busy: bool) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.busy = busy;
+            c.idle_since = Instant::now();
+        }
+    }
+
+    /// The connection idle longest, if it has been idle `min` or more.
+    fn longest_idle(&self, now: Instant, min: Duration) -> Option<u64> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| !c.busy && now.saturating_duration_since(c.idle_since) >= min)
+            .min_by_key(|(_, c)| c.idle_since)
+            .map(|(id, _)| *id)
+    }
+}
+
 /// Time a gateway's answer may spend fetching upstream, besides sending.
 const UPSTREAM_ALLOWANCE: Duration = Duration::from_secs(60);
 /// Slowest rate (bytes/s) a peer may read an answer at, once
@@ -50,6 +106,8 @@ pub struct Stats {
     pub connections: AtomicU64,
     /// Connections refused by a budget.
     pub refused: AtomicU64,
+    /// Idle connections closed to admit a new one (all slots taken).
+    pub evicted: AtomicU64,
     /// Requests answered.
     pub requests: AtomicU64,
     /// Manifests sent.
@@ -71,6 +129,8 @@ pub struct StatsSnapshot {
     pub connections: u64,
     /// Connections refused by a budget.
     pub refused: u64,
+    /// Idle connections closed to admit a new one.
+    pub evicted: u64,
     /// Requests answered.
     pub requests: u64,
     /// Manifests sent.
@@ -92,6 +152,7 @@ impl Stats {
         StatsSnapshot {
             connections: g(&self.connections),
             refused: g(&self.refused),
+            evicted: g(&self.evicted),
             requests: g(&self.requests),
             manifests_served: g(&self.manifests_served),
             groups_served: g(&self.groups_served),
@@ -114,6 +175,8 @@ pub struct Server {
     gateway: Option<Arc<Gateway>>,
     /// Private storage: where others' shares go (`None`: none are kept).
     holder: Option<Arc<crate::holder::Holder>>,
+    /// Connections being served, so that an idle one can give way.
+    live: Mutex<Live>,
     /// Test hook: which chunk groups to corrupt in everything served.
     #[cfg(feature = "test-hooks")]
     corrupt: Option<hooks::CorruptAt>,
@@ -133,6 +196,7 @@ impl Server {
             stop: AtomicBool::new(false),
             gateway: None,
             holder: None,
+            live: Mutex::new(Live::default()),
             #[cfg(feature = "test-hooks")]
             corrupt: hooks::CorruptAt::from_env(),
         }
@@ -161,6 +225,26 @@ impl Server {
         self.stop.store(true, Ordering::Relaxed);
     }
 
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// With every slot taken, closes the connection that has waited
+    /// longest for its next request (at least [`EVICT_IDLE`]), so peers
+    /// that hold slots without using them give way to one that asks.
+    fn evict_idle(&self) -> bool {
+        let mut live = self.live();
+        let Some(id) = live.longest_idle(Instant::now(), EVICT_IDLE) else {
+            return false;
+        };
+        if let Some(c) = live.conns.remove(&id) {
+            tracing::debug!("closing the longest idle connection to admit a new one");
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            bump(&self.stats.evicted, 1);
+        }
+        true
+    }
+
     fn budgets(&self) -> std::sync::MutexGuard<'_, Budgets> {
         // A panicking connection thread must not stop the server: the
         // budgets stay usable (their worst state is a leaked slot).
@@ -182,7 +266,19 @@ impl Server {
                 }
             };
             let Ok(peer) = conn.peer_addr() else { continue };
-            if let Err(why) = self.budgets().admit(peer.ip(), Instant::now()) {
+            let mut admitted = self.budgets().admit(peer.ip(), Instant::now());
+            if admitted == Err(Refusal::Full) && self.evict_idle() {
+                // The evicted connection's thread gives its slot back as
+                // soon as its read fails; wait for that briefly.
+                for _ in 0..20 {
+                    std::thread::sleep(Duration::from_millis(10));
+                    admitted = self.budgets().admit(peer.ip(), Instant::now());
+                    if admitted != Err(Refusal::Full) {
+                        break;
+                    }
+                }
+            }
+            if let Err(why) = admitted {
                 bump(&self.stats.refused, 1);
                 tracing::debug!(%peer, "refused: {why}");
                 let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
@@ -199,9 +295,11 @@ impl Server {
             let spawned = std::thread::Builder::new()
                 .name("qdfs-conn".into())
                 .spawn(move || {
-                    if let Err(e) = me.serve_connection(&conn, peer) {
+                    let id = me.live().add(&conn);
+                    if let Err(e) = me.serve_connection(&conn, peer, id) {
                         tracing::debug!(%peer, "connection ended: {e}");
                     }
+                    me.live().remove(id);
                     me.budgets().release(peer.ip());
                 });
             if spawned.is_err() {
@@ -210,7 +308,7 @@ impl Server {
         }
     }
 
-    fn serve_connection(&self, conn: &TcpStream, peer: SocketAddr) -> io::Result<()> {
+    fn serve_connection(&self, conn: &TcpStream, peer: SocketAddr, id: u64) -> io::Result<()> {
         conn.set_read_timeout(Some(IDLE_TIMEOUT))?;
         conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
         conn.set_nodelay(true)?;
@@ -250,6 +348,9 @@ impl Server {
                 hello_by
             };
             said_hello = true;
+            // Busy from the first byte of a request until its answer is
+            // sent: never the one to give way.
+            self.live().mark(id, true);
             let body = match wire::read_frame(&mut reader, MAX_REQUEST_FRAME) {
                 Ok(b) => b,
                 Err(ReadFrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -328,6 +429,7 @@ impl Server {
             if reader.buffer().is_empty() {
                 out.flush()?;
             }
+            self.live().mark(id, false);
         }
     }
 

@@ -41,12 +41,24 @@ struct Provider {
 impl Provider {
     /// Adds `file` to a new store in `dir` and serves it on `listen`.
     fn start(dir: &Path, file: &Path, listen: &str, rate: u64, corrupt: Option<&str>) -> Provider {
+        Provider::start_with(dir, file, listen, rate, corrupt, "")
+    }
+
+    /// As [`Provider::start`], with `extra` lines in its configuration.
+    fn start_with(
+        dir: &Path,
+        file: &Path,
+        listen: &str,
+        rate: u64,
+        corrupt: Option<&str>,
+        extra: &str,
+    ) -> Provider {
         std::fs::create_dir_all(dir).unwrap();
         let cfg = dir.join("qdfs.toml");
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = \"store\"\nlisten = \"{listen}\"\nannounce = false\npeer_rate = {rate}\n"
+                "data_dir = \"store\"\nlisten = \"{listen}\"\nannounce = false\npeer_rate = {rate}\n{extra}"
             ),
         )
         .unwrap();
@@ -753,4 +765,43 @@ fn two_fetches_to_one_output_do_not_mix() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert_eq!(std::fs::read(&out).unwrap(), data);
+}
+
+#[test]
+fn idle_connections_give_way_when_every_slot_is_taken() {
+    use std::io::Write;
+    // Four slots, all held by connections that said Hello and then
+    // nothing (eight Sybil IDs would do this to the default 64): a real
+    // fetch still gets in, the longest idle giving way.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = test_data(1 << 20, 11);
+    let src = tmp.path().join("source.bin");
+    std::fs::write(&src, &data).unwrap();
+    let id = add_id(&src, &tmp.path().join("idstore"));
+    let p = Provider::start_with(
+        &tmp.path().join("p"),
+        &src,
+        "127.0.0.1:0",
+        0,
+        None,
+        "max_connections = 4\nmax_connections_per_peer = 8\n",
+    );
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+        s.write_all(&[0, 0, 0, 2, 1, 1]).unwrap();
+        idle.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = tmp.path().join("fetched.bin");
+    let r = get_cmd(&id, &out, &[&p]).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    assert!(qdfs_wait(Duration::from_secs(5), || {
+        let b = std::fs::read(p.dir.join("store/stats.json")).unwrap_or_default();
+        serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null)["evicted"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    }));
 }
