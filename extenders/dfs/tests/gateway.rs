@@ -4,6 +4,10 @@
 //! `--gateway`; HTTP requests (raw, over a TcpStream) to a gateway's
 //! `http` address.
 
+mod common;
+
+use common::{test_data, QDFS};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -12,21 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const QDFS: &str = env!("CARGO_BIN_EXE_qdfs");
 const GROUP: usize = 16 * 1024;
-
-fn test_data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// One `qdfs serve`, killed when dropped.
 struct Serve {

@@ -17,11 +17,10 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{must, QDFS};
+use common::QDFS;
 use serde_json::Value;
 
 #[test]
@@ -45,30 +44,9 @@ fn fetch_through_the_dht_between_nodes() {
     fs::write(&src, &data).unwrap();
     let mut id = String::new();
     for (i, name) in [(0, "a"), (1, "b")] {
-        let node = &lab.nodes[i];
-        let cfg = lab.dir.join(format!("dfs-{name}.toml"));
-        fs::write(
-            &cfg,
-            format!(
-                "data_dir = \"dfs-{name}\"\nport = 7400\ncontrol_socket = \"{}\"\n",
-                node.dir.join("control.sock").display()
-            ),
-        )
-        .unwrap();
-        let out = must(
-            Command::new(QDFS)
-                .args(["add", src.to_str().unwrap(), "--config"])
-                .arg(&cfg),
-        );
-        id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        let ns = node.ns.clone();
-        let cfg = cfg.to_str().unwrap().to_string();
-        lab.spawn(
-            &ns,
-            Path::new(QDFS),
-            &["serve", "--config", &cfg],
-            &format!("serve-{name}.log"),
-        );
+        let cfg = lab.dfs_config(i, name, "");
+        id = common::dfs_add(&src, &cfg);
+        lab.dfs_serve(i, name, &cfg);
     }
 
     // c knows neither provider: it finds them in the DHT (the providers

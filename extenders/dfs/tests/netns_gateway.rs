@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{must, QDFS};
+use common::QDFS;
 use serde_json::Value;
 
 fn stats(path: &Path) -> Value {
@@ -47,32 +47,11 @@ fn gateway_finds_the_provider_in_the_dht_and_serves_the_second_client_from_its_c
     fs::write(&src, &data).unwrap();
     let mut id = String::new();
     for (i, name, extra) in [(0, "a", ""), (1, "b", "role = \"cache-gateway\"\n")] {
-        let node = &lab.nodes[i];
-        let cfg = lab.dir.join(format!("dfs-{name}.toml"));
-        fs::write(
-            &cfg,
-            format!(
-                "data_dir = \"dfs-{name}\"\nport = 7400\ncontrol_socket = \"{}\"\n{extra}",
-                node.dir.join("control.sock").display()
-            ),
-        )
-        .unwrap();
+        let cfg = lab.dfs_config(i, name, extra);
         if name == "a" {
-            let out = must(
-                Command::new(QDFS)
-                    .args(["add", src.to_str().unwrap(), "--config"])
-                    .arg(&cfg),
-            );
-            id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+            id = common::dfs_add(&src, &cfg);
         }
-        let ns = node.ns.clone();
-        let cfg = cfg.to_str().unwrap().to_string();
-        lab.spawn(
-            &ns,
-            Path::new(QDFS),
-            &["serve", "--config", &cfg],
-            &format!("serve-{name}.log"),
-        );
+        lab.dfs_serve(i, name, &cfg);
     }
     let gateway = format!("[{}]:7400", lab.nodes[1].address);
 

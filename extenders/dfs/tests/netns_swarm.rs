@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{die_with_parent, must, Lab, QDFS};
+use common::{die_with_parent, Lab, QDFS};
 use serde_json::Value;
 
 const SIZE: u64 = 200_000_000;
@@ -88,30 +88,9 @@ fn swarm_of_eight_200_mb_from_several_providers_killed_and_resumed() {
     let mut id = String::new();
     let mut serve = Vec::new();
     for (i, name) in names[..4].iter().enumerate() {
-        let node = &lab.nodes[i];
-        let cfg = lab.dir.join(format!("dfs-{name}.toml"));
-        fs::write(
-            &cfg,
-            format!(
-                "data_dir = \"dfs-{name}\"\nport = 7400\npeer_rate = {RATE}\ncontrol_socket = \"{}\"\n",
-                node.dir.join("control.sock").display()
-            ),
-        )
-        .unwrap();
-        let out = must(
-            Command::new(QDFS)
-                .args(["add", src.to_str().unwrap(), "--config"])
-                .arg(&cfg),
-        );
-        id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        let ns = node.ns.clone();
-        let cfg = cfg.to_str().unwrap().to_string();
-        serve.push(lab.spawn(
-            &ns,
-            Path::new(QDFS),
-            &["serve", "--config", &cfg],
-            &format!("serve-{name}.log"),
-        ));
+        let cfg = lab.dfs_config(i, name, &format!("peer_rate = {RATE}\n"));
+        id = common::dfs_add(&src, &cfg);
+        serve.push(lab.dfs_serve(i, name, &cfg));
     }
     // Each provider's record stored somewhere before f looks.
     for name in &names[..4] {

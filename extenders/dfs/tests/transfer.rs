@@ -8,6 +8,10 @@
 //! enough to act in, whatever the machine: 12 MiB from three providers at
 //! 2 MB/s each takes at least 2 s, and the fetch is interrupted well before.
 
+mod common;
+
+use common::{test_data, QDFS};
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,22 +19,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-const QDFS: &str = env!("CARGO_BIN_EXE_qdfs");
-
-/// Deterministic, incompressible test data.
-fn test_data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 struct Provider {
     child: Child,

@@ -72,6 +72,30 @@ pub struct Lab {
     pub nodes: Vec<NodeInfo>,
 }
 
+/// `qdfs add PATH --config CFG`; the ID it prints.
+pub fn dfs_add(path: &Path, cfg: &Path) -> String {
+    let out = must(
+        Command::new(QDFS)
+            .args(["add", path.to_str().unwrap(), "--config"])
+            .arg(cfg),
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Deterministic, incompressible test data (xorshift).
+pub fn test_data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 /// A lab with a bridge `br0` in its namespace "sw" (returned), or `None`
 /// after saying SKIPPED when this is not root or the `qgate` binary was not
 /// built (a workspace test run builds it).
@@ -209,6 +233,34 @@ impl Lab {
             address: id["address"].as_str().unwrap().into(),
             uri: id["uri"].as_str().unwrap().into(),
         });
+    }
+
+    /// Writes `dfs-NAME.toml` for a `qdfs serve` beside node `node` (store
+    /// `dfs-NAME`, port 7400, the node's control socket, then `extra`).
+    pub fn dfs_config(&self, node: usize, name: &str, extra: &str) -> PathBuf {
+        let cfg = self.dir.join(format!("dfs-{name}.toml"));
+        fs::write(
+            &cfg,
+            format!(
+                "data_dir = \"dfs-{name}\"\nport = 7400\ncontrol_socket = \"{}\"\n{extra}",
+                self.nodes[node].dir.join("control.sock").display()
+            ),
+        )
+        .unwrap();
+        cfg
+    }
+
+    /// Starts `qdfs serve --config CFG` in node `node`'s namespace, logging
+    /// to `serve-NAME.log`; returns its index in `children`.
+    pub fn dfs_serve(&mut self, node: usize, name: &str, cfg: &Path) -> usize {
+        let ns = self.nodes[node].ns.clone();
+        let cfg = cfg.to_str().unwrap().to_string();
+        self.spawn(
+            &ns,
+            Path::new(QDFS),
+            &["serve", "--config", &cfg],
+            &format!("serve-{name}.log"),
+        )
     }
 
     pub fn log(&self, name: &str) -> String {
