@@ -154,7 +154,7 @@ pub fn datagram(data: &[u8]) {
     static NODE: OnceLock<Mutex<Node>> = OnceLock::new();
     let node = NODE.get_or_init(|| {
         let id = Identity::from_pem(GOLDEN_PEM, [7u8; 32]).expect("golden identity");
-        Mutex::new(Node::new(id, 1, node_config(1), Instant::now(), 1))
+        Mutex::new(Node::new(id, 1, node_config(1), Instant::now()))
     });
     let mut node = node.lock().unwrap_or_else(|e| e.into_inner());
     let from = "198.18.0.2:7300".parse().unwrap();
@@ -235,7 +235,7 @@ pub fn message(data: &[u8]) {
         let start = Instant::now();
         let ours = Identity::from_pem(GOLDEN_PEM, [7u8; 32]).expect("golden identity");
         let peer = Identity::generate(&mut ChaCha20Rng::seed_from_u64(11)).expect("peer identity");
-        let mut node = Node::new(ours, 1, node_config(2), start, 1);
+        let mut node = Node::new(ours, 1, node_config(2), start);
         let ext = RecordExt {
             expires: Some(UNIX_TIME + 24 * 3600),
             endpoints: vec!["198.18.0.3:7300".parse().unwrap()],

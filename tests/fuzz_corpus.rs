@@ -1,7 +1,9 @@
 //! Replays every committed fuzz corpus (`fuzz/corpus/<target>/`) through the
 //! very function its fuzz target calls (`qgate::fuzzing::<target>`), so the
 //! inputs that once found bugs keep being checked by an ordinary
-//! `cargo test`, with or without cargo-fuzz.
+//! `cargo test --features test-hooks` (as scripts/test runs it), with or
+//! without cargo-fuzz.
+#![cfg(feature = "test-hooks")]
 
 use std::path::{Path, PathBuf};
 

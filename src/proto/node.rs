@@ -115,6 +115,11 @@ const LOOKUP_BURST: f64 = 20.0;
 const RECORD_TTL: u64 = 24 * 3600;
 /// Records are not re-signed more often than this.
 const RESIGN_INTERVAL: Duration = Duration::from_secs(10);
+/// The core's timer grid: [`Node::poll_timeout`] is this long after the last tick.
+pub const TICK: Duration = Duration::from_millis(250);
+/// How far ahead of the record sequence number in use the stored limit is
+/// kept (seconds of re-signing, which follows the wall clock).
+const SEQ_MARGIN: u64 = 3600;
 /// DHT messages waiting for a link to come up, per link.
 const MAX_PENDING_CTL: usize = 32;
 /// Results of control-API lookups kept for collection.
@@ -494,7 +499,9 @@ struct Buffers {
 
 /// The protocol core of one node.
 pub struct Node {
-    identity: Identity,
+    /// Shared with the shell, which signs DHT values outside the node (RSA
+    /// signing takes milliseconds; packets must not wait for it).
+    identity: Arc<Identity>,
     record: NodeRecord,
     record_bytes: Vec<u8>,
     address: Ipv6Addr,
@@ -514,7 +521,12 @@ pub struct Node {
     drops: Drops,
     bufs: Buffers,
     last_icmp: Option<Instant>,
-    last_timer: Option<Instant>,
+    /// The `now` of the last [`Node::handle_timeout`], or of [`Node::new`].
+    last_timer: Instant,
+    /// Highest record sequence number the shell has stored durably: no
+    /// record with a higher one is signed (a crash must never let a restart
+    /// reuse a number that was published).
+    seq_limit: u64,
     /// Handshake initiations per source IP in the current second: boringtun's
     /// rate limiter is one global counter, so one noisy source could starve
     /// everyone else's handshakes without a per-source limit in front of it.
@@ -640,18 +652,20 @@ fn ipv6_underlay(addr: &SocketAddr) -> bool {
 impl Node {
     /// Creates a node. `record_seq` must be higher than any record this
     /// identity published before (the shell uses the wall clock and the
-    /// last stored value). `index_seed` randomises session indices.
-    pub fn new(
-        identity: Identity,
-        record_seq: u64,
-        config: NodeConfig,
-        now: Instant,
-        index_seed: u32,
-    ) -> Node {
+    /// last stored value) and at most the reserved limit (see
+    /// [`Node::reserve_record_seq`]). All of the node's randomness (session
+    /// indices, DHT, circuits, padding) comes from `config.rng_seed`, and all
+    /// of its time from the `now`s it is given and `config.unix_time`: two
+    /// nodes built alike and fed alike behave alike.
+    pub fn new(identity: Identity, record_seq: u64, config: NodeConfig, now: Instant) -> Node {
         let mut rng = ChaCha20Rng::from_seed(config.rng_seed);
-        let rng_key = {
+        let (rng_key, index_seed, dht_seed) = {
             use rand_chacha::rand_core::RngCore;
-            (rng.next_u64(), rng.next_u64())
+            (
+                (rng.next_u64(), rng.next_u64()),
+                rng.next_u32(),
+                rng.next_u64(),
+            )
         };
         let circ = circuits::Circuits::new(&mut rng, now);
         let ext = RecordExt {
@@ -665,13 +679,7 @@ impl Node {
         let address = identity.overlay_address();
         let public = x25519::PublicKey::from(identity.link_secret());
         let own = own_contact(&record, &record_bytes);
-        let dht = Dht::new(
-            own,
-            RsaRecords::default(),
-            now,
-            config.unix_time,
-            index_seed as u64 ^ 0x5eed,
-        );
+        let dht = Dht::new(own, RsaRecords::default(), now, config.unix_time, dht_seed);
         let mut node = Node {
             dht,
             ext,
@@ -710,12 +718,13 @@ impl Node {
                 cell_in: vec![0u8; onion_cell_max()],
             },
             last_icmp: None,
-            last_timer: None,
+            last_timer: now,
+            seq_limit: record_seq,
             sources: SourceTable::new(SOURCE_SLOTS, (rng_key.0, rng_key.1)),
             proven: SourceTable::new(SOURCE_SLOTS, (rng_key.1, rng_key.0)),
             segmenter: Segmenter::new(index_seed),
             fragment_id: index_seed,
-            identity,
+            identity: Arc::new(identity),
             config,
         };
         let peers = node.config.peers.clone();
@@ -872,12 +881,28 @@ impl Node {
         self.transmits.pop_front()
     }
 
-    /// When [`Node::handle_timeout`] wants to run next.
+    /// When [`Node::handle_timeout`] wants to run next: [`TICK`] after the
+    /// last run. The work it does (WireGuard's session timers, hellos,
+    /// lookups' deadlines, circuit probes, the DHT's upkeep) is all due on
+    /// that grid; the shell sleeps until this instant.
     pub fn poll_timeout(&self) -> Instant {
-        match self.last_timer {
-            Some(t) => t + Duration::from_millis(250),
-            None => Instant::now(),
-        }
+        self.last_timer + TICK
+    }
+
+    /// The record sequence number the shell should store durably before the
+    /// node may sign further records, when the stored limit runs short
+    /// (within an hour of the wall clock, which re-signing follows). Store
+    /// it (off the data path), then call [`Node::reserve_record_seq`].
+    pub fn record_seq_wanted(&self, now: Instant) -> Option<u64> {
+        let next = self.record.seq.saturating_add(1).max(self.dht.unix(now));
+        (next.saturating_add(SEQ_MARGIN / 2) > self.seq_limit)
+            .then(|| next.saturating_add(SEQ_MARGIN))
+    }
+
+    /// Tells the node that record sequence numbers up to `limit` are stored
+    /// durably and may be used.
+    pub fn reserve_record_seq(&mut self, limit: u64) {
+        self.seq_limit = self.seq_limit.max(limit);
     }
 
     /// Tells the node the kernel's path MTU towards an endpoint.
@@ -1167,11 +1192,12 @@ impl Node {
         self.handle_inner(now, index, n)
     }
 
-    /// Fuzzing and test hook: handles `packet` as if it had arrived,
+    /// Fuzzing and test hook (feature `test-hooks`): handles `packet` as if it had arrived,
     /// decrypted, on the link to the holder of link key `peer_key` (made if
     /// there is none, as for a handshake from `from`). Returns the length of
     /// a packet for the TUN, as [`Node::handle_datagram`] would.
     #[doc(hidden)]
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn inject_inner(
         &mut self,
         now: Instant,
@@ -1613,7 +1639,7 @@ impl Node {
     /// Runs timers: WireGuard's (rekey, keepalive, retries), hello repeats,
     /// reconnects of configured peers, pruning of idle unknown links.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.last_timer = Some(now);
+        self.last_timer = now;
         self.rate_limiter.reset_count();
         let indices: Vec<u32> = self.links.keys().copied().collect();
         let mut remove = Vec::new();
@@ -2100,6 +2126,17 @@ impl Node {
     /// Signs a new record (new endpoints or a later expiry) and spreads it.
     fn resign(&mut self, now: Instant, endpoints: Vec<SocketAddr>) {
         let unix = self.dht.unix(now);
+        let seq = self.record.seq.saturating_add(1).max(unix);
+        if seq > self.seq_limit {
+            // Not stored yet: wait for the shell (record_seq_wanted) rather
+            // than publish a number a crash could hand out again.
+            tracing::debug!(
+                seq,
+                limit = self.seq_limit,
+                "record re-signing waits for its sequence number to be stored"
+            );
+            return;
+        }
         self.last_resign = Some(now);
         self.ext = RecordExt {
             expires: Some(unix + RECORD_TTL),
@@ -2107,7 +2144,6 @@ impl Node {
             roles: self.config.roles,
             onion_key: Some(self.circ.onion_public()),
         };
-        let seq = self.record.seq.saturating_add(1).max(unix);
         self.record = self.identity.sign_record_with(seq, &self.ext);
         self.record_bytes = self.record.to_bytes();
         tracing::info!(seq, endpoints = ?self.ext.endpoints, "record signed");
@@ -2264,8 +2300,9 @@ impl Node {
         self.api_results.remove(&id)
     }
 
-    /// Signs `value` under (namespace, key) as this node and stores it in
-    /// the DHT (and again every half hour until `ttl` runs out).
+    /// Signs and publishes a value under (namespace, key) for `ttl`
+    /// seconds: [`Node::value_stamp`], signing, [`Node::put_signed_value`]
+    /// in one call, for callers that don't mind the node waiting on RSA.
     pub fn dht_put(
         &mut self,
         now: Instant,
@@ -2274,28 +2311,47 @@ impl Node {
         value: &[u8],
         ttl: u64,
     ) -> Result<Option<u64>, String> {
+        let (seq, expires) = self.value_stamp(now, ttl).map_err(|e| e.to_string())?;
+        let v = SignedValue::sign(&self.identity, namespace, key, value, seq, expires)
+            .map_err(|e| e.to_string())?;
+        self.put_signed_value(now, &v)
+    }
+
+    /// The signing key for [`SignedValue::sign`], so the shell can sign off
+    /// the node (and off whatever lock guards it).
+    pub fn signer(&self) -> Arc<Identity> {
+        self.identity.clone()
+    }
+
+    /// The sequence number and expiry (unix seconds) of the next value this
+    /// node publishes with a lifetime of `ttl` seconds.
+    pub fn value_stamp(
+        &mut self,
+        now: Instant,
+        ttl: u64,
+    ) -> Result<(u64, u64), super::records::ValueError> {
         if ttl == 0 || ttl > super::records::MAX_VALUE_TTL {
-            return Err(super::records::ValueError::Ttl.to_string());
+            return Err(super::records::ValueError::Ttl);
         }
-        let unix = self.dht.unix(now);
         // Milliseconds, so a burst of puts doesn't run ahead of the clock
         // (and a quick restart doesn't sign values older than those stored).
         self.value_seq = self
             .value_seq
             .saturating_add(1)
             .max(self.dht.unix_millis(now));
-        let v = SignedValue::sign(
-            &self.identity,
-            namespace,
-            key,
-            value,
-            self.value_seq,
-            unix + ttl,
-        )
-        .map_err(|e| e.to_string())?;
+        Ok((self.value_seq, self.dht.unix(now) + ttl))
+    }
+
+    /// Stores and publishes a value this node signed (see
+    /// [`Node::value_stamp`]); the lookup ID to wait on, if it went out.
+    pub fn put_signed_value(
+        &mut self,
+        now: Instant,
+        value: &SignedValue,
+    ) -> Result<Option<u64>, String> {
         let id = self
             .dht
-            .put(now, &v.to_bytes())
+            .put(now, &value.to_bytes())
             .map_err(|e| e.to_string())?;
         if let Some(id) = id {
             self.purposes.insert(id, Purpose::Api);
@@ -2465,6 +2521,7 @@ pub fn normalize(a: SocketAddr) -> SocketAddr {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests read the clock
 mod tests {
     use super::*;
     use crate::proto::identity::ROLE_RELAY as ROLE_RELAY_BIT;
@@ -2527,8 +2584,8 @@ mod tests {
     fn linked_pair(now: Instant, ids: Vec<Identity>, eps: &[SocketAddr]) -> Net {
         let peers_a = vec![uri(&ids[1], eps[1])];
         let mut it = ids.into_iter();
-        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now, 1);
-        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
+        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now);
+        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now);
         let mut net = Net {
             nodes: vec![(a, eps[0]), (b, eps[1])],
             now,
@@ -2567,6 +2624,12 @@ mod tests {
                 self.now += Duration::from_millis(300);
                 for n in &mut self.nodes {
                     n.0.handle_timeout(self.now);
+
+                    // As the shell does: store the sequence number, then allow it.
+
+                    if let Some(s) = n.0.record_seq_wanted(self.now) {
+                        n.0.reserve_record_seq(s);
+                    }
                 }
             }
             tun
@@ -2622,9 +2685,9 @@ mod tests {
         let peers_a = vec![uri(&ids[1], eps[1])];
         let peers_c = vec![uri(&ids[1], eps[1])];
         let mut it = ids.into_iter();
-        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now, 1);
-        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
-        let c = Node::new(it.next().unwrap(), 1, cfg(peers_c), now, 3);
+        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now);
+        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now);
+        let c = Node::new(it.next().unwrap(), 1, cfg(peers_c), now);
         let mut net = Net {
             nodes: vec![(a, eps[0]), (b, eps[1]), (c, eps[2])],
             now,
@@ -2743,7 +2806,7 @@ mod tests {
     #[test]
     fn handshake_flood_is_limited_per_source() {
         let t0 = Instant::now();
-        let mut v = Node::new(identities(1).pop().unwrap(), 1, cfg(vec![]), t0, 1);
+        let mut v = Node::new(identities(1).pop().unwrap(), 1, cfg(vec![]), t0);
         let flooder: SocketAddr = "198.18.5.5:40000".parse().unwrap();
         let other: SocketAddr = "198.18.6.6:7300".parse().unwrap();
         // Valid initiations from one source, 2000 a second for 2 s: each
@@ -2842,7 +2905,7 @@ mod tests {
     #[test]
     fn source_table_stays_bounded_under_a_spray() {
         let t0 = Instant::now();
-        let mut v = Node::new(identities(1).pop().unwrap(), 1, cfg(vec![]), t0, 1);
+        let mut v = Node::new(identities(1).pop().unwrap(), 1, cfg(vec![]), t0);
         let junk = [1u8; 148];
         for i in 0..100_000u32 {
             let now = t0 + Duration::from_micros(u64::from(i) * 20);
@@ -2868,9 +2931,9 @@ mod tests {
         let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
         let v_uri = uri(&ids[0], eps[0]);
         let mut it = ids.into_iter();
-        let v = Node::new(it.next().unwrap(), 1, cfg(vec![]), t0, 1);
-        let a = Node::new(it.next().unwrap(), 1, cfg(vec![v_uri.clone()]), t0, 2);
-        let b = Node::new(it.next().unwrap(), 1, cfg(vec![v_uri]), t0, 3);
+        let v = Node::new(it.next().unwrap(), 1, cfg(vec![]), t0);
+        let a = Node::new(it.next().unwrap(), 1, cfg(vec![v_uri.clone()]), t0);
+        let b = Node::new(it.next().unwrap(), 1, cfg(vec![v_uri]), t0);
         let mut net = Net {
             nodes: vec![(v, eps[0]), (a, eps[1]), (b, eps[2])],
             now: t0,
@@ -2956,7 +3019,7 @@ mod tests {
         let again = |id: &Identity| {
             Identity::from_pem(&id.rsa_pem().unwrap(), id.link_secret_bytes()).unwrap()
         };
-        let mut alone = Node::new(again(&ids[0]), 1, cfg(vec![]), now, 1);
+        let mut alone = Node::new(again(&ids[0]), 1, cfg(vec![]), now);
         alone
             .dht_put(now, b"ns", b"k", b"kept value", 3600)
             .unwrap();
@@ -2966,15 +3029,9 @@ mod tests {
 
         let later = now + Duration::from_secs(60);
         let b_id = ids.pop().unwrap();
-        let mut a = Node::new(
-            ids.pop().unwrap(),
-            2,
-            cfg(vec![uri(&b_id, eps[1])]),
-            later,
-            1,
-        );
+        let mut a = Node::new(ids.pop().unwrap(), 2, cfg(vec![uri(&b_id, eps[1])]), later);
         assert!(a.restore_value(later, &kept[0]));
-        let b = Node::new(b_id, 1, cfg(vec![]), later, 2);
+        let b = Node::new(b_id, 1, cfg(vec![]), later);
         let mut net = Net {
             nodes: vec![(a, eps[0]), (b, eps[1])],
             now: later,
@@ -2998,9 +3055,9 @@ mod tests {
         };
         let (pa, pc) = (vec![uri(&ids[1], eps[1])], vec![uri(&ids[1], eps[1])]);
         let mut it = ids.into_iter();
-        let a = Node::new(it.next().unwrap(), 1, conf(pa, eps[0]), now, 1);
-        let b = Node::new(it.next().unwrap(), 1, conf(vec![], eps[1]), now, 2);
-        let c = Node::new(it.next().unwrap(), 1, conf(pc, eps[2]), now, 3);
+        let a = Node::new(it.next().unwrap(), 1, conf(pa, eps[0]), now);
+        let b = Node::new(it.next().unwrap(), 1, conf(vec![], eps[1]), now);
+        let c = Node::new(it.next().unwrap(), 1, conf(pc, eps[2]), now);
         let mut net = Net {
             nodes: vec![(a, eps[0]), (b, eps[1]), (c, eps[2])],
             now,
@@ -3024,6 +3081,12 @@ mod tests {
             let now = net.now;
             for n in &mut net.nodes {
                 n.0.handle_timeout(now);
+
+                // As the shell does: store the sequence number, then allow it.
+
+                if let Some(s) = n.0.record_seq_wanted(now) {
+                    n.0.reserve_record_seq(s);
+                }
             }
             net.deliver();
         }
@@ -3066,7 +3129,7 @@ mod tests {
             let clone = |i: &Identity| {
                 Identity::from_pem(&i.rsa_pem().unwrap(), i.link_secret_bytes()).unwrap()
             };
-            let a = Node::new(clone(&ids[0]), 1, cfg(pa), now, 1);
+            let a = Node::new(clone(&ids[0]), 1, cfg(pa), now);
             let b = Node::new(
                 clone(&ids[1]),
                 1,
@@ -3075,9 +3138,8 @@ mod tests {
                     ..cfg(vec![])
                 },
                 now,
-                2,
             );
-            let c = Node::new(clone(&ids[2]), 1, cfg(pc), now, 3);
+            let c = Node::new(clone(&ids[2]), 1, cfg(pc), now);
             let mut net = Net {
                 nodes: vec![(a, eps[0]), (b, eps[1]), (c, eps[2])],
                 now,
@@ -3268,7 +3330,7 @@ mod tests {
             if i == 0 {
                 c.routes.default = Policy::Hops(2, 3);
             }
-            nodes.push((Node::new(id, 1, c, now, i as u32 + 1), eps[i]));
+            nodes.push((Node::new(id, 1, c, now), eps[i]));
         }
         let mut net = Net { nodes, now };
         net.run();
@@ -3286,6 +3348,12 @@ mod tests {
             // and what it would send is lost.
             for n in net.nodes.iter_mut().filter(|n| n.1.port() != 1) {
                 n.0.handle_timeout(now);
+
+                // As the shell does: store the sequence number, then allow it.
+
+                if let Some(s) = n.0.record_seq_wanted(now) {
+                    n.0.reserve_record_seq(s);
+                }
             }
             for _ in 0..50 {
                 let mut moved = false;
@@ -3517,9 +3585,9 @@ mod tests {
             endpoint: Some(eps[1]),
         };
         let mut it = ids.into_iter();
-        let a = Node::new(it.next().unwrap(), 1, cfg(vec![forged]), now, 1);
+        let a = Node::new(it.next().unwrap(), 1, cfg(vec![forged]), now);
         let _victim = it.next();
-        let attacker = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
+        let attacker = Node::new(it.next().unwrap(), 1, cfg(vec![]), now);
         let mut net = Net {
             nodes: vec![(a, eps[0]), (attacker, eps[1])],
             now,
@@ -3546,10 +3614,10 @@ mod tests {
         let now = Instant::now();
         let target = Identity::generate(&mut OsRng).unwrap();
         let target_uri = uri(&target, "198.18.0.1:7300".parse().unwrap());
-        let mut node = Node::new(target, 1, cfg(vec![]), now, 1);
+        let mut node = Node::new(target, 1, cfg(vec![]), now);
         // A real node's initiations, replayed many times from one address.
         let attacker = Identity::generate(&mut OsRng).unwrap();
-        let mut a = Node::new(attacker, 1, cfg(vec![target_uri]), now, 2);
+        let mut a = Node::new(attacker, 1, cfg(vec![target_uri]), now);
         let init = a.poll_transmit().unwrap().payload;
         let from: SocketAddr = "198.18.0.66:1".parse().unwrap();
         let (mut responses, mut cookies) = (0, 0);
@@ -3579,9 +3647,9 @@ mod tests {
         let ep_b: SocketAddr = "198.18.0.2:7300".parse().unwrap();
         let b_uri = uri(&ids[1], ep_b);
         let mut it = ids.into_iter();
-        let mut a = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri.clone()]), now, 1);
-        let mut b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
-        let mut c = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri]), now, 3);
+        let mut a = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri.clone()]), now);
+        let mut b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now);
+        let mut c = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri]), now);
         // Someone forging a's address spends a's whole handshake budget.
         let forged = c.poll_transmit().unwrap().payload;
         for _ in 0..SOURCE_LIMIT.burst {
@@ -3606,15 +3674,32 @@ mod tests {
     }
 
     #[test]
+    fn no_record_is_signed_with_a_sequence_number_not_yet_stored() {
+        let now = Instant::now();
+        let mut n = Node::new(identities(1).pop().unwrap(), 5, cfg(vec![]), now);
+        assert_eq!(n.record().seq, 5);
+        // Only 5 is stored: the first re-signing (due at once: the record
+        // carries no endpoints yet and expires within half its TTL once 13 h
+        // pass) must wait for the shell.
+        let later = now + Duration::from_secs(13 * 3600);
+        n.handle_timeout(later);
+        assert_eq!(n.record().seq, 5, "signed past the stored limit");
+        let want = n.record_seq_wanted(later).expect("asks for a limit");
+        assert!(want > 1_800_000_000 + 13 * 3600, "{want}");
+        n.reserve_record_seq(want);
+        let t = later + Duration::from_millis(250);
+        n.handle_timeout(t);
+        let seq = n.record().seq;
+        assert!(seq > 5 && seq <= want, "seq {seq}, limit {want}");
+        // With an hour of numbers in hand it asks for nothing more.
+        assert_eq!(n.record_seq_wanted(t), None);
+        assert_eq!(n.poll_timeout(), t + TICK);
+    }
+
+    #[test]
     fn garbage_datagrams_are_counted_not_fatal() {
         let now = Instant::now();
-        let mut n = Node::new(
-            Identity::generate(&mut OsRng).unwrap(),
-            1,
-            cfg(vec![]),
-            now,
-            9,
-        );
+        let mut n = Node::new(Identity::generate(&mut OsRng).unwrap(), 1, cfg(vec![]), now);
         let from: SocketAddr = "198.18.0.9:1".parse().unwrap();
         let mut x: u64 = 88172645463325252;
         for i in 0..50_000usize {

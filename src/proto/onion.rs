@@ -594,6 +594,7 @@ pub fn auth_message(dest: &NodeId, bind: &[u8; 32]) -> Vec<u8> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests read the clock
 mod tests {
     use super::*;
     use rand_core::OsRng;

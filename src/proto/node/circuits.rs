@@ -395,7 +395,7 @@ pub(super) struct Circuits {
     stats: RelayStats,
     bandwidth: (f64, Instant),
     /// Cells forwarded as relay, as (forward?, in, out), for the test hook.
-    #[cfg(feature = "cell-log")]
+    #[cfg(feature = "test-hooks")]
     pub(super) cell_log: Vec<(bool, Vec<u8>, Vec<u8>)>,
 }
 
@@ -420,7 +420,7 @@ impl Circuits {
             notes: RouteNotes::default(),
             stats: RelayStats::default(),
             bandwidth: (0.0, now),
-            #[cfg(feature = "cell-log")]
+            #[cfg(feature = "test-hooks")]
             cell_log: Vec::new(),
         }
     }
@@ -585,7 +585,7 @@ impl Node {
         self.send_cell(now, link, size);
     }
 
-    #[cfg(feature = "cell-log")]
+    #[cfg(feature = "test-hooks")]
     fn log_cell(&mut self, forward: bool, cell_in: &[u8], len: usize) {
         if self.circ.cell_log.len() < 100_000 {
             let out = self.bufs.cell[..len].to_vec();
@@ -694,7 +694,7 @@ impl Node {
                         onion::write_header(&mut self.bufs.cell, circ, KIND_RELAY, &nonce);
                         self.circ.stats.cells_forwarded += 1;
                         self.circ.stats.bytes_forwarded += size as u64;
-                        #[cfg(feature = "cell-log")]
+                        #[cfg(feature = "test-hooks")]
                         self.log_cell(false, cell, size);
                         self.send_cell(now, link, size);
                         None
@@ -863,7 +863,7 @@ impl Node {
                 onion::write_header(&mut self.bufs.cell, circ, KIND_RELAY, &nonce);
                 self.circ.stats.cells_forwarded += 1;
                 self.circ.stats.bytes_forwarded += size as u64;
-                #[cfg(feature = "cell-log")]
+                #[cfg(feature = "test-hooks")]
                 self.log_cell(true, cell_in, size);
                 self.send_cell(now, link, size);
                 None
@@ -1946,7 +1946,7 @@ impl Node {
     }
 
     /// Test hook: the cells forwarded since the last call.
-    #[cfg(feature = "cell-log")]
+    #[cfg(feature = "test-hooks")]
     pub fn take_cell_log(&mut self) -> Vec<(bool, Vec<u8>, Vec<u8>)> {
         std::mem::take(&mut self.circ.cell_log)
     }

@@ -376,8 +376,7 @@ impl Node {
             .filter(|n| {
                 // The core reads no clock: the last timer tick is "now"
                 // to within a tick.
-                self.last_timer
-                    .is_none_or(|t| t.saturating_duration_since(n.used) < SUMMARY_FRESH)
+                self.last_timer.saturating_duration_since(n.used) < SUMMARY_FRESH
             })
             .max_by_key(|n| n.used);
         let usable = match latest {
