@@ -23,7 +23,7 @@ use crate::proto::node::{
     CompressionPolicy, LinkState, NodeConfig, RelayConfig, TrafficConfig, MSG_HELLO,
 };
 use crate::proto::onion::{
-    self, cmd, parse_cell, server_handshake, ClientHandshake, HopKeys, OnionKey, CELL_HEADER,
+    self, body, parse_cell, server_handshake, ClientHandshake, Cmd, HopKeys, OnionKey, CELL_HEADER,
     CREATE_LEN,
 };
 use crate::proto::records::{RsaRecords, SignedValue};
@@ -341,6 +341,11 @@ pub fn cell(data: &[u8]) {
         let id = NodeId([1; 32]);
         let _ = server_handshake(&mut rng, &id, &[&k.onion], data);
     }
+    // The command bodies a hop parses once a cell is opened.
+    let _ = body::Extend::parse(data);
+    let _ = body::Auth::parse(data);
+    let _ = body::Lookup::parse(data);
+    let _ = body::ExtendRefusal::parse(data);
     let Ok(h) = parse_cell(data) else {
         return;
     };
@@ -348,7 +353,7 @@ pub fn cell(data: &[u8]) {
     let mut nonce = h.nonce;
     if let Ok(onion::Forward::Mine(_, c, r)) = k.server.forward(&mut nonce, &mut body) {
         assert!(r.end <= body.len());
-        let _ = c == cmd::DATA;
+        let _ = c == Cmd::Data;
     }
     let mut body = data[CELL_HEADER..].to_vec();
     if let Ok(u) = onion::unwrap(&[&k.client], h.nonce, &mut body) {
@@ -361,7 +366,7 @@ pub fn cell(data: &[u8]) {
     let size = body.len();
     let payload = &data[..data.len().min(size - onion::TAG_LEN - onion::RELAY_HEADER)];
     let counter = u64::from(h.circ);
-    let command = h.kind;
+    let command = Cmd::try_from(data[CELL_HEADER - 1]).unwrap_or(Cmd::Data);
     let mut body = vec![0u8; size];
     let n = k.server.originate(counter, command, payload, &mut body);
     let u = onion::unwrap(&[&k.client], n, &mut body).expect("a hop's own cell opens");

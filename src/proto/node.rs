@@ -27,7 +27,9 @@ use serde::Serialize;
 use super::access::{link_subnet, AccessConfig};
 use super::compress::Adaptive;
 use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source};
-use super::identity::{is_overlay_address, put_endpoint, Identity, NodeId, NodeRecord, RecordExt};
+use super::identity::{
+    is_overlay_address, parse_endpoint, put_endpoint, Identity, NodeId, NodeRecord,
+};
 use super::limit::{Limit, SourceTable};
 use super::message::{self, Reassembler, Segmenter};
 use super::records::{node_info, value_target, RsaRecords, SignedValue};
@@ -38,6 +40,7 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 mod circuits;
+mod own_record;
 pub use circuits::{
     CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
     RouteNoteView, RouteOutcome, RoutingSummary, TrafficConfig, CIRCUIT_MTU, CREATE_LIMIT,
@@ -95,8 +98,6 @@ const GONE_AFTER: Duration = Duration::from_secs(30);
 const LRU_IDLE: Duration = Duration::from_secs(10);
 /// LAN announcements acted on at most this often.
 const LAN_INTERVAL: Duration = Duration::from_secs(1);
-/// A neighbour's report of our endpoint counts this long.
-const OBSERVED_FOR: Duration = Duration::from_secs(600);
 /// How long a record judged stale is passed over.
 const STALE_FOR: Duration = Duration::from_secs(60);
 /// Packets waiting for an address lookup, per address.
@@ -111,21 +112,12 @@ const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
 /// scanning fc00::/8 must not turn into a flood of lookups.
 const LOOKUP_RATE: f64 = 5.0;
 const LOOKUP_BURST: f64 = 20.0;
-/// Lifetime of our record; it is signed anew when half is left.
-const RECORD_TTL: u64 = 24 * 3600;
-/// Records are not re-signed more often than this.
-const RESIGN_INTERVAL: Duration = Duration::from_secs(10);
 /// The core's timer grid: [`Node::poll_timeout`] is this long after the last tick.
 pub const TICK: Duration = Duration::from_millis(250);
-/// How far ahead of the record sequence number in use the stored limit is
-/// kept (seconds of re-signing, which follows the wall clock).
-const SEQ_MARGIN: u64 = 3600;
 /// DHT messages waiting for a link to come up, per link.
 const MAX_PENDING_CTL: usize = 32;
 /// Results of control-API lookups kept for collection.
 const MAX_API_RESULTS: usize = 64;
-/// Observed endpoints remembered.
-const MAX_OBSERVED: usize = 16;
 const HELLO_FLAG_ACK: u8 = 1;
 /// Hello flag: "I don't know that you have my record: answer".
 const HELLO_FLAG_REPLY: u8 = 2;
@@ -499,11 +491,8 @@ struct Buffers {
 
 /// The protocol core of one node.
 pub struct Node {
-    /// Shared with the shell, which signs DHT values outside the node (RSA
-    /// signing takes milliseconds; packets must not wait for it).
-    identity: Arc<Identity>,
-    record: NodeRecord,
-    record_bytes: Vec<u8>,
+    /// Identity, the record we present, endpoint reports, re-signing.
+    own: own_record::OwnRecord,
     address: Ipv6Addr,
     config: NodeConfig,
     links: HashMap<u32, Link>,
@@ -523,10 +512,6 @@ pub struct Node {
     last_icmp: Option<Instant>,
     /// The `now` of the last [`Node::handle_timeout`], or of [`Node::new`].
     last_timer: Instant,
-    /// Highest record sequence number the shell has stored durably: no
-    /// record with a higher one is signed (a crash must never let a restart
-    /// reuse a number that was published).
-    seq_limit: u64,
     /// Handshake initiations per source IP in the current second: boringtun's
     /// rate limiter is one global counter, so one noisy source could starve
     /// everyone else's handshakes without a per-source limit in front of it.
@@ -537,10 +522,6 @@ pub struct Node {
     segmenter: Segmenter,
     fragment_id: u32,
     dht: Dht<RsaRecords>,
-    ext: RecordExt,
-    /// Our endpoint as neighbours see it: reporter → (its latest report, when).
-    observed: HashMap<NodeId, (SocketAddr, Instant)>,
-    last_resign: Option<Instant>,
     /// Addresses being looked up, with the packets waiting for them.
     wanted: HashMap<Ipv6Addr, Want>,
     /// Addresses whose lookup failed, and when.
@@ -668,23 +649,28 @@ impl Node {
             )
         };
         let circ = circuits::Circuits::new(&mut rng, now);
-        let ext = RecordExt {
-            expires: Some(config.unix_time + RECORD_TTL),
-            endpoints: config.advertise.clone(),
-            roles: config.roles,
-            onion_key: Some(circ.onion_public()),
-        };
-        let record = identity.sign_record_with(record_seq, &ext);
-        let record_bytes = record.to_bytes();
         let address = identity.overlay_address();
         let public = x25519::PublicKey::from(identity.link_secret());
-        let own = own_contact(&record, &record_bytes);
-        let dht = Dht::new(own, RsaRecords::default(), now, config.unix_time, dht_seed);
+        let own = own_record::OwnRecord::new(
+            identity,
+            record_seq,
+            config.unix_time,
+            config.advertise.clone(),
+            own_record::Fixed {
+                roles: config.roles,
+                onion_key: circ.onion_public(),
+            },
+        );
+        let dht = Dht::new(
+            own_contact(own.record(), own.bytes()),
+            RsaRecords::default(),
+            now,
+            config.unix_time,
+            dht_seed,
+        );
         let mut node = Node {
             dht,
-            ext,
-            observed: HashMap::new(),
-            last_resign: None,
+            own,
             wanted: HashMap::new(),
             unreachable: HashMap::new(),
             stale: HashMap::new(),
@@ -698,8 +684,6 @@ impl Node {
             rng,
             circ,
             address,
-            record,
-            record_bytes,
             links: HashMap::new(),
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
@@ -719,17 +703,15 @@ impl Node {
             },
             last_icmp: None,
             last_timer: now,
-            seq_limit: record_seq,
             sources: SourceTable::new(SOURCE_SLOTS, (rng_key.0, rng_key.1)),
             proven: SourceTable::new(SOURCE_SLOTS, (rng_key.1, rng_key.0)),
             segmenter: Segmenter::new(index_seed),
             fragment_id: index_seed,
-            identity: Arc::new(identity),
             config,
         };
         let peers = node.config.peers.clone();
         for p in peers {
-            if p.uri.node_id == node.identity.node_id() {
+            if p.uri.node_id == node.own.record().node_id() {
                 continue;
             }
             if let Some(idx) =
@@ -755,12 +737,12 @@ impl Node {
 
     /// This node's ID.
     pub fn node_id(&self) -> NodeId {
-        self.identity.node_id()
+        self.own.record().node_id()
     }
 
     /// The record this node presents to its neighbours.
     pub fn record(&self) -> &NodeRecord {
-        &self.record
+        self.own.record()
     }
 
     fn add_link(
@@ -811,7 +793,7 @@ impl Node {
         self.next_index = (index + 1) & 0x00ff_ffff;
         let keepalive = (self.config.keepalive > 0).then_some(self.config.keepalive);
         let tunn = Tunn::new(
-            self.identity.link_secret().clone(),
+            self.own.identity().link_secret().clone(),
             x25519::PublicKey::from(peer_key),
             None,
             keepalive,
@@ -894,15 +876,13 @@ impl Node {
     /// (within an hour of the wall clock, which re-signing follows). Store
     /// it (off the data path), then call [`Node::reserve_record_seq`].
     pub fn record_seq_wanted(&self, now: Instant) -> Option<u64> {
-        let next = self.record.seq.saturating_add(1).max(self.dht.unix(now));
-        (next.saturating_add(SEQ_MARGIN / 2) > self.seq_limit)
-            .then(|| next.saturating_add(SEQ_MARGIN))
+        self.own.seq_wanted(self.dht.unix(now))
     }
 
     /// Tells the node that record sequence numbers up to `limit` are stored
     /// durably and may be used.
     pub fn reserve_record_seq(&mut self, limit: u64) {
-        self.seq_limit = self.seq_limit.max(limit);
+        self.own.reserve_seq(limit);
     }
 
     /// Tells the node the kernel's path MTU towards an endpoint.
@@ -1282,8 +1262,8 @@ impl Node {
             self.drops.access_denied += 1;
             return None;
         }
-        let public = x25519::PublicKey::from(self.identity.link_secret());
-        let half = match parse_handshake_anon(self.identity.link_secret(), &public, init) {
+        let public = x25519::PublicKey::from(self.own.identity().link_secret());
+        let half = match parse_handshake_anon(self.own.identity().link_secret(), &public, init) {
             Ok(h) => h,
             Err(_) => {
                 self.drops.handshake_rejected += 1;
@@ -1515,7 +1495,7 @@ impl Node {
         link.they_have_ours = ack;
         if let (Some(ep), Some(v)) = (observed, &link.verified) {
             let reporter = v.record.node_id();
-            self.note_observed(now, ep, reporter);
+            self.own.note_observed(now, ep, reporter);
         }
         if body[0] & HELLO_FLAG_REPLY != 0 {
             self.send_hello(index, now);
@@ -1547,7 +1527,7 @@ impl Node {
         if record.overlay_address() != src {
             return Err("hello sent from an address that is not the record's".into());
         }
-        if record.node_id() == self.identity.node_id() {
+        if record.node_id() == self.node_id() {
             return Err("record is our own".into());
         }
         if let Some(v) = &link.verified {
@@ -1570,7 +1550,7 @@ impl Node {
         let Some(link) = self.links.get_mut(&index) else {
             return;
         };
-        let mut body = Vec::with_capacity(20 + self.record_bytes.len());
+        let mut body = Vec::with_capacity(20 + self.own.bytes().len());
         let mut flags = 0;
         if link.verified.is_some() {
             flags |= HELLO_FLAG_ACK;
@@ -1587,7 +1567,7 @@ impl Node {
             // endpoint learns what to publish in its record.
             put_endpoint(&mut body, ep);
         }
-        body.extend_from_slice(&self.record_bytes);
+        body.extend_from_slice(self.own.bytes());
         link.last_hello = Some(now);
         self.send_control(index, MSG_HELLO, &body, false);
     }
@@ -2055,99 +2035,16 @@ impl Node {
         self.stale
             .retain(|_, (_, t)| now.saturating_duration_since(*t) < STALE_FOR);
         let unix = self.dht.unix(now);
-        let endpoints = self.desired_endpoints(now);
-        let expiring = self.ext.expires.is_none_or(|e| e < unix + RECORD_TTL / 2);
-        let due = self
-            .last_resign
-            .is_none_or(|t| now.saturating_duration_since(t) >= RESIGN_INTERVAL);
-        if due && (expiring || endpoints != self.ext.endpoints) {
-            self.resign(now, endpoints);
+        if self.own.poll_resign(now, unix).is_some() {
+            self.spread_record(now);
         }
         self.pump_dht(now);
     }
 
-    fn note_observed(&mut self, now: Instant, ep: SocketAddr, reporter: NodeId) {
-        if ep.port() == 0 || ep.ip().is_unspecified() {
-            return;
-        }
-        if !self.observed.contains_key(&reporter) && self.observed.len() >= MAX_OBSERVED {
-            if let Some(old) = self
-                .observed
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(r, _)| *r)
-            {
-                self.observed.remove(&old);
-            }
-        }
-        self.observed.insert(reporter, (ep, now));
-    }
-
-    /// Endpoints for our record: the configured ones, else per address
-    /// family the one most neighbours report (one vote each, their latest,
-    /// for ten minutes). A tie keeps the endpoint we publish, so two
-    /// neighbours that see us differently can't make it flip back and forth.
-    fn desired_endpoints(&self, now: Instant) -> Vec<SocketAddr> {
-        if !self.config.advertise.is_empty() {
-            return self.config.advertise.clone();
-        }
-        let mut votes: HashMap<SocketAddr, usize> = HashMap::new();
-        for (ep, t) in self.observed.values() {
-            let link_local =
-                matches!(ep.ip(), IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80);
-            if now.saturating_duration_since(*t) < OBSERVED_FOR && !link_local {
-                *votes.entry(*ep).or_default() += 1;
-            }
-        }
-        let mut out = Vec::new();
-        for v4 in [true, false] {
-            let current = self
-                .ext
-                .endpoints
-                .iter()
-                .find(|e| e.is_ipv4() == v4)
-                .copied();
-            let cur_votes = current.and_then(|c| votes.get(&c).copied()).unwrap_or(0);
-            let best = votes
-                .iter()
-                .filter(|(e, _)| e.is_ipv4() == v4)
-                .max_by_key(|(e, n)| (**n, **e))
-                .map(|(e, n)| (*e, *n));
-            match (current, best) {
-                (Some(c), Some((_, n))) if cur_votes >= n => out.push(c),
-                (_, Some((e, _))) => out.push(e),
-                (Some(c), None) => out.push(c),
-                (None, None) => {}
-            }
-        }
-        out
-    }
-
-    /// Signs a new record (new endpoints or a later expiry) and spreads it.
-    fn resign(&mut self, now: Instant, endpoints: Vec<SocketAddr>) {
-        let unix = self.dht.unix(now);
-        let seq = self.record.seq.saturating_add(1).max(unix);
-        if seq > self.seq_limit {
-            // Not stored yet: wait for the shell (record_seq_wanted) rather
-            // than publish a number a crash could hand out again.
-            tracing::debug!(
-                seq,
-                limit = self.seq_limit,
-                "record re-signing waits for its sequence number to be stored"
-            );
-            return;
-        }
-        self.last_resign = Some(now);
-        self.ext = RecordExt {
-            expires: Some(unix + RECORD_TTL),
-            endpoints,
-            roles: self.config.roles,
-            onion_key: Some(self.circ.onion_public()),
-        };
-        self.record = self.identity.sign_record_with(seq, &self.ext);
-        self.record_bytes = self.record.to_bytes();
-        tracing::info!(seq, endpoints = ?self.ext.endpoints, "record signed");
-        let own = own_contact(&self.record, &self.record_bytes);
+    /// Spreads a record [`own_record::OwnRecord`] signed anew: to the DHT
+    /// (announced once joined) and in a hello to every verified neighbour.
+    fn spread_record(&mut self, now: Instant) {
+        let own = own_contact(self.own.record(), self.own.bytes());
         if self.joined {
             self.dht.set_own(now, own);
         } else {
@@ -2312,7 +2209,7 @@ impl Node {
         ttl: u64,
     ) -> Result<Option<u64>, String> {
         let (seq, expires) = self.value_stamp(now, ttl).map_err(|e| e.to_string())?;
-        let v = SignedValue::sign(&self.identity, namespace, key, value, seq, expires)
+        let v = SignedValue::sign(self.own.identity(), namespace, key, value, seq, expires)
             .map_err(|e| e.to_string())?;
         self.put_signed_value(now, &v)
     }
@@ -2320,7 +2217,7 @@ impl Node {
     /// The signing key for [`SignedValue::sign`], so the shell can sign off
     /// the node (and off whatever lock guards it).
     pub fn signer(&self) -> Arc<Identity> {
-        self.identity.clone()
+        self.own.identity().clone()
     }
 
     /// The sequence number and expiry (unix seconds) of the next value this
@@ -2415,10 +2312,10 @@ impl Node {
             .collect();
         links.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         NodeStatus {
-            node_id: self.identity.node_id().to_string(),
+            node_id: self.node_id().to_string(),
             address: self.address,
-            record_seq: self.record.seq,
-            endpoints: self.ext.endpoints.clone(),
+            record_seq: self.own.record().seq,
+            endpoints: self.own.endpoints().to_vec(),
             dht: self.dht.stats(),
             table_entries: self.dht.table_len(),
             drops: self.drops,
@@ -2448,17 +2345,6 @@ fn own_contact(record: &NodeRecord, bytes: &[u8]) -> Contact {
         info,
         record: Arc::from(bytes),
     }
-}
-
-/// Decodes what [`put_endpoint`] wrote; returns the rest.
-fn parse_endpoint(b: &[u8]) -> Option<(SocketAddr, &[u8])> {
-    let (ip, rest): (IpAddr, &[u8]) = match *b.first()? {
-        4 if b.len() >= 7 => (<[u8; 4]>::try_from(&b[1..5]).ok()?.into(), &b[5..]),
-        6 if b.len() >= 19 => (<[u8; 16]>::try_from(&b[1..17]).ok()?.into(), &b[17..]),
-        _ => return None,
-    };
-    let port = u16::from_be_bytes([rest[0], rest[1]]);
-    Some((SocketAddr::new(ip, port), &rest[2..]))
 }
 
 /// Runs a boringtun rate limiter's checks (MAC, and under load the cookie)
@@ -2524,6 +2410,7 @@ pub fn normalize(a: SocketAddr) -> SocketAddr {
 #[allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests read the clock
 mod tests {
     use super::*;
+    use crate::proto::identity::RecordExt;
     use crate::proto::identity::ROLE_RELAY as ROLE_RELAY_BIT;
     use crate::proto::onion;
     use rand_core::OsRng;
@@ -2790,7 +2677,7 @@ mod tests {
     fn initiation(to: &Node, seed: u8) -> Vec<u8> {
         let mut t = Tunn::new(
             x25519::StaticSecret::from([seed; 32]),
-            x25519::PublicKey::from(to.identity.link_public()),
+            x25519::PublicKey::from(to.own.identity().link_public()),
             None,
             None,
             u32::from(seed),
@@ -2844,7 +2731,7 @@ mod tests {
         let limited = st.drops.rate_limited;
         let mut t = Tunn::new(
             x25519::StaticSecret::from([99; 32]),
-            x25519::PublicKey::from(v.identity.link_public()),
+            x25519::PublicKey::from(v.own.identity().link_public()),
             None,
             None,
             99,
@@ -2947,7 +2834,7 @@ mod tests {
             onion::ClientHandshake::start(&mut rng, v.node_id(), v.circ.onion_public());
         let cell_for = |circ: u32| {
             let mut cell = vec![0u8; onion::CELL_SMALL];
-            onion::write_header(&mut cell, circ, onion::KIND_CREATE, &[0; 16]);
+            onion::write_header(&mut cell, circ, onion::Kind::Create, &[0; 16]);
             cell[onion::CELL_HEADER..onion::CELL_HEADER + create.len()].copy_from_slice(&create);
             cell
         };
@@ -2989,7 +2876,7 @@ mod tests {
         let body = {
             let n = &net.nodes[1].0;
             let mut v = vec![HELLO_FLAG_ACK | HELLO_FLAG_REPLY];
-            v.extend_from_slice(&n.record_bytes);
+            v.extend_from_slice(n.own.bytes());
             v
         };
         net.nodes[1].0.send_control(idx, MSG_HELLO, &body, true);

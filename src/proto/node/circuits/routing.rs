@@ -172,7 +172,7 @@ impl Node {
                 ips: p.ips.clone(),
             })
             .collect();
-        let mut ends: Vec<IpAddr> = self.ext.endpoints.iter().map(|e| e.ip()).collect();
+        let mut ends: Vec<IpAddr> = self.own.endpoints().iter().map(|e| e.ip()).collect();
         if let Some(d) = self.local_peer(dst) {
             ends.extend(d.ips.iter().copied());
         }
