@@ -118,9 +118,11 @@ fn write_seeds() {
     udp[48..].copy_from_slice(&payload);
     seeds.push(("frame", udp.clone()));
     let mut out = vec![0u8; 2 * wire::MAX_PACKET];
-    if let wire::Encoded::Compressed(n) =
-        wire::encode_app(wire::Ipv6View::new_checked(&udp).unwrap(), true, &mut out)
-    {
+    if let wire::Encoded::Compressed(n) = wire::encode_app(
+        wire::Ipv6View::new_checked(&udp).unwrap(),
+        Some(&mut wire::Lz4Table::default()),
+        &mut out,
+    ) {
         seeds.push(("frame", out[..n].to_vec()));
     }
     let mut ctl = Vec::new();

@@ -487,6 +487,8 @@ struct Buffers {
     cell: Vec<u8>,
     /// A cell as it arrived.
     cell_in: Vec<u8>,
+    /// lz4's hash table, reused for every packet compressed.
+    lz4: wire::Lz4Table,
 }
 
 /// The protocol core of one node.
@@ -507,6 +509,9 @@ pub struct Node {
     /// Cookie check for sources over their handshake budget.
     cookie_gate: RateLimiter,
     transmits: VecDeque<Transmit>,
+    /// Payload buffers of transmits the shell sent and handed back
+    /// ([`Node::recycle`]): a relayed cell reuses one instead of allocating.
+    spare: Vec<Vec<u8>>,
     drops: Drops,
     bufs: Buffers,
     last_icmp: Option<Instant>,
@@ -606,6 +611,19 @@ pub struct PeersReport {
 /// A peer-store row: node ID, record, source, last seen (unix seconds).
 pub type StoredPeerRow = ([u8; 32], Vec<u8>, Source, u64);
 
+/// Spare payload buffers kept for reuse.
+pub const MAX_SPARE: usize = 256;
+/// Largest buffer kept (a full datagram and then some).
+const SPARE_CAPACITY: usize = 4096;
+
+/// `data` in a buffer from `spare` (or a new one when none is left).
+fn reuse(spare: &mut Vec<Vec<u8>>, data: &[u8]) -> Vec<u8> {
+    let mut v = spare.pop().unwrap_or_default();
+    v.clear();
+    v.extend_from_slice(data);
+    v
+}
+
 /// A parsed lookup target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LookupTarget {
@@ -693,6 +711,7 @@ impl Node {
             // A limit of 0 makes it demand a valid cookie of every packet.
             cookie_gate: RateLimiter::new(&public, 0),
             transmits: VecDeque::new(),
+            spare: Vec::new(),
             drops: Drops::default(),
             bufs: Buffers {
                 a: vec![0u8; 2 * MAX_PACKET + 1024],
@@ -700,6 +719,7 @@ impl Node {
                 ctl: Vec::with_capacity(2048),
                 cell: vec![0u8; onion_cell_max()],
                 cell_in: vec![0u8; onion_cell_max()],
+                lz4: wire::Lz4Table::default(),
             },
             last_icmp: None,
             last_timer: now,
@@ -858,9 +878,18 @@ impl Node {
         }
     }
 
-    /// Next queued control datagram (handshakes, hellos, cookie replies).
+    /// Next queued datagram (handshakes, hellos, cookie replies, cells).
+    /// Hand its payload back with [`Node::recycle`] once it is sent.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
+    }
+
+    /// Takes back a sent transmit's payload buffer for reuse (at most
+    /// [`MAX_SPARE`] are kept).
+    pub fn recycle(&mut self, payload: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE && payload.capacity() <= SPARE_CAPACITY {
+            self.spare.push(payload);
+        }
     }
 
     /// When [`Node::handle_timeout`] wants to run next: [`TICK`] after the
@@ -970,7 +999,8 @@ impl Node {
             } else {
                 None
             };
-            match wire::encode_app(view, slot.is_some(), &mut self.bufs.b) {
+            let table = slot.is_some().then_some(&mut self.bufs.lz4);
+            match wire::encode_app(view, table, &mut self.bufs.b) {
                 Encoded::AsIs => {
                     if let Some(s) = slot {
                         link.adaptive.report(s, false);
@@ -1609,7 +1639,7 @@ impl Node {
                 if let Some(ep) = link.endpoint {
                     self.transmits.push_back(Transmit {
                         dst: ep,
-                        payload: out.to_vec(),
+                        payload: reuse(&mut self.spare, out),
                     });
                 }
             }
@@ -1633,7 +1663,7 @@ impl Node {
                     if let Some(ep) = link.endpoint {
                         self.transmits.push_back(Transmit {
                             dst: ep,
-                            payload: out.to_vec(),
+                            payload: reuse(&mut self.spare, out),
                         });
                     }
                 }
@@ -2415,6 +2445,8 @@ mod tests {
     use crate::proto::onion;
     use rand_core::OsRng;
 
+    mod alloc;
+
     struct Net {
         nodes: Vec<(Node, SocketAddr)>,
         now: Instant,
@@ -2511,9 +2543,7 @@ mod tests {
                 self.now += Duration::from_millis(300);
                 for n in &mut self.nodes {
                     n.0.handle_timeout(self.now);
-
                     // As the shell does: store the sequence number, then allow it.
-
                     if let Some(s) = n.0.record_seq_wanted(self.now) {
                         n.0.reserve_record_seq(s);
                     }
@@ -2968,9 +2998,7 @@ mod tests {
             let now = net.now;
             for n in &mut net.nodes {
                 n.0.handle_timeout(now);
-
                 // As the shell does: store the sequence number, then allow it.
-
                 if let Some(s) = n.0.record_seq_wanted(now) {
                     n.0.reserve_record_seq(s);
                 }
@@ -3235,9 +3263,7 @@ mod tests {
             // and what it would send is lost.
             for n in net.nodes.iter_mut().filter(|n| n.1.port() != 1) {
                 n.0.handle_timeout(now);
-
                 // As the shell does: store the sequence number, then allow it.
-
                 if let Some(s) = n.0.record_seq_wanted(now) {
                     n.0.reserve_record_seq(s);
                 }

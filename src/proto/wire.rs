@@ -211,20 +211,31 @@ pub enum Encoded {
 /// Payloads shorter than this are never worth compressing (TCP ACKs etc.).
 pub const MIN_COMPRESS_PAYLOAD: usize = 96;
 
-/// Frames an application packet for a link, compressing its payload when
-/// `try_compress` is set and compression saves bytes. `out` must hold
-/// [`MAX_PACKET`] + 1024 bytes (lz4's worst case for the largest packet).
-pub fn encode_app(packet: Ipv6View<'_>, try_compress: bool, out: &mut [u8]) -> Encoded {
+/// lz4's hash table, kept from one packet to the next: without it
+/// lz4_flex allocates (and zeroes) a fresh one for every packet.
+#[derive(Default)]
+pub struct Lz4Table(lz4_flex::block::CompressTable);
+
+/// Frames an application packet for a link, compressing its payload with
+/// `compress`'s table when given and compression saves bytes. `out` must
+/// hold [`MAX_PACKET`] + 1024 bytes (lz4's worst case for the largest packet).
+pub fn encode_app(
+    packet: Ipv6View<'_>,
+    compress: Option<&mut Lz4Table>,
+    out: &mut [u8],
+) -> Encoded {
     let payload = packet.payload();
     let nh = packet.next_header();
-    if try_compress && payload.len() >= MIN_COMPRESS_PAYLOAD {
+    let compress = compress.filter(|_| payload.len() >= MIN_COMPRESS_PAYLOAD);
+    if let Some(table) = compress {
         // Only worth it if the frame comes out strictly smaller than the
         // packet. (lz4_flex wants room for its worst case, so it cannot be
         // told to give up early; the adaptive skip in `compress` does that.)
         let limit = payload.len() - FRAME_HEADER_LEN - 1;
         let start = IPV6_HEADER_LEN + FRAME_HEADER_LEN;
         let room = lz4_flex::block::get_maximum_output_size(payload.len());
-        if let Ok(n) = lz4_flex::block::compress_into(payload, &mut out[start..start + room]) {
+        let dst = &mut out[start..start + room];
+        if let Ok(n) = lz4_flex::block::compress_into_with_table(payload, dst, &mut table.0) {
             if n < limit {
                 out[..IPV6_HEADER_LEN].copy_from_slice(&packet.bytes()[..IPV6_HEADER_LEN]);
                 out[4..6].copy_from_slice(&((n + FRAME_HEADER_LEN) as u16).to_be_bytes());
@@ -406,7 +417,11 @@ mod tests {
     fn compressible_roundtrip() {
         let p = packet(6, &[b'a'; 1000]);
         let mut out = vec![0u8; 2 * MAX_PACKET];
-        let n = match encode_app(Ipv6View::new_checked(&p).unwrap(), true, &mut out) {
+        let n = match encode_app(
+            Ipv6View::new_checked(&p).unwrap(),
+            Some(&mut Lz4Table::default()),
+            &mut out,
+        ) {
             Encoded::Compressed(n) => n,
             other => panic!("{other:?}"),
         };
@@ -430,11 +445,15 @@ mod tests {
         let p = packet(17, &random);
         let mut out = vec![0u8; 2 * MAX_PACKET];
         assert_eq!(
-            encode_app(Ipv6View::new_checked(&p).unwrap(), true, &mut out),
+            encode_app(
+                Ipv6View::new_checked(&p).unwrap(),
+                Some(&mut Lz4Table::default()),
+                &mut out
+            ),
             Encoded::AsIs
         );
         let p = packet(NH_QGATE, &random);
-        let n = match encode_app(Ipv6View::new_checked(&p).unwrap(), false, &mut out) {
+        let n = match encode_app(Ipv6View::new_checked(&p).unwrap(), None, &mut out) {
             Encoded::Wrapped(n) => n,
             other => panic!("{other:?}"),
         };

@@ -324,6 +324,10 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     };
     let started = Instant::now();
     let mut node = Node::new(up.identity, up.seq, config.node_config(), started);
+    #[cfg(feature = "test-hooks")]
+    if std::env::var_os("QGATE_CELL_LOG").is_some() {
+        node.enable_cell_log();
+    }
     // Nodes remembered from earlier runs: the way back in when every
     // configured peer is gone.
     let stored = up.store.load()?;
@@ -749,7 +753,12 @@ impl Shared {
     }
 }
 
-fn drain(node: &mut Node, out: &mut Vec<Transmit>) {
+/// Hands the node the payload buffers sent since the last call (for reuse:
+/// a relayed cell then allocates nothing), and takes what it queued.
+fn drain(node: &mut Node, out: &mut Vec<Transmit>, spent: &mut Vec<Vec<u8>>) {
+    for p in spent.drain(..) {
+        node.recycle(p);
+    }
     while let Some(t) = node.poll_transmit() {
         out.push(t);
     }
@@ -773,7 +782,7 @@ fn flush_with(sh: &Shared, retry: Retry) {
     let mut tun = Vec::new();
     {
         let mut node = sh.node.lock().expect("node lock");
-        drain(&mut node, &mut out);
+        drain(&mut node, &mut out, &mut Vec::new());
         while let Some(p) = node.poll_tun_write() {
             tun.push(p);
         }
@@ -849,6 +858,8 @@ struct TunSide {
     queue: GsoQueue,
     replies: Vec<Vec<u8>>,
     control: Vec<Transmit>,
+    /// Payloads of `control` once sent, handed back to the node.
+    spent: Vec<Vec<u8>>,
 }
 
 impl TunSide {
@@ -867,6 +878,7 @@ impl TunSide {
             queue: GsoQueue::new(max_gso),
             replies: Vec::new(),
             control: Vec::new(),
+            spent: Vec::new(),
         }
     }
 
@@ -896,7 +908,7 @@ impl TunSide {
                     TunOutcome::Nothing => {}
                 }
             }
-            drain(&mut node, &mut self.control);
+            drain(&mut node, &mut self.control, &mut self.spent);
         }
         self.queue.flush(sh);
         for p in self.replies.drain(..) {
@@ -904,6 +916,7 @@ impl TunSide {
         }
         for t in self.control.drain(..) {
             sh.send(t.dst, &t.payload);
+            self.spent.push(t.payload);
         }
         true
     }
@@ -915,6 +928,8 @@ struct UdpSide {
     to_tun: Vec<BytesMut>,
     gro: GROTable,
     control: Vec<Transmit>,
+    /// Payloads of `control` once sent, handed back to the node.
+    spent: Vec<Vec<u8>>,
     /// What the node sends in answer: control messages, and the cells a
     /// relay forwards (runs of equal-sized cells to one neighbour leave in
     /// one GSO send).
@@ -929,6 +944,7 @@ impl UdpSide {
             to_tun: Vec::new(),
             gro: GROTable::default(),
             control: Vec::new(),
+            spent: Vec::new(),
             queue: GsoQueue::new(max_gso),
         }
     }
@@ -975,7 +991,7 @@ impl UdpSide {
                     }
                 }
             }
-            drain(&mut node, &mut self.control);
+            drain(&mut node, &mut self.control, &mut self.spent);
         }
         let res = match (k, &sh.tun) {
             (0, _) | (_, None) => Ok(0),
@@ -990,6 +1006,7 @@ impl UdpSide {
         }
         for t in self.control.drain(..) {
             self.queue.push(t.dst, &t.payload);
+            self.spent.push(t.payload);
         }
         self.queue.flush(sh);
         true

@@ -396,6 +396,9 @@ pub(super) struct Circuits {
     /// Cells forwarded as relay, as (forward?, in, out), for the test hook.
     #[cfg(feature = "test-hooks")]
     pub(super) cell_log: Vec<(bool, Vec<u8>, Vec<u8>)>,
+    /// Whether the cell log records (off unless the shell turns it on).
+    #[cfg(feature = "test-hooks")]
+    cell_log_on: bool,
 }
 
 impl Circuits {
@@ -421,12 +424,47 @@ impl Circuits {
             bandwidth: (0.0, now),
             #[cfg(feature = "test-hooks")]
             cell_log: Vec::new(),
+            #[cfg(feature = "test-hooks")]
+            cell_log_on: false,
         }
     }
 
     pub(super) fn onion_public(&self) -> [u8; 32] {
         self.onion.public
     }
+}
+
+/// An application packet as a circuit carries it: a link frame, compressed
+/// into `scratch` when `compress` is given and it shrinks, else the packet.
+fn circuit_frame<'a>(
+    view: Ipv6View<'a>,
+    compress: Option<&mut wire::Lz4Table>,
+    scratch: &'a mut [u8],
+) -> &'a [u8] {
+    match wire::encode_app(view, compress, scratch) {
+        Encoded::AsIs => view.bytes(),
+        Encoded::Compressed(n) | Encoded::Wrapped(n) => &scratch[..n],
+    }
+}
+
+/// Builds a forward cell for hop `target` of circuit `c` in `cell`;
+/// returns (first link, cell length).
+fn wrap_into(
+    c: &mut OutCirc,
+    target: usize,
+    command: Cmd,
+    data: &[u8],
+    cell: &mut [u8],
+    always_large: bool,
+) -> Option<(u32, usize)> {
+    let size = onion::cell_size_for(data.len(), always_large).unwrap_or(CELL_LARGE);
+    let hop = c.hops.get_mut(target)?;
+    hop.ctr += 1;
+    let counter = hop.ctr;
+    let (head, body) = cell.get_mut(..size)?.split_at_mut(CELL_HEADER);
+    let n = wrap(&c.hops, target, counter, command, data, body);
+    onion::write_header(head, c.circ, Kind::Relay, &n);
+    Some((c.link, size))
 }
 
 fn count(d: &mut CellDrops, e: OnionError) {
@@ -503,7 +541,7 @@ impl Node {
         match self.encap_cell(link, len) {
             Some((dst, n)) => self.transmits.push_back(super::Transmit {
                 dst,
-                payload: self.bufs.a[..n].to_vec(),
+                payload: super::reuse(&mut self.spare, &self.bufs.a[..n]),
             }),
             None => self.circ.stats.drops.send_failed += 1,
         }
@@ -534,15 +572,9 @@ impl Node {
         command: Cmd,
         data: &[u8],
     ) -> Option<(u32, usize)> {
-        let size = self.cell_size(data.len());
         let c = self.circ.out.get_mut(&id)?;
-        let hop = c.hops.get_mut(target)?;
-        hop.ctr += 1;
-        let counter = hop.ctr;
-        let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
-        let n = wrap(&c.hops, target, counter, command, data, body);
-        onion::write_header(head, c.circ, Kind::Relay, &n);
-        Some((c.link, size))
+        let large = self.config.traffic.always_large;
+        wrap_into(c, target, command, data, &mut self.bufs.cell, large)
     }
 
     fn send_out(&mut self, now: Instant, id: u64, target: usize, command: Cmd, data: &[u8]) {
@@ -567,7 +599,7 @@ impl Node {
 
     #[cfg(feature = "test-hooks")]
     fn log_cell(&mut self, forward: bool, cell_in: &[u8], len: usize) {
-        if self.circ.cell_log.len() < 100_000 {
+        if self.circ.cell_log_on && self.circ.cell_log.len() < 100_000 {
             let out = self.bufs.cell[..len].to_vec();
             self.circ.cell_log.push((forward, cell_in.to_vec(), out));
         }
@@ -1149,20 +1181,19 @@ impl Node {
         }
     }
 
-    /// An application packet as a circuit carries it: a link frame,
-    /// compressed when the traffic settings allow and it shrinks.
-    fn circuit_frame(&mut self, view: Ipv6View<'_>) -> Vec<u8> {
-        let compress = self.config.traffic.compress && self.config.compression.enabled;
-        match wire::encode_app(view, compress, &mut self.bufs.b) {
-            Encoded::AsIs => view.bytes().to_vec(),
-            Encoded::Compressed(n) | Encoded::Wrapped(n) => self.bufs.b[..n].to_vec(),
-        }
+    /// Whether circuits compress application packets.
+    fn circuit_compress(&self) -> bool {
+        self.config.traffic.compress && self.config.compression.enabled
     }
 
-    /// Wraps an application packet as DATA for circuit `id`'s destination.
+    /// Wraps an application packet as DATA for circuit `id`'s destination,
+    /// straight from the caller's packet (or its compressed frame in
+    /// `bufs.b`) into `bufs.cell`: no copy of its own, no allocation.
     fn out_data(&mut self, id: u64, view: Ipv6View<'_>) -> Option<(u32, usize)> {
         let len = view.bytes().len();
-        let frame = self.circuit_frame(view);
+        let (compress, large) = (self.circuit_compress(), self.config.traffic.always_large);
+        let table = compress.then_some(&mut self.bufs.lz4);
+        let frame = circuit_frame(view, table, &mut self.bufs.b);
         if frame.len() > MAX_DATA {
             self.drops.too_big += 1;
             return None;
@@ -1170,7 +1201,7 @@ impl Node {
         let c = self.circ.out.get_mut(&id)?;
         c.tx_bytes += len as u64;
         let target = c.hops.len().checked_sub(1)?;
-        self.wrap_out(id, target, Cmd::Data, &frame)
+        wrap_into(c, target, Cmd::Data, frame, &mut self.bufs.cell, large)
     }
 
     /// The destination's record and what it says, when known here.
@@ -1597,11 +1628,13 @@ impl Node {
                 CIRCUIT_MTU as u32,
             );
         }
-        let frame = self.circuit_frame(view);
+        let (compress, large) = (self.circuit_compress(), self.config.traffic.always_large);
+        let table = compress.then_some(&mut self.bufs.lz4);
+        let frame = circuit_frame(view, table, &mut self.bufs.b);
         if frame.len() > MAX_DATA {
             return TunOutcome::Nothing;
         }
-        let size = self.cell_size(frame.len());
+        let size = onion::cell_size_for(frame.len(), large).unwrap_or(CELL_LARGE);
         let Some(hc) = self.circ.hops.get_mut(&h) else {
             return TunOutcome::Nothing;
         };
@@ -1609,7 +1642,7 @@ impl Node {
         hc.tx_bytes += view.bytes().len() as u64;
         let (link, circ) = hc.prev;
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
-        let n = hc.keys.originate(hc.ctr, Cmd::Data, &frame, body);
+        let n = hc.keys.originate(hc.ctr, Cmd::Data, frame, body);
         onion::write_header(head, circ, Kind::Relay, &n);
         if let Some(l) = self.links.get_mut(&link) {
             l.last_used = now;
@@ -1921,6 +1954,13 @@ impl Node {
     }
 
     /// Test hook: the cells forwarded since the last call.
+    /// Test hook: relays record the cells they forward from now on (for
+    /// [`Node::take_cell_log`]).
+    #[cfg(feature = "test-hooks")]
+    pub fn enable_cell_log(&mut self) {
+        self.circ.cell_log_on = true;
+    }
+
     #[cfg(feature = "test-hooks")]
     pub fn take_cell_log(&mut self) -> Vec<(bool, Vec<u8>, Vec<u8>)> {
         std::mem::take(&mut self.circ.cell_log)

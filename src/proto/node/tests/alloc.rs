@@ -1,0 +1,162 @@
+//! Allocations on the packet path, counted: a global allocator for this
+//! test binary that counts the allocations a thread makes while counting is
+//! on, and a circuit A → relays → E (the `circuit_net` of the node tests)
+//! driven by hand. Each node's work for a packet is counted: the source
+//! wrapping it, every relay peeling a layer and sending the cell on, the
+//! destination delivering it; the harness's own copies are not. The shell
+//! hands payload buffers back (`Node::recycle`) as here. With ALLOC_TRACE
+//! set, every counted allocation prints its backtrace.
+
+use super::*;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+struct Counting;
+
+thread_local! {
+    /// Allocations by this thread while counting (None: not counting).
+    static COUNT: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+fn note() {
+    // try_with: the allocator may run while the thread is torn down.
+    let _ = COUNT.try_with(|c| {
+        if let Some(n) = c.get() {
+            c.set(None);
+            if std::env::var_os("ALLOC_TRACE").is_some() {
+                eprintln!("ALLOC\n{}", std::backtrace::Backtrace::force_capture());
+            }
+            c.set(Some(n + 1));
+        }
+    });
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the
+// counter touches only a const-initialised thread-local `Cell`, which
+// neither allocates nor has a destructor.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note();
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note();
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note();
+        System.realloc(ptr, layout, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Runs `f`, returning what it returns and the allocations it made.
+fn counted<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    COUNT.with(|c| c.set(Some(0)));
+    let out = f();
+    let n = COUNT.with(|c| c.replace(None)).unwrap_or(0);
+    (out, n)
+}
+
+#[derive(Default, Debug)]
+struct Tally {
+    source: u64,
+    relays: u64,
+    cells_relayed: u64,
+    destination: u64,
+    delivered: u64,
+}
+
+/// Sends `packet` from node `a` and carries what follows hop by hop to
+/// its end, counting each node's allocations.
+fn carry(net: &mut Net, a: usize, e: usize, relays: &[usize], packet: &[u8], t: &mut Tally) {
+    let now = net.now;
+    let from_ep = net.nodes[a].1;
+    let (out, n) = counted(|| net.nodes[a].0.handle_tun_packet(now, packet));
+    t.source += n;
+    // The harness copies the datagram (not counted).
+    let (dst, data) = match out {
+        TunOutcome::Send(dst, d) => (dst, d.to_vec()),
+        _ => panic!("the source sent nothing"),
+    };
+    let mut hop = Some((from_ep, dst, data));
+    while let Some((from, to, data)) = hop.take() {
+        let j = net
+            .nodes
+            .iter()
+            .position(|(_, ep)| *ep == to)
+            .expect("a node");
+        let ((got, next), n) = counted(|| {
+            let got = net.nodes[j].0.handle_datagram(now, from, &data).is_some();
+            let next = net.nodes[j].0.poll_transmit();
+            (got, next)
+        });
+        if relays.contains(&j) {
+            t.relays += n;
+            t.cells_relayed += 1;
+        } else if j == e {
+            t.destination += n;
+            t.delivered += u64::from(got);
+        }
+        if let Some(tx) = next {
+            let copy = tx.payload.clone();
+            let (_, n) = counted(|| net.nodes[j].0.recycle(tx.payload));
+            if relays.contains(&j) {
+                t.relays += n;
+            }
+            hop = Some((net.nodes[j].1, tx.dst, copy));
+        }
+    }
+}
+
+#[test]
+fn relays_allocate_nothing_per_cell() {
+    let now = Instant::now();
+    let (mut net, addrs, ids) = circuit_net(now);
+    let (a, e) = (0, 5);
+    let p = udp_packet(addrs[a], addrs[e], b"build");
+    let _ = net.nodes[a].0.handle_tun_packet(net.now, &p);
+    let tun = advance(&mut net, 3.0);
+    assert!(tun[e].contains(&p), "the circuit was built");
+    let hops = net.nodes[a].0.circuits(net.now).circuits[0].hops.clone();
+    let relays: Vec<usize> = hops
+        .iter()
+        .map(|h| ids.iter().position(|i| i == h).unwrap())
+        .filter(|&i| i != e)
+        .collect();
+    assert!(!relays.is_empty());
+    // Warm up (buffers reach their sizes, spare buffers come back), then
+    // count 200 packets of 1,000 bytes.
+    let payload = vec![0x5a; 1000];
+    let packet = udp_packet(addrs[a], addrs[e], &payload);
+    let mut warm = Tally::default();
+    for _ in 0..50 {
+        carry(&mut net, a, e, &relays, &packet, &mut warm);
+    }
+    let mut t = Tally::default();
+    for _ in 0..200 {
+        carry(&mut net, a, e, &relays, &packet, &mut t);
+    }
+    println!(
+        "allocations per packet over {} relays: source {:.2}, each relayed cell {:.2}, destination {:.2} ({} cells relayed, {} delivered)",
+        relays.len(),
+        t.source as f64 / 200.0,
+        t.relays as f64 / t.cells_relayed.max(1) as f64,
+        t.destination as f64 / 200.0,
+        t.cells_relayed,
+        t.delivered
+    );
+    assert_eq!(t.delivered, 200, "every packet arrived");
+    assert_eq!(t.cells_relayed, 200 * relays.len() as u64);
+    assert_eq!(t.relays, 0, "a relay allocated while forwarding cells");
+    assert_eq!(
+        t.source, 0,
+        "the source allocated while sending on a circuit"
+    );
+}
