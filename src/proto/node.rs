@@ -38,10 +38,12 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 mod circuits;
+mod tally;
 pub use circuits::{
     CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
     RouteNoteView, RouteOutcome, RoutingSummary, TrafficConfig, CIRCUIT_MTU, CREATE_LIMIT,
 };
+pub use tally::ClosedLinks;
 
 /// WireGuard's data-message overhead: type, receiver, counter, tag.
 pub const WG_OVERHEAD: usize = 32;
@@ -512,6 +514,8 @@ pub struct Node {
     cookie_gate: RateLimiter,
     transmits: VecDeque<Transmit>,
     drops: Drops,
+    /// What removed links had counted.
+    closed_links: ClosedLinks,
     bufs: Buffers,
     last_icmp: Option<Instant>,
     last_timer: Option<Instant>,
@@ -702,6 +706,7 @@ impl Node {
             cookie_gate: RateLimiter::new(&public, 0),
             transmits: VecDeque::new(),
             drops: Drops::default(),
+            closed_links: ClosedLinks::default(),
             bufs: Buffers {
                 a: vec![0u8; 2 * MAX_PACKET + 1024],
                 b: vec![0u8; 2 * MAX_PACKET + 1024],
@@ -850,6 +855,7 @@ impl Node {
 
     fn remove_link_quietly(&mut self, index: u32) {
         if let Some(link) = self.links.remove(&index) {
+            self.closed_links.close(&link.counters, &link.drops);
             self.by_key.remove(&link.peer_key);
             self.by_addr.retain(|_, i| *i != index);
             let now = link.last_rx.max(link.last_used);
@@ -859,6 +865,7 @@ impl Node {
 
     fn remove_link(&mut self, index: u32) {
         if let Some(link) = self.links.remove(&index) {
+            self.closed_links.close(&link.counters, &link.drops);
             self.by_key.remove(&link.peer_key);
             self.by_addr.retain(|_, i| *i != index);
             tracing::info!(link = index, node = ?link.node_id(), "link removed");
