@@ -2619,6 +2619,27 @@ mod tests {
         p
     }
 
+    /// A removed link's traffic and drops stay in the totals
+    /// (`closed_links`), so sums over links never go down.
+    #[test]
+    fn removed_links_keep_their_counts() {
+        let now = Instant::now();
+        let (ids, eps) = (identities(2), endpoints(2));
+        let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
+        let mut net = linked_pair(now, ids, &eps);
+        let p = udp_packet(addrs[0], addrs[1], &[b'x'; 600]);
+        assert_eq!(net.send(0, &p).as_deref(), Some(&p[..]));
+        let before = net.nodes[1].0.status();
+        let link = &before.links[0];
+        assert!(link.counters.rx_bytes >= 600, "{:?}", link.counters);
+        let (rx_bytes, index) = (link.counters.rx_bytes, link.link);
+        net.nodes[1].0.remove_link(index);
+        let after = net.nodes[1].0.status();
+        assert!(after.links.iter().all(|l| l.link != index));
+        let closed = net.nodes[1].0.closed_links();
+        assert_eq!((closed.links, closed.counters.rx_bytes), (1, rx_bytes));
+    }
+
     #[test]
     fn link_up_verify_forward_and_reject_spoofing() {
         let now = Instant::now();

@@ -20,6 +20,7 @@
 
 use std::fmt;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,31 +117,9 @@ impl Exporter {
 /// A label set with one fixed-valued label.
 type One = [(&'static str, &'static str); 1];
 
-fn counter(r: &mut Registry, name: &str, help: &str, value: u64) {
-    let c: Counter = Counter::default();
-    c.inc_by(value);
-    r.register(name, help, c);
-}
-
-fn gauge(r: &mut Registry, name: &str, help: &str, value: u64) {
-    let g: Gauge = Gauge::default();
-    g.set(i64::try_from(value).unwrap_or(i64::MAX));
-    r.register(name, help, g);
-}
-
-/// A counter family over one label, a series per `(value, count)`.
-fn counters(
-    r: &mut Registry,
-    name: &str,
-    help: &str,
-    label: &'static str,
-    values: &[(&'static str, u64)],
-) {
-    let f: Family<One, Counter> = Family::default();
-    for (v, n) in values {
-        f.get_or_create(&[(label, *v)]).inc_by(*n);
-    }
-    r.register(name, help, f);
+/// A count as a gauge's value.
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn state_name(s: LinkState) -> &'static str {
@@ -170,17 +149,10 @@ pub fn encode(
             ("preset", preset.to_string()),
         ]),
     );
-    let up: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+    let up: Gauge<f64, AtomicU64> = Gauge::default();
     up.set(uptime.as_secs_f64());
     r.register("uptime_seconds", "Seconds since the node started", up);
-    gauge(
-        &mut r,
-        "record_seq",
-        "Sequence number of the node's signed record",
-        st.record_seq,
-    );
 
-    // Links.
     let links: Family<One, Gauge> = Family::default();
     for s in [
         LinkState::Connecting,
@@ -191,15 +163,113 @@ pub fn encode(
         let n = st.links.iter().filter(|l| l.state == s).count();
         links
             .get_or_create(&[("state", state_name(s))])
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
+            .set(clamp(n as u64));
     }
     r.register("links", "Links by state", links);
-    counter(
-        &mut r,
-        "links_closed",
-        "Links removed since start",
-        snap.closed.links,
-    );
+
+    let (relay, rt, d) = (&st.relay, &st.routing, &st.dht);
+    let gauges = [
+        (
+            "record_seq",
+            "Sequence number of the node's signed record",
+            st.record_seq,
+        ),
+        (
+            "circuits_built",
+            "Circuits this node built that are open now",
+            st.circuits as u64,
+        ),
+        (
+            "relay_enabled",
+            "1 when the node relays for others",
+            u64::from(relay.enabled),
+        ),
+        (
+            "relay_circuits",
+            "Circuits carried now as relay or destination",
+            relay.circuits as u64,
+        ),
+        ("routing_relay_pool", "Relays known", rt.pool as u64),
+        (
+            "routing_usable_relays",
+            "Usable relays, as last counted",
+            rt.usable_relays as u64,
+        ),
+        (
+            "routing_direct_destinations",
+            "Destinations sent direct for want of relays",
+            rt.direct_fallbacks as u64,
+        ),
+        (
+            "routing_unreachable_destinations",
+            "Destinations unreachable for want of relays",
+            rt.unreachable as u64,
+        ),
+        (
+            "dht_table_entries",
+            "Nodes in the DHT routing table",
+            st.table_entries as u64,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        let g: Gauge = Gauge::default();
+        g.set(clamp(v));
+        r.register(name, help, g);
+    }
+    let counters = [
+        (
+            "links_closed",
+            "Links removed since start",
+            snap.closed.links,
+        ),
+        (
+            "relay_circuits_carried",
+            "Circuits carried since start",
+            relay.circuits_total,
+        ),
+        (
+            "relay_cells_forwarded",
+            "Cells forwarded as relay",
+            relay.cells_forwarded,
+        ),
+        (
+            "relay_bytes_forwarded",
+            "Bytes of cells forwarded as relay",
+            relay.bytes_forwarded,
+        ),
+        ("relay_refused", "CREATE or EXTEND refused", relay.refused),
+        ("dht_lookups", "Lookups started", d.lookups),
+        (
+            "dht_lookups_found",
+            "Lookups that found what they looked for",
+            d.lookups_found,
+        ),
+        (
+            "dht_lookups_refused",
+            "Lookups refused (too many running)",
+            d.lookups_refused,
+        ),
+        ("dht_requests_in", "Requests answered", d.requests_in),
+        (
+            "dht_replies_in",
+            "Replies received and matched",
+            d.replies_in,
+        ),
+        ("dht_messages_out", "Messages sent", d.messages_out),
+        ("dht_timeouts", "Requests that timed out", d.timeouts),
+        (
+            "dht_liars",
+            "Nodes caught passing on forged records",
+            d.liars,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let c: Counter = Counter::default();
+        c.inc_by(v);
+        r.register(name, help, c);
+    }
+
+    // Sums over live links and removed ones, so they only grow.
     let mut total = snap.closed.counters;
     let mut drops = snap.closed.drops;
     drops.add(&st.drops);
@@ -207,192 +277,80 @@ pub fn encode(
         total.add(&l.counters);
         drops.add(&l.drops);
     }
-    let dir = |tx: u64, rx: u64| [("tx", tx), ("rx", rx)];
-    counters(
-        &mut r,
-        "link_packets",
-        "Application packets over links",
-        "direction",
-        &dir(total.tx_packets, total.rx_packets),
-    );
-    counters(
-        &mut r,
-        "link_bytes",
-        "Application bytes over links (before compression)",
-        "direction",
-        &dir(total.tx_bytes, total.rx_bytes),
-    );
-    counters(
-        &mut r,
-        "link_wire_bytes",
-        "Bytes those packets took on the links (after compression)",
-        "direction",
-        &dir(total.tx_wire_bytes, total.rx_wire_bytes),
-    );
-    counters(
-        &mut r,
-        "link_compressed_packets",
-        "Packets sent or received compressed",
-        "direction",
-        &dir(total.tx_compressed, total.rx_compressed),
-    );
-    counters(
-        &mut r,
-        "drops",
-        "Packets and datagrams dropped, by reason (the node's and every link's)",
-        "reason",
-        &drops.named(),
-    );
-
-    // Circuits and relaying.
-    let relay = &st.relay;
-    gauge(
-        &mut r,
-        "circuits_built",
-        "Circuits this node built that are open now",
-        st.circuits as u64,
-    );
-    gauge(
-        &mut r,
-        "relay_enabled",
-        "1 when the node relays for others",
-        u64::from(relay.enabled),
-    );
-    gauge(
-        &mut r,
-        "relay_circuits",
-        "Circuits carried now as relay or destination",
-        relay.circuits as u64,
-    );
-    counter(
-        &mut r,
-        "relay_circuits_carried",
-        "Circuits carried since start",
-        relay.circuits_total,
-    );
-    counter(
-        &mut r,
-        "relay_cells_forwarded",
-        "Cells forwarded as relay",
-        relay.cells_forwarded,
-    );
-    counter(
-        &mut r,
-        "relay_bytes_forwarded",
-        "Bytes of cells forwarded as relay",
-        relay.bytes_forwarded,
-    );
-    counter(
-        &mut r,
-        "relay_refused",
-        "CREATE or EXTEND refused",
-        relay.refused,
-    );
-    counters(
-        &mut r,
-        "cell_drops",
-        "Cells dropped, by reason",
-        "reason",
-        &relay.drops.named(),
-    );
-    let rt = &st.routing;
-    gauge(&mut r, "routing_relay_pool", "Relays known", rt.pool as u64);
-    gauge(
-        &mut r,
-        "routing_usable_relays",
-        "Usable relays, as last counted",
-        rt.usable_relays as u64,
-    );
-    gauge(
-        &mut r,
-        "routing_direct_destinations",
-        "Destinations sent direct for want of relays",
-        rt.direct_fallbacks as u64,
-    );
-    gauge(
-        &mut r,
-        "routing_unreachable_destinations",
-        "Destinations unreachable for want of relays",
-        rt.unreachable as u64,
-    );
-
-    // DHT.
-    let d = &st.dht;
-    gauge(
-        &mut r,
-        "dht_table_entries",
-        "Nodes in the routing table",
-        st.table_entries as u64,
-    );
-    counter(&mut r, "dht_lookups", "Lookups started", d.lookups);
-    counter(
-        &mut r,
-        "dht_lookups_found",
-        "Lookups that found what they looked for",
-        d.lookups_found,
-    );
-    counter(
-        &mut r,
-        "dht_lookups_refused",
-        "Lookups refused (too many running)",
-        d.lookups_refused,
-    );
-    counter(
-        &mut r,
-        "dht_requests_in",
-        "Requests answered",
-        d.requests_in,
-    );
-    counter(
-        &mut r,
-        "dht_replies_in",
-        "Replies received and matched",
-        d.replies_in,
-    );
-    counter(&mut r, "dht_messages_out", "Messages sent", d.messages_out);
-    counter(
-        &mut r,
-        "dht_timeouts",
-        "Requests that timed out",
-        d.timeouts,
-    );
-    counters(
-        &mut r,
-        "dht_bytes",
-        "DHT message bytes",
-        "direction",
-        &dir(d.bytes_out, d.bytes_in),
-    );
-    counters(
-        &mut r,
-        "dht_messages_refused",
-        "Messages refused, by reason",
-        "reason",
-        &[
-            ("malformed", d.malformed),
-            ("rate_limited", d.rate_limited),
-            ("unexpected", d.unexpected),
-        ],
-    );
-    counters(
-        &mut r,
-        "dht_records_refused",
-        "Records or values refused, by reason",
-        "reason",
-        &[
-            ("forged", d.forged_records),
-            ("expired", d.expired_records),
-            ("stale", d.stale_records),
-            ("oversized", d.oversized_records),
-            ("store_full", d.store_full),
-        ],
-    );
-    counter(
-        &mut r,
-        "dht_liars",
-        "Nodes caught passing on forged records",
-        d.liars,
-    );
+    let dir = |tx: u64, rx: u64| vec![("tx", tx), ("rx", rx)];
+    let families = [
+        (
+            "link_packets",
+            "Application packets over links",
+            "direction",
+            dir(total.tx_packets, total.rx_packets),
+        ),
+        (
+            "link_bytes",
+            "Application bytes over links (before compression)",
+            "direction",
+            dir(total.tx_bytes, total.rx_bytes),
+        ),
+        (
+            "link_wire_bytes",
+            "Bytes those packets took on the links (after compression)",
+            "direction",
+            dir(total.tx_wire_bytes, total.rx_wire_bytes),
+        ),
+        (
+            "link_compressed_packets",
+            "Packets sent or received compressed",
+            "direction",
+            dir(total.tx_compressed, total.rx_compressed),
+        ),
+        (
+            "drops",
+            "Packets and datagrams dropped, by reason (the node's and every link's)",
+            "reason",
+            drops.named(),
+        ),
+        (
+            "cell_drops",
+            "Cells dropped, by reason",
+            "reason",
+            relay.drops.named(),
+        ),
+        (
+            "dht_bytes",
+            "DHT message bytes",
+            "direction",
+            dir(d.bytes_out, d.bytes_in),
+        ),
+        (
+            "dht_messages_refused",
+            "DHT messages refused, by reason",
+            "reason",
+            vec![
+                ("malformed", d.malformed),
+                ("rate_limited", d.rate_limited),
+                ("unexpected", d.unexpected),
+            ],
+        ),
+        (
+            "dht_records_refused",
+            "DHT records or values refused, by reason",
+            "reason",
+            vec![
+                ("forged", d.forged_records),
+                ("expired", d.expired_records),
+                ("stale", d.stale_records),
+                ("oversized", d.oversized_records),
+                ("store_full", d.store_full),
+            ],
+        ),
+    ];
+    for (name, help, label, values) in families {
+        let f: Family<One, Counter> = Family::default();
+        for (v, n) in values {
+            f.get_or_create(&[(label, v)]).inc_by(n);
+        }
+        r.register(name, help, f);
+    }
 
     let mut out = String::with_capacity(16 * 1024);
     text::encode(&mut out, &r)?;
