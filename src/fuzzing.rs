@@ -23,7 +23,7 @@ use crate::proto::node::{
     CompressionPolicy, LinkState, NodeConfig, RelayConfig, TrafficConfig, MSG_HELLO,
 };
 use crate::proto::onion::{
-    self, cmd, parse_cell, server_handshake, ClientHandshake, HopKeys, OnionKey, CELL_HEADER,
+    self, body, parse_cell, server_handshake, ClientHandshake, Cmd, HopKeys, OnionKey, CELL_HEADER,
     CREATE_LEN,
 };
 use crate::proto::records::{RsaRecords, SignedValue};
@@ -154,7 +154,7 @@ pub fn datagram(data: &[u8]) {
     static NODE: OnceLock<Mutex<Node>> = OnceLock::new();
     let node = NODE.get_or_init(|| {
         let id = Identity::from_pem(GOLDEN_PEM, [7u8; 32]).expect("golden identity");
-        Mutex::new(Node::new(id, 1, node_config(1), Instant::now(), 1))
+        Mutex::new(Node::new(id, 1, node_config(1), Instant::now()))
     });
     let mut node = node.lock().unwrap_or_else(|e| e.into_inner());
     let from = "198.18.0.2:7300".parse().unwrap();
@@ -235,7 +235,7 @@ pub fn message(data: &[u8]) {
         let start = Instant::now();
         let ours = Identity::from_pem(GOLDEN_PEM, [7u8; 32]).expect("golden identity");
         let peer = Identity::generate(&mut ChaCha20Rng::seed_from_u64(11)).expect("peer identity");
-        let mut node = Node::new(ours, 1, node_config(2), start, 1);
+        let mut node = Node::new(ours, 1, node_config(2), start);
         let ext = RecordExt {
             expires: Some(UNIX_TIME + 24 * 3600),
             endpoints: vec!["198.18.0.3:7300".parse().unwrap()],
@@ -341,6 +341,11 @@ pub fn cell(data: &[u8]) {
         let id = NodeId([1; 32]);
         let _ = server_handshake(&mut rng, &id, &[&k.onion], data);
     }
+    // The command bodies a hop parses once a cell is opened.
+    let _ = body::Extend::parse(data);
+    let _ = body::Auth::parse(data);
+    let _ = body::Lookup::parse(data);
+    let _ = body::ExtendRefusal::parse(data);
     let Ok(h) = parse_cell(data) else {
         return;
     };
@@ -348,7 +353,7 @@ pub fn cell(data: &[u8]) {
     let mut nonce = h.nonce;
     if let Ok(onion::Forward::Mine(_, c, r)) = k.server.forward(&mut nonce, &mut body) {
         assert!(r.end <= body.len());
-        let _ = c == cmd::DATA;
+        let _ = c == Cmd::Data;
     }
     let mut body = data[CELL_HEADER..].to_vec();
     if let Ok(u) = onion::unwrap(&[&k.client], h.nonce, &mut body) {
@@ -361,7 +366,7 @@ pub fn cell(data: &[u8]) {
     let size = body.len();
     let payload = &data[..data.len().min(size - onion::TAG_LEN - onion::RELAY_HEADER)];
     let counter = u64::from(h.circ);
-    let command = h.kind;
+    let command = Cmd::try_from(data[CELL_HEADER - 1]).unwrap_or(Cmd::Data);
     let mut body = vec![0u8; size];
     let n = k.server.originate(counter, command, payload, &mut body);
     let u = onion::unwrap(&[&k.client], n, &mut body).expect("a hop's own cell opens");

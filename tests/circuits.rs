@@ -6,10 +6,10 @@
 //! forwards the bytes, the cells the relays log carry nothing that names the
 //! ends or shows the plaintext, no relay holds both ends of a circuit, and
 //! a relay killed under a live TCP connection is routed around while the
-//! connection survives. Needs the `cell-log` feature (relays record the
+//! connection survives. Needs the `test-hooks` feature (relays record the
 //! cells they forward) and root; see harness/mod.rs for the run-book.
 
-#![cfg(feature = "cell-log")]
+#![cfg(feature = "test-hooks")]
 
 mod harness;
 

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use base64::Engine;
 use qgate::proto::Identity;
-use qgate::shell::vault::{self, KeySource, StoredPeer, Vault};
+use qgate::shell::vault::{KeySource, StoredPeer, Vault};
 
 fn qgate(args: &[&str]) -> Output {
     qgate_env(args, &[])
@@ -216,29 +216,34 @@ fn no_key_wrong_key_and_tampered_vault_are_refused() {
     assert_eq!(snapshot(&state), before, "a refusal changed the vault");
     std::fs::rename(s.p("elsewhere.key"), &key).unwrap();
 
-    // Tampered: a byte flipped inside a stored value. The probe tells where
-    // the value's page was sealed, so the flip cannot miss.
-    let marker = b"VALUE-TO-TAMPER-WITH";
+    // Tampered: a byte flipped inside a stored value (the probe is a test
+    // hook: scripts/test builds with `test-hooks`).
+    #[cfg(feature = "test-hooks")]
     {
-        let v = Vault::open(Path::new(&state), &KeySource::File(key.clone().into())).unwrap();
-        let mut p = peers();
-        p[2].1.record = marker.to_vec();
-        vault::probe::start(marker);
-        v.replace_all(&p).unwrap();
-        let at = vault::probe::take().expect("the marker was sealed");
-        v.close();
-        let data = format!("{state}/vault/data.mdb");
-        let mut bytes = std::fs::read(&data).unwrap();
-        bytes[at as usize + 5] ^= 0x01;
-        std::fs::write(&data, &bytes).unwrap();
+        // Tampered: a byte flipped inside a stored value. The probe tells where
+        // the value's page was sealed, so the flip cannot miss.
+        let marker = b"VALUE-TO-TAMPER-WITH";
+        {
+            let v = Vault::open(Path::new(&state), &KeySource::File(key.clone().into())).unwrap();
+            let mut p = peers();
+            p[2].1.record = marker.to_vec();
+            qgate::shell::vault::probe::start(marker);
+            v.replace_all(&p).unwrap();
+            let at = qgate::shell::vault::probe::take().expect("the marker was sealed");
+            v.close();
+            let data = format!("{state}/vault/data.mdb");
+            let mut bytes = std::fs::read(&data).unwrap();
+            bytes[at as usize + 5] ^= 0x01;
+            std::fs::write(&data, &bytes).unwrap();
+        }
+        let tampered = snapshot(&state);
+        refused(&qgate(&["run", "--config", &cfg]), "failed authentication");
+        refused(
+            &qgate(&["id", "--state-dir", &state, "--key-file", &key]),
+            "failed authentication",
+        );
+        assert_eq!(snapshot(&state), tampered, "a refusal changed the vault");
     }
-    let tampered = snapshot(&state);
-    refused(&qgate(&["run", "--config", &cfg]), "failed authentication");
-    refused(
-        &qgate(&["id", "--state-dir", &state, "--key-file", &key]),
-        "failed authentication",
-    );
-    assert_eq!(snapshot(&state), tampered, "a refusal changed the vault");
     assert_eq!(id.len(), 64);
 }
 

@@ -1979,6 +1979,7 @@ impl<R: Records> Dht<R> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests read the clock
 mod tests {
     use super::*;
 

@@ -483,19 +483,44 @@ impl RecordExt {
     }
 }
 
+/// Most bytes an encoded endpoint takes (IPv6).
+pub const MAX_ENDPOINT_LEN: usize = 19;
+
 /// Encodes an endpoint: `4 | ipv4 [4] | port u16` or `6 | ipv6 [16] | port u16`.
 pub fn put_endpoint(out: &mut Vec<u8>, ep: SocketAddr) {
-    match ep.ip() {
+    let mut b = [0u8; MAX_ENDPOINT_LEN];
+    let n = write_endpoint(&mut b, ep);
+    out.extend_from_slice(&b[..n]);
+}
+
+/// Encodes an endpoint into `out` (at least [`MAX_ENDPOINT_LEN`] bytes, or
+/// 7 for IPv4); returns its length.
+pub fn write_endpoint(out: &mut [u8], ep: SocketAddr) -> usize {
+    let n = match ep.ip() {
         IpAddr::V4(a) => {
-            out.push(4);
-            out.extend_from_slice(&a.octets());
+            out[0] = 4;
+            out[1..5].copy_from_slice(&a.octets());
+            5
         }
         IpAddr::V6(a) => {
-            out.push(6);
-            out.extend_from_slice(&a.octets());
+            out[0] = 6;
+            out[1..17].copy_from_slice(&a.octets());
+            17
         }
-    }
-    out.extend_from_slice(&ep.port().to_be_bytes());
+    };
+    out[n..n + 2].copy_from_slice(&ep.port().to_be_bytes());
+    n + 2
+}
+
+/// Decodes what [`put_endpoint`] wrote; returns the rest.
+pub fn parse_endpoint(b: &[u8]) -> Option<(SocketAddr, &[u8])> {
+    let (ip, rest): (IpAddr, &[u8]) = match *b.first()? {
+        4 if b.len() >= 7 => (<[u8; 4]>::try_from(&b[1..5]).ok()?.into(), &b[5..]),
+        6 if b.len() >= 19 => (<[u8; 16]>::try_from(&b[1..17]).ok()?.into(), &b[17..]),
+        _ => return None,
+    };
+    let port = u16::from_be_bytes([rest[0], rest[1]]);
+    Some((SocketAddr::new(ip, port), &rest[2..]))
 }
 
 struct Reader<'a>(&'a [u8]);

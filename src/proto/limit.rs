@@ -155,6 +155,7 @@ impl SourceTable {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests read the clock
 mod tests {
     use super::*;
 

@@ -27,7 +27,9 @@ use serde::Serialize;
 use super::access::{link_subnet, AccessConfig};
 use super::compress::Adaptive;
 use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source};
-use super::identity::{is_overlay_address, put_endpoint, Identity, NodeId, NodeRecord, RecordExt};
+use super::identity::{
+    is_overlay_address, parse_endpoint, put_endpoint, Identity, NodeId, NodeRecord,
+};
 use super::limit::{Limit, SourceTable};
 use super::message::{self, Reassembler, Segmenter};
 use super::records::{node_info, value_target, RsaRecords, SignedValue};
@@ -38,6 +40,7 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 mod circuits;
+mod own_record;
 mod tally;
 pub use circuits::{
     CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
@@ -97,8 +100,6 @@ const GONE_AFTER: Duration = Duration::from_secs(30);
 const LRU_IDLE: Duration = Duration::from_secs(10);
 /// LAN announcements acted on at most this often.
 const LAN_INTERVAL: Duration = Duration::from_secs(1);
-/// A neighbour's report of our endpoint counts this long.
-const OBSERVED_FOR: Duration = Duration::from_secs(600);
 /// How long a record judged stale is passed over.
 const STALE_FOR: Duration = Duration::from_secs(60);
 /// Packets waiting for an address lookup, per address.
@@ -113,16 +114,12 @@ const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
 /// scanning fc00::/8 must not turn into a flood of lookups.
 const LOOKUP_RATE: f64 = 5.0;
 const LOOKUP_BURST: f64 = 20.0;
-/// Lifetime of our record; it is signed anew when half is left.
-const RECORD_TTL: u64 = 24 * 3600;
-/// Records are not re-signed more often than this.
-const RESIGN_INTERVAL: Duration = Duration::from_secs(10);
+/// The core's timer grid: [`Node::poll_timeout`] is this long after the last tick.
+pub const TICK: Duration = Duration::from_millis(250);
 /// DHT messages waiting for a link to come up, per link.
 const MAX_PENDING_CTL: usize = 32;
 /// Results of control-API lookups kept for collection.
 const MAX_API_RESULTS: usize = 64;
-/// Observed endpoints remembered.
-const MAX_OBSERVED: usize = 16;
 const HELLO_FLAG_ACK: u8 = 1;
 /// Hello flag: "I don't know that you have my record: answer".
 const HELLO_FLAG_REPLY: u8 = 2;
@@ -496,9 +493,8 @@ struct Buffers {
 
 /// The protocol core of one node.
 pub struct Node {
-    identity: Identity,
-    record: NodeRecord,
-    record_bytes: Vec<u8>,
+    /// Identity, the record we present, endpoint reports, re-signing.
+    own: own_record::OwnRecord,
     address: Ipv6Addr,
     config: NodeConfig,
     links: HashMap<u32, Link>,
@@ -518,7 +514,8 @@ pub struct Node {
     closed_links: ClosedLinks,
     bufs: Buffers,
     last_icmp: Option<Instant>,
-    last_timer: Option<Instant>,
+    /// The `now` of the last [`Node::handle_timeout`], or of [`Node::new`].
+    last_timer: Instant,
     /// Handshake initiations per source IP in the current second: boringtun's
     /// rate limiter is one global counter, so one noisy source could starve
     /// everyone else's handshakes without a per-source limit in front of it.
@@ -529,10 +526,6 @@ pub struct Node {
     segmenter: Segmenter,
     fragment_id: u32,
     dht: Dht<RsaRecords>,
-    ext: RecordExt,
-    /// Our endpoint as neighbours see it: reporter → (its latest report, when).
-    observed: HashMap<NodeId, (SocketAddr, Instant)>,
-    last_resign: Option<Instant>,
     /// Addresses being looked up, with the packets waiting for them.
     wanted: HashMap<Ipv6Addr, Want>,
     /// Addresses whose lookup failed, and when.
@@ -644,43 +637,44 @@ fn ipv6_underlay(addr: &SocketAddr) -> bool {
 impl Node {
     /// Creates a node. `record_seq` must be higher than any record this
     /// identity published before (the shell uses the wall clock and the
-    /// last stored value). `index_seed` randomises session indices.
-    pub fn new(
-        identity: Identity,
-        record_seq: u64,
-        config: NodeConfig,
-        now: Instant,
-        index_seed: u32,
-    ) -> Node {
+    /// last stored value) and at most the reserved limit (see
+    /// [`Node::reserve_record_seq`]). All of the node's randomness (session
+    /// indices, DHT, circuits, padding) comes from `config.rng_seed`, and all
+    /// of its time from the `now`s it is given and `config.unix_time`: two
+    /// nodes built alike and fed alike behave alike.
+    pub fn new(identity: Identity, record_seq: u64, config: NodeConfig, now: Instant) -> Node {
         let mut rng = ChaCha20Rng::from_seed(config.rng_seed);
-        let rng_key = {
+        let (rng_key, index_seed, dht_seed) = {
             use rand_chacha::rand_core::RngCore;
-            (rng.next_u64(), rng.next_u64())
+            (
+                (rng.next_u64(), rng.next_u64()),
+                rng.next_u32(),
+                rng.next_u64(),
+            )
         };
         let circ = circuits::Circuits::new(&mut rng, now);
-        let ext = RecordExt {
-            expires: Some(config.unix_time + RECORD_TTL),
-            endpoints: config.advertise.clone(),
-            roles: config.roles,
-            onion_key: Some(circ.onion_public()),
-        };
-        let record = identity.sign_record_with(record_seq, &ext);
-        let record_bytes = record.to_bytes();
         let address = identity.overlay_address();
         let public = x25519::PublicKey::from(identity.link_secret());
-        let own = own_contact(&record, &record_bytes);
+        let own = own_record::OwnRecord::new(
+            identity,
+            record_seq,
+            config.unix_time,
+            config.advertise.clone(),
+            own_record::Fixed {
+                roles: config.roles,
+                onion_key: circ.onion_public(),
+            },
+        );
         let dht = Dht::new(
-            own,
+            own_contact(own.record(), own.bytes()),
             RsaRecords::default(),
             now,
             config.unix_time,
-            index_seed as u64 ^ 0x5eed,
+            dht_seed,
         );
         let mut node = Node {
             dht,
-            ext,
-            observed: HashMap::new(),
-            last_resign: None,
+            own,
             wanted: HashMap::new(),
             unreachable: HashMap::new(),
             stale: HashMap::new(),
@@ -694,8 +688,6 @@ impl Node {
             rng,
             circ,
             address,
-            record,
-            record_bytes,
             links: HashMap::new(),
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
@@ -715,17 +707,16 @@ impl Node {
                 cell_in: vec![0u8; onion_cell_max()],
             },
             last_icmp: None,
-            last_timer: None,
+            last_timer: now,
             sources: SourceTable::new(SOURCE_SLOTS, (rng_key.0, rng_key.1)),
             proven: SourceTable::new(SOURCE_SLOTS, (rng_key.1, rng_key.0)),
             segmenter: Segmenter::new(index_seed),
             fragment_id: index_seed,
-            identity,
             config,
         };
         let peers = node.config.peers.clone();
         for p in peers {
-            if p.uri.node_id == node.identity.node_id() {
+            if p.uri.node_id == node.own.record().node_id() {
                 continue;
             }
             if let Some(idx) =
@@ -751,12 +742,12 @@ impl Node {
 
     /// This node's ID.
     pub fn node_id(&self) -> NodeId {
-        self.identity.node_id()
+        self.own.record().node_id()
     }
 
     /// The record this node presents to its neighbours.
     pub fn record(&self) -> &NodeRecord {
-        &self.record
+        self.own.record()
     }
 
     fn add_link(
@@ -807,7 +798,7 @@ impl Node {
         self.next_index = (index + 1) & 0x00ff_ffff;
         let keepalive = (self.config.keepalive > 0).then_some(self.config.keepalive);
         let tunn = Tunn::new(
-            self.identity.link_secret().clone(),
+            self.own.identity().link_secret().clone(),
             x25519::PublicKey::from(peer_key),
             None,
             keepalive,
@@ -879,12 +870,26 @@ impl Node {
         self.transmits.pop_front()
     }
 
-    /// When [`Node::handle_timeout`] wants to run next.
+    /// When [`Node::handle_timeout`] wants to run next: [`TICK`] after the
+    /// last run. The work it does (WireGuard's session timers, hellos,
+    /// lookups' deadlines, circuit probes, the DHT's upkeep) is all due on
+    /// that grid; the shell sleeps until this instant.
     pub fn poll_timeout(&self) -> Instant {
-        match self.last_timer {
-            Some(t) => t + Duration::from_millis(250),
-            None => Instant::now(),
-        }
+        self.last_timer + TICK
+    }
+
+    /// The record sequence number the shell should store durably before the
+    /// node may sign further records, when the stored limit runs short
+    /// (within an hour of the wall clock, which re-signing follows). Store
+    /// it (off the data path), then call [`Node::reserve_record_seq`].
+    pub fn record_seq_wanted(&self, now: Instant) -> Option<u64> {
+        self.own.seq_wanted(self.dht.unix(now))
+    }
+
+    /// Tells the node that record sequence numbers up to `limit` are stored
+    /// durably and may be used.
+    pub fn reserve_record_seq(&mut self, limit: u64) {
+        self.own.reserve_seq(limit);
     }
 
     /// Tells the node the kernel's path MTU towards an endpoint.
@@ -1174,11 +1179,12 @@ impl Node {
         self.handle_inner(now, index, n)
     }
 
-    /// Fuzzing and test hook: handles `packet` as if it had arrived,
+    /// Fuzzing and test hook (feature `test-hooks`): handles `packet` as if it had arrived,
     /// decrypted, on the link to the holder of link key `peer_key` (made if
     /// there is none, as for a handshake from `from`). Returns the length of
     /// a packet for the TUN, as [`Node::handle_datagram`] would.
     #[doc(hidden)]
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn inject_inner(
         &mut self,
         now: Instant,
@@ -1263,8 +1269,8 @@ impl Node {
             self.drops.access_denied += 1;
             return None;
         }
-        let public = x25519::PublicKey::from(self.identity.link_secret());
-        let half = match parse_handshake_anon(self.identity.link_secret(), &public, init) {
+        let public = x25519::PublicKey::from(self.own.identity().link_secret());
+        let half = match parse_handshake_anon(self.own.identity().link_secret(), &public, init) {
             Ok(h) => h,
             Err(_) => {
                 self.drops.handshake_rejected += 1;
@@ -1496,7 +1502,7 @@ impl Node {
         link.they_have_ours = ack;
         if let (Some(ep), Some(v)) = (observed, &link.verified) {
             let reporter = v.record.node_id();
-            self.note_observed(now, ep, reporter);
+            self.own.note_observed(now, ep, reporter);
         }
         if body[0] & HELLO_FLAG_REPLY != 0 {
             self.send_hello(index, now);
@@ -1528,7 +1534,7 @@ impl Node {
         if record.overlay_address() != src {
             return Err("hello sent from an address that is not the record's".into());
         }
-        if record.node_id() == self.identity.node_id() {
+        if record.node_id() == self.node_id() {
             return Err("record is our own".into());
         }
         if let Some(v) = &link.verified {
@@ -1551,7 +1557,7 @@ impl Node {
         let Some(link) = self.links.get_mut(&index) else {
             return;
         };
-        let mut body = Vec::with_capacity(20 + self.record_bytes.len());
+        let mut body = Vec::with_capacity(20 + self.own.bytes().len());
         let mut flags = 0;
         if link.verified.is_some() {
             flags |= HELLO_FLAG_ACK;
@@ -1568,7 +1574,7 @@ impl Node {
             // endpoint learns what to publish in its record.
             put_endpoint(&mut body, ep);
         }
-        body.extend_from_slice(&self.record_bytes);
+        body.extend_from_slice(self.own.bytes());
         link.last_hello = Some(now);
         self.send_control(index, MSG_HELLO, &body, false);
     }
@@ -1620,7 +1626,7 @@ impl Node {
     /// Runs timers: WireGuard's (rekey, keepalive, retries), hello repeats,
     /// reconnects of configured peers, pruning of idle unknown links.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.last_timer = Some(now);
+        self.last_timer = now;
         self.rate_limiter.reset_count();
         let indices: Vec<u32> = self.links.keys().copied().collect();
         let mut remove = Vec::new();
@@ -2036,89 +2042,16 @@ impl Node {
         self.stale
             .retain(|_, (_, t)| now.saturating_duration_since(*t) < STALE_FOR);
         let unix = self.dht.unix(now);
-        let endpoints = self.desired_endpoints(now);
-        let expiring = self.ext.expires.is_none_or(|e| e < unix + RECORD_TTL / 2);
-        let due = self
-            .last_resign
-            .is_none_or(|t| now.saturating_duration_since(t) >= RESIGN_INTERVAL);
-        if due && (expiring || endpoints != self.ext.endpoints) {
-            self.resign(now, endpoints);
+        if self.own.poll_resign(now, unix).is_some() {
+            self.spread_record(now);
         }
         self.pump_dht(now);
     }
 
-    fn note_observed(&mut self, now: Instant, ep: SocketAddr, reporter: NodeId) {
-        if ep.port() == 0 || ep.ip().is_unspecified() {
-            return;
-        }
-        if !self.observed.contains_key(&reporter) && self.observed.len() >= MAX_OBSERVED {
-            if let Some(old) = self
-                .observed
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(r, _)| *r)
-            {
-                self.observed.remove(&old);
-            }
-        }
-        self.observed.insert(reporter, (ep, now));
-    }
-
-    /// Endpoints for our record: the configured ones, else per address
-    /// family the one most neighbours report (one vote each, their latest,
-    /// for ten minutes). A tie keeps the endpoint we publish, so two
-    /// neighbours that see us differently can't make it flip back and forth.
-    fn desired_endpoints(&self, now: Instant) -> Vec<SocketAddr> {
-        if !self.config.advertise.is_empty() {
-            return self.config.advertise.clone();
-        }
-        let mut votes: HashMap<SocketAddr, usize> = HashMap::new();
-        for (ep, t) in self.observed.values() {
-            let link_local =
-                matches!(ep.ip(), IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80);
-            if now.saturating_duration_since(*t) < OBSERVED_FOR && !link_local {
-                *votes.entry(*ep).or_default() += 1;
-            }
-        }
-        let mut out = Vec::new();
-        for v4 in [true, false] {
-            let current = self
-                .ext
-                .endpoints
-                .iter()
-                .find(|e| e.is_ipv4() == v4)
-                .copied();
-            let cur_votes = current.and_then(|c| votes.get(&c).copied()).unwrap_or(0);
-            let best = votes
-                .iter()
-                .filter(|(e, _)| e.is_ipv4() == v4)
-                .max_by_key(|(e, n)| (**n, **e))
-                .map(|(e, n)| (*e, *n));
-            match (current, best) {
-                (Some(c), Some((_, n))) if cur_votes >= n => out.push(c),
-                (_, Some((e, _))) => out.push(e),
-                (Some(c), None) => out.push(c),
-                (None, None) => {}
-            }
-        }
-        out
-    }
-
-    /// Signs a new record (new endpoints or a later expiry) and spreads it.
-    fn resign(&mut self, now: Instant, endpoints: Vec<SocketAddr>) {
-        let unix = self.dht.unix(now);
-        self.last_resign = Some(now);
-        self.ext = RecordExt {
-            expires: Some(unix + RECORD_TTL),
-            endpoints,
-            roles: self.config.roles,
-            onion_key: Some(self.circ.onion_public()),
-        };
-        let seq = self.record.seq.saturating_add(1).max(unix);
-        self.record = self.identity.sign_record_with(seq, &self.ext);
-        self.record_bytes = self.record.to_bytes();
-        tracing::info!(seq, endpoints = ?self.ext.endpoints, "record signed");
-        let own = own_contact(&self.record, &self.record_bytes);
+    /// Spreads a record [`own_record::OwnRecord`] signed anew: to the DHT
+    /// (announced once joined) and in a hello to every verified neighbour.
+    fn spread_record(&mut self, now: Instant) {
+        let own = own_contact(self.own.record(), self.own.bytes());
         if self.joined {
             self.dht.set_own(now, own);
         } else {
@@ -2271,8 +2204,9 @@ impl Node {
         self.api_results.remove(&id)
     }
 
-    /// Signs `value` under (namespace, key) as this node and stores it in
-    /// the DHT (and again every half hour until `ttl` runs out).
+    /// Signs and publishes a value under (namespace, key) for `ttl`
+    /// seconds: [`Node::value_stamp`], signing, [`Node::put_signed_value`]
+    /// in one call, for callers that don't mind the node waiting on RSA.
     pub fn dht_put(
         &mut self,
         now: Instant,
@@ -2281,28 +2215,47 @@ impl Node {
         value: &[u8],
         ttl: u64,
     ) -> Result<Option<u64>, String> {
+        let (seq, expires) = self.value_stamp(now, ttl).map_err(|e| e.to_string())?;
+        let v = SignedValue::sign(self.own.identity(), namespace, key, value, seq, expires)
+            .map_err(|e| e.to_string())?;
+        self.put_signed_value(now, &v)
+    }
+
+    /// The signing key for [`SignedValue::sign`], so the shell can sign off
+    /// the node (and off whatever lock guards it).
+    pub fn signer(&self) -> Arc<Identity> {
+        self.own.identity().clone()
+    }
+
+    /// The sequence number and expiry (unix seconds) of the next value this
+    /// node publishes with a lifetime of `ttl` seconds.
+    pub fn value_stamp(
+        &mut self,
+        now: Instant,
+        ttl: u64,
+    ) -> Result<(u64, u64), super::records::ValueError> {
         if ttl == 0 || ttl > super::records::MAX_VALUE_TTL {
-            return Err(super::records::ValueError::Ttl.to_string());
+            return Err(super::records::ValueError::Ttl);
         }
-        let unix = self.dht.unix(now);
         // Milliseconds, so a burst of puts doesn't run ahead of the clock
         // (and a quick restart doesn't sign values older than those stored).
         self.value_seq = self
             .value_seq
             .saturating_add(1)
             .max(self.dht.unix_millis(now));
-        let v = SignedValue::sign(
-            &self.identity,
-            namespace,
-            key,
-            value,
-            self.value_seq,
-            unix + ttl,
-        )
-        .map_err(|e| e.to_string())?;
+        Ok((self.value_seq, self.dht.unix(now) + ttl))
+    }
+
+    /// Stores and publishes a value this node signed (see
+    /// [`Node::value_stamp`]); the lookup ID to wait on, if it went out.
+    pub fn put_signed_value(
+        &mut self,
+        now: Instant,
+        value: &SignedValue,
+    ) -> Result<Option<u64>, String> {
         let id = self
             .dht
-            .put(now, &v.to_bytes())
+            .put(now, &value.to_bytes())
             .map_err(|e| e.to_string())?;
         if let Some(id) = id {
             self.purposes.insert(id, Purpose::Api);
@@ -2366,10 +2319,10 @@ impl Node {
             .collect();
         links.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         NodeStatus {
-            node_id: self.identity.node_id().to_string(),
+            node_id: self.node_id().to_string(),
             address: self.address,
-            record_seq: self.record.seq,
-            endpoints: self.ext.endpoints.clone(),
+            record_seq: self.own.record().seq,
+            endpoints: self.own.endpoints().to_vec(),
             dht: self.dht.stats(),
             table_entries: self.dht.table_len(),
             drops: self.drops,
@@ -2399,17 +2352,6 @@ fn own_contact(record: &NodeRecord, bytes: &[u8]) -> Contact {
         info,
         record: Arc::from(bytes),
     }
-}
-
-/// Decodes what [`put_endpoint`] wrote; returns the rest.
-fn parse_endpoint(b: &[u8]) -> Option<(SocketAddr, &[u8])> {
-    let (ip, rest): (IpAddr, &[u8]) = match *b.first()? {
-        4 if b.len() >= 7 => (<[u8; 4]>::try_from(&b[1..5]).ok()?.into(), &b[5..]),
-        6 if b.len() >= 19 => (<[u8; 16]>::try_from(&b[1..17]).ok()?.into(), &b[17..]),
-        _ => return None,
-    };
-    let port = u16::from_be_bytes([rest[0], rest[1]]);
-    Some((SocketAddr::new(ip, port), &rest[2..]))
 }
 
 /// Runs a boringtun rate limiter's checks (MAC, and under load the cookie)
@@ -2472,8 +2414,10 @@ pub fn normalize(a: SocketAddr) -> SocketAddr {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests read the clock
 mod tests {
     use super::*;
+    use crate::proto::identity::RecordExt;
     use crate::proto::identity::ROLE_RELAY as ROLE_RELAY_BIT;
     use crate::proto::onion;
     use rand_core::OsRng;
@@ -2534,8 +2478,8 @@ mod tests {
     fn linked_pair(now: Instant, ids: Vec<Identity>, eps: &[SocketAddr]) -> Net {
         let peers_a = vec![uri(&ids[1], eps[1])];
         let mut it = ids.into_iter();
-        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now, 1);
-        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
+        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now);
+        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now);
         let mut net = Net {
             nodes: vec![(a, eps[0]), (b, eps[1])],
             now,
@@ -2574,6 +2518,12 @@ mod tests {
                 self.now += Duration::from_millis(300);
                 for n in &mut self.nodes {
                     n.0.handle_timeout(self.now);
+
+                    // As the shell does: store the sequence number, then allow it.
+
+                    if let Some(s) = n.0.record_seq_wanted(self.now) {
+                        n.0.reserve_record_seq(s);
+                    }
                 }
             }
             tun
@@ -2650,9 +2600,9 @@ mod tests {
         let peers_a = vec![uri(&ids[1], eps[1])];
         let peers_c = vec![uri(&ids[1], eps[1])];
         let mut it = ids.into_iter();
-        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now, 1);
-        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
-        let c = Node::new(it.next().unwrap(), 1, cfg(peers_c), now, 3);
+        let a = Node::new(it.next().unwrap(), 1, cfg(peers_a), now);
+        let b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now);
+        let c = Node::new(it.next().unwrap(), 1, cfg(peers_c), now);
         let mut net = Net {
             nodes: vec![(a, eps[0]), (b, eps[1]), (c, eps[2])],
             now,
@@ -2755,7 +2705,7 @@ mod tests {
     fn initiation(to: &Node, seed: u8) -> Vec<u8> {
         let mut t = Tunn::new(
             x25519::StaticSecret::from([seed; 32]),
-            x25519::PublicKey::from(to.identity.link_public()),
+            x25519::PublicKey::from(to.own.identity().link_public()),
             None,
             None,
             u32::from(seed),
@@ -2771,7 +2721,7 @@ mod tests {
     #[test]
     fn handshake_flood_is_limited_per_source() {
         let t0 = Instant::now();
-        let mut v = Node::new(identities(1).pop().unwrap(), 1, cfg(vec![]), t0, 1);
+        let mut v = Node::new(identities(1).pop().unwrap(), 1, cfg(vec![]), t0);
         let flooder: SocketAddr = "198.18.5.5:40000".parse().unwrap();
         let other: SocketAddr = "198.18.6.6:7300".parse().unwrap();
         // Valid initiations from one source, 2000 a second for 2 s: each
@@ -2809,7 +2759,7 @@ mod tests {
         let limited = st.drops.rate_limited;
         let mut t = Tunn::new(
             x25519::StaticSecret::from([99; 32]),
-            x25519::PublicKey::from(v.identity.link_public()),
+            x25519::PublicKey::from(v.own.identity().link_public()),
             None,
             None,
             99,
@@ -2870,7 +2820,7 @@ mod tests {
     #[test]
     fn source_table_stays_bounded_under_a_spray() {
         let t0 = Instant::now();
-        let mut v = Node::new(identities(1).pop().unwrap(), 1, cfg(vec![]), t0, 1);
+        let mut v = Node::new(identities(1).pop().unwrap(), 1, cfg(vec![]), t0);
         let junk = [1u8; 148];
         for i in 0..100_000u32 {
             let now = t0 + Duration::from_micros(u64::from(i) * 20);
@@ -2896,9 +2846,9 @@ mod tests {
         let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
         let v_uri = uri(&ids[0], eps[0]);
         let mut it = ids.into_iter();
-        let v = Node::new(it.next().unwrap(), 1, cfg(vec![]), t0, 1);
-        let a = Node::new(it.next().unwrap(), 1, cfg(vec![v_uri.clone()]), t0, 2);
-        let b = Node::new(it.next().unwrap(), 1, cfg(vec![v_uri]), t0, 3);
+        let v = Node::new(it.next().unwrap(), 1, cfg(vec![]), t0);
+        let a = Node::new(it.next().unwrap(), 1, cfg(vec![v_uri.clone()]), t0);
+        let b = Node::new(it.next().unwrap(), 1, cfg(vec![v_uri]), t0);
         let mut net = Net {
             nodes: vec![(v, eps[0]), (a, eps[1]), (b, eps[2])],
             now: t0,
@@ -2912,7 +2862,7 @@ mod tests {
             onion::ClientHandshake::start(&mut rng, v.node_id(), v.circ.onion_public());
         let cell_for = |circ: u32| {
             let mut cell = vec![0u8; onion::CELL_SMALL];
-            onion::write_header(&mut cell, circ, onion::KIND_CREATE, &[0; 16]);
+            onion::write_header(&mut cell, circ, onion::Kind::Create, &[0; 16]);
             cell[onion::CELL_HEADER..onion::CELL_HEADER + create.len()].copy_from_slice(&create);
             cell
         };
@@ -2954,7 +2904,7 @@ mod tests {
         let body = {
             let n = &net.nodes[1].0;
             let mut v = vec![HELLO_FLAG_ACK | HELLO_FLAG_REPLY];
-            v.extend_from_slice(&n.record_bytes);
+            v.extend_from_slice(n.own.bytes());
             v
         };
         net.nodes[1].0.send_control(idx, MSG_HELLO, &body, true);
@@ -2984,7 +2934,7 @@ mod tests {
         let again = |id: &Identity| {
             Identity::from_pem(&id.rsa_pem().unwrap(), id.link_secret_bytes()).unwrap()
         };
-        let mut alone = Node::new(again(&ids[0]), 1, cfg(vec![]), now, 1);
+        let mut alone = Node::new(again(&ids[0]), 1, cfg(vec![]), now);
         alone
             .dht_put(now, b"ns", b"k", b"kept value", 3600)
             .unwrap();
@@ -2994,15 +2944,9 @@ mod tests {
 
         let later = now + Duration::from_secs(60);
         let b_id = ids.pop().unwrap();
-        let mut a = Node::new(
-            ids.pop().unwrap(),
-            2,
-            cfg(vec![uri(&b_id, eps[1])]),
-            later,
-            1,
-        );
+        let mut a = Node::new(ids.pop().unwrap(), 2, cfg(vec![uri(&b_id, eps[1])]), later);
         assert!(a.restore_value(later, &kept[0]));
-        let b = Node::new(b_id, 1, cfg(vec![]), later, 2);
+        let b = Node::new(b_id, 1, cfg(vec![]), later);
         let mut net = Net {
             nodes: vec![(a, eps[0]), (b, eps[1])],
             now: later,
@@ -3026,9 +2970,9 @@ mod tests {
         };
         let (pa, pc) = (vec![uri(&ids[1], eps[1])], vec![uri(&ids[1], eps[1])]);
         let mut it = ids.into_iter();
-        let a = Node::new(it.next().unwrap(), 1, conf(pa, eps[0]), now, 1);
-        let b = Node::new(it.next().unwrap(), 1, conf(vec![], eps[1]), now, 2);
-        let c = Node::new(it.next().unwrap(), 1, conf(pc, eps[2]), now, 3);
+        let a = Node::new(it.next().unwrap(), 1, conf(pa, eps[0]), now);
+        let b = Node::new(it.next().unwrap(), 1, conf(vec![], eps[1]), now);
+        let c = Node::new(it.next().unwrap(), 1, conf(pc, eps[2]), now);
         let mut net = Net {
             nodes: vec![(a, eps[0]), (b, eps[1]), (c, eps[2])],
             now,
@@ -3052,6 +2996,12 @@ mod tests {
             let now = net.now;
             for n in &mut net.nodes {
                 n.0.handle_timeout(now);
+
+                // As the shell does: store the sequence number, then allow it.
+
+                if let Some(s) = n.0.record_seq_wanted(now) {
+                    n.0.reserve_record_seq(s);
+                }
             }
             net.deliver();
         }
@@ -3094,7 +3044,7 @@ mod tests {
             let clone = |i: &Identity| {
                 Identity::from_pem(&i.rsa_pem().unwrap(), i.link_secret_bytes()).unwrap()
             };
-            let a = Node::new(clone(&ids[0]), 1, cfg(pa), now, 1);
+            let a = Node::new(clone(&ids[0]), 1, cfg(pa), now);
             let b = Node::new(
                 clone(&ids[1]),
                 1,
@@ -3103,9 +3053,8 @@ mod tests {
                     ..cfg(vec![])
                 },
                 now,
-                2,
             );
-            let c = Node::new(clone(&ids[2]), 1, cfg(pc), now, 3);
+            let c = Node::new(clone(&ids[2]), 1, cfg(pc), now);
             let mut net = Net {
                 nodes: vec![(a, eps[0]), (b, eps[1]), (c, eps[2])],
                 now,
@@ -3296,7 +3245,7 @@ mod tests {
             if i == 0 {
                 c.routes.default = Policy::Hops(2, 3);
             }
-            nodes.push((Node::new(id, 1, c, now, i as u32 + 1), eps[i]));
+            nodes.push((Node::new(id, 1, c, now), eps[i]));
         }
         let mut net = Net { nodes, now };
         net.run();
@@ -3314,6 +3263,12 @@ mod tests {
             // and what it would send is lost.
             for n in net.nodes.iter_mut().filter(|n| n.1.port() != 1) {
                 n.0.handle_timeout(now);
+
+                // As the shell does: store the sequence number, then allow it.
+
+                if let Some(s) = n.0.record_seq_wanted(now) {
+                    n.0.reserve_record_seq(s);
+                }
             }
             for _ in 0..50 {
                 let mut moved = false;
@@ -3545,9 +3500,9 @@ mod tests {
             endpoint: Some(eps[1]),
         };
         let mut it = ids.into_iter();
-        let a = Node::new(it.next().unwrap(), 1, cfg(vec![forged]), now, 1);
+        let a = Node::new(it.next().unwrap(), 1, cfg(vec![forged]), now);
         let _victim = it.next();
-        let attacker = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
+        let attacker = Node::new(it.next().unwrap(), 1, cfg(vec![]), now);
         let mut net = Net {
             nodes: vec![(a, eps[0]), (attacker, eps[1])],
             now,
@@ -3574,10 +3529,10 @@ mod tests {
         let now = Instant::now();
         let target = Identity::generate(&mut OsRng).unwrap();
         let target_uri = uri(&target, "198.18.0.1:7300".parse().unwrap());
-        let mut node = Node::new(target, 1, cfg(vec![]), now, 1);
+        let mut node = Node::new(target, 1, cfg(vec![]), now);
         // A real node's initiations, replayed many times from one address.
         let attacker = Identity::generate(&mut OsRng).unwrap();
-        let mut a = Node::new(attacker, 1, cfg(vec![target_uri]), now, 2);
+        let mut a = Node::new(attacker, 1, cfg(vec![target_uri]), now);
         let init = a.poll_transmit().unwrap().payload;
         let from: SocketAddr = "198.18.0.66:1".parse().unwrap();
         let (mut responses, mut cookies) = (0, 0);
@@ -3607,9 +3562,9 @@ mod tests {
         let ep_b: SocketAddr = "198.18.0.2:7300".parse().unwrap();
         let b_uri = uri(&ids[1], ep_b);
         let mut it = ids.into_iter();
-        let mut a = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri.clone()]), now, 1);
-        let mut b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now, 2);
-        let mut c = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri]), now, 3);
+        let mut a = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri.clone()]), now);
+        let mut b = Node::new(it.next().unwrap(), 1, cfg(vec![]), now);
+        let mut c = Node::new(it.next().unwrap(), 1, cfg(vec![b_uri]), now);
         // Someone forging a's address spends a's whole handshake budget.
         let forged = c.poll_transmit().unwrap().payload;
         for _ in 0..SOURCE_LIMIT.burst {
@@ -3634,15 +3589,32 @@ mod tests {
     }
 
     #[test]
+    fn no_record_is_signed_with_a_sequence_number_not_yet_stored() {
+        let now = Instant::now();
+        let mut n = Node::new(identities(1).pop().unwrap(), 5, cfg(vec![]), now);
+        assert_eq!(n.record().seq, 5);
+        // Only 5 is stored: the first re-signing (due at once: the record
+        // carries no endpoints yet and expires within half its TTL once 13 h
+        // pass) must wait for the shell.
+        let later = now + Duration::from_secs(13 * 3600);
+        n.handle_timeout(later);
+        assert_eq!(n.record().seq, 5, "signed past the stored limit");
+        let want = n.record_seq_wanted(later).expect("asks for a limit");
+        assert!(want > 1_800_000_000 + 13 * 3600, "{want}");
+        n.reserve_record_seq(want);
+        let t = later + Duration::from_millis(250);
+        n.handle_timeout(t);
+        let seq = n.record().seq;
+        assert!(seq > 5 && seq <= want, "seq {seq}, limit {want}");
+        // With an hour of numbers in hand it asks for nothing more.
+        assert_eq!(n.record_seq_wanted(t), None);
+        assert_eq!(n.poll_timeout(), t + TICK);
+    }
+
+    #[test]
     fn garbage_datagrams_are_counted_not_fatal() {
         let now = Instant::now();
-        let mut n = Node::new(
-            Identity::generate(&mut OsRng).unwrap(),
-            1,
-            cfg(vec![]),
-            now,
-            9,
-        );
+        let mut n = Node::new(Identity::generate(&mut OsRng).unwrap(), 1, cfg(vec![]), now);
         let from: SocketAddr = "198.18.0.9:1".parse().unwrap();
         let mut x: u64 = 88172645463325252;
         for i in 0..50_000usize {

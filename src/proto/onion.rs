@@ -69,46 +69,114 @@ pub const MAX_DATA: usize = CELL_LARGE - CELL_HEADER - TAG_LEN - RELAY_HEADER;
 pub const SMALL_DATA: usize = CELL_SMALL - CELL_HEADER - TAG_LEN - RELAY_HEADER;
 
 /// Cell kinds (visible to the neighbour, like Tor's link-level commands).
-pub const KIND_CREATE: u8 = 1;
-/// Answer to CREATE.
-pub const KIND_CREATED: u8 = 2;
-/// A layered cell.
-pub const KIND_RELAY: u8 = 3;
-/// Tear the circuit down (sent hop by hop).
-pub const KIND_DESTROY: u8 = 4;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Open a circuit on this link (handshake in the body).
+    Create = 1,
+    /// Answer to CREATE.
+    Created = 2,
+    /// A layered cell.
+    Relay = 3,
+    /// Tear the circuit down (sent hop by hop).
+    Destroy = 4,
+}
+
+impl TryFrom<u8> for Kind {
+    type Error = OnionError;
+
+    fn try_from(b: u8) -> Result<Kind, OnionError> {
+        Ok(match b {
+            1 => Kind::Create,
+            2 => Kind::Created,
+            3 => Kind::Relay,
+            4 => Kind::Destroy,
+            _ => return Err(OnionError::BadKind),
+        })
+    }
+}
 
 /// Length of a CREATE body's handshake (onion key B | client key X).
 pub const CREATE_LEN: usize = 64;
 /// Length of a CREATED body's handshake (server key Y | AUTH).
 pub const CREATED_LEN: usize = 64;
 
-/// Commands inside an addressed body, source → hop.
-pub mod cmd {
-    /// Extend the circuit: next hop's node ID, link key, endpoint, CREATE.
-    pub const EXTEND: u8 = 1;
-    /// The source proves who it is to the destination.
-    pub const AUTH: u8 = 2;
+/// Commands inside an addressed body (encrypted: only the source and the
+/// hop it is for see them). Bodies of EXTEND, AUTH, LOOKUP and the answers
+/// that carry more than a byte are in [`body`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Cmd {
+    /// Extend the circuit ([`body::Extend`]).
+    Extend = 1,
+    /// The source proves who it is to the destination ([`body::Auth`]).
+    Auth = 2,
     /// An application packet (a link frame: as is, or compressed).
-    pub const DATA: u8 = 3;
+    Data = 3,
     /// Are you there? (8 bytes echoed)
-    pub const PROBE: u8 = 4;
+    Probe = 4,
     /// Cover traffic: dropped by the hop it is for.
-    pub const NOISE: u8 = 5;
-    /// Look up the record of an overlay address in the DHT.
-    pub const LOOKUP: u8 = 6;
+    Noise = 5,
+    /// Look up the record of an overlay address in the DHT
+    /// ([`body::Lookup`]).
+    Lookup = 6,
     /// Hop → source: the extend worked (CREATED handshake follows).
-    pub const EXTENDED: u8 = 10;
-    /// Hop → source: the extend failed (reason byte).
-    pub const EXTEND_FAILED: u8 = 11;
+    Extended = 10,
+    /// Hop → source: the extend failed ([`body::ExtendRefusal`]).
+    ExtendFailed = 11,
     /// Destination → source: authenticated, data may flow.
-    pub const READY: u8 = 12;
+    Ready = 12,
     /// Destination → source: authentication refused.
-    pub const REFUSED: u8 = 13;
+    Refused = 13,
     /// Hop → source: probe answer.
-    pub const PROBE_REPLY: u8 = 14;
+    ProbeReply = 14,
     /// Hop → source: the looked-up record (empty: not found).
-    pub const LOOKUP_REPLY: u8 = 15;
+    LookupReply = 15,
 }
+
+impl Cmd {
+    /// Name for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cmd::Extend => "extend",
+            Cmd::Auth => "auth",
+            Cmd::Data => "data",
+            Cmd::Probe => "probe",
+            Cmd::Noise => "noise",
+            Cmd::Lookup => "lookup",
+            Cmd::Extended => "extended",
+            Cmd::ExtendFailed => "extend_failed",
+            Cmd::Ready => "ready",
+            Cmd::Refused => "refused",
+            Cmd::ProbeReply => "probe_reply",
+            Cmd::LookupReply => "lookup_reply",
+        }
+    }
+}
+
+impl TryFrom<u8> for Cmd {
+    type Error = OnionError;
+
+    fn try_from(b: u8) -> Result<Cmd, OnionError> {
+        Ok(match b {
+            1 => Cmd::Extend,
+            2 => Cmd::Auth,
+            3 => Cmd::Data,
+            4 => Cmd::Probe,
+            5 => Cmd::Noise,
+            6 => Cmd::Lookup,
+            10 => Cmd::Extended,
+            11 => Cmd::ExtendFailed,
+            12 => Cmd::Ready,
+            13 => Cmd::Refused,
+            14 => Cmd::ProbeReply,
+            15 => Cmd::LookupReply,
+            _ => return Err(OnionError::BadCommand),
+        })
+    }
+}
+
+pub mod body;
 
 /// Why a cell or handshake was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -119,6 +187,9 @@ pub enum OnionError {
     /// Unknown kind.
     #[error("unknown cell kind")]
     BadKind,
+    /// Unknown command in an addressed body.
+    #[error("unknown relay command")]
+    BadCommand,
     /// GCM tag did not verify.
     #[error("cell failed authentication")]
     Forged,
@@ -148,7 +219,7 @@ pub struct CellHeader {
     /// Circuit ID on this link.
     pub circ: u32,
     /// Kind.
-    pub kind: u8,
+    pub kind: Kind,
     /// Layer nonce.
     pub nonce: [u8; 16],
 }
@@ -158,10 +229,7 @@ pub fn parse_cell(cell: &[u8]) -> Result<CellHeader, OnionError> {
     if cell.len() != CELL_SMALL && cell.len() != CELL_LARGE {
         return Err(OnionError::BadSize);
     }
-    let kind = cell[4];
-    if !(KIND_CREATE..=KIND_DESTROY).contains(&kind) {
-        return Err(OnionError::BadKind);
-    }
+    let kind = Kind::try_from(cell[4])?;
     Ok(CellHeader {
         circ: u32::from_be_bytes(cell[..4].try_into().expect("4 bytes")),
         kind,
@@ -170,9 +238,9 @@ pub fn parse_cell(cell: &[u8]) -> Result<CellHeader, OnionError> {
 }
 
 /// Writes a cell header into `cell[..CELL_HEADER]`.
-pub fn write_header(cell: &mut [u8], circ: u32, kind: u8, nonce: &[u8; 16]) {
+pub fn write_header(cell: &mut [u8], circ: u32, kind: Kind, nonce: &[u8; 16]) {
     cell[..4].copy_from_slice(&circ.to_be_bytes());
-    cell[4] = kind;
+    cell[4] = kind as u8;
     cell[5..21].copy_from_slice(nonce);
 }
 
@@ -390,10 +458,10 @@ impl DirKeys {
 
     /// Fills `body` (a whole cell body) with `cmd | len | data | zeros`,
     /// sealed under counter `counter`; returns the inner nonce `magic | counter`.
-    fn seal(&self, counter: u64, command: u8, data: &[u8], body: &mut [u8]) -> [u8; 16] {
+    fn seal(&self, counter: u64, command: Cmd, data: &[u8], body: &mut [u8]) -> [u8; 16] {
         let plain = body.len() - TAG_LEN;
         debug_assert!(data.len() + RELAY_HEADER <= plain);
-        body[0] = command;
+        body[0] = command as u8;
         body[1..3].copy_from_slice(&(data.len() as u16).to_be_bytes());
         body[3..3 + data.len()].copy_from_slice(data);
         body[3 + data.len()..plain].fill(0);
@@ -414,7 +482,7 @@ impl DirKeys {
         &self,
         counter: u64,
         body: &mut [u8],
-    ) -> Result<(u8, std::ops::Range<usize>), OnionError> {
+    ) -> Result<(Cmd, std::ops::Range<usize>), OnionError> {
         if body.len() < TAG_LEN + RELAY_HEADER {
             return Err(OnionError::Malformed);
         }
@@ -433,7 +501,7 @@ impl DirKeys {
         if RELAY_HEADER + len > plain {
             return Err(OnionError::Malformed);
         }
-        Ok((text[0], RELAY_HEADER..RELAY_HEADER + len))
+        Ok((Cmd::try_from(text[0])?, RELAY_HEADER..RELAY_HEADER + len))
     }
 }
 
@@ -450,7 +518,7 @@ pub struct HopKeys {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Forward {
     /// Addressed to this hop: (counter, command, data range in the body).
-    Mine(u64, u8, std::ops::Range<usize>),
+    Mine(u64, Cmd, std::ops::Range<usize>),
     /// Not for this hop: pass the cell on (nonce and body rewritten).
     Pass,
 }
@@ -475,25 +543,35 @@ impl HopKeys {
     }
 
     /// Hop: writes a backward cell of its own into `body`; returns the nonce.
-    pub fn originate(&self, counter: u64, command: u8, data: &[u8], body: &mut [u8]) -> [u8; 16] {
+    pub fn originate(&self, counter: u64, command: Cmd, data: &[u8], body: &mut [u8]) -> [u8; 16] {
         let m = self.bwd.seal(counter, command, data, body);
         self.bwd.enc_block(&m)
     }
 }
 
+impl AsRef<HopKeys> for HopKeys {
+    fn as_ref(&self) -> &HopKeys {
+        self
+    }
+}
+
 /// Source: builds a forward cell for `hops[target]` (earlier hops only
-/// pass it on) into `body`; returns the nonce to send.
-pub fn wrap(
-    hops: &[&HopKeys],
+/// pass it on) into `body`; returns the nonce to send. `hops` is the
+/// circuit's own slice (anything that lends its `HopKeys`), so no list of
+/// keys is built per cell.
+pub fn wrap<K: AsRef<HopKeys>>(
+    hops: &[K],
     target: usize,
     counter: u64,
-    command: u8,
+    command: Cmd,
     data: &[u8],
     body: &mut [u8],
 ) -> [u8; 16] {
-    let m = hops[target].fwd.seal(counter, command, data, body);
-    let mut n = hops[target].fwd.enc_block(&m);
+    let t = hops[target].as_ref();
+    let m = t.fwd.seal(counter, command, data, body);
+    let mut n = t.fwd.enc_block(&m);
     for h in hops[..target].iter().rev() {
+        let h = h.as_ref();
         h.fwd.xor_stream(&n, body);
         n = h.fwd.enc_block(&n);
     }
@@ -509,19 +587,20 @@ pub struct Unwrapped {
     /// Its counter.
     pub counter: u64,
     /// Command.
-    pub command: u8,
+    pub command: Cmd,
     /// Data range in the body.
     pub data: std::ops::Range<usize>,
 }
 
 /// Source: peels a backward cell in place.
-pub fn unwrap(
-    hops: &[&HopKeys],
+pub fn unwrap<K: AsRef<HopKeys>>(
+    hops: &[K],
     nonce: [u8; 16],
     body: &mut [u8],
 ) -> Result<Unwrapped, OnionError> {
     let mut n = nonce;
     for (i, h) in hops.iter().enumerate() {
+        let h = h.as_ref();
         let m = h.bwd.dec_block(&n);
         if let Some(counter) = h.bwd.recognised(&m) {
             let (command, data) = h.bwd.open(counter, body)?;
@@ -594,6 +673,7 @@ pub fn auth_message(dest: &NodeId, bind: &[u8; 32]) -> Vec<u8> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests read the clock
 mod tests {
     use super::*;
     use rand_core::OsRng;
@@ -654,13 +734,13 @@ mod tests {
             for target in 0..4 {
                 let data = vec![0xab; 100];
                 let mut body = vec![0u8; size - CELL_HEADER];
-                let mut n = wrap(&client, target, 7, cmd::DATA, &data, &mut body);
+                let mut n = wrap(&client, target, 7, Cmd::Data, &data, &mut body);
                 for (i, s) in servers.iter().enumerate() {
                     let before = (n, body.clone());
                     match s.forward(&mut n, &mut body).unwrap() {
                         Forward::Mine(c, command, r) => {
                             assert_eq!(i, target);
-                            assert_eq!((c, command), (7, cmd::DATA));
+                            assert_eq!((c, command), (7, Cmd::Data));
                             assert_eq!(&body[r], &data[..]);
                             break;
                         }
@@ -675,12 +755,12 @@ mod tests {
                 }
                 // Backward from `target`.
                 let mut body = vec![0u8; size - CELL_HEADER];
-                let mut n = servers[target].originate(9, cmd::PROBE_REPLY, b"pong", &mut body);
+                let mut n = servers[target].originate(9, Cmd::ProbeReply, b"pong", &mut body);
                 for s in servers[..target].iter().rev() {
                     s.backward(&mut n, &mut body);
                 }
                 let u = unwrap(&client, n, &mut body).unwrap();
-                assert_eq!((u.hop, u.counter, u.command), (target, 9, cmd::PROBE_REPLY));
+                assert_eq!((u.hop, u.counter, u.command), (target, 9, Cmd::ProbeReply));
                 assert_eq!(&body[u.data], b"pong");
             }
         }
@@ -691,7 +771,7 @@ mod tests {
         let (id, key) = hop(1);
         let (client, server) = handshake(&id, &key);
         let mut body = vec![0u8; CELL_SMALL - CELL_HEADER];
-        let mut n = wrap(&[&client], 0, 1, cmd::PROBE, b"12345678", &mut body);
+        let mut n = wrap(&[&client], 0, 1, Cmd::Probe, b"12345678", &mut body);
         body[30] ^= 0x40;
         assert_eq!(server.forward(&mut n, &mut body), Err(OnionError::Forged));
         assert_eq!(parse_cell(&[0u8; 255]).err(), Some(OnionError::BadSize));
@@ -735,7 +815,7 @@ mod tests {
         let client = c.finish(&created).unwrap();
         let secret = b"the plaintext of a recorded cell";
         let mut body = vec![0u8; CELL_SMALL - CELL_HEADER];
-        let n = wrap(&[&client], 0, 1, cmd::DATA, secret, &mut body);
+        let n = wrap(&[&client], 0, 1, Cmd::Data, secret, &mut body);
         let recorded = (n, body.clone());
         // The hop itself can open it while it holds the circuit.
         let (mut n2, mut b2) = recorded.clone();

@@ -20,6 +20,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,11 @@ struct Shared {
     store: Vault,
     /// Fingerprint of the DHT values last written to the vault.
     values_saved: Mutex<Option<u64>>,
+    /// A task is writing the peer store and values (the timer starts one
+    /// at a time and never waits for it).
+    saving: AtomicBool,
+    /// A task is storing the record sequence limit.
+    seq_storing: AtomicBool,
     /// Held for the life of the node: no rotation or second node meanwhile.
     _lock: StateLock,
 }
@@ -321,13 +327,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         super::extender::ExtenderKeys::new(&secret)
     };
     let started = Instant::now();
-    let mut node = Node::new(
-        up.identity,
-        up.seq,
-        config.node_config(),
-        started,
-        rand_u32(),
-    );
+    let mut node = Node::new(up.identity, up.seq, config.node_config(), started);
     // Nodes remembered from earlier runs: the way back in when every
     // configured peer is gone.
     let stored = up.store.load()?;
@@ -378,6 +378,8 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         ipv6_socket: up.ipv6_socket,
         store: up.store,
         values_saved: Mutex::new(None),
+        saving: AtomicBool::new(false),
+        seq_storing: AtomicBool::new(false),
         _lock: up.lock,
     });
     // Send the hellos the node queued for its configured peers.
@@ -616,11 +618,20 @@ fn api_lookup(sh: &Shared, target: &LookupTarget) -> Result<serde_json::Value> {
 }
 
 fn api_put(sh: &Shared, ns: &str, key: &str, value: &[u8], ttl: u64) -> Result<serde_json::Value> {
+    // RSA signing takes milliseconds: done outside the node lock, so the
+    // data path doesn't wait on a storm of puts.
+    let (stamp, signer) = {
+        let mut node = sh.node.lock().expect("node lock");
+        (node.value_stamp(Instant::now(), ttl), node.signer())
+    };
+    let (seq, expires) = stamp.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let signed = SignedValue::sign(&signer, ns.as_bytes(), key.as_bytes(), value, seq, expires)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let id = sh
         .node
         .lock()
         .expect("node lock")
-        .dht_put(Instant::now(), ns.as_bytes(), key.as_bytes(), value, ttl)
+        .put_signed_value(Instant::now(), &signed)
         .map_err(anyhow::Error::msg)?;
     // Kept in the vault before the answer: a value that was put survives a
     // crash and is published again after a restart.
@@ -679,12 +690,6 @@ fn api_get(sh: &Shared, ns: &str, key: &str) -> Result<serde_json::Value> {
     Ok(json!({"values": values, "queries": queries}))
 }
 
-fn rand_u32() -> u32 {
-    let mut b = [0u8; 4];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
-    u32::from_le_bytes(b)
-}
-
 impl Shared {
     fn to_socket(&self, dst: SocketAddr) -> SocketAddr {
         match dst {
@@ -702,6 +707,10 @@ impl Shared {
     /// Sends `data` as datagrams of `segment` bytes (the last may be
     /// shorter) in one system call.
     fn send_gso(&self, dst: SocketAddr, data: &[u8], segment: usize) {
+        self.send_gso_with(dst, data, segment, Retry::Yes)
+    }
+
+    fn send_gso_with(&self, dst: SocketAddr, data: &[u8], segment: usize, retry: Retry) {
         let t = quinn_udp::Transmit {
             destination: self.to_socket(dst),
             ecn: None,
@@ -712,7 +721,11 @@ impl Shared {
         let mut tries = 0;
         let res = loop {
             match self.udp_state.try_send((&self.udp).into(), &t) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && tries < 100 => {
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        && retry == Retry::Yes
+                        && tries < 100 =>
+                {
                     // Socket buffer full: wait (bounded) until it drains.
                     tries += 1;
                     let mut fds = [PollFd::new(self.udp.as_fd(), PollFlags::POLLOUT)];
@@ -731,7 +744,7 @@ impl Shared {
                     self.node.lock().expect("node lock").set_path_mtu(dst, mtu);
                 }
                 for d in data.chunks(segment) {
-                    self.send_gso(dst, d, d.len());
+                    self.send_gso_with(dst, d, d.len(), retry);
                 }
                 return;
             }
@@ -766,7 +779,20 @@ fn drain(node: &mut Node, out: &mut Vec<Transmit>) {
     }
 }
 
+/// Whether a send that finds the socket buffer full waits for it to drain.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Wait, bounded (the data path: back-pressure on the sender).
+    Yes,
+    /// Drop the datagram (the timer: never stalls on a full socket).
+    No,
+}
+
 fn flush(sh: &Shared) {
+    flush_with(sh, Retry::Yes)
+}
+
+fn flush_with(sh: &Shared, retry: Retry) {
     let mut out = Vec::new();
     let mut tun = Vec::new();
     {
@@ -777,7 +803,7 @@ fn flush(sh: &Shared) {
         }
     }
     for t in out {
-        sh.send(t.dst, &t.payload);
+        sh.send_gso_with(t.dst, &t.payload, t.payload.len(), retry);
     }
     for p in tun {
         sh.write_tun(&p);
@@ -1041,10 +1067,10 @@ fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide) {
     }
 }
 
-/// Test hook (feature `cell-log`): appends the cells this node forwarded as
+/// Test hook (feature `test-hooks`): appends the cells this node forwarded as
 /// a relay to the file named by `QGATE_CELL_LOG`, one line each:
 /// `fwd|bwd <hex in> <hex out>`. At most `QGATE_CELL_LOG_MAX` lines (5000).
-#[cfg(feature = "cell-log")]
+#[cfg(feature = "test-hooks")]
 fn write_cell_log(sh: &Shared) {
     use std::io::Write;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1073,38 +1099,60 @@ fn write_cell_log(sh: &Shared) {
     }
 }
 
+/// The core's timers: sleeps until [`Node::poll_timeout`], runs
+/// [`Node::handle_timeout`] and sends what it queued. Nothing here waits on
+/// the disk or on a full socket: the vault is written by blocking tasks this
+/// loop starts but never awaits (one of each kind at a time), and control
+/// datagrams that find the socket buffer full are dropped (the protocol
+/// sends hellos, handshakes and lookups again), so a slow disk or a flood
+/// can't stall link timers.
 async fn timer_loop(sh: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seq = 0;
     let mut last_save = Instant::now();
     loop {
-        tick.tick().await;
-        let new_seq = {
+        let deadline = sh.node.lock().expect("node lock").poll_timeout();
+        tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
+        let now = Instant::now();
+        let wanted_seq = {
             let mut node = sh.node.lock().expect("node lock");
-            node.handle_timeout(Instant::now());
-            node.record().seq
+            node.handle_timeout(now);
+            node.record_seq_wanted(now)
         };
-        flush(&sh);
-        #[cfg(feature = "cell-log")]
+        flush_with(&sh, Retry::No);
+        #[cfg(feature = "test-hooks")]
         write_cell_log(&sh);
-        if new_seq != seq {
-            seq = new_seq;
-            if let Err(e) = sh.store.write_record_seq(seq) {
-                tracing::warn!("storing the record sequence number: {e:#}");
-            }
+        if let Some(limit) = wanted_seq {
+            store_record_seq(&sh, limit);
         }
         // The peer store is a cache of the network: every 10 s is enough,
         // and shutdown writes it too. So are the values held for others
         // (our own are written as soon as they are put).
-        if last_save.elapsed() >= Duration::from_secs(10) {
+        if last_save.elapsed() >= Duration::from_secs(10) && !sh.saving.swap(true, Ordering::AcqRel)
+        {
             last_save = Instant::now();
             let sh = sh.clone();
-            let _ = tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
                 save_peers(&sh);
                 save_values(&sh);
-            })
-            .await;
+                sh.saving.store(false, Ordering::Release);
+            });
         }
     }
+}
+
+/// Stores `limit` as the highest record sequence number in use, then lets
+/// the node sign records up to it: durable before published, so a restart
+/// after a crash never signs a number the network has seen with other
+/// contents. Runs on a blocking task; the node re-signs once it is done.
+fn store_record_seq(sh: &Arc<Shared>, limit: u64) {
+    if sh.seq_storing.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let sh = sh.clone();
+    tokio::task::spawn_blocking(move || {
+        match sh.store.write_record_seq(limit) {
+            Ok(()) => sh.node.lock().expect("node lock").reserve_record_seq(limit),
+            Err(e) => tracing::warn!("storing the record sequence number: {e:#}"),
+        }
+        sh.seq_storing.store(false, Ordering::Release);
+    });
 }

@@ -43,8 +43,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aes_gcm_siv::aead::consts::{U0, U12, U16, U32};
@@ -150,6 +148,7 @@ impl AeadInPlace for PageCipher {
         aad: &[u8],
         buffer: &mut [u8],
     ) -> aes_gcm_siv::aead::Result<GenericArray<u8, U16>> {
+        #[cfg(feature = "test-hooks")]
         if PROBE_ON.load(Ordering::Relaxed) {
             probe::observe(nonce, buffer);
         }
@@ -167,11 +166,20 @@ impl AeadInPlace for PageCipher {
     }
 }
 
+#[cfg(feature = "test-hooks")]
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Mutex,
+};
+
+#[cfg(feature = "test-hooks")]
 static PROBE_ON: AtomicBool = AtomicBool::new(false);
+#[cfg(feature = "test-hooks")]
 static PROBE: Mutex<Option<(Vec<u8>, Option<u64>)>> = Mutex::new(None);
 
 /// Test hook: where in `data.mdb` a chosen plaintext was sealed, so a test
 /// can flip a byte inside a stored value and be sure it hit one.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub mod probe {
     use super::*;
@@ -1400,6 +1408,7 @@ mod tests {
     impl TempDir {
         fn new(name: &str) -> TempDir {
             static NEXT: AtomicU32 = AtomicU32::new(0);
+            use std::sync::atomic::Ordering;
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let dir = std::env::temp_dir().join(format!(
                 "qgate-vault-test-{name}-{}-{n}",
@@ -1562,6 +1571,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "test-hooks")]
     fn a_flipped_byte_in_a_value_is_refused() {
         let t = TempDir::new("tamper");
         let key = t.key("k");

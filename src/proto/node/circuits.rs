@@ -23,14 +23,13 @@ use serde::Serialize;
 
 use super::{Node, Purpose, TunOutcome, MSG_CELL};
 use crate::proto::dht::{Contact, Goal};
-use crate::proto::identity::{
-    put_endpoint, verify_signature, NodeId, NodeRecord, RecordExt, ROLE_RELAY,
-};
+use crate::proto::identity::{verify_signature, NodeId, NodeRecord, RecordExt, ROLE_RELAY};
 use crate::proto::limit::{Limit, Rate};
+use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
 use crate::proto::onion::{
-    self, auth_message, cmd, parse_cell, server_handshake, wrap, ClientHandshake, Forward, HopKeys,
-    OnionError, OnionKey, ReplayWindow, CELL_HEADER, CELL_LARGE, CELL_SMALL, CREATED_LEN,
-    CREATE_LEN, KIND_CREATE, KIND_CREATED, KIND_DESTROY, KIND_RELAY, MAX_DATA,
+    self, auth_message, parse_cell, server_handshake, wrap, ClientHandshake, Cmd, Forward, HopKeys,
+    Kind, OnionError, OnionKey, ReplayWindow, CELL_HEADER, CELL_LARGE, CELL_SMALL, CREATED_LEN,
+    CREATE_LEN, MAX_DATA,
 };
 use crate::proto::route;
 use crate::proto::wire::{self, Encoded, Incoming, Ipv6View, IPV6_MIN_MTU};
@@ -337,9 +336,9 @@ struct OutCirc {
     replaced_by: Option<u64>,
 }
 
-impl OutCirc {
-    fn keys(&self) -> Vec<&HopKeys> {
-        self.hops.iter().map(|h| &h.keys).collect()
+impl AsRef<HopKeys> for BuiltHop {
+    fn as_ref(&self) -> &HopKeys {
+        &self.keys
     }
 }
 
@@ -395,7 +394,7 @@ pub(super) struct Circuits {
     stats: RelayStats,
     bandwidth: (f64, Instant),
     /// Cells forwarded as relay, as (forward?, in, out), for the test hook.
-    #[cfg(feature = "cell-log")]
+    #[cfg(feature = "test-hooks")]
     pub(super) cell_log: Vec<(bool, Vec<u8>, Vec<u8>)>,
 }
 
@@ -420,7 +419,7 @@ impl Circuits {
             notes: RouteNotes::default(),
             stats: RelayStats::default(),
             bandwidth: (0.0, now),
-            #[cfg(feature = "cell-log")]
+            #[cfg(feature = "test-hooks")]
             cell_log: Vec::new(),
         }
     }
@@ -430,28 +429,10 @@ impl Circuits {
     }
 }
 
-fn cmd_name(c: u8) -> &'static str {
-    match c {
-        cmd::EXTEND => "extend",
-        cmd::AUTH => "auth",
-        cmd::DATA => "data",
-        cmd::PROBE => "probe",
-        cmd::NOISE => "noise",
-        cmd::LOOKUP => "lookup",
-        cmd::EXTENDED => "extended",
-        cmd::EXTEND_FAILED => "extend_failed",
-        cmd::READY => "ready",
-        cmd::REFUSED => "refused",
-        cmd::PROBE_REPLY => "probe_reply",
-        cmd::LOOKUP_REPLY => "lookup_reply",
-        _ => "unknown",
-    }
-}
-
 fn count(d: &mut CellDrops, e: OnionError) {
     match e {
         OnionError::BadSize => d.bad_size += 1,
-        OnionError::BadKind => d.bad_kind += 1,
+        OnionError::BadKind | OnionError::BadCommand => d.bad_kind += 1,
         OnionError::Forged | OnionError::BadAuth => d.forged += 1,
         OnionError::Replay => d.replay += 1,
         OnionError::Unrecognised => d.unrecognised += 1,
@@ -529,7 +510,7 @@ impl Node {
     }
 
     /// A link-level cell with a plain body (CREATE, CREATED, DESTROY).
-    fn send_plain(&mut self, now: Instant, link: u32, circ: u32, kind: u8, body: &[u8]) {
+    fn send_plain(&mut self, now: Instant, link: u32, circ: u32, kind: Kind, body: &[u8]) {
         let mut nonce = [0u8; 16];
         self.rng.fill_bytes(&mut nonce);
         let cell = &mut self.bufs.cell[..CELL_SMALL];
@@ -550,7 +531,7 @@ impl Node {
         &mut self,
         id: u64,
         target: usize,
-        command: u8,
+        command: Cmd,
         data: &[u8],
     ) -> Option<(u32, usize)> {
         let size = self.cell_size(data.len());
@@ -558,21 +539,20 @@ impl Node {
         let hop = c.hops.get_mut(target)?;
         hop.ctr += 1;
         let counter = hop.ctr;
-        let keys = c.keys();
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
-        let n = wrap(&keys, target, counter, command, data, body);
-        onion::write_header(head, c.circ, KIND_RELAY, &n);
+        let n = wrap(&c.hops, target, counter, command, data, body);
+        onion::write_header(head, c.circ, Kind::Relay, &n);
         Some((c.link, size))
     }
 
-    fn send_out(&mut self, now: Instant, id: u64, target: usize, command: u8, data: &[u8]) {
+    fn send_out(&mut self, now: Instant, id: u64, target: usize, command: Cmd, data: &[u8]) {
         if let Some((link, len)) = self.wrap_out(id, target, command, data) {
             self.send_cell(now, link, len);
         }
     }
 
     /// Builds a backward cell from hop circuit `h` into `self.bufs.cell`.
-    fn originate(&mut self, now: Instant, h: u64, command: u8, data: &[u8]) {
+    fn originate(&mut self, now: Instant, h: u64, command: Cmd, data: &[u8]) {
         let size = self.cell_size(data.len());
         let Some(hc) = self.circ.hops.get_mut(&h) else {
             return;
@@ -581,11 +561,11 @@ impl Node {
         let (link, circ) = hc.prev;
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
         let n = hc.keys.originate(hc.ctr, command, data, body);
-        onion::write_header(head, circ, KIND_RELAY, &n);
+        onion::write_header(head, circ, Kind::Relay, &n);
         self.send_cell(now, link, size);
     }
 
-    #[cfg(feature = "cell-log")]
+    #[cfg(feature = "test-hooks")]
     fn log_cell(&mut self, forward: bool, cell_in: &[u8], len: usize) {
         if self.circ.cell_log.len() < 100_000 {
             let out = self.bufs.cell[..len].to_vec();
@@ -641,15 +621,15 @@ impl Node {
         let key = (link, hdr.circ);
         let body = &cell[CELL_HEADER..];
         match hdr.kind {
-            KIND_CREATE => {
+            Kind::Create => {
                 self.on_create(now, link, hdr.circ, body);
                 None
             }
-            KIND_DESTROY => {
+            Kind::Destroy => {
                 self.on_destroy(now, key);
                 None
             }
-            KIND_CREATED => {
+            Kind::Created => {
                 match self.circ.on_link.get(&key).copied() {
                     Some(CircRef::Out(id)) => self.out_created(now, id, body),
                     Some(CircRef::Next(h)) => {
@@ -659,7 +639,7 @@ impl Node {
                         });
                         if ok {
                             let created = body[..CREATED_LEN].to_vec();
-                            self.originate(now, h, cmd::EXTENDED, &created);
+                            self.originate(now, h, Cmd::Extended, &created);
                         } else {
                             self.circ.stats.drops.bad_kind += 1;
                         }
@@ -691,10 +671,10 @@ impl Node {
                         if let Some(hc) = self.circ.hops.get_mut(&h) {
                             hc.bwd_bytes += size as u64;
                         }
-                        onion::write_header(&mut self.bufs.cell, circ, KIND_RELAY, &nonce);
+                        onion::write_header(&mut self.bufs.cell, circ, Kind::Relay, &nonce);
                         self.circ.stats.cells_forwarded += 1;
                         self.circ.stats.bytes_forwarded += size as u64;
-                        #[cfg(feature = "cell-log")]
+                        #[cfg(feature = "test-hooks")]
                         self.log_cell(false, cell, size);
                         self.send_cell(now, link, size);
                         None
@@ -724,7 +704,7 @@ impl Node {
                     link,
                     "circuit refused: neighbour not allowed to relay through here"
                 );
-                self.send_plain(now, link, circ, KIND_DESTROY, &[3]);
+                self.send_plain(now, link, circ, Kind::Destroy, &[3]);
                 return;
             }
         }
@@ -742,7 +722,7 @@ impl Node {
         if self.circ.hops.len() >= MAX_HOP_CIRCUITS || mine >= MAX_PER_NEIGHBOUR {
             self.circ.stats.refused += 1;
             tracing::debug!(link, "circuit refused: relay at its limit");
-            self.send_plain(now, link, circ, KIND_DESTROY, &[1]);
+            self.send_plain(now, link, circ, Kind::Destroy, &[1]);
             return;
         }
         let id = self.node_id();
@@ -755,7 +735,7 @@ impl Node {
             Err(e) => {
                 self.circ.stats.refused += 1;
                 tracing::debug!(link, "circuit refused: {e}");
-                self.send_plain(now, link, circ, KIND_DESTROY, &[2]);
+                self.send_plain(now, link, circ, Kind::Destroy, &[2]);
                 return;
             }
         };
@@ -782,7 +762,7 @@ impl Node {
         self.circ.on_link.insert((link, circ), CircRef::Prev(h));
         *self.circ.per_neighbour.entry(link).or_default() += 1;
         self.circ.stats.circuits_total += 1;
-        self.send_plain(now, link, circ, KIND_CREATED, &created);
+        self.send_plain(now, link, circ, Kind::Created, &created);
     }
 
     /// Removes hop circuit `h`, telling the side it did not hear it from.
@@ -812,12 +792,12 @@ impl Node {
             }
         }
         if tell_prev {
-            self.send_plain(now, hc.prev.0, hc.prev.1, KIND_DESTROY, &[0]);
+            self.send_plain(now, hc.prev.0, hc.prev.1, Kind::Destroy, &[0]);
         }
         if let Some(next) = hc.next {
             self.circ.on_link.remove(&next);
             if tell_next {
-                self.send_plain(now, next.0, next.1, KIND_DESTROY, &[0]);
+                self.send_plain(now, next.0, next.1, Kind::Destroy, &[0]);
             }
         }
     }
@@ -860,10 +840,10 @@ impl Node {
                     self.circ.stats.drops.over_bandwidth += 1;
                     return None;
                 }
-                onion::write_header(&mut self.bufs.cell, circ, KIND_RELAY, &nonce);
+                onion::write_header(&mut self.bufs.cell, circ, Kind::Relay, &nonce);
                 self.circ.stats.cells_forwarded += 1;
                 self.circ.stats.bytes_forwarded += size as u64;
-                #[cfg(feature = "cell-log")]
+                #[cfg(feature = "test-hooks")]
                 self.log_cell(true, cell_in, size);
                 self.send_cell(now, link, size);
                 None
@@ -886,35 +866,30 @@ impl Node {
         &mut self,
         now: Instant,
         h: u64,
-        command: u8,
+        command: Cmd,
         start: usize,
         end: usize,
     ) -> Option<usize> {
-        tracing::trace!(circuit = h, command = cmd_name(command), "cell for us");
+        tracing::trace!(circuit = h, command = command.name(), "cell for us");
         match command {
-            cmd::DATA => return self.hop_data(now, h, start, end),
-            cmd::PROBE => {
+            Cmd::Data => return self.hop_data(now, h, start, end),
+            Cmd::Probe => {
                 let data = self.bufs.cell[start..end].to_vec();
-                self.originate(now, h, cmd::PROBE_REPLY, &data);
+                self.originate(now, h, Cmd::ProbeReply, &data);
             }
-            cmd::NOISE => self.circ.stats.drops.noise += 1,
-            cmd::EXTEND => {
-                let data = self.bufs.cell[start..end].to_vec();
-                self.hop_extend(now, h, &data);
-            }
-            cmd::AUTH => {
+            Cmd::Noise => self.circ.stats.drops.noise += 1,
+            Cmd::Extend => match Extend::parse(&self.bufs.cell[start..end]) {
+                Ok(x) => self.hop_extend(now, h, x),
+                Err(_) => self.circ.stats.drops.malformed += 1,
+            },
+            Cmd::Auth => {
                 let data = self.bufs.cell[start..end].to_vec();
                 self.hop_auth(now, h, &data);
             }
-            cmd::LOOKUP => {
-                let data = &self.bufs.cell[start..end];
-                let Ok(octets) = <[u8; 16]>::try_from(data) else {
-                    self.circ.stats.drops.malformed += 1;
-                    return None;
-                };
-                let addr = Ipv6Addr::from(octets);
-                self.hop_lookup(now, h, addr);
-            }
+            Cmd::Lookup => match Lookup::parse(&self.bufs.cell[start..end]) {
+                Ok(l) => self.hop_lookup(now, h, l.address),
+                Err(_) => self.circ.stats.drops.malformed += 1,
+            },
             _ => self.circ.stats.drops.bad_kind += 1,
         }
         None
@@ -954,40 +929,34 @@ impl Node {
         Some(p)
     }
 
-    fn hop_extend(&mut self, now: Instant, h: u64, data: &[u8]) {
-        let fail = |node: &mut Node, why: u8| {
+    fn hop_extend(&mut self, now: Instant, h: u64, x: Extend) {
+        let fail = |node: &mut Node, why: ExtendRefusal| {
             node.circ.stats.refused += 1;
-            node.originate(now, h, cmd::EXTEND_FAILED, &[why]);
+            node.originate(now, h, Cmd::ExtendFailed, &[why as u8]);
         };
         if !self.config.relay.enabled {
-            return fail(self, 1);
+            return fail(self, ExtendRefusal::NotRelay);
         }
         let Some(hc) = self.circ.hops.get(&h) else {
             return;
         };
         if hc.next.is_some() || hc.auth.is_some() {
-            return fail(self, 2);
+            return fail(self, ExtendRefusal::AlreadyExtended);
         }
-        // node ID 32 | link key 32 | endpoint | CREATE 64
-        if data.len() < 64 + 7 + CREATE_LEN {
-            self.circ.stats.drops.malformed += 1;
-            return;
+        if x.node == self.node_id() {
+            return fail(self, ExtendRefusal::BadTarget);
         }
-        let id = NodeId(data[..32].try_into().expect("32 bytes"));
-        let link_key: [u8; 32] = data[32..64].try_into().expect("32 bytes");
-        let Some((ep, rest)) = super::parse_endpoint(&data[64..]) else {
-            self.circ.stats.drops.malformed += 1;
-            return;
-        };
-        if rest.len() < CREATE_LEN || id == self.node_id() {
-            return fail(self, 3);
-        }
-        let create = rest[..CREATE_LEN].to_vec();
+        let Extend {
+            node: id,
+            link_key,
+            endpoint: ep,
+            create,
+        } = x;
         let Some(link) = self.connect_to(now, id, link_key, ep) else {
-            return fail(self, 4);
+            return fail(self, ExtendRefusal::NoLink);
         };
         if self.circ.hops.get(&h).map(|hc| hc.prev.0) == Some(link) {
-            return fail(self, 3);
+            return fail(self, ExtendRefusal::BadTarget);
         }
         let circ = self.alloc_circ(link);
         self.circ.on_link.insert((link, circ), CircRef::Next(h));
@@ -995,7 +964,7 @@ impl Node {
             hc.next = Some((link, circ));
             hc.extending = Some(now);
         }
-        self.send_plain(now, link, circ, KIND_CREATE, &create);
+        self.send_plain(now, link, circ, Kind::Create, &create);
     }
 
     /// A link to a node named by ID, link key and endpoint (an EXTEND).
@@ -1021,18 +990,17 @@ impl Node {
     }
 
     fn hop_auth(&mut self, now: Instant, h: u64, data: &[u8]) {
-        let refuse = |node: &mut Node| node.originate(now, h, cmd::REFUSED, &[]);
+        let refuse = |node: &mut Node| node.originate(now, h, Cmd::Refused, &[]);
         if !self.config.has_tun {
             return refuse(self);
         }
-        if data.len() < 2 {
+        let Ok(body::Auth {
+            record,
+            signature: sig,
+        }) = body::Auth::parse(data)
+        else {
             return refuse(self);
-        }
-        let rlen = u16::from_be_bytes([data[0], data[1]]) as usize;
-        if data.len() < 2 + rlen {
-            return refuse(self);
-        }
-        let (record, sig) = (&data[2..2 + rlen], &data[2 + rlen..]);
+        };
         let Ok(rec) = NodeRecord::parse_verified(record) else {
             return refuse(self);
         };
@@ -1052,17 +1020,17 @@ impl Node {
         }
         self.circ.inbound_by_src.insert(src, h);
         tracing::debug!(circuit = h, source = %src, "inbound circuit authenticated");
-        self.originate(now, h, cmd::READY, &[]);
+        self.originate(now, h, Cmd::Ready, &[]);
     }
 
     fn hop_lookup(&mut self, now: Instant, h: u64, addr: Ipv6Addr) {
         if !self.config.relay.enabled {
-            self.originate(now, h, cmd::LOOKUP_REPLY, &[]);
+            self.originate(now, h, Cmd::LookupReply, &[]);
             return;
         }
         // Known already (a link, or the routing table)?
         if let Some(rec) = self.local_record(&addr) {
-            self.originate(now, h, cmd::LOOKUP_REPLY, &rec);
+            self.originate(now, h, Cmd::LookupReply, &rec);
             return;
         }
         let goal = Goal::Node {
@@ -1075,7 +1043,7 @@ impl Node {
                 self.purposes.insert(id, Purpose::Circuit(h, addr));
                 self.pump_dht(now);
             }
-            None => self.originate(now, h, cmd::LOOKUP_REPLY, &[]),
+            None => self.originate(now, h, Cmd::LookupReply, &[]),
         }
     }
 
@@ -1091,7 +1059,7 @@ impl Node {
             .filter(|c| c.info.id.overlay_address() == addr)
             .map(|c| c.record.to_vec())
             .unwrap_or_default();
-        self.originate(now, h, cmd::LOOKUP_REPLY, &rec);
+        self.originate(now, h, Cmd::LookupReply, &rec);
     }
 
     /// A record for an address we already hold: a neighbour's, the DHT's
@@ -1202,7 +1170,7 @@ impl Node {
         let c = self.circ.out.get_mut(&id)?;
         c.tx_bytes += len as u64;
         let target = c.hops.len().checked_sub(1)?;
-        self.wrap_out(id, target, cmd::DATA, &frame)
+        self.wrap_out(id, target, Cmd::Data, &frame)
     }
 
     /// The destination's record and what it says, when known here.
@@ -1280,7 +1248,7 @@ impl Node {
         );
         self.circ.on_link.insert((link, circ), CircRef::Out(id));
         self.circ.by_dst.entry(dst).or_insert(id);
-        self.send_plain(now, link, circ, KIND_CREATE, &create);
+        self.send_plain(now, link, circ, Kind::Create, &create);
         Ok(id)
     }
 
@@ -1315,8 +1283,7 @@ impl Node {
     /// A backward cell on a circuit we built (in `self.bufs.cell[..size]`).
     fn out_cell(&mut self, now: Instant, id: u64, nonce: [u8; 16], size: usize) -> Option<usize> {
         let c = self.circ.out.get_mut(&id)?;
-        let keys = c.keys();
-        let res = onion::unwrap(&keys, nonce, &mut self.bufs.cell[CELL_HEADER..size]);
+        let res = onion::unwrap(&c.hops, nonce, &mut self.bufs.cell[CELL_HEADER..size]);
         let u = match res {
             Ok(u) => u,
             Err(e) => {
@@ -1336,11 +1303,11 @@ impl Node {
         tracing::trace!(
             circuit = id,
             hop = u.hop,
-            command = cmd_name(u.command),
+            command = u.command.name(),
             "cell from hop"
         );
         match u.command {
-            cmd::DATA if is_dest => {
+            Cmd::Data if is_dest => {
                 let Ok(view) = Ipv6View::new_checked(&self.bufs.cell[start..end]) else {
                     self.circ.stats.drops.malformed += 1;
                     return None;
@@ -1362,8 +1329,8 @@ impl Node {
                 }
                 return Some(p);
             }
-            cmd::PROBE_REPLY => {}
-            cmd::EXTENDED if last && c.pending.is_some() => {
+            Cmd::ProbeReply => {}
+            Cmd::Extended if last && c.pending.is_some() => {
                 let hs = c.pending.take()?;
                 let next = if c.hops.len() < c.relays.len() {
                     c.relays[c.hops.len()].clone()
@@ -1384,7 +1351,7 @@ impl Node {
                     Err(e) => self.out_failed(now, id, Some(next.id), &e.to_string()),
                 }
             }
-            cmd::EXTEND_FAILED if last => {
+            Cmd::ExtendFailed if last => {
                 let next = if c.hops.len() < c.relays.len() {
                     Some(c.relays[c.hops.len()].id)
                 } else {
@@ -1392,7 +1359,7 @@ impl Node {
                 };
                 self.out_failed(now, id, next, "extend failed");
             }
-            cmd::LOOKUP_REPLY if last && c.stage == Stage::Looking => {
+            Cmd::LookupReply if last && c.stage == Stage::Looking => {
                 let rec = self.bufs.cell[start..end].to_vec();
                 let dst = c.dst;
                 let ok = NodeRecord::parse_verified(&rec)
@@ -1424,7 +1391,7 @@ impl Node {
                     }
                 }
             }
-            cmd::READY if is_dest && c.stage == Stage::Authing => {
+            Cmd::Ready if is_dest && c.stage == Stage::Authing => {
                 c.stage = Stage::Ready;
                 c.step_started = now;
                 let dst = c.dst;
@@ -1450,7 +1417,7 @@ impl Node {
                     }
                 }
             }
-            cmd::REFUSED if is_dest => {
+            Cmd::Refused if is_dest => {
                 let dst = c.dst;
                 self.circ.build_fails.insert(dst, (MAX_BUILD_FAILS, now));
                 self.out_failed(now, id, None, "destination refused us");
@@ -1475,8 +1442,9 @@ impl Node {
                 Some(d) => Some(d.clone()),
                 None => {
                     c.stage = Stage::Looking;
-                    let addr = c.dst.octets();
-                    self.send_out(now, id, target, cmd::LOOKUP, &addr);
+                    let mut data = [0u8; 16];
+                    let n = Lookup { address: c.dst }.emit(&mut data).unwrap_or(0);
+                    self.send_out(now, id, target, Cmd::Lookup, &data[..n]);
                     return;
                 }
             }
@@ -1488,12 +1456,17 @@ impl Node {
                 let (hs, create) = ClientHandshake::start(&mut self.rng, p.id, p.onion);
                 c.pending = Some(hs);
                 c.stage = Stage::Extending;
-                let mut data = Vec::with_capacity(64 + 19 + CREATE_LEN);
-                data.extend_from_slice(&p.id.0);
-                data.extend_from_slice(&p.link_key);
-                put_endpoint(&mut data, p.endpoint);
-                data.extend_from_slice(&create);
-                self.send_out(now, id, target, cmd::EXTEND, &data);
+                let x = Extend {
+                    node: p.id,
+                    link_key: p.link_key,
+                    endpoint: p.endpoint,
+                    create,
+                };
+                let mut data = [0u8; Extend::MAX_LEN];
+                let Ok(n) = x.emit(&mut data) else {
+                    return;
+                };
+                self.send_out(now, id, target, Cmd::Extend, &data[..n]);
             }
             None => {
                 // The destination is the last hop: prove who we are to it.
@@ -1502,17 +1475,17 @@ impl Node {
                     return;
                 };
                 let msg = auth_message(&dest, &c.hops[target].keys.bind);
-                let sig = self.identity.sign(&msg);
-                let rec = &self.record_bytes;
-                let mut data = Vec::with_capacity(2 + rec.len() + sig.len());
-                data.extend_from_slice(&(rec.len() as u16).to_be_bytes());
-                data.extend_from_slice(rec);
-                data.extend_from_slice(&sig);
-                if data.len() > MAX_DATA {
+                let sig = self.own.identity().sign(&msg);
+                let auth = body::Auth {
+                    record: self.own.bytes(),
+                    signature: &sig,
+                };
+                let mut data = [0u8; MAX_DATA];
+                let Ok(n) = auth.emit(&mut data) else {
                     tracing::warn!("our record is too large to authenticate on a circuit");
                     return;
-                }
-                self.send_out(now, id, target, cmd::AUTH, &data);
+                };
+                self.send_out(now, id, target, Cmd::Auth, &data[..n]);
             }
         }
     }
@@ -1524,7 +1497,7 @@ impl Node {
             if self.circ.by_dst.get(&c.dst) == Some(&id) {
                 self.circ.by_dst.remove(&c.dst);
             }
-            self.send_plain(now, c.link, c.circ, KIND_DESTROY, &[0]);
+            self.send_plain(now, c.link, c.circ, Kind::Destroy, &[0]);
         }
     }
 
@@ -1636,8 +1609,8 @@ impl Node {
         hc.tx_bytes += view.bytes().len() as u64;
         let (link, circ) = hc.prev;
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
-        let n = hc.keys.originate(hc.ctr, cmd::DATA, &frame, body);
-        onion::write_header(head, circ, KIND_RELAY, &n);
+        let n = hc.keys.originate(hc.ctr, Cmd::Data, &frame, body);
+        onion::write_header(head, circ, Kind::Relay, &n);
         if let Some(l) = self.links.get_mut(&link) {
             l.last_used = now;
         }
@@ -1697,8 +1670,10 @@ impl Node {
             let new = OnionKey::generate(&mut self.rng);
             self.circ.prev_onion = Some(std::mem::replace(&mut self.circ.onion, new));
             self.circ.onion_since = now;
-            let eps = self.ext.endpoints.clone();
-            self.resign(now, eps);
+            self.own.set_onion_key(self.circ.onion_public());
+            if self.own.poll_resign(now, self.dht.unix(now)).is_some() {
+                self.spread_record(now);
+            }
         }
         self.circ
             .bad
@@ -1783,7 +1758,7 @@ impl Node {
                 for target in 0..n {
                     let mut nonce = [0u8; 8];
                     self.rng.fill_bytes(&mut nonce);
-                    self.send_out(now, id, target, cmd::PROBE, &nonce);
+                    self.send_out(now, id, target, Cmd::Probe, &nonce);
                 }
             }
             // Make before break: a replacement after the circuit's lifetime.
@@ -1819,7 +1794,7 @@ impl Node {
         for h in stale {
             let extending = self.circ.hops.get(&h).and_then(|hc| hc.extending);
             if extending.is_some() {
-                self.originate(now, h, cmd::EXTEND_FAILED, &[5]);
+                self.originate(now, h, Cmd::ExtendFailed, &[5]);
             }
             self.drop_hop(now, h, true, true);
         }
@@ -1851,7 +1826,7 @@ impl Node {
             let size = (lo + (self.rng.next_u32() % span) as usize).min(MAX_DATA);
             let mut junk = vec![0u8; size];
             self.rng.fill_bytes(&mut junk);
-            self.send_out(now, id, target, cmd::NOISE, &junk);
+            self.send_out(now, id, target, Cmd::Noise, &junk);
             if now.saturating_duration_since(due) > Duration::from_secs(1) {
                 // Don't catch up on a backlog after a stall.
                 if let Some(c) = self.circ.out.get_mut(&id) {
@@ -1946,7 +1921,7 @@ impl Node {
     }
 
     /// Test hook: the cells forwarded since the last call.
-    #[cfg(feature = "cell-log")]
+    #[cfg(feature = "test-hooks")]
     pub fn take_cell_log(&mut self) -> Vec<(bool, Vec<u8>, Vec<u8>)> {
         std::mem::take(&mut self.circ.cell_log)
     }

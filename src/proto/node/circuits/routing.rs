@@ -172,7 +172,7 @@ impl Node {
                 ips: p.ips.clone(),
             })
             .collect();
-        let mut ends: Vec<IpAddr> = self.ext.endpoints.iter().map(|e| e.ip()).collect();
+        let mut ends: Vec<IpAddr> = self.own.endpoints().iter().map(|e| e.ip()).collect();
         if let Some(d) = self.local_peer(dst) {
             ends.extend(d.ips.iter().copied());
         }
@@ -376,8 +376,7 @@ impl Node {
             .filter(|n| {
                 // The core reads no clock: the last timer tick is "now"
                 // to within a tick.
-                self.last_timer
-                    .is_none_or(|t| t.saturating_duration_since(n.used) < SUMMARY_FRESH)
+                self.last_timer.saturating_duration_since(n.used) < SUMMARY_FRESH
             })
             .max_by_key(|n| n.used);
         let usable = match latest {
