@@ -41,10 +41,12 @@ use rand_chacha::ChaCha20Rng;
 
 mod circuits;
 mod own_record;
+mod tally;
 pub use circuits::{
     CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
     RouteNoteView, RouteOutcome, RoutingSummary, TrafficConfig, CIRCUIT_MTU, CREATE_LIMIT,
 };
+pub use tally::ClosedLinks;
 
 /// WireGuard's data-message overhead: type, receiver, counter, tag.
 pub const WG_OVERHEAD: usize = 32;
@@ -513,6 +515,8 @@ pub struct Node {
     /// ([`Node::recycle`]): a relayed cell reuses one instead of allocating.
     spare: Vec<Vec<u8>>,
     drops: Drops,
+    /// What removed links had counted.
+    closed_links: ClosedLinks,
     bufs: Buffers,
     last_icmp: Option<Instant>,
     /// The `now` of the last [`Node::handle_timeout`], or of [`Node::new`].
@@ -713,6 +717,7 @@ impl Node {
             transmits: VecDeque::new(),
             spare: Vec::new(),
             drops: Drops::default(),
+            closed_links: ClosedLinks::default(),
             bufs: Buffers {
                 a: vec![0u8; 2 * MAX_PACKET + 1024],
                 b: vec![0u8; 2 * MAX_PACKET + 1024],
@@ -861,6 +866,7 @@ impl Node {
 
     fn remove_link_quietly(&mut self, index: u32) {
         if let Some(link) = self.links.remove(&index) {
+            self.closed_links.close(&link.counters, &link.drops);
             self.by_key.remove(&link.peer_key);
             self.by_addr.retain(|_, i| *i != index);
             let now = link.last_rx.max(link.last_used);
@@ -870,6 +876,7 @@ impl Node {
 
     fn remove_link(&mut self, index: u32) {
         if let Some(link) = self.links.remove(&index) {
+            self.closed_links.close(&link.counters, &link.drops);
             self.by_key.remove(&link.peer_key);
             self.by_addr.retain(|_, i| *i != index);
             tracing::info!(link = index, node = ?link.node_id(), "link removed");
@@ -2590,6 +2597,27 @@ mod tests {
         wire::write_ipv6_header(&mut p, payload.len(), 17, 64, src, dst);
         p[40..].copy_from_slice(payload);
         p
+    }
+
+    /// A removed link's traffic and drops stay in the totals
+    /// (`closed_links`), so sums over links never go down.
+    #[test]
+    fn removed_links_keep_their_counts() {
+        let now = Instant::now();
+        let (ids, eps) = (identities(2), endpoints(2));
+        let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
+        let mut net = linked_pair(now, ids, &eps);
+        let p = udp_packet(addrs[0], addrs[1], &[b'x'; 600]);
+        assert_eq!(net.send(0, &p).as_deref(), Some(&p[..]));
+        let before = net.nodes[1].0.status();
+        let link = &before.links[0];
+        assert!(link.counters.rx_bytes >= 600, "{:?}", link.counters);
+        let (rx_bytes, index) = (link.counters.rx_bytes, link.link);
+        net.nodes[1].0.remove_link(index);
+        let after = net.nodes[1].0.status();
+        assert!(after.links.iter().all(|l| l.link != index));
+        let closed = net.nodes[1].0.closed_links();
+        assert_eq!((closed.links, closed.counters.rx_bytes), (1, rx_bytes));
     }
 
     #[test]

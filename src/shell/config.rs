@@ -81,6 +81,7 @@ struct RawConfig {
     user: Option<String>,
     #[serde(default)]
     inbound: RawInbound,
+    metrics: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -214,6 +215,8 @@ pub struct Config {
     /// `[inbound] allow`: what new connections from the overlay may reach
     /// this node (besides ICMPv6 echo and replies to its own connections).
     pub inbound: Inbound,
+    /// `metrics = "127.0.0.1:9469"`: where `GET /metrics` is served (None: off).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What the inbound filter lets through, besides ICMPv6 echo requests and
@@ -777,7 +780,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 .push(parse_port_rule(entry).map_err(|m| err(&key, m))?);
         }
     }
+    let metrics = match raw.metrics {
+        Some(m) => Some(super::metrics::check_addr(&m).map_err(|e| err("metrics", e))?),
+        None => None,
+    };
     Ok(Config {
+        metrics,
         access,
         user,
         inbound,
@@ -900,6 +908,11 @@ peers = [
 # this line.
 {user_line}
 
+# Serve the counters `qgate status` shows in the Prometheus/OpenMetrics text
+# format at http://ADDRESS/metrics. Off unless set; loopback addresses only
+# (127.0.0.0/8 or [::1]): the endpoint has no authentication.
+# metrics = "127.0.0.1:{metrics_port}"
+
 [inbound]
 # New connections from the overlay that may reach this node. Every node of
 # the network can send to its overlay address, so by default only ICMPv6
@@ -995,6 +1008,7 @@ peers = [
         ml = DEFAULT_MAX_LINKS,
         lan_port = DEFAULT_LAN_PORT,
         lps = DEFAULT_LINKS_PER_SUBNET,
+        metrics_port = super::metrics::DEFAULT_PORT,
     )
 }
 

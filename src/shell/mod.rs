@@ -7,6 +7,7 @@ pub mod control;
 pub mod extender;
 pub mod filter;
 pub mod lan;
+pub mod metrics;
 pub mod privilege;
 pub mod run;
 pub mod state;

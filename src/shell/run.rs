@@ -118,6 +118,7 @@ pub fn run(config: Config, mut key: KeyOptions) -> Result<()> {
     // Bound before the TUN exists, so a second instance fails without
     // touching the first one's interface.
     let mut control = ControlSocket::bind(&config.control_socket)?;
+    let metrics = config.metrics.map(super::metrics::bind).transpose()?;
     // LAN discovery's socket too (a port below 1024 would need privilege);
     // a failure only turns discovery off, as before.
     let lan = if config.lan {
@@ -183,6 +184,7 @@ pub fn run(config: Config, mut key: KeyOptions) -> Result<()> {
         device,
         name,
         lan,
+        metrics,
     };
     let result = rt.block_on(async_main(config, up));
     // The watcher removes the filter; wait for it, so the table is gone
@@ -229,6 +231,8 @@ struct Up {
     name: String,
     /// LAN discovery's socket, when it is on.
     lan: Option<UdpSocket>,
+    /// The `metrics` endpoint's socket, when it is on.
+    metrics: Option<std::net::TcpListener>,
 }
 
 fn source_code(s: Source) -> u8 {
@@ -523,6 +527,23 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     } else {
         None
     };
+    let metrics = up.metrics.map(|listener| {
+        let sh = shared.clone();
+        let exporter = super::metrics::Exporter {
+            // One hold of the lock, as for `qgate status`.
+            take: Box::new(move || {
+                let node = sh.node.lock().expect("node lock");
+                super::metrics::Snapshot {
+                    status: node.status(),
+                    closed: node.closed_links(),
+                }
+            }),
+            started,
+            role: if config.relay_only { "relay" } else { "node" },
+            preset: config.preset.clone(),
+        };
+        tokio::spawn(super::metrics::serve(listener, Arc::new(exporter)))
+    });
     let serve = up.control.serve(handler);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -533,6 +554,9 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     timer.abort();
     if let Some(l) = lan {
         l.abort();
+    }
+    if let Some(m) = metrics {
+        m.abort();
     }
     drop(up.control);
     save_peers(&shared);
