@@ -613,6 +613,17 @@ pub struct PeersReport {
 /// A peer-store row: node ID, record, source, last seen (unix seconds).
 pub type StoredPeerRow = ([u8; 32], Vec<u8>, Source, u64);
 
+/// Why [`Node::dht_put`] refused a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PutError {
+    /// Out of the value limits (namespace, key, size, lifetime).
+    #[error(transparent)]
+    Value(#[from] super::records::ValueError),
+    /// The DHT refused the signed record (e.g. storage full for the key).
+    #[error(transparent)]
+    Record(#[from] super::dht::RecordError),
+}
+
 /// A parsed lookup target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LookupTarget {
@@ -2273,9 +2284,9 @@ impl Node {
         key: &[u8],
         value: &[u8],
         ttl: u64,
-    ) -> Result<Option<u64>, String> {
+    ) -> Result<Option<u64>, PutError> {
         if ttl == 0 || ttl > super::records::MAX_VALUE_TTL {
-            return Err(super::records::ValueError::Ttl.to_string());
+            return Err(PutError::Value(super::records::ValueError::Ttl));
         }
         let unix = self.dht.unix(now);
         // Milliseconds, so a burst of puts doesn't run ahead of the clock
@@ -2291,12 +2302,8 @@ impl Node {
             value,
             self.value_seq,
             unix + ttl,
-        )
-        .map_err(|e| e.to_string())?;
-        let id = self
-            .dht
-            .put(now, &v.to_bytes())
-            .map_err(|e| e.to_string())?;
+        )?;
+        let id = self.dht.put(now, &v.to_bytes())?;
         if let Some(id) = id {
             self.purposes.insert(id, Purpose::Api);
         }
