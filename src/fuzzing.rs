@@ -361,7 +361,7 @@ pub fn cell(data: &[u8]) {
     let size = body.len();
     let payload = &data[..data.len().min(size - onion::TAG_LEN - onion::RELAY_HEADER)];
     let counter = u64::from(h.circ);
-    let command = h.kind;
+    let command = h.kind as u8;
     let mut body = vec![0u8; size];
     let n = k.server.originate(counter, command, payload, &mut body);
     let u = onion::unwrap(&[&k.client], n, &mut body).expect("a hop's own cell opens");

@@ -2891,7 +2891,7 @@ mod tests {
             onion::ClientHandshake::start(&mut rng, v.node_id(), v.circ.onion_public());
         let cell_for = |circ: u32| {
             let mut cell = vec![0u8; onion::CELL_SMALL];
-            onion::write_header(&mut cell, circ, onion::KIND_CREATE, &[0; 16]);
+            onion::write_header(&mut cell, circ, onion::CellKind::Create, &[0; 16]);
             cell[onion::CELL_HEADER..onion::CELL_HEADER + create.len()].copy_from_slice(&create);
             cell
         };

@@ -68,14 +68,37 @@ pub const MAX_DATA: usize = CELL_LARGE - CELL_HEADER - TAG_LEN - RELAY_HEADER;
 /// Most data bytes a small cell carries.
 pub const SMALL_DATA: usize = CELL_SMALL - CELL_HEADER - TAG_LEN - RELAY_HEADER;
 
-/// Cell kinds (visible to the neighbour, like Tor's link-level commands).
-pub const KIND_CREATE: u8 = 1;
-/// Answer to CREATE.
-pub const KIND_CREATED: u8 = 2;
-/// A layered cell.
-pub const KIND_RELAY: u8 = 3;
-/// Tear the circuit down (sent hop by hop).
-pub const KIND_DESTROY: u8 = 4;
+/// Cell kinds (byte 4 of a cell, visible to the neighbour, like Tor's
+/// link-level commands).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CellKind {
+    /// Open a circuit to the neighbour (the ntor-style handshake).
+    Create = 1,
+    /// Answer to CREATE.
+    Created = 2,
+    /// A layered cell.
+    Relay = 3,
+    /// Tear the circuit down (sent hop by hop).
+    Destroy = 4,
+}
+
+// A match by hand: a derive crate (num_enum) would bring a proc macro into
+// the protocol core for a few lines, and this keeps the error type ours.
+impl TryFrom<u8> for CellKind {
+    type Error = OnionError;
+
+    /// The kind a cell's byte 4 names; [`OnionError::BadKind`] for others.
+    fn try_from(v: u8) -> Result<CellKind, OnionError> {
+        match v {
+            1 => Ok(CellKind::Create),
+            2 => Ok(CellKind::Created),
+            3 => Ok(CellKind::Relay),
+            4 => Ok(CellKind::Destroy),
+            _ => Err(OnionError::BadKind),
+        }
+    }
+}
 
 /// Length of a CREATE body's handshake (onion key B | client key X).
 pub const CREATE_LEN: usize = 64;
@@ -148,7 +171,7 @@ pub struct CellHeader {
     /// Circuit ID on this link.
     pub circ: u32,
     /// Kind.
-    pub kind: u8,
+    pub kind: CellKind,
     /// Layer nonce.
     pub nonce: [u8; 16],
 }
@@ -158,10 +181,7 @@ pub fn parse_cell(cell: &[u8]) -> Result<CellHeader, OnionError> {
     if cell.len() != CELL_SMALL && cell.len() != CELL_LARGE {
         return Err(OnionError::BadSize);
     }
-    let kind = cell[4];
-    if !(KIND_CREATE..=KIND_DESTROY).contains(&kind) {
-        return Err(OnionError::BadKind);
-    }
+    let kind = CellKind::try_from(cell[4])?;
     Ok(CellHeader {
         circ: u32::from_be_bytes(cell[..4].try_into().expect("4 bytes")),
         kind,
@@ -170,9 +190,9 @@ pub fn parse_cell(cell: &[u8]) -> Result<CellHeader, OnionError> {
 }
 
 /// Writes a cell header into `cell[..CELL_HEADER]`.
-pub fn write_header(cell: &mut [u8], circ: u32, kind: u8, nonce: &[u8; 16]) {
+pub fn write_header(cell: &mut [u8], circ: u32, kind: CellKind, nonce: &[u8; 16]) {
     cell[..4].copy_from_slice(&circ.to_be_bytes());
-    cell[4] = kind;
+    cell[4] = kind as u8;
     cell[5..21].copy_from_slice(nonce);
 }
 
@@ -596,6 +616,29 @@ pub fn auth_message(dest: &NodeId, bind: &[u8; 32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cell_kinds_are_their_bytes_and_others_are_refused() {
+        let mut known = 0;
+        for b in 0..=u8::MAX {
+            match CellKind::try_from(b) {
+                Ok(k) => {
+                    assert_eq!(k as u8, b);
+                    known += 1;
+                    let mut cell = vec![0u8; CELL_SMALL];
+                    write_header(&mut cell, 7, k, &[1; 16]);
+                    assert_eq!(parse_cell(&cell).map(|h| (h.circ, h.kind)), Ok((7, k)));
+                }
+                Err(e) => {
+                    assert_eq!(e, OnionError::BadKind);
+                    let mut cell = vec![0u8; CELL_LARGE];
+                    cell[4] = b;
+                    assert_eq!(parse_cell(&cell), Err(OnionError::BadKind));
+                }
+            }
+        }
+        assert_eq!(known, 4);
+    }
     use rand_core::OsRng;
 
     fn hop(id: u8) -> (NodeId, OnionKey) {

@@ -28,9 +28,9 @@ use crate::proto::identity::{
 };
 use crate::proto::limit::{Limit, Rate};
 use crate::proto::onion::{
-    self, auth_message, cmd, parse_cell, server_handshake, wrap, ClientHandshake, Forward, HopKeys,
-    OnionError, OnionKey, ReplayWindow, CELL_HEADER, CELL_LARGE, CELL_SMALL, CREATED_LEN,
-    CREATE_LEN, KIND_CREATE, KIND_CREATED, KIND_DESTROY, KIND_RELAY, MAX_DATA,
+    self, auth_message, cmd, parse_cell, server_handshake, wrap, CellKind, ClientHandshake,
+    Forward, HopKeys, OnionError, OnionKey, ReplayWindow, CELL_HEADER, CELL_LARGE, CELL_SMALL,
+    CREATED_LEN, CREATE_LEN, MAX_DATA,
 };
 use crate::proto::route;
 use crate::proto::wire::{self, Encoded, Incoming, Ipv6View, IPV6_MIN_MTU};
@@ -529,7 +529,7 @@ impl Node {
     }
 
     /// A link-level cell with a plain body (CREATE, CREATED, DESTROY).
-    fn send_plain(&mut self, now: Instant, link: u32, circ: u32, kind: u8, body: &[u8]) {
+    fn send_plain(&mut self, now: Instant, link: u32, circ: u32, kind: CellKind, body: &[u8]) {
         let mut nonce = [0u8; 16];
         self.rng.fill_bytes(&mut nonce);
         let cell = &mut self.bufs.cell[..CELL_SMALL];
@@ -561,7 +561,7 @@ impl Node {
         let keys = c.keys();
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
         let n = wrap(&keys, target, counter, command, data, body);
-        onion::write_header(head, c.circ, KIND_RELAY, &n);
+        onion::write_header(head, c.circ, CellKind::Relay, &n);
         Some((c.link, size))
     }
 
@@ -581,7 +581,7 @@ impl Node {
         let (link, circ) = hc.prev;
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
         let n = hc.keys.originate(hc.ctr, command, data, body);
-        onion::write_header(head, circ, KIND_RELAY, &n);
+        onion::write_header(head, circ, CellKind::Relay, &n);
         self.send_cell(now, link, size);
     }
 
@@ -641,15 +641,15 @@ impl Node {
         let key = (link, hdr.circ);
         let body = &cell[CELL_HEADER..];
         match hdr.kind {
-            KIND_CREATE => {
+            CellKind::Create => {
                 self.on_create(now, link, hdr.circ, body);
                 None
             }
-            KIND_DESTROY => {
+            CellKind::Destroy => {
                 self.on_destroy(now, key);
                 None
             }
-            KIND_CREATED => {
+            CellKind::Created => {
                 match self.circ.on_link.get(&key).copied() {
                     Some(CircRef::Out(id)) => self.out_created(now, id, body),
                     Some(CircRef::Next(h)) => {
@@ -668,7 +668,7 @@ impl Node {
                 }
                 None
             }
-            _ => {
+            CellKind::Relay => {
                 let Some(r) = self.circ.on_link.get(&key).copied() else {
                     self.circ.stats.drops.unknown_circuit += 1;
                     return None;
@@ -691,7 +691,7 @@ impl Node {
                         if let Some(hc) = self.circ.hops.get_mut(&h) {
                             hc.bwd_bytes += size as u64;
                         }
-                        onion::write_header(&mut self.bufs.cell, circ, KIND_RELAY, &nonce);
+                        onion::write_header(&mut self.bufs.cell, circ, CellKind::Relay, &nonce);
                         self.circ.stats.cells_forwarded += 1;
                         self.circ.stats.bytes_forwarded += size as u64;
                         #[cfg(feature = "cell-log")]
@@ -724,7 +724,7 @@ impl Node {
                     link,
                     "circuit refused: neighbour not allowed to relay through here"
                 );
-                self.send_plain(now, link, circ, KIND_DESTROY, &[3]);
+                self.send_plain(now, link, circ, CellKind::Destroy, &[3]);
                 return;
             }
         }
@@ -742,7 +742,7 @@ impl Node {
         if self.circ.hops.len() >= MAX_HOP_CIRCUITS || mine >= MAX_PER_NEIGHBOUR {
             self.circ.stats.refused += 1;
             tracing::debug!(link, "circuit refused: relay at its limit");
-            self.send_plain(now, link, circ, KIND_DESTROY, &[1]);
+            self.send_plain(now, link, circ, CellKind::Destroy, &[1]);
             return;
         }
         let id = self.node_id();
@@ -755,7 +755,7 @@ impl Node {
             Err(e) => {
                 self.circ.stats.refused += 1;
                 tracing::debug!(link, "circuit refused: {e}");
-                self.send_plain(now, link, circ, KIND_DESTROY, &[2]);
+                self.send_plain(now, link, circ, CellKind::Destroy, &[2]);
                 return;
             }
         };
@@ -782,7 +782,7 @@ impl Node {
         self.circ.on_link.insert((link, circ), CircRef::Prev(h));
         *self.circ.per_neighbour.entry(link).or_default() += 1;
         self.circ.stats.circuits_total += 1;
-        self.send_plain(now, link, circ, KIND_CREATED, &created);
+        self.send_plain(now, link, circ, CellKind::Created, &created);
     }
 
     /// Removes hop circuit `h`, telling the side it did not hear it from.
@@ -812,12 +812,12 @@ impl Node {
             }
         }
         if tell_prev {
-            self.send_plain(now, hc.prev.0, hc.prev.1, KIND_DESTROY, &[0]);
+            self.send_plain(now, hc.prev.0, hc.prev.1, CellKind::Destroy, &[0]);
         }
         if let Some(next) = hc.next {
             self.circ.on_link.remove(&next);
             if tell_next {
-                self.send_plain(now, next.0, next.1, KIND_DESTROY, &[0]);
+                self.send_plain(now, next.0, next.1, CellKind::Destroy, &[0]);
             }
         }
     }
@@ -860,7 +860,7 @@ impl Node {
                     self.circ.stats.drops.over_bandwidth += 1;
                     return None;
                 }
-                onion::write_header(&mut self.bufs.cell, circ, KIND_RELAY, &nonce);
+                onion::write_header(&mut self.bufs.cell, circ, CellKind::Relay, &nonce);
                 self.circ.stats.cells_forwarded += 1;
                 self.circ.stats.bytes_forwarded += size as u64;
                 #[cfg(feature = "cell-log")]
@@ -995,7 +995,7 @@ impl Node {
             hc.next = Some((link, circ));
             hc.extending = Some(now);
         }
-        self.send_plain(now, link, circ, KIND_CREATE, &create);
+        self.send_plain(now, link, circ, CellKind::Create, &create);
     }
 
     /// A link to a node named by ID, link key and endpoint (an EXTEND).
@@ -1280,7 +1280,7 @@ impl Node {
         );
         self.circ.on_link.insert((link, circ), CircRef::Out(id));
         self.circ.by_dst.entry(dst).or_insert(id);
-        self.send_plain(now, link, circ, KIND_CREATE, &create);
+        self.send_plain(now, link, circ, CellKind::Create, &create);
         Ok(id)
     }
 
@@ -1524,7 +1524,7 @@ impl Node {
             if self.circ.by_dst.get(&c.dst) == Some(&id) {
                 self.circ.by_dst.remove(&c.dst);
             }
-            self.send_plain(now, c.link, c.circ, KIND_DESTROY, &[0]);
+            self.send_plain(now, c.link, c.circ, CellKind::Destroy, &[0]);
         }
     }
 
@@ -1637,7 +1637,7 @@ impl Node {
         let (link, circ) = hc.prev;
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
         let n = hc.keys.originate(hc.ctr, cmd::DATA, &frame, body);
-        onion::write_header(head, circ, KIND_RELAY, &n);
+        onion::write_header(head, circ, CellKind::Relay, &n);
         if let Some(l) = self.links.get_mut(&link) {
             l.last_used = now;
         }
