@@ -195,7 +195,8 @@ impl Client {
             .unwrap_or(0))
     }
 
-    /// The node's report (version 1).
+    /// The node's report, typed as version-2 nodes write it (an older
+    /// node's may lack fields: [`Client::call`] reads any).
     pub fn status(&self) -> Result<Status, Error> {
         self.call_as(&Request::Status)
     }
@@ -218,6 +219,25 @@ impl Client {
     /// Who the node is: ID, overlay address, API version.
     pub fn identity(&self) -> Result<Identity, Error> {
         self.call_as(&Request::Identity)
+    }
+
+    /// The node's overlay address; works with every node version (from
+    /// `identity`, or from `status` on a node older than version 2, whose
+    /// report is read for `address` alone: it may lack newer fields).
+    pub fn address(&self) -> Result<std::net::Ipv6Addr, Error> {
+        match self.identity() {
+            Ok(id) => Ok(id.address),
+            Err(Error::Unsupported { .. }) => {
+                let v = self.call(&Request::Status)?;
+                serde_json::from_value(v.get("address").cloned().unwrap_or_default()).map_err(|e| {
+                    Error::BadAnswer {
+                        command: "status",
+                        detail: e.to_string(),
+                    }
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The node's API version; works with every node version (falls back
@@ -400,5 +420,39 @@ mod tests {
         let e = Client::new("/nonexistent/qgate.sock").status().unwrap_err();
         assert!(matches!(e, Error::Connect { .. }));
         assert!(e.to_string().contains("/nonexistent/qgate.sock"), "{e}");
+    }
+
+    #[test]
+    fn an_old_node_still_tells_its_address() {
+        // API 1: no `identity`, and a status without the newer fields.
+        let old = r#"{"ok":true,"status":{"api":1,"address":"fcab::1","node_id":"abababababababababababababababababababababababababababababababab"}}"#;
+        let (path, t) = fake_node(
+            "old",
+            vec![
+                r#"{"ok":false,"error":"bad request: unknown command \"identity\" (commands: status)"}"#,
+                old,
+                old,
+                old,
+            ],
+        );
+        let c = Client::new(&path);
+        assert_eq!(
+            c.address().unwrap(),
+            "fcab::1".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        // The typed report wants what version-2 nodes send.
+        assert!(matches!(
+            c.status(),
+            Err(Error::BadAnswer {
+                command: "status",
+                ..
+            })
+        ));
+        let got = t.join().unwrap();
+        assert_eq!(got[0], "{\"cmd\":\"identity\"}\n");
+        assert!(
+            got[1..].iter().all(|l| l == "{\"cmd\":\"status\"}\n"),
+            "{got:?}"
+        );
     }
 }
