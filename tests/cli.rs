@@ -294,3 +294,93 @@ fn endpointless_peer_uri_is_warned_about_at_start() {
         "{line}"
     );
 }
+
+/// Stops a node started by a test, also when the test fails.
+struct Stop(std::process::Child);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// The typed answers of qgate-api carry every field a node sends: each
+/// `--json` answer read into its type and written again is the same JSON,
+/// and the text commands render from the typed answers.
+#[test]
+fn typed_answers_carry_every_field_the_node_sends() {
+    let dir = tmp("typed");
+    let _c = Cleanup(dir.clone());
+    let port = 40000 + ((std::process::id() + 7) % 20000);
+    let listen = format!("127.0.0.1:{port}");
+    let out = qgate(&[
+        "init",
+        "--state-dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let cfg = dir.join("qgate.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    // A dedicated relay: no TUN, so this runs without privileges.
+    std::fs::write(
+        &cfg,
+        text.replacen("# role = \"node\"", "role = \"relay\"", 1),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let _node = Stop(
+        Command::new(env!("CARGO_BIN_EXE_qgate"))
+            .args(["run", "--config", cfg])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let st = qgate(&["status", "--config", cfg, "--wait", "10"]);
+    assert!(st.status.success(), "{st:?}");
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        text.contains(&format!(
+            "listen    {listen}   role relay (no TUN: forwards only)\n"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("links     0 up of 0\n"), "{text}");
+
+    fn same<T: serde::de::DeserializeOwned + serde::Serialize>(cfg: &str, cmd: &str) -> T {
+        let out = qgate(&[cmd, "--config", cfg, "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let raw: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let typed: T = serde_json::from_value(raw.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&typed).unwrap(), raw, "{cmd}");
+        typed
+    }
+    let status: qgate_api::Status = same(cfg, "status");
+    assert!(status.other.is_empty(), "{:?}", status.other);
+    assert_eq!(status.api, qgate_api::API_VERSION);
+    assert_eq!(status.role, qgate_api::Role::Relay);
+    assert_eq!(status.preset, qgate_api::Preset::Balanced);
+    assert!(status.tun.is_none());
+    let peers: qgate_api::Peers = same(cfg, "peers");
+    assert_eq!(peers.node_id, status.node_id);
+    let _: qgate_api::Circuits = same(cfg, "circuits");
+    let text = String::from_utf8_lossy(&qgate(&["circuits", "--config", cfg]).stdout).to_string();
+    assert!(
+        text.contains("built here: 0   (relay pool: 0 known relays)\n"),
+        "{text}"
+    );
+
+    // A bad target is refused with the command and what is wrong.
+    let out = qgate(&["lookup", "fd00::1", "--config", cfg]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("lookup: fd00::1 is not an overlay address"),
+        "{err}"
+    );
+}

@@ -205,11 +205,11 @@ fn write_seeds() {
     let onion_key = OnionKey::generate(&mut rng);
     let (_c, create) = ClientHandshake::start(&mut rng, NodeId([1; 32]), onion_key.public);
     let mut cell = vec![0u8; CELL_SMALL];
-    onion::write_header(&mut cell, 9, onion::Kind::Create, &[0; 16]);
+    onion::write_header(&mut cell, 9, onion::CellKind::Create, &[0; 16]);
     cell[CELL_HEADER..CELL_HEADER + create.len()].copy_from_slice(&create);
     seeds.push(("cell", cell.clone()));
     let mut relay = vec![0x42u8; onion::CELL_LARGE];
-    onion::write_header(&mut relay, 9, onion::Kind::Relay, &[3; 16]);
+    onion::write_header(&mut relay, 9, onion::CellKind::Relay, &[3; 16]);
     seeds.push(("cell", relay));
     seeds.push(("cell", create.to_vec()));
 

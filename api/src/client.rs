@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::{
-    Answer, DhtValue, DhtValues, ExtenderKey, Identity, Request, ServiceProvider, Services, Status,
-    Stored, API_VERSION,
+    Answer, Circuits, DhtValue, DhtValues, ExtenderKey, Identity, Lookup, Peers, Request,
+    RequestError, Response, ServiceProvider, Services, Status, Stored, Target, API_VERSION,
 };
 
 /// Longest answer line read (a DHT read of 20 values of 1 KiB is ~30 KiB).
@@ -30,7 +30,7 @@ pub enum Error {
     },
     /// The socket could not be reached: is the node running, and is this
     /// user allowed to use it?
-    #[error("{command}: control socket {path}: {source}")]
+    #[error("{command}: connecting to control socket {path}: {source}")]
     Connect {
         /// The request's command.
         command: &'static str,
@@ -109,8 +109,15 @@ impl Client {
     /// Sends one request and returns the answer's `status` object as JSON.
     pub fn call(&self, req: &Request) -> Result<serde_json::Value, Error> {
         let command = req.command();
-        req.validate()
-            .map_err(|detail| Error::Invalid { command, detail })?;
+        req.validate().map_err(|e| Error::Invalid {
+            command,
+            detail: match e {
+                RequestError::Limit { detail, .. } | RequestError::Argument { detail, .. } => {
+                    detail
+                }
+                e => e.to_string(),
+            },
+        })?;
         let connect = |source| Error::Connect {
             command,
             path: self.path.clone(),
@@ -167,19 +174,70 @@ impl Client {
         })
     }
 
-    /// The node's API version as its status reports it.
-    fn node_api(&self) -> Result<u32, Error> {
-        Ok(self.status()?.api)
+    /// Sends one request and reads the answer as the [`Response`] that
+    /// request gets.
+    pub fn request(&self, req: &Request) -> Result<Response, Error> {
+        let v = self.call(req)?;
+        Response::decode(req, v).map_err(|e| Error::BadAnswer {
+            command: req.command(),
+            detail: e.to_string(),
+        })
     }
 
-    /// The node's report (version 1).
+    /// The node's API version as its status reports it.
+    /// (Only `api` is read: a node too old for a command may also lack
+    /// report fields.)
+    fn node_api(&self) -> Result<u32, Error> {
+        let v = self.call(&Request::Status)?;
+        Ok(v.get("api")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(0))
+    }
+
+    /// The node's report, typed as version-2 nodes write it (an older
+    /// node's may lack fields: [`Client::call`] reads any).
     pub fn status(&self) -> Result<Status, Error> {
         self.call_as(&Request::Status)
+    }
+
+    /// The node's routing table.
+    pub fn peers(&self) -> Result<Peers, Error> {
+        self.call_as(&Request::Peers)
+    }
+
+    /// The node's circuits.
+    pub fn circuits(&self) -> Result<Circuits, Error> {
+        self.call_as(&Request::Circuits)
+    }
+
+    /// Finds a node's record (waits up to ~30 s for the network).
+    pub fn lookup(&self, target: Target) -> Result<Lookup, Error> {
+        self.call_as(&Request::Lookup { target })
     }
 
     /// Who the node is: ID, overlay address, API version.
     pub fn identity(&self) -> Result<Identity, Error> {
         self.call_as(&Request::Identity)
+    }
+
+    /// The node's overlay address; works with every node version (from
+    /// `identity`, or from `status` on a node older than version 2, whose
+    /// report is read for `address` alone: it may lack newer fields).
+    pub fn address(&self) -> Result<std::net::Ipv6Addr, Error> {
+        match self.identity() {
+            Ok(id) => Ok(id.address),
+            Err(Error::Unsupported { .. }) => {
+                let v = self.call(&Request::Status)?;
+                serde_json::from_value(v.get("address").cloned().unwrap_or_default()).map_err(|e| {
+                    Error::BadAnswer {
+                        command: "status",
+                        detail: e.to_string(),
+                    }
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The node's API version; works with every node version (falls back
@@ -239,11 +297,16 @@ impl Client {
     /// Reads the values under (`namespace`, `key`), the newest per
     /// publisher.
     pub fn dht_get(&self, namespace: &str, key: &str) -> Result<Vec<DhtValue>, Error> {
-        let v: DhtValues = self.call_as(&Request::DhtGet {
+        Ok(self.dht_values(namespace, key)?.values)
+    }
+
+    /// Reads the values under (`namespace`, `key`), the newest per
+    /// publisher, with how many queries that took.
+    pub fn dht_values(&self, namespace: &str, key: &str) -> Result<DhtValues, Error> {
+        self.call_as(&Request::DhtGet {
             namespace: namespace.into(),
             key: key.into(),
-        })?;
-        Ok(v.values)
+        })
     }
 
     /// Announces service `name` on `port` of the node's overlay address
@@ -357,5 +420,39 @@ mod tests {
         let e = Client::new("/nonexistent/qgate.sock").status().unwrap_err();
         assert!(matches!(e, Error::Connect { .. }));
         assert!(e.to_string().contains("/nonexistent/qgate.sock"), "{e}");
+    }
+
+    #[test]
+    fn an_old_node_still_tells_its_address() {
+        // API 1: no `identity`, and a status without the newer fields.
+        let old = r#"{"ok":true,"status":{"api":1,"address":"fcab::1","node_id":"abababababababababababababababababababababababababababababababab"}}"#;
+        let (path, t) = fake_node(
+            "old",
+            vec![
+                r#"{"ok":false,"error":"bad request: unknown command \"identity\" (commands: status)"}"#,
+                old,
+                old,
+                old,
+            ],
+        );
+        let c = Client::new(&path);
+        assert_eq!(
+            c.address().unwrap(),
+            "fcab::1".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        // The typed report wants what version-2 nodes send.
+        assert!(matches!(
+            c.status(),
+            Err(Error::BadAnswer {
+                command: "status",
+                ..
+            })
+        ));
+        let got = t.join().unwrap();
+        assert_eq!(got[0], "{\"cmd\":\"identity\"}\n");
+        assert!(
+            got[1..].iter().all(|l| l == "{\"cmd\":\"status\"}\n"),
+            "{got:?}"
+        );
     }
 }

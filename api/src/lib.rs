@@ -5,11 +5,15 @@
 //! The wire format is JSON lines: one request object per connection,
 //! `{"cmd":"status"}`, `{"cmd":"dht_get","namespace":"n","key":"k"}`, ...,
 //! answered by one line, `{"ok":true,"status":{...}}` or
-//! `{"ok":false,"error":"..."}`. [`Request`] serializes to exactly that
-//! request object (serde's internal tag `cmd`), and the node parses what it
-//! reads into the same type, so the two cannot drift apart. This crate
-//! depends on nothing in the kernel crate (`qgate`); the kernel depends on
-//! it.
+//! `{"ok":false,"error":"..."}`. [`Request`] (one variant per command)
+//! serializes to exactly that request object (serde's internal tag `cmd`),
+//! and the node reads every line with [`Request::parse`] into the same
+//! type, limits included, so the two cannot drift apart. Each request gets
+//! one typed answer ([`Status`], [`Peers`], [`Circuits`], [`Lookup`],
+//! [`Stored`], [`DhtValues`], [`Identity`], [`ExtenderKey`], [`Services`]),
+//! gathered in [`Response`]; the node's handler returns a [`Response`] and
+//! the CLI renders one. This crate depends on nothing in the kernel crate
+//! (`qgate`); the kernel depends on it.
 //!
 //! Versioning: [`API_VERSION`] is what this crate speaks. The node reports
 //! its own as `api` in `identity` and `status`. It is raised when a request
@@ -33,8 +37,15 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 mod client;
+mod report;
+mod request;
 
 pub use client::{Client, Error};
+pub use report::{
+    Circuit, CircuitState, Circuits, Counters, Inbound, Link, LinkState, Lookup, LookupRecord,
+    NoCircuit, Peer, Peers, RelayStats, Relayed, Role, RouteOutcome, Routing, Source, Status, Tun,
+};
+pub use request::{check_name, Request, RequestError, Target, COMMANDS};
 
 /// The control API version this crate speaks. Version 2 added `identity`,
 /// `extender_key`, `service_announce` and `service_lookup`; nothing of
@@ -63,168 +74,6 @@ pub const MAX_PUBLISHERS: usize = 20;
 pub const MAX_NAME: usize = 32;
 /// The DHT namespace service records live in (key: the service's name).
 pub const SERVICE_NAMESPACE: &str = "qgate.service";
-
-/// One request to the node. Serializes to the wire's request object, with
-/// the command in `cmd`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    /// The node's report (answer: [`Status`] and much more).
-    Status,
-    /// The node's links (answer: free-form JSON).
-    Peers,
-    /// The node's circuits (answer: free-form JSON).
-    Circuits,
-    /// Finds a node's record by node ID or overlay address (answer:
-    /// free-form JSON with `found` and `record`).
-    Lookup {
-        /// A node ID (64 hex digits) or an overlay address.
-        target: String,
-    },
-    /// Publishes a value, signed by the node (answer: [`Stored`]).
-    DhtPut {
-        /// 1 to [`MAX_NAMESPACE`] bytes.
-        namespace: String,
-        /// 1 to [`MAX_KEY`] bytes.
-        key: String,
-        /// At most [`MAX_VALUE`] bytes (base64 on the wire).
-        #[serde(with = "b64")]
-        value: Vec<u8>,
-        /// 1 to [`MAX_TTL`] seconds; [`DEFAULT_TTL`] when absent.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        ttl: Option<u64>,
-    },
-    /// Reads a key's values, the newest per publisher (answer:
-    /// [`DhtValues`]).
-    DhtGet {
-        /// 1 to [`MAX_NAMESPACE`] bytes.
-        namespace: String,
-        /// 1 to [`MAX_KEY`] bytes.
-        key: String,
-    },
-    /// Who the node is (answer: [`Identity`]). Since version 2.
-    Identity,
-    /// The key of the extender `name` (answer: [`ExtenderKey`]). Since
-    /// version 2.
-    ExtenderKey {
-        /// The extender's name (see [`check_name`]).
-        name: String,
-    },
-    /// Announces that this node offers service `name` on `port` of its
-    /// overlay address: a [`ServiceRecord`] published in the DHT under
-    /// [`SERVICE_NAMESPACE`], signed by the node (answer: [`Stored`]). Since
-    /// version 2.
-    ServiceAnnounce {
-        /// The service's name (see [`check_name`]).
-        name: String,
-        /// TCP or UDP port on the overlay address (not 0).
-        port: u16,
-        /// The service's own protocol version.
-        version: u32,
-        /// 1 to [`MAX_TTL`] seconds; [`DEFAULT_TTL`] when absent. Announce
-        /// again before it runs out.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        ttl: Option<u64>,
-    },
-    /// Finds the nodes offering service `name` (answer: [`Services`]).
-    /// Since version 2.
-    ServiceLookup {
-        /// The service's name (see [`check_name`]).
-        name: String,
-    },
-}
-
-impl Request {
-    /// The command's name on the wire (`"dht_get"`, ...).
-    pub fn command(&self) -> &'static str {
-        match self {
-            Request::Status => "status",
-            Request::Peers => "peers",
-            Request::Circuits => "circuits",
-            Request::Lookup { .. } => "lookup",
-            Request::DhtPut { .. } => "dht_put",
-            Request::DhtGet { .. } => "dht_get",
-            Request::Identity => "identity",
-            Request::ExtenderKey { .. } => "extender_key",
-            Request::ServiceAnnounce { .. } => "service_announce",
-            Request::ServiceLookup { .. } => "service_lookup",
-        }
-    }
-
-    /// The API version that introduced the command.
-    pub fn since(&self) -> u32 {
-        match self {
-            Request::Identity
-            | Request::ExtenderKey { .. }
-            | Request::ServiceAnnounce { .. }
-            | Request::ServiceLookup { .. } => 2,
-            _ => 1,
-        }
-    }
-
-    /// Checks the values against the node's limits (sizes, names, ttl,
-    /// port) without I/O: what passes is not refused for its shape. The
-    /// node runs the same check on what it reads.
-    pub fn validate(&self) -> Result<(), String> {
-        let sized = |what: &str, s: &str, max: usize| {
-            if s.is_empty() || s.len() > max {
-                Err(format!("{what:?} must be 1 to {max} bytes"))
-            } else {
-                Ok(())
-            }
-        };
-        let ttl = |t: &Option<u64>| match t {
-            Some(t) if *t == 0 || *t > MAX_TTL => {
-                Err(format!("\"ttl\" must be 1 to {MAX_TTL} seconds"))
-            }
-            _ => Ok(()),
-        };
-        match self {
-            Request::Status | Request::Peers | Request::Circuits | Request::Identity => Ok(()),
-            Request::Lookup { target } => sized("target", target, 64),
-            Request::DhtPut {
-                namespace,
-                key,
-                value,
-                ttl: t,
-            } => {
-                sized("namespace", namespace, MAX_NAMESPACE)?;
-                sized("key", key, MAX_KEY)?;
-                if value.len() > MAX_VALUE {
-                    return Err(format!("value longer than {MAX_VALUE} bytes"));
-                }
-                ttl(t)
-            }
-            Request::DhtGet { namespace, key } => {
-                sized("namespace", namespace, MAX_NAMESPACE)?;
-                sized("key", key, MAX_KEY)
-            }
-            Request::ExtenderKey { name } | Request::ServiceLookup { name } => check_name(name),
-            Request::ServiceAnnounce {
-                name, port, ttl: t, ..
-            } => {
-                check_name(name)?;
-                if *port == 0 {
-                    return Err("\"port\" must be 1 to 65535".into());
-                }
-                ttl(t)
-            }
-        }
-    }
-}
-
-/// Checks an extender's or a service's name: 1 to [`MAX_NAME`] bytes of
-/// lowercase ASCII letters, digits, `.`, `_` and `-`.
-pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(&c);
-    if name.is_empty() || name.len() > MAX_NAME || !name.bytes().all(ok) {
-        let shown: String = name.chars().take(40).collect();
-        return Err(format!(
-            "name {shown:?} must be 1 to {MAX_NAME} of a-z, 0-9, '.', '_', '-'"
-        ));
-    }
-    Ok(())
-}
 
 /// A node's ID: the SHA-256 of its RSA public key (64 hex digits as text).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -290,22 +139,6 @@ impl<'de> Deserialize<'de> for NodeId {
     }
 }
 
-/// What the node says about itself in `status` (the fields an extender
-/// needs; the rest is kept in `other`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Status {
-    /// The node's API version (absent from nodes before version 1).
-    #[serde(default)]
-    pub api: u32,
-    /// The node's overlay address.
-    pub address: Ipv6Addr,
-    /// The node's ID.
-    pub node_id: NodeId,
-    /// Everything else in the report.
-    #[serde(flatten)]
-    pub other: serde_json::Map<String, serde_json::Value>,
-}
-
 /// Answer to [`Request::Identity`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
@@ -351,8 +184,10 @@ pub struct Stored {
     pub ttl: u64,
 }
 
-/// One value read from the DHT.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One value read from the DHT. On the wire the node adds `text`: the value
+/// as a string when it is UTF-8 (what `qgate dht get` shows); it is not kept
+/// here, [`DhtValue::text`] derives it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct DhtValue {
     /// The node that signed it.
     pub publisher: NodeId,
@@ -365,11 +200,43 @@ pub struct DhtValue {
     pub value: Vec<u8>,
 }
 
+impl DhtValue {
+    /// The value as text, when it is UTF-8.
+    pub fn text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.value).ok()
+    }
+}
+
+impl Serialize for DhtValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            publisher: NodeId,
+            seq: u64,
+            expires: u64,
+            #[serde(serialize_with = "b64::serialize")]
+            value: &'a [u8],
+            text: Option<&'a str>,
+        }
+        Wire {
+            publisher: self.publisher,
+            seq: self.seq,
+            expires: self.expires,
+            value: &self.value,
+            text: self.text(),
+        }
+        .serialize(s)
+    }
+}
+
 /// Answer to [`Request::DhtGet`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DhtValues {
     /// The newest value per publisher.
     pub values: Vec<DhtValue>,
+    /// Queries the read sent.
+    #[serde(default)]
+    pub queries: u64,
 }
 
 /// A service record: the DHT value under ([`SERVICE_NAMESPACE`], name),
@@ -459,6 +326,121 @@ pub struct Answer {
     /// Why not when it didn't (one line).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// A security preset: routes and traffic shape chosen together (`preset`
+/// in the node's configuration and in [`Status`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// Direct links only: fastest, no circuits.
+    Fast,
+    /// Circuits of one or two relays when there are relays enough, else
+    /// direct (the default).
+    #[default]
+    Balanced,
+    /// Two or three relays, never direct; cover traffic, fixed cell size,
+    /// no compression.
+    Private,
+}
+
+impl Preset {
+    /// Every preset, in the order the documentation lists them.
+    pub const ALL: [Preset; 3] = [Preset::Fast, Preset::Balanced, Preset::Private];
+
+    /// The preset's name (`fast`, `balanced`, `private`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Preset::Fast => "fast",
+            Preset::Balanced => "balanced",
+            Preset::Private => "private",
+        }
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is no preset; says which names are.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not one of \"fast\", \"balanced\", \"private\"")]
+pub struct UnknownPreset(pub String);
+
+impl FromStr for Preset {
+    type Err = UnknownPreset;
+
+    fn from_str(s: &str) -> Result<Preset, UnknownPreset> {
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| UnknownPreset(s.chars().take(40).collect()))
+    }
+}
+
+/// A typed answer: what the node puts in `status` for each request (see
+/// [`Response::decode`] for which request gets which). Serializes to the
+/// answer's object itself, with no tag.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Response {
+    /// To [`Request::Status`].
+    Status(Box<Status>),
+    /// To [`Request::Peers`].
+    Peers(Box<Peers>),
+    /// To [`Request::Circuits`].
+    Circuits(Box<Circuits>),
+    /// To [`Request::Lookup`].
+    Lookup(Box<Lookup>),
+    /// To [`Request::DhtPut`] and [`Request::ServiceAnnounce`].
+    Stored(Stored),
+    /// To [`Request::DhtGet`].
+    DhtValues(DhtValues),
+    /// To [`Request::Identity`].
+    Identity(Identity),
+    /// To [`Request::ExtenderKey`].
+    ExtenderKey(ExtenderKey),
+    /// To [`Request::ServiceLookup`].
+    Services(Services),
+}
+
+impl Response {
+    /// Reads the answer's object as the answer to `req`.
+    pub fn decode(req: &Request, v: serde_json::Value) -> Result<Response, serde_json::Error> {
+        use serde_json::from_value as de;
+        Ok(match req {
+            Request::Status => Response::Status(de(v)?),
+            Request::Peers => Response::Peers(de(v)?),
+            Request::Circuits => Response::Circuits(de(v)?),
+            Request::Lookup { .. } => Response::Lookup(de(v)?),
+            Request::DhtPut { .. } | Request::ServiceAnnounce { .. } => Response::Stored(de(v)?),
+            Request::DhtGet { .. } => Response::DhtValues(de(v)?),
+            Request::Identity => Response::Identity(de(v)?),
+            Request::ExtenderKey { .. } => Response::ExtenderKey(de(v)?),
+            Request::ServiceLookup { .. } => Response::Services(de(v)?),
+        })
+    }
+
+    /// Whether this is the kind of answer `req` gets.
+    pub fn answers(&self, req: &Request) -> bool {
+        matches!(
+            (self, req),
+            (Response::Status(_), Request::Status)
+                | (Response::Peers(_), Request::Peers)
+                | (Response::Circuits(_), Request::Circuits)
+                | (Response::Lookup(_), Request::Lookup { .. })
+                | (
+                    Response::Stored(_),
+                    Request::DhtPut { .. } | Request::ServiceAnnounce { .. }
+                )
+                | (Response::DhtValues(_), Request::DhtGet { .. })
+                | (Response::Identity(_), Request::Identity)
+                | (Response::ExtenderKey(_), Request::ExtenderKey { .. })
+                | (Response::Services(_), Request::ServiceLookup { .. })
+        )
+    }
 }
 
 mod b64 {
@@ -621,5 +603,49 @@ mod tests {
         assert!(!format!("{k:?}").contains('7'));
         let v = serde_json::to_value(&k).unwrap();
         assert_eq!(serde_json::from_value::<ExtenderKey>(v).unwrap(), k);
+    }
+
+    #[test]
+    fn dht_values_carry_text_on_the_wire_and_answers_decode_by_request() {
+        let v = DhtValue {
+            publisher: NodeId([0xab; 32]),
+            seq: 2,
+            expires: 9,
+            value: b"hi".to_vec(),
+        };
+        let wire = serde_json::to_value(&v).unwrap();
+        assert_eq!(wire["value"], "aGk=");
+        assert_eq!(wire["text"], "hi");
+        assert_eq!(serde_json::from_value::<DhtValue>(wire).unwrap(), v);
+        let binary = DhtValue {
+            value: vec![0xff],
+            ..v.clone()
+        };
+        assert_eq!(serde_json::to_value(&binary).unwrap()["text"], json!(null));
+
+        let get = Request::DhtGet {
+            namespace: "n".into(),
+            key: "k".into(),
+        };
+        let answer = json!({"values": [serde_json::to_value(&v).unwrap()], "queries": 3});
+        let r = Response::decode(&get, answer.clone()).unwrap();
+        assert!(r.answers(&get) && !r.answers(&Request::Status));
+        assert_eq!(serde_json::to_value(&r).unwrap(), answer);
+        // The same object is no answer to `status`.
+        assert!(Response::decode(&Request::Status, answer).is_err());
+    }
+
+    #[test]
+    fn presets_by_name() {
+        for p in Preset::ALL {
+            assert_eq!(p.as_str().parse::<Preset>(), Ok(p));
+            assert_eq!(serde_json::to_value(p).unwrap(), json!(p.as_str()));
+        }
+        assert_eq!(Preset::default(), Preset::Balanced);
+        let e = "paranoid".parse::<Preset>().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "\"paranoid\" is not one of \"fast\", \"balanced\", \"private\""
+        );
     }
 }

@@ -12,7 +12,8 @@ use serde_json::json;
 
 use qgate::proto::{Identity, PeerUri};
 use qgate::shell::vault::{self, KeyOptions, KeySource, Vault};
-use qgate::shell::{config, control, privilege, run, state, status};
+use qgate::shell::{config, privilege, run, state, status};
+use qgate_api::{Request, Response};
 
 /// QuantumGate node: an encrypted peer-to-peer IPv6 overlay.
 ///
@@ -287,7 +288,20 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
         Err(Failure::Other(e)) => {
-            eprintln!("qgate: {e:#}");
+            // One line, each cause once: typed errors (qgate-api's) name
+            // their source in their own message already.
+            let mut msg = String::new();
+            for cause in e.chain() {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg = if msg.is_empty() {
+                        c
+                    } else {
+                        format!("{msg}: {c}")
+                    };
+                }
+            }
+            eprintln!("qgate: {msg}");
             ExitCode::FAILURE
         }
     }
@@ -299,9 +313,58 @@ enum Failure {
     Other(anyhow::Error),
 }
 
+impl From<qgate_api::Error> for Failure {
+    fn from(e: qgate_api::Error) -> Self {
+        Failure::Other(e.into())
+    }
+}
+
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Self {
         Failure::Other(e)
+    }
+}
+
+/// The control API client for the node `cfg` configures.
+fn client(cfg: &config::Config) -> qgate_api::Client {
+    qgate_api::Client::new(&cfg.control_socket)
+}
+
+/// Sends `req` to the node; its answer as the node wrote it (what `--json`
+/// prints).
+fn ask(cfg: &config::Config, req: &Request) -> Result<serde_json::Value, qgate_api::Error> {
+    client(cfg).call(req)
+}
+
+/// Prints an answer: as the node wrote it with `--json`, else rendered from
+/// its typed form by `render`.
+fn show(
+    req: &Request,
+    raw: serde_json::Value,
+    json: bool,
+    render: impl FnOnce(Response) -> Option<String>,
+) -> Result<(), Failure> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&raw).context("encoding")?
+        );
+        return Ok(());
+    }
+    let typed = Response::decode(req, raw).map_err(|e| qgate_api::Error::BadAnswer {
+        command: req.command(),
+        detail: e.to_string(),
+    });
+    match typed.map(render) {
+        Ok(Some(text)) => {
+            print!("{text}");
+            Ok(())
+        }
+        Ok(None) => Err(Failure::Other(anyhow::anyhow!(
+            "{}: unexpected answer from the node",
+            req.command()
+        ))),
+        Err(e) => Err(Failure::Other(e.into())),
     }
 }
 
@@ -556,47 +619,41 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Cmd::Status { config, json, wait } => {
             let cfg = config.load()?;
             let deadline = Instant::now() + Duration::from_secs_f64(wait.unwrap_or(0.0).max(0.0));
-            let st = loop {
-                match control::request(&cfg.control_socket, "status") {
-                    Ok(st) => break st,
+            let raw = loop {
+                match ask(&cfg, &Request::Status) {
+                    Ok(v) => break v,
                     Err(e) if Instant::now() >= deadline => {
-                        return Err(Failure::Other(e.context(if wait.is_some() {
-                            "node did not come up in time"
-                        } else {
-                            "is the node running? (`qgate status --wait 10` waits for it)"
-                        })))
+                        return Err(Failure::Other(anyhow::Error::new(e).context(
+                            if wait.is_some() {
+                                "node did not come up in time"
+                            } else {
+                                "is the node running? (`qgate status --wait 10` waits for it)"
+                            },
+                        )))
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(100)),
                 }
             };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&st).context("encoding")?);
-            } else {
-                print!("{}", status::render(&st));
-            }
-            Ok(())
+            show(&Request::Status, raw, json, |r| match r {
+                Response::Status(st) => Some(status::render(&st)),
+                _ => None,
+            })
         }
         Cmd::Peers { config, json } => {
             let cfg = config.load()?;
-            let v =
-                control::request(&cfg.control_socket, "peers").context("is the node running?")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
-            } else {
-                print!("{}", status::render_peers(&v));
-            }
-            Ok(())
+            let raw = ask(&cfg, &Request::Peers).context("is the node running?")?;
+            show(&Request::Peers, raw, json, |r| match r {
+                Response::Peers(p) => Some(status::render_peers(&p)),
+                _ => None,
+            })
         }
         Cmd::Circuits { config, json } => {
             let cfg = config.load()?;
-            let v = control::request(&cfg.control_socket, "circuits")
-                .context("is the node running?")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
-            } else {
-                print!("{}", status::render_circuits(&v));
-            }
-            Ok(())
+            let raw = ask(&cfg, &Request::Circuits).context("is the node running?")?;
+            show(&Request::Circuits, raw, json, |r| match r {
+                Response::Circuits(c) => Some(status::render_circuits(&c)),
+                _ => None,
+            })
         }
         Cmd::Lookup {
             config,
@@ -604,16 +661,17 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             json,
         } => {
             let cfg = config.load()?;
-            let v = control::call(
-                &cfg.control_socket,
-                &json!({"cmd": "lookup", "target": target}),
-            )?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
-            } else {
-                print!("{}", status::render_lookup(&v));
-            }
-            if v["found"].as_bool() == Some(true) {
+            let parsed: qgate_api::Target = target
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("lookup: {e}"))?;
+            let req = Request::Lookup { target: parsed };
+            let raw = ask(&cfg, &req)?;
+            let found = raw["found"].as_bool() == Some(true);
+            show(&req, raw, json, |r| match r {
+                Response::Lookup(l) => Some(status::render_lookup(&l)),
+                _ => None,
+            })?;
+            if found {
                 Ok(())
             } else {
                 Err(Failure::Other(anyhow::anyhow!("{target}: not found")))
@@ -628,14 +686,10 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 ttl,
             } => {
                 let cfg = config.load()?;
-                let b64 = base64::engine::general_purpose::STANDARD.encode(value.as_bytes());
-                let v = control::call(
-                    &cfg.control_socket,
-                    &json!({"cmd": "dht_put", "namespace": namespace, "key": key, "value": b64, "ttl": ttl}),
-                )?;
+                let stored = client(&cfg).dht_put(&namespace, &key, value.as_bytes(), Some(ttl))?;
                 println!(
                     "stored {namespace}/{key} at {} nodes for {ttl} s",
-                    v["stored_at"]
+                    stored.stored_at
                 );
                 Ok(())
             }
@@ -646,29 +700,36 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 json,
             } => {
                 let cfg = config.load()?;
-                let v = control::call(
-                    &cfg.control_socket,
-                    &json!({"cmd": "dht_get", "namespace": namespace, "key": key}),
-                )?;
+                let req = Request::DhtGet {
+                    namespace: namespace.clone(),
+                    key: key.clone(),
+                };
+                let raw = ask(&cfg, &req)?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
-                } else {
-                    let vals = v["values"].as_array().cloned().unwrap_or_default();
-                    if vals.is_empty() {
-                        return Err(Failure::Other(anyhow::anyhow!(
-                            "{namespace}/{key}: no values"
-                        )));
-                    }
-                    for x in vals {
-                        let shown = x["text"].as_str().map(String::from).unwrap_or_else(|| {
-                            format!("base64:{}", x["value"].as_str().unwrap_or(""))
-                        });
-                        println!(
-                            "{}  {}",
-                            &x["publisher"].as_str().unwrap_or("")[..16],
-                            shown
-                        );
-                    }
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&raw).context("encoding")?
+                    );
+                    return Ok(());
+                }
+                let Ok(Response::DhtValues(got)) = Response::decode(&req, raw) else {
+                    return Err(Failure::Other(anyhow::anyhow!(
+                        "dht_get: unexpected answer from the node"
+                    )));
+                };
+                if got.values.is_empty() {
+                    return Err(Failure::Other(anyhow::anyhow!(
+                        "{namespace}/{key}: no values"
+                    )));
+                }
+                for x in got.values {
+                    let shown = x.text().map(String::from).unwrap_or_else(|| {
+                        format!(
+                            "base64:{}",
+                            base64::engine::general_purpose::STANDARD.encode(&x.value)
+                        )
+                    });
+                    println!("{}  {}", &x.publisher.to_string()[..16], shown);
                 }
                 Ok(())
             }

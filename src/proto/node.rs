@@ -628,6 +628,17 @@ fn reuse(spare: &mut Vec<Vec<u8>>, data: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Why [`Node::dht_put`] refused a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PutError {
+    /// Out of the value limits (namespace, key, size, lifetime).
+    #[error(transparent)]
+    Value(#[from] super::records::ValueError),
+    /// The DHT refused the signed record (e.g. storage full for the key).
+    #[error(transparent)]
+    Record(#[from] super::dht::RecordError),
+}
+
 /// A parsed lookup target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LookupTarget {
@@ -2244,10 +2255,9 @@ impl Node {
         key: &[u8],
         value: &[u8],
         ttl: u64,
-    ) -> Result<Option<u64>, String> {
-        let (seq, expires) = self.value_stamp(now, ttl).map_err(|e| e.to_string())?;
-        let v = SignedValue::sign(self.own.identity(), namespace, key, value, seq, expires)
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Option<u64>, PutError> {
+        let (seq, expires) = self.value_stamp(now, ttl)?;
+        let v = SignedValue::sign(self.own.identity(), namespace, key, value, seq, expires)?;
         self.put_signed_value(now, &v)
     }
 
@@ -2282,11 +2292,8 @@ impl Node {
         &mut self,
         now: Instant,
         value: &SignedValue,
-    ) -> Result<Option<u64>, String> {
-        let id = self
-            .dht
-            .put(now, &value.to_bytes())
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Option<u64>, PutError> {
+        let id = self.dht.put(now, &value.to_bytes())?;
         if let Some(id) = id {
             self.purposes.insert(id, Purpose::Api);
         }
@@ -2892,7 +2899,7 @@ mod tests {
             onion::ClientHandshake::start(&mut rng, v.node_id(), v.circ.onion_public());
         let cell_for = |circ: u32| {
             let mut cell = vec![0u8; onion::CELL_SMALL];
-            onion::write_header(&mut cell, circ, onion::Kind::Create, &[0; 16]);
+            onion::write_header(&mut cell, circ, onion::CellKind::Create, &[0; 16]);
             cell[onion::CELL_HEADER..onion::CELL_HEADER + create.len()].copy_from_slice(&create);
             cell
         };

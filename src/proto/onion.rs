@@ -71,7 +71,7 @@ pub const SMALL_DATA: usize = CELL_SMALL - CELL_HEADER - TAG_LEN - RELAY_HEADER;
 /// Cell kinds (visible to the neighbour, like Tor's link-level commands).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum Kind {
+pub enum CellKind {
     /// Open a circuit on this link (handshake in the body).
     Create = 1,
     /// Answer to CREATE.
@@ -82,15 +82,15 @@ pub enum Kind {
     Destroy = 4,
 }
 
-impl TryFrom<u8> for Kind {
+impl TryFrom<u8> for CellKind {
     type Error = OnionError;
 
-    fn try_from(b: u8) -> Result<Kind, OnionError> {
+    fn try_from(b: u8) -> Result<CellKind, OnionError> {
         Ok(match b {
-            1 => Kind::Create,
-            2 => Kind::Created,
-            3 => Kind::Relay,
-            4 => Kind::Destroy,
+            1 => CellKind::Create,
+            2 => CellKind::Created,
+            3 => CellKind::Relay,
+            4 => CellKind::Destroy,
             _ => return Err(OnionError::BadKind),
         })
     }
@@ -218,8 +218,8 @@ pub enum OnionError {
 pub struct CellHeader {
     /// Circuit ID on this link.
     pub circ: u32,
-    /// Kind.
-    pub kind: Kind,
+    /// CellKind.
+    pub kind: CellKind,
     /// Layer nonce.
     pub nonce: [u8; 16],
 }
@@ -229,7 +229,7 @@ pub fn parse_cell(cell: &[u8]) -> Result<CellHeader, OnionError> {
     if cell.len() != CELL_SMALL && cell.len() != CELL_LARGE {
         return Err(OnionError::BadSize);
     }
-    let kind = Kind::try_from(cell[4])?;
+    let kind = CellKind::try_from(cell[4])?;
     Ok(CellHeader {
         circ: u32::from_be_bytes(cell[..4].try_into().expect("4 bytes")),
         kind,
@@ -238,7 +238,7 @@ pub fn parse_cell(cell: &[u8]) -> Result<CellHeader, OnionError> {
 }
 
 /// Writes a cell header into `cell[..CELL_HEADER]`.
-pub fn write_header(cell: &mut [u8], circ: u32, kind: Kind, nonce: &[u8; 16]) {
+pub fn write_header(cell: &mut [u8], circ: u32, kind: CellKind, nonce: &[u8; 16]) {
     cell[..4].copy_from_slice(&circ.to_be_bytes());
     cell[4] = kind as u8;
     cell[5..21].copy_from_slice(nonce);
@@ -676,6 +676,36 @@ pub fn auth_message(dest: &NodeId, bind: &[u8; 32]) -> Vec<u8> {
 #[allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests read the clock
 mod tests {
     use super::*;
+
+    #[test]
+    fn cell_kinds_and_commands_are_their_bytes_and_others_are_refused() {
+        let (mut kinds, mut cmds) = (0, 0);
+        for b in 0..=u8::MAX {
+            match CellKind::try_from(b) {
+                Ok(k) => {
+                    assert_eq!(k as u8, b);
+                    kinds += 1;
+                    let mut cell = vec![0u8; CELL_SMALL];
+                    write_header(&mut cell, 7, k, &[1; 16]);
+                    assert_eq!(parse_cell(&cell).map(|h| (h.circ, h.kind)), Ok((7, k)));
+                }
+                Err(e) => {
+                    assert_eq!(e, OnionError::BadKind);
+                    let mut cell = vec![0u8; CELL_LARGE];
+                    cell[4] = b;
+                    assert_eq!(parse_cell(&cell), Err(OnionError::BadKind));
+                }
+            }
+            match Cmd::try_from(b) {
+                Ok(c) => {
+                    assert_eq!(c as u8, b);
+                    cmds += 1;
+                }
+                Err(e) => assert_eq!(e, OnionError::BadCommand),
+            }
+        }
+        assert_eq!((kinds, cmds), (4, 12));
+    }
     use rand_core::OsRng;
 
     fn hop(id: u8) -> (NodeId, OnionKey) {

@@ -25,12 +25,43 @@ use std::net::Ipv6Addr;
 pub const NH_QGATE: u8 = 253;
 /// Frame format version.
 pub const FRAME_VERSION: u8 = 1;
-/// Frame kind: a control message between the two neighbours.
-pub const KIND_CONTROL: u8 = 0;
-/// Frame kind: an application packet whose payload is lz4-compressed.
-pub const KIND_APP_LZ4: u8 = 1;
-/// Frame kind: an application packet carried as it is inside a frame.
-pub const KIND_APP_RAW: u8 = 2;
+
+/// What a frame carries: the low nibble of its first byte (the high one is
+/// [`FRAME_VERSION`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// A control message between the two neighbours.
+    Control = 0,
+    /// An application packet whose payload is lz4-compressed.
+    AppLz4 = 1,
+    /// An application packet carried as it is inside a frame.
+    AppRaw = 2,
+}
+
+impl FrameKind {
+    /// The frame's first byte: version and kind.
+    pub fn first_byte(self) -> u8 {
+        FRAME_VERSION << 4 | self as u8
+    }
+}
+
+// A match by hand: a derive crate (num_enum) would bring a proc macro into
+// the protocol core for a few lines, and this keeps the error type ours.
+impl TryFrom<u8> for FrameKind {
+    type Error = WireError;
+
+    /// The kind in a frame's low nibble; [`WireError::FrameKind`] for the
+    /// values no kind has.
+    fn try_from(v: u8) -> Result<FrameKind, WireError> {
+        match v {
+            0 => Ok(FrameKind::Control),
+            1 => Ok(FrameKind::AppLz4),
+            2 => Ok(FrameKind::AppRaw),
+            _ => Err(WireError::FrameKind),
+        }
+    }
+}
 /// IPv6 fixed header length.
 pub const IPV6_HEADER_LEN: usize = 40;
 /// Frame header length.
@@ -159,22 +190,21 @@ pub fn decode<'a>(
         return Err(WireError::FrameVersion);
     }
     let body = &p[FRAME_HEADER_LEN..];
-    match p[0] & 0x0f {
-        KIND_CONTROL => Ok((Incoming::Control(p[1], body), false)),
-        KIND_APP_LZ4 => {
+    match FrameKind::try_from(p[0] & 0x0f)? {
+        FrameKind::Control => Ok((Incoming::Control(p[1], body), false)),
+        FrameKind::AppLz4 => {
             let cap = scratch.len().min(MAX_PACKET);
             let n = lz4_flex::block::decompress_into(body, &mut scratch[IPV6_HEADER_LEN..cap])
                 .map_err(|_| WireError::Decompress)?;
             rebuild_header(packet, p[1], n, scratch);
             Ok((Incoming::App(&scratch[..IPV6_HEADER_LEN + n]), true))
         }
-        KIND_APP_RAW => {
+        FrameKind::AppRaw => {
             let n = body.len();
             scratch[IPV6_HEADER_LEN..IPV6_HEADER_LEN + n].copy_from_slice(body);
             rebuild_header(packet, p[1], n, scratch);
             Ok((Incoming::App(&scratch[..IPV6_HEADER_LEN + n]), false))
         }
-        _ => Err(WireError::FrameKind),
     }
 }
 
@@ -189,7 +219,7 @@ pub fn control_of(packet: Ipv6View<'_>) -> Option<(u8, &[u8])> {
     let p = packet.payload();
     if packet.next_header() == NH_QGATE
         && p.len() >= FRAME_HEADER_LEN
-        && p[0] == FRAME_VERSION << 4 | KIND_CONTROL
+        && p[0] == FrameKind::Control.first_byte()
     {
         Some((p[1], &p[FRAME_HEADER_LEN..]))
     } else {
@@ -240,7 +270,7 @@ pub fn encode_app(
                 out[..IPV6_HEADER_LEN].copy_from_slice(&packet.bytes()[..IPV6_HEADER_LEN]);
                 out[4..6].copy_from_slice(&((n + FRAME_HEADER_LEN) as u16).to_be_bytes());
                 out[6] = NH_QGATE;
-                out[IPV6_HEADER_LEN] = FRAME_VERSION << 4 | KIND_APP_LZ4;
+                out[IPV6_HEADER_LEN] = FrameKind::AppLz4.first_byte();
                 out[IPV6_HEADER_LEN + 1] = nh;
                 return Encoded::Compressed(start + n);
             }
@@ -252,7 +282,7 @@ pub fn encode_app(
     let n = payload.len();
     out[..IPV6_HEADER_LEN].copy_from_slice(&packet.bytes()[..IPV6_HEADER_LEN]);
     out[4..6].copy_from_slice(&((n + FRAME_HEADER_LEN) as u16).to_be_bytes());
-    out[IPV6_HEADER_LEN] = FRAME_VERSION << 4 | KIND_APP_RAW;
+    out[IPV6_HEADER_LEN] = FrameKind::AppRaw.first_byte();
     out[IPV6_HEADER_LEN + 1] = nh;
     out[IPV6_HEADER_LEN + FRAME_HEADER_LEN..IPV6_HEADER_LEN + FRAME_HEADER_LEN + n]
         .copy_from_slice(payload);
@@ -270,7 +300,7 @@ pub fn encode_control(
     out.clear();
     out.resize(IPV6_HEADER_LEN + FRAME_HEADER_LEN + body.len(), 0);
     write_ipv6_header(out, FRAME_HEADER_LEN + body.len(), NH_QGATE, 255, src, dst);
-    out[IPV6_HEADER_LEN] = FRAME_VERSION << 4 | KIND_CONTROL;
+    out[IPV6_HEADER_LEN] = FrameKind::Control.first_byte();
     out[IPV6_HEADER_LEN + 1] = msg_type;
     out[IPV6_HEADER_LEN + FRAME_HEADER_LEN..].copy_from_slice(body);
     out.len()
@@ -542,6 +572,17 @@ mod tests {
             if let Ok(v) = Ipv6View::new_checked(&buf) {
                 let _ = decode(v, &mut scratch);
             }
+        }
+    }
+
+    #[test]
+    fn frame_kinds_round_trip_and_unknown_ones_are_refused() {
+        for k in [FrameKind::Control, FrameKind::AppLz4, FrameKind::AppRaw] {
+            assert_eq!(FrameKind::try_from(k as u8), Ok(k));
+            assert_eq!(k.first_byte() >> 4, FRAME_VERSION);
+        }
+        for v in 3..=u8::MAX {
+            assert_eq!(FrameKind::try_from(v), Err(WireError::FrameKind));
         }
     }
 }

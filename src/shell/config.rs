@@ -14,6 +14,7 @@ use crate::proto::node::{
 use crate::proto::route::{Policy, Route, RoutePolicy};
 use crate::proto::wire::IPV6_MIN_MTU;
 use crate::proto::{NodeId, PeerUri};
+pub use qgate_api::Preset;
 
 /// Default UDP port.
 pub const DEFAULT_PORT: u16 = 7300;
@@ -29,7 +30,7 @@ pub const DEFAULT_MAX_LINKS: usize = 1024;
 /// `QGATE_CONFIG` names one: the state directory the install uses.
 pub const DEFAULT_CONFIG: &str = "/var/lib/qgate/qgate.toml";
 /// Default security preset.
-pub const DEFAULT_PRESET: &str = "balanced";
+pub const DEFAULT_PRESET: Preset = Preset::Balanced;
 /// Default UDP port of LAN discovery announcements.
 pub const DEFAULT_LAN_PORT: u16 = 7301;
 /// Underlay MTU assumed for the default TUN MTU.
@@ -199,8 +200,8 @@ pub struct Config {
     pub lan_port: u16,
     /// `role = "relay"`: no TUN, forwards only.
     pub relay_only: bool,
-    /// The security preset's name.
-    pub preset: String,
+    /// The security preset.
+    pub preset: Preset,
     /// Route policy.
     pub routes: RoutePolicy,
     /// Relay settings.
@@ -628,11 +629,16 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             ))
         }
     };
-    let preset = raw.preset.unwrap_or_else(|| DEFAULT_PRESET.into());
-    let (default_policy, mut traffic) = match preset.as_str() {
-        "fast" => (Policy::Direct, TrafficConfig::default()),
-        "balanced" => (Policy::Prefer(1, 2), TrafficConfig::default()),
-        "private" => (
+    let preset = match raw.preset.as_deref() {
+        None => DEFAULT_PRESET,
+        Some(name) => name
+            .parse::<Preset>()
+            .map_err(|e| err("preset", e.to_string()))?,
+    };
+    let (default_policy, mut traffic) = match preset {
+        Preset::Fast => (Policy::Direct, TrafficConfig::default()),
+        Preset::Balanced => (Policy::Prefer(1, 2), TrafficConfig::default()),
+        Preset::Private => (
             Policy::Hops(2, 3),
             TrafficConfig {
                 noise_rate: 2.0,
@@ -641,12 +647,6 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 compress: false,
             },
         ),
-        other => {
-            return Err(err(
-                "preset",
-                format!("{other:?} is not one of \"fast\", \"balanced\", \"private\""),
-            ))
-        }
     };
     if let Some(r) = raw.traffic.noise_rate {
         if !(0.0..=1000.0).contains(&r) {
@@ -1187,5 +1187,26 @@ mod tests {
             assert!(!line.contains('\n'), "{line}");
             assert!(e.key.contains(key), "{text:?}: {line}");
         }
+    }
+
+    #[test]
+    fn presets_parse_by_name_and_unknown_ones_list_the_valid_ones() {
+        assert_eq!(p("state_dir='/x'\n").unwrap().preset, Preset::Balanced);
+        for (name, want) in [
+            ("fast", Preset::Fast),
+            ("balanced", Preset::Balanced),
+            ("private", Preset::Private),
+        ] {
+            let c = p(&format!("state_dir='/x'\npreset = '{name}'\n")).unwrap();
+            assert_eq!(c.preset, want);
+            assert_eq!(c.preset.to_string(), name);
+        }
+        let e = p("state_dir='/x'\npreset = 'Fast'\n").unwrap_err();
+        assert_eq!(e.key, "preset");
+        let line = e.to_string();
+        assert!(
+            line.ends_with("\"Fast\" is not one of \"fast\", \"balanced\", \"private\""),
+            "{line}"
+        );
     }
 }

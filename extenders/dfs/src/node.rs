@@ -36,11 +36,7 @@ impl NodeClient {
     /// The node's overlay address (from `identity`, or `status` on a node
     /// older than API version 2).
     pub fn overlay_address(&self) -> Result<Ipv6Addr, NodeError> {
-        match self.api.identity() {
-            Ok(id) => Ok(id.address),
-            Err(NodeError::Unsupported { .. }) => Ok(self.api.status()?.address),
-            Err(e) => Err(e),
-        }
+        self.api.address()
     }
 
     /// Publishes a value; returns on how many nodes it was stored.

@@ -27,9 +27,9 @@ use crate::proto::identity::{verify_signature, NodeId, NodeRecord, RecordExt, RO
 use crate::proto::limit::{Limit, Rate};
 use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
 use crate::proto::onion::{
-    self, auth_message, parse_cell, server_handshake, wrap, ClientHandshake, Cmd, Forward, HopKeys,
-    Kind, OnionError, OnionKey, ReplayWindow, CELL_HEADER, CELL_LARGE, CELL_SMALL, CREATED_LEN,
-    CREATE_LEN, MAX_DATA,
+    self, auth_message, parse_cell, server_handshake, wrap, CellKind, ClientHandshake, Cmd,
+    Forward, HopKeys, OnionError, OnionKey, ReplayWindow, CELL_HEADER, CELL_LARGE, CELL_SMALL,
+    CREATED_LEN, CREATE_LEN, MAX_DATA,
 };
 use crate::proto::route;
 use crate::proto::wire::{self, Encoded, Incoming, Ipv6View, IPV6_MIN_MTU};
@@ -463,7 +463,7 @@ fn wrap_into(
     let counter = hop.ctr;
     let (head, body) = cell.get_mut(..size)?.split_at_mut(CELL_HEADER);
     let n = wrap(&c.hops, target, counter, command, data, body);
-    onion::write_header(head, c.circ, Kind::Relay, &n);
+    onion::write_header(head, c.circ, CellKind::Relay, &n);
     Some((c.link, size))
 }
 
@@ -548,7 +548,7 @@ impl Node {
     }
 
     /// A link-level cell with a plain body (CREATE, CREATED, DESTROY).
-    fn send_plain(&mut self, now: Instant, link: u32, circ: u32, kind: Kind, body: &[u8]) {
+    fn send_plain(&mut self, now: Instant, link: u32, circ: u32, kind: CellKind, body: &[u8]) {
         let mut nonce = [0u8; 16];
         self.rng.fill_bytes(&mut nonce);
         let cell = &mut self.bufs.cell[..CELL_SMALL];
@@ -593,7 +593,7 @@ impl Node {
         let (link, circ) = hc.prev;
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
         let n = hc.keys.originate(hc.ctr, command, data, body);
-        onion::write_header(head, circ, Kind::Relay, &n);
+        onion::write_header(head, circ, CellKind::Relay, &n);
         self.send_cell(now, link, size);
     }
 
@@ -653,15 +653,15 @@ impl Node {
         let key = (link, hdr.circ);
         let body = &cell[CELL_HEADER..];
         match hdr.kind {
-            Kind::Create => {
+            CellKind::Create => {
                 self.on_create(now, link, hdr.circ, body);
                 None
             }
-            Kind::Destroy => {
+            CellKind::Destroy => {
                 self.on_destroy(now, key);
                 None
             }
-            Kind::Created => {
+            CellKind::Created => {
                 match self.circ.on_link.get(&key).copied() {
                     Some(CircRef::Out(id)) => self.out_created(now, id, body),
                     Some(CircRef::Next(h)) => {
@@ -703,7 +703,7 @@ impl Node {
                         if let Some(hc) = self.circ.hops.get_mut(&h) {
                             hc.bwd_bytes += size as u64;
                         }
-                        onion::write_header(&mut self.bufs.cell, circ, Kind::Relay, &nonce);
+                        onion::write_header(&mut self.bufs.cell, circ, CellKind::Relay, &nonce);
                         self.circ.stats.cells_forwarded += 1;
                         self.circ.stats.bytes_forwarded += size as u64;
                         #[cfg(feature = "test-hooks")]
@@ -736,7 +736,7 @@ impl Node {
                     link,
                     "circuit refused: neighbour not allowed to relay through here"
                 );
-                self.send_plain(now, link, circ, Kind::Destroy, &[3]);
+                self.send_plain(now, link, circ, CellKind::Destroy, &[3]);
                 return;
             }
         }
@@ -754,7 +754,7 @@ impl Node {
         if self.circ.hops.len() >= MAX_HOP_CIRCUITS || mine >= MAX_PER_NEIGHBOUR {
             self.circ.stats.refused += 1;
             tracing::debug!(link, "circuit refused: relay at its limit");
-            self.send_plain(now, link, circ, Kind::Destroy, &[1]);
+            self.send_plain(now, link, circ, CellKind::Destroy, &[1]);
             return;
         }
         let id = self.node_id();
@@ -767,7 +767,7 @@ impl Node {
             Err(e) => {
                 self.circ.stats.refused += 1;
                 tracing::debug!(link, "circuit refused: {e}");
-                self.send_plain(now, link, circ, Kind::Destroy, &[2]);
+                self.send_plain(now, link, circ, CellKind::Destroy, &[2]);
                 return;
             }
         };
@@ -794,7 +794,7 @@ impl Node {
         self.circ.on_link.insert((link, circ), CircRef::Prev(h));
         *self.circ.per_neighbour.entry(link).or_default() += 1;
         self.circ.stats.circuits_total += 1;
-        self.send_plain(now, link, circ, Kind::Created, &created);
+        self.send_plain(now, link, circ, CellKind::Created, &created);
     }
 
     /// Removes hop circuit `h`, telling the side it did not hear it from.
@@ -824,12 +824,12 @@ impl Node {
             }
         }
         if tell_prev {
-            self.send_plain(now, hc.prev.0, hc.prev.1, Kind::Destroy, &[0]);
+            self.send_plain(now, hc.prev.0, hc.prev.1, CellKind::Destroy, &[0]);
         }
         if let Some(next) = hc.next {
             self.circ.on_link.remove(&next);
             if tell_next {
-                self.send_plain(now, next.0, next.1, Kind::Destroy, &[0]);
+                self.send_plain(now, next.0, next.1, CellKind::Destroy, &[0]);
             }
         }
     }
@@ -872,7 +872,7 @@ impl Node {
                     self.circ.stats.drops.over_bandwidth += 1;
                     return None;
                 }
-                onion::write_header(&mut self.bufs.cell, circ, Kind::Relay, &nonce);
+                onion::write_header(&mut self.bufs.cell, circ, CellKind::Relay, &nonce);
                 self.circ.stats.cells_forwarded += 1;
                 self.circ.stats.bytes_forwarded += size as u64;
                 #[cfg(feature = "test-hooks")]
@@ -996,7 +996,7 @@ impl Node {
             hc.next = Some((link, circ));
             hc.extending = Some(now);
         }
-        self.send_plain(now, link, circ, Kind::Create, &create);
+        self.send_plain(now, link, circ, CellKind::Create, &create);
     }
 
     /// A link to a node named by ID, link key and endpoint (an EXTEND).
@@ -1279,7 +1279,7 @@ impl Node {
         );
         self.circ.on_link.insert((link, circ), CircRef::Out(id));
         self.circ.by_dst.entry(dst).or_insert(id);
-        self.send_plain(now, link, circ, Kind::Create, &create);
+        self.send_plain(now, link, circ, CellKind::Create, &create);
         Ok(id)
     }
 
@@ -1528,7 +1528,7 @@ impl Node {
             if self.circ.by_dst.get(&c.dst) == Some(&id) {
                 self.circ.by_dst.remove(&c.dst);
             }
-            self.send_plain(now, c.link, c.circ, Kind::Destroy, &[0]);
+            self.send_plain(now, c.link, c.circ, CellKind::Destroy, &[0]);
         }
     }
 
@@ -1643,7 +1643,7 @@ impl Node {
         let (link, circ) = hc.prev;
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
         let n = hc.keys.originate(hc.ctr, Cmd::Data, frame, body);
-        onion::write_header(head, circ, Kind::Relay, &n);
+        onion::write_header(head, circ, CellKind::Relay, &n);
         if let Some(l) = self.links.get_mut(&link) {
             l.last_used = now;
         }
