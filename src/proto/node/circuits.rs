@@ -1739,7 +1739,8 @@ impl Node {
             }
         }
         // Circuits we built.
-        let ids: Vec<u64> = self.circ.out.keys().copied().collect();
+        let mut ids: Vec<u64> = self.circ.out.keys().copied().collect();
+        ids.sort_unstable();
         for id in ids {
             let Some(c) = self.circ.out.get(&id) else {
                 continue;
