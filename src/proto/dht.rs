@@ -1865,16 +1865,14 @@ impl<R: Records> Dht<R> {
     /// Runs timers: request timeouts, bucket refreshes, republishing,
     /// expiry of stored records and values.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let mut expired: Vec<u32> = self
+        let expired: Vec<u32> = self
             .inflight
             .iter()
             .filter(|(_, i)| now.saturating_duration_since(i.sent) >= RPC_TIMEOUT)
             .map(|(t, _)| *t)
             .collect();
-        // In a seeded order, not the hash maps'.
-        expired.sort_unstable();
         self.fail_requests(now, expired);
-        let mut late: Vec<u64> = self
+        let late: Vec<u64> = self
             .lookups
             .iter()
             .filter(|(_, l)| {
@@ -1882,7 +1880,6 @@ impl<R: Records> Dht<R> {
             })
             .map(|(i, _)| *i)
             .collect();
-        late.sort_unstable();
         for id in late {
             self.finish(now, id, None);
         }

@@ -1641,9 +1641,7 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_timer = now;
         self.rate_limiter.reset_count();
-        // Sorted: hash order must not decide what a seeded node does.
-        let mut indices: Vec<u32> = self.links.keys().copied().collect();
-        indices.sort_unstable();
+        let indices: Vec<u32> = self.links.keys().copied().collect();
         let mut remove = Vec::new();
         for index in indices {
             let Some(link) = self.links.get_mut(&index) else {

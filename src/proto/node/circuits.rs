@@ -1739,8 +1739,7 @@ impl Node {
             }
         }
         // Circuits we built.
-        let mut ids: Vec<u64> = self.circ.out.keys().copied().collect();
-        ids.sort_unstable();
+        let ids: Vec<u64> = self.circ.out.keys().copied().collect();
         for id in ids {
             let Some(c) = self.circ.out.get(&id) else {
                 continue;
