@@ -9,6 +9,9 @@
 //! it later — unforgeable for anyone who doesn't ask the oracle as that
 //! signer, which only the node itself does. The DHT sees the oracle
 //! through the same [`Records`] trait as the node's RSA checks.
+//!
+//! [`net`] and [`scenario`] simulate whole nodes instead (real identities,
+//! WireGuard links, circuits): see there.
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
@@ -23,6 +26,10 @@ use qgate::proto::dht::{
 };
 use qgate::proto::NodeId;
 use sha2::{Digest, Sha256};
+
+pub mod keys;
+pub mod net;
+pub mod scenario;
 
 /// Wall-clock time at the simulation's start (any fixed value will do).
 pub const START_UNIX: u64 = 1_800_000_000;
@@ -216,7 +223,7 @@ impl LookupStats {
     }
 }
 
-fn pct<T: Copy + Ord + Default>(v: &[T], p: f64) -> T {
+pub(crate) fn pct<T: Copy + Ord + Default>(v: &[T], p: f64) -> T {
     let mut v = v.to_vec();
     v.sort();
     if v.is_empty() {

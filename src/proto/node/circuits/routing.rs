@@ -162,7 +162,7 @@ impl Node {
         let mut exclude = vec![self.node_id()];
         exclude.extend(self.circ.bad.keys().copied());
         let dst_prefix = &dst.octets()[1..16];
-        let pool: Vec<Candidate> = self
+        let mut pool: Vec<Candidate> = self
             .circ
             .pool
             .values()
@@ -172,6 +172,9 @@ impl Node {
                 ips: p.ips.clone(),
             })
             .collect();
+        // Path choice draws from the seeded RNG: in an order of its own, not
+        // the hash map's.
+        pool.sort_unstable_by_key(|c| c.id);
         let mut ends: Vec<IpAddr> = self.own.endpoints().iter().map(|e| e.ip()).collect();
         if let Some(d) = self.local_peer(dst) {
             ends.extend(d.ips.iter().copied());
