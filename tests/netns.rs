@@ -21,6 +21,12 @@ fn three_nodes(lab: &mut Lab) -> (usize, usize, usize) {
     let b = lab.add_node("b", &nb, "198.18.20.2:7300");
     let c = lab.add_node("c", &nc, "198.18.20.3:7300");
     let (ub, ua) = (lab.nodes[b].uri.clone(), lab.nodes[a].uri.clone());
+    // b sends the text whose compression is checked: compress whenever it
+    // saves bytes, also while a loaded machine makes b's data path the limit.
+    lab.nodes[b].edit_config(|t| {
+        assert!(t.contains("# adaptive = true"));
+        t.replacen("# adaptive = true", "adaptive = false", 1)
+    });
     lab.nodes[a].set_peers(&[&ub]);
     lab.nodes[c].set_peers(&[&ub, &ua]);
     lab.start_all();

@@ -53,6 +53,10 @@ pub struct Status {
     pub routing: Routing,
     /// Links to neighbours.
     pub links: Vec<Link>,
+    /// How busy the data path is, and whether that paused compression
+    /// (absent from nodes before it was added).
+    #[serde(default)]
+    pub data_path: DataPath,
     /// Fields this version of the API does not know (from a newer node).
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
@@ -94,6 +98,18 @@ pub struct RelayStats {
     pub refused: u64,
     /// Cells dropped, by reason.
     pub drops: Counters,
+}
+
+/// The data path's load.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPath {
+    /// Share of recent time the data path spent working rather than
+    /// waiting for packets, in per cent (smoothed).
+    pub busy_percent: u16,
+    /// Compression is paused: the data path, not the link, is the limit.
+    pub compression_paused: bool,
+    /// Times compression paused since start.
+    pub compression_pauses: u64,
 }
 
 /// The route policy at work.

@@ -6,6 +6,9 @@
 //! [`MAX_SKIP`]), each success resets it. Flows are told apart by a small hash
 //! of (protocol, ports) into [`BUCKETS`] slots per link; collisions only make
 //! the guess coarser.
+//!
+//! Whether compressing pays at all is a second, node-wide question that
+//! [`Governor`] answers: see there.
 
 use super::wire::{Ipv6View, IPV6_HEADER_LEN};
 
@@ -66,6 +69,60 @@ impl Adaptive {
     }
 }
 
+/// Busy share (per mille) of the data path above which compression pauses.
+pub const BUSY_PAUSE: u16 = 900;
+/// Busy share (per mille) under which a paused compression resumes.
+pub const BUSY_RESUME: u16 = 700;
+
+/// Whether compressing pays now, in the manner of `zstd --adapt`.
+///
+/// Compression spends the data path's time to save the link's bytes. That
+/// pays while the link is the limit and loses while the data path is: lz4
+/// runs at about 0.5 GB/s, a fast link carries more than that, and a thread
+/// busy compressing moves fewer packets. The shell reports how busy the data
+/// path was (the share of each window it spent working rather than waiting
+/// for packets). A data path that never waits is the limit, so compression
+/// pauses; once it waits again (the link, or the application, is the limit)
+/// compression resumes. The shares are smoothed (half of each new window)
+/// and the two thresholds apart, so one busy window does not flip it.
+#[derive(Clone, Debug, Default)]
+pub struct Governor {
+    /// Smoothed busy share, per mille.
+    busy: u16,
+    paused: bool,
+    /// Times compression paused since start.
+    pauses: u64,
+}
+
+impl Governor {
+    /// Reports the busy share (per mille, 0..=1000) of the last window.
+    pub fn report(&mut self, busy_permille: u16) {
+        let b = busy_permille.min(1000);
+        self.busy = ((u32::from(self.busy) + u32::from(b)) / 2) as u16;
+        if !self.paused && self.busy > BUSY_PAUSE {
+            self.paused = true;
+            self.pauses += 1;
+        } else if self.paused && self.busy < BUSY_RESUME {
+            self.paused = false;
+        }
+    }
+
+    /// Whether compression is paused because the data path is the limit.
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The smoothed busy share, per mille.
+    pub fn busy_permille(&self) -> u16 {
+        self.busy
+    }
+
+    /// Times compression paused since start.
+    pub fn pauses(&self) -> u64 {
+        self.pauses
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +158,40 @@ mod tests {
         };
         a.report(b, true);
         assert!(a.should_try(&v).is_some());
+    }
+
+    #[test]
+    fn governor_pauses_only_while_the_data_path_is_the_limit() {
+        let mut g = Governor::default();
+        // Light load: compression stays on.
+        for _ in 0..20 {
+            g.report(300);
+        }
+        assert!(!g.paused());
+        // One saturated window alone does not flip it.
+        g.report(1000);
+        assert!(!g.paused(), "busy {}", g.busy_permille());
+        // A run of them does.
+        for _ in 0..5 {
+            g.report(1000);
+        }
+        assert!(g.paused());
+        assert_eq!(g.pauses(), 1);
+        // Between the thresholds it stays as it is.
+        for _ in 0..20 {
+            g.report(800);
+        }
+        assert!(g.paused());
+        // Waiting for packets again: it resumes.
+        for _ in 0..5 {
+            g.report(100);
+        }
+        assert!(!g.paused());
+        // Out-of-range reports are clamped, not trusted.
+        for _ in 0..20 {
+            g.report(u16::MAX);
+        }
+        assert!(g.busy_permille() <= 1000 && g.paused());
+        assert_eq!(g.pauses(), 2);
     }
 }

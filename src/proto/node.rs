@@ -25,7 +25,7 @@ use boringtun::x25519;
 use serde::Serialize;
 
 use super::access::{link_subnet, AccessConfig};
-use super::compress::Adaptive;
+use super::compress::{Adaptive, Governor};
 use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source};
 use super::identity::{
     is_overlay_address, parse_endpoint, put_endpoint, Identity, NodeId, NodeRecord,
@@ -179,6 +179,9 @@ pub struct PeerConfig {
 pub struct CompressionPolicy {
     /// Compression on at all.
     pub enabled: bool,
+    /// Pause compression while the data path, not the link, is the limit
+    /// (see `compress::Governor`); false compresses whenever it saves bytes.
+    pub adaptive: bool,
     /// Overlay prefixes (address, length) whose traffic is never compressed.
     pub off_prefixes: Vec<(Ipv6Addr, u8)>,
     /// Nodes whose links are never compressed.
@@ -477,6 +480,20 @@ pub struct NodeStatus {
     pub routing: RoutingSummary,
     /// Links.
     pub links: Vec<LinkStatus>,
+    /// How busy the data path is, and whether that paused compression.
+    pub data_path: DataPathStatus,
+}
+
+/// The data path's load as the shell reported it ([`Node::report_data_path_busy`]).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DataPathStatus {
+    /// Share of recent time the data path spent working rather than
+    /// waiting for packets, in per cent (smoothed).
+    pub busy_percent: u16,
+    /// Compression is paused: the data path, not the link, is the limit.
+    pub compression_paused: bool,
+    /// Times compression paused since start.
+    pub compression_pauses: u64,
 }
 
 /// The node's scratch buffers, kept apart from the links so both can be
@@ -515,6 +532,8 @@ pub struct Node {
     /// ([`Node::recycle`]): a relayed cell reuses one instead of allocating.
     spare: Vec<Vec<u8>>,
     drops: Drops,
+    /// Whether compression pays now (paused while the data path is the limit).
+    compression: Governor,
     /// What removed links had counted.
     closed_links: ClosedLinks,
     bufs: Buffers,
@@ -728,6 +747,7 @@ impl Node {
             transmits: VecDeque::new(),
             spare: Vec::new(),
             drops: Drops::default(),
+            compression: Governor::default(),
             closed_links: ClosedLinks::default(),
             bufs: Buffers {
                 a: vec![0u8; 2 * MAX_PACKET + 1024],
@@ -1012,7 +1032,8 @@ impl Node {
             return TunOutcome::Nothing;
         };
         let (frame, compressed) = {
-            let slot = if link.compress {
+            let paused = self.config.compression.adaptive && self.compression.paused();
+            let slot = if link.compress && !paused {
                 link.adaptive.should_try(&view)
             } else {
                 None
@@ -2334,6 +2355,28 @@ impl Node {
     }
 
     /// A report for `qgate status`.
+    /// The shell reports how busy its data path was over a window (per
+    /// mille of the window spent working, not waiting for packets); while
+    /// it is the limit, compression pauses (see [`Governor`]).
+    pub fn report_data_path_busy(&mut self, busy_permille: u16) {
+        let was = self.compression.paused();
+        self.compression.report(busy_permille);
+        if self.compression.paused() != was {
+            let busy = self.compression.busy_permille() / 10;
+            if was {
+                tracing::debug!(
+                    busy_percent = busy,
+                    "compression resumed: the data path waits for packets again"
+                );
+            } else {
+                tracing::debug!(
+                    busy_percent = busy,
+                    "compression paused: the data path, not the link, is the limit"
+                );
+            }
+        }
+    }
+
     pub fn status(&self) -> NodeStatus {
         let mut links: Vec<LinkStatus> = self
             .links
@@ -2367,6 +2410,11 @@ impl Node {
             relay: self.relay_stats(),
             routing: self.routing_summary(),
             links,
+            data_path: DataPathStatus {
+                busy_percent: self.compression.busy_permille() / 10,
+                compression_paused: self.compression.paused(),
+                compression_pauses: self.compression.pauses(),
+            },
         }
     }
 

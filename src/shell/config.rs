@@ -160,6 +160,7 @@ struct RawLink {
 #[serde(deny_unknown_fields)]
 struct RawCompression {
     enabled: Option<bool>,
+    adaptive: Option<bool>,
     #[serde(default)]
     off: Vec<String>,
 }
@@ -566,6 +567,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     }
     let mut compression = CompressionPolicy {
         enabled: raw.compression.enabled.unwrap_or(true),
+        adaptive: raw.compression.adaptive.unwrap_or(true),
         ..Default::default()
     };
     for (i, entry) in raw.compression.off.iter().enumerate() {
@@ -948,6 +950,11 @@ peers = [
 # (the VORACLE attack on VPNs): if secrets and attacker-chosen data share a
 # connection, turn compression off for those peers, prefixes, or entirely.
 # enabled = true
+# lz4 costs CPU time: while the data path rather than the link is the limit
+# (a fast LAN), compression pauses, and resumes once the link is the limit
+# again (`qgate status`, "data path"). false compresses whenever it saves
+# bytes, e.g. on a metered link.
+# adaptive = true
 # off = ["fc12:3456::/32", "<64-hex-digit node ID>"]
 
 [discovery]

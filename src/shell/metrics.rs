@@ -210,6 +210,16 @@ pub fn encode(
             "Nodes in the DHT routing table",
             st.table_entries as u64,
         ),
+        (
+            "data_path_busy_percent",
+            "Share of recent time the data path worked rather than waited for packets",
+            u64::from(st.data_path.busy_percent),
+        ),
+        (
+            "compression_paused",
+            "1 while compression is paused because the data path is the limit",
+            u64::from(st.data_path.compression_paused),
+        ),
     ];
     for (name, help, v) in gauges {
         let g: Gauge = Gauge::default();
@@ -238,6 +248,11 @@ pub fn encode(
             relay.bytes_forwarded,
         ),
         ("relay_refused", "CREATE or EXTEND refused", relay.refused),
+        (
+            "compression_pauses",
+            "Times compression paused because the data path was the limit",
+            st.data_path.compression_pauses,
+        ),
         ("dht_lookups", "Lookups started", d.lookups),
         (
             "dht_lookups_found",
@@ -590,6 +605,7 @@ mod tests {
                 summary: String::new(),
             },
             links: Vec::new(),
+            data_path: Default::default(),
         };
         let closed = ClosedLinks {
             links: 2,

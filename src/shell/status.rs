@@ -123,6 +123,17 @@ pub fn render(st: &Status) -> String {
         r.refused,
         drops(&r.drops),
     ));
+    let dp = &st.data_path;
+    out.push_str(&format!(
+        "data path {}% busy   compression {} (paused {} times)\n",
+        dp.busy_percent,
+        if dp.compression_paused {
+            "paused: the data path, not the link, is the limit"
+        } else {
+            "on where allowed"
+        },
+        dp.compression_pauses,
+    ));
     let up = st.links.iter().filter(|l| l.state == LinkState::Up).count();
     out.push_str(&format!("links     {up} up of {}\n", st.links.len()));
     for l in &st.links {

@@ -19,6 +19,7 @@ fn cfg(peers: Vec<PeerUri>) -> NodeConfig {
         peers: peers.into_iter().map(|uri| PeerConfig { uri }).collect(),
         compression: CompressionPolicy {
             enabled: true,
+            adaptive: true,
             ..Default::default()
         },
         keepalive: 10,
@@ -172,6 +173,37 @@ fn removed_links_keep_their_counts() {
     assert!(after.links.iter().all(|l| l.link != index));
     let closed = net.nodes[1].0.closed_links();
     assert_eq!((closed.links, closed.counters.rx_bytes), (1, rx_bytes));
+}
+
+/// Compression pauses while the shell reports a saturated data path and
+/// resumes once it waits for packets again; `adaptive = false` keeps it on.
+#[test]
+fn compression_pauses_while_the_data_path_is_the_limit() {
+    let now = Instant::now();
+    for adaptive in [true, false] {
+        let (ids, eps) = (identities(2), endpoints(2));
+        let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
+        let mut net = linked_pair(now, ids, &eps);
+        net.nodes[0].0.config.compression.adaptive = adaptive;
+        let p = udp_packet(addrs[0], addrs[1], &[b'x'; 1000]);
+        let compressed = |net: &Net| net.nodes[0].0.status().links[0].counters.tx_compressed;
+        assert_eq!(net.send(0, &p).as_deref(), Some(&p[..]));
+        assert_eq!(compressed(&net), 1);
+        for _ in 0..6 {
+            net.nodes[0].0.report_data_path_busy(1000);
+        }
+        let st = net.nodes[0].0.status().data_path;
+        assert!(st.compression_paused && st.busy_percent > 90, "{st:?}");
+        assert_eq!(net.send(0, &p).as_deref(), Some(&p[..]));
+        assert_eq!(compressed(&net), if adaptive { 1 } else { 2 });
+        for _ in 0..6 {
+            net.nodes[0].0.report_data_path_busy(50);
+        }
+        assert!(!net.nodes[0].0.status().data_path.compression_paused);
+        assert_eq!(net.send(0, &p).as_deref(), Some(&p[..]));
+        assert_eq!(compressed(&net), if adaptive { 2 } else { 3 });
+        assert_eq!(net.nodes[0].0.status().data_path.compression_pauses, 1);
+    }
 }
 
 #[test]
