@@ -13,8 +13,11 @@ use crate::{
     RequestError, Response, ServiceProvider, Services, Status, Stored, Target, API_VERSION,
 };
 
-/// Longest answer line read (a DHT read of 20 values of 1 KiB is ~30 KiB).
-const MAX_ANSWER: u64 = 1 << 20;
+/// Longest answer line read. A status report takes about 600 bytes per
+/// link (a node with 2,000 links answers ~1.2 MB), a DHT read of 20 values
+/// of 1 KiB ~30 KiB; 64 MiB holds a status of ~100,000 links and still
+/// bounds what a client holds.
+const MAX_ANSWER: u64 = 64 << 20;
 
 /// Why a request failed; every variant names the request's command.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +145,12 @@ impl Client {
         BufReader::new(s.take(MAX_ANSWER))
             .read_line(&mut answer)
             .map_err(io)?;
+        if answer.len() as u64 >= MAX_ANSWER && !answer.ends_with('\n') {
+            return Err(Error::BadAnswer {
+                command,
+                detail: format!("the answer is longer than {} MiB", MAX_ANSWER >> 20),
+            });
+        }
         let a: Answer = serde_json::from_str(&answer).map_err(|e| Error::BadAnswer {
             command,
             detail: format!("not an answer line: {e}"),
@@ -355,8 +364,9 @@ mod tests {
                 let mut line = String::new();
                 BufReader::new(&s).read_line(&mut line).unwrap();
                 got.push(line);
-                s.write_all(a.as_bytes()).unwrap();
-                s.write_all(b"\n").unwrap();
+                // A client that stopped reading (an answer over its
+                // limit) closes the socket: not this fake's failure.
+                let _ = s.write_all(a.as_bytes()).and_then(|_| s.write_all(b"\n"));
             }
             let _ = std::fs::remove_dir_all(&dir);
             got
@@ -420,6 +430,25 @@ mod tests {
         let e = Client::new("/nonexistent/qgate.sock").status().unwrap_err();
         assert!(matches!(e, Error::Connect { .. }));
         assert!(e.to_string().contains("/nonexistent/qgate.sock"), "{e}");
+    }
+
+    /// A node with thousands of links answers `status` with megabytes:
+    /// read whole up to `MAX_ANSWER`, refused by name beyond it.
+    #[test]
+    fn long_answers_are_read_up_to_the_limit() {
+        let long = |n: usize| -> &'static str {
+            Box::leak(format!(r#"{{"ok":false,"error":"{}"}}"#, "x".repeat(n)).into_boxed_str())
+        };
+        let (path, t) = fake_node("long", vec![long(3 << 20), long(MAX_ANSWER as usize + 10)]);
+        let c = Client::new(&path);
+        match c.dht_get("n", "k").unwrap_err() {
+            // Parsed whole (else BadAnswer); the message is cut to 300.
+            Error::Refused { message, .. } => assert_eq!(message, "x".repeat(300)),
+            e => panic!("{e}"),
+        }
+        let e = c.dht_get("n", "k").unwrap_err();
+        assert!(e.to_string().contains("longer than 64 MiB"), "{e}");
+        t.join().unwrap();
     }
 
     #[test]
