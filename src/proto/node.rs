@@ -126,6 +126,8 @@ const HELLO_FLAG_REPLY: u8 = 2;
 
 /// How often an unconfirmed hello is repeated.
 const HELLO_INTERVAL: Duration = Duration::from_secs(1);
+/// Least time between two initiations sent at once for a cookie reply.
+const COOKIE_RETRY: Duration = Duration::from_secs(1);
 /// How often a configured peer without a session is retried.
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(5);
 /// Retry spacing for the first [`QUICK_RECONNECTS`] attempts.
@@ -144,8 +146,14 @@ const ICMP_INTERVAL: Duration = Duration::from_millis(20);
 const MAX_PENDING: usize = 64;
 /// Least time between two record verifications on one link (RSA work).
 const VERIFY_INTERVAL: Duration = Duration::from_secs(1);
-/// Links from unconfigured nodes whose record has not been verified yet.
-const MAX_UNVERIFIED_LINKS: usize = 64;
+/// Links from unconfigured nodes whose record has not been verified yet:
+/// at least this many, else a quarter of `max_links`.
+const MIN_UNVERIFIED_LINKS: usize = 64;
+/// An unverified link this young is not pushed out for a newer one: its
+/// record exchange (a round trip, or a hello repeated after
+/// [`HELLO_INTERVAL`]) is likely still under way, and pushing it out would
+/// make its node start over. A new link is refused instead.
+const UNVERIFIED_GRACE: Duration = Duration::from_secs(3);
 /// Datagrams a source (IPv4 address or IPv6 /64) may send that no
 /// established session from its known endpoint accounts for: handshake
 /// initiations, packets for unknown sessions, garbage. A node needs one
@@ -357,6 +365,8 @@ struct Link {
     they_have_ours: bool,
     last_hello: Option<Instant>,
     last_reconnect: Option<Instant>,
+    /// When a cookie reply last made us send a new initiation at once.
+    last_cookie_retry: Option<Instant>,
     reconnect_attempts: u32,
     /// Application packets waiting for the neighbour's record to verify.
     pending: VecDeque<Vec<u8>>,
@@ -813,17 +823,24 @@ impl Node {
         }
         {
             // Links to or from nodes not yet verified are cheap to make:
-            // keep them few, and let a new one push out the oldest.
+            // keep them few. A new one pushes out the oldest if that one
+            // has had its grace to show a record; else the new one waits
+            // (its node retries the handshake).
             let oldest = self
                 .links
                 .values()
                 .filter(|l| !l.persistent && l.verified.is_none())
                 .map(|l| (l.created, l.index));
             let count = oldest.clone().count();
-            if count >= MAX_UNVERIFIED_LINKS {
-                if let Some((_, i)) = oldest.min() {
-                    self.drops.link_limit += 1;
-                    self.remove_link_quietly(i);
+            if count >= self.max_unverified() {
+                self.drops.link_limit += 1;
+                match oldest.min() {
+                    Some((created, i))
+                        if now.saturating_duration_since(created) >= UNVERIFIED_GRACE =>
+                    {
+                        self.remove_link_quietly(i)
+                    }
+                    _ => return None,
                 }
             }
         }
@@ -875,6 +892,7 @@ impl Node {
                 they_have_ours: false,
                 last_hello: None,
                 last_reconnect: None,
+                last_cookie_retry: None,
                 reconnect_attempts: 0,
                 pending: VecDeque::new(),
                 last_verify: None,
@@ -893,6 +911,11 @@ impl Node {
         );
         self.by_key.insert(peer_key, index);
         Some(index)
+    }
+
+    /// Most links not yet verified at once.
+    fn max_unverified(&self) -> usize {
+        (self.config.max_links / 4).max(MIN_UNVERIFIED_LINKS)
     }
 
     fn remove_link_quietly(&mut self, index: u32) {
@@ -1107,6 +1130,7 @@ impl Node {
             return None;
         }
         let from = normalize(from);
+        let mut cookie_reply = false;
         let index = match Tunn::parse_incoming_packet(datagram) {
             Err(_) => {
                 // Garbage costs its source budget too, so a source that
@@ -1122,7 +1146,10 @@ impl Node {
                 self.rate_limiter_check_and_index(now, from, datagram, &init)?
             }
             Ok(Packet::HandshakeResponse(p)) => p.receiver_idx >> 8,
-            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx >> 8,
+            Ok(Packet::PacketCookieReply(p)) => {
+                cookie_reply = true;
+                p.receiver_idx >> 8
+            }
             Ok(Packet::PacketData(p)) => p.receiver_idx >> 8,
         };
         let Some(link) = self.links.get_mut(&index) else {
@@ -1209,6 +1236,29 @@ impl Node {
         if !authenticated {
             if fresh && link.tunn.time_since_last_handshake().is_none() {
                 self.remove_link_quietly(index);
+            }
+            return None;
+        }
+        if cookie_reply {
+            // The neighbour is under load and asked for proof that we
+            // receive at our address: boringtun kept the cookie, and the
+            // next initiation carries it (mac2). Send that one now rather
+            // than at the next retry (1 to 5 s away), at most once per
+            // `COOKIE_RETRY` per link. (A cookie reply decrypts only with
+            // the MAC of our last initiation, so a replayed or forged one
+            // triggers nothing.)
+            if link
+                .last_cookie_retry
+                .is_none_or(|t| now.saturating_duration_since(t) >= COOKIE_RETRY)
+            {
+                link.last_cookie_retry = Some(now);
+                initiate(
+                    &mut link.tunn,
+                    from,
+                    true,
+                    &mut self.bufs.b,
+                    &mut self.transmits,
+                );
             }
             return None;
         }
@@ -1725,8 +1775,13 @@ impl Node {
             // data (not keepalives) goes unanswered, or at the next rekey two
             // minutes on. Keepalives make silence a signal: nothing heard for
             // a keepalive period plus grace means a new handshake.
+            // Only for links this node wants (configured, or opened for its
+            // own traffic): a neighbour that opened a link to us and went
+            // quiet closed it or will link again itself, and its link here
+            // goes once it counts as gone.
             let silence = Duration::from_secs(self.config.keepalive as u64) + SILENCE_GRACE;
             if self.config.keepalive > 0
+                && (link.persistent || link.opened_on_demand())
                 && link.session_up
                 && now.saturating_duration_since(link.last_rx) > silence
                 && link
@@ -1803,11 +1858,18 @@ impl Node {
                             .insert(v.address, (v.record.seq.saturating_add(1), now));
                     }
                 }
+                // Unused links close only where this node opened them for
+                // its own traffic. A link from a neighbour that keeps it
+                // alive (its configured peer: it re-links within seconds)
+                // stays until the neighbour goes quiet (`gone`, the idle
+                // timeout) or a full table needs the room (`add_link`).
+                // Closing those at ON_DEMAND_IDLE made every inbound link
+                // of a busy node drop and come back every ~2 minutes.
                 if failed_connect
                     || gone
                     || (link.verified.is_none() && age > UNVERIFIED_TIMEOUT)
                     || idle > IDLE_TIMEOUT
-                    || unused > ON_DEMAND_IDLE
+                    || (link.opened_on_demand() && unused > ON_DEMAND_IDLE)
                 {
                     remove.push(index);
                     continue;

@@ -1187,15 +1187,86 @@ fn over_budget_source_gets_through_with_a_cookie() {
     let challenge = b.poll_transmit().unwrap();
     assert_eq!((challenge.dst, challenge.payload[0]), (ep_a, 3));
     assert!(a.handle_datagram(now, ep_b, &challenge.payload).is_none());
-    // ...and its next initiation, carrying the cookie, is answered.
-    let link = a.links.values_mut().next().unwrap();
-    let retry = match link.tunn.format_handshake_initiation(&mut a.bufs.a, true) {
-        TunnResult::WriteToNetwork(d) => d.to_vec(),
-        other => panic!("{other:?}"),
-    };
-    b.handle_datagram(now, ep_a, &retry);
+    // ...and a sends its next initiation at once, carrying the cookie; it
+    // is answered.
+    let retry = a.poll_transmit().expect("an initiation at once");
+    assert_eq!((retry.dst, retry.payload[0]), (ep_b, 1));
+    b.handle_datagram(now, ep_a, &retry.payload);
     let answer = b.poll_transmit().unwrap();
     assert_eq!(answer.payload[0], 2, "handshake response");
+    // The same cookie reply again (replayed by anyone on the path)
+    // makes a send nothing: it no longer matches a's last initiation.
+    // (Later than COOKIE_RETRY, so only the mismatch stops it.)
+    while a.poll_transmit().is_some() {}
+    let later = now + COOKIE_RETRY * 2;
+    assert!(a.handle_datagram(later, ep_b, &challenge.payload).is_none());
+    assert!(a.poll_transmit().is_none());
+    let link = a.links.values().next().unwrap();
+    assert_eq!(link.last_cookie_retry, Some(now));
+}
+
+/// A link a neighbour opened and keeps alive stays, used or not; a link
+/// this node opened on demand closes after `ON_DEMAND_IDLE` unused.
+#[test]
+fn only_links_opened_on_demand_close_unused() {
+    let now = Instant::now();
+    let (ids, eps) = (identities(2), endpoints(2));
+    let a_id = ids[0].node_id();
+    let mut net = linked_pair(now, ids, &eps);
+    let later = now + ON_DEMAND_IDLE + Duration::from_secs(5);
+    let b = &mut net.nodes[1].0;
+    // B's link is inbound (A configured B): kept alive, never used.
+    let idx = *b.links.keys().next().expect("B has A's link");
+    assert!(!b.links[&idx].persistent && !b.links[&idx].opened_on_demand());
+    b.links.get_mut(&idx).unwrap().last_rx = later;
+    b.handle_timeout(later);
+    assert!(
+        b.links.contains_key(&idx),
+        "an inbound link kept alive stays"
+    );
+    // The same link, had B opened it on demand, is closed.
+    b.links.get_mut(&idx).unwrap().configured = Some(a_id);
+    b.handle_timeout(later);
+    assert!(
+        !b.links.contains_key(&idx),
+        "an unused on-demand link closes"
+    );
+}
+
+/// Links not yet verified are capped (a quarter of `max_links`, at least
+/// 64); one younger than `UNVERIFIED_GRACE` is not pushed out for a newer
+/// one (that one is refused and its node retries), an older one is.
+#[test]
+fn unverified_links_get_their_grace() {
+    let t0 = Instant::now();
+    let mut config = cfg(vec![]);
+    config.max_links = 256;
+    let mut v = Node::new(identities(1).pop().unwrap(), 1, config, t0);
+    let from: SocketAddr = "198.18.5.5:40000".parse().unwrap();
+    let cap = MIN_UNVERIFIED_LINKS;
+    assert_eq!(v.max_unverified(), cap);
+    for i in 0..cap {
+        v.inject_inner(t0, [i as u8 + 1; 32], from, &[]);
+    }
+    assert_eq!(v.links.len(), cap);
+    // Full, and all young: a new one is refused, nobody is pushed out.
+    let t1 = t0 + UNVERIFIED_GRACE / 2;
+    v.inject_inner(t1, [200; 32], from, &[]);
+    assert_eq!(v.links.len(), cap);
+    assert!(!v.by_key.contains_key(&[200; 32]));
+    assert!(v.by_key.contains_key(&[1; 32]));
+    assert_eq!(v.status().drops.link_limit, 1);
+    // Past the grace, the oldest makes room.
+    let t2 = t0 + UNVERIFIED_GRACE;
+    v.inject_inner(t2, [200; 32], from, &[]);
+    assert_eq!(v.links.len(), cap);
+    assert!(v.by_key.contains_key(&[200; 32]));
+    assert_eq!(v.status().drops.link_limit, 2);
+    // A larger node holds more: a quarter of max_links.
+    let mut config = cfg(vec![]);
+    config.max_links = 4096;
+    let big = Node::new(identities(1).pop().unwrap(), 1, config, t0);
+    assert_eq!(big.max_unverified(), 1024);
 }
 
 #[test]
