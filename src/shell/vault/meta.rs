@@ -1,0 +1,145 @@
+//! The `meta` table: the node's identity, the record sequence number, the
+//! DHT value records the node keeps, and opaque extender values.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Result};
+use zeroize::Zeroizing;
+
+use super::{Vault, META_IDENTITY, META_SEQ, META_VALUES};
+use crate::proto::Identity;
+
+/// Version byte leading the identity value.
+const IDENTITY_VERSION: u8 = 1;
+
+pub(super) fn encode_identity(identity: &Identity) -> Result<Zeroizing<Vec<u8>>> {
+    let pem = Zeroizing::new(identity.rsa_pem()?);
+    let link = Zeroizing::new(identity.link_secret_bytes());
+    let mut v = Zeroizing::new(Vec::with_capacity(1 + 32 + pem.len()));
+    v.push(IDENTITY_VERSION);
+    v.extend_from_slice(&link[..]);
+    v.extend_from_slice(pem.as_bytes());
+    Ok(v)
+}
+
+fn decode_identity(v: &[u8]) -> Result<Identity> {
+    let bad = || anyhow!("the vault's identity entry does not decode");
+    let (&version, rest) = v.split_first().ok_or_else(bad)?;
+    if version != IDENTITY_VERSION || rest.len() < 32 {
+        return Err(bad());
+    }
+    let mut link = Zeroizing::new([0u8; 32]);
+    link.copy_from_slice(&rest[..32]);
+    let pem = std::str::from_utf8(&rest[32..]).map_err(|_| bad())?;
+    Identity::from_pem(pem, *link).map_err(|e| anyhow!("the vault's identity: {e}"))
+}
+
+impl Vault {
+    pub(super) fn get_meta(&self, key: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        let mut rtxn = self.rtxn()?;
+        let v = self
+            .meta
+            .get(&mut rtxn, key)
+            .map_err(|e| self.err(e))?
+            .map(|v| Zeroizing::new(v.to_vec()));
+        Ok(v)
+    }
+
+    /// The node's identity.
+    pub fn identity(&self) -> Result<Identity> {
+        let v = self
+            .get_meta(META_IDENTITY)?
+            .ok_or_else(|| anyhow!("vault {} holds no identity (damaged?)", self.path.display()))?;
+        decode_identity(&v)
+    }
+
+    /// The record sequence number last used (0 if none).
+    pub fn record_seq(&self) -> Result<u64> {
+        Ok(self
+            .get_meta(META_SEQ)?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// Picks the sequence number for this run's record: above every earlier
+    /// one and normally the current Unix time, so a record from a wiped
+    /// state still beats older copies. Stored before it is used.
+    pub fn next_record_seq(&self) -> Result<u64> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let seq = now.max(self.record_seq()? + 1);
+        self.write_record_seq(seq)?;
+        Ok(seq)
+    }
+
+    /// Stores the record sequence number in use (committed, so durable,
+    /// before a record with it is published).
+    pub fn write_record_seq(&self, seq: u64) -> Result<()> {
+        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        self.meta
+            .put(&mut wtxn, META_SEQ, &seq.to_be_bytes())
+            .map_err(|e| self.err(e))?;
+        wtxn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The DHT value records kept by the last [`Vault::replace_values`].
+    pub fn values(&self) -> Result<Vec<Vec<u8>>> {
+        let mut rtxn = self.rtxn()?;
+        let mut out = Vec::new();
+        for entry in self
+            .meta
+            .prefix_iter(&mut rtxn, META_VALUES)
+            .map_err(|e| self.err(e))?
+        {
+            let (_, v) = entry.map_err(|e| self.err(e))?;
+            out.push(v.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Replaces the kept DHT value records with `records` in one write
+    /// transaction (a crash leaves the old or the new set).
+    pub fn replace_values<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<()> {
+        let mut end = META_VALUES.to_vec();
+        *end.last_mut().expect("non-empty prefix") += 1;
+        let range = (
+            std::ops::Bound::Included(META_VALUES),
+            std::ops::Bound::Excluded(&end[..]),
+        );
+        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        self.meta
+            .delete_range(&mut wtxn, &range)
+            .map_err(|e| self.err(e))?;
+        let mut key = META_VALUES.to_vec();
+        for (i, r) in records.iter().enumerate() {
+            key.truncate(META_VALUES.len());
+            key.extend_from_slice(&(i as u32).to_be_bytes());
+            self.meta
+                .put(&mut wtxn, &key, r.as_ref())
+                .map_err(|e| self.err(e))?;
+        }
+        wtxn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Stores an opaque value in the `meta` table under `key` (extender
+    /// data; `identity`, `record_seq` and keys under `dht/value/` are
+    /// reserved).
+    pub fn put_meta(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        if key == META_IDENTITY || key == META_SEQ || key.starts_with(META_VALUES) {
+            bail!("vault key {:?} is reserved", String::from_utf8_lossy(key));
+        }
+        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        self.meta
+            .put(&mut wtxn, key, value)
+            .map_err(|e| self.err(e))?;
+        wtxn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Reads an opaque `meta` value.
+    pub fn meta_value(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.get_meta(key)?.map(|v| v.to_vec()))
+    }
+}

@@ -1,0 +1,378 @@
+//! Tests of the vault: round trips, sealing, wrong keys, tampering,
+//! migration, rotation after a crash at every step, the header and key files.
+
+use super::keys::{read_key_file, Header, Kdf};
+use super::peers::encode_value;
+use super::*;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::AtomicU32;
+
+use anyhow::{bail, Result};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use heed3::{CommitOrAbort, EnvOpenOptions};
+use rand_core::OsRng;
+
+use crate::proto::Identity;
+
+/// A fresh directory under the system temp dir, removed on drop (also
+/// when the test panics).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        use std::sync::atomic::Ordering;
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "qgate-vault-test-{name}-{}-{n}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn state(&self) -> PathBuf {
+        self.0.join("state")
+    }
+    fn key(&self, name: &str) -> KeySource {
+        let p = self.0.join(name);
+        if !p.exists() {
+            generate_key_file(&p).unwrap();
+        }
+        KeySource::File(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn identity() -> Identity {
+    use std::sync::OnceLock;
+    // RSA key generation is slow; one identity serves every test.
+    static ID: OnceLock<(String, [u8; 32])> = OnceLock::new();
+    let (pem, link) = ID.get_or_init(|| {
+        let id = Identity::generate(&mut OsRng).unwrap();
+        (id.rsa_pem().unwrap(), id.link_secret_bytes())
+    });
+    Identity::from_pem(pem, *link).unwrap()
+}
+
+fn peer(i: u8) -> ([u8; 32], StoredPeer) {
+    (
+        [i; 32],
+        StoredPeer {
+            record: vec![i; 40 + usize::from(i)],
+            source: i % 4,
+            last_seen_unix: 1_700_000_000 + u64::from(i) * 0x0101_0101,
+        },
+    )
+}
+
+fn err(r: Result<Vault>) -> String {
+    format!("{:#}", r.unwrap_err())
+}
+
+#[test]
+fn create_open_round_trip() {
+    let t = TempDir::new("round-trip");
+    let key = t.key("k");
+    let id = identity();
+    let v = Vault::create(&t.state(), &key, &id).unwrap();
+    assert!(v.is_empty().unwrap());
+    let peers: Vec<_> = (1..=5).map(peer).collect();
+    v.replace_all(&peers).unwrap();
+    let s = v.next_record_seq().unwrap();
+    assert!(v.next_record_seq().unwrap() > s);
+    v.put_meta(b"dfs/x", b"extender value").unwrap();
+    assert!(v.put_meta(META_IDENTITY, b"no").is_err());
+    assert!(v.put_meta(b"dht/value/\0\0\0\0", b"no").is_err());
+    // DHT values: replaced as a set, and apart from other meta entries.
+    v.replace_values(&[b"one".to_vec(), b"two".to_vec(), b"three".to_vec()])
+        .unwrap();
+    v.replace_values(&[b"two".to_vec(), b"four".to_vec()])
+        .unwrap();
+    v.close();
+    let v = Vault::open(&t.state(), &key).unwrap();
+    assert_eq!(v.identity().unwrap().node_id(), id.node_id());
+    assert_eq!(v.load().unwrap(), peers);
+    assert_eq!(v.record_seq().unwrap(), s + 1);
+    assert_eq!(v.meta_value(b"dfs/x").unwrap().unwrap(), b"extender value");
+    assert_eq!(v.values().unwrap(), [b"two".to_vec(), b"four".to_vec()]);
+    v.replace_values::<Vec<u8>>(&[]).unwrap();
+    assert!(v.values().unwrap().is_empty());
+    assert_eq!(v.meta_value(b"dfs/x").unwrap().unwrap(), b"extender value");
+    assert_eq!(v.identity().unwrap().node_id(), id.node_id());
+    let mode = fs::metadata(t.state().join(VAULT_DIR))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    // Create refuses to overwrite.
+    v.close();
+    assert!(err(Vault::create(&t.state(), &key, &id)).contains("refusing to overwrite"));
+}
+
+#[test]
+fn nothing_readable_in_the_files() {
+    let t = TempDir::new("opaque");
+    let key = t.key("k");
+    let id = identity();
+    let v = Vault::create(&t.state(), &key, &id).unwrap();
+    let marker = b"PLAINTEXT-MARKER-0123456789";
+    let mut p = peer(9);
+    p.1.record = marker.repeat(20);
+    v.replace_all(&[p]).unwrap();
+    v.close();
+    let pem = id.rsa_pem().unwrap();
+    let pem_body: String = pem.lines().nth(3).unwrap().to_string();
+    let needles: Vec<Vec<u8>> = vec![
+        marker.to_vec(),
+        NODES_DB.as_bytes().to_vec(),
+        META_IDENTITY.to_vec(),
+        pem_body.into_bytes(),
+        id.node_id().0.to_vec(),
+        id.link_secret_bytes().to_vec(),
+    ];
+    for f in ["data.mdb", "lock.mdb", "header"] {
+        let bytes = fs::read(t.state().join(VAULT_DIR).join(f)).unwrap();
+        for n in &needles {
+            assert!(
+                !bytes.windows(n.len()).any(|w| w == &n[..]),
+                "{f} holds {:?}",
+                String::from_utf8_lossy(n)
+            );
+        }
+    }
+}
+
+#[test]
+fn no_key_wrong_key_and_passphrase() {
+    let t = TempDir::new("wrong");
+    let key = t.key("k");
+    let id = identity();
+    Vault::create(&t.state(), &key, &id).unwrap().close();
+    let before = fs::read(t.state().join(VAULT_DIR).join("data.mdb")).unwrap();
+    let missing = KeySource::File(t.0.join("absent"));
+    assert!(err(Vault::open(&t.state(), &missing)).contains("not found"));
+    let other = t.key("other");
+    let e = err(Vault::open(&t.state(), &other));
+    assert!(e.starts_with("wrong key"), "{e}");
+    let pass = KeySource::Passphrase(Zeroizing::new("hunter2".into()));
+    assert!(err(Vault::open(&t.state(), &pass)).starts_with("wrong key"));
+    fs::write(t.0.join("junk"), "not a key\n").unwrap();
+    let junk = KeySource::File(t.0.join("junk"));
+    assert!(err(Vault::open(&t.state(), &junk)).contains("not a qgate key file"));
+    // Nothing was changed by the refusals.
+    assert_eq!(
+        before,
+        fs::read(t.state().join(VAULT_DIR).join("data.mdb")).unwrap()
+    );
+    assert!(Vault::open(&t.state(), &key).is_ok());
+
+    // A passphrase vault opens with the passphrase only.
+    let t2 = TempDir::new("pass");
+    Vault::create(&t2.state(), &pass, &id).unwrap().close();
+    let v = Vault::open(&t2.state(), &pass).unwrap();
+    assert_eq!(v.identity().unwrap().node_id(), id.node_id());
+    v.close();
+    let bad = KeySource::Passphrase(Zeroizing::new("hunter3".into()));
+    assert!(err(Vault::open(&t2.state(), &bad)).starts_with("wrong key"));
+    assert!(err(Vault::open(&t2.state(), &key)).starts_with("wrong key"));
+}
+
+#[test]
+#[cfg(feature = "test-hooks")]
+fn a_flipped_byte_in_a_value_is_refused() {
+    let t = TempDir::new("tamper");
+    let key = t.key("k");
+    let v = Vault::create(&t.state(), &key, &identity()).unwrap();
+    let marker = b"TAMPER-TARGET-MARKER";
+    let mut p = peer(3);
+    p.1.record = marker.to_vec();
+    probe::start(marker);
+    v.replace_all(&[peer(1), p, peer(5)]).unwrap();
+    let at = probe::take().expect("the probe saw the marker sealed");
+    v.close();
+    let path = t.state().join(VAULT_DIR).join("data.mdb");
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[at as usize + 3] ^= 0x20;
+    fs::write(&path, &bytes).unwrap();
+    let e = err(Vault::open(&t.state(), &key));
+    assert!(e.contains("failed authentication"), "{e}");
+    // The refusal wrote nothing.
+    assert_eq!(bytes, fs::read(&path).unwrap());
+    // Damaged header: a clear line too.
+    let t2 = TempDir::new("header");
+    Vault::create(&t2.state(), &key, &identity())
+        .unwrap()
+        .close();
+    fs::write(t2.state().join(VAULT_DIR).join(HEADER_FILE), b"junk").unwrap();
+    assert!(err(Vault::open(&t2.state(), &key)).contains("damaged"));
+}
+
+fn legacy_state(dir: &Path, id: &Identity, peers: &[([u8; 32], StoredPeer)]) {
+    fs::create_dir_all(dir).unwrap();
+    fs::write(dir.join(LEGACY_IDENTITY), id.rsa_pem().unwrap()).unwrap();
+    fs::write(
+        dir.join(LEGACY_LINK),
+        format!("{}\n", STANDARD.encode(id.link_secret_bytes())),
+    )
+    .unwrap();
+    fs::write(dir.join(LEGACY_SEQ), "1234\n").unwrap();
+    let path = dir.join(LEGACY_STORE);
+    fs::create_dir_all(&path).unwrap();
+    let mut options = EnvOpenOptions::new().read_txn_without_tls();
+    options.map_size(MAP_SIZE).max_dbs(MAX_DBS);
+    #[allow(unsafe_code)]
+    let env = unsafe { options.open(&path) }.unwrap();
+    let wtxn = env.write_txn().unwrap();
+    let db = env
+        .create_databases_and_commit(wtxn, |opener, wtxn| {
+            opener
+                .create_database::<Bytes, Bytes>(wtxn, Some(NODES_DB))
+                .map(CommitOrAbort::<_, ()>::Commit)
+        })
+        .unwrap()
+        .unwrap_commit();
+    let mut wtxn = env.write_txn().unwrap();
+    let mut v = Vec::new();
+    for (k, p) in peers {
+        encode_value(p, &mut v);
+        db.put(&mut wtxn, k, &v).unwrap();
+    }
+    wtxn.commit().unwrap();
+    env.prepare_for_closing().wait();
+}
+
+#[test]
+fn plaintext_state_is_migrated_once() {
+    let t = TempDir::new("migrate");
+    let id = identity();
+    let peers: Vec<_> = (1..=4).map(peer).collect();
+    legacy_state(&t.state(), &id, &peers);
+    assert_eq!(layout(&t.state()), Layout::Legacy);
+    let key = t.key("k");
+    let v = Vault::open(&t.state(), &key).unwrap();
+    assert_eq!(v.identity().unwrap().node_id(), id.node_id());
+    assert_eq!(v.load().unwrap(), peers);
+    assert_eq!(v.record_seq().unwrap(), 1234);
+    v.close();
+    assert_eq!(layout(&t.state()), Layout::Sealed);
+    for f in [LEGACY_IDENTITY, LEGACY_LINK, LEGACY_SEQ, LEGACY_STORE] {
+        assert!(!t.state().join(f).exists(), "{f} left behind");
+    }
+    // Once: the next open is a plain open.
+    let v = Vault::open(&t.state(), &key).unwrap();
+    assert_eq!(v.load().unwrap(), peers);
+}
+
+#[test]
+fn rotation_survives_a_crash_after_every_step() {
+    for step in [
+        RotateStep::Written,
+        RotateStep::Synced,
+        RotateStep::Swapped,
+        RotateStep::Cleaned,
+    ] {
+        let t = TempDir::new(step.name());
+        let old = t.key("old");
+        let new = t.key("new");
+        let id = identity();
+        let v = Vault::create(&t.state(), &old, &id).unwrap();
+        let peers: Vec<_> = (1..=6).map(peer).collect();
+        v.replace_all(&peers).unwrap();
+        let seq = v.next_record_seq().unwrap();
+        v.put_meta(b"ext", b"kept").unwrap();
+        v.replace_values(&[b"a value record".to_vec()]).unwrap();
+        v.close();
+        let crash = |s: RotateStep| {
+            if s == step {
+                bail!("fault injected after {}", s.name())
+            }
+            Ok(())
+        };
+        let e = rotate(&t.state(), &old, &new, &crash).unwrap_err();
+        assert!(format!("{e}").contains(step.name()));
+        // Exactly one of the keys opens it, with everything in it.
+        let (opens, refused) = match step {
+            RotateStep::Written | RotateStep::Synced => (&old, &new),
+            RotateStep::Swapped | RotateStep::Cleaned => (&new, &old),
+        };
+        let msg = err(Vault::open(&t.state(), refused));
+        if step == RotateStep::Cleaned {
+            assert!(msg.starts_with("wrong key"), "{msg}");
+        } else {
+            assert!(msg.contains("interrupted key rotation"), "{step:?}: {msg}");
+        }
+        let v = Vault::open(&t.state(), opens).unwrap();
+        assert_eq!(v.identity().unwrap().node_id(), id.node_id());
+        assert_eq!(v.load().unwrap(), peers);
+        assert_eq!(v.record_seq().unwrap(), seq);
+        assert_eq!(v.meta_value(b"ext").unwrap().unwrap(), b"kept");
+        assert_eq!(v.values().unwrap(), [b"a value record".to_vec()]);
+        v.close();
+        // The leftover copy is gone after that open.
+        assert!(!t.state().join(VAULT_NEW).exists());
+        // And a rotation from there completes.
+        rotate(&t.state(), opens, refused, &|_| Ok(())).unwrap();
+        assert!(Vault::open(&t.state(), refused).is_ok());
+    }
+}
+
+#[test]
+fn header_layout() {
+    let h = Header {
+        kdf: Kdf::Argon2id {
+            m_kib: 65536,
+            t: 3,
+            p: 1,
+        },
+        salt: [7; 16],
+        key_id: [9; 16],
+    };
+    assert_eq!(Header::decode(&h.encode()), Some(h.clone()));
+    let mut b = h.encode();
+    b[9..13].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert_eq!(Header::decode(&b), None, "absurd Argon2 cost refused");
+    assert_eq!(Header::decode(&b[..40]), None);
+    let d = TempDir::new("default-key");
+    assert_eq!(
+        default_key_file(&d.0.join("node-a")).unwrap(),
+        d.0.join("node-a.key")
+    );
+    assert_eq!(
+        default_key_file(&d.0.join("node-a/")).unwrap(),
+        d.0.join("node-a.key")
+    );
+    assert!(default_key_file(Path::new("/")).is_err());
+}
+
+#[test]
+fn one_holder_of_the_state_lock() {
+    let t = TempDir::new("lock");
+    let first = StateLock::take(&t.0).unwrap();
+    let e = StateLock::take(&t.0).err().expect("second lock refused");
+    assert!(format!("{e:#}").contains("in use"), "{e:#}");
+    drop(first);
+    StateLock::take(&t.0).unwrap();
+}
+
+#[test]
+fn key_files() {
+    let t = TempDir::new("keyfile");
+    let p = t.0.join("a.key");
+    generate_key_file(&p).unwrap();
+    let mode = fs::metadata(&p).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(format!("{:#}", generate_key_file(&p).unwrap_err()).contains("refusing"));
+    let k = read_key_file(&p).unwrap();
+    let p2 = t.0.join("b.key");
+    generate_key_file(&p2).unwrap();
+    assert_ne!(*k, *read_key_file(&p2).unwrap());
+}
