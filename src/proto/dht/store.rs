@@ -1,0 +1,263 @@
+//! What this node stores and publishes: node records and value records kept
+//! for others (bounded, and which go when full), and its own record and
+//! values, stored at the closest nodes and republished.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::lookup::Then;
+use super::{
+    distance, Dht, Goal, Key, RecordError, Records, ValueInfo, MAX_RECORD_BYTES,
+    MAX_STORED_RECORDS, MAX_VALUES, MAX_VALUES_PER_KEY, MAX_VALUES_PER_PUBLISHER,
+    REPUBLISH_INTERVAL,
+};
+
+pub(super) struct StoredValue {
+    pub(super) info: ValueInfo,
+    pub(super) record: Arc<[u8]>,
+}
+
+/// A value this node published: its expiry and the record.
+pub(super) type OwnValue = (u64, Arc<[u8]>);
+
+impl<R: Records> Dht<R> {
+    pub(super) fn store_node(&mut self, now: Instant, record: &[u8]) -> bool {
+        let Ok(c) = self.contact_from(now, record) else {
+            return false;
+        };
+        if c.info.id == self.own.info.id {
+            return false;
+        }
+        // A newer record replaces the table's copy too (a node that came
+        // back on a new port says so this way).
+        if let Some(b) = self.bucket_of(&c.info.id) {
+            if let Some(bucket) = self.buckets.get_mut(b) {
+                for e in bucket.entries.iter_mut() {
+                    if e.contact.info.id == c.info.id && e.contact.info.seq < c.info.seq {
+                        e.contact = c.clone();
+                    }
+                }
+            }
+        }
+        match self.stored_records.get(&c.info.id) {
+            Some(old) if old.info.seq >= c.info.seq => {
+                if old.info.seq > c.info.seq {
+                    self.stats.stale_records += 1;
+                    return false;
+                }
+                true
+            }
+            _ => {
+                if self.stored_records.len() >= MAX_STORED_RECORDS
+                    && !self.stored_records.contains_key(&c.info.id)
+                {
+                    // Keep the records closest to us: those are the ones
+                    // lookups will ask us for.
+                    let own = self.id();
+                    let far = self
+                        .stored_records
+                        .keys()
+                        .max_by_key(|k| distance(&k.0, &own))
+                        .copied();
+                    match far {
+                        Some(f) if distance(&f.0, &own) > distance(&c.info.id.0, &own) => {
+                            self.stored_records.remove(&f);
+                        }
+                        _ => {
+                            self.stats.store_full += 1;
+                            return false;
+                        }
+                    }
+                }
+                self.stored_records.insert(c.info.id, c);
+                true
+            }
+        }
+    }
+
+    pub(super) fn store_value(&mut self, now: Instant, record: &[u8]) -> bool {
+        let unix = self.unix(now);
+        let info = match self.records.check_value(record, unix) {
+            Ok(i) => i,
+            Err(e) => {
+                self.count_record(Some(&e));
+                return false;
+            }
+        };
+        let list = self.values.entry(info.target).or_default();
+        let before = list.len();
+        list.retain(|v| v.info.expires > unix);
+        self.value_count -= before - list.len();
+        if let Some(v) = list.iter_mut().find(|v| v.info.publisher == info.publisher) {
+            if v.info.seq > info.seq {
+                self.stats.stale_records += 1;
+                return false;
+            }
+            v.info = info;
+            v.record = Arc::from(record);
+            return true;
+        }
+        if list.len() >= MAX_VALUES_PER_KEY {
+            // Full: the entry expiring first makes room if it expires
+            // before the newcomer, else the newcomer is refused.
+            let (pos, soonest) = list
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i, v.info.expires))
+                .min_by_key(|x| x.1)
+                .expect("non-empty");
+            if soonest >= info.expires {
+                self.stats.store_full += 1;
+                return false;
+            }
+            list.remove(pos);
+            self.value_count -= 1;
+        }
+        let per_publisher = self
+            .values
+            .values()
+            .flatten()
+            .filter(|v| v.info.publisher == info.publisher)
+            .count();
+        if per_publisher >= MAX_VALUES_PER_PUBLISHER {
+            self.stats.store_full += 1;
+            return false;
+        }
+        if self.value_count >= MAX_VALUES {
+            // Full: keep the keys closest to us (those are the ones lookups
+            // ask us for); the farthest goes if the newcomer is closer.
+            let own = self.id();
+            let far = self
+                .values
+                .keys()
+                .max_by_key(|k| distance(k, &own))
+                .copied();
+            match far {
+                Some(f) if distance(&f, &own) > distance(&info.target, &own) => {
+                    if let Some(l) = self.values.get_mut(&f) {
+                        l.pop();
+                        self.value_count -= 1;
+                        if l.is_empty() {
+                            self.values.remove(&f);
+                        }
+                    }
+                }
+                _ => {
+                    self.stats.store_full += 1;
+                    return false;
+                }
+            }
+        }
+        let list = self.values.entry(info.target).or_default();
+        list.push(StoredValue {
+            info,
+            record: Arc::from(record),
+        });
+        self.value_count += 1;
+        true
+    }
+
+    /// Joins (or rejoins) the network: looks up our own ID, which fills the
+    /// buckets near us and tells our neighbours we are here, then stores
+    /// our record with the closest.
+    pub fn publish(&mut self, now: Instant) {
+        let rec = self.own.record.clone();
+        let own = self.id();
+        self.last_publish = Some(
+            if self
+                .start_lookup(now, Goal::Closest(own), Then::StoreNode(rec))
+                .is_some()
+            {
+                now
+            } else {
+                // No lookup slot free: try again in a minute.
+                now.checked_sub(REPUBLISH_INTERVAL - Duration::from_secs(60))
+                    .unwrap_or(now)
+            },
+        );
+        let values: Vec<Arc<[u8]>> = self.own_values.values().map(|v| v.1.clone()).collect();
+        for v in values {
+            self.put_checked(now, v);
+        }
+    }
+
+    /// Stores a value record (already signed by this node) at the nodes
+    /// closest to its key, and again every [`REPUBLISH_INTERVAL`] until it
+    /// expires. Refused records return the reason.
+    pub fn put(&mut self, now: Instant, record: &[u8]) -> Result<Option<u64>, RecordError> {
+        let unix = self.unix(now);
+        let info = self.records.check_value(record, unix)?;
+        if record.len() > MAX_RECORD_BYTES {
+            return Err(RecordError::Oversized);
+        }
+        let rec: Arc<[u8]> = Arc::from(record);
+        self.own_values
+            .insert((info.target, info.publisher), (info.expires, rec.clone()));
+        self.store_value(now, record);
+        Ok(self.put_checked(now, rec))
+    }
+
+    fn put_checked(&mut self, now: Instant, rec: Arc<[u8]>) -> Option<u64> {
+        let unix = self.unix(now);
+        let info = self.records.check_value(&rec, unix).ok()?;
+        self.start_lookup(now, Goal::Closest(info.target), Then::StoreValue(rec))
+    }
+
+    /// Values stored here under `target` (for a get that this node can
+    /// answer itself).
+    pub fn local_values(&self, now: Instant, target: &Key) -> Vec<Arc<[u8]>> {
+        let unix = self.unix(now);
+        self.values
+            .get(target)
+            .map(|l| {
+                l.iter()
+                    .filter(|v| v.info.expires > unix)
+                    .map(|v| v.record.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every unexpired value record this node keeps, once each: those it
+    /// published (so a restart can publish them again) and those it holds
+    /// for others. For the node's store; [`Dht::restore_value`] takes them
+    /// back.
+    pub fn value_records(&self, now: Instant) -> Vec<Arc<[u8]>> {
+        let unix = self.unix(now);
+        let mut out: Vec<Arc<[u8]>> = self
+            .own_values
+            .values()
+            .filter(|v| v.0 > unix)
+            .map(|v| v.1.clone())
+            .collect();
+        let own = self.own.info.id;
+        out.extend(
+            self.values
+                .values()
+                .flatten()
+                .filter(|v| v.info.expires > unix && v.info.publisher != own)
+                .map(|v| v.record.clone()),
+        );
+        out
+    }
+
+    /// Takes back a value record kept by an earlier run. It is checked like
+    /// one arriving from the network (signature, expiry, limits); one this
+    /// node signed is also published again with the next [`Dht::publish`].
+    pub fn restore_value(&mut self, now: Instant, record: &[u8]) -> bool {
+        let unix = self.unix(now);
+        let Ok(info) = self.records.check_value(record, unix) else {
+            return false;
+        };
+        if record.len() > MAX_RECORD_BYTES {
+            return false;
+        }
+        if info.publisher == self.own.info.id {
+            // A value put in this run is newer than any kept one.
+            self.own_values
+                .entry((info.target, info.publisher))
+                .or_insert_with(|| (info.expires, Arc::from(record)));
+        }
+        self.store_value(now, record)
+    }
+}

@@ -1,0 +1,328 @@
+//! Unit tests of the DHT: a few `Dht`s wired directly (`Mesh`), with
+//! records checked by a plain oracle (`Plain`) instead of RSA.
+
+use super::*;
+
+/// Records are `id [32] | seq u64 | expires u64 | ok u8`, valid when
+/// `ok` is 1: enough to test the DHT's logic without RSA.
+struct Plain;
+impl Records for Plain {
+    fn check_node(&mut self, b: &[u8], now: u64) -> Result<RecordInfo, RecordError> {
+        if b.len() != 49 || b[48] != 1 {
+            return Err(RecordError::Forged);
+        }
+        let expires = u64::from_be_bytes(b[40..48].try_into().unwrap());
+        if expires <= now {
+            return Err(RecordError::Expired);
+        }
+        Ok(RecordInfo {
+            id: NodeId(b[..32].try_into().unwrap()),
+            seq: u64::from_be_bytes(b[32..40].try_into().unwrap()),
+            expires,
+            roles: 0,
+            ip: None,
+        })
+    }
+    fn check_value(&mut self, b: &[u8], now: u64) -> Result<ValueInfo, RecordError> {
+        // target [32] | publisher [32] | seq | expires | value
+        if b.len() < 80 {
+            return Err(RecordError::Forged);
+        }
+        if b.len() > 80 + MAX_VALUE_LEN {
+            return Err(RecordError::Oversized);
+        }
+        let expires = u64::from_be_bytes(b[72..80].try_into().unwrap());
+        if expires <= now {
+            return Err(RecordError::Expired);
+        }
+        Ok(ValueInfo {
+            target: b[..32].try_into().unwrap(),
+            publisher: NodeId(b[32..64].try_into().unwrap()),
+            seq: u64::from_be_bytes(b[64..72].try_into().unwrap()),
+            expires,
+        })
+    }
+}
+
+fn rec(id: u8, seq: u64) -> Vec<u8> {
+    let mut b = vec![id; 32];
+    b.extend_from_slice(&seq.to_be_bytes());
+    b.extend_from_slice(&2_000_000_000u64.to_be_bytes());
+    b.push(1);
+    b
+}
+
+fn contact(id: u8, seq: u64) -> Contact {
+    let r = rec(id, seq);
+    Contact {
+        info: Plain.check_node(&r, 0).unwrap(),
+        record: Arc::from(r),
+    }
+}
+
+/// A few DHTs wired directly, messages delivered in order.
+struct Mesh {
+    nodes: Vec<Dht<Plain>>,
+    now: Instant,
+}
+impl Mesh {
+    fn new(ids: &[u8]) -> Mesh {
+        let now = Instant::now();
+        let nodes = ids
+            .iter()
+            .map(|i| Dht::new(contact(*i, 1), Plain, now, 1_700_000_000, *i as u64))
+            .collect();
+        Mesh { nodes, now }
+    }
+    fn run(&mut self) {
+        for _ in 0..10_000 {
+            let mut moved = false;
+            for i in 0..self.nodes.len() {
+                while let Some((to, bytes)) = self.nodes[i].poll_transmit() {
+                    moved = true;
+                    let from = self.nodes[i].own().clone();
+                    if let Some(j) = self
+                        .nodes
+                        .iter()
+                        .position(|n| n.own().info.id == to.info.id)
+                    {
+                        let now = self.now;
+                        self.nodes[j].handle_message(now, &from, &bytes);
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+}
+
+#[test]
+fn messages_roundtrip_and_never_panic() {
+    let msgs = [
+        Msg::Find {
+            txid: 7,
+            target: [3; 32],
+            values: true,
+        },
+        Msg::Reply {
+            txid: 8,
+            values: vec![vec![1, 2, 3]],
+            nodes: vec![rec(1, 1), rec(2, 2)],
+        },
+        Msg::Store {
+            txid: 9,
+            node: false,
+            record: vec![5; 100],
+        },
+        Msg::Stored { txid: 1, ok: true },
+        Msg::Ping { txid: 2 },
+        Msg::Pong { txid: 3 },
+    ];
+    for m in msgs {
+        let b = m.to_bytes();
+        assert_eq!(Msg::parse(&b).unwrap(), m);
+        for n in 0..b.len() {
+            let _ = Msg::parse(&b[..n]);
+        }
+    }
+}
+
+#[test]
+fn lookup_finds_a_node_through_others() {
+    let ids: Vec<u8> = (1..=40).collect();
+    let mut m = Mesh::new(&ids);
+    let now = m.now;
+    // A chain: each knows the next few only.
+    for i in 0..m.nodes.len() {
+        for d in 1..=3 {
+            let j = (i + d) % m.nodes.len();
+            let c = m.nodes[j].own().clone();
+            m.nodes[i].add_contact(now, c, Source::Config);
+        }
+    }
+    for i in 0..m.nodes.len() {
+        m.nodes[i].publish(now);
+    }
+    m.run();
+    let target = m.nodes[25].own().info.id;
+    let id = m.nodes[0]
+        .lookup(
+            now,
+            Goal::Node {
+                prefix: target.0.to_vec(),
+                min_seq: 0,
+                reachable: false,
+            },
+        )
+        .unwrap();
+    m.run();
+    let ev = std::iter::from_fn(|| m.nodes[0].poll_event())
+        .find(|e| e.id == id)
+        .unwrap();
+    match ev.outcome {
+        Outcome::Found(c) => assert_eq!(c.info.id, target),
+        o => panic!("not found: {o:?}"),
+    }
+}
+
+#[test]
+fn full_bucket_keeps_its_old_entries() {
+    let now = Instant::now();
+    let mut d = Dht::new(contact(0, 1), Plain, now, 1_700_000_000, 1);
+    // IDs 0x80.. all land in bucket 0 of node 0x00... Unproven
+    // entries give way to nodes that talk to us; those then stay.
+    for i in 0..K as u8 {
+        d.add_contact(now, contact(0xa0 + i, 1), Source::Store);
+    }
+    for i in 0..K as u8 {
+        let c = contact(0x80 + i, 1);
+        d.handle_message(now, &c, &Msg::Ping { txid: 1 }.to_bytes());
+    }
+    for i in 0..50u8 {
+        let c = contact(0xc0 + i, 1);
+        d.handle_message(now, &c, &Msg::Ping { txid: 1 }.to_bytes());
+    }
+    let table = d.table(now);
+    let live: Vec<_> = table.iter().filter(|e| !e.replacement).collect();
+    assert_eq!(live.len(), K);
+    assert!(live.iter().all(|e| e.id.0[0] < 0xa0 && e.proven));
+    assert_eq!(table.len() - live.len(), REPLACEMENTS);
+}
+
+#[test]
+fn records_are_checked_and_counted() {
+    let mut m = Mesh::new(&[1, 2]);
+    let now = m.now;
+    let a = m.nodes[0].own().clone();
+    // Forged, expired, stale.
+    let mut forged = rec(9, 5);
+    forged[48] = 0;
+    let mut expired = rec(9, 5);
+    expired[40..48].copy_from_slice(&5u64.to_be_bytes());
+    for (r, ok) in [
+        (rec(9, 5), true),
+        (forged, false),
+        (expired, false),
+        (rec(9, 4), false),
+    ] {
+        let msg = Msg::Store {
+            txid: 1,
+            node: true,
+            record: r,
+        };
+        m.nodes[1].handle_message(now, &a, &msg.to_bytes());
+        let (_, reply) = m.nodes[1].poll_transmit().unwrap();
+        assert_eq!(Msg::parse(&reply).unwrap(), Msg::Stored { txid: 1, ok });
+    }
+    let s = m.nodes[1].stats();
+    assert_eq!(
+        (s.forged_records, s.expired_records, s.stale_records),
+        (1, 1, 1)
+    );
+    // Oversized values are refused.
+    let mut big = vec![0u8; 80 + MAX_VALUE_LEN + 1];
+    big[72..80].copy_from_slice(&2_000_000_000u64.to_be_bytes());
+    let msg = Msg::Store {
+        txid: 2,
+        node: false,
+        record: big,
+    };
+    m.nodes[1].handle_message(now, &a, &msg.to_bytes());
+    assert_eq!(m.nodes[1].stats().oversized_records, 1);
+}
+
+#[test]
+fn values_are_bounded_per_key() {
+    let now = Instant::now();
+    let mut d = Dht::new(contact(0, 1), Plain, now, 1_700_000_000, 1);
+    let from = contact(5, 1);
+    let mut stored = 0;
+    for p in 0..(MAX_VALUES_PER_KEY + 10) as u8 {
+        let mut v = vec![7u8; 32];
+        v.extend_from_slice(&[p; 32]);
+        v.extend_from_slice(&1u64.to_be_bytes());
+        v.extend_from_slice(&2_000_000_000u64.to_be_bytes());
+        v.extend_from_slice(b"provider");
+        let msg = Msg::Store {
+            txid: p as u32,
+            node: false,
+            record: v,
+        };
+        d.handle_message(now, &from, &msg.to_bytes());
+        if let Some((_, r)) = d.poll_transmit() {
+            if Msg::parse(&r).unwrap()
+                == (Msg::Stored {
+                    txid: p as u32,
+                    ok: true,
+                })
+            {
+                stored += 1;
+            }
+        }
+    }
+    assert_eq!(stored, MAX_VALUES_PER_KEY);
+    assert_eq!(d.local_values(now, &[7; 32]).len(), MAX_VALUES_PER_KEY);
+}
+
+#[test]
+fn requests_over_budget_are_dropped() {
+    let now = Instant::now();
+    let mut d = Dht::new(contact(0, 1), Plain, now, 1_700_000_000, 1);
+    let from = contact(5, 1);
+    for _ in 0..200 {
+        d.handle_message(now, &from, &Msg::Ping { txid: 1 }.to_bytes());
+    }
+    assert_eq!(d.stats().requests_in, REQUEST_BURST as u64);
+    assert_eq!(d.stats().rate_limited, 200 - REQUEST_BURST as u64);
+}
+
+#[test]
+fn kept_values_come_back_after_a_restart() {
+    let value = |target: u8, publisher: u8, expires: u64, text: &[u8]| {
+        let mut v = vec![target; 32];
+        v.extend_from_slice(&[publisher; 32]);
+        v.extend_from_slice(&1u64.to_be_bytes());
+        v.extend_from_slice(&expires.to_be_bytes());
+        v.extend_from_slice(text);
+        v
+    };
+    let now = Instant::now();
+    let mut d = Dht::new(contact(0, 1), Plain, now, 1_700_000_000, 1);
+    d.put(now, &value(7, 0, 2_000_000_000, b"mine")).unwrap();
+    let from = contact(5, 1);
+    for (txid, v) in [
+        (1, value(7, 5, 2_000_000_000, b"held")),
+        (2, value(8, 5, 1_700_000_100, b"soon gone")),
+    ] {
+        let msg = Msg::Store {
+            txid,
+            node: false,
+            record: v,
+        };
+        d.handle_message(now, &from, &msg.to_bytes());
+    }
+    let kept = d.value_records(now);
+    // Our own value is both published and stored here: kept once.
+    assert_eq!(kept.len(), 3, "{kept:?}");
+
+    // The next run, 200 s later: the short-lived value has expired,
+    // and a damaged record is refused like one from the network.
+    let later = now + Duration::from_secs(200);
+    let mut d2 = Dht::new(contact(0, 2), Plain, later, 1_700_000_200, 2);
+    let back: Vec<bool> = kept.iter().map(|r| d2.restore_value(later, r)).collect();
+    assert_eq!(back.iter().filter(|b| **b).count(), 2, "{back:?}");
+    assert!(!d2.restore_value(later, &kept[0][..40]));
+    let mut texts: Vec<Vec<u8>> = d2
+        .local_values(later, &[7; 32])
+        .iter()
+        .map(|r| r[80..].to_vec())
+        .collect();
+    texts.sort();
+    assert_eq!(texts, [b"held".to_vec(), b"mine".to_vec()]);
+    assert!(d2.local_values(later, &[8; 32]).is_empty());
+    // Only our own is published again.
+    assert_eq!(d2.own_values.len(), 1);
+    assert_eq!(d2.value_records(later).len(), 2);
+}
