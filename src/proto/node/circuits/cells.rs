@@ -1,0 +1,333 @@
+//! Circuit cells on links: circuit IDs, sending cells (plain, wrapped for a
+//! hop, or from a hop back towards the source), the relay bandwidth cap, and
+//! the entry for cells arriving on a link, which hands them to the source's
+//! side ([`super::source`]) or the relay's ([`super::relay`]). Also what
+//! happens to circuits when a link goes away.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rand_core::RngCore;
+
+use super::{count, wrap_into, CircRef};
+use crate::proto::identity::NodeId;
+use crate::proto::node::{reuse, Node, Transmit, MAX_PENDING_CTL, MSG_CELL};
+use crate::proto::onion::{
+    self, parse_cell, CellKind, Cmd, CELL_HEADER, CELL_LARGE, CELL_SMALL, CREATED_LEN,
+};
+use crate::proto::wire;
+
+impl Node {
+    pub(super) fn neighbour(&self, link: u32) -> Option<NodeId> {
+        self.links
+            .get(&link)
+            .and_then(|l| l.verified.as_ref())
+            .map(|v| v.record.node_id())
+    }
+
+    /// A free circuit ID on a link. The side whose node ID is lower sets
+    /// the top bit, so the two sides never pick the same one.
+    pub(super) fn alloc_circ(&mut self, link: u32) -> u32 {
+        let high = match self.links.get(&link).and_then(|l| l.node_id()) {
+            Some(id) if self.node_id() < id => 0x8000_0000,
+            _ => 0,
+        };
+        loop {
+            let c = (self.rng.next_u32() & 0x7fff_ffff) | high;
+            if c != 0 && !self.circ.on_link.contains_key(&(link, c)) {
+                return c;
+            }
+        }
+    }
+
+    /// Encrypts `self.bufs.cell[..len]` for `link`; the datagram is left in
+    /// `self.bufs.a`. Returns (endpoint, datagram length).
+    pub(super) fn encap_cell(&mut self, link: u32, len: usize) -> Option<(SocketAddr, usize)> {
+        let l = self.links.get_mut(&link)?;
+        let dst = l.verified.as_ref()?.address;
+        let ep = l.endpoint?;
+        let n = wire::encode_control(
+            self.address,
+            dst,
+            MSG_CELL,
+            &self.bufs.cell[..len],
+            &mut self.bufs.ctl,
+        );
+        match l.tunn.encapsulate(&self.bufs.ctl[..n], &mut self.bufs.a) {
+            boringtun::noise::TunnResult::WriteToNetwork(out) => Some((ep, out.len())),
+            _ => None,
+        }
+    }
+
+    /// Sends `self.bufs.cell[..len]` on `link` (queued until the link's
+    /// neighbour is verified).
+    pub(in crate::proto::node) fn send_cell(&mut self, now: Instant, link: u32, len: usize) {
+        let Some(l) = self.links.get_mut(&link) else {
+            self.circ.stats.drops.send_failed += 1;
+            return;
+        };
+        l.last_used = now;
+        if l.verified.is_none() {
+            if l.pending_ctl.len() >= MAX_PENDING_CTL {
+                l.pending_ctl.pop_front();
+            }
+            l.pending_ctl
+                .push_back((MSG_CELL, self.bufs.cell[..len].to_vec()));
+            return;
+        }
+        match self.encap_cell(link, len) {
+            Some((dst, n)) => self.transmits.push_back(Transmit {
+                dst,
+                payload: reuse(&mut self.spare, &self.bufs.a[..n]),
+            }),
+            None => self.circ.stats.drops.send_failed += 1,
+        }
+    }
+
+    /// A link-level cell with a plain body (CREATE, CREATED, DESTROY).
+    pub(super) fn send_plain(
+        &mut self,
+        now: Instant,
+        link: u32,
+        circ: u32,
+        kind: CellKind,
+        body: &[u8],
+    ) {
+        let mut nonce = [0u8; 16];
+        self.rng.fill_bytes(&mut nonce);
+        let cell = &mut self.bufs.cell[..CELL_SMALL];
+        onion::write_header(cell, circ, kind, &nonce);
+        cell[CELL_HEADER..CELL_HEADER + body.len()].copy_from_slice(body);
+        let rest = CELL_HEADER + body.len();
+        self.rng.fill_bytes(&mut self.bufs.cell[rest..CELL_SMALL]);
+        self.send_cell(now, link, CELL_SMALL);
+    }
+
+    fn cell_size(&self, data: usize) -> usize {
+        onion::cell_size_for(data, self.config.traffic.always_large).unwrap_or(CELL_LARGE)
+    }
+
+    /// Builds a forward cell for hop `target` of out-circuit `id` in
+    /// `self.bufs.cell`; returns (first link, length).
+    fn wrap_out(
+        &mut self,
+        id: u64,
+        target: usize,
+        command: Cmd,
+        data: &[u8],
+    ) -> Option<(u32, usize)> {
+        let c = self.circ.out.get_mut(&id)?;
+        let large = self.config.traffic.always_large;
+        wrap_into(c, target, command, data, &mut self.bufs.cell, large)
+    }
+
+    pub(super) fn send_out(
+        &mut self,
+        now: Instant,
+        id: u64,
+        target: usize,
+        command: Cmd,
+        data: &[u8],
+    ) {
+        if let Some((link, len)) = self.wrap_out(id, target, command, data) {
+            self.send_cell(now, link, len);
+        }
+    }
+
+    /// Builds a backward cell from hop circuit `h` into `self.bufs.cell`.
+    pub(super) fn originate(&mut self, now: Instant, h: u64, command: Cmd, data: &[u8]) {
+        let size = self.cell_size(data.len());
+        let Some(hc) = self.circ.hops.get_mut(&h) else {
+            return;
+        };
+        hc.ctr += 1;
+        let (link, circ) = hc.prev;
+        let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
+        let n = hc.keys.originate(hc.ctr, command, data, body);
+        onion::write_header(head, circ, CellKind::Relay, &n);
+        self.send_cell(now, link, size);
+    }
+
+    #[cfg(feature = "test-hooks")]
+    pub(super) fn log_cell(&mut self, forward: bool, cell_in: &[u8], len: usize) {
+        if self.circ.cell_log_on && self.circ.cell_log.len() < 100_000 {
+            let out = self.bufs.cell[..len].to_vec();
+            self.circ.cell_log.push((forward, cell_in.to_vec(), out));
+        }
+    }
+
+    /// Whether the relay bandwidth cap lets `bytes` more through.
+    pub(super) fn bandwidth_ok(&mut self, now: Instant, bytes: usize) -> bool {
+        let Some(rate) = self.config.relay.bandwidth else {
+            return true;
+        };
+        let (tokens, last) = &mut self.circ.bandwidth;
+        let dt = now.saturating_duration_since(*last).as_secs_f64();
+        *last = now;
+        // Burst: a tenth of a second's worth, at least a few large cells.
+        let burst = (rate as f64 / 10.0).max(4.0 * CELL_LARGE as f64);
+        *tokens = (*tokens + dt * rate as f64).min(burst);
+        if *tokens >= bytes as f64 {
+            *tokens -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Handles a cell from a link (a control frame of type `MSG_CELL`).
+    /// Returns a packet for the TUN when it was DATA for us.
+    pub(in crate::proto::node) fn handle_cell(
+        &mut self,
+        now: Instant,
+        link: u32,
+        cell_len: usize,
+    ) -> Option<usize> {
+        // The cell was copied to `self.bufs.cell_in[..cell_len]`.
+        let cell_in = std::mem::take(&mut self.bufs.cell_in);
+        let out = self.handle_cell_inner(now, link, &cell_in[..cell_len]);
+        self.bufs.cell_in = cell_in;
+        out
+    }
+
+    fn handle_cell_inner(&mut self, now: Instant, link: u32, cell: &[u8]) -> Option<usize> {
+        let hdr = match parse_cell(cell) {
+            Ok(h) => h,
+            Err(e) => {
+                count(&mut self.circ.stats.drops, e);
+                return None;
+            }
+        };
+        self.neighbour(link)?;
+        let key = (link, hdr.circ);
+        let body = &cell[CELL_HEADER..];
+        match hdr.kind {
+            CellKind::Create => {
+                self.on_create(now, link, hdr.circ, body);
+                None
+            }
+            CellKind::Destroy => {
+                self.on_destroy(now, key);
+                None
+            }
+            CellKind::Created => {
+                match self.circ.on_link.get(&key).copied() {
+                    Some(CircRef::Out(id)) => self.out_created(now, id, body),
+                    Some(CircRef::Next(h)) => {
+                        let ok = self.circ.hops.get_mut(&h).is_some_and(|hc| {
+                            hc.last_used = now;
+                            hc.extending.take().is_some()
+                        });
+                        if ok {
+                            let created = body[..CREATED_LEN].to_vec();
+                            self.originate(now, h, Cmd::Extended, &created);
+                        } else {
+                            self.circ.stats.drops.bad_kind += 1;
+                        }
+                    }
+                    _ => self.circ.stats.drops.unknown_circuit += 1,
+                }
+                None
+            }
+            _ => {
+                let Some(r) = self.circ.on_link.get(&key).copied() else {
+                    self.circ.stats.drops.unknown_circuit += 1;
+                    return None;
+                };
+                let size = cell.len();
+                self.bufs.cell[..size].copy_from_slice(cell);
+                let mut nonce = hdr.nonce;
+                match r {
+                    CircRef::Prev(h) => self.hop_forward(now, h, nonce, size, cell),
+                    CircRef::Next(h) => {
+                        let hc = self.circ.hops.get_mut(&h)?;
+                        hc.last_used = now;
+                        let (link, circ) = hc.prev;
+                        hc.keys
+                            .backward(&mut nonce, &mut self.bufs.cell[CELL_HEADER..size]);
+                        if !self.bandwidth_ok(now, size) {
+                            self.circ.stats.drops.over_bandwidth += 1;
+                            return None;
+                        }
+                        if let Some(hc) = self.circ.hops.get_mut(&h) {
+                            hc.bwd_bytes += size as u64;
+                        }
+                        onion::write_header(&mut self.bufs.cell, circ, CellKind::Relay, &nonce);
+                        self.circ.stats.cells_forwarded += 1;
+                        self.circ.stats.bytes_forwarded += size as u64;
+                        #[cfg(feature = "test-hooks")]
+                        self.log_cell(false, cell, size);
+                        self.send_cell(now, link, size);
+                        None
+                    }
+                    CircRef::Out(id) => self.out_cell(now, id, nonce, size),
+                }
+            }
+        }
+    }
+
+    fn on_destroy(&mut self, now: Instant, key: (u32, u32)) {
+        match self.circ.on_link.get(&key).copied() {
+            Some(CircRef::Prev(h)) => self.drop_hop(now, h, false, true),
+            Some(CircRef::Next(h)) => self.drop_hop(now, h, true, false),
+            Some(CircRef::Out(id)) => self.out_failed(now, id, None, "destroyed by a hop"),
+            None => {}
+        }
+    }
+
+    /// A link to a node named by ID, link key and endpoint (an EXTEND).
+    pub(super) fn connect_to(
+        &mut self,
+        now: Instant,
+        id: NodeId,
+        key: [u8; 32],
+        ep: SocketAddr,
+    ) -> Option<u32> {
+        if let Some(&i) = self.by_addr.get(&id.overlay_address()) {
+            return Some(i);
+        }
+        if let Some(l) = self.by_key.get(&key).and_then(|i| self.links.get(i)) {
+            if l.node_id().is_some_and(|x| x != id) {
+                return None;
+            }
+        }
+        let idx = self.add_link(key, Some(ep), Some(id), now)?;
+        self.by_addr.insert(id.overlay_address(), idx);
+        self.send_hello(idx, now);
+        Some(idx)
+    }
+
+    /// A link went away: every circuit using it ends, and the other side
+    /// of each is told.
+    pub(in crate::proto::node) fn circuits_link_gone(&mut self, now: Instant, link: u32) {
+        let on: Vec<((u32, u32), CircRef)> = self
+            .circ
+            .on_link
+            .iter()
+            .filter(|((l, _), _)| *l == link)
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (key, r) in on {
+            self.circ.on_link.remove(&key);
+            match r {
+                CircRef::Prev(h) => self.drop_hop(now, h, false, true),
+                CircRef::Next(h) => self.drop_hop(now, h, true, false),
+                CircRef::Out(id) => {
+                    let bad = self
+                        .circ
+                        .out
+                        .get(&id)
+                        .and_then(|c| c.relays.first().map(|p| p.id));
+                    self.out_failed(now, id, bad, "link to the first hop is gone")
+                }
+            }
+        }
+        self.circ.per_neighbour.remove(&link);
+        self.circ.create_rate.remove(&link);
+    }
+
+    /// A cell frame of a size no cell has.
+    pub(in crate::proto::node) fn circ_bad_size(&mut self) {
+        self.circ.stats.drops.bad_size += 1;
+    }
+}

@@ -1,0 +1,453 @@
+//! The relay's side of circuits, and the destination's (the last hop):
+//! CREATE under the relay limits, forward cells, EXTEND, LOOKUP for a
+//! source, AUTH and DATA at the destination, and replies sent back on
+//! inbound circuits.
+
+use std::net::Ipv6Addr;
+use std::time::Instant;
+
+use super::{
+    circuit_frame, count, CircRef, HopCirc, CIRCUIT_MTU, CREATE_LIMIT, INBOUND_FRESH,
+    MAX_HOP_CIRCUITS, MAX_PER_NEIGHBOUR,
+};
+use crate::proto::dht::{Contact, Goal};
+use crate::proto::identity::{verify_signature, NodeRecord};
+use crate::proto::limit::Rate;
+use crate::proto::node::{Node, Purpose, TunOutcome};
+use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
+use crate::proto::onion::{
+    self, auth_message, server_handshake, CellKind, Cmd, Forward, OnionKey, ReplayWindow,
+    CELL_HEADER, CELL_LARGE, CREATE_LEN, MAX_DATA,
+};
+use crate::proto::wire::{self, Incoming, Ipv6View};
+
+impl Node {
+    pub(super) fn on_create(&mut self, now: Instant, link: u32, circ: u32, body: &[u8]) {
+        if self.circ.on_link.contains_key(&(link, circ)) {
+            self.circ.stats.drops.bad_kind += 1;
+            return;
+        }
+        if !self.config.access.relay.is_open() {
+            // Only a verified neighbour can be checked against the lists.
+            let who = self.links.get(&link).and_then(|l| {
+                let v = l.verified.as_ref()?;
+                Some((l.endpoint.map(|e| e.ip()), v.record.node_id()))
+            });
+            let admitted = who.is_some_and(|(ip, id)| self.config.access.relay.admits(ip, &id));
+            if !admitted {
+                self.circ.stats.refused += 1;
+                self.drops.access_denied += 1;
+                tracing::debug!(
+                    link,
+                    "circuit refused: neighbour not allowed to relay through here"
+                );
+                self.send_plain(now, link, circ, CellKind::Destroy, &[3]);
+                return;
+            }
+        }
+        if !self
+            .circ
+            .create_rate
+            .entry(link)
+            .or_insert_with(|| Rate::new(now))
+            .allow(now, CREATE_LIMIT)
+        {
+            self.circ.stats.drops.create_limited += 1;
+            return;
+        }
+        let mine = self.circ.per_neighbour.get(&link).copied().unwrap_or(0);
+        if self.circ.hops.len() >= MAX_HOP_CIRCUITS || mine >= MAX_PER_NEIGHBOUR {
+            self.circ.stats.refused += 1;
+            tracing::debug!(link, "circuit refused: relay at its limit");
+            self.send_plain(now, link, circ, CellKind::Destroy, &[1]);
+            return;
+        }
+        let id = self.node_id();
+        let keys: Vec<&OnionKey> = std::iter::once(&self.circ.onion)
+            .chain(self.circ.prev_onion.as_ref())
+            .collect();
+        let res = server_handshake(&mut self.rng, &id, &keys, &body[..CREATE_LEN]);
+        let (created, keys) = match res {
+            Ok(x) => x,
+            Err(e) => {
+                self.circ.stats.refused += 1;
+                tracing::debug!(link, "circuit refused: {e}");
+                self.send_plain(now, link, circ, CellKind::Destroy, &[2]);
+                return;
+            }
+        };
+        let h = self.circ.next_id;
+        self.circ.next_id += 1;
+        self.circ.hops.insert(
+            h,
+            HopCirc {
+                prev: (link, circ),
+                next: None,
+                keys,
+                replay: ReplayWindow::default(),
+                ctr: 0,
+                created: now,
+                last_used: now,
+                extending: None,
+                auth: None,
+                fwd_bytes: 0,
+                bwd_bytes: 0,
+                rx_bytes: 0,
+                tx_bytes: 0,
+            },
+        );
+        self.circ.on_link.insert((link, circ), CircRef::Prev(h));
+        *self.circ.per_neighbour.entry(link).or_default() += 1;
+        self.circ.stats.circuits_total += 1;
+        self.send_plain(now, link, circ, CellKind::Created, &created);
+    }
+
+    /// Removes hop circuit `h`, telling the side it did not hear it from.
+    pub(super) fn drop_hop(&mut self, now: Instant, h: u64, tell_prev: bool, tell_next: bool) {
+        let Some(hc) = self.circ.hops.remove(&h) else {
+            return;
+        };
+        self.circ.on_link.remove(&hc.prev);
+        if let Some(n) = self.circ.per_neighbour.get_mut(&hc.prev.0) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(a) = hc.auth {
+            if self.circ.inbound_by_src.get(&a) == Some(&h) {
+                // Another circuit from the same source (its replacement)
+                // carries the replies from now on.
+                let other = self
+                    .circ
+                    .hops
+                    .iter()
+                    .filter(|(_, o)| o.auth == Some(a))
+                    .max_by_key(|(_, o)| o.last_used)
+                    .map(|(k, _)| *k);
+                match other {
+                    Some(o) => self.circ.inbound_by_src.insert(a, o),
+                    None => self.circ.inbound_by_src.remove(&a),
+                };
+            }
+        }
+        if tell_prev {
+            self.send_plain(now, hc.prev.0, hc.prev.1, CellKind::Destroy, &[0]);
+        }
+        if let Some(next) = hc.next {
+            self.circ.on_link.remove(&next);
+            if tell_next {
+                self.send_plain(now, next.0, next.1, CellKind::Destroy, &[0]);
+            }
+        }
+    }
+
+    /// A forward cell at a hop: ours, or pass it on.
+    pub(super) fn hop_forward(
+        &mut self,
+        now: Instant,
+        h: u64,
+        mut nonce: [u8; 16],
+        size: usize,
+        #[allow(unused_variables)] cell_in: &[u8],
+    ) -> Option<usize> {
+        let hc = self.circ.hops.get_mut(&h)?;
+        hc.last_used = now;
+        let res = hc
+            .keys
+            .forward(&mut nonce, &mut self.bufs.cell[CELL_HEADER..size]);
+        match res {
+            Err(e) => {
+                count(&mut self.circ.stats.drops, e);
+                None
+            }
+            Ok(Forward::Pass) => {
+                let Some((link, circ)) = hc.next else {
+                    self.circ.stats.drops.unrecognised += 1;
+                    return None;
+                };
+                hc.fwd_bytes += size as u64;
+                if !self.bandwidth_ok(now, size) {
+                    self.circ.stats.drops.over_bandwidth += 1;
+                    return None;
+                }
+                onion::write_header(&mut self.bufs.cell, circ, CellKind::Relay, &nonce);
+                self.circ.stats.cells_forwarded += 1;
+                self.circ.stats.bytes_forwarded += size as u64;
+                #[cfg(feature = "test-hooks")]
+                self.log_cell(true, cell_in, size);
+                self.send_cell(now, link, size);
+                None
+            }
+            Ok(Forward::Mine(counter, command, range)) => {
+                if let Err(e) = hc.replay.check(counter) {
+                    count(&mut self.circ.stats.drops, e);
+                    return None;
+                }
+                let start = CELL_HEADER + range.start;
+                let end = CELL_HEADER + range.end;
+                self.hop_command(now, h, command, start, end)
+            }
+        }
+    }
+
+    /// A command addressed to this node as a hop; the data is in
+    /// `self.bufs.cell[start..end]`.
+    fn hop_command(
+        &mut self,
+        now: Instant,
+        h: u64,
+        command: Cmd,
+        start: usize,
+        end: usize,
+    ) -> Option<usize> {
+        tracing::trace!(circuit = h, command = command.name(), "cell for us");
+        match command {
+            Cmd::Data => return self.hop_data(now, h, start, end),
+            Cmd::Probe => {
+                let data = self.bufs.cell[start..end].to_vec();
+                self.originate(now, h, Cmd::ProbeReply, &data);
+            }
+            Cmd::Noise => self.circ.stats.drops.noise += 1,
+            Cmd::Extend => match Extend::parse(&self.bufs.cell[start..end]) {
+                Ok(x) => self.hop_extend(now, h, x),
+                Err(_) => self.circ.stats.drops.malformed += 1,
+            },
+            Cmd::Auth => {
+                let data = self.bufs.cell[start..end].to_vec();
+                self.hop_auth(now, h, &data);
+            }
+            Cmd::Lookup => match Lookup::parse(&self.bufs.cell[start..end]) {
+                Ok(l) => self.hop_lookup(now, h, l.address),
+                Err(_) => self.circ.stats.drops.malformed += 1,
+            },
+            _ => self.circ.stats.drops.bad_kind += 1,
+        }
+        None
+    }
+
+    fn hop_data(&mut self, _now: Instant, h: u64, start: usize, end: usize) -> Option<usize> {
+        let hc = self.circ.hops.get_mut(&h)?;
+        let Some(src) = hc.auth else {
+            self.circ.stats.drops.unauthenticated += 1;
+            return None;
+        };
+        let Ok(view) = Ipv6View::new_checked(&self.bufs.cell[start..end]) else {
+            self.circ.stats.drops.malformed += 1;
+            return None;
+        };
+        // The packet's source must be the node that authenticated this
+        // circuit; anything else is someone speaking in another's name.
+        if view.src() != src || view.dst() != self.address {
+            self.circ.stats.drops.spoofed_source += 1;
+            return None;
+        }
+        let (p, _) = match wire::decode(view, &mut self.bufs.b) {
+            Ok((Incoming::App(p), c)) => (p.len(), c),
+            _ => {
+                self.circ.stats.drops.malformed += 1;
+                return None;
+            }
+        };
+        hc.rx_bytes += p as u64;
+        // Replies go back on the circuit that last brought traffic.
+        self.circ.inbound_by_src.insert(src, h);
+        // decode() returned either the cell's bytes (as is) or a rebuilt
+        // packet in bufs.b: put the result in bufs.b either way.
+        if !matches!(view.next_header(), wire::NH_QGATE) {
+            self.bufs.b[..p].copy_from_slice(&self.bufs.cell[start..start + p]);
+        }
+        Some(p)
+    }
+
+    fn hop_extend(&mut self, now: Instant, h: u64, x: Extend) {
+        let fail = |node: &mut Node, why: ExtendRefusal| {
+            node.circ.stats.refused += 1;
+            node.originate(now, h, Cmd::ExtendFailed, &[why as u8]);
+        };
+        if !self.config.relay.enabled {
+            return fail(self, ExtendRefusal::NotRelay);
+        }
+        let Some(hc) = self.circ.hops.get(&h) else {
+            return;
+        };
+        if hc.next.is_some() || hc.auth.is_some() {
+            return fail(self, ExtendRefusal::AlreadyExtended);
+        }
+        if x.node == self.node_id() {
+            return fail(self, ExtendRefusal::BadTarget);
+        }
+        let Extend {
+            node: id,
+            link_key,
+            endpoint: ep,
+            create,
+        } = x;
+        let Some(link) = self.connect_to(now, id, link_key, ep) else {
+            return fail(self, ExtendRefusal::NoLink);
+        };
+        if self.circ.hops.get(&h).map(|hc| hc.prev.0) == Some(link) {
+            return fail(self, ExtendRefusal::BadTarget);
+        }
+        let circ = self.alloc_circ(link);
+        self.circ.on_link.insert((link, circ), CircRef::Next(h));
+        if let Some(hc) = self.circ.hops.get_mut(&h) {
+            hc.next = Some((link, circ));
+            hc.extending = Some(now);
+        }
+        self.send_plain(now, link, circ, CellKind::Create, &create);
+    }
+
+    fn hop_auth(&mut self, now: Instant, h: u64, data: &[u8]) {
+        let refuse = |node: &mut Node| node.originate(now, h, Cmd::Refused, &[]);
+        if !self.config.has_tun {
+            return refuse(self);
+        }
+        let Ok(body::Auth {
+            record,
+            signature: sig,
+        }) = body::Auth::parse(data)
+        else {
+            return refuse(self);
+        };
+        let Ok(rec) = NodeRecord::parse_verified(record) else {
+            return refuse(self);
+        };
+        let Some(hc) = self.circ.hops.get(&h) else {
+            return;
+        };
+        let msg = auth_message(&self.node_id(), &hc.keys.bind);
+        if verify_signature(&rec.public_der, &msg, sig).ok() != Some(rec.node_id())
+            || rec.node_id() == self.node_id()
+        {
+            self.circ.stats.drops.forged += 1;
+            return refuse(self);
+        }
+        let src = rec.overlay_address();
+        if let Some(hc) = self.circ.hops.get_mut(&h) {
+            hc.auth = Some(src);
+        }
+        self.circ.inbound_by_src.insert(src, h);
+        tracing::debug!(circuit = h, source = %src, "inbound circuit authenticated");
+        self.originate(now, h, Cmd::Ready, &[]);
+    }
+
+    fn hop_lookup(&mut self, now: Instant, h: u64, addr: Ipv6Addr) {
+        if !self.config.relay.enabled {
+            self.originate(now, h, Cmd::LookupReply, &[]);
+            return;
+        }
+        // Known already (a link, or the routing table)?
+        if let Some(rec) = self.local_record(&addr) {
+            self.originate(now, h, Cmd::LookupReply, &rec);
+            return;
+        }
+        let goal = Goal::Node {
+            prefix: addr.octets()[1..16].to_vec(),
+            min_seq: 0,
+            reachable: true,
+        };
+        match self.dht.lookup(now, goal) {
+            Some(id) => {
+                self.purposes.insert(id, Purpose::Circuit(h, addr));
+                self.pump_dht(now);
+            }
+            None => self.originate(now, h, Cmd::LookupReply, &[]),
+        }
+    }
+
+    /// A DHT lookup a circuit asked for has finished.
+    pub(in crate::proto::node) fn circuit_lookup_done(
+        &mut self,
+        now: Instant,
+        h: u64,
+        addr: Ipv6Addr,
+        found: Option<Contact>,
+    ) {
+        let rec = found
+            .filter(|c| c.info.id.overlay_address() == addr)
+            .map(|c| c.record.to_vec())
+            .unwrap_or_default();
+        self.originate(now, h, Cmd::LookupReply, &rec);
+    }
+
+    /// A record for an address we already hold: a neighbour's, the DHT's
+    /// table, or one a circuit looked up.
+    pub(in crate::proto::node) fn local_record(&self, addr: &Ipv6Addr) -> Option<Vec<u8>> {
+        if let Some(v) = self
+            .by_addr
+            .get(addr)
+            .and_then(|i| self.links.get(i))
+            .and_then(|l| l.verified.as_ref())
+        {
+            return Some(v.record_bytes.clone());
+        }
+        let c = self.dht.find_local(&addr.octets()[1..16])?;
+        (c.info.id.overlay_address() == *addr).then(|| c.record.to_vec())
+    }
+
+    /// If a circuit from `dst` brought traffic lately, the packet goes back
+    /// on it. Returns None when there is no such circuit.
+    pub(in crate::proto::node) fn inbound_route(
+        &self,
+        now: Instant,
+        dst: &Ipv6Addr,
+    ) -> Option<u64> {
+        let h = *self.circ.inbound_by_src.get(dst)?;
+        let hc = self.circ.hops.get(&h)?;
+        let fresh = now.saturating_duration_since(hc.last_used) <= INBOUND_FRESH;
+        (fresh || !self.circ.by_dst.contains_key(dst)).then_some(h)
+    }
+
+    /// Sends a packet back on inbound circuit `h` (see [`Node::inbound_route`]).
+    pub(in crate::proto::node) fn inbound_send(
+        &mut self,
+        now: Instant,
+        view: Ipv6View<'_>,
+        h: u64,
+    ) -> TunOutcome<'_> {
+        if view.bytes().len() > CIRCUIT_MTU {
+            self.drops.too_big += 1;
+            return self.icmp_reply(
+                now,
+                view,
+                wire::ICMPV6_PACKET_TOO_BIG,
+                0,
+                CIRCUIT_MTU as u32,
+            );
+        }
+        let (compress, large) = (self.circuit_compress(), self.config.traffic.always_large);
+        let table = compress.then_some(&mut self.bufs.lz4);
+        let frame = circuit_frame(view, table, &mut self.bufs.b);
+        if frame.len() > MAX_DATA {
+            return TunOutcome::Nothing;
+        }
+        let size = onion::cell_size_for(frame.len(), large).unwrap_or(CELL_LARGE);
+        let Some(hc) = self.circ.hops.get_mut(&h) else {
+            return TunOutcome::Nothing;
+        };
+        hc.ctr += 1;
+        hc.tx_bytes += view.bytes().len() as u64;
+        let (link, circ) = hc.prev;
+        let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
+        let n = hc.keys.originate(hc.ctr, Cmd::Data, frame, body);
+        onion::write_header(head, circ, CellKind::Relay, &n);
+        if let Some(l) = self.links.get_mut(&link) {
+            l.last_used = now;
+        }
+        match self.encap_cell(link, size) {
+            Some((ep, n)) => TunOutcome::Send(ep, &self.bufs.a[..n]),
+            None => TunOutcome::Nothing,
+        }
+    }
+
+    /// Test hook: the cells forwarded since the last call.
+    /// Test hook: relays record the cells they forward from now on (for
+    /// [`Node::take_cell_log`]).
+    #[cfg(feature = "test-hooks")]
+    pub fn enable_cell_log(&mut self) {
+        self.circ.cell_log_on = true;
+    }
+
+    #[cfg(feature = "test-hooks")]
+    pub fn take_cell_log(&mut self) -> Vec<(bool, Vec<u8>, Vec<u8>)> {
+        std::mem::take(&mut self.circ.cell_log)
+    }
+}

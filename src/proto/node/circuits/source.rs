@@ -1,0 +1,561 @@
+//! The source's side of circuits: sending packets through a circuit,
+//! building one (path, CREATE, EXTEND, LOOKUP, AUTH), cells coming back on
+//! it, failure and replacement, and cover traffic.
+
+use std::collections::VecDeque;
+use std::net::Ipv6Addr;
+use std::time::{Duration, Instant};
+
+use rand_core::RngCore;
+
+use super::routing::PathInputs;
+use super::{
+    circuit_frame, count, wrap_into, BuildError, BuiltHop, CircRef, OutCirc, Peer, Stage,
+    CIRCUIT_MTU, FAILED_FOR, MAX_BUILD_FAILS, MAX_OUT, OUT_IDLE, QUEUE,
+};
+use crate::proto::identity::{NodeId, NodeRecord};
+use crate::proto::node::{Node, TunOutcome};
+use crate::proto::onion::body::{self, Extend, Lookup};
+use crate::proto::onion::{
+    self, auth_message, CellKind, ClientHandshake, Cmd, ReplayWindow, CELL_HEADER, CREATED_LEN,
+    MAX_DATA,
+};
+use crate::proto::route;
+use crate::proto::wire::{self, Incoming, Ipv6View, IPV6_MIN_MTU};
+
+impl Node {
+    /// Whether builds to `dst` failed too often lately.
+    pub(super) fn build_failing(&self, now: Instant, dst: &Ipv6Addr) -> bool {
+        self.circ.build_fails.get(dst).is_some_and(|(n, t)| {
+            *n >= MAX_BUILD_FAILS && now.saturating_duration_since(*t) < FAILED_FOR
+        })
+    }
+
+    /// Sends an application packet to `dst` through a circuit, building one
+    /// if needed.
+    pub(in crate::proto::node) fn circuit_send(
+        &mut self,
+        now: Instant,
+        view: Ipv6View<'_>,
+        min: u8,
+        max: u8,
+    ) -> TunOutcome<'_> {
+        let dst = view.dst();
+        if view.bytes().len() > CIRCUIT_MTU {
+            self.drops.too_big += 1;
+            return self.icmp_reply(
+                now,
+                view,
+                wire::ICMPV6_PACKET_TOO_BIG,
+                0,
+                CIRCUIT_MTU.max(IPV6_MIN_MTU) as u32,
+            );
+        }
+        let id = match self.circ.by_dst.get(&dst) {
+            Some(&id) => id,
+            None => {
+                if self.build_failing(now, &dst) || self.noted_unreachable(now, &dst) {
+                    self.drops.unreachable += 1;
+                    return self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 3, 0);
+                }
+                match self.build_circuit(now, dst, min, max) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        if e == BuildError::NoPath {
+                            self.note_unreachable(now, dst, min);
+                        }
+                        self.drops.no_route += 1;
+                        return self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 3, 0);
+                    }
+                }
+            }
+        };
+        let Some(c) = self.circ.out.get_mut(&id) else {
+            return TunOutcome::Nothing;
+        };
+        c.last_used = now;
+        if c.stage != Stage::Ready {
+            if c.queue.len() >= QUEUE {
+                c.queue.pop_front();
+                self.drops.send_failed += 1;
+            }
+            c.queue.push_back(view.bytes().to_vec());
+            return TunOutcome::Nothing;
+        }
+        match self.out_data(id, view) {
+            Some((link, len)) => match self.encap_cell(link, len) {
+                Some((ep, n)) => TunOutcome::Send(ep, &self.bufs.a[..n]),
+                None => {
+                    self.drops.send_failed += 1;
+                    TunOutcome::Nothing
+                }
+            },
+            None => TunOutcome::Nothing,
+        }
+    }
+
+    /// Whether circuits compress application packets.
+    pub(super) fn circuit_compress(&self) -> bool {
+        self.config.traffic.compress && self.config.compression.enabled
+    }
+
+    /// Wraps an application packet as DATA for circuit `id`'s destination,
+    /// straight from the caller's packet (or its compressed frame in
+    /// `bufs.b`) into `bufs.cell`: no copy of its own, no allocation.
+    fn out_data(&mut self, id: u64, view: Ipv6View<'_>) -> Option<(u32, usize)> {
+        let len = view.bytes().len();
+        let (compress, large) = (self.circuit_compress(), self.config.traffic.always_large);
+        let table = compress.then_some(&mut self.bufs.lz4);
+        let frame = circuit_frame(view, table, &mut self.bufs.b);
+        if frame.len() > MAX_DATA {
+            self.drops.too_big += 1;
+            return None;
+        }
+        let c = self.circ.out.get_mut(&id)?;
+        c.tx_bytes += len as u64;
+        let target = c.hops.len().checked_sub(1)?;
+        wrap_into(c, target, Cmd::Data, frame, &mut self.bufs.cell, large)
+    }
+
+    /// The destination's record and what it says, when known here.
+    pub(super) fn local_peer(&self, dst: &Ipv6Addr) -> Option<Peer> {
+        self.local_record(dst)
+            .as_deref()
+            .and_then(Peer::from_record)
+    }
+
+    /// Picks relays and starts a circuit to `dst`: as many as drawn from
+    /// MIN..=MAX, or fewer (not below MIN) when the pool can't give that
+    /// many.
+    pub(super) fn build_circuit(
+        &mut self,
+        now: Instant,
+        dst: Ipv6Addr,
+        min: u8,
+        max: u8,
+    ) -> Result<u64, BuildError> {
+        if self.circ.out.len() >= MAX_OUT {
+            return Err(BuildError::Limit);
+        }
+        self.fill_pool_from_table(now);
+        let dest_record = self.local_record(&dst);
+        let dest = dest_record.as_deref().and_then(Peer::from_record);
+        let drawn = route::draw_len(&mut self.rng, min, max);
+        let PathInputs {
+            pool,
+            exclude,
+            ends,
+        } = self.path_inputs(&dst);
+        let distinct = self.config.relay.distinct_subnets;
+        let path = (min..=drawn).rev().find_map(|len| {
+            route::select(&mut self.rng, &pool, len.into(), &exclude, &ends, distinct)
+        });
+        let Some(path) = path else {
+            tracing::debug!(%dst, pool = pool.len(), "no path: too few usable relays");
+            return Err(BuildError::NoPath);
+        };
+        let relays: Vec<Peer> = path
+            .iter()
+            .filter_map(|id| self.circ.pool.get(id).map(|(p, _, _)| p.clone()))
+            .collect();
+        let first = relays.first().ok_or(BuildError::NoPath)?.clone();
+        let link = self
+            .connect_to(now, first.id, first.link_key, first.endpoint)
+            .ok_or(BuildError::NoLink)?;
+        let circ = self.alloc_circ(link);
+        let id = self.circ.next_id;
+        self.circ.next_id += 1;
+        let (hs, create) = ClientHandshake::start(&mut self.rng, first.id, first.onion);
+        tracing::debug!(circuit = id, %dst, relays = relays.len(), "building a circuit");
+        self.circ.out.insert(
+            id,
+            OutCirc {
+                dst,
+                relays,
+                dest,
+                dest_record,
+                hops: Vec::new(),
+                pending: Some(hs),
+                link,
+                circ,
+                stage: Stage::Extending,
+                created: now,
+                step_started: now,
+                last_used: now,
+                last_probe: now,
+                next_noise: None,
+                queue: VecDeque::new(),
+                tx_bytes: 0,
+                rx_bytes: 0,
+                replaced_by: None,
+            },
+        );
+        self.circ.on_link.insert((link, circ), CircRef::Out(id));
+        self.circ.by_dst.entry(dst).or_insert(id);
+        self.send_plain(now, link, circ, CellKind::Create, &create);
+        Ok(id)
+    }
+
+    /// CREATED from the first hop.
+    pub(super) fn out_created(&mut self, now: Instant, id: u64, body: &[u8]) {
+        let Some(c) = self.circ.out.get_mut(&id) else {
+            return;
+        };
+        let Some(hs) = c.pending.take() else {
+            self.circ.stats.drops.bad_kind += 1;
+            return;
+        };
+        match hs.finish(&body[..CREATED_LEN]) {
+            Ok(keys) => {
+                let hop_id = c.relays[0].id;
+                c.hops.push(BuiltHop {
+                    id: hop_id,
+                    keys,
+                    ctr: 0,
+                    replay: ReplayWindow::default(),
+                    last_reply: now,
+                });
+                self.advance(now, id);
+            }
+            Err(e) => {
+                let bad = c.relays.first().map(|p| p.id);
+                self.out_failed(now, id, bad, &e.to_string());
+            }
+        }
+    }
+
+    /// A backward cell on a circuit we built (in `self.bufs.cell[..size]`).
+    pub(super) fn out_cell(
+        &mut self,
+        now: Instant,
+        id: u64,
+        nonce: [u8; 16],
+        size: usize,
+    ) -> Option<usize> {
+        let c = self.circ.out.get_mut(&id)?;
+        let res = onion::unwrap(&c.hops, nonce, &mut self.bufs.cell[CELL_HEADER..size]);
+        let u = match res {
+            Ok(u) => u,
+            Err(e) => {
+                count(&mut self.circ.stats.drops, e);
+                return None;
+            }
+        };
+        let hop = &mut c.hops[u.hop];
+        if let Err(e) = hop.replay.check(u.counter) {
+            count(&mut self.circ.stats.drops, e);
+            return None;
+        }
+        hop.last_reply = now;
+        let last = u.hop + 1 == c.hops.len();
+        let (start, end) = (CELL_HEADER + u.data.start, CELL_HEADER + u.data.end);
+        let is_dest = last && c.dest.is_some() && c.hops.len() == c.relays.len() + 1;
+        tracing::trace!(
+            circuit = id,
+            hop = u.hop,
+            command = u.command.name(),
+            "cell from hop"
+        );
+        match u.command {
+            Cmd::Data if is_dest => {
+                let Ok(view) = Ipv6View::new_checked(&self.bufs.cell[start..end]) else {
+                    self.circ.stats.drops.malformed += 1;
+                    return None;
+                };
+                if view.src() != c.dst || view.dst() != self.address {
+                    self.circ.stats.drops.spoofed_source += 1;
+                    return None;
+                }
+                let p = match wire::decode(view, &mut self.bufs.b) {
+                    Ok((Incoming::App(p), _)) => p.len(),
+                    _ => {
+                        self.circ.stats.drops.malformed += 1;
+                        return None;
+                    }
+                };
+                c.rx_bytes += p as u64;
+                if view.next_header() != wire::NH_QGATE {
+                    self.bufs.b[..p].copy_from_slice(&self.bufs.cell[start..start + p]);
+                }
+                return Some(p);
+            }
+            Cmd::ProbeReply => {}
+            Cmd::Extended if last && c.pending.is_some() => {
+                let hs = c.pending.take()?;
+                let next = if c.hops.len() < c.relays.len() {
+                    c.relays[c.hops.len()].clone()
+                } else {
+                    c.dest.clone()?
+                };
+                match hs.finish(&self.bufs.cell[start..end]) {
+                    Ok(keys) => {
+                        c.hops.push(BuiltHop {
+                            id: next.id,
+                            keys,
+                            ctr: 0,
+                            replay: ReplayWindow::default(),
+                            last_reply: now,
+                        });
+                        self.advance(now, id);
+                    }
+                    Err(e) => self.out_failed(now, id, Some(next.id), &e.to_string()),
+                }
+            }
+            Cmd::ExtendFailed if last => {
+                let next = if c.hops.len() < c.relays.len() {
+                    Some(c.relays[c.hops.len()].id)
+                } else {
+                    None
+                };
+                self.out_failed(now, id, next, "extend failed");
+            }
+            Cmd::LookupReply if last && c.stage == Stage::Looking => {
+                let rec = self.bufs.cell[start..end].to_vec();
+                let dst = c.dst;
+                let ok = NodeRecord::parse_verified(&rec)
+                    .ok()
+                    .filter(|r| r.overlay_address() == dst)
+                    .and_then(|_| Peer::from_record(&rec));
+                match ok {
+                    Some(p) => {
+                        let clash = self.config.relay.distinct_subnets
+                            && c.relays.iter().any(|r| {
+                                r.ips.iter().any(|a| {
+                                    p.ips.iter().any(|b| route::subnet(a) == route::subnet(b))
+                                })
+                            });
+                        c.dest = Some(p);
+                        c.dest_record = Some(rec);
+                        if clash {
+                            // Now that the destination's subnet is known, a
+                            // fresh path can avoid it.
+                            self.out_failed(now, id, None, "relay shares the destination's subnet");
+                        } else {
+                            self.advance(now, id);
+                        }
+                    }
+                    None => {
+                        self.circ.stats.drops.malformed += 1;
+                        self.circ.build_fails.insert(dst, (MAX_BUILD_FAILS, now));
+                        self.out_failed(now, id, None, "destination not found");
+                    }
+                }
+            }
+            Cmd::Ready if is_dest && c.stage == Stage::Authing => {
+                c.stage = Stage::Ready;
+                c.step_started = now;
+                let dst = c.dst;
+                tracing::info!(
+                    circuit = id,
+                    relays = c.relays.len(),
+                    ms = now.saturating_duration_since(c.created).as_millis() as u64,
+                    "circuit ready"
+                );
+                tracing::debug!(circuit = id, %dst, "circuit ready");
+                self.circ.build_fails.remove(&dst);
+                // The replacement takes over from the circuit it replaces.
+                let old = self.circ.by_dst.insert(dst, id);
+                if let Some(old) = old.filter(|o| *o != id) {
+                    self.close_out(now, old);
+                }
+                let queue = std::mem::take(&mut self.circ.out.get_mut(&id)?.queue);
+                for p in queue {
+                    if let Ok(view) = Ipv6View::new_checked(&p) {
+                        if let Some((link, len)) = self.out_data(id, view) {
+                            self.send_cell(now, link, len);
+                        }
+                    }
+                }
+            }
+            Cmd::Refused if is_dest => {
+                let dst = c.dst;
+                self.circ.build_fails.insert(dst, (MAX_BUILD_FAILS, now));
+                self.out_failed(now, id, None, "destination refused us");
+            }
+            _ => self.circ.stats.drops.bad_kind += 1,
+        }
+        None
+    }
+
+    /// Takes the next build step of circuit `id`.
+    fn advance(&mut self, now: Instant, id: u64) {
+        let Some(c) = self.circ.out.get_mut(&id) else {
+            return;
+        };
+        c.step_started = now;
+        let built = c.hops.len();
+        let target = built - 1;
+        let next = if built < c.relays.len() {
+            Some(c.relays[built].clone())
+        } else if built == c.relays.len() {
+            match &c.dest {
+                Some(d) => Some(d.clone()),
+                None => {
+                    c.stage = Stage::Looking;
+                    let mut data = [0u8; 16];
+                    let n = Lookup { address: c.dst }.emit(&mut data).unwrap_or(0);
+                    self.send_out(now, id, target, Cmd::Lookup, &data[..n]);
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        match next {
+            Some(p) => {
+                let (hs, create) = ClientHandshake::start(&mut self.rng, p.id, p.onion);
+                c.pending = Some(hs);
+                c.stage = Stage::Extending;
+                let x = Extend {
+                    node: p.id,
+                    link_key: p.link_key,
+                    endpoint: p.endpoint,
+                    create,
+                };
+                let mut data = [0u8; Extend::MAX_LEN];
+                let Ok(n) = x.emit(&mut data) else {
+                    return;
+                };
+                self.send_out(now, id, target, Cmd::Extend, &data[..n]);
+            }
+            None => {
+                // The destination is the last hop: prove who we are to it.
+                c.stage = Stage::Authing;
+                let Some(dest) = c.dest.as_ref().map(|d| d.id) else {
+                    return;
+                };
+                let msg = auth_message(&dest, &c.hops[target].keys.bind);
+                let sig = self.own.identity().sign(&msg);
+                let auth = body::Auth {
+                    record: self.own.bytes(),
+                    signature: &sig,
+                };
+                let mut data = [0u8; MAX_DATA];
+                let Ok(n) = auth.emit(&mut data) else {
+                    tracing::warn!("our record is too large to authenticate on a circuit");
+                    return;
+                };
+                self.send_out(now, id, target, Cmd::Auth, &data[..n]);
+            }
+        }
+    }
+
+    /// Ends circuit `id` (telling its first hop).
+    pub(super) fn close_out(&mut self, now: Instant, id: u64) {
+        if let Some(c) = self.circ.out.remove(&id) {
+            self.circ.on_link.remove(&(c.link, c.circ));
+            if self.circ.by_dst.get(&c.dst) == Some(&id) {
+                self.circ.by_dst.remove(&c.dst);
+            }
+            self.send_plain(now, c.link, c.circ, CellKind::Destroy, &[0]);
+        }
+    }
+
+    /// Circuit `id` failed (`bad`: the hop to blame, if known); a new one
+    /// is built at once for the packets waiting, if it was in use.
+    pub(super) fn out_failed(&mut self, now: Instant, id: u64, bad: Option<NodeId>, why: &str) {
+        let Some(c) = self.circ.out.get_mut(&id) else {
+            return;
+        };
+        let (dst, in_use) = (c.dst, now.saturating_duration_since(c.last_used) < OUT_IDLE);
+        let queue = std::mem::take(&mut c.queue);
+        let replaced_by = c.replaced_by;
+        tracing::info!(circuit = id, "circuit failed: {why}");
+        tracing::debug!(circuit = id, %dst, "circuit failed");
+        if let Some(b) = bad {
+            // Out of the pool (it comes back from the DHT if it lives) and
+            // not picked again for a while.
+            self.circ.bad.insert(b, now);
+            self.circ.pool.remove(&b);
+        }
+        self.close_out(now, id);
+        let fails = self.circ.build_fails.entry(dst).or_insert((0, now));
+        if now.saturating_duration_since(fails.1) >= FAILED_FOR {
+            fails.0 = 0;
+        }
+        fails.0 += 1;
+        fails.1 = now;
+        if fails.0 >= MAX_BUILD_FAILS || !in_use {
+            return;
+        }
+        if replaced_by.is_some_and(|r| self.circ.out.contains_key(&r)) {
+            return;
+        }
+        if let Some((min, max)) = self.config.routes.for_addr(&dst).relays() {
+            if let Ok(new) = self.build_circuit(now, dst, min, max) {
+                if let Some(n) = self.circ.out.get_mut(&new) {
+                    n.queue = queue;
+                }
+            }
+        }
+    }
+
+    /// Cover traffic on a ready circuit: NOISE cells for the destination,
+    /// which look like DATA to every relay.
+    pub(super) fn noise(&mut self, now: Instant, id: u64) {
+        let rate = self.config.traffic.noise_rate;
+        if rate <= 0.0 {
+            return;
+        }
+        let (lo, hi) = self.config.traffic.noise_size;
+        loop {
+            let Some(c) = self.circ.out.get_mut(&id) else {
+                return;
+            };
+            let due = *c.next_noise.get_or_insert(now);
+            if due > now {
+                return;
+            }
+            // Exponential gaps (a Poisson process) at the configured rate.
+            let u = (self.rng.next_u32() as f64 + 1.0) / (u32::MAX as f64 + 2.0);
+            let gap = (-u.ln() / rate).min(60.0);
+            c.next_noise = Some(due + Duration::from_secs_f64(gap));
+            let target = c.hops.len() - 1;
+            let span = hi.saturating_sub(lo) as u32 + 1;
+            let size = (lo + (self.rng.next_u32() % span) as usize).min(MAX_DATA);
+            let mut junk = vec![0u8; size];
+            self.rng.fill_bytes(&mut junk);
+            self.send_out(now, id, target, Cmd::Noise, &junk);
+            if now.saturating_duration_since(due) > Duration::from_secs(1) {
+                // Don't catch up on a backlog after a stall.
+                if let Some(c) = self.circ.out.get_mut(&id) {
+                    c.next_noise = Some(now);
+                }
+                return;
+            }
+        }
+    }
+
+    /// Test hook: injects an application packet into circuit `id` as DATA,
+    /// whatever its source address says (to show the destination's check).
+    #[cfg(test)]
+    pub(in crate::proto::node) fn inject_data(
+        &mut self,
+        now: Instant,
+        dst: Ipv6Addr,
+        packet: &[u8],
+    ) -> bool {
+        let Some(&id) = self.circ.by_dst.get(&dst) else {
+            return false;
+        };
+        let Ok(view) = Ipv6View::new_checked(packet) else {
+            return false;
+        };
+        match self.out_data(id, view) {
+            Some((link, len)) => {
+                self.send_cell(now, link, len);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a ready circuit to `dst` exists (tests).
+    pub fn circuit_ready(&self, dst: &Ipv6Addr) -> bool {
+        self.circ
+            .by_dst
+            .get(dst)
+            .and_then(|id| self.circ.out.get(id))
+            .is_some_and(|c| c.stage == Stage::Ready)
+    }
+}

@@ -1,0 +1,188 @@
+//! Circuit upkeep on the node's timer (probes, build and idle timeouts,
+//! make-before-break replacement, onion key rotation, stale relayed
+//! circuits) and the relay pool that paths are drawn from.
+
+use std::time::Instant;
+
+use rand_core::RngCore;
+
+use super::{
+    Peer, Stage, BAD_FOR, CIRCUIT_LIFETIME, EXTEND_TIMEOUT, FAILED_FOR, HOP_IDLE, ONION_ROTATE,
+    OUT_IDLE, POOL_INTERVAL, POOL_INTERVAL_SMALL, POOL_MAX, POOL_SMALL, PROBE_DEAD, PROBE_INTERVAL,
+    STEP_TIMEOUT,
+};
+use crate::proto::dht::{Contact, Goal};
+use crate::proto::identity::ROLE_RELAY;
+use crate::proto::node::{Node, Purpose};
+use crate::proto::onion::{Cmd, OnionKey};
+
+impl Node {
+    /// Relays from the routing table go into the pool.
+    pub(super) fn fill_pool_from_table(&mut self, now: Instant) {
+        let mut key = [0u8; 32];
+        self.rng.fill_bytes(&mut key);
+        let contacts = self.dht.closest(&key, 64);
+        self.add_to_pool(now, &contacts);
+    }
+
+    pub(in crate::proto::node) fn add_to_pool(&mut self, now: Instant, contacts: &[Contact]) {
+        let unix = self.dht.unix(now);
+        for c in contacts {
+            if c.info.roles & ROLE_RELAY == 0 || c.info.id == self.node_id() {
+                continue;
+            }
+            if self.circ.pool.len() >= POOL_MAX && !self.circ.pool.contains_key(&c.info.id) {
+                break;
+            }
+            if let Some(p) = Peer::from_record(&c.record) {
+                let newer = self
+                    .circ
+                    .pool
+                    .get(&p.id)
+                    .is_none_or(|(_, seq, _)| *seq < c.info.seq);
+                if newer && c.info.expires > unix {
+                    self.circ.pool.insert(p.id, (p, c.info.seq, c.info.expires));
+                }
+            }
+        }
+    }
+
+    /// Circuit timers: probes, build and idle timeouts, replacement, noise,
+    /// onion key rotation, the relay pool.
+    pub(in crate::proto::node) fn circuit_timers(&mut self, now: Instant) {
+        // Onion key rotation (the record is re-signed with the new key).
+        if now.saturating_duration_since(self.circ.onion_since) >= ONION_ROTATE {
+            let new = OnionKey::generate(&mut self.rng);
+            self.circ.prev_onion = Some(std::mem::replace(&mut self.circ.onion, new));
+            self.circ.onion_since = now;
+            self.own.set_onion_key(self.circ.onion_public());
+            if self.own.poll_resign(now, self.dht.unix(now)).is_some() {
+                self.spread_record(now);
+            }
+        }
+        self.circ
+            .bad
+            .retain(|_, t| now.saturating_duration_since(*t) < BAD_FOR);
+        self.circ
+            .build_fails
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < FAILED_FOR);
+        self.circ.notes.sweep(now);
+        // The pool: from the table, and random lookups further afield.
+        let interval = if self.circ.pool.len() < POOL_SMALL {
+            POOL_INTERVAL_SMALL
+        } else {
+            POOL_INTERVAL
+        };
+        let wants_pool = self.config.has_tun
+            && (self.config.routes.default.relays().is_some()
+                || self
+                    .config
+                    .routes
+                    .routes
+                    .iter()
+                    .any(|r| r.policy.relays().is_some()));
+        let unix = self.dht.unix(now);
+        self.circ.pool.retain(|_, (_, _, expires)| *expires > unix);
+        if wants_pool
+            && self.dht.table_len() > 0
+            && self
+                .circ
+                .last_pool_fill
+                .is_none_or(|t| now.saturating_duration_since(t) >= interval)
+        {
+            self.circ.last_pool_fill = Some(now);
+            self.fill_pool_from_table(now);
+            let mut key = [0u8; 32];
+            self.rng.fill_bytes(&mut key);
+            if let Some(id) = self.dht.lookup(now, Goal::Closest(key)) {
+                self.purposes.insert(id, Purpose::Pool);
+            }
+        }
+        // Circuits we built.
+        let ids: Vec<u64> = self.circ.out.keys().copied().collect();
+        for id in ids {
+            let Some(c) = self.circ.out.get(&id) else {
+                continue;
+            };
+            if c.stage != Stage::Ready {
+                if now.saturating_duration_since(c.step_started) > STEP_TIMEOUT {
+                    let blame = match c.stage {
+                        Stage::Extending => c
+                            .relays
+                            .get(c.hops.len())
+                            .map(|p| p.id)
+                            .or(c.dest.as_ref().map(|d| d.id)),
+                        _ => None,
+                    };
+                    self.out_failed(now, id, blame, "build step timed out");
+                }
+                continue;
+            }
+            if now.saturating_duration_since(c.last_used) > OUT_IDLE {
+                tracing::debug!(circuit = id, "closing an idle circuit");
+                self.close_out(now, id);
+                continue;
+            }
+            // A hop that stopped answering probes fails the circuit.
+            let dead = c
+                .hops
+                .iter()
+                .position(|h| now.saturating_duration_since(h.last_reply) > PROBE_DEAD);
+            if let Some(i) = dead {
+                // The first silent hop is to blame (later ones can't answer
+                // through it).
+                let blame = c.hops[i].id;
+                self.out_failed(now, id, Some(blame), "a hop stopped answering probes");
+                continue;
+            }
+            if now.saturating_duration_since(c.last_probe) >= PROBE_INTERVAL {
+                let n = c.hops.len();
+                if let Some(c) = self.circ.out.get_mut(&id) {
+                    c.last_probe = now;
+                }
+                for target in 0..n {
+                    let mut nonce = [0u8; 8];
+                    self.rng.fill_bytes(&mut nonce);
+                    self.send_out(now, id, target, Cmd::Probe, &nonce);
+                }
+            }
+            // Make before break: a replacement after the circuit's lifetime.
+            let Some(c) = self.circ.out.get(&id) else {
+                continue;
+            };
+            if now.saturating_duration_since(c.created) > CIRCUIT_LIFETIME
+                && c.replaced_by
+                    .is_none_or(|r| !self.circ.out.contains_key(&r))
+            {
+                let dst = c.dst;
+                if let Some((min, max)) = self.config.routes.for_addr(&dst).relays() {
+                    let new = self.build_circuit(now, dst, min, max).ok();
+                    if let Some(c) = self.circ.out.get_mut(&id) {
+                        c.replaced_by = new;
+                    }
+                }
+            }
+            self.noise(now, id);
+        }
+        // Circuits we carry.
+        let stale: Vec<u64> = self
+            .circ
+            .hops
+            .iter()
+            .filter(|(_, h)| {
+                now.saturating_duration_since(h.last_used) > HOP_IDLE
+                    || h.extending
+                        .is_some_and(|t| now.saturating_duration_since(t) > EXTEND_TIMEOUT)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for h in stale {
+            let extending = self.circ.hops.get(&h).and_then(|hc| hc.extending);
+            if extending.is_some() {
+                self.originate(now, h, Cmd::ExtendFailed, &[5]);
+            }
+            self.drop_hop(now, h, true, true);
+        }
+        self.circ.stats.circuits = self.circ.hops.len();
+    }
+}
