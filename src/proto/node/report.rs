@@ -1,0 +1,121 @@
+//! What the node reports about itself: `status` (links, drops, the data
+//! path), the peer list and its snapshot for the peer store.
+
+use super::*;
+
+impl Node {
+    /// What to keep in the peer store: the routing table with its records.
+    pub fn peer_snapshot(&self, now: Instant) -> Vec<StoredPeerRow> {
+        let unix = self.dht.unix(now);
+        self.dht
+            .table(now)
+            .into_iter()
+            .map(|e| {
+                let ago = e.last_seen_secs.unwrap_or(0.0) as u64;
+                (
+                    e.id.0,
+                    e.record.to_vec(),
+                    e.source,
+                    unix.saturating_sub(ago),
+                )
+            })
+            .collect()
+    }
+
+    /// The routing table, for `qgate peers`.
+    pub fn peers(&self, now: Instant) -> PeersReport {
+        let entries: Vec<PeerView> = self
+            .dht
+            .table(now)
+            .into_iter()
+            .map(|e| {
+                let endpoints = NodeRecord::parse_unverified(&e.record)
+                    .ok()
+                    .and_then(|r| r.fields().ok())
+                    .map(|f| f.endpoints)
+                    .unwrap_or_default();
+                let address = e.id.overlay_address();
+                PeerView {
+                    bucket: e.bucket,
+                    node_id: e.id,
+                    address,
+                    endpoints,
+                    seq: e.seq,
+                    expires: e.expires,
+                    roles: e.roles,
+                    source: e.source,
+                    last_seen_secs: e.last_seen_secs,
+                    fails: e.fails,
+                    replacement: e.replacement,
+                    link: self
+                        .by_addr
+                        .get(&address)
+                        .and_then(|i| self.links.get(i))
+                        .map(|l| l.state()),
+                }
+            })
+            .collect();
+        let mut buckets: Vec<usize> = entries.iter().map(|e| e.bucket).collect();
+        buckets.dedup();
+        PeersReport {
+            node_id: self.node_id(),
+            buckets: buckets.len(),
+            entries,
+            dht: self.dht.stats(),
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let mut links: Vec<LinkStatus> = self
+            .links
+            .values()
+            .map(|l| LinkStatus {
+                link: l.index,
+                node_id: l.node_id().map(|i| i.to_string()),
+                address: l.node_id().map(|i| i.overlay_address()),
+                state: l.state(),
+                configured: l.persistent,
+                endpoint: l.endpoint,
+                last_handshake_secs: l.tunn.time_since_last_handshake().map(|d| d.as_secs_f64()),
+                mtu: l.mtu,
+                compression: l.compress,
+                tx_compression_ratio: ratio(l.counters.tx_wire_bytes, l.counters.tx_bytes),
+                rx_compression_ratio: ratio(l.counters.rx_wire_bytes, l.counters.rx_bytes),
+                counters: l.counters,
+                drops: l.drops,
+            })
+            .collect();
+        links.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        NodeStatus {
+            node_id: self.node_id().to_string(),
+            address: self.address,
+            record_seq: self.own.record().seq,
+            endpoints: self.own.endpoints().to_vec(),
+            dht: self.dht.stats(),
+            table_entries: self.dht.table_len(),
+            drops: self.drops,
+            circuits: self.out_circuits(),
+            relay: self.relay_stats(),
+            routing: self.routing_summary(),
+            links,
+            data_path: DataPathStatus {
+                busy_percent: self.compression.busy_permille() / 10,
+                compression_paused: self.compression.paused(),
+                compression_pauses: self.compression.pauses(),
+            },
+        }
+    }
+
+    /// Index of the link to a verified neighbour (for tests).
+    pub fn link_up_to(&self, addr: &Ipv6Addr) -> bool {
+        self.by_addr
+            .get(addr)
+            .and_then(|i| self.links.get(i))
+            .is_some_and(|l| l.state() == LinkState::Up && l.they_have_ours)
+    }
+
+    /// Record checks done (signature verifications, not cache hits).
+    pub fn record_verifications(&mut self) -> u64 {
+        self.dht.records().verifications
+    }
+}
