@@ -910,7 +910,7 @@ struct LoadWindow {
 }
 
 /// Shortest window the data thread's load is measured over.
-const LOAD_WINDOW: Duration = Duration::from_millis(100);
+const LOAD_WINDOW: Duration = Duration::from_millis(50);
 
 impl LoadWindow {
     fn new(now: Instant) -> LoadWindow {
