@@ -72,7 +72,7 @@ impl Adaptive {
 /// Busy share (per mille) of the data path above which compression pauses.
 pub const BUSY_PAUSE: u16 = 900;
 /// Busy share (per mille) under which a paused compression resumes.
-pub const BUSY_RESUME: u16 = 700;
+pub const BUSY_RESUME: u16 = 500;
 
 /// Whether compressing pays now, in the manner of `zstd --adapt`.
 ///

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use rand_core::RngCore;
 use serde::Serialize;
 
+use crate::proto::compress::Adaptive;
 use crate::proto::identity::{NodeId, NodeRecord, RecordExt};
 use crate::proto::limit::{Limit, Rate};
 use crate::proto::onion::{
@@ -271,6 +272,8 @@ struct OutCirc {
     rx_bytes: u64,
     /// A newer circuit to the same destination replaces this one when ready.
     replaced_by: Option<u64>,
+    /// Which of its flows are worth compressing (as on a link).
+    adaptive: Adaptive,
 }
 
 impl AsRef<HopKeys> for BuiltHop {
@@ -294,6 +297,8 @@ struct HopCirc {
     bwd_bytes: u64,
     rx_bytes: u64,
     tx_bytes: u64,
+    /// Destination: which flows back are worth compressing.
+    adaptive: Adaptive,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -375,10 +380,22 @@ impl Circuits {
 /// into `scratch` when `compress` is given and it shrinks, else the packet.
 fn circuit_frame<'a>(
     view: Ipv6View<'a>,
-    compress: Option<&mut wire::Lz4Table>,
+    compress: Option<(&mut Adaptive, &mut wire::Lz4Table)>,
     scratch: &'a mut [u8],
 ) -> &'a [u8] {
-    match wire::encode_app(view, compress, scratch) {
+    // As on a link: a flow whose packets don't shrink is tried less often.
+    let (slot, table) = match compress {
+        Some((a, t)) => match a.should_try(&view) {
+            Some(s) => (Some((a, s)), Some(t)),
+            None => (None, None),
+        },
+        None => (None, None),
+    };
+    let encoded = wire::encode_app(view, table, scratch);
+    if let Some((a, s)) = slot {
+        a.report(s, matches!(encoded, Encoded::Compressed(_)));
+    }
+    match encoded {
         Encoded::AsIs => view.bytes(),
         Encoded::Compressed(n) | Encoded::Wrapped(n) => &scratch[..n],
     }

@@ -10,6 +10,7 @@ use super::{
     circuit_frame, count, CircRef, HopCirc, CIRCUIT_MTU, CREATE_LIMIT, INBOUND_FRESH,
     MAX_HOP_CIRCUITS, MAX_PER_NEIGHBOUR,
 };
+use crate::proto::compress::Adaptive;
 use crate::proto::dht::{Contact, Goal};
 use crate::proto::identity::{verify_signature, NodeRecord};
 use crate::proto::limit::Rate;
@@ -94,6 +95,7 @@ impl Node {
                 bwd_bytes: 0,
                 rx_bytes: 0,
                 tx_bytes: 0,
+                adaptive: Adaptive::default(),
             },
         );
         self.circ.on_link.insert((link, circ), CircRef::Prev(h));
@@ -414,15 +416,15 @@ impl Node {
             );
         }
         let (compress, large) = (self.circuit_compress(), self.config.traffic.always_large);
-        let table = compress.then_some(&mut self.bufs.lz4);
+        let Some(hc) = self.circ.hops.get_mut(&h) else {
+            return TunOutcome::Nothing;
+        };
+        let table = compress.then_some((&mut hc.adaptive, &mut self.bufs.lz4));
         let frame = circuit_frame(view, table, &mut self.bufs.b);
         if frame.len() > MAX_DATA {
             return TunOutcome::Nothing;
         }
         let size = onion::cell_size_for(frame.len(), large).unwrap_or(CELL_LARGE);
-        let Some(hc) = self.circ.hops.get_mut(&h) else {
-            return TunOutcome::Nothing;
-        };
         hc.ctr += 1;
         hc.tx_bytes += view.bytes().len() as u64;
         let (link, circ) = hc.prev;

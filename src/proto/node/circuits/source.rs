@@ -13,6 +13,7 @@ use super::{
     circuit_frame, count, wrap_into, BuildError, BuiltHop, CircRef, OutCirc, Peer, Stage,
     CIRCUIT_MTU, FAILED_FOR, MAX_BUILD_FAILS, MAX_OUT, OUT_IDLE, QUEUE,
 };
+use crate::proto::compress::Adaptive;
 use crate::proto::identity::{NodeId, NodeRecord};
 use crate::proto::node::{Node, TunOutcome};
 use crate::proto::onion::body::{self, Extend, Lookup};
@@ -94,9 +95,12 @@ impl Node {
         }
     }
 
-    /// Whether circuits compress application packets.
+    /// Whether circuits compress application packets (now: not while the
+    /// data path is the limit, see `compress::Governor`).
     pub(super) fn circuit_compress(&self) -> bool {
-        self.config.traffic.compress && self.config.compression.enabled
+        self.config.traffic.compress
+            && self.config.compression.enabled
+            && !(self.config.compression.adaptive && self.compression.paused())
     }
 
     /// Wraps an application packet as DATA for circuit `id`'s destination,
@@ -105,13 +109,13 @@ impl Node {
     fn out_data(&mut self, id: u64, view: Ipv6View<'_>) -> Option<(u32, usize)> {
         let len = view.bytes().len();
         let (compress, large) = (self.circuit_compress(), self.config.traffic.always_large);
-        let table = compress.then_some(&mut self.bufs.lz4);
+        let c = self.circ.out.get_mut(&id)?;
+        let table = compress.then_some((&mut c.adaptive, &mut self.bufs.lz4));
         let frame = circuit_frame(view, table, &mut self.bufs.b);
         if frame.len() > MAX_DATA {
             self.drops.too_big += 1;
             return None;
         }
-        let c = self.circ.out.get_mut(&id)?;
         c.tx_bytes += len as u64;
         let target = c.hops.len().checked_sub(1)?;
         wrap_into(c, target, Cmd::Data, frame, &mut self.bufs.cell, large)
@@ -188,6 +192,7 @@ impl Node {
                 tx_bytes: 0,
                 rx_bytes: 0,
                 replaced_by: None,
+                adaptive: Adaptive::default(),
             },
         );
         self.circ.on_link.insert((link, circ), CircRef::Out(id));
