@@ -16,28 +16,9 @@ impl Node {
         if let Some(idx) = self.by_key.get(&peer_key) {
             return Some(*idx);
         }
-        {
-            // Links to or from nodes not yet verified are cheap to make:
-            // keep them few. A new one pushes out the oldest if that one
-            // has had its grace to show a record; else the new one waits
-            // (its node retries the handshake).
-            let oldest = self
-                .links
-                .values()
-                .filter(|l| !l.persistent && l.verified.is_none())
-                .map(|l| (l.created, l.index));
-            let count = oldest.clone().count();
-            if count >= self.max_unverified() {
-                self.drops.link_limit += 1;
-                match oldest.min() {
-                    Some((created, i))
-                        if now.saturating_duration_since(created) >= UNVERIFIED_GRACE =>
-                    {
-                        self.remove_link_quietly(i)
-                    }
-                    _ => return None,
-                }
-            }
+        if configured.is_none() && !self.admit_unverified(endpoint, now) {
+            self.drops.link_limit += 1;
+            return None;
         }
         if self.links.len() >= self.config.max_links {
             // Full: the on-demand link unused longest makes room, if it has
@@ -106,6 +87,62 @@ impl Node {
         );
         self.by_key.insert(peer_key, index);
         Some(index)
+    }
+
+    /// Makes room for one more inbound link not yet verified, or says no
+    /// (a link pushed out counts as a `link_limit` drop, as does a refusal).
+    ///
+    /// Such links are cheap to make (one initiation from a fresh key), so
+    /// they are capped ([`Node::max_unverified`]). At the cap, the oldest
+    /// gives way once it has had `UNVERIFIED_GRACE` to show a record;
+    /// otherwise the newcomer is refused (its node retries), unless the
+    /// newcomer's subnet (/24, /48) holds fewer of these links than the
+    /// subnet holding most: then that subnet's oldest gives way, so a flood
+    /// from a few subnets can't keep everyone else out. Links this node
+    /// opened itself (lookups, LAN) are neither counted nor refused here:
+    /// they are limited where they are made.
+    fn admit_unverified(&mut self, endpoint: Option<SocketAddr>, now: Instant) -> bool {
+        let inbound = |l: &&Link| !l.persistent && l.verified.is_none() && l.configured.is_none();
+        let count = self.links.values().filter(inbound).count();
+        if count < self.max_unverified() {
+            return true;
+        }
+        let oldest = self
+            .links
+            .values()
+            .filter(inbound)
+            .map(|l| (l.created, l.index))
+            .min();
+        if let Some((created, i)) = oldest {
+            if now.saturating_duration_since(created) >= UNVERIFIED_GRACE {
+                self.drops.link_limit += 1;
+                self.remove_link_quietly(i);
+                return true;
+            }
+        }
+        let subnet = |ep: Option<SocketAddr>| ep.map(|e| link_subnet(e.ip()));
+        let mut per_subnet: HashMap<Option<IpAddr>, (usize, Instant, u32)> = HashMap::new();
+        for l in self.links.values().filter(inbound) {
+            let e = per_subnet
+                .entry(subnet(l.endpoint))
+                .or_insert((0, l.created, l.index));
+            e.0 += 1;
+            if l.created < e.1 {
+                (e.1, e.2) = (l.created, l.index);
+            }
+        }
+        let mine = per_subnet.get(&subnet(endpoint)).map_or(0, |e| e.0);
+        let most = per_subnet
+            .values()
+            .max_by_key(|e| (e.0, std::cmp::Reverse(e.1)));
+        match most {
+            Some(&(n, _, i)) if n > mine + 1 => {
+                self.drops.link_limit += 1;
+                self.remove_link_quietly(i);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Most links not yet verified at once.
@@ -264,12 +301,18 @@ impl Node {
             // receive at our address: boringtun kept the cookie, and the
             // next initiation carries it (mac2). Send that one now rather
             // than at the next retry (1 to 5 s away), at most once per
-            // `COOKIE_RETRY` per link. (A cookie reply decrypts only with
-            // the MAC of our last initiation, so a replayed or forged one
-            // triggers nothing.)
-            if link
-                .last_cookie_retry
-                .is_none_or(|t| now.saturating_duration_since(t) >= COOKIE_RETRY)
+            // `COOKIE_RETRY` per link, and only to the neighbour's known
+            // endpoint. A cookie reply decrypts only with the MAC of our
+            // last initiation, so a blind attacker can't make one; but
+            // whoever saw that initiation (the path, the neighbour) can,
+            // until we send the next. Answered anywhere, a reply forged
+            // from elsewhere would draw each new initiation to the forger,
+            // who could then repeat it and keep the real handshake from
+            // being retried.
+            if link.endpoint == Some(from)
+                && link
+                    .last_cookie_retry
+                    .is_none_or(|t| now.saturating_duration_since(t) >= COOKIE_RETRY)
             {
                 link.last_cookie_retry = Some(now);
                 initiate(

@@ -96,11 +96,17 @@ impl Node {
     }
 
     /// Whether circuits compress application packets (now: not while the
-    /// data path is the limit, see `compress::Governor`).
+    /// data path is the limit, see `compress::Governor`, if cells are all
+    /// large).
     pub(super) fn circuit_compress(&self) -> bool {
-        self.config.traffic.compress
-            && self.config.compression.enabled
-            && !(self.config.compression.adaptive && self.compression.paused())
+        // The pause applies only where cells are all one size: with two
+        // cell sizes, whoever can load this node could switch compression,
+        // and with it the cell sizes of circuits starting here, on and off
+        // to mark their traffic.
+        let pause = self.config.compression.adaptive
+            && self.config.traffic.always_large
+            && self.compression.paused();
+        self.config.traffic.compress && self.config.compression.enabled && !pause
     }
 
     /// Wraps an application packet as DATA for circuit `id`'s destination,

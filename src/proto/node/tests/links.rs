@@ -169,6 +169,21 @@ fn unverified_links_get_their_grace() {
     assert_eq!(v.links.len(), cap);
     assert!(v.by_key.contains_key(&[200; 32]));
     assert_eq!(v.status().drops.link_limit, 2);
+    // All young again; a newcomer from another subnet is not refused: the
+    // subnet holding most of them gives up its oldest.
+    let t3 = t2 + UNVERIFIED_GRACE / 2;
+    for i in 0..cap as u8 {
+        v.inject_inner(t3, [i.wrapping_add(100); 32], from, &[]);
+    }
+    let t4 = t3 + Duration::from_millis(100);
+    let elsewhere: SocketAddr = "198.18.9.9:40000".parse().unwrap();
+    v.inject_inner(t4, [250; 32], elsewhere, &[]);
+    assert!(v.by_key.contains_key(&[250; 32]), "a newcomer from another subnet");
+    assert_eq!(v.links.len(), cap);
+    // A link this node opens itself is neither counted nor refused.
+    let own = v.add_link([251; 32], Some(elsewhere), Some(NodeId([7; 32])), t4);
+    assert!(own.is_some());
+    assert_eq!(v.links.len(), cap + 1);
     // A larger node holds more: a quarter of max_links.
     let mut config = cfg(vec![]);
     config.max_links = 4096;
