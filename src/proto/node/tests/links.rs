@@ -178,7 +178,10 @@ fn unverified_links_get_their_grace() {
     let t4 = t3 + Duration::from_millis(100);
     let elsewhere: SocketAddr = "198.18.9.9:40000".parse().unwrap();
     v.inject_inner(t4, [250; 32], elsewhere, &[]);
-    assert!(v.by_key.contains_key(&[250; 32]), "a newcomer from another subnet");
+    assert!(
+        v.by_key.contains_key(&[250; 32]),
+        "a newcomer from another subnet"
+    );
     assert_eq!(v.links.len(), cap);
     // A link this node opens itself is neither counted nor refused.
     let own = v.add_link([251; 32], Some(elsewhere), Some(NodeId([7; 32])), t4);
