@@ -28,18 +28,17 @@ use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use serde::Serialize;
 
-use super::access::{link_subnet, AccessConfig};
+use super::access::AccessConfig;
 use super::compress::{Adaptive, Governor};
 use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source};
 use super::identity::{
     is_overlay_address, parse_endpoint, put_endpoint, Identity, NodeId, NodeRecord,
 };
-use super::limit::{Limit, SourceTable};
+use super::limit::Limit;
 use super::message::{self, Reassembler, Segmenter};
 use super::records::{node_info, value_target, RsaRecords, SignedValue};
 use super::route::{Policy, RoutePolicy};
@@ -49,17 +48,20 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 mod circuits;
+mod gate;
 mod hello;
 mod links;
 mod lookups;
 mod own_record;
 mod report;
+mod table;
 mod tally;
 pub use circuits::{
     CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
     RouteNoteView, RouteOutcome, RoutingSummary, TrafficConfig, CIRCUIT_MTU, CREATE_LIMIT,
 };
 use links::initiate;
+use table::{Link, LinkTable, Verified};
 pub use tally::ClosedLinks;
 
 /// WireGuard's data-message overhead: type, receiver, counter, tag.
@@ -349,84 +351,6 @@ pub enum LinkState {
     Down,
 }
 
-/// A neighbour's verified identity.
-struct Verified {
-    record: NodeRecord,
-    record_bytes: Vec<u8>,
-    address: Ipv6Addr,
-    /// The record as the DHT knows it (None: the record has no expiry, as
-    /// from an older node, so the DHT won't use it).
-    contact: Option<Contact>,
-}
-
-struct Link {
-    index: u32,
-    tunn: Tunn,
-    peer_key: [u8; 32],
-    endpoint: Option<SocketAddr>,
-    /// The node this link must turn out to be (configured peers and links
-    /// made to a known record).
-    configured: Option<NodeId>,
-    /// Configured: kept up and retried, never closed for idleness.
-    persistent: bool,
-    /// How we came to know the neighbour.
-    source: Source,
-    /// Last application packet or DHT message either way.
-    last_used: Instant,
-    /// DHT messages waiting for the neighbour's record to verify.
-    pending_ctl: VecDeque<(u8, Vec<u8>)>,
-    verified: Option<Verified>,
-    they_have_ours: bool,
-    last_hello: Option<Instant>,
-    last_reconnect: Option<Instant>,
-    /// When a cookie reply last made us send a new initiation at once.
-    last_cookie_retry: Option<Instant>,
-    reconnect_attempts: u32,
-    /// Application packets waiting for the neighbour's record to verify.
-    pending: VecDeque<Vec<u8>>,
-    last_verify: Option<Instant>,
-    reassembler: Reassembler,
-    session_up: bool,
-    expired: bool,
-    created: Instant,
-    last_rx: Instant,
-    /// When the neighbour last sent us an application packet over this
-    /// link (a node that talks to us directly is answered directly).
-    last_app_rx: Option<Instant>,
-    mtu: usize,
-    compress: bool,
-    adaptive: Adaptive,
-    counters: LinkCounters,
-    drops: Drops,
-}
-
-impl Link {
-    /// Opened by this node to a record it looked up (not configured, not
-    /// inbound).
-    fn opened_on_demand(&self) -> bool {
-        self.configured.is_some() && !self.persistent
-    }
-
-    fn state(&self) -> LinkState {
-        if self.expired {
-            LinkState::Down
-        } else if !self.session_up {
-            LinkState::Connecting
-        } else if self.verified.is_none() {
-            LinkState::Verifying
-        } else {
-            LinkState::Up
-        }
-    }
-
-    fn node_id(&self) -> Option<NodeId> {
-        self.verified
-            .as_ref()
-            .map(|v| v.record.node_id())
-            .or(self.configured)
-    }
-}
-
 /// A datagram to send.
 #[derive(Debug)]
 pub struct Transmit {
@@ -540,17 +464,10 @@ pub struct Node {
     own: own_record::OwnRecord,
     address: Ipv6Addr,
     config: NodeConfig,
-    links: HashMap<u32, Link>,
-    by_key: HashMap<[u8; 32], u32>,
-    by_addr: HashMap<Ipv6Addr, u32>,
-    next_index: u32,
-    rate_limiter: RateLimiter,
-    /// The limiter the links' `Tunn`s check handshakes with again: MACs
-    /// only, never under load, since the two gates above decided that (and
-    /// a cookie from either gate must not be asked for again).
-    link_gate: Arc<RateLimiter>,
-    /// Cookie check for sources over their handshake budget.
-    cookie_gate: RateLimiter,
+    /// Links by session index, key and address.
+    links: LinkTable,
+    /// Per-source budgets, MAC and cookie checks for unauthenticated work.
+    gate: gate::Gate,
     transmits: VecDeque<Transmit>,
     /// Payload buffers of transmits the shell sent and handed back
     /// ([`Node::recycle`]): a relayed cell reuses one instead of allocating.
@@ -559,18 +476,10 @@ pub struct Node {
     /// Whether compression pays now (paused while the data path is the limit).
     compression: Governor,
     /// What removed links had counted.
-    closed_links: ClosedLinks,
     bufs: Buffers,
     last_icmp: Option<Instant>,
     /// The `now` of the last [`Node::handle_timeout`], or of [`Node::new`].
     last_timer: Instant,
-    /// Handshake initiations per source IP in the current second: boringtun's
-    /// rate limiter is one global counter, so one noisy source could starve
-    /// everyone else's handshakes without a per-source limit in front of it.
-    /// Budgets of unauthenticated work per source.
-    sources: SourceTable,
-    /// The second budget, for sources proven by a cookie and cookie replies.
-    proven: SourceTable,
     segmenter: Segmenter,
     fragment_id: u32,
     dht: Dht<RsaRecords>,
@@ -760,19 +669,12 @@ impl Node {
             rng,
             circ,
             address,
-            links: HashMap::new(),
-            by_key: HashMap::new(),
-            by_addr: HashMap::new(),
-            next_index: index_seed & 0x00ff_ffff,
-            rate_limiter: RateLimiter::new(&public, 64),
-            link_gate: Arc::new(RateLimiter::new(&public, u64::MAX)),
-            // A limit of 0 makes it demand a valid cookie of every packet.
-            cookie_gate: RateLimiter::new(&public, 0),
+            links: LinkTable::new(index_seed),
+            gate: gate::Gate::new(&public, (rng_key.0, rng_key.1)),
             transmits: VecDeque::new(),
             spare: Vec::new(),
             drops: Drops::default(),
             compression: Governor::default(),
-            closed_links: ClosedLinks::default(),
             bufs: Buffers {
                 a: vec![0u8; 2 * MAX_PACKET + 1024],
                 b: vec![0u8; 2 * MAX_PACKET + 1024],
@@ -783,8 +685,6 @@ impl Node {
             },
             last_icmp: None,
             last_timer: now,
-            sources: SourceTable::new(SOURCE_SLOTS, (rng_key.0, rng_key.1)),
-            proven: SourceTable::new(SOURCE_SLOTS, (rng_key.1, rng_key.0)),
             segmenter: Segmenter::new(index_seed),
             fragment_id: index_seed,
             config,
@@ -803,7 +703,7 @@ impl Node {
                 }
                 // A configured peer's address is known before it is verified,
                 // so packets to it can wait in the tunnel's handshake queue.
-                node.by_addr.insert(p.uri.node_id.overlay_address(), idx);
+                node.links.name_addr(p.uri.node_id.overlay_address(), idx);
                 node.send_hello(idx, now);
             }
         }
@@ -895,7 +795,7 @@ impl Node {
                 Policy::Prefer(..) | Policy::Direct => {}
             }
         }
-        let Some(link) = self.by_addr.get(&dst).and_then(|i| self.links.get_mut(i)) else {
+        let Some(link) = self.links.for_addr_mut(&dst) else {
             return self.tun_miss(now, view);
         };
         link.last_used = now;
@@ -915,7 +815,7 @@ impl Node {
                     }
                     return TunOutcome::Nothing;
                 }
-                let link = self.by_addr.get(&dst).and_then(|i| self.links.get_mut(i));
+                let link = self.links.for_addr_mut(&dst);
                 if let Some(l) = link {
                     l.drops.too_big += 1;
                 }
@@ -1066,8 +966,8 @@ impl Node {
     /// reconnects of configured peers, pruning of idle unknown links.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_timer = now;
-        self.rate_limiter.reset_count();
-        let indices: Vec<u32> = self.links.keys().copied().collect();
+        self.gate.tick();
+        let indices = self.links.indices();
         let mut remove = Vec::new();
         for index in indices {
             let Some(link) = self.links.get_mut(&index) else {

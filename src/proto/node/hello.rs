@@ -94,7 +94,7 @@ impl Node {
                     }
                     // Another link already speaking for this address: the
                     // newer record wins (a node may have replaced its link key).
-                    if let Some(&other) = self.by_addr.get(&addr) {
+                    if let Some(other) = self.links.index_of_addr(&addr) {
                         if other != index {
                             let other_seq = self
                                 .links
@@ -131,7 +131,7 @@ impl Node {
                     link.compress = compress;
                     let source = link.source;
                     let on_demand = link.opened_on_demand();
-                    self.by_addr.insert(addr, index);
+                    self.links.name_addr(addr, index);
                     self.stale.remove(&addr);
                     if let Some(c) = contact {
                         // A node that proved its record over a live link

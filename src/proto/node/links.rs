@@ -1,8 +1,10 @@
-//! The link table and the handshake gate: making and removing links (the
-//! caps on links and on links not yet verified), and every datagram from
-//! the UDP socket — the per-source budget, boringtun's MAC and cookie
-//! checks, the first Diffie-Hellman, then the link's `Tunn`.
+//! The link table: making and removing links (the caps on links and on
+//! links not yet verified), and every datagram from the UDP socket — the
+//! handshake gate's verdict (`gate.rs`), the first Diffie-Hellman, then
+//! the link's `Tunn`.
 
+use super::gate::{self, is_cookie_reply};
+use super::table::Room;
 use super::*;
 
 impl Node {
@@ -13,135 +15,87 @@ impl Node {
         configured: Option<NodeId>,
         now: Instant,
     ) -> Option<u32> {
-        if let Some(idx) = self.by_key.get(&peer_key) {
-            return Some(*idx);
+        if let Some(idx) = self.links.index_of_key(&peer_key) {
+            return Some(idx);
         }
-        if configured.is_none() && !self.admit_unverified(endpoint, now) {
-            self.drops.link_limit += 1;
-            return None;
-        }
-        if self.links.len() >= self.config.max_links {
-            // Full: the on-demand link unused longest makes room, if it has
-            // been idle a while; else the new one is refused.
-            let lru = self
-                .links
-                .values()
-                .filter(|l| !l.persistent && now.saturating_duration_since(l.last_used) > LRU_IDLE)
-                .min_by_key(|l| l.last_used)
-                .map(|l| l.index);
-            self.drops.link_limit += 1;
-            match lru {
-                Some(i) => self.remove_link(i),
-                None => return None,
+        if configured.is_none() {
+            // An inbound link from a node not yet verified: capped apart
+            // (see `LinkTable::room_unverified`).
+            let cap = self.max_unverified();
+            if !self.make_room(
+                self.links
+                    .room_unverified(endpoint, now, cap, UNVERIFIED_GRACE),
+            ) {
+                return None;
             }
         }
-        let mut index = self.next_index;
-        while self.links.contains_key(&index) {
-            index = (index + 1) & 0x00ff_ffff;
+        // Full: the on-demand link unused longest makes room, if it has
+        // been idle a while; else the new one is refused.
+        if !self.make_room(self.links.room(now, self.config.max_links, LRU_IDLE)) {
+            return None;
         }
-        self.next_index = (index + 1) & 0x00ff_ffff;
         let keepalive = (self.config.keepalive > 0).then_some(self.config.keepalive);
-        let tunn = Tunn::new(
-            self.own.identity().link_secret().clone(),
-            x25519::PublicKey::from(peer_key),
-            None,
-            keepalive,
-            index,
-            Some(self.link_gate.clone()),
-        );
         let compress = configured
             .map(|id| self.config.compression.allows(&id))
             .unwrap_or(self.config.compression.enabled);
-        self.links.insert(
+        let link_secret = self.own.identity().link_secret().clone();
+        let limiter = self.gate.link_limiter();
+        let mtu = self.config.mtu;
+        let index = self.links.insert(|index| Link {
             index,
-            Link {
+            tunn: Tunn::new(
+                link_secret,
+                x25519::PublicKey::from(peer_key),
+                None,
+                keepalive,
                 index,
-                tunn,
-                peer_key,
-                endpoint,
-                configured,
-                persistent: false,
-                source: Source::Network,
-                last_used: now,
-                pending_ctl: VecDeque::new(),
-                verified: None,
-                they_have_ours: false,
-                last_hello: None,
-                last_reconnect: None,
-                last_cookie_retry: None,
-                reconnect_attempts: 0,
-                pending: VecDeque::new(),
-                last_verify: None,
-                reassembler: Reassembler::default(),
-                session_up: false,
-                expired: false,
-                created: now,
-                last_rx: now,
-                last_app_rx: None,
-                mtu: self.config.mtu,
-                compress,
-                adaptive: Adaptive::default(),
-                counters: LinkCounters::default(),
-                drops: Drops::default(),
-            },
-        );
-        self.by_key.insert(peer_key, index);
+                Some(limiter),
+            ),
+            peer_key,
+            endpoint,
+            configured,
+            persistent: false,
+            source: Source::Network,
+            last_used: now,
+            pending_ctl: VecDeque::new(),
+            verified: None,
+            they_have_ours: false,
+            last_hello: None,
+            last_reconnect: None,
+            last_cookie_retry: None,
+            reconnect_attempts: 0,
+            pending: VecDeque::new(),
+            last_verify: None,
+            reassembler: Reassembler::default(),
+            session_up: false,
+            expired: false,
+            created: now,
+            last_rx: now,
+            last_app_rx: None,
+            mtu,
+            compress,
+            adaptive: Adaptive::default(),
+            counters: LinkCounters::default(),
+            drops: Drops::default(),
+        });
         Some(index)
     }
 
-    /// Makes room for one more inbound link not yet verified, or says no
-    /// (a link pushed out counts as a `link_limit` drop, as does a refusal).
-    ///
-    /// Such links are cheap to make (one initiation from a fresh key), so
-    /// they are capped ([`Node::max_unverified`]). At the cap, the oldest
-    /// gives way once it has had `UNVERIFIED_GRACE` to show a record;
-    /// otherwise the newcomer is refused (its node retries), unless the
-    /// newcomer's subnet (/24, /48) holds fewer of these links than the
-    /// subnet holding most: then that subnet's oldest gives way, so a flood
-    /// from a few subnets can't keep everyone else out. Links this node
-    /// opened itself (lookups, LAN) are neither counted nor refused here:
-    /// they are limited where they are made.
-    fn admit_unverified(&mut self, endpoint: Option<SocketAddr>, now: Instant) -> bool {
-        let inbound = |l: &&Link| !l.persistent && l.verified.is_none() && l.configured.is_none();
-        let count = self.links.values().filter(inbound).count();
-        if count < self.max_unverified() {
-            return true;
-        }
-        let oldest = self
-            .links
-            .values()
-            .filter(inbound)
-            .map(|l| (l.created, l.index))
-            .min();
-        if let Some((created, i)) = oldest {
-            if now.saturating_duration_since(created) >= UNVERIFIED_GRACE {
-                self.drops.link_limit += 1;
-                self.remove_link_quietly(i);
-                return true;
-            }
-        }
-        let subnet = |ep: Option<SocketAddr>| ep.map(|e| link_subnet(e.ip()));
-        let mut per_subnet: HashMap<Option<IpAddr>, (usize, Instant, u32)> = HashMap::new();
-        for l in self.links.values().filter(inbound) {
-            let e = per_subnet
-                .entry(subnet(l.endpoint))
-                .or_insert((0, l.created, l.index));
-            e.0 += 1;
-            if l.created < e.1 {
-                (e.1, e.2) = (l.created, l.index);
-            }
-        }
-        let mine = per_subnet.get(&subnet(endpoint)).map_or(0, |e| e.0);
-        let most = per_subnet
-            .values()
-            .max_by_key(|e| (e.0, std::cmp::Reverse(e.1)));
-        match most {
-            Some(&(n, _, i)) if n > mine + 1 => {
+    /// Acts on the link table's answer to "is there room?": removes the
+    /// link that must make room (counted as a `link_limit` drop, as is a
+    /// refusal). Returns whether the new link fits.
+    fn make_room(&mut self, room: Room) -> bool {
+        match room {
+            Room::Free => true,
+            Room::Evict(i) => {
                 self.drops.link_limit += 1;
                 self.remove_link_quietly(i);
                 true
             }
-            _ => false,
+            Room::Full => {
+                self.drops.link_limit += 1;
+                false
+            }
         }
     }
 
@@ -150,22 +104,21 @@ impl Node {
         (self.config.max_links / 4).max(MIN_UNVERIFIED_LINKS)
     }
 
+    /// Removes a link that made room or failed its handshake (not logged:
+    /// a flood would fill the log).
     pub(super) fn remove_link_quietly(&mut self, index: u32) {
-        if let Some(link) = self.links.remove(&index) {
-            self.closed_links.close(&link.counters, &link.drops);
-            self.by_key.remove(&link.peer_key);
-            self.by_addr.retain(|_, i| *i != index);
-            let now = link.last_rx.max(link.last_used);
-            self.circuits_link_gone(now, index);
-        }
+        self.drop_link(index, false);
     }
 
     pub(super) fn remove_link(&mut self, index: u32) {
-        if let Some(link) = self.links.remove(&index) {
-            self.closed_links.close(&link.counters, &link.drops);
-            self.by_key.remove(&link.peer_key);
-            self.by_addr.retain(|_, i| *i != index);
-            tracing::info!(link = index, node = ?link.node_id(), "link removed");
+        self.drop_link(index, true);
+    }
+
+    fn drop_link(&mut self, index: u32, log: bool) {
+        if let Some(link) = self.links.remove(index) {
+            if log {
+                tracing::info!(link = index, node = ?link.node_id(), "link removed");
+            }
             let now = link.last_rx.max(link.last_used);
             self.circuits_link_gone(now, index);
         }
@@ -192,16 +145,14 @@ impl Node {
             Err(_) => {
                 // Garbage costs its source budget too, so a source that
                 // sends it is throttled in everything it sends.
-                if self.sources.allow(now, from.ip(), SOURCE_LIMIT) {
+                if self.gate.charge(now, from.ip()) {
                     self.drops.malformed += 1;
                 } else {
                     self.drops.rate_limited += 1;
                 }
                 return None;
             }
-            Ok(Packet::HandshakeInit(init)) => {
-                self.rate_limiter_check_and_index(now, from, datagram, &init)?
-            }
+            Ok(Packet::HandshakeInit(init)) => self.admit_initiation(now, from, datagram, &init)?,
             Ok(Packet::HandshakeResponse(p)) => p.receiver_idx >> 8,
             Ok(Packet::PacketCookieReply(p)) => {
                 cookie_reply = true;
@@ -210,7 +161,7 @@ impl Node {
             Ok(Packet::PacketData(p)) => p.receiver_idx >> 8,
         };
         let Some(link) = self.links.get_mut(&index) else {
-            if self.sources.allow(now, from.ip(), SOURCE_LIMIT) {
+            if self.gate.charge(now, from.ip()) {
                 self.drops.unknown_session += 1;
             } else {
                 self.drops.rate_limited += 1;
@@ -220,15 +171,15 @@ impl Node {
         // Session traffic from where the neighbour is known to be costs no
         // budget (so established links keep working through a flood); from
         // anywhere else it is unauthenticated work like a handshake. (An
-        // initiation was charged in `rate_limiter_check_and_index`, and its
+        // initiation was charged in `admit_initiation`, and its
         // link's endpoint is where it came from.)
-        if link.endpoint != Some(from) && !self.sources.allow(now, from.ip(), SOURCE_LIMIT) {
+        if link.endpoint != Some(from) && !self.gate.charge(now, from.ip()) {
             self.drops.rate_limited += 1;
             return None;
         }
         let link = self.links.get_mut(&index)?;
         // A link created for this very handshake (see
-        // `rate_limiter_check_and_index`) is kept only if the handshake holds.
+        // `admit_initiation`) is kept only if the handshake holds.
         let fresh = link.configured.is_none() && link.verified.is_none() && !link.session_up;
         let mut res = link
             .tunn
@@ -379,65 +330,34 @@ impl Node {
     /// Whether `ip`'s subnet (IPv4 /24, IPv6 /48) holds its share of links.
     pub(super) fn subnet_full(&self, ip: IpAddr) -> bool {
         let limit = self.config.access.links_per_subnet;
-        if limit == 0 {
-            return false;
-        }
-        let net = link_subnet(ip);
-        self.links
-            .values()
-            .filter(|l| l.endpoint.is_some_and(|e| link_subnet(e.ip()) == net))
-            .count()
-            >= limit
+        limit != 0 && self.links.in_subnet(ip) >= limit
     }
 
     /// Checks a handshake initiation's MAC and load, finds who sent it, and
     /// returns the link index (creating a link for an unknown node).
-    pub(super) fn rate_limiter_check_and_index(
+    pub(super) fn admit_initiation(
         &mut self,
         now: Instant,
         from: SocketAddr,
         datagram: &[u8],
         init: &boringtun::noise::HandshakeInit<'_>,
     ) -> Option<u32> {
-        // Cheap checks first, in order of cost: the source's budget (a
-        // table lookup), boringtun's MAC and global load check (a hash,
-        // which also throws out random bytes), and only then the
-        // Diffie-Hellman work.
-        if !self.sources.allow(now, from.ip(), SOURCE_LIMIT) {
-            // Over budget. A source that proves with a cookie (WireGuard's
-            // mac2) that it receives at its address gets a second, smaller
-            // budget: else anyone who forges a neighbour's address could
-            // lock that neighbour out. Cookie replies come out of that
-            // budget too, so a flood gets few answers.
-            let mut cookie = [0u8; 64];
-            match self
-                .cookie_gate
-                .verify_packet(Some(from.ip()), datagram, &mut cookie)
-            {
-                Ok(_) if self.proven.allow(now, from.ip(), PROVEN_LIMIT) => {}
-                Err(TunnResult::WriteToNetwork(c))
-                    if self.proven.allow(now, from.ip(), PROVEN_LIMIT) =>
-                {
-                    self.drops.rate_limited += 1;
-                    self.transmits.push_back(Transmit {
-                        dst: from,
-                        payload: c.to_vec(),
-                    });
-                    return None;
+        // Cheap checks first, in order of cost: the gate (a table lookup,
+        // then a hash, which also throws out random bytes), the access
+        // list, and only then the Diffie-Hellman work.
+        match self.gate.check_initiation(now, from, datagram) {
+            gate::Verdict::Pass => {}
+            gate::Verdict::Refuse { refusal, reply } => {
+                match refusal {
+                    gate::Refusal::RateLimited => self.drops.rate_limited += 1,
+                    gate::Refusal::HandshakeRejected => self.drops.handshake_rejected += 1,
                 }
-                _ => {
-                    self.drops.rate_limited += 1;
-                    return None;
+                if let Some(reply) = reply {
+                    let payload = reuse(&mut self.spare, &reply);
+                    self.transmits.push_back(Transmit { dst: from, payload });
                 }
+                return None;
             }
-        } else if !pass_gate(
-            &self.rate_limiter,
-            from,
-            datagram,
-            &mut self.transmits,
-            &mut self.drops,
-        ) {
-            return None;
         }
         // A denied network costs no Diffie-Hellman work.
         if !self.config.access.link.admits_addr(from.ip()) {
@@ -452,7 +372,9 @@ impl Node {
                 return None;
             }
         };
-        if !self.by_key.contains_key(&half.peer_static_public) && self.subnet_full(from.ip()) {
+        if self.links.index_of_key(&half.peer_static_public).is_none()
+            && self.subnet_full(from.ip())
+        {
             self.drops.subnet_limit += 1;
             return None;
         }
@@ -463,32 +385,6 @@ impl Node {
             }
         }
         idx
-    }
-}
-
-/// Runs a boringtun rate limiter's checks (MAC, and under load the cookie)
-/// on a handshake message, queueing the cookie reply it may want sent.
-/// Returns whether the handshake may go on; a refusal is counted.
-pub(super) fn pass_gate(
-    limiter: &RateLimiter,
-    from: SocketAddr,
-    datagram: &[u8],
-    transmits: &mut VecDeque<Transmit>,
-    drops: &mut Drops,
-) -> bool {
-    let mut cookie = [0u8; 64];
-    match limiter.verify_packet(Some(from.ip()), datagram, &mut cookie) {
-        Ok(_) => true,
-        Err(e) => {
-            drops.handshake_rejected += 1;
-            if let TunnResult::WriteToNetwork(c) = e {
-                transmits.push_back(Transmit {
-                    dst: from,
-                    payload: c.to_vec(),
-                });
-            }
-            false
-        }
     }
 }
 
@@ -507,9 +403,4 @@ pub(super) fn initiate(
             payload: out.to_vec(),
         });
     }
-}
-
-/// WireGuard cookie reply: message type 3, 64 bytes.
-pub(super) fn is_cookie_reply(d: &[u8]) -> bool {
-    d.len() == 64 && d[0] == 3
 }

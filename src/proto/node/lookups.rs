@@ -104,8 +104,8 @@ impl Node {
 
     pub(super) fn dht_send(&mut self, now: Instant, to: &Contact, bytes: &[u8]) {
         let addr = to.info.id.overlay_address();
-        let idx = match self.by_addr.get(&addr) {
-            Some(i) => *i,
+        let idx = match self.links.index_of_addr(&addr) {
+            Some(i) => i,
             None => match self.connect(now, &to.record) {
                 Some(i) => i,
                 // No endpoint or no room: the request fails now rather
@@ -138,16 +138,12 @@ impl Node {
         if id == self.node_id() {
             return None;
         }
-        if let Some(i) = self.by_addr.get(&id.overlay_address()) {
-            return Some(*i);
+        if let Some(i) = self.links.index_of_addr(&id.overlay_address()) {
+            return Some(i);
         }
         // A record may name someone else's link key: never let it borrow
         // (or be mapped onto) that node's link.
-        if let Some(l) = self
-            .by_key
-            .get(&rec.link_key)
-            .and_then(|i| self.links.get(i))
-        {
+        if let Some(l) = self.links.for_key(&rec.link_key) {
             if l.node_id().is_some_and(|x| x != id) {
                 return None;
             }
@@ -161,7 +157,7 @@ impl Node {
             .find(|e| e.is_ipv4() || ipv6_ok)
             .copied()?;
         let idx = self.add_link(rec.link_key, Some(ep), Some(id), now)?;
-        self.by_addr.insert(id.overlay_address(), idx);
+        self.links.name_addr(id.overlay_address(), idx);
         if let Some(l) = self.links.get_mut(&idx) {
             l.last_used = now;
         }
@@ -336,7 +332,7 @@ impl Node {
     /// Links to a node found on the LAN (not kept up like configured peers).
     pub fn add_lan_peer(&mut self, now: Instant, uri: &PeerUri, endpoint: SocketAddr) {
         let addr = uri.node_id.overlay_address();
-        if uri.node_id == self.node_id() || self.by_addr.contains_key(&addr) {
+        if uri.node_id == self.node_id() || self.links.index_of_addr(&addr).is_some() {
             return;
         }
         // Announcements are unauthenticated: each costs us a handshake, so
@@ -349,7 +345,7 @@ impl Node {
         }
         self.last_lan = Some(now);
         if let Some(idx) = self.add_link(uri.link_key, Some(endpoint), Some(uri.node_id), now) {
-            self.by_addr.insert(addr, idx);
+            self.links.name_addr(addr, idx);
             if let Some(l) = self.links.get_mut(&idx) {
                 l.source = Source::Lan;
             }

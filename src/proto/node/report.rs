@@ -47,11 +47,7 @@ impl Node {
                     last_seen_secs: e.last_seen_secs,
                     fails: e.fails,
                     replacement: e.replacement,
-                    link: self
-                        .by_addr
-                        .get(&address)
-                        .and_then(|i| self.links.get(i))
-                        .map(|l| l.state()),
+                    link: self.links.for_addr(&address).map(|l| l.state()),
                 }
             })
             .collect();
@@ -108,9 +104,8 @@ impl Node {
 
     /// Index of the link to a verified neighbour (for tests).
     pub fn link_up_to(&self, addr: &Ipv6Addr) -> bool {
-        self.by_addr
-            .get(addr)
-            .and_then(|i| self.links.get(i))
+        self.links
+            .for_addr(addr)
             .is_some_and(|l| l.state() == LinkState::Up && l.they_have_ours)
     }
 

@@ -99,7 +99,7 @@ impl Node {
     /// The counters of links removed since start: with the live links'
     /// counters in [`Node::status`], totals that only grow.
     pub fn closed_links(&self) -> ClosedLinks {
-        self.closed_links
+        self.links.closed()
     }
 }
 

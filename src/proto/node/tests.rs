@@ -271,8 +271,8 @@ fn link_up_verify_forward_and_reject_spoofing() {
     ));
     // A misbehaving A routes C's traffic over its link to B: B drops it
     // as not addressed to B.
-    let to_b = net.nodes[0].0.by_addr[&addrs[1]];
-    net.nodes[0].0.by_addr.insert(addrs[2], to_b);
+    let to_b = net.nodes[0].0.links.index_of_addr(&addrs[1]).unwrap();
+    net.nodes[0].0.links.name_addr(addrs[2], to_b);
     let p = udp_packet(addrs[0], addrs[2], b"not for b");
     assert_eq!(net.send(0, &p), None);
     let wrong: u64 = net.nodes[1]
@@ -283,7 +283,7 @@ fn link_up_verify_forward_and_reject_spoofing() {
         .map(|l| l.drops.wrong_destination)
         .sum();
     assert_eq!(wrong, 1);
-    net.nodes[0].0.by_addr.remove(&addrs[2]);
+    net.nodes[0].0.links.unname_addr(&addrs[2]);
     // A path below 1280 + overhead: programs still send 1280, and the
     // node fragments for them; B's kernel gets fragments it can join.
     net.nodes[0].0.set_path_mtu(eps[1], 1300);
@@ -448,9 +448,13 @@ fn source_table_stays_bounded_under_a_spray() {
         }
         while v.poll_transmit().is_some() {}
     }
-    assert!(v.sources.len() <= SOURCE_SLOTS);
-    assert!(v.sources.memory() <= 256 * 1024, "{}", v.sources.memory());
-    assert!(v.sources.evicted >= 100_000 - SOURCE_SLOTS as u64);
+    assert!(v.gate.sources().len() <= SOURCE_SLOTS);
+    assert!(
+        v.gate.sources().memory() <= 256 * 1024,
+        "{}",
+        v.gate.sources().memory()
+    );
+    assert!(v.gate.sources().evicted >= 100_000 - SOURCE_SLOTS as u64);
     assert!(v.links.is_empty(), "random bytes make no link");
 }
 
@@ -509,7 +513,7 @@ fn control_messages_survive_segmentation() {
     let eps = endpoints(2);
     let mut net = linked_pair(now, ids, &eps);
     let addr_a = net.nodes[0].0.address();
-    let idx = net.nodes[1].0.by_addr[&addr_a];
+    let idx = net.nodes[1].0.links.index_of_addr(&addr_a).unwrap();
     // b re-sends its hello as segments; a takes it as any hello (a newer
     // record would replace the old one, the same one is simply known).
     net.nodes[0]
@@ -596,7 +600,7 @@ fn packet_to_an_unlinked_address_waits_for_the_lookup_then_flows() {
     // the DHT and knows nothing of C.
     net.deliver();
     assert!(net.nodes[0].0.link_up_to(&addrs[1]));
-    assert!(!net.nodes[0].0.by_addr.contains_key(&addrs[2]));
+    assert!(net.nodes[0].0.links.index_of_addr(&addrs[2]).is_none());
     let p = udp_packet(addrs[0], addrs[2], b"waits for a lookup");
     let out = net.nodes[0].0.handle_tun_packet(now, &p);
     assert!(matches!(out, TunOutcome::Nothing), "{out:?}");
@@ -618,8 +622,8 @@ fn packet_to_an_unlinked_address_waits_for_the_lookup_then_flows() {
         }
         net.deliver();
     }
-    assert!(!net.nodes[0].0.by_addr.contains_key(&addrs[2]));
-    assert!(net.nodes[0].0.by_addr.contains_key(&addrs[1]));
+    assert!(net.nodes[0].0.links.index_of_addr(&addrs[2]).is_none());
+    assert!(net.nodes[0].0.links.index_of_addr(&addrs[1]).is_some());
 }
 
 #[test]
@@ -1022,7 +1026,7 @@ fn unknown_destination_is_looked_up_through_the_circuit() {
     let (mut net, addrs, ids) = circuit_net(now);
     let (a, e) = (0, 5);
     // A forgets E and drops any link to it: only the relays know E.
-    if let Some(&i) = net.nodes[a].0.by_addr.get(&addrs[e]) {
+    if let Some(i) = net.nodes[a].0.links.index_of_addr(&addrs[e]) {
         net.nodes[a].0.remove_link(i);
     }
     net.nodes[a].0.dht.forget(&ids[e]);
@@ -1070,7 +1074,7 @@ fn forged_expired_replayed_and_oversized_records_are_refused_and_counted() {
     let replayed = x.sign_record_with(5, &ext(1_800_003_600)).to_bytes();
     let oversized = vec![1u8; crate::proto::identity::MAX_RECORD_LEN + 100];
     let mut net = linked_pair(now, ids, &eps);
-    let idx = net.nodes[0].0.by_addr[&addr_b];
+    let idx = net.nodes[0].0.links.index_of_addr(&addr_b).unwrap();
     for (i, r) in [good, forged, expired, replayed, oversized]
         .into_iter()
         .enumerate()

@@ -283,16 +283,16 @@ impl Node {
         key: [u8; 32],
         ep: SocketAddr,
     ) -> Option<u32> {
-        if let Some(&i) = self.by_addr.get(&id.overlay_address()) {
+        if let Some(i) = self.links.index_of_addr(&id.overlay_address()) {
             return Some(i);
         }
-        if let Some(l) = self.by_key.get(&key).and_then(|i| self.links.get(i)) {
+        if let Some(l) = self.links.for_key(&key) {
             if l.node_id().is_some_and(|x| x != id) {
                 return None;
             }
         }
         let idx = self.add_link(key, Some(ep), Some(id), now)?;
-        self.by_addr.insert(id.overlay_address(), idx);
+        self.links.name_addr(id.overlay_address(), idx);
         self.send_hello(idx, now);
         Some(idx)
     }

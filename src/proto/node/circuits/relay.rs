@@ -373,12 +373,7 @@ impl Node {
     /// A record for an address we already hold: a neighbour's, the DHT's
     /// table, or one a circuit looked up.
     pub(in crate::proto::node) fn local_record(&self, addr: &Ipv6Addr) -> Option<Vec<u8>> {
-        if let Some(v) = self
-            .by_addr
-            .get(addr)
-            .and_then(|i| self.links.get(i))
-            .and_then(|l| l.verified.as_ref())
-        {
+        if let Some(v) = self.links.for_addr(addr).and_then(|l| l.verified.as_ref()) {
             return Some(v.record_bytes.clone());
         }
         let c = self.dht.find_local(&addr.octets()[1..16])?;

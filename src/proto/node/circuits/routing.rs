@@ -256,9 +256,8 @@ impl Node {
     /// Whether `dst` sent us an application packet over a direct link
     /// lately.
     fn talks_to_us_directly(&self, now: Instant, dst: &Ipv6Addr) -> bool {
-        self.by_addr
-            .get(dst)
-            .and_then(|i| self.links.get(i))
+        self.links
+            .for_addr(dst)
             .and_then(|l| l.last_app_rx)
             .is_some_and(|t| now.saturating_duration_since(t) < DIRECT_REPLY)
     }
@@ -385,8 +384,8 @@ impl Node {
         let usable = match latest {
             Some(n) => n.usable,
             None => self
-                .by_addr
-                .keys()
+                .links
+                .addrs()
                 .take(64)
                 .map(|a| self.usable_toward(a))
                 .min()

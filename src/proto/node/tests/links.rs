@@ -123,19 +123,19 @@ fn only_links_opened_on_demand_close_unused() {
     let later = now + ON_DEMAND_IDLE + Duration::from_secs(5);
     let b = &mut net.nodes[1].0;
     // B's link is inbound (A configured B): kept alive, never used.
-    let idx = *b.links.keys().next().expect("B has A's link");
+    let idx = *b.links.indices().first().expect("B has A's link");
     assert!(!b.links[&idx].persistent && !b.links[&idx].opened_on_demand());
     b.links.get_mut(&idx).unwrap().last_rx = later;
     b.handle_timeout(later);
     assert!(
-        b.links.contains_key(&idx),
+        b.links.get(&idx).is_some(),
         "an inbound link kept alive stays"
     );
     // The same link, had B opened it on demand, is closed.
     b.links.get_mut(&idx).unwrap().configured = Some(a_id);
     b.handle_timeout(later);
     assert!(
-        !b.links.contains_key(&idx),
+        b.links.get(&idx).is_none(),
         "an unused on-demand link closes"
     );
 }
@@ -160,14 +160,14 @@ fn unverified_links_get_their_grace() {
     let t1 = t0 + UNVERIFIED_GRACE / 2;
     v.inject_inner(t1, [200; 32], from, &[]);
     assert_eq!(v.links.len(), cap);
-    assert!(!v.by_key.contains_key(&[200; 32]));
-    assert!(v.by_key.contains_key(&[1; 32]));
+    assert!(v.links.index_of_key(&[200; 32]).is_none());
+    assert!(v.links.index_of_key(&[1; 32]).is_some());
     assert_eq!(v.status().drops.link_limit, 1);
     // Past the grace, the oldest makes room.
     let t2 = t0 + UNVERIFIED_GRACE;
     v.inject_inner(t2, [200; 32], from, &[]);
     assert_eq!(v.links.len(), cap);
-    assert!(v.by_key.contains_key(&[200; 32]));
+    assert!(v.links.index_of_key(&[200; 32]).is_some());
     assert_eq!(v.status().drops.link_limit, 2);
     // All young again; a newcomer from another subnet is not refused: the
     // subnet holding most of them gives up its oldest.
@@ -179,7 +179,7 @@ fn unverified_links_get_their_grace() {
     let elsewhere: SocketAddr = "198.18.9.9:40000".parse().unwrap();
     v.inject_inner(t4, [250; 32], elsewhere, &[]);
     assert!(
-        v.by_key.contains_key(&[250; 32]),
+        v.links.index_of_key(&[250; 32]).is_some(),
         "a newcomer from another subnet"
     );
     assert_eq!(v.links.len(), cap);
