@@ -10,7 +10,7 @@
 //! Whether compressing pays at all is a second, node-wide question that
 //! [`Governor`] answers: see there.
 
-use super::wire::{Ipv6View, IPV6_HEADER_LEN};
+use super::wire::{self, Encoded, Ipv6View, Lz4Table, IPV6_HEADER_LEN};
 
 /// Slots per link.
 pub const BUCKETS: usize = 16;
@@ -66,6 +66,34 @@ impl Adaptive {
             s.penalty = (s.penalty * 2).clamp(1, MAX_SKIP);
             s.skip_left = s.penalty;
         }
+    }
+}
+
+/// Frames an application packet for a link or a circuit
+/// ([`wire::encode_app`]), trying lz4 when `compress` is given and the
+/// flow's [`Adaptive`] slot says so, and reporting the outcome to it.
+/// Returns the frame (the packet itself, or its frame in `scratch`) and
+/// whether it was compressed.
+pub fn encode<'a>(
+    view: Ipv6View<'a>,
+    compress: Option<(&mut Adaptive, &mut Lz4Table)>,
+    scratch: &'a mut [u8],
+) -> (&'a [u8], bool) {
+    let (slot, table) = match compress {
+        Some((a, t)) => match a.should_try(&view) {
+            Some(s) => (Some((a, s)), Some(t)),
+            None => (None, None),
+        },
+        None => (None, None),
+    };
+    let encoded = wire::encode_app(view, table, scratch);
+    let compressed = matches!(encoded, Encoded::Compressed(_));
+    if let Some((a, s)) = slot {
+        a.report(s, compressed);
+    }
+    match encoded {
+        Encoded::AsIs => (view.bytes(), false),
+        Encoded::Compressed(n) | Encoded::Wrapped(n) => (&scratch[..n], compressed),
     }
 }
 

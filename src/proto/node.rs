@@ -33,7 +33,7 @@ use boringtun::x25519;
 use serde::Serialize;
 
 use super::access::AccessConfig;
-use super::compress::{Adaptive, Governor};
+use super::compress::{self, Adaptive, Governor};
 use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source};
 use super::identity::{
     is_overlay_address, parse_endpoint, put_endpoint, Identity, NodeId, NodeRecord,
@@ -43,7 +43,7 @@ use super::message::{self, Reassembler, Segmenter};
 use super::records::{node_info, value_target, RsaRecords, SignedValue};
 use super::route::{Policy, RoutePolicy};
 use super::uri::PeerUri;
-use super::wire::{self, Encoded, Incoming, Ipv6View, IPV6_MIN_MTU, MAX_PACKET};
+use super::wire::{self, Incoming, Ipv6View, IPV6_MIN_MTU, MAX_PACKET};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -840,30 +840,10 @@ impl Node {
             link.drops.send_failed += 1;
             return TunOutcome::Nothing;
         };
-        let (frame, compressed) = {
-            let paused = self.config.compression.adaptive && self.compression.paused();
-            let slot = if link.compress && !paused {
-                link.adaptive.should_try(&view)
-            } else {
-                None
-            };
-            let table = slot.is_some().then_some(&mut self.bufs.lz4);
-            match wire::encode_app(view, table, &mut self.bufs.b) {
-                Encoded::AsIs => {
-                    if let Some(s) = slot {
-                        link.adaptive.report(s, false);
-                    }
-                    (view.bytes(), false)
-                }
-                Encoded::Compressed(n) => {
-                    if let Some(s) = slot {
-                        link.adaptive.report(s, true);
-                    }
-                    (&self.bufs.b[..n], true)
-                }
-                Encoded::Wrapped(n) => (&self.bufs.b[..n], false),
-            }
-        };
+        let paused = self.config.compression.adaptive && self.compression.paused();
+        let compress =
+            (link.compress && !paused).then_some((&mut link.adaptive, &mut self.bufs.lz4));
+        let (frame, compressed) = compress::encode(view, compress, &mut self.bufs.b);
         link.counters.tx_packets += 1;
         link.counters.tx_bytes += packet.len() as u64;
         link.counters.tx_wire_bytes += frame.len() as u64;

@@ -35,7 +35,6 @@ use crate::proto::onion::{
     self, wrap, CellKind, ClientHandshake, Cmd, HopKeys, OnionError, OnionKey, ReplayWindow,
     CELL_HEADER, CELL_LARGE, MAX_DATA,
 };
-use crate::proto::wire::{self, Encoded, Ipv6View};
 
 mod cells;
 mod relay;
@@ -373,31 +372,6 @@ impl Circuits {
 
     pub(super) fn onion_public(&self) -> [u8; 32] {
         self.onion.public
-    }
-}
-
-/// An application packet as a circuit carries it: a link frame, compressed
-/// into `scratch` when `compress` is given and it shrinks, else the packet.
-fn circuit_frame<'a>(
-    view: Ipv6View<'a>,
-    compress: Option<(&mut Adaptive, &mut wire::Lz4Table)>,
-    scratch: &'a mut [u8],
-) -> &'a [u8] {
-    // As on a link: a flow whose packets don't shrink is tried less often.
-    let (slot, table) = match compress {
-        Some((a, t)) => match a.should_try(&view) {
-            Some(s) => (Some((a, s)), Some(t)),
-            None => (None, None),
-        },
-        None => (None, None),
-    };
-    let encoded = wire::encode_app(view, table, scratch);
-    if let Some((a, s)) = slot {
-        a.report(s, matches!(encoded, Encoded::Compressed(_)));
-    }
-    match encoded {
-        Encoded::AsIs => view.bytes(),
-        Encoded::Compressed(n) | Encoded::Wrapped(n) => &scratch[..n],
     }
 }
 

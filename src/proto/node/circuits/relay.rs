@@ -7,8 +7,8 @@ use std::net::Ipv6Addr;
 use std::time::Instant;
 
 use super::{
-    circuit_frame, count, CircRef, HopCirc, CIRCUIT_MTU, CREATE_LIMIT, INBOUND_FRESH,
-    MAX_HOP_CIRCUITS, MAX_PER_NEIGHBOUR,
+    count, CircRef, HopCirc, CIRCUIT_MTU, CREATE_LIMIT, INBOUND_FRESH, MAX_HOP_CIRCUITS,
+    MAX_PER_NEIGHBOUR,
 };
 use crate::proto::compress::Adaptive;
 use crate::proto::dht::{Contact, Goal};
@@ -415,7 +415,7 @@ impl Node {
             return TunOutcome::Nothing;
         };
         let table = compress.then_some((&mut hc.adaptive, &mut self.bufs.lz4));
-        let frame = circuit_frame(view, table, &mut self.bufs.b);
+        let (frame, _) = crate::proto::compress::encode(view, table, &mut self.bufs.b);
         if frame.len() > MAX_DATA {
             return TunOutcome::Nothing;
         }

@@ -10,8 +10,8 @@ use rand_core::RngCore;
 
 use super::routing::PathInputs;
 use super::{
-    circuit_frame, count, wrap_into, BuildError, BuiltHop, CircRef, OutCirc, Peer, Stage,
-    CIRCUIT_MTU, FAILED_FOR, MAX_BUILD_FAILS, MAX_OUT, OUT_IDLE, QUEUE,
+    count, wrap_into, BuildError, BuiltHop, CircRef, OutCirc, Peer, Stage, CIRCUIT_MTU, FAILED_FOR,
+    MAX_BUILD_FAILS, MAX_OUT, OUT_IDLE, QUEUE,
 };
 use crate::proto::compress::Adaptive;
 use crate::proto::identity::{NodeId, NodeRecord};
@@ -117,7 +117,7 @@ impl Node {
         let (compress, large) = (self.circuit_compress(), self.config.traffic.always_large);
         let c = self.circ.out.get_mut(&id)?;
         let table = compress.then_some((&mut c.adaptive, &mut self.bufs.lz4));
-        let frame = circuit_frame(view, table, &mut self.bufs.b);
+        let (frame, _) = crate::proto::compress::encode(view, table, &mut self.bufs.b);
         if frame.len() > MAX_DATA {
             self.drops.too_big += 1;
             return None;
