@@ -54,6 +54,7 @@ mod links;
 mod lookups;
 mod own_record;
 mod report;
+mod resolve;
 mod table;
 mod tally;
 pub use circuits::{
@@ -116,20 +117,6 @@ const GONE_AFTER: Duration = Duration::from_secs(30);
 const LRU_IDLE: Duration = Duration::from_secs(10);
 /// LAN announcements acted on at most this often.
 const LAN_INTERVAL: Duration = Duration::from_secs(1);
-/// How long a record judged stale is passed over.
-const STALE_FOR: Duration = Duration::from_secs(60);
-/// Packets waiting for an address lookup, per address.
-const WANT_QUEUE: usize = 16;
-/// Addresses being looked up at once (half the DHT's lookup slots, so
-/// address lookups never starve its own upkeep).
-const MAX_WANTED: usize = super::dht::MAX_LOOKUPS / 2;
-/// A failed address lookup is not repeated for this long (its packets get
-/// ICMPv6 address unreachable).
-const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
-/// Address lookups per second, on average, and in a burst: a program
-/// scanning fc00::/8 must not turn into a flood of lookups.
-const LOOKUP_RATE: f64 = 5.0;
-const LOOKUP_BURST: f64 = 20.0;
 /// The core's timer grid: [`Node::poll_timeout`] is this long after the last tick.
 pub const TICK: Duration = Duration::from_millis(250);
 /// DHT messages waiting for a link to come up, per link.
@@ -483,14 +470,9 @@ pub struct Node {
     segmenter: Segmenter,
     fragment_id: u32,
     dht: Dht<RsaRecords>,
-    /// Addresses being looked up, with the packets waiting for them.
-    wanted: HashMap<Ipv6Addr, Want>,
-    /// Addresses whose lookup failed, and when.
-    unreachable: HashMap<Ipv6Addr, Instant>,
-    /// Lowest record sequence number worth connecting to, per address
-    /// (set when a looked-up record led nowhere).
-    stale: HashMap<Ipv6Addr, (u64, Instant)>,
-    lookup_tokens: (f64, Instant),
+    /// Address resolution: lookups under way and their packets, failures,
+    /// stale records, the lookup rate.
+    resolver: resolve::Resolver,
     purposes: HashMap<u64, Purpose>,
     api_results: HashMap<u64, LookupDone>,
     /// Packets for the TUN produced outside a TUN read (ICMPv6 errors for
@@ -501,12 +483,6 @@ pub struct Node {
     last_lan: Option<Instant>,
     rng: ChaCha20Rng,
     circ: circuits::Circuits,
-}
-
-/// Packets waiting for an address lookup.
-struct Want {
-    queue: VecDeque<Vec<u8>>,
-    started: Instant,
 }
 
 /// Why a lookup was started.
@@ -656,10 +632,7 @@ impl Node {
         let mut node = Node {
             dht,
             own,
-            wanted: HashMap::new(),
-            unreachable: HashMap::new(),
-            stale: HashMap::new(),
-            lookup_tokens: (LOOKUP_BURST, now),
+            resolver: resolve::Resolver::new(now),
             purposes: HashMap::new(),
             api_results: HashMap::new(),
             tun_out: VecDeque::new(),
@@ -1050,8 +1023,8 @@ impl Node {
                 if failed_connect {
                     if let Some(id) = link.configured {
                         let seq = self.dht.find_local(&id.0).map(|c| c.info.seq).unwrap_or(0);
-                        self.stale
-                            .insert(id.overlay_address(), (seq.saturating_add(1), now));
+                        let addr = id.overlay_address();
+                        self.resolver.stale(now, addr, seq.saturating_add(1));
                     }
                 }
                 // A neighbour gone quiet for good (it died, or came back
@@ -1061,8 +1034,8 @@ impl Node {
                     link.verified.is_some() && self.config.keepalive > 0 && idle > GONE_AFTER;
                 if gone {
                     if let Some(v) = &link.verified {
-                        self.stale
-                            .insert(v.address, (v.record.seq.saturating_add(1), now));
+                        let below = v.record.seq.saturating_add(1);
+                        self.resolver.stale(now, v.address, below);
                     }
                 }
                 // Unused links close only where this node opened them for

@@ -3,6 +3,7 @@
 //! opened on demand, spreading our record, and the DHT's control-API
 //! operations (lookups, values).
 
+use super::resolve::Miss;
 use super::*;
 
 impl Node {
@@ -13,23 +14,19 @@ impl Node {
             self.drops.no_route += 1;
             return TunOutcome::Nothing;
         }
-        if let Some(t) = self.unreachable.get(&dst) {
-            if now.saturating_duration_since(*t) < UNREACHABLE_FOR {
+        let min_seq = match self.resolver.miss(now, dst, view.bytes()) {
+            Miss::Unreachable => {
                 self.drops.unreachable += 1;
                 return self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 3, 0);
             }
-            self.unreachable.remove(&dst);
-        }
-        if let Some(w) = self.wanted.get_mut(&dst) {
-            if w.queue.len() < WANT_QUEUE {
-                w.queue.push_back(view.bytes().to_vec());
-            } else {
+            Miss::Queued => return TunOutcome::Nothing,
+            Miss::QueueFull => {
                 self.drops.send_failed += 1;
+                return TunOutcome::Nothing;
             }
-            return TunOutcome::Nothing;
-        }
+            Miss::Resolve { min_seq } => min_seq,
+        };
         let prefix = dst.octets()[1..16].to_vec();
-        let min_seq = self.stale.get(&dst).map(|s| s.0).unwrap_or(0);
         if let Some(c) = self.dht.find_local(&prefix).filter(|c| {
             c.info.seq >= min_seq && c.info.ip.is_some() && c.info.id.overlay_address() == dst
         }) {
@@ -41,7 +38,7 @@ impl Node {
                 return TunOutcome::Nothing;
             }
         }
-        if self.wanted.len() >= MAX_WANTED || !self.take_lookup_token(now) {
+        if !self.resolver.may_look_up(now) {
             self.drops.lookup_limited += 1;
             return self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 3, 0);
         }
@@ -54,13 +51,7 @@ impl Node {
             Some(id) => {
                 tracing::debug!(%dst, "looking up an address");
                 self.purposes.insert(id, Purpose::Address(dst));
-                self.wanted.insert(
-                    dst,
-                    Want {
-                        queue: VecDeque::from([view.bytes().to_vec()]),
-                        started: now,
-                    },
-                );
+                self.resolver.looking_up(now, dst, view.bytes());
                 self.pump_dht(now);
                 TunOutcome::Nothing
             }
@@ -68,19 +59,6 @@ impl Node {
                 self.drops.lookup_limited += 1;
                 self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 3, 0)
             }
-        }
-    }
-
-    pub(super) fn take_lookup_token(&mut self, now: Instant) -> bool {
-        let (tokens, last) = &mut self.lookup_tokens;
-        let dt = now.saturating_duration_since(*last).as_secs_f64();
-        *tokens = (*tokens + dt * LOOKUP_RATE).min(LOOKUP_BURST);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
         }
     }
 
@@ -195,17 +173,17 @@ impl Node {
     pub(super) fn on_lookup_done(&mut self, now: Instant, ev: LookupDone) {
         match self.purposes.remove(&ev.id) {
             Some(Purpose::Address(addr)) => {
-                let want = self.wanted.remove(&addr);
+                let waiting = self.resolver.done(&addr);
                 let found = match &ev.outcome {
                     Outcome::Found(c) if c.info.id.overlay_address() == addr => Some(c.clone()),
                     _ => None,
                 };
                 let linked = found.and_then(|c| self.connect(now, &c.record));
-                match (linked, want) {
-                    (Some(idx), Some(w)) => {
+                match linked {
+                    Some(idx) => {
                         tracing::debug!(%addr, hops = ev.hops, queries = ev.queries, "address found");
                         if let Some(l) = self.links.get_mut(&idx) {
-                            for p in w.queue {
+                            for p in waiting {
                                 if l.pending.len() >= MAX_PENDING {
                                     l.pending.pop_front();
                                 }
@@ -214,14 +192,11 @@ impl Node {
                         }
                         self.flush_pending(now, idx);
                     }
-                    (None, w) => {
+                    None => {
                         tracing::debug!(%addr, queries = ev.queries, "address not found");
-                        if self.unreachable.len() >= 4 * MAX_WANTED {
-                            self.unreachable.clear();
-                        }
-                        self.unreachable.insert(addr, now);
+                        self.resolver.failed(now, addr);
                         // Tell the program, not silence.
-                        if let Some(p) = w.and_then(|w| w.queue.into_iter().next()) {
+                        if let Some(p) = waiting.into_iter().next() {
                             self.drops.unreachable += 1;
                             let mut buf = vec![0u8; IPV6_MIN_MTU];
                             if let Ok(view) = Ipv6View::new_checked(&p) {
@@ -233,7 +208,6 @@ impl Node {
                             }
                         }
                     }
-                    _ => {}
                 }
             }
             Some(Purpose::Pool) => {
@@ -270,15 +244,7 @@ impl Node {
             self.dht.publish(now);
             self.dht.refresh(now, Refresh::Join);
         }
-        self.wanted.retain(|_, w| {
-            now.saturating_duration_since(w.started) < crate::proto::dht::LOOKUP_DEADLINE * 2
-        });
-        self.unreachable
-            .retain(|_, t| now.saturating_duration_since(*t) < UNREACHABLE_FOR);
-        // A record judged stale may be all there is if the node never
-        // comes back with a newer one: forget the judgement after a while.
-        self.stale
-            .retain(|_, (_, t)| now.saturating_duration_since(*t) < STALE_FOR);
+        self.resolver.expire(now);
         let unix = self.dht.unix(now);
         if self.own.poll_resign(now, unix).is_some() {
             self.spread_record(now);
