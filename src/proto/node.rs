@@ -59,7 +59,7 @@ mod table;
 mod tally;
 pub use circuits::{
     CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
-    RouteNoteView, RouteOutcome, RoutingSummary, TrafficConfig, CIRCUIT_MTU, CREATE_LIMIT,
+    RouteNoteView, RouteOutcome, RoutingSummary, SignJob, TrafficConfig, CIRCUIT_MTU, CREATE_LIMIT,
 };
 use links::initiate;
 use table::{Link, LinkTable, Verified};

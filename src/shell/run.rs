@@ -31,7 +31,7 @@ use super::control::ControlSocket;
 use super::vault::{KeyOptions, StateLock, StoredPeer, Vault};
 use super::{filter, privilege};
 use crate::proto::dht::Source;
-use crate::proto::node::{normalize, Transmit};
+use crate::proto::node::{normalize, SignJob, Transmit};
 use crate::proto::{Node, TunOutcome};
 use bytes::BytesMut;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -78,6 +78,8 @@ struct Shared {
     saving: AtomicBool,
     /// A task is storing the record sequence limit.
     seq_storing: AtomicBool,
+    /// Signatures the node asked for, to the signing thread ([`sign_loop`]).
+    signing: std::sync::mpsc::Sender<SignJob>,
     /// Held for the life of the node: no rotation or second node meanwhile.
     _lock: StateLock,
 }
@@ -381,6 +383,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         );
     }
     let max_gso = udp_state.max_gso_segments();
+    let (signing, sign_jobs) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared {
         node: Mutex::new(node),
         udp: up.udp,
@@ -391,6 +394,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         values_saved: Mutex::new(None),
         saving: AtomicBool::new(false),
         seq_storing: AtomicBool::new(false),
+        signing,
         _lock: up.lock,
     });
     // Send the hellos the node queued for its configured peers.
@@ -429,6 +433,11 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
             .name("qgate-data".into())
             .spawn(move || data_loop(sh, tun, udp))
             .context("starting the data-plane thread")?;
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("qgate-sign".into())
+            .spawn(move || sign_loop(sh, sign_jobs))
+            .context("starting the signing thread")?;
     }
     let timer = tokio::spawn(timer_loop(shared.clone()));
     let lan = if let Some(lan_socket) = up.lan {
@@ -578,13 +587,35 @@ impl Shared {
 }
 
 /// Hands the node the payload buffers sent since the last call (for reuse:
-/// a relayed cell then allocates nothing), and takes what it queued.
-fn drain(node: &mut Node, out: &mut Vec<Transmit>, spent: &mut Vec<Vec<u8>>) {
+/// a relayed cell then allocates nothing), takes what it queued, and passes
+/// the signatures it asked for to the signing thread.
+fn drain(sh: &Shared, node: &mut Node, out: &mut Vec<Transmit>, spent: &mut Vec<Vec<u8>>) {
     for p in spent.drain(..) {
         node.recycle(p);
     }
     while let Some(t) = node.poll_transmit() {
         out.push(t);
+    }
+    while let Some(job) = node.poll_sign() {
+        // The signing thread lives as long as the process.
+        let _ = sh.signing.send(job);
+    }
+}
+
+/// The signing thread: makes the RSA signatures the node asks for (a
+/// circuit's AUTH, some milliseconds each) without the node lock, so that
+/// no packet waits behind one, then hands each back and sends what that
+/// queued. Jobs are few: one per circuit build, at most one at a time per
+/// circuit.
+fn sign_loop(sh: Arc<Shared>, jobs: std::sync::mpsc::Receiver<SignJob>) {
+    let signer = sh.node.lock().expect("node lock").signer();
+    for job in jobs {
+        let signature = signer.sign(&job.message);
+        sh.node
+            .lock()
+            .expect("node lock")
+            .signed(Instant::now(), &job, &signature);
+        flush(&sh);
     }
 }
 
@@ -606,7 +637,7 @@ fn flush_with(sh: &Shared, retry: Retry) {
     let mut tun = Vec::new();
     {
         let mut node = sh.node.lock().expect("node lock");
-        drain(&mut node, &mut out, &mut Vec::new());
+        drain(sh, &mut node, &mut out, &mut Vec::new());
         while let Some(p) = node.poll_tun_write() {
             tun.push(p);
         }
@@ -732,7 +763,7 @@ impl TunSide {
                     TunOutcome::Nothing => {}
                 }
             }
-            drain(&mut node, &mut self.control, &mut self.spent);
+            drain(sh, &mut node, &mut self.control, &mut self.spent);
         }
         self.queue.flush(sh);
         for p in self.replies.drain(..) {
@@ -814,7 +845,7 @@ impl UdpSide {
                     }
                 }
             }
-            drain(&mut node, &mut self.control, &mut self.spent);
+            drain(sh, &mut node, &mut self.control, &mut self.spent);
         }
         let res = match (k, &sh.tun) {
             (0, _) | (_, None) => Ok(0),

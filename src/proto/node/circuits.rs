@@ -32,8 +32,8 @@ use crate::proto::compress::Adaptive;
 use crate::proto::identity::{NodeId, NodeRecord, RecordExt};
 use crate::proto::limit::{Limit, Rate};
 use crate::proto::onion::{
-    self, wrap, CellKind, ClientHandshake, Cmd, HopKeys, OnionError, OnionKey, ReplayWindow,
-    CELL_HEADER, CELL_LARGE, MAX_DATA,
+    self, auth_message, wrap, CellKind, ClientHandshake, Cmd, HopKeys, OnionError, OnionKey,
+    ReplayWindow, CELL_HEADER, CELL_LARGE, MAX_DATA,
 };
 
 mod cells;
@@ -239,13 +239,27 @@ struct BuiltHop {
     last_reply: Instant,
 }
 
+/// A signature the node needs and does not make itself: RSA signing takes
+/// milliseconds, and packets must not wait behind it. The node hands the
+/// job out ([`Node::poll_sign`]); whoever drives it signs `message` with
+/// [`Node::signer`], away from the data path, and hands the signature back
+/// ([`Node::signed`]). Today the only job is a circuit's AUTH: the source
+/// proving its identity to the destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignJob {
+    /// The circuit being authenticated.
+    pub circuit: u64,
+    /// What to sign.
+    pub message: Vec<u8>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
     /// CREATE or EXTEND sent for hop `hops.len()`.
     Extending,
     /// LOOKUP sent to the last relay.
     Looking,
-    /// AUTH sent to the destination.
+    /// AUTH being signed (a [`SignJob`] out), or sent to the destination.
     Authing,
     /// Data flows.
     Ready,
@@ -273,6 +287,16 @@ struct OutCirc {
     replaced_by: Option<u64>,
     /// Which of its flows are worth compressing (as on a link).
     adaptive: Adaptive,
+}
+
+impl OutCirc {
+    /// What the source signs to authenticate to the destination: bound to
+    /// the destination and to the last hop's handshake. None before that
+    /// hop is built.
+    fn auth_message(&self) -> Option<Vec<u8>> {
+        let dest = self.dest.as_ref()?.id;
+        Some(auth_message(&dest, &self.hops.last()?.keys.bind))
+    }
 }
 
 impl AsRef<HopKeys> for BuiltHop {
@@ -334,6 +358,8 @@ pub(super) struct Circuits {
     notes: RouteNotes,
     stats: RelayStats,
     bandwidth: (f64, Instant),
+    /// AUTH signatures to make (see [`SignJob`]).
+    to_sign: VecDeque<SignJob>,
     /// Cells forwarded as relay, as (forward?, in, out), for the test hook.
     #[cfg(feature = "test-hooks")]
     pub(super) cell_log: Vec<(bool, Vec<u8>, Vec<u8>)>,
@@ -353,6 +379,7 @@ impl Circuits {
             per_neighbour: HashMap::new(),
             create_rate: HashMap::new(),
             next_id: 1,
+            to_sign: VecDeque::new(),
             onion: OnionKey::generate(rng),
             prev_onion: None,
             onion_since: now,

@@ -77,6 +77,23 @@ fn linked_pair(now: Instant, ids: Vec<Identity>, eps: &[SocketAddr]) -> Net {
     net
 }
 
+thread_local! {
+    /// Set by a test: nobody makes the signatures nodes ask for.
+    static HOLD_SIGNATURES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes the signatures a node asked for ([`Node::poll_sign`]), as the
+/// shell's signing thread does.
+pub(super) fn sign_jobs(node: &mut Node, now: Instant) {
+    if HOLD_SIGNATURES.get() {
+        return;
+    }
+    while let Some(job) = node.poll_sign() {
+        let sig = node.signer().sign(&job.message);
+        node.signed(now, &job, &sig);
+    }
+}
+
 impl Net {
     /// Delivers queued datagrams until the network is quiet; returns
     /// packets written to each node's TUN.
@@ -86,6 +103,7 @@ impl Net {
         for _ in 0..200 {
             let mut moved = false;
             for i in 0..self.nodes.len() {
+                sign_jobs(&mut self.nodes[i].0, self.now);
                 while let Some(t) = self.nodes[i].0.poll_transmit() {
                     moved = true;
                     let from = self.nodes[i].1;
@@ -120,6 +138,7 @@ impl Net {
         for _ in 0..100 {
             let mut moved = false;
             for i in 0..self.nodes.len() {
+                sign_jobs(&mut self.nodes[i].0, self.now);
                 while let Some(t) = self.nodes[i].0.poll_transmit() {
                     moved = true;
                     let from = self.nodes[i].1;
@@ -888,6 +907,7 @@ fn advance(net: &mut Net, secs: f64) -> Vec<Vec<Vec<u8>>> {
         for _ in 0..50 {
             let mut moved = false;
             for i in 0..net.nodes.len() {
+                sign_jobs(&mut net.nodes[i].0, now);
                 while let Some(t) = net.nodes[i].0.poll_transmit() {
                     if net.nodes[i].1.port() == 1 {
                         continue;
@@ -1016,6 +1036,45 @@ fn circuit_carries_both_ways_authenticates_the_source_and_heals() {
         !c2.hops.contains(&dead),
         "new circuit avoids the dead relay"
     );
+}
+
+/// A source asks for its AUTH signature rather than making it (RSA takes
+/// milliseconds, and the data path must not wait); the circuit waits for
+/// it, and a signature for another message is not used.
+#[test]
+fn circuit_auth_waits_for_a_signature_made_elsewhere() {
+    let now = Instant::now();
+    let (mut net, addrs, _) = circuit_net(now);
+    let (a, e) = (0, 5);
+    let p = udp_packet(addrs[a], addrs[e], b"through relays");
+    HOLD_SIGNATURES.set(true);
+    net.nodes[a].0.handle_tun_packet(net.now, &p);
+    let tun = advance(&mut net, 1.0);
+    assert!(!tun[e].contains(&p), "no AUTH went without its signature");
+    let job = net.nodes[a].0.poll_sign().expect("A asked for a signature");
+    assert!(net.nodes[a].0.poll_sign().is_none(), "one job per circuit");
+    assert_eq!(
+        net.nodes[a].0.circuits(net.now).circuits[0].state,
+        "building"
+    );
+    // A signature for something else: ignored.
+    let signer = net.nodes[a].0.signer();
+    let other = SignJob {
+        circuit: job.circuit,
+        message: b"something else".to_vec(),
+    };
+    net.nodes[a]
+        .0
+        .signed(net.now, &other, &signer.sign(&other.message));
+    assert!(net.nodes[a].0.poll_transmit().is_none());
+    // The right one: AUTH goes, and the packet with it.
+    net.nodes[a]
+        .0
+        .signed(net.now, &job, &signer.sign(&job.message));
+    HOLD_SIGNATURES.set(false);
+    let tun = advance(&mut net, 1.0);
+    assert!(tun[e].contains(&p), "E got the packet once A signed");
+    assert_eq!(net.nodes[a].0.circuits(net.now).circuits[0].state, "ready");
 }
 
 /// A destination the source knows nothing of is looked up by the last

@@ -255,9 +255,16 @@ impl Net {
 
     /// Sends what node `i` queued (datagrams, TUN writes).
     fn drain(&mut self, i: usize) {
+        let now = self.instant();
         let Some(node) = self.hosts[i].node.as_mut() else {
             return;
         };
+        // Signatures are made at once (the shell makes them on a thread
+        // of their own, taking milliseconds of real time).
+        while let Some(job) = node.poll_sign() {
+            let sig = node.signer().sign(&job.message);
+            node.signed(now, &job, &sig);
+        }
         let mut out = Vec::new();
         while let Some(t) = node.poll_transmit() {
             out.push(t);

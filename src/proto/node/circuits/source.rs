@@ -10,16 +10,15 @@ use rand_core::RngCore;
 
 use super::routing::PathInputs;
 use super::{
-    count, wrap_into, BuildError, BuiltHop, CircRef, OutCirc, Peer, Stage, CIRCUIT_MTU, FAILED_FOR,
-    MAX_BUILD_FAILS, MAX_OUT, OUT_IDLE, QUEUE,
+    count, wrap_into, BuildError, BuiltHop, CircRef, OutCirc, Peer, SignJob, Stage, CIRCUIT_MTU,
+    FAILED_FOR, MAX_BUILD_FAILS, MAX_OUT, OUT_IDLE, QUEUE,
 };
 use crate::proto::compress::Adaptive;
 use crate::proto::identity::{NodeId, NodeRecord};
 use crate::proto::node::{Node, TunOutcome};
 use crate::proto::onion::body::{self, Extend, Lookup};
 use crate::proto::onion::{
-    self, auth_message, CellKind, ClientHandshake, Cmd, ReplayWindow, CELL_HEADER, CREATED_LEN,
-    MAX_DATA,
+    self, CellKind, ClientHandshake, Cmd, ReplayWindow, CELL_HEADER, CREATED_LEN, MAX_DATA,
 };
 use crate::proto::route;
 use crate::proto::wire::{self, Incoming, Ipv6View, IPV6_MIN_MTU};
@@ -430,25 +429,45 @@ impl Node {
                 self.send_out(now, id, target, Cmd::Extend, &data[..n]);
             }
             None => {
-                // The destination is the last hop: prove who we are to it.
+                // The destination is the last hop: prove who we are to it,
+                // once the signature is made (`signed`), away from here.
                 c.stage = Stage::Authing;
-                let Some(dest) = c.dest.as_ref().map(|d| d.id) else {
-                    return;
-                };
-                let msg = auth_message(&dest, &c.hops[target].keys.bind);
-                let sig = self.own.identity().sign(&msg);
-                let auth = body::Auth {
-                    record: self.own.bytes(),
-                    signature: &sig,
-                };
-                let mut data = [0u8; MAX_DATA];
-                let Ok(n) = auth.emit(&mut data) else {
-                    tracing::warn!("our record is too large to authenticate on a circuit");
-                    return;
-                };
-                self.send_out(now, id, target, Cmd::Auth, &data[..n]);
+                if let Some(message) = c.auth_message() {
+                    self.circ.to_sign.push_back(SignJob {
+                        circuit: id,
+                        message,
+                    });
+                }
             }
         }
+    }
+
+    /// The next signature this node needs (see [`SignJob`]).
+    pub fn poll_sign(&mut self) -> Option<SignJob> {
+        self.circ.to_sign.pop_front()
+    }
+
+    /// The signature for `job`, made with [`Node::signer`]: sends the AUTH
+    /// it was for, if its circuit still waits for it (a circuit that failed
+    /// or was rebuilt meanwhile asked for another).
+    pub fn signed(&mut self, now: Instant, job: &SignJob, signature: &[u8]) {
+        let Some(c) = self.circ.out.get(&job.circuit) else {
+            return;
+        };
+        if c.stage != Stage::Authing || c.auth_message().as_ref() != Some(&job.message) {
+            return;
+        }
+        let target = c.hops.len() - 1;
+        let auth = body::Auth {
+            record: self.own.bytes(),
+            signature,
+        };
+        let mut data = [0u8; MAX_DATA];
+        let Ok(n) = auth.emit(&mut data) else {
+            tracing::warn!("our record is too large to authenticate on a circuit");
+            return;
+        };
+        self.send_out(now, job.circuit, target, Cmd::Auth, &data[..n]);
     }
 
     /// Ends circuit `id` (telling its first hop).
