@@ -35,9 +35,7 @@ use serde::Serialize;
 use super::access::AccessConfig;
 use super::compress::{self, Adaptive, Governor};
 use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source};
-use super::identity::{
-    is_overlay_address, parse_endpoint, put_endpoint, Identity, NodeId, NodeRecord,
-};
+use super::identity::{is_overlay_address, Identity, NodeId, NodeRecord};
 use super::limit::Limit;
 use super::message::{self, Reassembler, Segmenter};
 use super::records::{node_info, value_target, RsaRecords, SignedValue};
@@ -103,8 +101,6 @@ pub const MSG_HELLO: u8 = 1;
 pub const MSG_DHT: u8 = 3;
 /// Control message type: an onion cell (see `onion`).
 pub const MSG_CELL: u8 = 4;
-/// Hello flag: an observed-endpoint field follows the flags.
-const HELLO_FLAG_OBSERVED: u8 = 4;
 /// A link made on demand (not configured) closes after this long unused.
 const ON_DEMAND_IDLE: Duration = Duration::from_secs(120);
 /// A link made to a looked-up record that is not up after this long is
@@ -123,9 +119,6 @@ pub const TICK: Duration = Duration::from_millis(250);
 const MAX_PENDING_CTL: usize = 32;
 /// Results of control-API lookups kept for collection.
 const MAX_API_RESULTS: usize = 64;
-const HELLO_FLAG_ACK: u8 = 1;
-/// Hello flag: "I don't know that you have my record: answer".
-const HELLO_FLAG_REPLY: u8 = 2;
 
 /// How often an unconfirmed hello is repeated.
 const HELLO_INTERVAL: Duration = Duration::from_secs(1);

@@ -3,6 +3,62 @@
 //! of control messages (DHT, circuits) on a link.
 
 use super::*;
+use crate::proto::identity::{parse_endpoint, put_endpoint};
+
+/// Hello flag: the sender holds a verified record of the receiver.
+const FLAG_ACK: u8 = 1;
+/// Hello flag: "I don't know that you have my record: answer".
+const FLAG_REPLY: u8 = 2;
+/// Hello flag: an observed-endpoint field follows the flags.
+const FLAG_OBSERVED: u8 = 4;
+
+/// A hello's body ([`MSG_HELLO`]): one byte of flags, the endpoint the
+/// sender sees the receiver at (if the flag says so), then the sender's
+/// signed record (checked by the receiver, not here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Hello<'a> {
+    /// The sender holds a verified record of the receiver.
+    pub(super) ack: bool,
+    /// The sender wants a hello back.
+    pub(super) reply: bool,
+    /// Where the sender sees the receiver.
+    pub(super) observed: Option<SocketAddr>,
+    /// The sender's signed record.
+    pub(super) record: &'a [u8],
+}
+
+impl<'a> Hello<'a> {
+    /// Reads a hello body (hostile bytes): None if it is empty or its
+    /// endpoint field is cut short or malformed. Unknown flags are ignored.
+    pub(super) fn parse(body: &'a [u8]) -> Option<Hello<'a>> {
+        let (&flags, rest) = body.split_first()?;
+        let (observed, record) = if flags & FLAG_OBSERVED != 0 {
+            let (ep, record) = parse_endpoint(rest)?;
+            (Some(ep), record)
+        } else {
+            (None, rest)
+        };
+        Some(Hello {
+            ack: flags & FLAG_ACK != 0,
+            reply: flags & FLAG_REPLY != 0,
+            observed,
+            record,
+        })
+    }
+
+    /// Appends the body to `out`.
+    pub(super) fn emit(&self, out: &mut Vec<u8>) {
+        let flag = |on: bool, f: u8| if on { f } else { 0 };
+        let flags = flag(self.ack, FLAG_ACK)
+            | flag(self.reply, FLAG_REPLY)
+            | flag(self.observed.is_some(), FLAG_OBSERVED);
+        out.push(flags);
+        if let Some(ep) = self.observed {
+            put_endpoint(out, ep);
+        }
+        out.extend_from_slice(self.record);
+    }
+}
 
 impl Node {
     pub(super) fn handle_control(
@@ -39,26 +95,16 @@ impl Node {
             self.pump_dht(now);
             return;
         }
-        if ty != MSG_HELLO || body.is_empty() {
-            if let Some(l) = self.links.get_mut(&index) {
-                l.drops.bad_inner += 1;
-            }
-            return;
-        }
-        let ack = body[0] & HELLO_FLAG_ACK != 0;
-        let (observed, rec_bytes) = if body[0] & HELLO_FLAG_OBSERVED != 0 {
-            match parse_endpoint(&body[1..]) {
-                Some((ep, rest)) => (Some(ep), rest),
-                None => {
-                    if let Some(l) = self.links.get_mut(&index) {
-                        l.drops.bad_inner += 1;
-                    }
-                    return;
+        let hello = match (ty, Hello::parse(body)) {
+            (MSG_HELLO, Some(h)) => h,
+            _ => {
+                if let Some(l) = self.links.get_mut(&index) {
+                    l.drops.bad_inner += 1;
                 }
+                return;
             }
-        } else {
-            (None, &body[1..])
         };
+        let (ack, observed, rec_bytes) = (hello.ack, hello.observed, hello.record);
         let link = match self.links.get_mut(&index) {
             Some(l) => l,
             None => return,
@@ -164,7 +210,7 @@ impl Node {
             let reporter = v.record.node_id();
             self.own.note_observed(now, ep, reporter);
         }
-        if body[0] & HELLO_FLAG_REPLY != 0 {
+        if hello.reply {
             self.send_hello(index, now);
         }
     }
@@ -217,24 +263,16 @@ impl Node {
         let Some(link) = self.links.get_mut(&index) else {
             return;
         };
-        let mut body = Vec::with_capacity(20 + self.own.bytes().len());
-        let mut flags = 0;
-        if link.verified.is_some() {
-            flags |= HELLO_FLAG_ACK;
-        }
-        if !link.they_have_ours {
-            flags |= HELLO_FLAG_REPLY;
-        }
-        if link.endpoint.is_some() {
-            flags |= HELLO_FLAG_OBSERVED;
-        }
-        body.push(flags);
-        if let Some(ep) = link.endpoint {
-            // Where we see the neighbour: how a node with no configured
-            // endpoint learns what to publish in its record.
-            put_endpoint(&mut body, ep);
-        }
-        body.extend_from_slice(self.own.bytes());
+        // Where we see the neighbour: how a node with no configured
+        // endpoint learns what to publish in its record.
+        let hello = Hello {
+            ack: link.verified.is_some(),
+            reply: !link.they_have_ours,
+            observed: link.endpoint,
+            record: self.own.bytes(),
+        };
+        let mut body = Vec::with_capacity(20 + hello.record.len());
+        hello.emit(&mut body);
         link.last_hello = Some(now);
         self.send_control(index, MSG_HELLO, &body, false);
     }
@@ -281,5 +319,37 @@ impl Node {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hellos_round_trip_and_cut_ones_are_refused() {
+        let record = [9u8; 40];
+        for observed in [
+            None,
+            Some("198.18.0.1:7300".parse().unwrap()),
+            Some("[2001:db8::1]:7300".parse().unwrap()),
+        ] {
+            for (ack, reply) in [(false, false), (true, false), (false, true), (true, true)] {
+                let h = Hello {
+                    ack,
+                    reply,
+                    observed,
+                    record: &record,
+                };
+                let mut body = Vec::new();
+                h.emit(&mut body);
+                assert_eq!(Hello::parse(&body), Some(h));
+                if observed.is_some() {
+                    // The endpoint field cut short.
+                    assert_eq!(Hello::parse(&body[..3]), None);
+                }
+            }
+        }
+        assert_eq!(Hello::parse(&[]), None);
     }
 }

@@ -540,12 +540,14 @@ fn control_messages_survive_segmentation() {
         .links
         .values_mut()
         .for_each(|l| l.they_have_ours = false);
-    let body = {
-        let n = &net.nodes[1].0;
-        let mut v = vec![HELLO_FLAG_ACK | HELLO_FLAG_REPLY];
-        v.extend_from_slice(n.own.bytes());
-        v
-    };
+    let mut body = Vec::new();
+    hello::Hello {
+        ack: true,
+        reply: true,
+        observed: None,
+        record: net.nodes[1].0.own.bytes(),
+    }
+    .emit(&mut body);
     net.nodes[1].0.send_control(idx, MSG_HELLO, &body, true);
     assert!(!net.nodes[1].0.transmits.is_empty());
     net.run();
