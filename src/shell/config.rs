@@ -941,7 +941,7 @@ peers = [
 # this long plus 5 s is handshaked again, which is how a restarted neighbour
 # is noticed.
 # keepalive = {ka}
-# Most links at once.
+# Most links at once (links other nodes open take at most 7/8 of them).
 # max_links = {ml}
 
 [compression]

@@ -21,6 +21,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::TrySendError;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,7 +80,7 @@ struct Shared {
     /// A task is storing the record sequence limit.
     seq_storing: AtomicBool,
     /// Signatures the node asked for, to the signing thread ([`sign_loop`]).
-    signing: std::sync::mpsc::Sender<SignJob>,
+    signing: std::sync::mpsc::SyncSender<SignJob>,
     /// Held for the life of the node: no rotation or second node meanwhile.
     _lock: StateLock,
 }
@@ -383,7 +384,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         );
     }
     let max_gso = udp_state.max_gso_segments();
-    let (signing, sign_jobs) = std::sync::mpsc::channel();
+    let (signing, sign_jobs) = std::sync::mpsc::sync_channel(SIGN_QUEUE);
     let shared = Arc::new(Shared {
         node: Mutex::new(node),
         udp: up.udp,
@@ -597,10 +598,21 @@ fn drain(sh: &Shared, node: &mut Node, out: &mut Vec<Transmit>, spent: &mut Vec<
         out.push(t);
     }
     while let Some(job) = node.poll_sign() {
-        // The signing thread lives as long as the process.
-        let _ = sh.signing.send(job);
+        // Never wait here (the node lock is held): a job that finds the
+        // queue full is dropped, and its circuit's build step times out.
+        match sh.signing.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => {
+                tracing::debug!(circuit = job.circuit, "signing queue full: job dropped")
+            }
+            Err(TrySendError::Disconnected(_)) => tracing::error!("the signing thread is gone"),
+        }
     }
 }
+
+/// Signatures waiting for the signing thread, at most (a circuit asks for
+/// one per build, and a node builds at most a few hundred at once).
+const SIGN_QUEUE: usize = 256;
 
 /// The signing thread: makes the RSA signatures the node asks for (a
 /// circuit's AUTH, some milliseconds each) without the node lock, so that
@@ -610,6 +622,10 @@ fn drain(sh: &Shared, node: &mut Node, out: &mut Vec<Transmit>, spent: &mut Vec<
 fn sign_loop(sh: Arc<Shared>, jobs: std::sync::mpsc::Receiver<SignJob>) {
     let signer = sh.node.lock().expect("node lock").signer();
     for job in jobs {
+        // A backlog may hold jobs of circuits that failed meanwhile.
+        if !sh.node.lock().expect("node lock").wants_signature(&job) {
+            continue;
+        }
         let signature = signer.sign(&job.message);
         sh.node
             .lock()

@@ -259,7 +259,10 @@ enum Stage {
     Extending,
     /// LOOKUP sent to the last relay.
     Looking,
-    /// AUTH being signed (a [`SignJob`] out), or sent to the destination.
+    /// The destination is built; AUTH waits for its signature (a
+    /// [`SignJob`] out).
+    Signing,
+    /// AUTH sent to the destination.
     Authing,
     /// Data flows.
     Ready,

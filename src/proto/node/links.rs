@@ -22,16 +22,20 @@ impl Node {
             // An inbound link from a node not yet verified: capped apart
             // (see `LinkTable::room_unverified`).
             let cap = self.max_unverified();
-            if !self.make_room(
-                self.links
-                    .room_unverified(endpoint, now, cap, UNVERIFIED_GRACE),
-            ) {
+            let room = self
+                .links
+                .room_unverified(endpoint, now, cap, UNVERIFIED_GRACE);
+            // Not logged: a flood of handshakes would fill the log.
+            if !self.make_room(room, false) {
                 return None;
             }
         }
-        // Full: the on-demand link unused longest makes room, if it has
-        // been idle a while; else the new one is refused.
-        if !self.make_room(self.links.room(now, self.config.max_links, LRU_IDLE)) {
+        // Full: the link unused longest makes room, if it has been idle a
+        // while; else the new one is refused (see `LinkTable::room`).
+        let room = self
+            .links
+            .room(now, self.config.max_links, LRU_IDLE, configured.is_none());
+        if !self.make_room(room, true) {
             return None;
         }
         let keepalive = (self.config.keepalive > 0).then_some(self.config.keepalive);
@@ -41,7 +45,7 @@ impl Node {
         let link_secret = self.own.identity().link_secret().clone();
         let limiter = self.gate.link_limiter();
         let mtu = self.config.mtu;
-        let index = self.links.insert(|index| Link {
+        let index = self.links.insert(peer_key, |index| Link {
             index,
             tunn: Tunn::new(
                 link_secret,
@@ -83,13 +87,13 @@ impl Node {
 
     /// Acts on the link table's answer to "is there room?": removes the
     /// link that must make room (counted as a `link_limit` drop, as is a
-    /// refusal). Returns whether the new link fits.
-    fn make_room(&mut self, room: Room) -> bool {
+    /// refusal; logged if `log`). Returns whether the new link fits.
+    fn make_room(&mut self, room: Room, log: bool) -> bool {
         match room {
             Room::Free => true,
             Room::Evict(i) => {
                 self.drops.link_limit += 1;
-                self.remove_link_quietly(i);
+                self.drop_link(i, log);
                 true
             }
             Room::Full => {

@@ -180,6 +180,9 @@ impl Node {
                 };
                 let linked = found.and_then(|c| self.connect(now, &c.record));
                 match linked {
+                    // Found, but nothing waits any more: the link stays
+                    // for the next packet.
+                    Some(_) if waiting.is_empty() => {}
                     Some(idx) => {
                         tracing::debug!(%addr, hops = ev.hops, queries = ev.queries, "address found");
                         if let Some(l) = self.links.get_mut(&idx) {

@@ -199,6 +199,7 @@ impl LinkTable {
 
     /// Routes overlay address `addr` over link `index` (which must exist).
     pub(super) fn name_addr(&mut self, addr: Ipv6Addr, index: u32) {
+        debug_assert!(self.links.contains_key(&index), "naming a missing link");
         if self.links.contains_key(&index) {
             self.by_addr.insert(addr, index);
         }
@@ -211,15 +212,21 @@ impl LinkTable {
     }
 
     /// Adds the link `make` builds for a free session index; returns the
-    /// index. The caller checked that the key has no link yet.
-    pub(super) fn insert(&mut self, make: impl FnOnce(u32) -> Link) -> u32 {
+    /// index, or the existing link's if the key has one already.
+    pub(super) fn insert(&mut self, peer_key: [u8; 32], make: impl FnOnce(u32) -> Link) -> u32 {
+        if let Some(&index) = self.by_key.get(&peer_key) {
+            return index;
+        }
         let mut index = self.next_index;
         while self.links.contains_key(&index) {
             index = (index + 1) & INDEX_MASK;
         }
         self.next_index = (index + 1) & INDEX_MASK;
-        let link = make(index);
-        self.by_key.insert(link.peer_key, index);
+        let mut link = make(index);
+        // The table's names hold only if the link is what it was filed as.
+        link.index = index;
+        link.peer_key = peer_key;
+        self.by_key.insert(peer_key, index);
         self.links.insert(index, link);
         index
     }
@@ -240,17 +247,33 @@ impl LinkTable {
     }
 
     /// Room for one more link in a table of at most `max` links: the link
-    /// this node opened that has been unused longest makes room, once it
-    /// has been idle for `idle`.
-    pub(super) fn room(&self, now: Instant, max: usize, idle: Duration) -> Room {
+    /// unused longest makes room, once it has been idle for `idle`.
+    ///
+    /// Links from nodes that linked to us (`inbound`) may take all but an
+    /// eighth of the table: the rest is kept for links this node opens
+    /// itself (its lookups, its own traffic), so that many busy neighbours
+    /// can't keep it from reaching anyone else. An inbound newcomer over
+    /// that share can only take an idle inbound link's place.
+    pub(super) fn room(&self, now: Instant, max: usize, idle: Duration, inbound: bool) -> Room {
+        let is_inbound = |l: &Link| !l.persistent && l.configured.is_none();
+        let lru = |only_inbound: bool| {
+            self.links
+                .values()
+                .filter(|l| !l.persistent && (!only_inbound || is_inbound(l)))
+                .filter(|l| now.saturating_duration_since(l.last_used) > idle)
+                .min_by_key(|l| l.last_used)
+                .map_or(Room::Full, |l| Room::Evict(l.index))
+        };
+        if inbound {
+            let share = max - max / 8;
+            if self.links.values().filter(|l| is_inbound(l)).count() >= share {
+                return lru(true);
+            }
+        }
         if self.links.len() < max {
             return Room::Free;
         }
-        self.links
-            .values()
-            .filter(|l| !l.persistent && now.saturating_duration_since(l.last_used) > idle)
-            .min_by_key(|l| l.last_used)
-            .map_or(Room::Full, |l| Room::Evict(l.index))
+        lru(false)
     }
 
     /// Room for one more inbound link not yet verified from `endpoint`,

@@ -83,7 +83,7 @@ thread_local! {
 }
 
 /// Makes the signatures a node asked for ([`Node::poll_sign`]), as the
-/// shell's signing thread does.
+/// shell's signing thread does (unless a test holds them).
 pub(super) fn sign_jobs(node: &mut Node, now: Instant) {
     if HOLD_SIGNATURES.get() {
         return;
@@ -1040,40 +1040,75 @@ fn circuit_carries_both_ways_authenticates_the_source_and_heals() {
     );
 }
 
+/// Holds the signatures nodes ask for while it lives (a failed assert
+/// lets go too).
+struct HoldSignatures;
+
+impl HoldSignatures {
+    fn new() -> HoldSignatures {
+        HOLD_SIGNATURES.set(true);
+        HoldSignatures
+    }
+}
+
+impl Drop for HoldSignatures {
+    fn drop(&mut self) {
+        HOLD_SIGNATURES.set(false);
+    }
+}
+
 /// A source asks for its AUTH signature rather than making it (RSA takes
 /// milliseconds, and the data path must not wait); the circuit waits for
-/// it, and a signature for another message is not used.
+/// it, a signature for another message is not used, and one that comes
+/// after its circuit timed out is not either: the rebuilt circuit asks
+/// anew.
 #[test]
 fn circuit_auth_waits_for_a_signature_made_elsewhere() {
     let now = Instant::now();
     let (mut net, addrs, _) = circuit_net(now);
     let (a, e) = (0, 5);
     let p = udp_packet(addrs[a], addrs[e], b"through relays");
-    HOLD_SIGNATURES.set(true);
+    let hold = HoldSignatures::new();
     net.nodes[a].0.handle_tun_packet(net.now, &p);
     let tun = advance(&mut net, 1.0);
     assert!(!tun[e].contains(&p), "no AUTH went without its signature");
     let job = net.nodes[a].0.poll_sign().expect("A asked for a signature");
     assert!(net.nodes[a].0.poll_sign().is_none(), "one job per circuit");
+    assert!(net.nodes[a].0.wants_signature(&job));
     assert_eq!(
         net.nodes[a].0.circuits(net.now).circuits[0].state,
         "building"
     );
-    // A signature for something else: ignored.
+    // A signature for something else: not used.
     let signer = net.nodes[a].0.signer();
     let other = SignJob {
         circuit: job.circuit,
         message: b"something else".to_vec(),
     };
+    assert!(!net.nodes[a].0.wants_signature(&other));
     net.nodes[a]
         .0
         .signed(net.now, &other, &signer.sign(&other.message));
     assert!(net.nodes[a].0.poll_transmit().is_none());
-    // The right one: AUTH goes, and the packet with it.
+    // No signature within the build step: the circuit fails, and its
+    // replacement asks for one of its own.
+    advance(&mut net, 6.0);
+    assert!(!net.nodes[a].0.wants_signature(&job), "that build is over");
+    let again = net.nodes[a].0.poll_sign().expect("the new build asks");
+    assert_ne!(again.circuit, job.circuit);
     net.nodes[a]
         .0
         .signed(net.now, &job, &signer.sign(&job.message));
-    HOLD_SIGNATURES.set(false);
+    assert!(
+        net.nodes[a].0.poll_transmit().is_none(),
+        "a late one is not used"
+    );
+    // The right one: AUTH goes, and the packet with it.
+    net.nodes[a]
+        .0
+        .signed(net.now, &again, &signer.sign(&again.message));
+    assert!(!net.nodes[a].0.wants_signature(&again), "signed once");
+    drop(hold);
     let tun = advance(&mut net, 1.0);
     assert!(tun[e].contains(&p), "E got the packet once A signed");
     assert_eq!(net.nodes[a].0.circuits(net.now).circuits[0].state, "ready");

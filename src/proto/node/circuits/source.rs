@@ -431,7 +431,7 @@ impl Node {
             None => {
                 // The destination is the last hop: prove who we are to it,
                 // once the signature is made (`signed`), away from here.
-                c.stage = Stage::Authing;
+                c.stage = Stage::Signing;
                 if let Some(message) = c.auth_message() {
                     self.circ.to_sign.push_back(SignJob {
                         circuit: id,
@@ -447,16 +447,27 @@ impl Node {
         self.circ.to_sign.pop_front()
     }
 
+    /// Whether `job`'s circuit still waits for that signature (one that
+    /// failed or was rebuilt meanwhile asked for another): a signer with a
+    /// backlog skips the jobs nobody waits for any more.
+    pub fn wants_signature(&self, job: &SignJob) -> bool {
+        self.circ.out.get(&job.circuit).is_some_and(|c| {
+            c.stage == Stage::Signing && c.auth_message().as_ref() == Some(&job.message)
+        })
+    }
+
     /// The signature for `job`, made with [`Node::signer`]: sends the AUTH
-    /// it was for, if its circuit still waits for it (a circuit that failed
-    /// or was rebuilt meanwhile asked for another).
+    /// it was for, if its circuit still waits for it.
     pub fn signed(&mut self, now: Instant, job: &SignJob, signature: &[u8]) {
-        let Some(c) = self.circ.out.get(&job.circuit) else {
-            return;
-        };
-        if c.stage != Stage::Authing || c.auth_message().as_ref() != Some(&job.message) {
+        if !self.wants_signature(job) {
             return;
         }
+        let Some(c) = self.circ.out.get_mut(&job.circuit) else {
+            return;
+        };
+        // The AUTH round trip gets a step of its own.
+        c.stage = Stage::Authing;
+        c.step_started = now;
         let target = c.hops.len() - 1;
         let auth = body::Auth {
             record: self.own.bytes(),

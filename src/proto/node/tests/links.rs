@@ -194,6 +194,55 @@ fn unverified_links_get_their_grace() {
     assert_eq!(big.max_unverified(), 1024);
 }
 
+/// Inbound links take all but an eighth of `max_links`: busy neighbours
+/// can't keep a node from opening links of its own; an inbound newcomer
+/// over that share takes only an idle inbound link's place.
+#[test]
+fn links_of_our_own_keep_an_eighth_of_the_table() {
+    let t0 = Instant::now();
+    let mut config = cfg(vec![]);
+    config.max_links = 16;
+    let mut v = Node::new(identities(1).pop().unwrap(), 1, config, t0);
+    let from: SocketAddr = "198.18.5.5:40000".parse().unwrap();
+    let share = 16 - 16 / 8;
+    for i in 0..share {
+        v.inject_inner(t0, [i as u8 + 1; 32], from, &[]);
+    }
+    assert_eq!(v.links.len(), share);
+    // All busy: one more inbound is refused, though the table has room.
+    v.inject_inner(t0, [100; 32], from, &[]);
+    assert!(v.links.index_of_key(&[100; 32]).is_none());
+    assert_eq!(v.status().drops.link_limit, 1);
+    // The node's own links still get on, up to the whole table.
+    for i in 0..16 / 8 {
+        let own = v.add_link(
+            [200 + i as u8; 32],
+            Some(from),
+            Some(NodeId([i as u8; 32])),
+            t0,
+        );
+        assert!(own.is_some(), "own link {i}");
+    }
+    assert_eq!(v.links.len(), 16);
+    // Once an inbound link has been idle a while, a newcomer takes its
+    // place, never one of ours.
+    let later = t0 + LRU_IDLE + Duration::from_secs(1);
+    for i in 1..share as u8 {
+        let idx = v.links.index_of_key(&[i + 1; 32]).unwrap();
+        v.links.get_mut(&idx).unwrap().last_used = later;
+    }
+    v.inject_inner(later, [101; 32], from, &[]);
+    assert!(v.links.index_of_key(&[101; 32]).is_some());
+    assert!(
+        v.links.index_of_key(&[1; 32]).is_none(),
+        "the idle one went"
+    );
+    assert_eq!(v.links.len(), 16);
+    for i in 0..16 / 8 {
+        assert!(v.links.index_of_key(&[200 + i as u8; 32]).is_some());
+    }
+}
+
 #[test]
 fn garbage_datagrams_are_counted_not_fatal() {
     let now = Instant::now();
