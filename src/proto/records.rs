@@ -19,7 +19,9 @@ use std::collections::HashMap;
 use sha2::{Digest, Sha256};
 
 use super::dht::{Key, RecordError, RecordInfo, Records, ValueInfo, MAX_VALUE_LEN};
-use super::identity::{verify_signature, Identity, NodeId, NodeRecord, RecordExt, MAX_RECORD_LEN};
+use super::identity::{
+    verify_signature, Identity, IdentityError, NodeId, NodeRecord, RecordExt, MAX_RECORD_LEN,
+};
 
 /// Longest namespace.
 pub const MAX_NAMESPACE: usize = 32;
@@ -202,13 +204,18 @@ impl SignedValue {
 
 #[derive(Clone)]
 enum Checked {
-    Node(RecordInfo),
+    /// A node record whose signature verified: its facts, or why its
+    /// fields don't make sense.
+    Node(Result<RecordInfo, RecordError>),
     Value(ValueInfo),
     Bad(RecordError),
 }
 
 /// The node's record checks: RSA signatures, remembered by record hash so a
-/// record seen in many replies costs one verification.
+/// record seen in many replies costs one verification. The node's other
+/// checks of node records (a neighbour's hello, a relay's AUTH, a looked-up
+/// destination) go through [`RsaRecords::verified_record`], so a record
+/// the DHT already verified is not verified again, and the other way round.
 #[derive(Default)]
 pub struct RsaRecords {
     cache: HashMap<[u8; 32], Checked>,
@@ -222,13 +229,37 @@ impl RsaRecords {
         if let Some(c) = self.cache.get(&h) {
             return c.clone();
         }
+        self.verifications += 1;
+        let c = f(b);
+        self.remember(h, c.clone());
+        c
+    }
+
+    fn remember(&mut self, h: [u8; 32], c: Checked) {
         if self.cache.len() >= CACHE {
             self.cache.clear();
         }
+        self.cache.insert(h, c);
+    }
+
+    /// Parses a node record and checks its signature (as
+    /// [`NodeRecord::parse_verified`]), unless these very bytes verified
+    /// before: then they are only parsed. A record that verifies is
+    /// remembered for the DHT's checks too. Expiry is not judged here.
+    pub fn verified_record(&mut self, b: &[u8]) -> Result<NodeRecord, IdentityError> {
+        if b.len() > MAX_RECORD_LEN {
+            return Err(IdentityError::Malformed("too long"));
+        }
+        let h: [u8; 32] = Sha256::digest(b).into();
+        if let Some(Checked::Node(_)) = self.cache.get(&h) {
+            return NodeRecord::parse_unverified(b);
+        }
+        // Not known to verify (unknown, or failed as a node or as a value
+        // record): verify, so the answer is parse_verified's own.
         self.verifications += 1;
-        let c = f(b);
-        self.cache.insert(h, c.clone());
-        c
+        let rec = NodeRecord::parse_verified(b)?;
+        self.remember(h, Checked::Node(node_info(&rec)));
+        Ok(rec)
     }
 }
 
@@ -260,14 +291,12 @@ impl Records for RsaRecords {
             return Err(RecordError::Oversized);
         }
         let c = self.cached(b, |b| match NodeRecord::parse_verified(b) {
-            Ok(r) => match node_info(&r) {
-                Ok(i) => Checked::Node(i),
-                Err(e) => Checked::Bad(e),
-            },
+            Ok(r) => Checked::Node(node_info(&r)),
             Err(_) => Checked::Bad(RecordError::Forged),
         });
         match c {
             Checked::Node(i) => {
+                let i = i?;
                 judge_expiry(i.expires, MAX_RECORD_TTL, now)?;
                 Ok(i)
             }

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::proto::compress::Adaptive;
 use crate::proto::dht::{Contact, Goal};
-use crate::proto::identity::{verify_signature, NodeRecord};
+use crate::proto::identity::verify_signature;
 use crate::proto::limit::Rate;
 use crate::proto::node::{Node, Purpose, TunOutcome};
 use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
@@ -309,7 +309,7 @@ impl Node {
         else {
             return refuse(self);
         };
-        let Ok(rec) = NodeRecord::parse_verified(record) else {
+        let Ok(rec) = self.dht.records().verified_record(record) else {
             return refuse(self);
         };
         let Some(hc) = self.circ.hops.get(&h) else {

@@ -14,7 +14,7 @@ use super::{
     FAILED_FOR, MAX_BUILD_FAILS, MAX_OUT, OUT_IDLE, QUEUE,
 };
 use crate::proto::compress::Adaptive;
-use crate::proto::identity::{NodeId, NodeRecord};
+use crate::proto::identity::NodeId;
 use crate::proto::node::{Node, TunOutcome};
 use crate::proto::onion::body::{self, Extend, Lookup};
 use crate::proto::onion::{
@@ -322,7 +322,10 @@ impl Node {
             Cmd::LookupReply if last && c.stage == Stage::Looking => {
                 let rec = self.bufs.cell[start..end].to_vec();
                 let dst = c.dst;
-                let ok = NodeRecord::parse_verified(&rec)
+                let ok = self
+                    .dht
+                    .records()
+                    .verified_record(&rec)
                     .ok()
                     .filter(|r| r.overlay_address() == dst)
                     .and_then(|_| Peer::from_record(&rec));
