@@ -173,6 +173,30 @@ enum Event {
     JoinRefresh(usize),
 }
 
+/// An event in the queue, ordered by (time, order scheduled) alone.
+struct Queued {
+    at: Duration,
+    seq: u64,
+    ev: Event,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
 /// Results of a batch of lookups.
 #[derive(Clone, Debug, Default)]
 pub struct LookupStats {
@@ -236,8 +260,7 @@ pub(crate) fn pct<T: Copy + Ord + Default>(v: &[T], p: f64) -> T {
 pub struct Sim {
     nodes: Vec<SimNode>,
     by_id: HashMap<NodeId, usize>,
-    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
-    events: HashMap<usize, Event>,
+    queue: BinaryHeap<Reverse<Queued>>,
     seq: u64,
     base: Instant,
     now: Instant,
@@ -257,7 +280,6 @@ impl Sim {
             nodes: Vec::new(),
             by_id: HashMap::new(),
             queue: BinaryHeap::new(),
-            events: HashMap::new(),
             seq: 0,
             base,
             now: base,
@@ -298,8 +320,11 @@ impl Sim {
     fn schedule(&mut self, after: Duration, ev: Event) {
         self.seq += 1;
         let at = self.now.duration_since(self.base) + after;
-        self.queue.push(Reverse((at, self.seq, self.seq as usize)));
-        self.events.insert(self.seq as usize, ev);
+        self.queue.push(Reverse(Queued {
+            at,
+            seq: self.seq,
+            ev,
+        }));
     }
 
     fn latency(&mut self) -> Duration {
@@ -412,15 +437,11 @@ impl Sim {
     /// Runs events until none is left before `until` (virtual time from now).
     pub fn run_for(&mut self, until: Duration) {
         let end = self.now.duration_since(self.base) + until;
-        while let Some(Reverse((at, _, key))) = self.queue.peek().copied() {
-            if at > end {
+        while self.queue.peek().is_some_and(|Reverse(q)| q.at <= end) {
+            let Some(Reverse(Queued { at, ev, .. })) = self.queue.pop() else {
                 break;
-            }
-            self.queue.pop();
-            self.now = self.base + at;
-            let Some(ev) = self.events.remove(&key) else {
-                continue;
             };
+            self.now = self.base + at;
             let now = self.now;
             match ev {
                 Event::Deliver { to, from, bytes } => {
