@@ -20,7 +20,7 @@ use qgate_api::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{save_values, Shared};
+use super::Shared;
 use crate::proto::dht::{LookupDone, Outcome};
 use crate::proto::node::LookupTarget;
 use crate::proto::records::SignedValue;
@@ -220,8 +220,15 @@ fn put(sh: &Shared, ns: &str, key: &str, value: &[u8], ttl: u64) -> Result<Store
         .expect("node lock")
         .put_signed_value(Instant::now(), &signed)?;
     // Kept in the vault before the answer: a value that was put survives a
-    // crash and is published again after a restart.
-    save_values(sh);
+    // crash and is published again after a restart. Only this record is
+    // written here, under the values lock (see `save_values`); the timer's
+    // next save folds it into the full set.
+    {
+        let _saving = sh.values_saved.lock().expect("values lock");
+        if let Err(e) = sh.store.add_value(&signed.to_bytes()) {
+            tracing::warn!("keeping the value in the vault: {e:#}");
+        }
+    }
     let stored_at = match id {
         Some(id) => match wait_result(sh, id)?.outcome {
             Outcome::Stored(n) => n as u64,

@@ -12,6 +12,11 @@ use crate::proto::Identity;
 /// Version byte leading the identity value.
 const IDENTITY_VERSION: u8 = 1;
 
+/// Marks, after [`META_VALUES`], the key of a record added by
+/// [`Vault::add_value`]; those of [`Vault::replace_values`] follow the
+/// prefix with a 4-byte index, so the two never meet.
+const ADDED_VALUE: u8 = b'+';
+
 pub(super) fn encode_identity(identity: &Identity) -> Result<Zeroizing<Vec<u8>>> {
     let pem = Zeroizing::new(identity.rsa_pem()?);
     let link = Zeroizing::new(identity.link_secret_bytes());
@@ -85,7 +90,8 @@ impl Vault {
         wtxn.commit().map_err(|e| self.err(e))
     }
 
-    /// The DHT value records kept by the last [`Vault::replace_values`].
+    /// The DHT value records kept by the last [`Vault::replace_values`] and
+    /// those added since ([`Vault::add_value`]).
     pub fn values(&self) -> Result<Vec<Vec<u8>>> {
         let mut rtxn = self.rtxn()?;
         let mut out = Vec::new();
@@ -121,6 +127,23 @@ impl Vault {
                 .put(&mut wtxn, &key, r.as_ref())
                 .map_err(|e| self.err(e))?;
         }
+        wtxn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Adds one DHT value record to the kept ones, in a transaction of its
+    /// own, for a value this node has just put: kept across a crash without
+    /// rewriting every record held (up to `MAX_VALUES` of 2 KiB). The next
+    /// [`Vault::replace_values`] folds it into the full set. The key is the
+    /// record's SHA-256, so adding a record twice keeps one copy.
+    pub fn add_value(&self, record: &[u8]) -> Result<()> {
+        use sha2::Digest;
+        let mut key = META_VALUES.to_vec();
+        key.push(ADDED_VALUE);
+        key.extend_from_slice(&sha2::Sha256::digest(record));
+        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        self.meta
+            .put(&mut wtxn, &key, record)
+            .map_err(|e| self.err(e))?;
         wtxn.commit().map_err(|e| self.err(e))
     }
 

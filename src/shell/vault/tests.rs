@@ -104,6 +104,16 @@ fn create_open_round_trip() {
     assert_eq!(v.record_seq().unwrap(), s + 1);
     assert_eq!(v.meta_value(b"dfs/x").unwrap().unwrap(), b"extender value");
     assert_eq!(v.values().unwrap(), [b"two".to_vec(), b"four".to_vec()]);
+    // A put's record is added alone (twice: one copy), read back with the
+    // set, and folded away by the next full write.
+    v.add_value(b"five").unwrap();
+    v.add_value(b"five").unwrap();
+    let mut kept = v.values().unwrap();
+    kept.sort();
+    assert_eq!(kept, [b"five".to_vec(), b"four".to_vec(), b"two".to_vec()]);
+    v.replace_values(&[b"four".to_vec(), b"five".to_vec()])
+        .unwrap();
+    assert_eq!(v.values().unwrap(), [b"four".to_vec(), b"five".to_vec()]);
     v.replace_values::<Vec<u8>>(&[]).unwrap();
     assert!(v.values().unwrap().is_empty());
     assert_eq!(v.meta_value(b"dfs/x").unwrap().unwrap(), b"extender value");
