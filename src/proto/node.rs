@@ -59,7 +59,6 @@ pub use circuits::{
     CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
     RouteNoteView, RouteOutcome, RoutingSummary, SignJob, TrafficConfig, CIRCUIT_MTU, CREATE_LIMIT,
 };
-use links::initiate;
 use table::{Link, LinkTable, Verified};
 pub use tally::ClosedLinks;
 
@@ -115,6 +114,22 @@ const LRU_IDLE: Duration = Duration::from_secs(10);
 const LAN_INTERVAL: Duration = Duration::from_secs(1);
 /// The core's timer grid: [`Node::poll_timeout`] is this long after the last tick.
 pub const TICK: Duration = Duration::from_millis(250);
+
+/// Whether a timer sweep is done ([`Node::handle_timeout_some`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sweep {
+    /// Every link was visited, and the DHT's and circuits' timers ran.
+    Done,
+    /// Links are left: call again.
+    More,
+}
+
+/// What a link's timers decided ([`Node::link_timers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkFate {
+    Keep,
+    Remove,
+}
 /// DHT messages waiting for a link to come up, per link.
 const MAX_PENDING_CTL: usize = 32;
 /// Results of control-API lookups kept for collection.
@@ -460,6 +475,10 @@ pub struct Node {
     last_icmp: Option<Instant>,
     /// The `now` of the last [`Node::handle_timeout`], or of [`Node::new`].
     last_timer: Instant,
+    /// A timer sweep is under way ([`Node::handle_timeout_some`]), and the
+    /// links it has still to visit.
+    sweeping: bool,
+    sweep: Vec<u32>,
     segmenter: Segmenter,
     fragment_id: u32,
     dht: Dht<RsaRecords>,
@@ -651,6 +670,8 @@ impl Node {
             },
             last_icmp: None,
             last_timer: now,
+            sweeping: false,
+            sweep: Vec::new(),
             segmenter: Segmenter::new(index_seed),
             fragment_id: index_seed,
             config,
@@ -909,154 +930,47 @@ impl Node {
     }
 
     /// Runs timers: WireGuard's (rekey, keepalive, retries), hello repeats,
-    /// reconnects of configured peers, pruning of idle unknown links.
+    /// reconnects of configured peers, pruning of idle unknown links; then
+    /// the DHT's and the circuits'. The whole sweep in one call: see
+    /// [`Node::handle_timeout_some`] for one in steps.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.last_timer = now;
-        self.gate.tick();
-        let indices = self.links.indices();
+        while self.handle_timeout_some(now, usize::MAX) == Sweep::More {}
+    }
+
+    /// Runs the timers as [`Node::handle_timeout`] does, visiting at most
+    /// `links` links per call, so that the shell can let go of the node
+    /// between calls: a sweep over thousands of links takes a millisecond
+    /// or more, and packets would wait for all of it. Returns
+    /// [`Sweep::More`] until the sweep is done; the DHT's and circuits'
+    /// timers run in the call that finishes it. A link made during a sweep
+    /// waits for the next one; one removed is skipped.
+    pub fn handle_timeout_some(&mut self, now: Instant, links: usize) -> Sweep {
+        if !self.sweeping {
+            self.sweeping = true;
+            self.last_timer = now;
+            self.gate.tick();
+            self.sweep.clear();
+            self.sweep.extend(self.links.indices());
+        }
         let mut remove = Vec::new();
-        for index in indices {
-            let Some(link) = self.links.get_mut(&index) else {
-                continue;
+        for _ in 0..links {
+            let Some(index) = self.sweep.pop() else {
+                break;
             };
-            // update_timers emits at most one datagram per call.
-            match link.tunn.update_timers(&mut self.bufs.a) {
-                TunnResult::WriteToNetwork(out) => {
-                    if let Some(ep) = link.endpoint {
-                        self.transmits.push_back(Transmit {
-                            dst: ep,
-                            payload: reuse(&mut self.spare, out),
-                        });
-                    }
-                }
-                TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                    if !link.expired {
-                        tracing::info!(link = index, node = ?link.node_id(), "link session expired");
-                    }
-                    link.expired = true;
-                    link.session_up = false;
-                }
-                _ => {}
-            }
-            link.reassembler.expire(now);
-            let up = link.tunn.time_since_last_handshake().is_some() && !link.expired;
-            if link.session_up && !up {
-                link.session_up = false;
-            }
-            // A neighbour that restarted has forgotten our session and
-            // silently drops what we send; WireGuard alone notices only when
-            // data (not keepalives) goes unanswered, or at the next rekey two
-            // minutes on. Keepalives make silence a signal: nothing heard for
-            // a keepalive period plus grace means a new handshake.
-            // Only for links this node wants (configured, or opened for its
-            // own traffic): a neighbour that opened a link to us and went
-            // quiet closed it or will link again itself, and its link here
-            // goes once it counts as gone.
-            let silence = Duration::from_secs(self.config.keepalive as u64) + SILENCE_GRACE;
-            if self.config.keepalive > 0
-                && (link.persistent || link.opened_on_demand())
-                && link.session_up
-                && now.saturating_duration_since(link.last_rx) > silence
-                && link
-                    .last_reconnect
-                    .is_none_or(|t| now.saturating_duration_since(t) >= silence)
-            {
-                if let Some(ep) = link.endpoint {
-                    link.last_reconnect = Some(now);
-                    tracing::debug!(link = index, "neighbour silent, handshaking again");
-                    initiate(
-                        &mut link.tunn,
-                        ep,
-                        false,
-                        &mut self.bufs.a,
-                        &mut self.transmits,
-                    );
-                }
-            }
-            if link.persistent && !link.session_up {
-                // Quick retries first (a peer started a moment after us),
-                // then WireGuard's own pace.
-                let interval = if link.reconnect_attempts < QUICK_RECONNECTS {
-                    QUICK_RECONNECT_INTERVAL
-                } else {
-                    RECONNECT_INTERVAL
-                };
-                let due = link
-                    .last_reconnect
-                    .is_some_and(|t| now.saturating_duration_since(t) >= interval);
-                if link.last_reconnect.is_none() {
-                    // The first initiation went out with the first hello.
-                    link.last_reconnect = Some(now);
-                }
-                if let (true, Some(ep)) = (due, link.endpoint) {
-                    link.last_reconnect = Some(now);
-                    link.reconnect_attempts = link.reconnect_attempts.saturating_add(1);
-                    initiate(
-                        &mut link.tunn,
-                        ep,
-                        true,
-                        &mut self.bufs.a,
-                        &mut self.transmits,
-                    );
-                }
-            }
-            let hello_due = link.session_up
-                && (link.verified.is_none() || !link.they_have_ours)
-                && link
-                    .last_hello
-                    .is_none_or(|t| now.saturating_duration_since(t) >= HELLO_INTERVAL);
-            if !link.persistent {
-                let age = now.saturating_duration_since(link.created);
-                let idle = now.saturating_duration_since(link.last_rx);
-                let unused = now.saturating_duration_since(link.last_used);
-                // A link we made to a looked-up record that never came up:
-                // the record may be stale, so the next lookup wants a newer one.
-                let failed_connect =
-                    link.configured.is_some() && link.verified.is_none() && age > CONNECT_TIMEOUT;
-                if failed_connect {
-                    if let Some(id) = link.configured {
-                        let seq = self.dht.find_local(&id.0).map(|c| c.info.seq).unwrap_or(0);
-                        let addr = id.overlay_address();
-                        self.resolver.stale(now, addr, seq.saturating_add(1));
-                    }
-                }
-                // A neighbour gone quiet for good (it died, or came back
-                // elsewhere): drop the link, so the next packet looks the
-                // node up afresh rather than knocking at an old endpoint.
-                let gone =
-                    link.verified.is_some() && self.config.keepalive > 0 && idle > GONE_AFTER;
-                if gone {
-                    if let Some(v) = &link.verified {
-                        let below = v.record.seq.saturating_add(1);
-                        self.resolver.stale(now, v.address, below);
-                    }
-                }
-                // Unused links close only where this node opened them for
-                // its own traffic. A link from a neighbour that keeps it
-                // alive (its configured peer: it re-links within seconds)
-                // stays until the neighbour goes quiet (`gone`, the idle
-                // timeout) or a full table needs the room (`add_link`).
-                // Closing those at ON_DEMAND_IDLE made every inbound link
-                // of a busy node drop and come back every ~2 minutes.
-                if failed_connect
-                    || gone
-                    || (link.verified.is_none() && age > UNVERIFIED_TIMEOUT)
-                    || idle > IDLE_TIMEOUT
-                    || (link.opened_on_demand() && unused > ON_DEMAND_IDLE)
-                {
-                    remove.push(index);
-                    continue;
-                }
-            }
-            if hello_due {
-                self.send_hello(index, now);
+            if self.link_timers(now, index) == LinkFate::Remove {
+                remove.push(index);
             }
         }
         for i in remove {
             self.remove_link(i);
         }
+        if !self.sweep.is_empty() {
+            return Sweep::More;
+        }
+        self.sweeping = false;
         self.dht_timers(now);
         self.circuit_timers(now);
+        Sweep::Done
     }
 
     // ---- discovery: DHT, on-demand links, our record -------------------

@@ -32,7 +32,7 @@ use super::control::ControlSocket;
 use super::vault::{KeyOptions, StateLock, StoredPeer, Vault};
 use super::{filter, privilege};
 use crate::proto::dht::Source;
-use crate::proto::node::{normalize, SignJob, Transmit};
+use crate::proto::node::{normalize, SignJob, Sweep, Transmit};
 use crate::proto::{Node, TunOutcome};
 use bytes::BytesMut;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -1036,6 +1036,11 @@ fn write_cell_log(sh: &Shared) {
     }
 }
 
+/// Links visited per step of the timer's sweep: about 50 µs of work (a
+/// sweep over 2,000 links held the node ~0.8 ms on average, up to 13 ms, in
+/// one piece).
+const SWEEP_STEP: usize = 128;
+
 /// The core's timers: sleeps until [`Node::poll_timeout`], runs
 /// [`Node::handle_timeout`] and sends what it queued. Nothing here waits on
 /// the disk or on a full socket: the vault is written by blocking tasks this
@@ -1049,12 +1054,20 @@ async fn timer_loop(sh: Arc<Shared>) {
         let deadline = sh.node.lock().expect("node lock").poll_timeout();
         tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
         let now = Instant::now();
-        let wanted_seq = {
-            let mut node = sh.node.lock().expect("node lock");
-            node.handle_timeout(now);
-            node.record_seq_wanted(now)
-        };
-        flush_with(&sh, Retry::No);
+        // In steps, letting go of the node between them: a packet waits
+        // for one step, not for the whole sweep.
+        loop {
+            let sweep = sh
+                .node
+                .lock()
+                .expect("node lock")
+                .handle_timeout_some(now, SWEEP_STEP);
+            flush_with(&sh, Retry::No);
+            if sweep == Sweep::Done {
+                break;
+            }
+        }
+        let wanted_seq = sh.node.lock().expect("node lock").record_seq_wanted(now);
         #[cfg(feature = "test-hooks")]
         write_cell_log(&sh);
         if let Some(limit) = wanted_seq {

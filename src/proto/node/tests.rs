@@ -935,3 +935,58 @@ fn no_record_is_signed_with_a_sequence_number_not_yet_stored() {
     assert_eq!(n.record_seq_wanted(t), None);
     assert_eq!(n.poll_timeout(), t + TICK);
 }
+
+/// The timer's sweep in steps, as the shell runs it (letting go of the node
+/// between steps): every link is visited once per sweep, a link removed
+/// mid-sweep is skipped, and each link's timers do their work: here, after
+/// a silence longer than keepalive and grace, a new handshake to every
+/// neighbour.
+#[test]
+fn the_timer_sweeps_links_in_steps() {
+    let now = Instant::now();
+    let (ids, eps) = (identities(4), endpoints(4));
+    let peers = (1..4).map(|i| uri(&ids[i], eps[i])).collect();
+    let mut it = ids.into_iter();
+    let mut nodes = vec![(Node::new(it.next().unwrap(), 1, cfg(peers), now), eps[0])];
+    for (i, id) in it.enumerate() {
+        nodes.push((Node::new(id, 1, cfg(vec![]), now), eps[i + 1]));
+    }
+    let mut net = Net { nodes, now };
+    net.run();
+    let hub = &mut net.nodes[0].0;
+    assert_eq!(hub.status().links.len(), 3);
+    while hub.poll_transmit().is_some() {}
+
+    // A silence of 20 s (keepalive 10 s + grace 5 s): one link per step.
+    let t = net.now + Duration::from_secs(20);
+    let steps: Vec<Sweep> = (0..3).map(|_| hub.handle_timeout_some(t, 1)).collect();
+    assert_eq!(steps, [Sweep::More, Sweep::More, Sweep::Done]);
+    let mut initiations = std::collections::BTreeSet::new();
+    while let Some(tx) = hub.poll_transmit() {
+        if tx.payload.first() == Some(&1) {
+            initiations.insert(tx.dst);
+        }
+    }
+    let want: std::collections::BTreeSet<SocketAddr> = eps[1..].iter().copied().collect();
+    assert_eq!(initiations, want, "a new handshake to every neighbour");
+    assert_eq!(
+        hub.poll_timeout(),
+        t + TICK,
+        "the sweep's start is the tick"
+    );
+
+    // A new sweep starts at the next call; a link removed during it is
+    // skipped (its turn visits nothing) and the sweep still ends.
+    let t = t + TICK;
+    assert_eq!(hub.handle_timeout_some(t, 1), Sweep::More);
+    let index = hub.status().links[0].link;
+    hub.remove_link(index);
+    let mut calls = 1;
+    while hub.handle_timeout_some(t, 1) == Sweep::More {
+        calls += 1;
+        assert!(calls < 3, "the sweep ends");
+    }
+    assert_eq!(hub.status().links.len(), 2);
+    // One call does it all, as before.
+    assert_eq!(hub.handle_timeout_some(t + TICK, usize::MAX), Sweep::Done);
+}
