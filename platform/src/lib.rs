@@ -205,6 +205,10 @@ pub fn path_mtu(dst: std::net::SocketAddr) -> io::Result<usize> {
     }
 }
 
+/// `SCHED_FLAG_RESET_ON_FORK` (linux/sched.h; the libc crate has no name
+/// for it).
+const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+
 /// Asks the kernel's fair scheduler for a time slice of `slice` (clamped by
 /// the kernel to 0.1–100 ms) for the calling thread, keeping its policy and
 /// nice value. Under EEVDF (Linux 6.12 and later) a shorter slice gives the
@@ -239,7 +243,9 @@ pub fn request_time_slice(slice: std::time::Duration) -> io::Result<()> {
         return Ok(());
     }
     attr.size = size;
-    attr.sched_flags = 0;
+    // Keep reset-on-fork as it is (clearing it needs privilege); leave
+    // out the other flags, which would ask for other changes.
+    attr.sched_flags &= SCHED_FLAG_RESET_ON_FORK;
     attr.sched_runtime = slice.as_nanos().min(u64::MAX as u128) as u64;
     // SAFETY: pid 0 is the calling thread; `attr` is initialised and its
     // `size` field says how much of it the kernel may read.
@@ -267,6 +273,7 @@ mod tests {
         // Runs in a thread of its own: the setting stays with the thread.
         std::thread::spawn(|| {
             let nice_before = nice();
+            let policy_before = policy();
             request_time_slice(std::time::Duration::from_micros(100)).expect("sched_setattr");
             // SAFETY: as in `request_time_slice`.
             let mut attr: libc::sched_attr = unsafe { std::mem::zeroed() };
@@ -276,7 +283,10 @@ mod tests {
                 unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &mut attr as *mut _, size, 0) };
             assert_eq!(rc, 0);
             assert_eq!(nice(), nice_before, "the nice value is kept");
-            assert_eq!(attr.sched_policy as i32, libc::SCHED_OTHER);
+            assert_eq!(policy(), policy_before, "the policy is kept");
+            if !matches!(policy_before, libc::SCHED_OTHER | libc::SCHED_BATCH) {
+                return; // not a fair policy: left alone
+            }
             // Kernels before 6.12 have no custom slice and report 0.
             assert!(
                 attr.sched_runtime == 0 || attr.sched_runtime == 100_000,
@@ -286,6 +296,11 @@ mod tests {
         })
         .join()
         .expect("thread");
+    }
+
+    fn policy() -> i32 {
+        // SAFETY: pid 0 is the calling thread.
+        unsafe { libc::sched_getscheduler(0) }
     }
 
     fn nice() -> i32 {

@@ -953,7 +953,7 @@ impl Node {
             self.sweep.extend(self.links.indices());
         }
         let mut remove = Vec::new();
-        for _ in 0..links {
+        for _ in 0..links.max(1) {
             let Some(index) = self.sweep.pop() else {
                 break;
             };

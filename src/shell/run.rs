@@ -65,15 +65,15 @@ const TSO_SEGMENTS: usize = 65536 / 48 + 1;
 const GSO_BYTES: usize = 60 * 1024;
 
 struct Shared {
-    node: Mutex<Node>,
+    node: parking_lot::Mutex<Node>,
     udp: UdpSocket,
     udp_state: UdpSocketState,
     /// None for a dedicated relay (`role = "relay"`).
     tun: Option<SyncDevice>,
     ipv6_socket: bool,
     store: Vault,
-    /// Fingerprint of the DHT values last written to the vault.
-    values_saved: Mutex<Option<u64>>,
+    /// What the vault holds of the DHT values (see `save_values`).
+    values_saved: Mutex<SavedValues>,
     /// A task is writing the peer store and values (the timer starts one
     /// at a time and never waits for it).
     saving: AtomicBool,
@@ -256,11 +256,7 @@ fn source_code(s: Source) -> u8 {
 
 /// Writes the routing table to the peer store (one transaction).
 fn save_peers(sh: &Shared) {
-    let rows = sh
-        .node
-        .lock()
-        .expect("node lock")
-        .peer_snapshot(Instant::now());
+    let rows = sh.node.lock().peer_snapshot(Instant::now());
     let peers: Vec<([u8; 32], StoredPeer)> = rows
         .into_iter()
         .map(|(id, record, source, last_seen_unix)| {
@@ -279,30 +275,67 @@ fn save_peers(sh: &Shared) {
     }
 }
 
+/// What the vault holds of the DHT values: the fingerprint of the set last
+/// written in full, and how many puts' records were added since
+/// ([`Vault::add_value`]).
+#[derive(Default)]
+struct SavedValues {
+    print: Option<u64>,
+    added: usize,
+}
+
+/// Puts' records added to the vault one by one before a put writes the full
+/// set instead (which removes them): bounds what a loop of puts leaves
+/// behind, at most this many records of up to 2 KiB.
+const MAX_ADDED_VALUES: usize = 64;
+
 /// Writes the DHT value records the node keeps to the vault, unless they
 /// are the ones written last time.
 ///
 /// The values lock is taken before the node's snapshot and held through the
-/// write, and a put adds its record ([`Vault::add_value`]) under it after
-/// the node has the value: so a put's record is either in the snapshot or
-/// added after the write, never erased by an older snapshot.
+/// write, and a put adds its record under it after the node has the value
+/// (`keep_put_value`): so a put's record is either in the snapshot or added
+/// after the write, never erased by an older snapshot.
 fn save_values(sh: &Shared) {
+    let mut saved = sh.values_saved.lock().expect("values lock");
+    write_values(sh, &mut saved);
+}
+
+fn write_values(sh: &Shared, saved: &mut SavedValues) {
     use std::hash::{Hash, Hasher};
-    let mut last = sh.values_saved.lock().expect("values lock");
-    let records = sh
-        .node
-        .lock()
-        .expect("node lock")
-        .value_records(Instant::now());
+    let records = sh.node.lock().value_records(Instant::now());
     let mut h = std::collections::hash_map::DefaultHasher::new();
     records.hash(&mut h);
     let print = h.finish();
-    if *last == Some(print) {
+    if saved.print == Some(print) {
         return;
     }
     match sh.store.replace_values(&records) {
-        Ok(()) => *last = Some(print),
+        Ok(()) => {
+            saved.print = Some(print);
+            saved.added = 0;
+        }
         Err(e) => tracing::warn!("saving the DHT values: {e:#}"),
+    }
+}
+
+/// Keeps a value this node has just put (the node has it already) in the
+/// vault before the put answers: its record alone, or, once
+/// [`MAX_ADDED_VALUES`] are waiting, the full set.
+fn keep_put_value(sh: &Shared, record: &[u8]) {
+    let mut saved = sh.values_saved.lock().expect("values lock");
+    if saved.added >= MAX_ADDED_VALUES {
+        write_values(sh, &mut saved);
+        return;
+    }
+    match sh.store.add_value(record) {
+        Ok(()) => {
+            saved.added += 1;
+            // The next save writes the set even if it looks unchanged, so
+            // that it removes the added record.
+            saved.print = None;
+        }
+        Err(e) => tracing::warn!("keeping the value in the vault: {e:#}"),
     }
 }
 
@@ -391,13 +424,13 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     let max_gso = udp_state.max_gso_segments();
     let (signing, sign_jobs) = std::sync::mpsc::sync_channel(SIGN_QUEUE);
     let shared = Arc::new(Shared {
-        node: Mutex::new(node),
+        node: parking_lot::Mutex::new(node),
         udp: up.udp,
         udp_state,
         tun: up.device,
         ipv6_socket: up.ipv6_socket,
         store: up.store,
-        values_saved: Mutex::new(None),
+        values_saved: Mutex::new(SavedValues::default()),
         saving: AtomicBool::new(false),
         seq_storing: AtomicBool::new(false),
         signing,
@@ -448,7 +481,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     let timer = tokio::spawn(timer_loop(shared.clone()));
     let lan = if let Some(lan_socket) = up.lan {
         let sh = shared.clone();
-        let node = sh.node.lock().expect("node lock");
+        let node = sh.node.lock();
         let uri = crate::proto::PeerUri {
             node_id: node.node_id(),
             link_key: node.record().link_key,
@@ -457,10 +490,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         drop(node);
         let port = shared.udp.local_addr()?.port();
         let found = move |peer: crate::proto::PeerUri, ep: SocketAddr| {
-            sh.node
-                .lock()
-                .expect("node lock")
-                .add_lan_peer(Instant::now(), &peer, ep);
+            sh.node.lock().add_lan_peer(Instant::now(), &peer, ep);
             flush(&sh);
         };
         let (lan_port, tun) = (config.lan_port, up.name.clone());
@@ -477,7 +507,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         let exporter = super::metrics::Exporter {
             // One hold of the lock, as for `qgate status`.
             take: Box::new(move || {
-                let node = sh.node.lock().expect("node lock");
+                let node = sh.node.lock();
                 super::metrics::Snapshot {
                     status: node.status(),
                     closed: node.closed_links(),
@@ -560,7 +590,7 @@ impl Shared {
                 // path MTU, and some devices can't do GSO (quinn-udp then
                 // stops batching): learn the MTU and send one by one.
                 if let Ok(mtu) = qgate_platform::path_mtu(dst) {
-                    self.node.lock().expect("node lock").set_path_mtu(dst, mtu);
+                    self.node.lock().set_path_mtu(dst, mtu);
                 }
                 for d in data.chunks(segment) {
                     self.send_gso_with(dst, d, d.len(), retry);
@@ -570,7 +600,7 @@ impl Shared {
             if errno == Some(libc::EMSGSIZE) {
                 // The kernel learnt a smaller path MTU (ICMP reached it).
                 match qgate_platform::path_mtu(dst) {
-                    Ok(mtu) => self.node.lock().expect("node lock").set_path_mtu(dst, mtu),
+                    Ok(mtu) => self.node.lock().set_path_mtu(dst, mtu),
                     Err(e) => tracing::debug!(%dst, "path MTU query failed: {e}"),
                 }
             } else {
@@ -625,17 +655,14 @@ const SIGN_QUEUE: usize = 256;
 /// queued. Jobs are few: one per circuit build, at most one at a time per
 /// circuit.
 fn sign_loop(sh: Arc<Shared>, jobs: std::sync::mpsc::Receiver<SignJob>) {
-    let signer = sh.node.lock().expect("node lock").signer();
+    let signer = sh.node.lock().signer();
     for job in jobs {
         // A backlog may hold jobs of circuits that failed meanwhile.
-        if !sh.node.lock().expect("node lock").wants_signature(&job) {
+        if !sh.node.lock().wants_signature(&job) {
             continue;
         }
         let signature = signer.sign(&job.message);
-        sh.node
-            .lock()
-            .expect("node lock")
-            .signed(Instant::now(), &job, &signature);
+        sh.node.lock().signed(Instant::now(), &job, &signature);
         flush(&sh);
     }
 }
@@ -654,20 +681,34 @@ fn flush(sh: &Shared) {
 }
 
 fn flush_with(sh: &Shared, retry: Retry) {
-    let mut out = Vec::new();
-    let mut tun = Vec::new();
-    {
-        let mut node = sh.node.lock().expect("node lock");
-        drain(sh, &mut node, &mut out, &mut Vec::new());
+    let mut out = Output::default();
+    out.take(sh, &mut sh.node.lock());
+    out.send(sh, retry);
+}
+
+/// What the node queued outside the data path: datagrams and TUN writes,
+/// taken under the lock and sent after it.
+#[derive(Default)]
+struct Output {
+    datagrams: Vec<Transmit>,
+    tun: Vec<Vec<u8>>,
+}
+
+impl Output {
+    fn take(&mut self, sh: &Shared, node: &mut Node) {
+        drain(sh, node, &mut self.datagrams, &mut Vec::new());
         while let Some(p) = node.poll_tun_write() {
-            tun.push(p);
+            self.tun.push(p);
         }
     }
-    for t in out {
-        sh.send_gso_with(t.dst, &t.payload, t.payload.len(), retry);
-    }
-    for p in tun {
-        sh.write_tun(&p);
+
+    fn send(self, sh: &Shared, retry: Retry) {
+        for t in self.datagrams {
+            sh.send_gso_with(t.dst, &t.payload, t.payload.len(), retry);
+        }
+        for p in self.tun {
+            sh.write_tun(&p);
+        }
     }
 }
 
@@ -776,7 +817,7 @@ impl TunSide {
         };
         let now = Instant::now();
         {
-            let mut node = sh.node.lock().expect("node lock");
+            let mut node = sh.node.lock();
             for i in 0..n {
                 match node.handle_tun_packet(now, &self.bufs[i][..self.sizes[i]]) {
                     TunOutcome::Send(dst, d) => self.queue.push(dst, d),
@@ -849,7 +890,7 @@ impl UdpSide {
         let now = Instant::now();
         let mut k = 0;
         {
-            let mut node = sh.node.lock().expect("node lock");
+            let mut node = sh.node.lock();
             for (m, buf) in self.meta.iter().zip(&self.bufs).take(n) {
                 let from = normalize(m.addr);
                 let stride = m.stride.max(1);
@@ -996,10 +1037,7 @@ impl LoadWindow {
         }
         let idle = (self.waited.as_micros() * 1000 / window.as_micros().max(1)).min(1000);
         let busy = 1000 - idle as u16;
-        sh.node
-            .lock()
-            .expect("node lock")
-            .report_data_path_busy(busy);
+        sh.node.lock().report_data_path_busy(busy);
         *self = LoadWindow::new(now);
     }
 }
@@ -1012,7 +1050,7 @@ fn write_cell_log(sh: &Shared) {
     use std::io::Write;
     use std::sync::atomic::{AtomicUsize, Ordering};
     static WRITTEN: AtomicUsize = AtomicUsize::new(0);
-    let cells = sh.node.lock().expect("node lock").take_cell_log();
+    let cells = sh.node.lock().take_cell_log();
     let Ok(path) = std::env::var("QGATE_CELL_LOG") else {
         return;
     };
@@ -1051,23 +1089,25 @@ const SWEEP_STEP: usize = 128;
 async fn timer_loop(sh: Arc<Shared>) {
     let mut last_save = Instant::now();
     loop {
-        let deadline = sh.node.lock().expect("node lock").poll_timeout();
+        let deadline = sh.node.lock().poll_timeout();
         tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
         let now = Instant::now();
         // In steps, letting go of the node between them: a packet waits
         // for one step, not for the whole sweep.
         loop {
-            let sweep = sh
-                .node
-                .lock()
-                .expect("node lock")
-                .handle_timeout_some(now, SWEEP_STEP);
-            flush_with(&sh, Retry::No);
+            let mut out = Output::default();
+            let mut node = sh.node.lock();
+            let sweep = node.handle_timeout_some(now, SWEEP_STEP);
+            out.take(&sh, &mut node);
+            // A fair unlock: a thread waiting for the node (the data
+            // thread, with packets) gets it before the next step does.
+            parking_lot::MutexGuard::unlock_fair(node);
+            out.send(&sh, Retry::No);
             if sweep == Sweep::Done {
                 break;
             }
         }
-        let wanted_seq = sh.node.lock().expect("node lock").record_seq_wanted(now);
+        let wanted_seq = sh.node.lock().record_seq_wanted(now);
         #[cfg(feature = "test-hooks")]
         write_cell_log(&sh);
         if let Some(limit) = wanted_seq {
@@ -1100,7 +1140,7 @@ fn store_record_seq(sh: &Arc<Shared>, limit: u64) {
     let sh = sh.clone();
     tokio::task::spawn_blocking(move || {
         match sh.store.write_record_seq(limit) {
-            Ok(()) => sh.node.lock().expect("node lock").reserve_record_seq(limit),
+            Ok(()) => sh.node.lock().reserve_record_seq(limit),
             Err(e) => tracing::warn!("storing the record sequence number: {e:#}"),
         }
         sh.seq_storing.store(false, Ordering::Release);

@@ -253,10 +253,22 @@ impl<R: Records> Dht<R> {
             return false;
         }
         if info.publisher == self.own.info.id {
-            // A value put in this run is newer than any kept one.
-            self.own_values
-                .entry((info.target, info.publisher))
-                .or_insert_with(|| (info.expires, Arc::from(record)));
+            // The newest of our own per key is published again: the store
+            // may hold more than one (a put's record beside the last full
+            // set), in no particular order. A value put in this run is
+            // newer than any kept one.
+            let key = (info.target, info.publisher);
+            let newer = match self.own_values.get(&key) {
+                Some((_, kept)) => self
+                    .records
+                    .check_value(kept, unix)
+                    .map_or(true, |k| info.seq > k.seq),
+                None => true,
+            };
+            if newer {
+                self.own_values
+                    .insert(key, (info.expires, Arc::from(record)));
+            }
         }
         self.store_value(now, record)
     }

@@ -326,3 +326,35 @@ fn kept_values_come_back_after_a_restart() {
     assert_eq!(d2.own_values.len(), 1);
     assert_eq!(d2.value_records(later).len(), 2);
 }
+
+/// The store may give back two of our own records for one key (a put's
+/// record beside an older full set), in any order: the newer is the one
+/// published again and kept, whichever comes first.
+#[test]
+fn the_newest_own_value_wins_a_restore() {
+    let value = |seq: u64, text: &[u8]| {
+        let mut v = vec![7u8; 32];
+        v.extend_from_slice(&[0u8; 32]);
+        v.extend_from_slice(&seq.to_be_bytes());
+        v.extend_from_slice(&2_000_000_000u64.to_be_bytes());
+        v.extend_from_slice(text);
+        v
+    };
+    let (old, new) = (value(1, b"old"), value(2, b"new"));
+    let now = Instant::now();
+    for order in [[&old, &new], [&new, &old]] {
+        let mut d = Dht::new(contact(0, 1), Plain, now, 1_700_000_000, 1);
+        for r in order {
+            d.restore_value(now, r);
+        }
+        let kept = d.value_records(now);
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(&kept[0][..], &new[..]);
+        let texts: Vec<Vec<u8>> = d
+            .local_values(now, &[7; 32])
+            .iter()
+            .map(|r| r[80..].to_vec())
+            .collect();
+        assert_eq!(texts, [b"new".to_vec()]);
+    }
+}

@@ -975,18 +975,21 @@ fn the_timer_sweeps_links_in_steps() {
         "the sweep's start is the tick"
     );
 
-    // A new sweep starts at the next call; a link removed during it is
-    // skipped (its turn visits nothing) and the sweep still ends.
+    // A new sweep starts at the next call; a link removed during it, before
+    // its turn, is skipped (its turn visits nothing) and the sweep ends.
     let t = t + TICK;
     assert_eq!(hub.handle_timeout_some(t, 1), Sweep::More);
-    let index = hub.status().links[0].link;
+    assert_eq!(hub.sweep.len(), 2, "one link visited, two to go");
+    let index = hub.sweep[0]; // the last one the sweep would visit
     hub.remove_link(index);
-    let mut calls = 1;
-    while hub.handle_timeout_some(t, 1) == Sweep::More {
-        calls += 1;
-        assert!(calls < 3, "the sweep ends");
-    }
+    assert_eq!(hub.handle_timeout_some(t, 1), Sweep::More);
+    assert_eq!(hub.handle_timeout_some(t, 1), Sweep::Done);
+    assert!(!hub.sweeping && hub.sweep.is_empty());
     assert_eq!(hub.status().links.len(), 2);
+    // A budget of 0 still moves the sweep on (one link per call).
+    let t = t + TICK;
+    let steps: Vec<Sweep> = (0..2).map(|_| hub.handle_timeout_some(t, 0)).collect();
+    assert_eq!(steps, [Sweep::More, Sweep::Done]);
     // One call does it all, as before.
     assert_eq!(hub.handle_timeout_some(t + TICK, usize::MAX), Sweep::Done);
 }
