@@ -110,6 +110,13 @@ pub struct DataPath {
     pub compression_paused: bool,
     /// Times compression paused since start.
     pub compression_pauses: u64,
+    /// Times since start the data path waited over 1 ms for the node's
+    /// lock (held by the timer, a control request, ...).
+    #[serde(default)]
+    pub long_lock_waits: u64,
+    /// The longest such wait since start, in microseconds.
+    #[serde(default)]
+    pub longest_lock_wait_us: u64,
 }
 
 /// The route policy at work.

@@ -437,7 +437,17 @@ pub struct DataPathStatus {
     pub compression_paused: bool,
     /// Times compression paused since start.
     pub compression_pauses: u64,
+    /// Times since start the data path waited over [`LONG_LOCK_WAIT`] for
+    /// the node (held by the timer, a control request, ...), as the shell
+    /// reported them ([`Node::note_data_lock_wait`]).
+    pub long_lock_waits: u64,
+    /// The longest such wait since start, in microseconds.
+    pub longest_lock_wait_us: u64,
 }
+
+/// A wait of the data path for the node counted in
+/// [`DataPathStatus::long_lock_waits`].
+pub const LONG_LOCK_WAIT: Duration = Duration::from_millis(1);
 
 /// The node's scratch buffers, kept apart from the links so both can be
 /// borrowed at once.
@@ -475,6 +485,10 @@ pub struct Node {
     last_icmp: Option<Instant>,
     /// The `now` of the last [`Node::handle_timeout`], or of [`Node::new`].
     last_timer: Instant,
+    /// The data path's waits for the node ([`Node::note_data_lock_wait`]):
+    /// those over [`LONG_LOCK_WAIT`], and the longest.
+    long_lock_waits: u64,
+    longest_lock_wait: Duration,
     /// A timer sweep is under way ([`Node::handle_timeout_some`]), and the
     /// links it has still to visit.
     sweeping: bool,
@@ -670,6 +684,8 @@ impl Node {
             },
             last_icmp: None,
             last_timer: now,
+            long_lock_waits: 0,
+            longest_lock_wait: Duration::ZERO,
             sweeping: false,
             sweep: Vec::new(),
             segmenter: Segmenter::new(index_seed),
@@ -980,7 +996,16 @@ impl Node {
         self.tun_out.pop_front()
     }
 
-    /// A report for `qgate status`.
+    /// The shell's data path says how long it waited for the node before
+    /// this call (the node's lock); shown in `status` and the metrics, so
+    /// that an operator sees whether control work holds up packets.
+    pub fn note_data_lock_wait(&mut self, waited: Duration) {
+        if waited > LONG_LOCK_WAIT {
+            self.long_lock_waits += 1;
+        }
+        self.longest_lock_wait = self.longest_lock_wait.max(waited);
+    }
+
     /// The shell reports how busy its data path was over a window (per
     /// mille of the window spent working, not waiting for packets); while
     /// it is the limit, compression pauses (see [`Governor`]).

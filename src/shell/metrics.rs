@@ -220,6 +220,11 @@ pub fn encode(
             "1 while compression is paused because the data path is the limit",
             u64::from(st.data_path.compression_paused),
         ),
+        (
+            "data_path_longest_lock_wait_microseconds",
+            "Longest wait of the data path for the node's lock since start",
+            st.data_path.longest_lock_wait_us,
+        ),
     ];
     for (name, help, v) in gauges {
         let g: Gauge = Gauge::default();
@@ -252,6 +257,11 @@ pub fn encode(
             "compression_pauses",
             "Times compression paused because the data path was the limit",
             st.data_path.compression_pauses,
+        ),
+        (
+            "data_path_long_lock_waits",
+            "Times the data path waited over 1 ms for the node's lock",
+            st.data_path.long_lock_waits,
         ),
         ("dht_lookups", "Lookups started", d.lookups),
         (

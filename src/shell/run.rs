@@ -767,6 +767,18 @@ impl GsoQueue {
     }
 }
 
+/// Takes the node for the data path. When the lock was held (by the timer,
+/// a control request, ...), the wait since `since` is noted in the node's
+/// report (`status`, metrics); an uncontended take costs no clock read.
+fn lock_for_data(sh: &Shared, since: Instant) -> parking_lot::MutexGuard<'_, Node> {
+    if let Some(node) = sh.node.try_lock() {
+        return node;
+    }
+    let mut node = sh.node.lock();
+    node.note_data_lock_wait(since.elapsed());
+    node
+}
+
 /// Per-direction state of the data plane, reused across batches.
 struct TunSide {
     original: Vec<u8>,
@@ -817,7 +829,7 @@ impl TunSide {
         };
         let now = Instant::now();
         {
-            let mut node = sh.node.lock();
+            let mut node = lock_for_data(sh, now);
             for i in 0..n {
                 match node.handle_tun_packet(now, &self.bufs[i][..self.sizes[i]]) {
                     TunOutcome::Send(dst, d) => self.queue.push(dst, d),
@@ -890,7 +902,7 @@ impl UdpSide {
         let now = Instant::now();
         let mut k = 0;
         {
-            let mut node = sh.node.lock();
+            let mut node = lock_for_data(sh, now);
             for (m, buf) in self.meta.iter().zip(&self.bufs).take(n) {
                 let from = normalize(m.addr);
                 let stride = m.stride.max(1);

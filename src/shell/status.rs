@@ -134,6 +134,11 @@ pub fn render(st: &Status) -> String {
         },
         dp.compression_pauses,
     ));
+    out.push_str(&format!(
+        "          waited for the node over 1 ms: {} times (longest {:.1} ms)\n",
+        dp.long_lock_waits,
+        dp.longest_lock_wait_us as f64 / 1000.0,
+    ));
     let up = st.links.iter().filter(|l| l.state == LinkState::Up).count();
     out.push_str(&format!("links     {up} up of {}\n", st.links.len()));
     for l in &st.links {

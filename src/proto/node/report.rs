@@ -98,6 +98,8 @@ impl Node {
                 busy_percent: self.compression.busy_permille() / 10,
                 compression_paused: self.compression.paused(),
                 compression_pauses: self.compression.pauses(),
+                long_lock_waits: self.long_lock_waits,
+                longest_lock_wait_us: self.longest_lock_wait.as_micros() as u64,
             },
         }
     }

@@ -993,3 +993,16 @@ fn the_timer_sweeps_links_in_steps() {
     // One call does it all, as before.
     assert_eq!(hub.handle_timeout_some(t + TICK, usize::MAX), Sweep::Done);
 }
+
+/// The data path's waits for the node, as the shell notes them, show in
+/// the status: those over 1 ms counted, the longest kept.
+#[test]
+fn data_path_lock_waits_show_in_the_status() {
+    let now = Instant::now();
+    let mut node = Node::new(identities(1).remove(0), 1, cfg(vec![]), now);
+    for us in [200, 1_500, 900, 4_200] {
+        node.note_data_lock_wait(Duration::from_micros(us));
+    }
+    let dp = node.status().data_path;
+    assert_eq!((dp.long_lock_waits, dp.longest_lock_wait_us), (2, 4_200));
+}
