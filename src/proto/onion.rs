@@ -40,8 +40,8 @@
 //! checked against a sliding window ([`ReplayWindow`]) by the hop a cell is
 //! for.
 
-use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit, KeyIvInit, StreamCipher};
-use aes::Aes256;
+use aes::cipher::{BlockDecrypt, BlockEncrypt, InnerIvInit, KeyInit, StreamCipher};
+use aes::{Aes256, Aes256Enc};
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use boringtun::x25519;
@@ -313,7 +313,7 @@ fn derive(
     hk.expand(b"QuantumGate circuit keys v1", &mut okm)
         .expect("short output");
     let dir = |o: &[u8]| DirKeys {
-        ctr: o[..32].try_into().expect("32 bytes"),
+        ctr: Aes256Enc::new_from_slice(&o[..32]).expect("32-byte key"),
         block: Aes256::new_from_slice(&o[32..64]).expect("32-byte key"),
         gcm: Aes256Gcm::new_from_slice(&o[64..96]).expect("32-byte key"),
         magic: o[96..104].try_into().expect("8 bytes"),
@@ -420,17 +420,20 @@ pub fn server_handshake(
 
 /// One direction's keys at one hop.
 pub struct DirKeys {
-    ctr: [u8; 32],
+    /// The layer's keystream cipher, its key schedule expanded once (a
+    /// cell clones it rather than expanding the key again).
+    ctr: Aes256Enc,
     block: Aes256,
     gcm: Aes256Gcm,
     magic: [u8; 8],
 }
 
-type Ctr = ctr::Ctr128BE<Aes256>;
+type Ctr = ctr::Ctr128BE<Aes256Enc>;
 
 impl DirKeys {
     fn xor_stream(&self, iv: &[u8; 16], body: &mut [u8]) {
-        let mut c = Ctr::new((&self.ctr).into(), iv.into());
+        let core = ctr::CtrCore::inner_iv_init(self.ctr.clone(), iv.into());
+        let mut c = Ctr::from_core(core);
         c.apply_keystream(body);
     }
 
