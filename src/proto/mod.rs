@@ -5,6 +5,7 @@
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 pub mod access;
+pub mod batch;
 pub mod compress;
 pub mod dht;
 pub mod identity;

@@ -33,6 +33,7 @@ use boringtun::x25519;
 use serde::Serialize;
 
 use super::access::AccessConfig;
+use super::batch::SendBatch;
 use super::compress::{self, Adaptive, Governor};
 use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source};
 use super::identity::{is_overlay_address, Identity, NodeId, NodeRecord};
@@ -355,7 +356,19 @@ pub struct Transmit {
     pub payload: Vec<u8>,
 }
 
-/// What to do with a packet read from the TUN.
+/// Where a packet read from the TUN went, inside the node: sealed into the
+/// send batch, answered, or nowhere.
+enum Routed {
+    /// Sealed into the send batch ([`Node::take_output`]), as its last
+    /// datagram.
+    Queued,
+    /// Write `bufs.b[..n]` back to the TUN (an ICMPv6 error for the sender).
+    Reply(usize),
+    /// Nothing to send now (dropped and counted, or queued behind a handshake).
+    Nothing,
+}
+
+/// What to do with a packet read from the TUN ([`Node::handle_tun_packet`]).
 #[derive(Debug)]
 pub enum TunOutcome<'a> {
     /// Send this datagram.
@@ -455,10 +468,12 @@ struct Buffers {
     a: Vec<u8>,
     b: Vec<u8>,
     ctl: Vec<u8>,
-    /// A cell being built or forwarded.
+    /// A cell being built, or one that ends here.
     cell: Vec<u8>,
-    /// A cell as it arrived.
-    cell_in: Vec<u8>,
+    /// The other packet buffer, as large as `a`. A cell from a link is
+    /// handled in the buffer it was decrypted into, which is taken out of
+    /// `a` meanwhile; this one stands in as `a`, and the two swap roles.
+    alt: Vec<u8>,
     /// lz4's hash table, reused for every packet compressed.
     lz4: wire::Lz4Table,
 }
@@ -474,6 +489,9 @@ pub struct Node {
     /// Per-source budgets, MAC and cookie checks for unauthenticated work.
     gate: gate::Gate,
     transmits: VecDeque<Transmit>,
+    /// Datagrams sealed straight into a GSO batch: packets from the TUN,
+    /// cells. The data path swaps it out ([`Node::take_output`]).
+    out: SendBatch,
     /// Payload buffers of transmits the shell sent and handed back
     /// ([`Node::recycle`]): a relayed cell reuses one instead of allocating.
     spare: Vec<Vec<u8>>,
@@ -582,6 +600,43 @@ fn reuse(spare: &mut Vec<Vec<u8>>, data: &[u8]) -> Vec<u8> {
     v
 }
 
+/// What boringtun adds to a packet it seals (header and tag).
+const SEAL_OVERHEAD: usize = 32;
+/// The largest message boringtun writes that is not sealed data (a
+/// handshake initiation, sent when the link has no session).
+const SEAL_MIN_OUT: usize = 148;
+
+/// Most bytes the node's send batch holds between two takes by the data
+/// path (the simulator and the tests drain it through `poll_transmit`).
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// What became of a packet given to a link to seal.
+enum Sealed {
+    /// A datagram is in the batch (the packet, or a handshake initiation
+    /// while the packet waits for it).
+    Queued,
+    /// Nothing to send now: the packet waits behind a handshake.
+    Held,
+    /// The link could not seal it, or the batch is full.
+    Failed,
+}
+
+/// Seals `packet` on `tunn` straight into the batch `out`, as a datagram to
+/// `dst`: the encryption is the only copy between here and the kernel.
+fn seal_batch(out: &mut SendBatch, tunn: &mut Tunn, packet: &[u8], dst: SocketAddr) -> Sealed {
+    if out.bytes() >= MAX_BATCH_BYTES {
+        return Sealed::Failed;
+    }
+    let space = out.space((packet.len() + SEAL_OVERHEAD).max(SEAL_MIN_OUT));
+    let n = match tunn.encapsulate(packet, space) {
+        TunnResult::WriteToNetwork(d) => d.len(),
+        TunnResult::Done => return Sealed::Held,
+        _ => return Sealed::Failed,
+    };
+    out.commit(dst, n);
+    Sealed::Queued
+}
+
 /// Why [`Node::dht_put`] refused a value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PutError {
@@ -671,6 +726,7 @@ impl Node {
             links: LinkTable::new(index_seed),
             gate: gate::Gate::new(&public, (rng_key.0, rng_key.1)),
             transmits: VecDeque::new(),
+            out: SendBatch::default(),
             spare: Vec::new(),
             drops: Drops::default(),
             compression: Governor::default(),
@@ -679,7 +735,7 @@ impl Node {
                 b: vec![0u8; 2 * MAX_PACKET + 1024],
                 ctl: Vec::with_capacity(2048),
                 cell: vec![0u8; onion_cell_max()],
-                cell_in: vec![0u8; onion_cell_max()],
+                alt: vec![0u8; 2 * MAX_PACKET + 1024],
                 lz4: wire::Lz4Table::default(),
             },
             last_icmp: None,
@@ -728,9 +784,20 @@ impl Node {
         self.own.record()
     }
 
-    /// Next queued datagram (handshakes, hellos, cookie replies, cells).
-    /// Hand its payload back with [`Node::recycle`] once it is sent.
+    /// Next datagram to send, one at a time (the simulator, the tests, and
+    /// the shell's threads other than the data path): what the node queued
+    /// on its own (handshakes, cookie replies), then what it sealed into
+    /// its send batch (cells, hellos, packets), each copied into a buffer
+    /// of its own. Hand its payload back with [`Node::recycle`] once it is
+    /// sent. The data path takes the batch whole ([`Node::take_output`]).
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.transmits.is_empty() && !self.out.is_empty() {
+            for (dst, d) in self.out.datagrams() {
+                let payload = reuse(&mut self.spare, d);
+                self.transmits.push_back(Transmit { dst, payload });
+            }
+            self.out.clear();
+        }
         self.transmits.pop_front()
     }
 
@@ -778,11 +845,55 @@ impl Node {
         }
     }
 
-    /// Handles one packet read from the TUN.
+    /// Handles one packet read from the TUN and returns the datagram it
+    /// became, if any (one at a time: what the simulator and the tests
+    /// use). The data path uses [`Node::send_tun_packet`].
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) -> TunOutcome<'_> {
+        match self.route_tun(now, packet) {
+            Routed::Queued => match self.out.pop_last() {
+                Some((dst, d)) => TunOutcome::Send(dst, d),
+                None => TunOutcome::Nothing,
+            },
+            Routed::Reply(n) => TunOutcome::Reply(&self.bufs.b[..n]),
+            Routed::Nothing => TunOutcome::Nothing,
+        }
+    }
+
+    /// Handles one packet read from the TUN on the data path: the datagram
+    /// it becomes is sealed straight into the send batch
+    /// ([`Node::take_output`]). Returns a packet to write back to the TUN
+    /// (an ICMPv6 error), if any.
+    pub fn send_tun_packet(&mut self, now: Instant, packet: &[u8]) -> Option<&[u8]> {
+        match self.route_tun(now, packet) {
+            Routed::Reply(n) => Some(&self.bufs.b[..n]),
+            Routed::Queued | Routed::Nothing => None,
+        }
+    }
+
+    /// What the data path sends after a batch of input, in the order to
+    /// send it: appended to `others`, the datagrams the node queued on
+    /// their own (boringtun's handshake responses and the packets that
+    /// waited for a handshake, such as the initiator's first hello; hand
+    /// their payloads back with [`Node::recycle`]); swapped into `batch`
+    /// (which must be empty, i.e. sent), what it sealed into its send
+    /// batch (packets from the TUN, cells, hellos and other control
+    /// messages). The node's next batch takes `batch`'s run limit. Call it
+    /// in the same lock hold as the input: between two such calls,
+    /// [`Node::poll_transmit`] would hand the batch out one datagram at a
+    /// time.
+    pub fn take_output(&mut self, batch: &mut SendBatch, others: &mut Vec<Transmit>) {
+        others.extend(self.transmits.drain(..));
+        let max = batch.max_segments();
+        batch.clear();
+        std::mem::swap(&mut self.out, batch);
+        self.out.set_max_segments(max);
+        batch.set_max_segments(max);
+    }
+
+    fn route_tun(&mut self, now: Instant, packet: &[u8]) -> Routed {
         let Ok(view) = Ipv6View::new_checked(packet) else {
             self.drops.tun_malformed += 1;
-            return TunOutcome::Nothing;
+            return Routed::Nothing;
         };
         let dst = view.dst();
         // A node that talks to us over a circuit hears back on it.
@@ -810,19 +921,17 @@ impl Node {
                 let (id, mtu) = (self.fragment_id, link.mtu);
                 let mut frags = Vec::new();
                 if wire::fragment(view, mtu, id, |f| frags.push(f.to_vec())) {
+                    // Each fragment is sealed into the batch.
                     for f in frags {
-                        if let TunOutcome::Send(dst, d) = self.handle_tun_packet(now, &f) {
-                            let payload = d.to_vec();
-                            self.transmits.push_back(Transmit { dst, payload });
-                        }
+                        let _ = self.route_tun(now, &f);
                     }
-                    return TunOutcome::Nothing;
+                    return Routed::Nothing;
                 }
                 let link = self.links.for_addr_mut(&dst);
                 if let Some(l) = link {
                     l.drops.too_big += 1;
                 }
-                return TunOutcome::Nothing;
+                return Routed::Nothing;
             }
             link.drops.too_big += 1;
             let mtu = link.mtu.max(IPV6_MIN_MTU) as u32;
@@ -837,11 +946,11 @@ impl Node {
                 link.drops.send_failed += 1;
             }
             link.pending.push_back(packet.to_vec());
-            return TunOutcome::Nothing;
+            return Routed::Nothing;
         }
         let Some(endpoint) = link.endpoint else {
             link.drops.send_failed += 1;
-            return TunOutcome::Nothing;
+            return Routed::Nothing;
         };
         let paused = self.config.compression.adaptive && self.compression.paused();
         let compress =
@@ -851,12 +960,12 @@ impl Node {
         link.counters.tx_bytes += packet.len() as u64;
         link.counters.tx_wire_bytes += frame.len() as u64;
         link.counters.tx_compressed += compressed as u64;
-        match link.tunn.encapsulate(frame, &mut self.bufs.a) {
-            TunnResult::WriteToNetwork(out) => TunOutcome::Send(endpoint, out),
-            TunnResult::Done => TunOutcome::Nothing,
-            _ => {
+        match seal_batch(&mut self.out, &mut link.tunn, frame, endpoint) {
+            Sealed::Queued => Routed::Queued,
+            Sealed::Held => Routed::Nothing,
+            Sealed::Failed => {
                 link.drops.send_failed += 1;
-                TunOutcome::Nothing
+                Routed::Nothing
             }
         }
     }
@@ -868,35 +977,40 @@ impl Node {
         ty: u8,
         code: u8,
         param: u32,
-    ) -> TunOutcome<'_> {
+    ) -> Routed {
         if let Some(t) = self.last_icmp {
             if now.saturating_duration_since(t) < ICMP_INTERVAL {
-                return TunOutcome::Nothing;
+                return Routed::Nothing;
             }
         }
         match wire::icmpv6_error(view, ty, code, param, &mut self.bufs.b) {
             Some(n) => {
                 self.last_icmp = Some(now);
-                TunOutcome::Reply(&self.bufs.b[..n])
+                Routed::Reply(n)
             }
-            None => TunOutcome::Nothing,
+            None => Routed::Nothing,
         }
     }
 
     fn handle_inner(&mut self, now: Instant, index: u32, n: usize) -> Option<&[u8]> {
         if let Ok(view) = Ipv6View::new_checked(&self.bufs.a[..n]) {
             if let Some((MSG_CELL, body)) = wire::control_of(view) {
-                // Cells are fixed-size and never segmented: the hot path,
-                // copied once into the cell buffer and handled in place.
-                let len = body.len().min(self.bufs.cell_in.len());
-                self.bufs.cell_in[..len].copy_from_slice(&body[..len]);
-                if body.len() != len {
+                // Cells are fixed-size and never segmented: the hot path.
+                // A relay peels or adds its layer where the cell was
+                // decrypted and sends it on from there (no copy); see
+                // `Buffers::alt`.
+                let len = body.len();
+                if len > self.bufs.cell.len() {
                     self.circ_bad_size();
                     return None;
                 }
                 let link = self.links.get_mut(&index)?;
                 link.last_used = now;
-                return self.handle_cell(now, index, len).map(|p| &self.bufs.b[..p]);
+                let alt = std::mem::take(&mut self.bufs.alt);
+                let mut packet = std::mem::replace(&mut self.bufs.a, alt);
+                let out = self.handle_cell(now, index, &mut packet[..wire::CONTROL_BODY + len]);
+                self.bufs.alt = packet;
+                return out.map(|p| &self.bufs.b[..p]);
             }
         }
         let control = match Ipv6View::new_checked(&self.bufs.a[..n]) {

@@ -298,12 +298,27 @@ pub fn encode_control(
     out: &mut Vec<u8>,
 ) -> usize {
     out.clear();
-    out.resize(IPV6_HEADER_LEN + FRAME_HEADER_LEN + body.len(), 0);
-    write_ipv6_header(out, FRAME_HEADER_LEN + body.len(), NH_QGATE, 255, src, dst);
-    out[IPV6_HEADER_LEN] = FrameKind::Control.first_byte();
-    out[IPV6_HEADER_LEN + 1] = msg_type;
-    out[IPV6_HEADER_LEN + FRAME_HEADER_LEN..].copy_from_slice(body);
+    out.resize(CONTROL_BODY + body.len(), 0);
+    out[CONTROL_BODY..].copy_from_slice(body);
+    write_control_header(out, src, dst, msg_type);
     out.len()
+}
+
+/// Where a control frame's body starts in its packet ([`control_of`]
+/// returns the rest of the packet from here).
+pub const CONTROL_BODY: usize = IPV6_HEADER_LEN + FRAME_HEADER_LEN;
+
+/// Makes `packet` a control frame of type `msg_type` around the body
+/// already in `packet[CONTROL_BODY..]`: writes only the headers, so a relay
+/// re-sends a cell where it was decrypted and peeled, without copying it.
+/// `packet` is at least `CONTROL_BODY` long and at most an IPv6 packet
+/// without jumbogram (callers pass a cell behind its headers).
+pub fn write_control_header(packet: &mut [u8], src: Ipv6Addr, dst: Ipv6Addr, msg_type: u8) {
+    debug_assert!(packet.len() >= CONTROL_BODY && packet.len() - IPV6_HEADER_LEN <= 0xffff);
+    let body = packet.len() - CONTROL_BODY;
+    write_ipv6_header(packet, FRAME_HEADER_LEN + body, NH_QGATE, 255, src, dst);
+    packet[IPV6_HEADER_LEN] = FrameKind::Control.first_byte();
+    packet[IPV6_HEADER_LEN + 1] = msg_type;
 }
 
 /// IPv6 next-header value of the fragment header.

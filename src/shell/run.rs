@@ -31,9 +31,10 @@ use super::config::Config;
 use super::control::ControlSocket;
 use super::vault::{KeyOptions, StateLock, StoredPeer, Vault};
 use super::{filter, privilege};
+use crate::proto::batch::SendBatch;
 use crate::proto::dht::Source;
 use crate::proto::node::{normalize, SignJob, Sweep, Transmit};
-use crate::proto::{Node, TunOutcome};
+use crate::proto::Node;
 use bytes::BytesMut;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use qgate_platform::{GROTable, SyncDevice, Tun, VIRTIO_NET_HDR_LEN};
@@ -61,8 +62,6 @@ const BUF: usize = 65536 + 256;
 /// flow. They cost about 2.7 MiB (idle RSS measured 9.6 MiB against 7.0
 /// with 128 buffers).
 const TSO_SEGMENTS: usize = 65536 / 48 + 1;
-/// Bytes in one GSO send (the kernel's limit is 64 KiB of UDP payload).
-const GSO_BYTES: usize = 60 * 1024;
 
 struct Shared {
     node: parking_lot::Mutex<Node>,
@@ -622,15 +621,34 @@ impl Shared {
     }
 }
 
-/// Hands the node the payload buffers sent since the last call (for reuse:
-/// a relayed cell then allocates nothing), takes what it queued, and passes
-/// the signatures it asked for to the signing thread.
-fn drain(sh: &Shared, node: &mut Node, out: &mut Vec<Transmit>, spent: &mut Vec<Vec<u8>>) {
+/// Hands the node the payload buffers sent since the last call (for
+/// reuse), takes what it queued, and passes the signatures it asked for to
+/// the signing thread. The data path passes its empty send `batch`: what
+/// the node sealed comes in one swap (`Node::take_output`), and `out` gets
+/// only what the node queued on its own, which goes out first. Other
+/// threads take everything one datagram at a time into `out`.
+fn drain(
+    sh: &Shared,
+    node: &mut Node,
+    batch: Option<&mut SendBatch>,
+    out: &mut Vec<Transmit>,
+    spent: &mut Vec<Vec<u8>>,
+) {
     for p in spent.drain(..) {
         node.recycle(p);
     }
-    while let Some(t) = node.poll_transmit() {
-        out.push(t);
+    match batch {
+        Some(batch) => {
+            // The node's next batch is built for today's GSO limit
+            // (quinn-udp lowers it once the kernel refuses GSO).
+            batch.set_max_segments(sh.udp_state.max_gso_segments());
+            node.take_output(batch, out);
+        }
+        None => {
+            while let Some(t) = node.poll_transmit() {
+                out.push(t);
+            }
+        }
     }
     while let Some(job) = node.poll_sign() {
         // Never wait here (the node lock is held): a job that finds the
@@ -696,7 +714,7 @@ struct Output {
 
 impl Output {
     fn take(&mut self, sh: &Shared, node: &mut Node) {
-        drain(sh, node, &mut self.datagrams, &mut Vec::new());
+        drain(sh, node, None, &mut self.datagrams, &mut Vec::new());
         while let Some(p) = node.poll_tun_write() {
             self.tun.push(p);
         }
@@ -712,58 +730,57 @@ impl Output {
     }
 }
 
-/// Encrypted datagrams collected for sending, grouped into GSO batches:
-/// runs of datagrams to one destination, all of one size but the last.
-#[derive(Default)]
-struct GsoQueue {
-    data: Vec<u8>,
-    /// (destination, start, end, segment size)
-    batches: Vec<(SocketAddr, usize, usize, usize)>,
-    /// Whether the open batch may take another datagram.
-    open: bool,
-    max_segments: usize,
+/// What a send batch keeps of its buffer after a burst: a full TUN read
+/// (`TSO_SEGMENTS` packets) seals into about 2 MiB.
+const BATCH_KEEP: usize = 4 << 20;
+
+/// Sends a batch of sealed datagrams, one GSO send per run, and empties it.
+fn send_batch(sh: &Shared, batch: &mut SendBatch) {
+    for (dst, bytes, segment) in batch.runs() {
+        sh.send_gso(dst, bytes, segment);
+    }
+    batch.clear_keeping(BATCH_KEEP);
 }
 
-impl GsoQueue {
-    fn new(max_segments: usize) -> GsoQueue {
-        GsoQueue {
-            max_segments: max_segments.max(1),
-            ..Default::default()
+/// What one side of the data path sends after a batch of input.
+struct Outgoing {
+    /// What the node sealed (swapped out of the node, see
+    /// `Node::take_output`): packets from the TUN, the cells a relay
+    /// forwards, hellos; runs to one destination leave in one GSO send.
+    batch: SendBatch,
+    /// What the node queued on its own (handshake responses); leaves first.
+    control: Vec<Transmit>,
+    /// Payloads of `control` once sent, handed back to the node.
+    spent: Vec<Vec<u8>>,
+}
+
+impl Outgoing {
+    fn new(max_gso: usize) -> Outgoing {
+        Outgoing {
+            batch: SendBatch::new(max_gso),
+            control: Vec::new(),
+            spent: Vec::new(),
         }
     }
 
-    fn push(&mut self, dst: SocketAddr, d: &[u8]) {
-        let start = self.data.len();
-        self.data.extend_from_slice(d);
-        let end = self.data.len();
-        if self.open {
-            if let Some(b) = self.batches.last_mut() {
-                let count = (b.2 - b.1) / b.3;
-                if b.0 == dst
-                    && d.len() <= b.3
-                    && end - b.1 <= GSO_BYTES
-                    && count < self.max_segments
-                {
-                    b.2 = end;
-                    // A shorter datagram must be the last of its batch.
-                    self.open = d.len() == b.3;
-                    return;
-                }
-            }
-        }
-        self.batches.push((dst, start, end, d.len()));
-        self.open = true;
+    /// Takes the node's output (the lock is held).
+    fn take(&mut self, sh: &Shared, node: &mut Node) {
+        drain(
+            sh,
+            node,
+            Some(&mut self.batch),
+            &mut self.control,
+            &mut self.spent,
+        );
     }
 
-    fn flush(&mut self, sh: &Shared) {
-        for &(dst, s, e, seg) in &self.batches {
-            sh.send_gso(dst, &self.data[s..e], seg);
+    /// Sends it (after the lock is released), in the node's order.
+    fn send(&mut self, sh: &Shared) {
+        for t in self.control.drain(..) {
+            sh.send(t.dst, &t.payload);
+            self.spent.push(t.payload);
         }
-        // quinn-udp lowers this when the kernel refuses GSO.
-        self.max_segments = sh.udp_state.max_gso_segments().max(1);
-        self.data.clear();
-        self.batches.clear();
-        self.open = false;
+        send_batch(sh, &mut self.batch);
     }
 }
 
@@ -784,11 +801,8 @@ struct TunSide {
     original: Vec<u8>,
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
-    queue: GsoQueue,
+    out: Outgoing,
     replies: Vec<Vec<u8>>,
-    control: Vec<Transmit>,
-    /// Payloads of `control` once sent, handed back to the node.
-    spent: Vec<Vec<u8>>,
 }
 
 impl TunSide {
@@ -804,10 +818,8 @@ impl TunSide {
             ],
             bufs: (0..segments).map(|_| vec![0u8; mtu.max(2048)]).collect(),
             sizes: vec![0usize; segments],
-            queue: GsoQueue::new(max_gso),
+            out: Outgoing::new(max_gso),
             replies: Vec::new(),
-            control: Vec::new(),
-            spent: Vec::new(),
         }
     }
 
@@ -831,21 +843,15 @@ impl TunSide {
         {
             let mut node = lock_for_data(sh, now);
             for i in 0..n {
-                match node.handle_tun_packet(now, &self.bufs[i][..self.sizes[i]]) {
-                    TunOutcome::Send(dst, d) => self.queue.push(dst, d),
-                    TunOutcome::Reply(p) => self.replies.push(p.to_vec()),
-                    TunOutcome::Nothing => {}
+                if let Some(p) = node.send_tun_packet(now, &self.bufs[i][..self.sizes[i]]) {
+                    self.replies.push(p.to_vec());
                 }
             }
-            drain(sh, &mut node, &mut self.control, &mut self.spent);
+            self.out.take(sh, &mut node);
         }
-        self.queue.flush(sh);
+        self.out.send(sh);
         for p in self.replies.drain(..) {
             sh.write_tun(&p);
-        }
-        for t in self.control.drain(..) {
-            sh.send(t.dst, &t.payload);
-            self.spent.push(t.payload);
         }
         true
     }
@@ -856,13 +862,9 @@ struct UdpSide {
     meta: Vec<RecvMeta>,
     to_tun: Vec<BytesMut>,
     gro: GROTable,
-    control: Vec<Transmit>,
-    /// Payloads of `control` once sent, handed back to the node.
-    spent: Vec<Vec<u8>>,
-    /// What the node sends in answer: control messages, and the cells a
-    /// relay forwards (runs of equal-sized cells to one neighbour leave in
-    /// one GSO send).
-    queue: GsoQueue,
+    /// What the node sends in answer: above all the cells a relay forwards
+    /// (runs of equal-sized cells to one neighbour leave in one GSO send).
+    out: Outgoing,
 }
 
 impl UdpSide {
@@ -872,9 +874,7 @@ impl UdpSide {
             meta: vec![RecvMeta::default(); RECV_BATCH],
             to_tun: Vec::new(),
             gro: GROTable::default(),
-            control: Vec::new(),
-            spent: Vec::new(),
-            queue: GsoQueue::new(max_gso),
+            out: Outgoing::new(max_gso),
         }
     }
 
@@ -919,7 +919,7 @@ impl UdpSide {
                     }
                 }
             }
-            drain(sh, &mut node, &mut self.control, &mut self.spent);
+            self.out.take(sh, &mut node);
         }
         let res = match (k, &sh.tun) {
             (0, _) | (_, None) => Ok(0),
@@ -932,11 +932,7 @@ impl UdpSide {
         if let Err(e) = res {
             tracing::debug!("TUN write failed: {e}");
         }
-        for t in self.control.drain(..) {
-            self.queue.push(t.dst, &t.payload);
-            self.spent.push(t.payload);
-        }
-        self.queue.flush(sh);
+        self.out.send(sh);
         true
     }
 }

@@ -315,14 +315,15 @@ impl Node {
             let Some(link) = self.links.get_mut(&index) else {
                 return;
             };
-            if let TunnResult::WriteToNetwork(out) =
-                link.tunn.encapsulate(&self.bufs.ctl[..n], &mut self.bufs.a)
-            {
-                if let Some(ep) = link.endpoint {
-                    self.transmits.push_back(Transmit {
-                        dst: ep,
-                        payload: reuse(&mut self.spare, out),
-                    });
+            match link.endpoint {
+                Some(ep) => {
+                    let _ = seal_batch(&mut self.out, &mut link.tunn, &self.bufs.ctl[..n], ep);
+                }
+                // Nowhere to send it yet: boringtun keeps the message for
+                // the session's first handshake (the initiation it returns
+                // has nowhere to go either).
+                None => {
+                    let _ = link.tunn.encapsulate(&self.bufs.ctl[..n], &mut self.bufs.a);
                 }
             }
         }

@@ -8,21 +8,21 @@ use super::*;
 
 impl Node {
     /// A TUN packet for an address we have no link to: find the node.
-    pub(super) fn tun_miss(&mut self, now: Instant, view: Ipv6View<'_>) -> TunOutcome<'_> {
+    pub(super) fn tun_miss(&mut self, now: Instant, view: Ipv6View<'_>) -> Routed {
         let dst = view.dst();
         if !is_overlay_address(&dst) || dst == self.address {
             self.drops.no_route += 1;
-            return TunOutcome::Nothing;
+            return Routed::Nothing;
         }
         let min_seq = match self.resolver.miss(now, dst, view.bytes()) {
             Miss::Unreachable => {
                 self.drops.unreachable += 1;
                 return self.icmp_reply(now, view, wire::ICMPV6_DEST_UNREACHABLE, 3, 0);
             }
-            Miss::Queued => return TunOutcome::Nothing,
+            Miss::Queued => return Routed::Nothing,
             Miss::QueueFull => {
                 self.drops.send_failed += 1;
-                return TunOutcome::Nothing;
+                return Routed::Nothing;
             }
             Miss::Resolve { min_seq } => min_seq,
         };
@@ -35,7 +35,7 @@ impl Node {
                     l.pending.push_back(view.bytes().to_vec());
                 }
                 self.flush_pending(now, idx);
-                return TunOutcome::Nothing;
+                return Routed::Nothing;
             }
         }
         if !self.resolver.may_look_up(now) {
@@ -53,7 +53,7 @@ impl Node {
                 self.purposes.insert(id, Purpose::Address(dst));
                 self.resolver.looking_up(now, dst, view.bytes());
                 self.pump_dht(now);
-                TunOutcome::Nothing
+                Routed::Nothing
             }
             None => {
                 self.drops.lookup_limited += 1;
@@ -163,10 +163,9 @@ impl Node {
             }
         }
         for p in pending {
-            if let TunOutcome::Send(dst, d) = self.handle_tun_packet(now, &p) {
-                let payload = d.to_vec();
-                self.transmits.push_back(Transmit { dst, payload });
-            }
+            // Sealed into the send batch; an ICMPv6 answer has no one to
+            // go to now.
+            let _ = self.route_tun(now, &p);
         }
     }
 

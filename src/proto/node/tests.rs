@@ -552,7 +552,7 @@ fn control_messages_survive_segmentation() {
     }
     .emit(&mut body);
     net.nodes[1].0.send_control(idx, MSG_HELLO, &body, true);
-    assert!(!net.nodes[1].0.transmits.is_empty());
+    assert!(!net.nodes[1].0.out.is_empty());
     net.run();
     let st = net.nodes[0].0.status();
     assert_eq!(st.links[0].drops.bad_inner, 0);
@@ -562,7 +562,7 @@ fn control_messages_survive_segmentation() {
     net.nodes[1]
         .0
         .send_control(idx, 77, &vec![5u8; 20_000], false);
-    assert_eq!(net.nodes[1].0.transmits.len(), 17);
+    assert_eq!(net.nodes[1].0.out.datagrams().count(), 17);
     net.run();
     assert_eq!(net.nodes[0].0.status().links[0].drops.bad_inner, 1);
 }

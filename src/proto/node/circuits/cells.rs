@@ -11,7 +11,7 @@ use rand_core::RngCore;
 
 use super::{count, wrap_into, CircRef};
 use crate::proto::identity::NodeId;
-use crate::proto::node::{reuse, Node, Transmit, MAX_PENDING_CTL, MSG_CELL};
+use crate::proto::node::{seal_batch, Node, Sealed, MAX_PENDING_CTL, MSG_CELL};
 use crate::proto::onion::{
     self, parse_cell, CellKind, Cmd, CELL_HEADER, CELL_LARGE, CELL_SMALL, CREATED_LEN,
 };
@@ -40,47 +40,55 @@ impl Node {
         }
     }
 
-    /// Encrypts `self.bufs.cell[..len]` for `link`; the datagram is left in
-    /// `self.bufs.a`. Returns (endpoint, datagram length).
-    pub(super) fn encap_cell(&mut self, link: u32, len: usize) -> Option<(SocketAddr, usize)> {
-        let l = self.links.get_mut(&link)?;
-        let dst = l.verified.as_ref()?.address;
-        let ep = l.endpoint?;
-        let n = wire::encode_control(
-            self.address,
-            dst,
-            MSG_CELL,
-            &self.bufs.cell[..len],
-            &mut self.bufs.ctl,
-        );
-        match l.tunn.encapsulate(&self.bufs.ctl[..n], &mut self.bufs.a) {
-            boringtun::noise::TunnResult::WriteToNetwork(out) => Some((ep, out.len())),
-            _ => None,
-        }
+    /// Sends `self.bufs.cell[..len]` on `link` (queued until the link's
+    /// neighbour is verified). True when a datagram went into the send
+    /// batch.
+    pub(in crate::proto::node) fn send_cell(
+        &mut self,
+        now: Instant,
+        link: u32,
+        len: usize,
+    ) -> bool {
+        let mut frame = std::mem::take(&mut self.bufs.ctl);
+        frame.clear();
+        frame.resize(wire::CONTROL_BODY + len, 0);
+        frame[wire::CONTROL_BODY..].copy_from_slice(&self.bufs.cell[..len]);
+        let sent = self.send_in_place(now, link, &mut frame);
+        self.bufs.ctl = frame;
+        sent
     }
 
-    /// Sends `self.bufs.cell[..len]` on `link` (queued until the link's
-    /// neighbour is verified).
-    pub(in crate::proto::node) fn send_cell(&mut self, now: Instant, link: u32, len: usize) {
+    /// Sends the cell in `packet[CONTROL_BODY..]` on `link`: writes the
+    /// frame's headers around it and seals the packet straight into the
+    /// send batch (queued until the link's neighbour is verified). A relayed
+    /// cell leaves this way from the buffer it was decrypted into. True
+    /// when a datagram went into the batch.
+    pub(super) fn send_in_place(&mut self, now: Instant, link: u32, packet: &mut [u8]) -> bool {
         let Some(l) = self.links.get_mut(&link) else {
             self.circ.stats.drops.send_failed += 1;
-            return;
+            return false;
         };
         l.last_used = now;
-        if l.verified.is_none() {
+        let Some(v) = &l.verified else {
             if l.pending_ctl.len() >= MAX_PENDING_CTL {
                 l.pending_ctl.pop_front();
             }
-            l.pending_ctl
-                .push_back((MSG_CELL, self.bufs.cell[..len].to_vec()));
-            return;
-        }
-        match self.encap_cell(link, len) {
-            Some((dst, n)) => self.transmits.push_back(Transmit {
-                dst,
-                payload: reuse(&mut self.spare, &self.bufs.a[..n]),
-            }),
-            None => self.circ.stats.drops.send_failed += 1,
+            let cell = packet[wire::CONTROL_BODY..].to_vec();
+            l.pending_ctl.push_back((MSG_CELL, cell));
+            return false;
+        };
+        let (dst, Some(ep)) = (v.address, l.endpoint) else {
+            self.circ.stats.drops.send_failed += 1;
+            return false;
+        };
+        wire::write_control_header(packet, self.address, dst, MSG_CELL);
+        match seal_batch(&mut self.out, &mut l.tunn, packet, ep) {
+            Sealed::Queued => true,
+            Sealed::Held => false,
+            Sealed::Failed => {
+                self.circ.stats.drops.send_failed += 1;
+                false
+            }
         }
     }
 
@@ -148,12 +156,21 @@ impl Node {
         self.send_cell(now, link, size);
     }
 
+    /// Test hook: notes a relayed cell as it arrived and as it left.
     #[cfg(feature = "test-hooks")]
-    pub(super) fn log_cell(&mut self, forward: bool, cell_in: &[u8], len: usize) {
-        if self.circ.cell_log_on && self.circ.cell_log.len() < 100_000 {
-            let out = self.bufs.cell[..len].to_vec();
-            self.circ.cell_log.push((forward, cell_in.to_vec(), out));
+    pub(super) fn log_cell(&mut self, forward: bool, cell_in: Option<Vec<u8>>, out: &[u8]) {
+        if let Some(cell_in) = cell_in {
+            if self.circ.cell_log.len() < 100_000 {
+                self.circ.cell_log.push((forward, cell_in, out.to_vec()));
+            }
         }
+    }
+
+    /// Test hook: a copy of a cell about to be relayed, when cells are
+    /// being logged.
+    #[cfg(feature = "test-hooks")]
+    pub(super) fn cell_for_log(&self, cell: &[u8]) -> Option<Vec<u8>> {
+        self.circ.cell_log_on.then(|| cell.to_vec())
     }
 
     /// Whether the relay bandwidth cap lets `bytes` more through.
@@ -175,23 +192,18 @@ impl Node {
         }
     }
 
-    /// Handles a cell from a link (a control frame of type `MSG_CELL`).
-    /// Returns a packet for the TUN when it was DATA for us.
+    /// Handles a cell from a link: `packet` is the control frame of type
+    /// `MSG_CELL` it came in, the cell in `packet[CONTROL_BODY..]`. A cell
+    /// passed on is peeled or wrapped there and sent from there. Returns a
+    /// packet for the TUN (in `bufs.b`) when it was DATA for us.
     pub(in crate::proto::node) fn handle_cell(
         &mut self,
         now: Instant,
         link: u32,
-        cell_len: usize,
+        packet: &mut [u8],
     ) -> Option<usize> {
-        // The cell was copied to `self.bufs.cell_in[..cell_len]`.
-        let cell_in = std::mem::take(&mut self.bufs.cell_in);
-        let out = self.handle_cell_inner(now, link, &cell_in[..cell_len]);
-        self.bufs.cell_in = cell_in;
-        out
-    }
-
-    fn handle_cell_inner(&mut self, now: Instant, link: u32, cell: &[u8]) -> Option<usize> {
-        let hdr = match parse_cell(cell) {
+        let c = wire::CONTROL_BODY;
+        let hdr = match parse_cell(&packet[c..]) {
             Ok(h) => h,
             Err(e) => {
                 count(&mut self.circ.stats.drops, e);
@@ -200,7 +212,7 @@ impl Node {
         };
         self.neighbour(link)?;
         let key = (link, hdr.circ);
-        let body = &cell[CELL_HEADER..];
+        let body = &packet[c + CELL_HEADER..];
         match hdr.kind {
             CellKind::Create => {
                 self.on_create(now, link, hdr.circ, body);
@@ -234,17 +246,17 @@ impl Node {
                     self.circ.stats.drops.unknown_circuit += 1;
                     return None;
                 };
-                let size = cell.len();
-                self.bufs.cell[..size].copy_from_slice(cell);
+                let size = packet.len() - c;
                 let mut nonce = hdr.nonce;
                 match r {
-                    CircRef::Prev(h) => self.hop_forward(now, h, nonce, size, cell),
+                    CircRef::Prev(h) => self.hop_forward(now, h, nonce, packet),
                     CircRef::Next(h) => {
+                        #[cfg(feature = "test-hooks")]
+                        let cell_in = self.cell_for_log(&packet[c..]);
                         let hc = self.circ.hops.get_mut(&h)?;
                         hc.last_used = now;
                         let (link, circ) = hc.prev;
-                        hc.keys
-                            .backward(&mut nonce, &mut self.bufs.cell[CELL_HEADER..size]);
+                        hc.keys.backward(&mut nonce, &mut packet[c + CELL_HEADER..]);
                         if !self.bandwidth_ok(now, size) {
                             self.circ.stats.drops.over_bandwidth += 1;
                             return None;
@@ -252,15 +264,18 @@ impl Node {
                         if let Some(hc) = self.circ.hops.get_mut(&h) {
                             hc.bwd_bytes += size as u64;
                         }
-                        onion::write_header(&mut self.bufs.cell, circ, CellKind::Relay, &nonce);
+                        onion::write_header(&mut packet[c..], circ, CellKind::Relay, &nonce);
                         self.circ.stats.cells_forwarded += 1;
                         self.circ.stats.bytes_forwarded += size as u64;
                         #[cfg(feature = "test-hooks")]
-                        self.log_cell(false, cell, size);
-                        self.send_cell(now, link, size);
+                        self.log_cell(false, cell_in, &packet[c..]);
+                        self.send_in_place(now, link, packet);
                         None
                     }
-                    CircRef::Out(id) => self.out_cell(now, id, nonce, size),
+                    CircRef::Out(id) => {
+                        self.bufs.cell[..size].copy_from_slice(&packet[c..]);
+                        self.out_cell(now, id, nonce, size)
+                    }
                 }
             }
         }

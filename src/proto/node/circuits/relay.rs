@@ -14,7 +14,7 @@ use crate::proto::compress::Adaptive;
 use crate::proto::dht::{Contact, Goal};
 use crate::proto::identity::verify_signature;
 use crate::proto::limit::Rate;
-use crate::proto::node::{Node, Purpose, TunOutcome};
+use crate::proto::node::{Node, Purpose, Routed};
 use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
 use crate::proto::onion::{
     self, auth_message, server_handshake, CellKind, Cmd, Forward, OnionKey, ReplayWindow,
@@ -141,20 +141,23 @@ impl Node {
         }
     }
 
-    /// A forward cell at a hop: ours, or pass it on.
+    /// A forward cell at a hop, in `packet[CONTROL_BODY..]` (see
+    /// [`Node::handle_cell`]): ours, or peel our layer in place and pass
+    /// it on from there.
     pub(super) fn hop_forward(
         &mut self,
         now: Instant,
         h: u64,
         mut nonce: [u8; 16],
-        size: usize,
-        #[allow(unused_variables)] cell_in: &[u8],
+        packet: &mut [u8],
     ) -> Option<usize> {
+        let c = wire::CONTROL_BODY;
+        let size = packet.len() - c;
+        #[cfg(feature = "test-hooks")]
+        let cell_in = self.cell_for_log(&packet[c..]);
         let hc = self.circ.hops.get_mut(&h)?;
         hc.last_used = now;
-        let res = hc
-            .keys
-            .forward(&mut nonce, &mut self.bufs.cell[CELL_HEADER..size]);
+        let res = hc.keys.forward(&mut nonce, &mut packet[c + CELL_HEADER..]);
         match res {
             Err(e) => {
                 count(&mut self.circ.stats.drops, e);
@@ -170,12 +173,12 @@ impl Node {
                     self.circ.stats.drops.over_bandwidth += 1;
                     return None;
                 }
-                onion::write_header(&mut self.bufs.cell, circ, CellKind::Relay, &nonce);
+                onion::write_header(&mut packet[c..], circ, CellKind::Relay, &nonce);
                 self.circ.stats.cells_forwarded += 1;
                 self.circ.stats.bytes_forwarded += size as u64;
                 #[cfg(feature = "test-hooks")]
-                self.log_cell(true, cell_in, size);
-                self.send_cell(now, link, size);
+                self.log_cell(true, cell_in, &packet[c..]);
+                self.send_in_place(now, link, packet);
                 None
             }
             Ok(Forward::Mine(counter, command, range)) => {
@@ -183,8 +186,10 @@ impl Node {
                     count(&mut self.circ.stats.drops, e);
                     return None;
                 }
+                // The cell ends here: its data goes where commands read it.
                 let start = CELL_HEADER + range.start;
                 let end = CELL_HEADER + range.end;
+                self.bufs.cell[start..end].copy_from_slice(&packet[c + start..c + end]);
                 self.hop_command(now, h, command, start, end)
             }
         }
@@ -399,7 +404,7 @@ impl Node {
         now: Instant,
         view: Ipv6View<'_>,
         h: u64,
-    ) -> TunOutcome<'_> {
+    ) -> Routed {
         if view.bytes().len() > CIRCUIT_MTU {
             self.drops.too_big += 1;
             return self.icmp_reply(
@@ -412,12 +417,12 @@ impl Node {
         }
         let (compress, large) = (self.circuit_compress(), self.config.traffic.always_large);
         let Some(hc) = self.circ.hops.get_mut(&h) else {
-            return TunOutcome::Nothing;
+            return Routed::Nothing;
         };
         let table = compress.then_some((&mut hc.adaptive, &mut self.bufs.lz4));
         let (frame, _) = crate::proto::compress::encode(view, table, &mut self.bufs.b);
         if frame.len() > MAX_DATA {
-            return TunOutcome::Nothing;
+            return Routed::Nothing;
         }
         let size = onion::cell_size_for(frame.len(), large).unwrap_or(CELL_LARGE);
         hc.ctr += 1;
@@ -426,12 +431,10 @@ impl Node {
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
         let n = hc.keys.originate(hc.ctr, Cmd::Data, frame, body);
         onion::write_header(head, circ, CellKind::Relay, &n);
-        if let Some(l) = self.links.get_mut(&link) {
-            l.last_used = now;
-        }
-        match self.encap_cell(link, size) {
-            Some((ep, n)) => TunOutcome::Send(ep, &self.bufs.a[..n]),
-            None => TunOutcome::Nothing,
+        if self.send_cell(now, link, size) {
+            Routed::Queued
+        } else {
+            Routed::Nothing
         }
     }
 

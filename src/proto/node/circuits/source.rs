@@ -15,7 +15,7 @@ use super::{
 };
 use crate::proto::compress::Adaptive;
 use crate::proto::identity::NodeId;
-use crate::proto::node::{Node, TunOutcome};
+use crate::proto::node::{Node, Routed};
 use crate::proto::onion::body::{self, Extend, Lookup};
 use crate::proto::onion::{
     self, CellKind, ClientHandshake, Cmd, ReplayWindow, CELL_HEADER, CREATED_LEN, MAX_DATA,
@@ -39,7 +39,7 @@ impl Node {
         view: Ipv6View<'_>,
         min: u8,
         max: u8,
-    ) -> TunOutcome<'_> {
+    ) -> Routed {
         let dst = view.dst();
         if view.bytes().len() > CIRCUIT_MTU {
             self.drops.too_big += 1;
@@ -71,7 +71,7 @@ impl Node {
             }
         };
         let Some(c) = self.circ.out.get_mut(&id) else {
-            return TunOutcome::Nothing;
+            return Routed::Nothing;
         };
         c.last_used = now;
         if c.stage != Stage::Ready {
@@ -80,17 +80,11 @@ impl Node {
                 self.drops.send_failed += 1;
             }
             c.queue.push_back(view.bytes().to_vec());
-            return TunOutcome::Nothing;
+            return Routed::Nothing;
         }
         match self.out_data(id, view) {
-            Some((link, len)) => match self.encap_cell(link, len) {
-                Some((ep, n)) => TunOutcome::Send(ep, &self.bufs.a[..n]),
-                None => {
-                    self.drops.send_failed += 1;
-                    TunOutcome::Nothing
-                }
-            },
-            None => TunOutcome::Nothing,
+            Some((link, len)) if self.send_cell(now, link, len) => Routed::Queued,
+            _ => Routed::Nothing,
         }
     }
 

@@ -3,11 +3,13 @@
 //! on, and a circuit A → relays → E (the `circuit_net` of the node tests)
 //! driven by hand. Each node's work for a packet is counted: the source
 //! wrapping it, every relay peeling a layer and sending the cell on, the
-//! destination delivering it; the harness's own copies are not. The shell
-//! hands payload buffers back (`Node::recycle`) as here. With ALLOC_TRACE
-//! set, every counted allocation prints its backtrace.
+//! destination delivering it; the harness's own copies are not. Nodes are
+//! driven as the shell's data path drives them: what a node sends is
+//! sealed into its send batch and swapped out (`Node::take_output`). With
+//! ALLOC_TRACE set, every counted allocation prints its backtrace.
 
 use super::*;
+use crate::proto::batch::SendBatch;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
@@ -74,44 +76,59 @@ struct Tally {
 }
 
 /// Sends `packet` from node `a` and carries what follows hop by hop to
-/// its end, counting each node's allocations.
-fn carry(net: &mut Net, a: usize, e: usize, relays: &[usize], packet: &[u8], t: &mut Tally) {
+/// its end, counting each node's allocations. Each node works as the data
+/// path drives it: the packet from the TUN and the datagrams that arrive
+/// go in, and what the node sealed comes out in a send batch swapped
+/// with the harness's own (`take_output`); nothing else is queued.
+fn carry(
+    net: &mut Net,
+    (a, e): (usize, usize),
+    relays: &[usize],
+    packet: &[u8],
+    batch: &mut SendBatch,
+    t: &mut Tally,
+) {
     let now = net.now;
-    let from_ep = net.nodes[a].1;
-    let (out, n) = counted(|| net.nodes[a].0.handle_tun_packet(now, packet));
+    let mut others = Vec::new();
+    let (_, n) = counted(|| {
+        let reply = net.nodes[a].0.send_tun_packet(now, packet).is_some();
+        net.nodes[a].0.take_output(batch, &mut others);
+        reply
+    });
+    assert!(others.is_empty(), "only the batch is sent");
     t.source += n;
-    // The harness copies the datagram (not counted).
-    let (dst, data) = match out {
-        TunOutcome::Send(dst, d) => (dst, d.to_vec()),
-        _ => panic!("the source sent nothing"),
-    };
-    let mut hop = Some((from_ep, dst, data));
-    while let Some((from, to, data)) = hop.take() {
+    let mut from = net.nodes[a].1;
+    loop {
+        // The harness copies the datagram (not counted).
+        let (to, data) = {
+            let mut sent = batch.datagrams();
+            let Some((to, d)) = sent.next() else {
+                panic!("a node sent nothing");
+            };
+            assert!(sent.next().is_none(), "one datagram per hop");
+            (to, d.to_vec())
+        };
         let j = net
             .nodes
             .iter()
             .position(|(_, ep)| *ep == to)
             .expect("a node");
-        let ((got, next), n) = counted(|| {
+        let (got, n) = counted(|| {
             let got = net.nodes[j].0.handle_datagram(now, from, &data).is_some();
-            let next = net.nodes[j].0.poll_transmit();
-            (got, next)
+            net.nodes[j].0.take_output(batch, &mut others);
+            got
         });
+        assert!(others.is_empty(), "only the batch is sent");
         if relays.contains(&j) {
             t.relays += n;
             t.cells_relayed += 1;
         } else if j == e {
             t.destination += n;
             t.delivered += u64::from(got);
+            assert!(batch.is_empty(), "the destination sent nothing back");
+            return;
         }
-        if let Some(tx) = next {
-            let copy = tx.payload.clone();
-            let (_, n) = counted(|| net.nodes[j].0.recycle(tx.payload));
-            if relays.contains(&j) {
-                t.relays += n;
-            }
-            hop = Some((net.nodes[j].1, tx.dst, copy));
-        }
+        from = net.nodes[j].1;
     }
 }
 
@@ -135,13 +152,14 @@ fn relays_allocate_nothing_per_cell() {
     // count 200 packets of 1,000 bytes.
     let payload = vec![0x5a; 1000];
     let packet = udp_packet(addrs[a], addrs[e], &payload);
+    let mut batch = SendBatch::default();
     let mut warm = Tally::default();
     for _ in 0..50 {
-        carry(&mut net, a, e, &relays, &packet, &mut warm);
+        carry(&mut net, (a, e), &relays, &packet, &mut batch, &mut warm);
     }
     let mut t = Tally::default();
     for _ in 0..200 {
-        carry(&mut net, a, e, &relays, &packet, &mut t);
+        carry(&mut net, (a, e), &relays, &packet, &mut batch, &mut t);
     }
     println!(
         "allocations per packet over {} relays: source {:.2}, each relayed cell {:.2}, destination {:.2} ({} cells relayed, {} delivered)",
@@ -158,5 +176,40 @@ fn relays_allocate_nothing_per_cell() {
     assert_eq!(
         t.source, 0,
         "the source allocated while sending on a circuit"
+    );
+}
+
+#[test]
+fn a_direct_link_allocates_nothing_per_packet() {
+    let now = Instant::now();
+    let mut net = linked_pair(now, identities(2), &endpoints(2));
+    let (a, b) = (net.nodes[0].0.address(), net.nodes[1].0.address());
+    assert!(net.nodes[0].0.link_up_to(&b));
+    // Text-like payloads, so lz4 compresses them on the way.
+    let line = b"<li><a href=\"/docs/page\">a page of the documentation</a></li>\n";
+    let payload: Vec<u8> = line.iter().copied().cycle().take(1200).collect();
+    let packet = udp_packet(a, b, &payload);
+    let mut batch = SendBatch::default();
+    let mut warm = Tally::default();
+    for _ in 0..50 {
+        carry(&mut net, (0, 1), &[], &packet, &mut batch, &mut warm);
+    }
+    let mut t = Tally::default();
+    for _ in 0..200 {
+        carry(&mut net, (0, 1), &[], &packet, &mut batch, &mut t);
+    }
+    println!(
+        "allocations per packet on a direct link: sender {:.2}, receiver {:.2} ({} delivered)",
+        t.source as f64 / 200.0,
+        t.destination as f64 / 200.0,
+        t.delivered
+    );
+    assert_eq!(t.delivered, 200, "every packet arrived");
+    assert_eq!(t.source, 0, "the sender allocated per packet");
+    assert_eq!(t.destination, 0, "the receiver allocated per packet");
+    let st = net.nodes[0].0.status();
+    assert!(
+        st.links[0].counters.tx_compressed > 0,
+        "packets were compressed"
     );
 }
