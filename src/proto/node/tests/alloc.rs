@@ -177,6 +177,10 @@ fn relays_allocate_nothing_per_cell() {
         t.source, 0,
         "the source allocated while sending on a circuit"
     );
+    assert_eq!(
+        t.destination, 0,
+        "the destination allocated while delivering"
+    );
 }
 
 #[test]
