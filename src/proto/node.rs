@@ -47,6 +47,7 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 mod circuits;
+mod control;
 mod gate;
 mod hello;
 mod links;
@@ -136,8 +137,6 @@ const MAX_PENDING_CTL: usize = 32;
 /// Results of control-API lookups kept for collection.
 const MAX_API_RESULTS: usize = 64;
 
-/// How often an unconfirmed hello is repeated.
-const HELLO_INTERVAL: Duration = Duration::from_secs(1);
 /// Least time between two initiations sent at once for a cookie reply.
 const COOKIE_RETRY: Duration = Duration::from_secs(1);
 /// How often a configured peer without a session is retried.
@@ -156,14 +155,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const ICMP_INTERVAL: Duration = Duration::from_millis(20);
 /// Application packets held per link while its neighbour is being verified.
 const MAX_PENDING: usize = 64;
-/// Least time between two record verifications on one link (RSA work).
-const VERIFY_INTERVAL: Duration = Duration::from_secs(1);
 /// Links from unconfigured nodes whose record has not been verified yet:
 /// at least this many, else a quarter of `max_links`.
 const MIN_UNVERIFIED_LINKS: usize = 64;
 /// An unverified link this young is not pushed out for a newer one: its
 /// record exchange (a round trip, or a hello repeated after
-/// [`HELLO_INTERVAL`]) is likely still under way, and pushing it out would
+/// [`hello::HELLO_INTERVAL`]) is likely still under way, and pushing it out would
 /// make its node start over. A new link is refused instead.
 const UNVERIFIED_GRACE: Duration = Duration::from_secs(3);
 /// Datagrams a source (IPv4 address or IPv6 /64) may send that no

@@ -37,11 +37,13 @@ use crate::proto::onion::{
 };
 
 mod cells;
+mod pool;
 mod relay;
 mod report;
 mod routing;
 mod source;
 mod timers;
+use pool::RelayPool;
 pub use report::{CircuitView, CircuitsReport, InboundView, RelayedView};
 use routing::RouteNotes;
 pub use routing::{RouteNoteView, RouteOutcome, RoutingSummary};
@@ -65,8 +67,6 @@ const OUT_IDLE: Duration = Duration::from_secs(120);
 const HOP_IDLE: Duration = Duration::from_secs(300);
 /// An inbound circuit this quiet no longer carries our replies.
 const INBOUND_FRESH: Duration = Duration::from_secs(10);
-/// A relay that failed a circuit is avoided this long.
-const BAD_FOR: Duration = Duration::from_secs(60);
 /// Onion keys rotate this often; the previous one stays valid as long
 /// again (records live 24 h, so every live record names one of the two).
 const ONION_ROTATE: Duration = Duration::from_secs(24 * 3600);
@@ -85,13 +85,6 @@ pub const CREATE_LIMIT: Limit = Limit {
     per_sec: 20,
     burst: 64,
 };
-/// Relays kept in the pool.
-const POOL_MAX: usize = 256;
-/// How often the pool is topped up by a random lookup (faster while small).
-const POOL_INTERVAL: Duration = Duration::from_secs(300);
-const POOL_INTERVAL_SMALL: Duration = Duration::from_secs(10);
-/// Below this the pool counts as small.
-const POOL_SMALL: usize = 16;
 /// Failed builds in a row before packets to a destination get ICMPv6 ...
 const MAX_BUILD_FAILS: u32 = 3;
 /// ... for this long.
@@ -351,10 +344,8 @@ pub(super) struct Circuits {
     onion: OnionKey,
     prev_onion: Option<OnionKey>,
     onion_since: Instant,
-    /// Relays paths are drawn from: (how to reach it, record seq, expiry).
-    pool: HashMap<NodeId, (Peer, u64, u64)>,
-    last_pool_fill: Option<Instant>,
-    bad: HashMap<NodeId, Instant>,
+    /// Relays paths are drawn from, and relays blamed lately.
+    pool: RelayPool,
     /// Failed builds in a row per destination, and when the last failed.
     build_fails: HashMap<Ipv6Addr, (u32, Instant)>,
     /// Destinations without a circuit for want of relays, and why.
@@ -386,9 +377,7 @@ impl Circuits {
             onion: OnionKey::generate(rng),
             prev_onion: None,
             onion_since: now,
-            pool: HashMap::new(),
-            last_pool_fill: None,
-            bad: HashMap::new(),
+            pool: RelayPool::default(),
             build_fails: HashMap::new(),
             notes: RouteNotes::default(),
             stats: RelayStats::default(),

@@ -1,9 +1,16 @@
-//! Messages between linked neighbours: the hello that carries each side's
-//! signed record (verified before a link carries traffic) and the framing
-//! of control messages (DHT, circuits) on a link.
+//! The hello part: how linked neighbours show each other their signed
+//! records before a link carries traffic. It holds the hello's wire form
+//! ([`Hello`]), each link's hello state ([`HelloState`]: who has whose
+//! record, when to repeat, the verification budget) and the judgement of a
+//! record a neighbour presents ([`check_record`], answering
+//! [`RecordRejected`] or a [`Claim`] on the overlay address). None of it
+//! touches the node: the node (`control.rs`) verifies the signature through
+//! the DHT's cache, asks this part, and acts on the answers.
 
-use super::*;
-use crate::proto::identity::{parse_endpoint, put_endpoint};
+use std::net::{Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::proto::identity::{parse_endpoint, put_endpoint, IdentityError, NodeId, NodeRecord};
 
 /// Hello flag: the sender holds a verified record of the receiver.
 const FLAG_ACK: u8 = 1;
@@ -12,7 +19,12 @@ const FLAG_REPLY: u8 = 2;
 /// Hello flag: an observed-endpoint field follows the flags.
 const FLAG_OBSERVED: u8 = 4;
 
-/// A hello's body ([`MSG_HELLO`]): one byte of flags, the endpoint the
+/// How often an unconfirmed hello is repeated.
+pub(super) const HELLO_INTERVAL: Duration = Duration::from_secs(1);
+/// Least time between two record verifications on one link (RSA work).
+pub(super) const VERIFY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A hello's body (`MSG_HELLO`): one byte of flags, the endpoint the
 /// sender sees the receiver at (if the flag says so), then the sender's
 /// signed record (checked by the receiver, not here).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,279 +72,181 @@ impl<'a> Hello<'a> {
     }
 }
 
-impl Node {
-    pub(super) fn handle_control(
+/// One link's hello state: whether the neighbour holds our record, when we
+/// last said hello, and when we last spent an RSA check on its record.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct HelloState {
+    /// The neighbour's last hello said it holds our record (verified).
+    they_have_ours: bool,
+    last_hello: Option<Instant>,
+    last_verify: Option<Instant>,
+}
+
+impl HelloState {
+    /// Whether the neighbour said it holds our current record.
+    pub(super) fn they_have_ours(&self) -> bool {
+        self.they_have_ours
+    }
+
+    /// Whether a hello is due on a link whose session is up: until both
+    /// sides hold each other's record, one every [`HELLO_INTERVAL`].
+    pub(super) fn due(&self, now: Instant, verified: bool) -> bool {
+        (!verified || !self.they_have_ours)
+            && self
+                .last_hello
+                .is_none_or(|t| now.saturating_duration_since(t) >= HELLO_INTERVAL)
+    }
+
+    /// The hello to send now (`verified`: we hold the neighbour's record;
+    /// `observed`: where we see it), counted as sent.
+    pub(super) fn say<'a>(
         &mut self,
         now: Instant,
-        index: u32,
-        src: Ipv6Addr,
-        ty: u8,
-        body: &[u8],
-    ) {
-        if ty == message::MSG_SEGMENT {
-            let Some(link) = self.links.get_mut(&index) else {
-                return;
-            };
-            match link.reassembler.push(now, body) {
-                // The inner type is never a segment (parse_segment refuses
-                // that), so this recursion is one level deep.
-                Ok(Some((inner, whole))) => self.handle_control(now, index, src, inner, &whole),
-                Ok(None) => {}
-                Err(_) => link.drops.bad_inner += 1,
-            }
-            return;
-        }
-        if ty == MSG_DHT {
-            let Some(link) = self.links.get_mut(&index) else {
-                return;
-            };
-            let Some(c) = link.verified.as_ref().and_then(|v| v.contact.clone()) else {
-                link.drops.unverified += 1;
-                return;
-            };
-            link.last_used = now;
-            self.dht.handle_message(now, &c, body);
-            self.pump_dht(now);
-            return;
-        }
-        let hello = match (ty, Hello::parse(body)) {
-            (MSG_HELLO, Some(h)) => h,
-            _ => {
-                if let Some(l) = self.links.get_mut(&index) {
-                    l.drops.bad_inner += 1;
-                }
-                return;
-            }
-        };
-        let (ack, observed, rec_bytes) = (hello.ack, hello.observed, hello.record);
-        let link = match self.links.get_mut(&index) {
-            Some(l) => l,
-            None => return,
-        };
-        let known = link
-            .verified
-            .as_ref()
-            .is_some_and(|v| v.record_bytes == rec_bytes);
-        if !known {
-            // A verification costs RSA work: at most one per second per link.
-            if link
-                .last_verify
-                .is_some_and(|t| now.saturating_duration_since(t) < VERIFY_INTERVAL)
-            {
-                link.drops.hello_limited += 1;
-                return;
-            }
-            link.last_verify = Some(now);
-            match self.verify_hello(index, src, rec_bytes) {
-                Ok(v) => {
-                    let addr = v.address;
-                    let id = v.record.node_id();
-                    let ip = self
-                        .links
-                        .get(&index)
-                        .and_then(|l| l.endpoint)
-                        .map(|e| e.ip());
-                    if !self.config.access.link.admits(ip, &id) {
-                        tracing::debug!(link = index, node = %id.short(), "link closed: denied by [access]");
-                        self.drops.access_denied += 1;
-                        self.remove_link(index);
-                        return;
-                    }
-                    // Another link already speaking for this address: the
-                    // newer record wins (a node may have replaced its link key).
-                    if let Some(other) = self.links.index_of_addr(&addr) {
-                        if other != index {
-                            let other_seq = self
-                                .links
-                                .get(&other)
-                                .and_then(|l| l.verified.as_ref())
-                                .map(|v| v.record.seq);
-                            match other_seq {
-                                Some(s) if s >= v.record.seq => {
-                                    if let Some(l) = self.links.get_mut(&index) {
-                                        l.drops.stale_record += 1;
-                                    }
-                                    return;
-                                }
-                                _ => {
-                                    let configured =
-                                        self.links.get(&other).and_then(|l| l.configured);
-                                    self.remove_link(other);
-                                    if let Some(l) = self.links.get_mut(&index) {
-                                        l.configured = l.configured.or(configured);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    let compress = self.config.compression.allows(&id);
-                    let mut v = v;
-                    v.contact = self.dht.contact_from(now, rec_bytes).ok();
-                    let contact = v.contact.clone();
-                    let Some(link) = self.links.get_mut(&index) else {
-                        return;
-                    };
-                    let first = link.verified.is_none();
-                    link.verified = Some(v);
-                    link.compress = compress;
-                    let source = link.source;
-                    let on_demand = link.opened_on_demand();
-                    self.links.name_addr(addr, index);
-                    self.resolver.fresh(&addr);
-                    if let Some(c) = contact {
-                        // A node that proved its record over a live link
-                        // is the best kind of routing-table entry.
-                        self.dht.heard_from(now, c, source);
-                    }
-                    if first {
-                        if on_demand {
-                            tracing::debug!(link = index, node = %id.short(), %addr, "neighbour verified");
-                        } else {
-                            tracing::info!(link = index, node = %id.short(), %addr, "neighbour verified");
-                        }
-                        self.flush_pending(now, index);
-                    }
-                }
-                Err(why) => {
-                    tracing::warn!(link = index, "rejected neighbour record: {why}");
-                    if let Some(l) = self.links.get_mut(&index) {
-                        l.drops.bad_record += 1;
-                    }
-                    return;
-                }
-            }
-        }
-        let Some(link) = self.links.get_mut(&index) else {
-            return;
-        };
-        link.they_have_ours = ack;
-        if let (Some(ep), Some(v)) = (observed, &link.verified) {
-            let reporter = v.record.node_id();
-            self.own.note_observed(now, ep, reporter);
-        }
-        if hello.reply {
-            self.send_hello(index, now);
-        }
-    }
-
-    pub(super) fn verify_hello(
-        &mut self,
-        index: u32,
-        src: Ipv6Addr,
-        rec_bytes: &[u8],
-    ) -> Result<Verified, String> {
-        // Through the DHT's cache: a record it verified in a lookup reply
-        // costs no second RSA check here, and `contact_from` below finds
-        // this one verified.
-        let record = self
-            .dht
-            .records()
-            .verified_record(rec_bytes)
-            .map_err(|e| e.to_string())?;
-        let link = &self.links[&index];
-        // The record must name the very key the tunnel authenticated, or
-        // anyone could replay someone else's public record.
-        if record.link_key != link.peer_key {
-            return Err("record's link key is not the key this link authenticated".into());
-        }
-        if let Some(id) = link.configured {
-            if record.node_id() != id {
-                return Err(format!(
-                    "record is for node {}, configured {}",
-                    record.node_id().short(),
-                    id.short()
-                ));
-            }
-        }
-        if record.overlay_address() != src {
-            return Err("hello sent from an address that is not the record's".into());
-        }
-        if record.node_id() == self.node_id() {
-            return Err("record is our own".into());
-        }
-        if let Some(v) = &link.verified {
-            if record.node_id() != v.record.node_id() {
-                return Err("link already speaks for another node".into());
-            }
-            if record.seq < v.record.seq {
-                return Err("record is older than the one we hold".into());
-            }
-        }
-        Ok(Verified {
-            address: record.overlay_address(),
+        verified: bool,
+        observed: Option<SocketAddr>,
+        record: &'a [u8],
+    ) -> Hello<'a> {
+        self.last_hello = Some(now);
+        Hello {
+            ack: verified,
+            reply: !self.they_have_ours,
+            observed,
             record,
-            record_bytes: rec_bytes.to_vec(),
-            contact: None,
-        })
+        }
     }
 
-    pub(super) fn send_hello(&mut self, index: u32, now: Instant) {
-        let Some(link) = self.links.get_mut(&index) else {
-            return;
-        };
-        // Where we see the neighbour: how a node with no configured
-        // endpoint learns what to publish in its record.
-        let hello = Hello {
-            ack: link.verified.is_some(),
-            reply: !link.they_have_ours,
-            observed: link.endpoint,
-            record: self.own.bytes(),
-        };
-        let mut body = Vec::with_capacity(20 + hello.record.len());
-        hello.emit(&mut body);
-        link.last_hello = Some(now);
-        self.send_control(index, MSG_HELLO, &body, false);
+    /// Whether a record we don't hold yet may be checked now (at most one
+    /// RSA check per link per [`VERIFY_INTERVAL`]); a yes spends the budget.
+    pub(super) fn may_verify(&mut self, now: Instant) -> bool {
+        if self
+            .last_verify
+            .is_some_and(|t| now.saturating_duration_since(t) < VERIFY_INTERVAL)
+        {
+            return false;
+        }
+        self.last_verify = Some(now);
+        true
     }
 
-    /// Sends a control message to a neighbour: in one frame when it fits a
-    /// segment, else (or when `segmented`) through the message layer.
-    pub(super) fn send_control(&mut self, index: u32, ty: u8, body: &[u8], segmented: bool) {
-        let Some(link) = self.links.get(&index) else {
-            return;
-        };
-        let dst = link
-            .verified
-            .as_ref()
-            .map(|v| v.address)
-            .or(link.configured.map(|id| id.overlay_address()))
-            .unwrap_or(Ipv6Addr::UNSPECIFIED);
-        let frames: Vec<(u8, Vec<u8>)> = if !segmented && body.len() <= message::SEGMENT_PAYLOAD {
-            vec![(ty, body.to_vec())]
-        } else {
-            match self.segmenter.segment(ty, body) {
-                Ok(segs) => segs
-                    .into_iter()
-                    .map(|s| (message::MSG_SEGMENT, s))
-                    .collect(),
-                Err(e) => {
-                    tracing::warn!(link = index, "control message not sent: {e}");
-                    return;
-                }
-            }
-        };
-        for (t, b) in frames {
-            let n = wire::encode_control(self.address, dst, t, &b, &mut self.bufs.ctl);
-            let Some(link) = self.links.get_mut(&index) else {
-                return;
-            };
-            match link.endpoint {
-                Some(ep) => {
-                    let _ = seal_batch(&mut self.out, &mut link.tunn, &self.bufs.ctl[..n], ep);
-                }
-                // Nowhere to send it yet: boringtun keeps the message for
-                // the session's first handshake (the initiation it returns
-                // has nowhere to go either).
-                None => {
-                    let _ = link.tunn.encapsulate(&self.bufs.ctl[..n], &mut self.bufs.a);
-                }
-            }
+    /// Takes note of what a hello from the neighbour said about our record.
+    pub(super) fn heard(&mut self, ack: bool) {
+        self.they_have_ours = ack;
+    }
+
+    /// Our record changed: the neighbour no longer holds the current one.
+    pub(super) fn our_record_changed(&mut self) {
+        self.they_have_ours = false;
+    }
+}
+
+/// Why a neighbour's record was refused.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RecordRejected {
+    /// Malformed, or its signature does not verify.
+    #[error(transparent)]
+    Invalid(#[from] IdentityError),
+    /// It names another link key than the one the tunnel authenticated:
+    /// anyone could otherwise replay someone else's public record.
+    #[error("record's link key is not the key this link authenticated")]
+    WrongLinkKey,
+    /// The link was made to (or configured for) another node.
+    #[error("record is for node {}, configured {}", .found.short(), .expected.short())]
+    NotConfigured { found: NodeId, expected: NodeId },
+    /// The hello came from another overlay address than the record's.
+    #[error("hello sent from an address that is not the record's")]
+    WrongAddress,
+    /// It is this node's own record.
+    #[error("record is our own")]
+    OwnRecord,
+    /// The link already speaks for another node.
+    #[error("link already speaks for another node")]
+    OtherNode,
+    /// Older than the record the link already proved.
+    #[error("record is older than the one we hold")]
+    Older,
+}
+
+/// What the node knows of a link when it judges a record presented on it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct LinkFacts {
+    /// The neighbour's link key, as the tunnel authenticated it.
+    pub(super) peer_key: [u8; 32],
+    /// The node the link must turn out to be (configured peers, links made
+    /// to a looked-up record).
+    pub(super) configured: Option<NodeId>,
+    /// The node and record sequence number the link already proved.
+    pub(super) holds: Option<(NodeId, u64)>,
+}
+
+/// Judges a record whose signature verified, presented in a hello from the
+/// overlay address `src` on a link described by `link`, by the node `own`.
+pub(super) fn check_record(
+    record: &NodeRecord,
+    link: &LinkFacts,
+    src: Ipv6Addr,
+    own: NodeId,
+) -> Result<(), RecordRejected> {
+    let id = record.node_id();
+    if record.link_key != link.peer_key {
+        return Err(RecordRejected::WrongLinkKey);
+    }
+    if let Some(expected) = link.configured {
+        if id != expected {
+            return Err(RecordRejected::NotConfigured {
+                found: id,
+                expected,
+            });
+        }
+    }
+    if record.overlay_address() != src {
+        return Err(RecordRejected::WrongAddress);
+    }
+    if id == own {
+        return Err(RecordRejected::OwnRecord);
+    }
+    if let Some((held, seq)) = link.holds {
+        if id != held {
+            return Err(RecordRejected::OtherNode);
+        }
+        if record.seq < seq {
+            return Err(RecordRejected::Older);
+        }
+    }
+    Ok(())
+}
+
+/// A verified record's claim on its overlay address, when another link may
+/// speak for that address already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Claim {
+    /// No other link speaks for the address.
+    Free,
+    /// Another link proved a record at least as new: it stays, and this
+    /// record is not taken (counted as a stale record).
+    Kept(u32),
+    /// This record is newer (the node may have replaced its link key): the
+    /// other link goes, and this one takes over what it was configured for.
+    Replaces(u32),
+}
+
+impl Claim {
+    /// `other`: the link that speaks for the address now and the sequence
+    /// number it proved (None when it proved none); `seq`: this record's.
+    pub(super) fn judge(this: u32, other: Option<(u32, Option<u64>)>, seq: u64) -> Claim {
+        match other {
+            None => Claim::Free,
+            Some((o, _)) if o == this => Claim::Free,
+            Some((o, Some(s))) if s >= seq => Claim::Kept(o),
+            Some((o, _)) => Claim::Replaces(o),
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests read the clock and OsRng
 mod tests {
     use super::*;
+    use crate::proto::identity::Identity;
 
     #[test]
     fn hellos_round_trip_and_cut_ones_are_refused() {
@@ -359,5 +273,115 @@ mod tests {
             }
         }
         assert_eq!(Hello::parse(&[]), None);
+    }
+
+    #[test]
+    fn hellos_repeat_until_both_sides_hold_the_records() {
+        let t0 = Instant::now();
+        let mut st = HelloState::default();
+        assert!(st.due(t0, false));
+        let h = st.say(t0, false, None, b"rec");
+        assert!(!h.ack && h.reply && h.record == b"rec");
+        // Not again within the interval, again after it.
+        assert!(!st.due(t0 + HELLO_INTERVAL / 2, false));
+        assert!(st.due(t0 + HELLO_INTERVAL, false));
+        // We hold theirs, they hold ours: no more hellos.
+        st.heard(true);
+        assert!(!st.due(t0 + 10 * HELLO_INTERVAL, true));
+        assert!(!st.say(t0, true, None, b"rec").reply);
+        // Our record changed: hellos again, asking for an answer.
+        st.our_record_changed();
+        assert!(st.due(t0 + 10 * HELLO_INTERVAL, true));
+        assert!(st.say(t0, true, None, b"rec").reply);
+    }
+
+    #[test]
+    fn one_verification_per_link_per_interval() {
+        let t0 = Instant::now();
+        let mut st = HelloState::default();
+        assert!(st.may_verify(t0));
+        assert!(!st.may_verify(t0));
+        assert!(!st.may_verify(t0 + VERIFY_INTERVAL - Duration::from_millis(1)));
+        assert!(st.may_verify(t0 + VERIFY_INTERVAL));
+    }
+
+    fn record(seq: u64) -> NodeRecord {
+        let id = Identity::generate(&mut rand_core::OsRng).unwrap();
+        id.sign_record(seq)
+    }
+
+    #[test]
+    fn a_record_is_refused_for_each_mismatch() {
+        let rec = record(5);
+        let other = record(1);
+        let id = rec.node_id();
+        let src = rec.overlay_address();
+        let fine = LinkFacts {
+            peer_key: rec.link_key,
+            configured: None,
+            holds: None,
+        };
+        let own = other.node_id();
+        assert!(check_record(&rec, &fine, src, own).is_ok());
+        // The same node, configured, holding an older or the same record.
+        let held = LinkFacts {
+            configured: Some(id),
+            holds: Some((id, 5)),
+            ..fine
+        };
+        assert!(check_record(&rec, &held, src, own).is_ok());
+        let cases = [
+            (
+                LinkFacts {
+                    peer_key: [7; 32],
+                    ..fine
+                },
+                src,
+                own,
+                "WrongLinkKey",
+            ),
+            (
+                LinkFacts {
+                    configured: Some(own),
+                    ..fine
+                },
+                src,
+                own,
+                "NotConfigured",
+            ),
+            (fine, other.overlay_address(), own, "WrongAddress"),
+            (fine, src, id, "OwnRecord"),
+            (
+                LinkFacts {
+                    holds: Some((own, 1)),
+                    ..fine
+                },
+                src,
+                own,
+                "OtherNode",
+            ),
+            (
+                LinkFacts {
+                    holds: Some((id, 6)),
+                    ..fine
+                },
+                src,
+                own,
+                "Older",
+            ),
+        ];
+        for (facts, src, own, want) in cases {
+            let got = check_record(&rec, &facts, src, own).unwrap_err();
+            assert!(format!("{got:?}").starts_with(want), "{want}: got {got:?}");
+        }
+    }
+
+    #[test]
+    fn the_newer_record_claims_the_address() {
+        assert_eq!(Claim::judge(1, None, 3), Claim::Free);
+        assert_eq!(Claim::judge(1, Some((1, Some(9))), 3), Claim::Free);
+        assert_eq!(Claim::judge(1, Some((2, Some(3))), 3), Claim::Kept(2));
+        assert_eq!(Claim::judge(1, Some((2, Some(2))), 3), Claim::Replaces(2));
+        assert_eq!(Claim::judge(1, Some((2, None)), 3), Claim::Replaces(2));
     }
 }

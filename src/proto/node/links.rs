@@ -4,6 +4,7 @@
 //! the link's `Tunn`.
 
 use super::gate::{self, is_cookie_reply};
+use super::hello::HelloState;
 use super::table::Room;
 use super::*;
 
@@ -63,13 +64,11 @@ impl Node {
             last_used: now,
             pending_ctl: VecDeque::new(),
             verified: None,
-            they_have_ours: false,
-            last_hello: None,
+            hello: HelloState::default(),
             last_reconnect: None,
             last_cookie_retry: None,
             reconnect_attempts: 0,
             pending: VecDeque::new(),
-            last_verify: None,
             reassembler: Reassembler::default(),
             session_up: false,
             expired: false,
@@ -395,11 +394,7 @@ impl Node {
                 );
             }
         }
-        let hello_due = link.session_up
-            && (link.verified.is_none() || !link.they_have_ours)
-            && link
-                .last_hello
-                .is_none_or(|t| now.saturating_duration_since(t) >= HELLO_INTERVAL);
+        let hello_due = link.session_up && link.hello.due(now, link.verified.is_some());
         if !link.persistent {
             let age = now.saturating_duration_since(link.created);
             let idle = now.saturating_duration_since(link.last_rx);

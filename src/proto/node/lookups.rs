@@ -271,7 +271,7 @@ impl Node {
             .collect();
         for i in verified {
             if let Some(l) = self.links.get_mut(&i) {
-                l.they_have_ours = false;
+                l.hello.our_record_changed();
             }
             self.send_hello(i, now);
         }

@@ -108,7 +108,7 @@ impl Node {
     pub fn link_up_to(&self, addr: &Ipv6Addr) -> bool {
         self.links
             .for_addr(addr)
-            .is_some_and(|l| l.state() == LinkState::Up && l.they_have_ours)
+            .is_some_and(|l| l.state() == LinkState::Up && l.hello.they_have_ours())
     }
 
     /// Record checks done (signature verifications, not cache hits).

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use boringtun::noise::Tunn;
 
+use super::hello::HelloState;
 use super::tally::ClosedLinks;
 use super::{Drops, LinkCounters, LinkState};
 use crate::proto::access::link_subnet;
@@ -45,15 +46,14 @@ pub(super) struct Link {
     /// DHT messages waiting for the neighbour's record to verify.
     pub(super) pending_ctl: VecDeque<(u8, Vec<u8>)>,
     pub(super) verified: Option<Verified>,
-    pub(super) they_have_ours: bool,
-    pub(super) last_hello: Option<Instant>,
+    /// Who holds whose record, when to say hello again, the RSA budget.
+    pub(super) hello: HelloState,
     pub(super) last_reconnect: Option<Instant>,
     /// When a cookie reply last made us send a new initiation at once.
     pub(super) last_cookie_retry: Option<Instant>,
     pub(super) reconnect_attempts: u32,
     /// Application packets waiting for the neighbour's record to verify.
     pub(super) pending: VecDeque<Vec<u8>>,
-    pub(super) last_verify: Option<Instant>,
     pub(super) reassembler: Reassembler,
     pub(super) session_up: bool,
     pub(super) expired: bool,

@@ -542,7 +542,7 @@ fn control_messages_survive_segmentation() {
         .0
         .links
         .values_mut()
-        .for_each(|l| l.they_have_ours = false);
+        .for_each(|l| l.hello.our_record_changed());
     let mut body = Vec::new();
     hello::Hello {
         ack: true,

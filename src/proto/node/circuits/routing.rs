@@ -160,21 +160,8 @@ impl Node {
     /// The relays a circuit to `dst` may use, and what they must avoid.
     pub(super) fn path_inputs(&self, dst: &Ipv6Addr) -> PathInputs {
         let mut exclude = vec![self.node_id()];
-        exclude.extend(self.circ.bad.keys().copied());
-        let dst_prefix = &dst.octets()[1..16];
-        let mut pool: Vec<Candidate> = self
-            .circ
-            .pool
-            .values()
-            .filter(|(p, _, _)| p.id.0[..15] != *dst_prefix)
-            .map(|(p, _, _)| Candidate {
-                id: p.id,
-                ips: p.ips.clone(),
-            })
-            .collect();
-        // Path choice draws from the seeded RNG: in an order of its own, not
-        // the hash map's.
-        pool.sort_unstable_by_key(|c| c.id);
+        exclude.extend(self.circ.pool.blamed());
+        let pool = self.circ.pool.candidates(dst);
         let mut ends: Vec<IpAddr> = self.own.endpoints().iter().map(|e| e.ip()).collect();
         if let Some(d) = self.local_peer(dst) {
             ends.extend(d.ips.iter().copied());

@@ -159,7 +159,7 @@ impl Node {
         };
         let relays: Vec<Peer> = path
             .iter()
-            .filter_map(|id| self.circ.pool.get(id).map(|(p, _, _)| p.clone()))
+            .filter_map(|id| self.circ.pool.peer(id).cloned())
             .collect();
         let first = relays.first().ok_or(BuildError::NoPath)?.clone();
         let link = self
@@ -503,8 +503,7 @@ impl Node {
         if let Some(b) = bad {
             // Out of the pool (it comes back from the DHT if it lives) and
             // not picked again for a while.
-            self.circ.bad.insert(b, now);
-            self.circ.pool.remove(&b);
+            self.circ.pool.blame(now, b);
         }
         self.close_out(now, id);
         let fails = self.circ.build_fails.entry(dst).or_insert((0, now));

@@ -1,18 +1,16 @@
 //! Circuit upkeep on the node's timer (probes, build and idle timeouts,
 //! make-before-break replacement, onion key rotation, stale relayed
-//! circuits) and the relay pool that paths are drawn from.
+//! circuits) and feeding the relay pool (`pool.rs`) from the DHT.
 
 use std::time::Instant;
 
 use rand_core::RngCore;
 
 use super::{
-    Peer, Stage, BAD_FOR, CIRCUIT_LIFETIME, EXTEND_TIMEOUT, FAILED_FOR, HOP_IDLE, ONION_ROTATE,
-    OUT_IDLE, POOL_INTERVAL, POOL_INTERVAL_SMALL, POOL_MAX, POOL_SMALL, PROBE_DEAD, PROBE_INTERVAL,
-    STEP_TIMEOUT,
+    Stage, CIRCUIT_LIFETIME, EXTEND_TIMEOUT, FAILED_FOR, HOP_IDLE, ONION_ROTATE, OUT_IDLE,
+    PROBE_DEAD, PROBE_INTERVAL, STEP_TIMEOUT,
 };
 use crate::proto::dht::{Contact, Goal};
-use crate::proto::identity::ROLE_RELAY;
 use crate::proto::node::{Node, Purpose};
 use crate::proto::onion::{Cmd, OnionKey};
 
@@ -26,25 +24,8 @@ impl Node {
     }
 
     pub(in crate::proto::node) fn add_to_pool(&mut self, now: Instant, contacts: &[Contact]) {
-        let unix = self.dht.unix(now);
-        for c in contacts {
-            if c.info.roles & ROLE_RELAY == 0 || c.info.id == self.node_id() {
-                continue;
-            }
-            if self.circ.pool.len() >= POOL_MAX && !self.circ.pool.contains_key(&c.info.id) {
-                break;
-            }
-            if let Some(p) = Peer::from_record(&c.record) {
-                let newer = self
-                    .circ
-                    .pool
-                    .get(&p.id)
-                    .is_none_or(|(_, seq, _)| *seq < c.info.seq);
-                if newer && c.info.expires > unix {
-                    self.circ.pool.insert(p.id, (p, c.info.seq, c.info.expires));
-                }
-            }
-        }
+        let (unix, own) = (self.dht.unix(now), self.node_id());
+        self.circ.pool.offer(unix, own, contacts);
     }
 
     /// Circuit timers: probes, build and idle timeouts, replacement, noise,
@@ -61,18 +42,10 @@ impl Node {
             }
         }
         self.circ
-            .bad
-            .retain(|_, t| now.saturating_duration_since(*t) < BAD_FOR);
-        self.circ
             .build_fails
             .retain(|_, (_, t)| now.saturating_duration_since(*t) < FAILED_FOR);
         self.circ.notes.sweep(now);
         // The pool: from the table, and random lookups further afield.
-        let interval = if self.circ.pool.len() < POOL_SMALL {
-            POOL_INTERVAL_SMALL
-        } else {
-            POOL_INTERVAL
-        };
         let wants_pool = self.config.has_tun
             && (self.config.routes.default.relays().is_some()
                 || self
@@ -81,16 +54,8 @@ impl Node {
                     .routes
                     .iter()
                     .any(|r| r.policy.relays().is_some()));
-        let unix = self.dht.unix(now);
-        self.circ.pool.retain(|_, (_, _, expires)| *expires > unix);
-        if wants_pool
-            && self.dht.table_len() > 0
-            && self
-                .circ
-                .last_pool_fill
-                .is_none_or(|t| now.saturating_duration_since(t) >= interval)
-        {
-            self.circ.last_pool_fill = Some(now);
+        self.circ.pool.sweep(now, self.dht.unix(now));
+        if wants_pool && self.dht.table_len() > 0 && self.circ.pool.fill_due(now) {
             self.fill_pool_from_table(now);
             let mut key = [0u8; 32];
             self.rng.fill_bytes(&mut key);
