@@ -15,11 +15,14 @@
 //! layer keys. It learns its neighbours on the circuit and nothing else.
 //!
 //! This file holds the shared state (`Circuits` and the circuit types), the
-//! constants and the types the node exports; the `impl Node` parts are in
-//! [`cells`] (link plumbing and the entry for arriving cells), [`source`]
-//! (circuits this node builds), [`relay`] (circuits it carries or ends),
-//! [`timers`] (upkeep and the relay pool), [`routing`] (relays or direct)
-//! and [`report`] (what `qgate circuits` and `qgate status` show).
+//! constants and the types the node exports. Two parts have state of their
+//! own: [`pool`] (the relays paths are drawn from) and [`hops`] (the
+//! circuits this node carries or ends, and their indexes). The `impl Node`
+//! parts are in [`cells`] (link plumbing and the entry for arriving cells),
+//! [`source`] (circuits this node builds), [`relay`] (cells for circuits it
+//! carries or ends), [`timers`] (upkeep, feeding the pool), [`routing`]
+//! (relays or direct) and [`report`] (what `qgate circuits` and
+//! `qgate status` show).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -30,19 +33,21 @@ use serde::Serialize;
 
 use crate::proto::compress::Adaptive;
 use crate::proto::identity::{NodeId, NodeRecord, RecordExt};
-use crate::proto::limit::{Limit, Rate};
+use crate::proto::limit::Limit;
 use crate::proto::onion::{
     self, auth_message, wrap, CellKind, ClientHandshake, Cmd, HopKeys, OnionError, OnionKey,
     ReplayWindow, CELL_HEADER, CELL_LARGE, MAX_DATA,
 };
 
 mod cells;
+mod hops;
 mod pool;
 mod relay;
 mod report;
 mod routing;
 mod source;
 mod timers;
+use hops::{HopCirc, HopTable};
 use pool::RelayPool;
 pub use report::{CircuitView, CircuitsReport, InboundView, RelayedView};
 use routing::RouteNotes;
@@ -301,25 +306,6 @@ impl AsRef<HopKeys> for BuiltHop {
     }
 }
 
-struct HopCirc {
-    prev: (u32, u32),
-    next: Option<(u32, u32)>,
-    keys: HopKeys,
-    replay: ReplayWindow,
-    ctr: u64,
-    created: Instant,
-    last_used: Instant,
-    extending: Option<Instant>,
-    /// Destination: the source the circuit authenticated.
-    auth: Option<Ipv6Addr>,
-    fwd_bytes: u64,
-    bwd_bytes: u64,
-    rx_bytes: u64,
-    tx_bytes: u64,
-    /// Destination: which flows back are worth compressing.
-    adaptive: Adaptive,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CircRef {
     /// A circuit this node built (the link to its first hop).
@@ -334,12 +320,10 @@ enum CircRef {
 pub(super) struct Circuits {
     out: HashMap<u64, OutCirc>,
     by_dst: HashMap<Ipv6Addr, u64>,
-    hops: HashMap<u64, HopCirc>,
+    /// Circuits this node carries or ends.
+    hops: HopTable,
+    /// Circuit IDs on links: of circuits built here and carried here.
     on_link: HashMap<(u32, u32), CircRef>,
-    inbound_by_src: HashMap<Ipv6Addr, u64>,
-    per_neighbour: HashMap<u32, usize>,
-    /// CREATE budget per neighbour link (gone with the link).
-    create_rate: HashMap<u32, Rate>,
     next_id: u64,
     onion: OnionKey,
     prev_onion: Option<OnionKey>,
@@ -367,11 +351,8 @@ impl Circuits {
         Circuits {
             out: HashMap::new(),
             by_dst: HashMap::new(),
-            hops: HashMap::new(),
+            hops: HopTable::new(MAX_HOP_CIRCUITS, MAX_PER_NEIGHBOUR),
             on_link: HashMap::new(),
-            inbound_by_src: HashMap::new(),
-            per_neighbour: HashMap::new(),
-            create_rate: HashMap::new(),
             next_id: 1,
             to_sign: VecDeque::new(),
             onion: OnionKey::generate(rng),

@@ -145,7 +145,7 @@ impl Node {
     /// Builds a backward cell from hop circuit `h` into `self.bufs.cell`.
     pub(super) fn originate(&mut self, now: Instant, h: u64, command: Cmd, data: &[u8]) {
         let size = self.cell_size(data.len());
-        let Some(hc) = self.circ.hops.get_mut(&h) else {
+        let Some(hc) = self.circ.hops.get_mut(h) else {
             return;
         };
         hc.ctr += 1;
@@ -226,7 +226,7 @@ impl Node {
                 match self.circ.on_link.get(&key).copied() {
                     Some(CircRef::Out(id)) => self.out_created(now, id, body),
                     Some(CircRef::Next(h)) => {
-                        let ok = self.circ.hops.get_mut(&h).is_some_and(|hc| {
+                        let ok = self.circ.hops.get_mut(h).is_some_and(|hc| {
                             hc.last_used = now;
                             hc.extending.take().is_some()
                         });
@@ -253,7 +253,7 @@ impl Node {
                     CircRef::Next(h) => {
                         #[cfg(feature = "test-hooks")]
                         let cell_in = self.cell_for_log(&packet[c..]);
-                        let hc = self.circ.hops.get_mut(&h)?;
+                        let hc = self.circ.hops.get_mut(h)?;
                         hc.last_used = now;
                         let (link, circ) = hc.prev;
                         hc.keys.backward(&mut nonce, &mut packet[c + CELL_HEADER..]);
@@ -261,7 +261,7 @@ impl Node {
                             self.circ.stats.drops.over_bandwidth += 1;
                             return None;
                         }
-                        if let Some(hc) = self.circ.hops.get_mut(&h) {
+                        if let Some(hc) = self.circ.hops.get_mut(h) {
                             hc.bwd_bytes += size as u64;
                         }
                         onion::write_header(&mut packet[c..], circ, CellKind::Relay, &nonce);
@@ -337,8 +337,7 @@ impl Node {
                 }
             }
         }
-        self.circ.per_neighbour.remove(&link);
-        self.circ.create_rate.remove(&link);
+        self.circ.hops.link_gone(link);
     }
 
     /// A cell frame of a size no cell has.

@@ -6,19 +6,15 @@
 use std::net::Ipv6Addr;
 use std::time::Instant;
 
-use super::{
-    count, CircRef, HopCirc, CIRCUIT_MTU, CREATE_LIMIT, INBOUND_FRESH, MAX_HOP_CIRCUITS,
-    MAX_PER_NEIGHBOUR,
-};
-use crate::proto::compress::Adaptive;
+use super::hops::Admit;
+use super::{count, CircRef, HopCirc, CIRCUIT_MTU};
 use crate::proto::dht::{Contact, Goal};
 use crate::proto::identity::verify_signature;
-use crate::proto::limit::Rate;
 use crate::proto::node::{Node, Purpose, Routed};
 use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
 use crate::proto::onion::{
-    self, auth_message, server_handshake, CellKind, Cmd, Forward, OnionKey, ReplayWindow,
-    CELL_HEADER, CELL_LARGE, CREATE_LEN, MAX_DATA,
+    self, auth_message, server_handshake, CellKind, Cmd, Forward, OnionKey, CELL_HEADER,
+    CELL_LARGE, CREATE_LEN, MAX_DATA,
 };
 use crate::proto::wire::{self, Incoming, Ipv6View};
 
@@ -46,22 +42,18 @@ impl Node {
                 return;
             }
         }
-        if !self
-            .circ
-            .create_rate
-            .entry(link)
-            .or_insert_with(|| Rate::new(now))
-            .allow(now, CREATE_LIMIT)
-        {
-            self.circ.stats.drops.create_limited += 1;
-            return;
-        }
-        let mine = self.circ.per_neighbour.get(&link).copied().unwrap_or(0);
-        if self.circ.hops.len() >= MAX_HOP_CIRCUITS || mine >= MAX_PER_NEIGHBOUR {
-            self.circ.stats.refused += 1;
-            tracing::debug!(link, "circuit refused: relay at its limit");
-            self.send_plain(now, link, circ, CellKind::Destroy, &[1]);
-            return;
+        match self.circ.hops.admit(now, link) {
+            Admit::Yes => {}
+            Admit::Limited => {
+                self.circ.stats.drops.create_limited += 1;
+                return;
+            }
+            Admit::Full => {
+                self.circ.stats.refused += 1;
+                tracing::debug!(link, "circuit refused: relay at its limit");
+                self.send_plain(now, link, circ, CellKind::Destroy, &[1]);
+                return;
+            }
         }
         let id = self.node_id();
         let keys: Vec<&OnionKey> = std::iter::once(&self.circ.onion)
@@ -79,57 +71,22 @@ impl Node {
         };
         let h = self.circ.next_id;
         self.circ.next_id += 1;
-        self.circ.hops.insert(
-            h,
-            HopCirc {
-                prev: (link, circ),
-                next: None,
-                keys,
-                replay: ReplayWindow::default(),
-                ctr: 0,
-                created: now,
-                last_used: now,
-                extending: None,
-                auth: None,
-                fwd_bytes: 0,
-                bwd_bytes: 0,
-                rx_bytes: 0,
-                tx_bytes: 0,
-                adaptive: Adaptive::default(),
-            },
-        );
+        self.circ
+            .hops
+            .insert(h, HopCirc::new(now, (link, circ), keys));
         self.circ.on_link.insert((link, circ), CircRef::Prev(h));
-        *self.circ.per_neighbour.entry(link).or_default() += 1;
         self.circ.stats.circuits_total += 1;
         self.send_plain(now, link, circ, CellKind::Created, &created);
     }
 
     /// Removes hop circuit `h`, telling the side it did not hear it from.
     pub(super) fn drop_hop(&mut self, now: Instant, h: u64, tell_prev: bool, tell_next: bool) {
-        let Some(hc) = self.circ.hops.remove(&h) else {
+        // Another circuit from the same source (its replacement) carries
+        // the replies from now on (see `HopTable::remove`).
+        let Some(hc) = self.circ.hops.remove(h) else {
             return;
         };
         self.circ.on_link.remove(&hc.prev);
-        if let Some(n) = self.circ.per_neighbour.get_mut(&hc.prev.0) {
-            *n = n.saturating_sub(1);
-        }
-        if let Some(a) = hc.auth {
-            if self.circ.inbound_by_src.get(&a) == Some(&h) {
-                // Another circuit from the same source (its replacement)
-                // carries the replies from now on.
-                let other = self
-                    .circ
-                    .hops
-                    .iter()
-                    .filter(|(_, o)| o.auth == Some(a))
-                    .max_by_key(|(_, o)| o.last_used)
-                    .map(|(k, _)| *k);
-                match other {
-                    Some(o) => self.circ.inbound_by_src.insert(a, o),
-                    None => self.circ.inbound_by_src.remove(&a),
-                };
-            }
-        }
         if tell_prev {
             self.send_plain(now, hc.prev.0, hc.prev.1, CellKind::Destroy, &[0]);
         }
@@ -155,7 +112,7 @@ impl Node {
         let size = packet.len() - c;
         #[cfg(feature = "test-hooks")]
         let cell_in = self.cell_for_log(&packet[c..]);
-        let hc = self.circ.hops.get_mut(&h)?;
+        let hc = self.circ.hops.get_mut(h)?;
         hc.last_used = now;
         let res = hc.keys.forward(&mut nonce, &mut packet[c + CELL_HEADER..]);
         match res {
@@ -231,7 +188,7 @@ impl Node {
     }
 
     fn hop_data(&mut self, _now: Instant, h: u64, start: usize, end: usize) -> Option<usize> {
-        let hc = self.circ.hops.get_mut(&h)?;
+        let hc = self.circ.hops.get_mut(h)?;
         let Some(src) = hc.auth else {
             self.circ.stats.drops.unauthenticated += 1;
             return None;
@@ -255,7 +212,7 @@ impl Node {
         };
         hc.rx_bytes += p as u64;
         // Replies go back on the circuit that last brought traffic.
-        self.circ.inbound_by_src.insert(src, h);
+        self.circ.hops.carries_replies(h, src);
         // decode() returned either the cell's bytes (as is) or a rebuilt
         // packet in bufs.b: put the result in bufs.b either way.
         if !matches!(view.next_header(), wire::NH_QGATE) {
@@ -272,7 +229,7 @@ impl Node {
         if !self.config.relay.enabled {
             return fail(self, ExtendRefusal::NotRelay);
         }
-        let Some(hc) = self.circ.hops.get(&h) else {
+        let Some(hc) = self.circ.hops.get(h) else {
             return;
         };
         if hc.next.is_some() || hc.auth.is_some() {
@@ -290,12 +247,12 @@ impl Node {
         let Some(link) = self.connect_to(now, id, link_key, ep) else {
             return fail(self, ExtendRefusal::NoLink);
         };
-        if self.circ.hops.get(&h).map(|hc| hc.prev.0) == Some(link) {
+        if self.circ.hops.get(h).map(|hc| hc.prev.0) == Some(link) {
             return fail(self, ExtendRefusal::BadTarget);
         }
         let circ = self.alloc_circ(link);
         self.circ.on_link.insert((link, circ), CircRef::Next(h));
-        if let Some(hc) = self.circ.hops.get_mut(&h) {
+        if let Some(hc) = self.circ.hops.get_mut(h) {
             hc.next = Some((link, circ));
             hc.extending = Some(now);
         }
@@ -317,7 +274,7 @@ impl Node {
         let Ok(rec) = self.dht.records().verified_record(record) else {
             return refuse(self);
         };
-        let Some(hc) = self.circ.hops.get(&h) else {
+        let Some(hc) = self.circ.hops.get(h) else {
             return;
         };
         let msg = auth_message(&self.node_id(), &hc.keys.bind);
@@ -328,10 +285,7 @@ impl Node {
             return refuse(self);
         }
         let src = rec.overlay_address();
-        if let Some(hc) = self.circ.hops.get_mut(&h) {
-            hc.auth = Some(src);
-        }
-        self.circ.inbound_by_src.insert(src, h);
+        self.circ.hops.carries_replies(h, src);
         tracing::debug!(circuit = h, source = %src, "inbound circuit authenticated");
         self.originate(now, h, Cmd::Ready, &[]);
     }
@@ -392,10 +346,8 @@ impl Node {
         now: Instant,
         dst: &Ipv6Addr,
     ) -> Option<u64> {
-        let h = *self.circ.inbound_by_src.get(dst)?;
-        let hc = self.circ.hops.get(&h)?;
-        let fresh = now.saturating_duration_since(hc.last_used) <= INBOUND_FRESH;
-        (fresh || !self.circ.by_dst.contains_key(dst)).then_some(h)
+        let own_circuit = self.circ.by_dst.contains_key(dst);
+        self.circ.hops.inbound_route(now, dst, own_circuit)
     }
 
     /// Sends a packet back on inbound circuit `h` (see [`Node::inbound_route`]).
@@ -416,7 +368,7 @@ impl Node {
             );
         }
         let (compress, large) = (self.circuit_compress(), self.config.traffic.always_large);
-        let Some(hc) = self.circ.hops.get_mut(&h) else {
+        let Some(hc) = self.circ.hops.get_mut(h) else {
             return Routed::Nothing;
         };
         let table = compress.then_some((&mut hc.adaptive, &mut self.bufs.lz4));

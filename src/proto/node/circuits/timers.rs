@@ -7,8 +7,8 @@ use std::time::Instant;
 use rand_core::RngCore;
 
 use super::{
-    Stage, CIRCUIT_LIFETIME, EXTEND_TIMEOUT, FAILED_FOR, HOP_IDLE, ONION_ROTATE, OUT_IDLE,
-    PROBE_DEAD, PROBE_INTERVAL, STEP_TIMEOUT,
+    Stage, CIRCUIT_LIFETIME, FAILED_FOR, ONION_ROTATE, OUT_IDLE, PROBE_DEAD, PROBE_INTERVAL,
+    STEP_TIMEOUT,
 };
 use crate::proto::dht::{Contact, Goal};
 use crate::proto::node::{Node, Purpose};
@@ -130,20 +130,8 @@ impl Node {
             self.noise(now, id);
         }
         // Circuits we carry.
-        let stale: Vec<u64> = self
-            .circ
-            .hops
-            .iter()
-            .filter(|(_, h)| {
-                now.saturating_duration_since(h.last_used) > HOP_IDLE
-                    || h.extending
-                        .is_some_and(|t| now.saturating_duration_since(t) > EXTEND_TIMEOUT)
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for h in stale {
-            let extending = self.circ.hops.get(&h).and_then(|hc| hc.extending);
-            if extending.is_some() {
+        for (h, extending) in self.circ.hops.stale(now) {
+            if extending {
                 self.originate(now, h, Cmd::ExtendFailed, &[5]);
             }
             self.drop_hop(now, h, true, true);
