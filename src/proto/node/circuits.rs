@@ -15,9 +15,11 @@
 //! layer keys. It learns its neighbours on the circuit and nothing else.
 //!
 //! This file holds the shared state (`Circuits` and the circuit types), the
-//! constants and the types the node exports. Two parts have state of their
-//! own: [`pool`] (the relays paths are drawn from) and [`hops`] (the
-//! circuits this node carries or ends, and their indexes). The `impl Node`
+//! constants and the types the node exports. Three parts have state of
+//! their own: [`pool`] (the relays paths are drawn from), [`outbound`] (the
+//! circuits this node builds, the one per destination packets take, failed
+//! builds) and [`hops`] (the circuits this node carries or ends, and their
+//! indexes). The `impl Node`
 //! parts are in [`cells`] (link plumbing and the entry for arriving cells),
 //! [`source`] (circuits this node builds), [`relay`] (cells for circuits it
 //! carries or ends), [`timers`] (upkeep, feeding the pool), [`routing`]
@@ -41,6 +43,7 @@ use crate::proto::onion::{
 
 mod cells;
 mod hops;
+mod outbound;
 mod pool;
 mod relay;
 mod report;
@@ -48,6 +51,7 @@ mod routing;
 mod source;
 mod timers;
 use hops::{HopCirc, HopTable};
+use outbound::OutTable;
 use pool::RelayPool;
 pub use report::{CircuitView, CircuitsReport, InboundView, RelayedView};
 use routing::RouteNotes;
@@ -90,10 +94,6 @@ pub const CREATE_LIMIT: Limit = Limit {
     per_sec: 20,
     burst: 64,
 };
-/// Failed builds in a row before packets to a destination get ICMPv6 ...
-const MAX_BUILD_FAILS: u32 = 3;
-/// ... for this long.
-const FAILED_FOR: Duration = Duration::from_secs(30);
 
 /// Why no circuit was built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,6 +291,41 @@ struct OutCirc {
 }
 
 impl OutCirc {
+    /// A circuit to `dst` being built through `relays`: CREATE sent to the
+    /// first (`pending`: its handshake) on `(link, circ)`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        now: Instant,
+        dst: Ipv6Addr,
+        relays: Vec<Peer>,
+        dest_record: Option<Vec<u8>>,
+        dest: Option<Peer>,
+        pending: Option<ClientHandshake>,
+        (link, circ): (u32, u32),
+    ) -> OutCirc {
+        OutCirc {
+            dst,
+            relays,
+            dest,
+            dest_record,
+            hops: Vec::new(),
+            pending,
+            link,
+            circ,
+            stage: Stage::Extending,
+            created: now,
+            step_started: now,
+            last_used: now,
+            last_probe: now,
+            next_noise: None,
+            queue: VecDeque::new(),
+            tx_bytes: 0,
+            rx_bytes: 0,
+            replaced_by: None,
+            adaptive: Adaptive::default(),
+        }
+    }
+
     /// What the source signs to authenticate to the destination: bound to
     /// the destination and to the last hop's handshake. None before that
     /// hop is built.
@@ -318,8 +353,9 @@ enum CircRef {
 
 /// All circuit state of a node.
 pub(super) struct Circuits {
-    out: HashMap<u64, OutCirc>,
-    by_dst: HashMap<Ipv6Addr, u64>,
+    /// Circuits this node builds, the one per destination packets take,
+    /// failed builds per destination.
+    out: OutTable,
     /// Circuits this node carries or ends.
     hops: HopTable,
     /// Circuit IDs on links: of circuits built here and carried here.
@@ -330,8 +366,6 @@ pub(super) struct Circuits {
     onion_since: Instant,
     /// Relays paths are drawn from, and relays blamed lately.
     pool: RelayPool,
-    /// Failed builds in a row per destination, and when the last failed.
-    build_fails: HashMap<Ipv6Addr, (u32, Instant)>,
     /// Destinations without a circuit for want of relays, and why.
     notes: RouteNotes,
     stats: RelayStats,
@@ -349,8 +383,7 @@ pub(super) struct Circuits {
 impl Circuits {
     pub(super) fn new(rng: &mut (impl RngCore + rand_core::CryptoRng), now: Instant) -> Circuits {
         Circuits {
-            out: HashMap::new(),
-            by_dst: HashMap::new(),
+            out: OutTable::default(),
             hops: HopTable::new(MAX_HOP_CIRCUITS, MAX_PER_NEIGHBOUR),
             on_link: HashMap::new(),
             next_id: 1,
@@ -359,7 +392,6 @@ impl Circuits {
             prev_onion: None,
             onion_since: now,
             pool: RelayPool::default(),
-            build_fails: HashMap::new(),
             notes: RouteNotes::default(),
             stats: RelayStats::default(),
             bandwidth: (0.0, now),

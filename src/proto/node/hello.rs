@@ -74,7 +74,9 @@ impl<'a> Hello<'a> {
 
 /// One link's hello state: whether the neighbour holds our record, when we
 /// last said hello, and when we last spent an RSA check on its record.
-#[derive(Clone, Copy, Debug, Default)]
+/// Not `Copy`: a copy that spent the verification budget would leave the
+/// link's own budget unspent.
+#[derive(Debug, Default)]
 pub(super) struct HelloState {
     /// The neighbour's last hello said it holds our record (verified).
     they_have_ours: bool,
@@ -285,8 +287,10 @@ mod tests {
         // Not again within the interval, again after it.
         assert!(!st.due(t0 + HELLO_INTERVAL / 2, false));
         assert!(st.due(t0 + HELLO_INTERVAL, false));
-        // We hold theirs, they hold ours: no more hellos.
+        // They hold ours but we don't hold theirs: hellos go on.
         st.heard(true);
+        assert!(st.due(t0 + 10 * HELLO_INTERVAL, false));
+        // We hold theirs, they hold ours: no more hellos.
         assert!(!st.due(t0 + 10 * HELLO_INTERVAL, true));
         assert!(!st.say(t0, true, None, b"rec").reply);
         // Our record changed: hellos again, asking for an answer.
@@ -330,50 +334,47 @@ mod tests {
             ..fine
         };
         assert!(check_record(&rec, &held, src, own).is_ok());
-        let cases = [
-            (
-                LinkFacts {
-                    peer_key: [7; 32],
-                    ..fine
-                },
-                src,
-                own,
-                "WrongLinkKey",
-            ),
-            (
-                LinkFacts {
-                    configured: Some(own),
-                    ..fine
-                },
-                src,
-                own,
-                "NotConfigured",
-            ),
-            (fine, other.overlay_address(), own, "WrongAddress"),
-            (fine, src, id, "OwnRecord"),
-            (
-                LinkFacts {
-                    holds: Some((own, 1)),
-                    ..fine
-                },
-                src,
-                own,
-                "OtherNode",
-            ),
-            (
-                LinkFacts {
-                    holds: Some((id, 6)),
-                    ..fine
-                },
-                src,
-                own,
-                "Older",
-            ),
-        ];
-        for (facts, src, own, want) in cases {
-            let got = check_record(&rec, &facts, src, own).unwrap_err();
-            assert!(format!("{got:?}").starts_with(want), "{want}: got {got:?}");
-        }
+        let check = |facts: LinkFacts, src, own| check_record(&rec, &facts, src, own).unwrap_err();
+        let wrong_key = LinkFacts {
+            peer_key: [7; 32],
+            ..fine
+        };
+        assert!(matches!(
+            check(wrong_key, src, own),
+            RecordRejected::WrongLinkKey
+        ));
+        let configured = LinkFacts {
+            configured: Some(own),
+            ..fine
+        };
+        assert!(matches!(
+            check(configured, src, own),
+            RecordRejected::NotConfigured { found, expected } if found == id && expected == own
+        ));
+        assert!(matches!(
+            check(fine, other.overlay_address(), own),
+            RecordRejected::WrongAddress
+        ));
+        assert!(matches!(check(fine, src, id), RecordRejected::OwnRecord));
+        let other_node = LinkFacts {
+            holds: Some((own, 1)),
+            ..fine
+        };
+        assert!(matches!(
+            check(other_node, src, own),
+            RecordRejected::OtherNode
+        ));
+        let newer_held = LinkFacts {
+            holds: Some((id, 6)),
+            ..fine
+        };
+        assert!(matches!(check(newer_held, src, own), RecordRejected::Older));
+        // The link key is checked first: a replayed record of someone else
+        // is refused as such, whatever else is wrong with it.
+        assert!(matches!(
+            check(wrong_key, other.overlay_address(), id),
+            RecordRejected::WrongLinkKey
+        ));
     }
 
     #[test]

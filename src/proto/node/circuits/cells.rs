@@ -124,7 +124,7 @@ impl Node {
         command: Cmd,
         data: &[u8],
     ) -> Option<(u32, usize)> {
-        let c = self.circ.out.get_mut(&id)?;
+        let c = self.circ.out.get_mut(id)?;
         let large = self.config.traffic.always_large;
         wrap_into(c, target, command, data, &mut self.bufs.cell, large)
     }
@@ -331,7 +331,7 @@ impl Node {
                     let bad = self
                         .circ
                         .out
-                        .get(&id)
+                        .get(id)
                         .and_then(|c| c.relays.first().map(|p| p.id));
                     self.out_failed(now, id, bad, "link to the first hop is gone")
                 }

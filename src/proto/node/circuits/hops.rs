@@ -243,13 +243,23 @@ mod tests {
         }
         // The neighbour's share is used up; another neighbour still fits.
         assert_eq!(t.admit(t0, 7), Admit::Full);
+        // A refused CREATE still spends the budget (a full relay is no
+        // cheaper to knock at).
+        let spent = (0..1_000)
+            .take_while(|_| t.admit(t0, 7) == Admit::Full)
+            .count();
+        assert_eq!(spent as u32, CREATE_LIMIT.burst - 3);
+        assert_eq!(t.admit(t0, 7), Admit::Limited);
         assert_eq!(t.admit(t0, 8), Admit::Yes);
         t.insert(2, HopCirc::new(t0, (8, 0), keys()));
         assert_eq!(t.admit(t0, 9), Admit::Full, "the relay is full");
-        // Removing one frees its neighbour's share.
-        assert!(t.remove(0).is_some());
-        assert!(t.remove(0).is_none());
-        assert_eq!(t.admit(t0, 7), Admit::Yes);
+        // Removing one frees its neighbour's share (link 8 has budget left).
+        assert!(t.remove(2).is_some());
+        assert!(t.remove(2).is_none());
+        assert_eq!(t.admit(t0, 8), Admit::Yes);
+        // A link gone: its count goes too.
+        t.link_gone(7);
+        assert_eq!(t.per_neighbour.get(&7), None);
         // The budget: a burst, then nothing until it refills.
         let mut t = HopTable::new(10_000, 10_000);
         let burst = (0..1_000)
@@ -276,6 +286,10 @@ mod tests {
         t.carries_replies(2, src);
         t.carries_replies(3, src);
         assert_eq!(t.inbound_route(t0, &src, false), Some(3));
+        // Removing a circuit that does not carry the replies changes nothing.
+        t.remove(1);
+        assert_eq!(t.inbound_route(t0, &src, false), Some(3));
+        assert_eq!(t.inbound_by_src.get(&src), Some(&3));
         t.remove(3);
         assert_eq!(t.inbound_route(t0, &src, false), Some(2));
         // Not fresh, and this node has a circuit of its own to src.
@@ -283,8 +297,8 @@ mod tests {
         assert_eq!(t.inbound_route(later, &src, true), None);
         assert_eq!(t.inbound_route(later, &src, false), Some(2));
         t.remove(2);
-        t.remove(1);
         assert_eq!(t.inbound_route(t0, &src, false), None);
+        assert!(t.inbound_by_src.is_empty(), "no dangling reply route");
     }
 
     #[test]

@@ -214,4 +214,73 @@ mod tests {
         assert!(pool.fill_due(t0 + POOL_INTERVAL_SMALL));
         assert!(!pool.fill_due(t0 + POOL_INTERVAL_SMALL + POOL_INTERVAL_SMALL / 2));
     }
+
+    #[test]
+    fn a_pool_of_many_relays_looks_for_more_rarely() {
+        let t0 = Instant::now();
+        let (_, c) = relay(1, 2_000);
+        let mut pool = RelayPool::default();
+        // The same relay under POOL_SMALL identities (the pool keys by the
+        // record's node ID, so fill it directly).
+        for i in 0..POOL_SMALL {
+            let mut peer = Peer::from_record(&c.record).unwrap();
+            peer.id = NodeId([i as u8 + 1; 32]);
+            let entry = Entry {
+                peer,
+                seq: 1,
+                expires: 2_000,
+            };
+            pool.relays.insert(entry.peer.id, entry);
+        }
+        assert!(pool.fill_due(t0));
+        assert!(!pool.fill_due(t0 + POOL_INTERVAL_SMALL));
+        assert!(pool.fill_due(t0 + POOL_INTERVAL));
+        // Full: nobody new is taken in.
+        for i in POOL_SMALL..POOL_MAX {
+            let mut peer = Peer::from_record(&c.record).unwrap();
+            peer.id = NodeId([
+                0xee,
+                (i >> 8) as u8,
+                i as u8,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                1,
+            ]);
+            let entry = Entry {
+                peer,
+                seq: 1,
+                expires: 2_000,
+            };
+            pool.relays.insert(entry.peer.id, entry);
+        }
+        assert_eq!(pool.len(), POOL_MAX);
+        pool.offer(500, NodeId([0; 32]), &[c]);
+        assert_eq!(pool.len(), POOL_MAX);
+    }
 }

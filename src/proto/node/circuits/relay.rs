@@ -346,7 +346,7 @@ impl Node {
         now: Instant,
         dst: &Ipv6Addr,
     ) -> Option<u64> {
-        let own_circuit = self.circ.by_dst.contains_key(dst);
+        let own_circuit = self.circ.out.current(dst).is_some();
         self.circ.hops.inbound_route(now, dst, own_circuit)
     }
 

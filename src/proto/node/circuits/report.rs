@@ -97,7 +97,7 @@ impl Node {
             .out
             .iter()
             .map(|(id, c)| CircuitView {
-                id: *id,
+                id,
                 destination: c.dst,
                 destination_node: c.dest.as_ref().map(|d| d.id),
                 hops: c.relays.iter().map(|p| p.id).collect(),

@@ -194,7 +194,7 @@ impl Node {
         min: u8,
         max: u8,
     ) -> bool {
-        if self.circ.by_dst.contains_key(&dst) {
+        if self.circ.out.current(&dst).is_some() {
             return true;
         }
         // A direct decision holds for RECHECK: a flow going direct costs

@@ -2,7 +2,6 @@
 //! building one (path, CREATE, EXTEND, LOOKUP, AUTH), cells coming back on
 //! it, failure and replacement, and cover traffic.
 
-use std::collections::VecDeque;
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
@@ -11,9 +10,8 @@ use rand_core::RngCore;
 use super::routing::PathInputs;
 use super::{
     count, wrap_into, BuildError, BuiltHop, CircRef, OutCirc, Peer, SignJob, Stage, CIRCUIT_MTU,
-    FAILED_FOR, MAX_BUILD_FAILS, MAX_OUT, OUT_IDLE, QUEUE,
+    MAX_OUT, OUT_IDLE, QUEUE,
 };
-use crate::proto::compress::Adaptive;
 use crate::proto::identity::NodeId;
 use crate::proto::node::{Node, Routed};
 use crate::proto::onion::body::{self, Extend, Lookup};
@@ -26,9 +24,7 @@ use crate::proto::wire::{self, Incoming, Ipv6View, IPV6_MIN_MTU};
 impl Node {
     /// Whether builds to `dst` failed too often lately.
     pub(super) fn build_failing(&self, now: Instant, dst: &Ipv6Addr) -> bool {
-        self.circ.build_fails.get(dst).is_some_and(|(n, t)| {
-            *n >= MAX_BUILD_FAILS && now.saturating_duration_since(*t) < FAILED_FOR
-        })
+        self.circ.out.failing(now, dst)
     }
 
     /// Sends an application packet to `dst` through a circuit, building one
@@ -51,8 +47,8 @@ impl Node {
                 CIRCUIT_MTU.max(IPV6_MIN_MTU) as u32,
             );
         }
-        let id = match self.circ.by_dst.get(&dst) {
-            Some(&id) => id,
+        let id = match self.circ.out.current(&dst) {
+            Some(id) => id,
             None => {
                 if self.build_failing(now, &dst) || self.noted_unreachable(now, &dst) {
                     self.drops.unreachable += 1;
@@ -70,7 +66,7 @@ impl Node {
                 }
             }
         };
-        let Some(c) = self.circ.out.get_mut(&id) else {
+        let Some(c) = self.circ.out.get_mut(id) else {
             return Routed::Nothing;
         };
         c.last_used = now;
@@ -108,7 +104,7 @@ impl Node {
     fn out_data(&mut self, id: u64, view: Ipv6View<'_>) -> Option<(u32, usize)> {
         let len = view.bytes().len();
         let (compress, large) = (self.circuit_compress(), self.config.traffic.always_large);
-        let c = self.circ.out.get_mut(&id)?;
+        let c = self.circ.out.get_mut(id)?;
         let table = compress.then_some((&mut c.adaptive, &mut self.bufs.lz4));
         let (frame, _) = crate::proto::compress::encode(view, table, &mut self.bufs.b);
         if frame.len() > MAX_DATA {
@@ -170,39 +166,16 @@ impl Node {
         self.circ.next_id += 1;
         let (hs, create) = ClientHandshake::start(&mut self.rng, first.id, first.onion);
         tracing::debug!(circuit = id, %dst, relays = relays.len(), "building a circuit");
-        self.circ.out.insert(
-            id,
-            OutCirc {
-                dst,
-                relays,
-                dest,
-                dest_record,
-                hops: Vec::new(),
-                pending: Some(hs),
-                link,
-                circ,
-                stage: Stage::Extending,
-                created: now,
-                step_started: now,
-                last_used: now,
-                last_probe: now,
-                next_noise: None,
-                queue: VecDeque::new(),
-                tx_bytes: 0,
-                rx_bytes: 0,
-                replaced_by: None,
-                adaptive: Adaptive::default(),
-            },
-        );
+        let c = OutCirc::new(now, dst, relays, dest_record, dest, Some(hs), (link, circ));
+        self.circ.out.insert(id, c);
         self.circ.on_link.insert((link, circ), CircRef::Out(id));
-        self.circ.by_dst.entry(dst).or_insert(id);
         self.send_plain(now, link, circ, CellKind::Create, &create);
         Ok(id)
     }
 
     /// CREATED from the first hop.
     pub(super) fn out_created(&mut self, now: Instant, id: u64, body: &[u8]) {
-        let Some(c) = self.circ.out.get_mut(&id) else {
+        let Some(c) = self.circ.out.get_mut(id) else {
             return;
         };
         let Some(hs) = c.pending.take() else {
@@ -236,7 +209,7 @@ impl Node {
         nonce: [u8; 16],
         size: usize,
     ) -> Option<usize> {
-        let c = self.circ.out.get_mut(&id)?;
+        let c = self.circ.out.get_mut(id)?;
         let res = onion::unwrap(&c.hops, nonce, &mut self.bufs.cell[CELL_HEADER..size]);
         let u = match res {
             Ok(u) => u,
@@ -343,7 +316,7 @@ impl Node {
                     }
                     None => {
                         self.circ.stats.drops.malformed += 1;
-                        self.circ.build_fails.insert(dst, (MAX_BUILD_FAILS, now));
+                        self.circ.out.give_up(now, dst);
                         self.out_failed(now, id, None, "destination not found");
                     }
                 }
@@ -359,13 +332,12 @@ impl Node {
                     "circuit ready"
                 );
                 tracing::debug!(circuit = id, %dst, "circuit ready");
-                self.circ.build_fails.remove(&dst);
+                self.circ.out.succeeded(&dst);
                 // The replacement takes over from the circuit it replaces.
-                let old = self.circ.by_dst.insert(dst, id);
-                if let Some(old) = old.filter(|o| *o != id) {
+                if let Some(old) = self.circ.out.make_current(dst, id) {
                     self.close_out(now, old);
                 }
-                let queue = std::mem::take(&mut self.circ.out.get_mut(&id)?.queue);
+                let queue = std::mem::take(&mut self.circ.out.get_mut(id)?.queue);
                 for p in queue {
                     if let Ok(view) = Ipv6View::new_checked(&p) {
                         if let Some((link, len)) = self.out_data(id, view) {
@@ -376,7 +348,7 @@ impl Node {
             }
             Cmd::Refused if is_dest => {
                 let dst = c.dst;
-                self.circ.build_fails.insert(dst, (MAX_BUILD_FAILS, now));
+                self.circ.out.give_up(now, dst);
                 self.out_failed(now, id, None, "destination refused us");
             }
             _ => self.circ.stats.drops.bad_kind += 1,
@@ -386,7 +358,7 @@ impl Node {
 
     /// Takes the next build step of circuit `id`.
     fn advance(&mut self, now: Instant, id: u64) {
-        let Some(c) = self.circ.out.get_mut(&id) else {
+        let Some(c) = self.circ.out.get_mut(id) else {
             return;
         };
         c.step_started = now;
@@ -448,7 +420,7 @@ impl Node {
     /// failed or was rebuilt meanwhile asked for another): a signer with a
     /// backlog skips the jobs nobody waits for any more.
     pub fn wants_signature(&self, job: &SignJob) -> bool {
-        self.circ.out.get(&job.circuit).is_some_and(|c| {
+        self.circ.out.get(job.circuit).is_some_and(|c| {
             c.stage == Stage::Signing && c.auth_message().as_ref() == Some(&job.message)
         })
     }
@@ -459,7 +431,7 @@ impl Node {
         if !self.wants_signature(job) {
             return;
         }
-        let Some(c) = self.circ.out.get_mut(&job.circuit) else {
+        let Some(c) = self.circ.out.get_mut(job.circuit) else {
             return;
         };
         // The AUTH round trip gets a step of its own.
@@ -480,11 +452,8 @@ impl Node {
 
     /// Ends circuit `id` (telling its first hop).
     pub(super) fn close_out(&mut self, now: Instant, id: u64) {
-        if let Some(c) = self.circ.out.remove(&id) {
+        if let Some(c) = self.circ.out.remove(id) {
             self.circ.on_link.remove(&(c.link, c.circ));
-            if self.circ.by_dst.get(&c.dst) == Some(&id) {
-                self.circ.by_dst.remove(&c.dst);
-            }
             self.send_plain(now, c.link, c.circ, CellKind::Destroy, &[0]);
         }
     }
@@ -492,7 +461,7 @@ impl Node {
     /// Circuit `id` failed (`bad`: the hop to blame, if known); a new one
     /// is built at once for the packets waiting, if it was in use.
     pub(super) fn out_failed(&mut self, now: Instant, id: u64, bad: Option<NodeId>, why: &str) {
-        let Some(c) = self.circ.out.get_mut(&id) else {
+        let Some(c) = self.circ.out.get_mut(id) else {
             return;
         };
         let (dst, in_use) = (c.dst, now.saturating_duration_since(c.last_used) < OUT_IDLE);
@@ -506,21 +475,16 @@ impl Node {
             self.circ.pool.blame(now, b);
         }
         self.close_out(now, id);
-        let fails = self.circ.build_fails.entry(dst).or_insert((0, now));
-        if now.saturating_duration_since(fails.1) >= FAILED_FOR {
-            fails.0 = 0;
-        }
-        fails.0 += 1;
-        fails.1 = now;
-        if fails.0 >= MAX_BUILD_FAILS || !in_use {
+        let worth_another = self.circ.out.failed(now, dst);
+        if !worth_another || !in_use {
             return;
         }
-        if replaced_by.is_some_and(|r| self.circ.out.contains_key(&r)) {
+        if replaced_by.is_some_and(|r| self.circ.out.contains(r)) {
             return;
         }
         if let Some((min, max)) = self.config.routes.for_addr(&dst).relays() {
             if let Ok(new) = self.build_circuit(now, dst, min, max) {
-                if let Some(n) = self.circ.out.get_mut(&new) {
+                if let Some(n) = self.circ.out.get_mut(new) {
                     n.queue = queue;
                 }
             }
@@ -536,7 +500,7 @@ impl Node {
         }
         let (lo, hi) = self.config.traffic.noise_size;
         loop {
-            let Some(c) = self.circ.out.get_mut(&id) else {
+            let Some(c) = self.circ.out.get_mut(id) else {
                 return;
             };
             let due = *c.next_noise.get_or_insert(now);
@@ -555,7 +519,7 @@ impl Node {
             self.send_out(now, id, target, Cmd::Noise, &junk);
             if now.saturating_duration_since(due) > Duration::from_secs(1) {
                 // Don't catch up on a backlog after a stall.
-                if let Some(c) = self.circ.out.get_mut(&id) {
+                if let Some(c) = self.circ.out.get_mut(id) {
                     c.next_noise = Some(now);
                 }
                 return;
@@ -572,7 +536,7 @@ impl Node {
         dst: Ipv6Addr,
         packet: &[u8],
     ) -> bool {
-        let Some(&id) = self.circ.by_dst.get(&dst) else {
+        let Some(id) = self.circ.out.current(&dst) else {
             return false;
         };
         let Ok(view) = Ipv6View::new_checked(packet) else {
@@ -590,8 +554,8 @@ impl Node {
     /// Whether a ready circuit to `dst` exists (tests).
     pub fn circuit_ready(&self, dst: &Ipv6Addr) -> bool {
         self.circ
-            .by_dst
-            .get(dst)
+            .out
+            .current(dst)
             .and_then(|id| self.circ.out.get(id))
             .is_some_and(|c| c.stage == Stage::Ready)
     }

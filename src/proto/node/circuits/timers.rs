@@ -7,8 +7,7 @@ use std::time::Instant;
 use rand_core::RngCore;
 
 use super::{
-    Stage, CIRCUIT_LIFETIME, FAILED_FOR, ONION_ROTATE, OUT_IDLE, PROBE_DEAD, PROBE_INTERVAL,
-    STEP_TIMEOUT,
+    Stage, CIRCUIT_LIFETIME, ONION_ROTATE, OUT_IDLE, PROBE_DEAD, PROBE_INTERVAL, STEP_TIMEOUT,
 };
 use crate::proto::dht::{Contact, Goal};
 use crate::proto::node::{Node, Purpose};
@@ -41,9 +40,7 @@ impl Node {
                 self.spread_record(now);
             }
         }
-        self.circ
-            .build_fails
-            .retain(|_, (_, t)| now.saturating_duration_since(*t) < FAILED_FOR);
+        self.circ.out.sweep(now);
         self.circ.notes.sweep(now);
         // The pool: from the table, and random lookups further afield.
         let wants_pool = self.config.has_tun
@@ -54,8 +51,11 @@ impl Node {
                     .routes
                     .iter()
                     .any(|r| r.policy.relays().is_some()));
+        // Whether to fill is judged on the pool as it was before expired
+        // records go.
+        let fill = wants_pool && self.dht.table_len() > 0 && self.circ.pool.fill_due(now);
         self.circ.pool.sweep(now, self.dht.unix(now));
-        if wants_pool && self.dht.table_len() > 0 && self.circ.pool.fill_due(now) {
+        if fill {
             self.fill_pool_from_table(now);
             let mut key = [0u8; 32];
             self.rng.fill_bytes(&mut key);
@@ -64,9 +64,9 @@ impl Node {
             }
         }
         // Circuits we built.
-        let ids: Vec<u64> = self.circ.out.keys().copied().collect();
+        let ids = self.circ.out.ids();
         for id in ids {
-            let Some(c) = self.circ.out.get(&id) else {
+            let Some(c) = self.circ.out.get(id) else {
                 continue;
             };
             if c.stage != Stage::Ready {
@@ -102,7 +102,7 @@ impl Node {
             }
             if now.saturating_duration_since(c.last_probe) >= PROBE_INTERVAL {
                 let n = c.hops.len();
-                if let Some(c) = self.circ.out.get_mut(&id) {
+                if let Some(c) = self.circ.out.get_mut(id) {
                     c.last_probe = now;
                 }
                 for target in 0..n {
@@ -112,17 +112,16 @@ impl Node {
                 }
             }
             // Make before break: a replacement after the circuit's lifetime.
-            let Some(c) = self.circ.out.get(&id) else {
+            let Some(c) = self.circ.out.get(id) else {
                 continue;
             };
             if now.saturating_duration_since(c.created) > CIRCUIT_LIFETIME
-                && c.replaced_by
-                    .is_none_or(|r| !self.circ.out.contains_key(&r))
+                && c.replaced_by.is_none_or(|r| !self.circ.out.contains(r))
             {
                 let dst = c.dst;
                 if let Some((min, max)) = self.config.routes.for_addr(&dst).relays() {
                     let new = self.build_circuit(now, dst, min, max).ok();
-                    if let Some(c) = self.circ.out.get_mut(&id) {
+                    if let Some(c) = self.circ.out.get_mut(id) {
                         c.replaced_by = new;
                     }
                 }
