@@ -264,6 +264,14 @@ impl Node {
         if !self.config.has_tun {
             return refuse(self);
         }
+        // A circuit authenticates once. A second AUTH, even one signed by
+        // another identity its source holds, would move that identity's
+        // reply route onto this circuit and leave the first one's behind;
+        // no honest source sends one (a lost READY fails the build step).
+        if self.circ.hops.get(h).is_some_and(|hc| hc.auth.is_some()) {
+            self.circ.stats.drops.bad_kind += 1;
+            return;
+        }
         let Ok(body::Auth {
             record,
             signature: sig,

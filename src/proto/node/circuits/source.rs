@@ -551,6 +551,39 @@ impl Node {
         }
     }
 
+    /// Test hook: sends another AUTH on the circuit to `dst`, with
+    /// `record` and a signature `sign` makes over the circuit's binding
+    /// (as a source holding two identities could).
+    #[cfg(test)]
+    pub(in crate::proto::node) fn inject_auth(
+        &mut self,
+        now: Instant,
+        dst: Ipv6Addr,
+        record: &[u8],
+        sign: impl Fn(&[u8]) -> Vec<u8>,
+    ) -> bool {
+        let Some(id) = self.circ.out.current(&dst) else {
+            return false;
+        };
+        let Some(c) = self.circ.out.get(id) else {
+            return false;
+        };
+        let (Some(message), target) = (c.auth_message(), c.hops.len() - 1) else {
+            return false;
+        };
+        let signature = sign(&message);
+        let auth = body::Auth {
+            record,
+            signature: &signature,
+        };
+        let mut data = [0u8; MAX_DATA];
+        let Ok(n) = auth.emit(&mut data) else {
+            return false;
+        };
+        self.send_out(now, id, target, Cmd::Auth, &data[..n]);
+        true
+    }
+
     /// Whether a ready circuit to `dst` exists (tests).
     pub fn circuit_ready(&self, dst: &Ipv6Addr) -> bool {
         self.circ

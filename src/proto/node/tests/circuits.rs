@@ -157,6 +157,23 @@ fn circuit_carries_both_ways_authenticates_the_source_and_heals() {
     let tun = advance(&mut net, 0.5);
     assert!(!tun[e].contains(&forged));
     assert_eq!(net.nodes[e].0.status().relay.drops.spoofed_source, 1);
+    // A second AUTH on the circuit, signed by another identity A holds,
+    // is ignored: E still knows the circuit as A's, and replies to A keep
+    // taking it.
+    let other = Identity::generate(&mut OsRng).unwrap();
+    let record = other.sign_record(1).to_bytes();
+    let bad_kind = net.nodes[e].0.status().relay.drops.bad_kind;
+    assert!(net.nodes[a]
+        .0
+        .inject_auth(net.now, addrs[e], &record, |m| other.sign(m)));
+    advance(&mut net, 0.5);
+    assert_eq!(net.nodes[e].0.status().relay.drops.bad_kind, bad_kind + 1);
+    let inbound = net.nodes[e].0.circuits(net.now).inbound;
+    assert_eq!(inbound.len(), 1);
+    assert_eq!(inbound[0].source, Some(addrs[a]));
+    let reply = udp_packet(addrs[e], addrs[a], b"still yours");
+    assert!(tun_send(&mut net, e, &reply).is_none());
+    assert!(advance(&mut net, 0.5)[a].contains(&reply));
     // Kill the first relay of the circuit: probes notice, a new circuit
     // carries traffic again within 10 s.
     let dead = c.hops[0];
