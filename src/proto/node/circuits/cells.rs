@@ -253,17 +253,17 @@ impl Node {
                     CircRef::Next(h) => {
                         #[cfg(feature = "test-hooks")]
                         let cell_in = self.cell_for_log(&packet[c..]);
-                        let hc = self.circ.hops.get_mut(h)?;
-                        hc.last_used = now;
-                        let (link, circ) = hc.prev;
-                        hc.keys.backward(&mut nonce, &mut packet[c + CELL_HEADER..]);
+                        let (link, circ) = self.circ.hops.wrap_back(
+                            now,
+                            h,
+                            &mut nonce,
+                            &mut packet[c + CELL_HEADER..],
+                        )?;
                         if !self.bandwidth_ok(now, size) {
                             self.circ.stats.drops.over_bandwidth += 1;
                             return None;
                         }
-                        if let Some(hc) = self.circ.hops.get_mut(h) {
-                            hc.bwd_bytes += size as u64;
-                        }
+                        self.circ.hops.count_backward(h, size);
                         onion::write_header(&mut packet[c..], circ, CellKind::Relay, &nonce);
                         self.circ.stats.cells_forwarded += 1;
                         self.circ.stats.bytes_forwarded += size as u64;

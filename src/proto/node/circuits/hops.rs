@@ -8,12 +8,13 @@
 
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
+use std::ops::Range;
 use std::time::Instant;
 
 use super::{CREATE_LIMIT, EXTEND_TIMEOUT, HOP_IDLE, INBOUND_FRESH};
 use crate::proto::compress::Adaptive;
 use crate::proto::limit::Rate;
-use crate::proto::onion::{HopKeys, ReplayWindow};
+use crate::proto::onion::{Cmd, Forward, HopKeys, OnionError, ReplayWindow, CELL_HEADER};
 
 /// A circuit this node carries (a relay) or ends (the destination).
 pub(super) struct HopCirc {
@@ -71,6 +72,19 @@ pub(super) enum Admit {
     /// The relay carries as many circuits as it may, in all or for this
     /// neighbour: refuse.
     Full,
+}
+
+/// What this hop made of a forward cell ([`HopTable::peel`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Peeled {
+    /// Not for this hop: its layer is off, pass it on to `(link, circ)`.
+    Pass((u32, u32)),
+    /// Not for this hop, and the circuit goes no further: a cell no hop
+    /// recognised.
+    Unrecognised,
+    /// Addressed to this hop (and not a replay): the command, and where
+    /// its data lies in the body.
+    Mine(Cmd, Range<usize>),
 }
 
 /// Hop circuits by the node's own ID for them, and their indexes.
@@ -169,6 +183,58 @@ impl HopTable {
         }
     }
 
+    /// A forward cell on circuit `h` (its nonce, and its body after the
+    /// cell header): peels this hop's layer in place, or opens a cell
+    /// addressed to this hop and checks it is no replay. None when there
+    /// is no such circuit.
+    pub(super) fn peel(
+        &mut self,
+        now: Instant,
+        h: u64,
+        nonce: &mut [u8; 16],
+        body: &mut [u8],
+    ) -> Option<Result<Peeled, OnionError>> {
+        let hc = self.hops.get_mut(&h)?;
+        hc.last_used = now;
+        Some(match hc.keys.forward(nonce, body) {
+            Err(e) => Err(e),
+            Ok(Forward::Pass) => match hc.next {
+                Some(next) => {
+                    hc.fwd_bytes += (CELL_HEADER + body.len()) as u64;
+                    Ok(Peeled::Pass(next))
+                }
+                None => Ok(Peeled::Unrecognised),
+            },
+            Ok(Forward::Mine(counter, command, range)) => hc
+                .replay
+                .check(counter)
+                .map(|()| Peeled::Mine(command, range)),
+        })
+    }
+
+    /// A backward cell on circuit `h`: adds this hop's layer in place.
+    /// Returns where it goes, `(link, circ)` towards the source; None when
+    /// there is no such circuit.
+    pub(super) fn wrap_back(
+        &mut self,
+        now: Instant,
+        h: u64,
+        nonce: &mut [u8; 16],
+        body: &mut [u8],
+    ) -> Option<(u32, u32)> {
+        let hc = self.hops.get_mut(&h)?;
+        hc.last_used = now;
+        hc.keys.backward(nonce, body);
+        Some(hc.prev)
+    }
+
+    /// Counts a backward cell of `size` bytes passed on by circuit `h`.
+    pub(super) fn count_backward(&mut self, h: u64, size: usize) {
+        if let Some(hc) = self.hops.get_mut(&h) {
+            hc.bwd_bytes += size as u64;
+        }
+    }
+
     /// Circuit `h` authenticated its source `src` (AUTH), or brought a
     /// packet from it: replies to `src` go back on it.
     pub(super) fn carries_replies(&mut self, h: u64, src: Ipv6Addr) {
@@ -221,16 +287,66 @@ impl HopTable {
 mod tests {
     use super::*;
     use crate::proto::identity::NodeId;
-    use crate::proto::onion::{server_handshake, ClientHandshake, OnionKey};
+    use crate::proto::onion::{server_handshake, wrap, ClientHandshake, OnionKey, CELL_SMALL};
     use rand_core::OsRng;
 
     fn keys() -> HopKeys {
+        pair().1
+    }
+
+    /// The source's and the hop's keys of one handshake.
+    fn pair() -> (HopKeys, HopKeys) {
         let relay = OnionKey::generate(&mut OsRng);
         let id = NodeId([1; 32]);
-        let (_, create) = ClientHandshake::start(&mut OsRng, id, relay.public);
-        server_handshake(&mut OsRng, &id, &[&relay], &create)
-            .unwrap()
-            .1
+        let (hs, create) = ClientHandshake::start(&mut OsRng, id, relay.public);
+        let (created, hop) = server_handshake(&mut OsRng, &id, &[&relay], &create).unwrap();
+        (hs.finish(&created).unwrap(), hop)
+    }
+
+    #[test]
+    fn a_hop_opens_its_cells_once_and_passes_the_others_on() {
+        let t0 = Instant::now();
+        let (src0, hop0) = pair();
+        let (src1, _) = pair();
+        let path = [src0, src1];
+        let mut t = HopTable::new(10, 10);
+        let mut hc = HopCirc::new(t0, (1, 5), hop0);
+        hc.next = Some((2, 6));
+        t.insert(1, hc);
+        // A cell for this hop: opened, its data where the range says.
+        let mut body = [0u8; CELL_SMALL - CELL_HEADER];
+        let mut nonce = wrap(&path, 0, 1, Cmd::Probe, b"ping", &mut body);
+        let cell = (nonce, body);
+        let Some(Ok(Peeled::Mine(Cmd::Probe, range))) = t.peel(t0, 1, &mut nonce, &mut body) else {
+            panic!("not opened");
+        };
+        assert_eq!(&body[range], b"ping");
+        // The same cell again: a replay.
+        let (mut nonce, mut body) = cell;
+        assert_eq!(
+            t.peel(t0, 1, &mut nonce, &mut body),
+            Some(Err(OnionError::Replay))
+        );
+        // A cell for the next hop: passed on, counted.
+        let mut body = [0u8; CELL_SMALL - CELL_HEADER];
+        let mut nonce = wrap(&path, 1, 1, Cmd::Probe, b"on", &mut body);
+        assert_eq!(
+            t.peel(t0, 1, &mut nonce, &mut body),
+            Some(Ok(Peeled::Pass((2, 6))))
+        );
+        assert_eq!(t.get(1).unwrap().fwd_bytes, CELL_SMALL as u64);
+        // The same on a circuit that ends here: nobody recognises it.
+        t.get_mut(1).unwrap().next = None;
+        let mut nonce = wrap(&path, 1, 2, Cmd::Probe, b"on", &mut body);
+        assert_eq!(
+            t.peel(t0, 1, &mut nonce, &mut body),
+            Some(Ok(Peeled::Unrecognised))
+        );
+        assert_eq!(t.peel(t0, 9, &mut nonce, &mut body), None);
+        // Backward: towards the source, last used now.
+        let later = t0 + std::time::Duration::from_secs(1);
+        assert_eq!(t.wrap_back(later, 1, &mut nonce, &mut body), Some((1, 5)));
+        assert_eq!(t.get(1).unwrap().last_used, later);
     }
 
     #[test]

@@ -6,15 +6,15 @@
 use std::net::Ipv6Addr;
 use std::time::Instant;
 
-use super::hops::Admit;
+use super::hops::{Admit, Peeled};
 use super::{count, CircRef, HopCirc, CIRCUIT_MTU};
 use crate::proto::dht::{Contact, Goal};
 use crate::proto::identity::verify_signature;
 use crate::proto::node::{Node, Purpose, Routed};
 use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
 use crate::proto::onion::{
-    self, auth_message, server_handshake, CellKind, Cmd, Forward, OnionKey, CELL_HEADER,
-    CELL_LARGE, CREATE_LEN, MAX_DATA,
+    self, auth_message, server_handshake, CellKind, Cmd, OnionKey, CELL_HEADER, CELL_LARGE,
+    CREATE_LEN, MAX_DATA,
 };
 use crate::proto::wire::{self, Incoming, Ipv6View};
 
@@ -112,20 +112,20 @@ impl Node {
         let size = packet.len() - c;
         #[cfg(feature = "test-hooks")]
         let cell_in = self.cell_for_log(&packet[c..]);
-        let hc = self.circ.hops.get_mut(h)?;
-        hc.last_used = now;
-        let res = hc.keys.forward(&mut nonce, &mut packet[c + CELL_HEADER..]);
-        match res {
+        let peeled = self
+            .circ
+            .hops
+            .peel(now, h, &mut nonce, &mut packet[c + CELL_HEADER..])?;
+        match peeled {
             Err(e) => {
                 count(&mut self.circ.stats.drops, e);
                 None
             }
-            Ok(Forward::Pass) => {
-                let Some((link, circ)) = hc.next else {
-                    self.circ.stats.drops.unrecognised += 1;
-                    return None;
-                };
-                hc.fwd_bytes += size as u64;
+            Ok(Peeled::Unrecognised) => {
+                self.circ.stats.drops.unrecognised += 1;
+                None
+            }
+            Ok(Peeled::Pass((link, circ))) => {
                 if !self.bandwidth_ok(now, size) {
                     self.circ.stats.drops.over_bandwidth += 1;
                     return None;
@@ -138,11 +138,7 @@ impl Node {
                 self.send_in_place(now, link, packet);
                 None
             }
-            Ok(Forward::Mine(counter, command, range)) => {
-                if let Err(e) = hc.replay.check(counter) {
-                    count(&mut self.circ.stats.drops, e);
-                    return None;
-                }
+            Ok(Peeled::Mine(command, range)) => {
                 // The cell ends here: its data goes where commands read it.
                 let start = CELL_HEADER + range.start;
                 let end = CELL_HEADER + range.end;
