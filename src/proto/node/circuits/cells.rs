@@ -149,7 +149,7 @@ impl Node {
             return;
         };
         hc.ctr += 1;
-        let (link, circ) = hc.prev;
+        let (link, circ) = hc.prev();
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
         let n = hc.keys.originate(hc.ctr, command, data, body);
         onion::write_header(head, circ, CellKind::Relay, &n);

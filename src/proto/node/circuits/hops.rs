@@ -18,8 +18,9 @@ use crate::proto::onion::{Cmd, Forward, HopKeys, OnionError, ReplayWindow, CELL_
 
 /// A circuit this node carries (a relay) or ends (the destination).
 pub(super) struct HopCirc {
-    /// The link and circuit ID towards the source.
-    pub(super) prev: (u32, u32),
+    /// The link and circuit ID towards the source (fixed at creation: the
+    /// table's per-neighbour count follows it).
+    prev: (u32, u32),
     /// The link and circuit ID towards the next hop, once extended.
     pub(super) next: Option<(u32, u32)>,
     pub(super) keys: HopKeys,
@@ -30,8 +31,9 @@ pub(super) struct HopCirc {
     pub(super) last_used: Instant,
     /// An EXTEND waits for the next hop's CREATED since then.
     pub(super) extending: Option<Instant>,
-    /// Destination: the source the circuit authenticated.
-    pub(super) auth: Option<Ipv6Addr>,
+    /// Destination: the source the circuit authenticated (set only by
+    /// [`HopTable::carries_replies`], which keeps the reply index with it).
+    auth: Option<Ipv6Addr>,
     pub(super) fwd_bytes: u64,
     pub(super) bwd_bytes: u64,
     pub(super) rx_bytes: u64,
@@ -41,6 +43,16 @@ pub(super) struct HopCirc {
 }
 
 impl HopCirc {
+    /// The link and circuit ID towards the source.
+    pub(super) fn prev(&self) -> (u32, u32) {
+        self.prev
+    }
+
+    /// Destination: the source the circuit authenticated.
+    pub(super) fn auth(&self) -> Option<Ipv6Addr> {
+        self.auth
+    }
+
     /// A circuit just created by a CREATE from `prev`, keyed by `keys`.
     pub(super) fn new(now: Instant, prev: (u32, u32), keys: HopKeys) -> HopCirc {
         HopCirc {

@@ -86,9 +86,9 @@ impl Node {
         let Some(hc) = self.circ.hops.remove(h) else {
             return;
         };
-        self.circ.on_link.remove(&hc.prev);
+        self.circ.on_link.remove(&hc.prev());
         if tell_prev {
-            self.send_plain(now, hc.prev.0, hc.prev.1, CellKind::Destroy, &[0]);
+            self.send_plain(now, hc.prev().0, hc.prev().1, CellKind::Destroy, &[0]);
         }
         if let Some(next) = hc.next {
             self.circ.on_link.remove(&next);
@@ -185,7 +185,7 @@ impl Node {
 
     fn hop_data(&mut self, _now: Instant, h: u64, start: usize, end: usize) -> Option<usize> {
         let hc = self.circ.hops.get_mut(h)?;
-        let Some(src) = hc.auth else {
+        let Some(src) = hc.auth() else {
             self.circ.stats.drops.unauthenticated += 1;
             return None;
         };
@@ -228,7 +228,7 @@ impl Node {
         let Some(hc) = self.circ.hops.get(h) else {
             return;
         };
-        if hc.next.is_some() || hc.auth.is_some() {
+        if hc.next.is_some() || hc.auth().is_some() {
             return fail(self, ExtendRefusal::AlreadyExtended);
         }
         if x.node == self.node_id() {
@@ -243,7 +243,7 @@ impl Node {
         let Some(link) = self.connect_to(now, id, link_key, ep) else {
             return fail(self, ExtendRefusal::NoLink);
         };
-        if self.circ.hops.get(h).map(|hc| hc.prev.0) == Some(link) {
+        if self.circ.hops.get(h).map(|hc| hc.prev().0) == Some(link) {
             return fail(self, ExtendRefusal::BadTarget);
         }
         let circ = self.alloc_circ(link);
@@ -264,7 +264,7 @@ impl Node {
         // another identity its source holds, would move that identity's
         // reply route onto this circuit and leave the first one's behind;
         // no honest source sends one (a lost READY fails the build step).
-        if self.circ.hops.get(h).is_some_and(|hc| hc.auth.is_some()) {
+        if self.circ.hops.get(h).is_some_and(|hc| hc.auth().is_some()) {
             self.circ.stats.drops.bad_kind += 1;
             return;
         }
@@ -383,7 +383,7 @@ impl Node {
         let size = onion::cell_size_for(frame.len(), large).unwrap_or(CELL_LARGE);
         hc.ctr += 1;
         hc.tx_bytes += view.bytes().len() as u64;
-        let (link, circ) = hc.prev;
+        let (link, circ) = hc.prev();
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
         let n = hc.keys.originate(hc.ctr, Cmd::Data, frame, body);
         onion::write_header(head, circ, CellKind::Relay, &n);

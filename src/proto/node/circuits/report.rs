@@ -116,7 +116,7 @@ impl Node {
         let mut relayed = Vec::new();
         let mut inbound = Vec::new();
         for hc in self.circ.hops.values() {
-            let prev = self.neighbour(hc.prev.0);
+            let prev = self.neighbour(hc.prev().0);
             let age_secs = now.saturating_duration_since(hc.created).as_secs_f64();
             if hc.next.is_some() {
                 relayed.push(RelayedView {
@@ -128,7 +128,7 @@ impl Node {
                 });
             } else {
                 inbound.push(InboundView {
-                    source: hc.auth,
+                    source: hc.auth(),
                     prev,
                     age_secs,
                     rx_bytes: hc.rx_bytes,
