@@ -294,25 +294,28 @@ impl HopTable {
     }
 }
 
+/// Test helper: the source's and the hop's keys of one handshake.
+#[cfg(test)]
+#[allow(clippy::disallowed_types)] // tests use OsRng
+pub(super) fn pair() -> (HopKeys, HopKeys) {
+    use crate::proto::identity::NodeId;
+    use crate::proto::onion::{server_handshake, ClientHandshake, OnionKey};
+    use rand_core::OsRng;
+    let relay = OnionKey::generate(&mut OsRng);
+    let id = NodeId([1; 32]);
+    let (hs, create) = ClientHandshake::start(&mut OsRng, id, relay.public);
+    let (created, hop) = server_handshake(&mut OsRng, &id, &[&relay], &create).unwrap();
+    (hs.finish(&created).unwrap(), hop)
+}
+
 #[cfg(test)]
 #[allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests read the clock and OsRng
 mod tests {
     use super::*;
-    use crate::proto::identity::NodeId;
-    use crate::proto::onion::{server_handshake, wrap, ClientHandshake, OnionKey, CELL_SMALL};
-    use rand_core::OsRng;
+    use crate::proto::onion::{wrap, CELL_SMALL};
 
     fn keys() -> HopKeys {
         pair().1
-    }
-
-    /// The source's and the hop's keys of one handshake.
-    fn pair() -> (HopKeys, HopKeys) {
-        let relay = OnionKey::generate(&mut OsRng);
-        let id = NodeId([1; 32]);
-        let (hs, create) = ClientHandshake::start(&mut OsRng, id, relay.public);
-        let (created, hop) = server_handshake(&mut OsRng, &id, &[&relay], &create).unwrap();
-        (hs.finish(&created).unwrap(), hop)
     }
 
     #[test]

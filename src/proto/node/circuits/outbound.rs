@@ -10,6 +10,7 @@ use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
 use super::OutCirc;
+use crate::proto::onion::{self, OnionError, Unwrapped};
 
 /// Failed builds in a row before packets to a destination get ICMPv6 ...
 pub(super) const MAX_BUILD_FAILS: u32 = 3;
@@ -51,6 +52,26 @@ impl OutTable {
 
     pub(super) fn iter(&self) -> impl Iterator<Item = (u64, &OutCirc)> {
         self.circuits.iter().map(|(k, c)| (*k, c))
+    }
+
+    /// A backward cell on circuit `id` (its nonce, and its body after the
+    /// cell header): peels the hops' layers in place until one recognises
+    /// it, checks it is no replay and notes that hop answered. None when
+    /// there is no such circuit.
+    pub(super) fn open_reply(
+        &mut self,
+        now: Instant,
+        id: u64,
+        nonce: [u8; 16],
+        body: &mut [u8],
+    ) -> Option<Result<Unwrapped, OnionError>> {
+        let c = self.circuits.get_mut(&id)?;
+        Some(onion::unwrap(&c.hops, nonce, body).and_then(|u| {
+            let hop = &mut c.hops[u.hop];
+            hop.replay.check(u.counter)?;
+            hop.last_reply = now;
+            Ok(u)
+        }))
     }
 
     /// The circuit packets to `dst` take now.
@@ -148,6 +169,47 @@ mod tests {
         assert!(t.remove(2).is_some() && t.remove(2).is_none());
         assert_eq!(t.current(&dst), None);
         assert_eq!((t.len(), t.current(&other)), (1, Some(3)));
+    }
+
+    #[test]
+    fn a_reply_is_opened_for_the_hop_that_sent_it_and_only_once() {
+        use super::super::hops::pair;
+        use super::super::BuiltHop;
+        use crate::proto::identity::NodeId;
+        use crate::proto::onion::{Cmd, ReplayWindow, CELL_HEADER, CELL_SMALL};
+        let t0 = Instant::now();
+        let dst: Ipv6Addr = "fc00::7".parse().unwrap();
+        let ((src0, hop0), (src1, hop1)) = (pair(), pair());
+        let mut c = OutCirc::new(t0, dst, Vec::new(), None, None, None, (1, 1));
+        for keys in [src0, src1] {
+            c.hops.push(BuiltHop {
+                id: NodeId([2; 32]),
+                keys,
+                ctr: 0,
+                replay: ReplayWindow::default(),
+                last_reply: t0,
+            });
+        }
+        let mut t = OutTable::default();
+        t.insert(1, c);
+        // The second hop answers; the first adds its layer on the way.
+        let mut body = [0u8; CELL_SMALL - CELL_HEADER];
+        let mut nonce = hop1.originate(1, Cmd::ProbeReply, b"pong", &mut body);
+        hop0.backward(&mut nonce, &mut body);
+        let cell = body;
+        let later = t0 + Duration::from_secs(1);
+        let u = t.open_reply(later, 1, nonce, &mut body).unwrap().unwrap();
+        assert_eq!((u.hop, u.command), (1, Cmd::ProbeReply));
+        assert_eq!(&body[u.data], b"pong");
+        let c = t.get(1).unwrap();
+        assert_eq!((c.hops[0].last_reply, c.hops[1].last_reply), (t0, later));
+        // The same cell again is a replay; no such circuit, no answer.
+        let mut body = cell;
+        assert!(matches!(
+            t.open_reply(later, 1, nonce, &mut body),
+            Some(Err(OnionError::Replay))
+        ));
+        assert!(t.open_reply(later, 2, nonce, &mut body).is_none());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::proto::identity::NodeId;
 use crate::proto::node::{Node, Routed};
 use crate::proto::onion::body::{self, Extend, Lookup};
 use crate::proto::onion::{
-    self, CellKind, ClientHandshake, Cmd, ReplayWindow, CELL_HEADER, CREATED_LEN, MAX_DATA,
+    CellKind, ClientHandshake, Cmd, ReplayWindow, CELL_HEADER, CREATED_LEN, MAX_DATA,
 };
 use crate::proto::route;
 use crate::proto::wire::{self, Incoming, Ipv6View, IPV6_MIN_MTU};
@@ -209,21 +209,15 @@ impl Node {
         nonce: [u8; 16],
         size: usize,
     ) -> Option<usize> {
-        let c = self.circ.out.get_mut(id)?;
-        let res = onion::unwrap(&c.hops, nonce, &mut self.bufs.cell[CELL_HEADER..size]);
-        let u = match res {
+        let body = &mut self.bufs.cell[CELL_HEADER..size];
+        let u = match self.circ.out.open_reply(now, id, nonce, body)? {
             Ok(u) => u,
             Err(e) => {
                 count(&mut self.circ.stats.drops, e);
                 return None;
             }
         };
-        let hop = &mut c.hops[u.hop];
-        if let Err(e) = hop.replay.check(u.counter) {
-            count(&mut self.circ.stats.drops, e);
-            return None;
-        }
-        hop.last_reply = now;
+        let c = self.circ.out.get_mut(id)?;
         let last = u.hop + 1 == c.hops.len();
         let (start, end) = (CELL_HEADER + u.data.start, CELL_HEADER + u.data.end);
         let is_dest = last && c.dest.is_some() && c.hops.len() == c.relays.len() + 1;
