@@ -18,7 +18,7 @@
 //! constants and the types the node exports. Three parts have state of
 //! their own: [`pool`] (the relays paths are drawn from), [`outbound`] (the
 //! circuits this node builds, the one per destination packets take, failed
-//! builds) and [`hops`] (the circuits this node carries or ends, and their
+//! builds, opening reply cells) and [`hops`] (the circuits this node carries or ends, and their
 //! indexes). The `impl Node`
 //! parts are in [`cells`] (link plumbing and the entry for arriving cells),
 //! [`source`] (circuits this node builds), [`relay`] (cells for circuits it

@@ -34,6 +34,8 @@ pub(super) struct HopCirc {
     /// Destination: the source the circuit authenticated (set only by
     /// [`HopTable::carries_replies`], which keeps the reply index with it).
     auth: Option<Ipv6Addr>,
+    /// Destination: an AUTH came (see [`HopTable::first_auth`]).
+    auth_tried: bool,
     pub(super) fwd_bytes: u64,
     pub(super) bwd_bytes: u64,
     pub(super) rx_bytes: u64,
@@ -65,6 +67,7 @@ impl HopCirc {
             last_used: now,
             extending: None,
             auth: None,
+            auth_tried: false,
             fwd_bytes: 0,
             bwd_bytes: 0,
             rx_bytes: 0,
@@ -247,6 +250,18 @@ impl HopTable {
         }
     }
 
+    /// Whether circuit `h` may take an AUTH now: once per circuit, whatever
+    /// came of the first. An honest source sends one and closes the
+    /// circuit if it is refused; a second one could only move another
+    /// identity's reply route onto the circuit, or make this node verify
+    /// signature after signature. A yes marks the circuit.
+    pub(super) fn first_auth(&mut self, h: u64) -> bool {
+        let Some(hc) = self.hops.get_mut(&h) else {
+            return false;
+        };
+        !std::mem::replace(&mut hc.auth_tried, true)
+    }
+
     /// Circuit `h` authenticated its source `src` (AUTH), or brought a
     /// packet from it: replies to `src` go back on it.
     pub(super) fn carries_replies(&mut self, h: u64, src: Ipv6Addr) {
@@ -357,6 +372,11 @@ mod tests {
             t.peel(t0, 1, &mut nonce, &mut body),
             Some(Ok(Peeled::Unrecognised))
         );
+        assert_eq!(
+            t.get(1).unwrap().fwd_bytes,
+            CELL_SMALL as u64,
+            "not counted"
+        );
         assert_eq!(t.peel(t0, 9, &mut nonce, &mut body), None);
         // Backward: towards the source, last used now.
         let later = t0 + std::time::Duration::from_secs(1);
@@ -413,6 +433,10 @@ mod tests {
             hc.last_used = t0 + std::time::Duration::from_secs(h);
             t.insert(h, hc);
         }
+        // One AUTH per circuit, whatever came of it.
+        assert!(t.first_auth(1));
+        assert!(!t.first_auth(1));
+        assert!(!t.first_auth(99), "no such circuit");
         t.carries_replies(1, src);
         t.carries_replies(2, src);
         t.carries_replies(3, src);

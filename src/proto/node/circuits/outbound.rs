@@ -1,9 +1,10 @@
 //! The circuits this node builds (out-circuits), with the index kept
 //! consistent with them: which circuit carries packets to a destination
-//! now, and how often builds to a destination failed lately. A part of its
-//! own: the node's source side (`source.rs`) drives each circuit's build
-//! and asks this table which circuit to use and whether to give up on a
-//! destination for a while.
+//! now, and how often builds to a destination failed lately; and the
+//! per-cell step on a circuit's own state, opening a reply cell
+//! ([`OutTable::open_reply`]). A part of its own: the node's source side
+//! (`source.rs`) drives each circuit's build and asks this table which
+//! circuit to use and whether to give up on a destination for a while.
 
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
@@ -13,9 +14,9 @@ use super::OutCirc;
 use crate::proto::onion::{self, OnionError, Unwrapped};
 
 /// Failed builds in a row before packets to a destination get ICMPv6 ...
-pub(super) const MAX_BUILD_FAILS: u32 = 3;
+const MAX_BUILD_FAILS: u32 = 3;
 /// ... for this long.
-pub(super) const FAILED_FOR: Duration = Duration::from_secs(30);
+const FAILED_FOR: Duration = Duration::from_secs(30);
 
 /// Out-circuits by the node's ID for them.
 #[derive(Default)]

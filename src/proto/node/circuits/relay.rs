@@ -260,11 +260,9 @@ impl Node {
         if !self.config.has_tun {
             return refuse(self);
         }
-        // A circuit authenticates once. A second AUTH, even one signed by
-        // another identity its source holds, would move that identity's
-        // reply route onto this circuit and leave the first one's behind;
-        // no honest source sends one (a lost READY fails the build step).
-        if self.circ.hops.get(h).is_some_and(|hc| hc.auth().is_some()) {
+        // One AUTH per circuit, before any RSA work (a lost READY fails
+        // the source's build step; a refusal closes its circuit).
+        if !self.circ.hops.first_auth(h) {
             self.circ.stats.drops.bad_kind += 1;
             return;
         }

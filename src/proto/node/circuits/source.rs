@@ -562,7 +562,7 @@ impl Node {
         let Some(c) = self.circ.out.get(id) else {
             return false;
         };
-        let (Some(message), target) = (c.auth_message(), c.hops.len() - 1) else {
+        let (Some(message), Some(target)) = (c.auth_message(), c.hops.len().checked_sub(1)) else {
             return false;
         };
         let signature = sign(&message);
