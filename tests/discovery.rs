@@ -245,10 +245,16 @@ fn restarted_node_rejoins_from_its_store_on_a_new_port() {
     }
     lab.start_all();
     let r = 4;
+    // All five start at once: a lookup from r may run before j has
+    // published its record (its first re-signing waits for the sequence
+    // number to be stored), and a lookup that finds nothing holds the
+    // address unreachable for 30 s (`UNREACHABLE_FOR` in resolve.rs), so
+    // the first ping may take that long plus a lookup.
     for j in 1..4 {
-        assert!(wait_until(Duration::from_secs(30), || ping_once(
-            &lab, r, j
-        )));
+        assert!(
+            wait_until(Duration::from_secs(45), || ping_once(&lab, r, j)),
+            "{r} reaches {j}"
+        );
     }
     // Stopped cleanly: the peer store is written on the way out.
     lab.stop(r, false);
