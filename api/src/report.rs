@@ -110,70 +110,13 @@ pub struct DataPath {
     pub compression_paused: bool,
     /// Times compression paused since start.
     pub compression_pauses: u64,
-    /// Times since start the data path spent over 1 ms on one piece of
-    /// other work (a timer step, a control request, ...; see
-    /// `slow_work`), packets waiting meanwhile. (Nodes that shared the
-    /// node behind a lock counted waits over 1 ms for it here.)
+    /// Times since start the data path waited over 1 ms for the node's
+    /// lock (held by the timer, a control request, ...).
     #[serde(default)]
     pub long_lock_waits: u64,
     /// The longest such wait since start, in microseconds.
     #[serde(default)]
     pub longest_lock_wait_us: u64,
-    /// Work the data thread ran for the rest of the daemon that took over
-    /// 1 ms, by where it came from, since start: packets waited behind it
-    /// (empty from older nodes).
-    #[serde(default)]
-    pub slow_work: Vec<SlowWork>,
-}
-
-/// Where work the data thread ran for the rest of the daemon came from
-/// ([`SlowWork`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum WorkFrom {
-    /// The timers: links, circuits, the DHT, re-signing the record.
-    Timer,
-    /// A control request (`status`, `dht put`, `lookup`, ...).
-    Control,
-    /// The signing thread, handing a signature back.
-    Sign,
-    /// Saving the peer store and the DHT values (the snapshot only; the
-    /// disk write runs elsewhere).
-    Store,
-    /// LAN discovery.
-    Lan,
-    /// A path MTU the kernel reported.
-    PathMtu,
-    /// A metrics scrape.
-    Metrics,
-}
-
-impl WorkFrom {
-    /// As `status` and the CLI name it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WorkFrom::Timer => "timer",
-            WorkFrom::Control => "control",
-            WorkFrom::Sign => "sign",
-            WorkFrom::Store => "store",
-            WorkFrom::Lan => "lan",
-            WorkFrom::PathMtu => "path_mtu",
-            WorkFrom::Metrics => "metrics",
-        }
-    }
-}
-
-/// Pieces of work from one place that took the data thread over 1 ms,
-/// since start.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SlowWork {
-    /// Where the work came from.
-    pub from: WorkFrom,
-    /// How many pieces took over 1 ms.
-    pub count: u64,
-    /// The longest, in microseconds.
-    pub longest_us: u64,
 }
 
 /// The route policy at work.

@@ -447,17 +447,15 @@ pub struct DataPathStatus {
     pub compression_paused: bool,
     /// Times compression paused since start.
     pub compression_pauses: u64,
-    /// Times since start the data path spent over [`LONG_LOCK_WAIT`] on one
-    /// piece of other work (a timer step, a control request, ...), packets
-    /// waiting meanwhile, as the shell reported them
-    /// ([`Node::note_data_lock_wait`]). (The name is from when the shell
-    /// kept the node behind a lock and counted waits for it.)
+    /// Times since start the data path waited over [`LONG_LOCK_WAIT`] for
+    /// the node (held by the timer, a control request, ...), as the shell
+    /// reported them ([`Node::note_data_lock_wait`]).
     pub long_lock_waits: u64,
     /// The longest such wait since start, in microseconds.
     pub longest_lock_wait_us: u64,
 }
 
-/// A wait of the data path behind other work counted in
+/// A wait of the data path for the node counted in
 /// [`DataPathStatus::long_lock_waits`].
 pub const LONG_LOCK_WAIT: Duration = Duration::from_millis(1);
 
@@ -502,7 +500,7 @@ pub struct Node {
     last_icmp: Option<Instant>,
     /// The `now` of the last [`Node::handle_timeout`], or of [`Node::new`].
     last_timer: Instant,
-    /// The data path's waits behind other work ([`Node::note_data_lock_wait`]):
+    /// The data path's waits for the node ([`Node::note_data_lock_wait`]):
     /// those over [`LONG_LOCK_WAIT`], and the longest.
     long_lock_waits: u64,
     longest_lock_wait: Duration,
@@ -1109,10 +1107,9 @@ impl Node {
         self.tun_out.pop_front()
     }
 
-    /// The shell's data path says how long one piece of other work (a
-    /// timer step, a control request) kept it from packets; shown in
-    /// `status` and the metrics, so that an operator sees whether control
-    /// work holds up packets.
+    /// The shell's data path says how long it waited for the node before
+    /// this call (the node's lock); shown in `status` and the metrics, so
+    /// that an operator sees whether control work holds up packets.
     pub fn note_data_lock_wait(&mut self, waited: Duration) {
         if waited > LONG_LOCK_WAIT {
             self.long_lock_waits += 1;

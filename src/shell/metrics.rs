@@ -3,10 +3,10 @@
 //! on a loopback address, for dashboards that already scrape the host.
 //!
 //! Each scrape takes one [`Snapshot`]: `Node::status` and
-//! `Node::closed_links` in one piece of work sent to the data thread that
-//! owns the node (as `qgate status` does), from tokio's blocking pool. A
-//! fresh `prometheus_client` registry is filled from it and encoded there,
-//! off the data thread. Counters are sums that only grow: the traffic and
+//! `Node::closed_links` under one hold of the node lock, as long as `qgate
+//! status` holds it, on tokio's blocking pool (never on the data path). A
+//! fresh `prometheus_client` registry is filled from it and encoded after
+//! the lock is released. Counters are sums that only grow: the traffic and
 //! drops of live links plus those of links already removed. Labels take
 //! only fixed values (link state, direction, drop reason), never a node ID
 //! or address, so the number of series is bounded.
@@ -81,7 +81,7 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
     Ok(l)
 }
 
-/// What one scrape reports, taken in one piece of work on the node.
+/// What one scrape reports, taken under one hold of the node lock.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     /// What `qgate status` reports.
@@ -90,8 +90,7 @@ pub struct Snapshot {
     pub closed: ClosedLinks,
 }
 
-/// Takes a [`Snapshot`] (waits for the data thread; called on the
-/// blocking pool).
+/// Takes a [`Snapshot`] (locks the node; called on the blocking pool).
 pub type Take = Box<dyn Fn() -> Snapshot + Send + Sync>;
 
 /// Everything the endpoint needs: how to take a snapshot, and what does
@@ -223,7 +222,7 @@ pub fn encode(
         ),
         (
             "data_path_longest_lock_wait_microseconds",
-            "Longest piece of other work (a timer step, a control request) the data path ran since start",
+            "Longest wait of the data path for the node's lock since start",
             st.data_path.longest_lock_wait_us,
         ),
     ];
@@ -261,7 +260,7 @@ pub fn encode(
         ),
         (
             "data_path_long_lock_waits",
-            "Times the data path spent over 1 ms on one piece of other work (a timer step, a control request)",
+            "Times the data path waited over 1 ms for the node's lock",
             st.data_path.long_lock_waits,
         ),
         ("dht_lookups", "Lookups started", d.lookups),

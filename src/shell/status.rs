@@ -135,25 +135,10 @@ pub fn render(st: &Status) -> String {
         dp.compression_pauses,
     ));
     out.push_str(&format!(
-        "          spent over 1 ms on other work: {} times (longest {:.1} ms)\n",
+        "          waited for the node over 1 ms: {} times (longest {:.1} ms)\n",
         dp.long_lock_waits,
         dp.longest_lock_wait_us as f64 / 1000.0,
     ));
-    if !dp.slow_work.is_empty() {
-        let work: Vec<String> = dp
-            .slow_work
-            .iter()
-            .map(|w| {
-                format!(
-                    "{} {} (longest {:.1} ms)",
-                    w.from.as_str(),
-                    w.count,
-                    w.longest_us as f64 / 1000.0
-                )
-            })
-            .collect();
-        out.push_str(&format!("          of which: {}\n", work.join(", ")));
-    }
     let up = st.links.iter().filter(|l| l.state == LinkState::Up).count();
     out.push_str(&format!("links     {up} up of {}\n", st.links.len()));
     for l in &st.links {

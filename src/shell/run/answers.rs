@@ -20,7 +20,7 @@ use qgate_api::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{keep_put_value, Holder, Shared};
+use super::{keep_put_value, Shared};
 use crate::proto::dht::{LookupDone, Outcome};
 use crate::proto::node::LookupTarget;
 use crate::proto::records::SignedValue;
@@ -60,8 +60,8 @@ fn answer(sh: &Shared, info: &NodeInfo, req: Request) -> Result<Response, Contro
     let api_id = qgate_api::NodeId(info.node_id.0);
     Ok(match req {
         Request::Status => {
-            let report = sh.node.call(Holder::Control, |n| n.status());
-            let mut st: qgate_api::Status = {
+            let report = sh.node.lock().status();
+            let st: qgate_api::Status = {
                 // The core's report, completed with what the shell knows.
                 let mut v =
                     serde_json::to_value(report).map_err(|source| ControlError::Report {
@@ -82,19 +82,16 @@ fn answer(sh: &Shared, info: &NodeInfo, req: Request) -> Result<Response, Contro
                 }
                 typed("status", v)?
             };
-            st.data_path.slow_work = sh.node.slow_work();
             Response::Status(Box::new(st))
         }
         Request::Peers => {
-            let report = sh.node.call(Holder::Control, |n| n.peers(Instant::now()));
+            let report = sh.node.lock().peers(Instant::now());
             let mut p: qgate_api::Peers = typed("peers", report)?;
             p.api = API_VERSION;
             Response::Peers(Box::new(p))
         }
         Request::Circuits => {
-            let report = sh
-                .node
-                .call(Holder::Control, |n| n.circuits(Instant::now()));
+            let report = sh.node.lock().circuits(Instant::now());
             let mut c: qgate_api::Circuits = typed("circuits", report)?;
             c.api = API_VERSION;
             Response::Circuits(Box::new(c))
@@ -153,10 +150,7 @@ fn answer(sh: &Shared, info: &NodeInfo, req: Request) -> Result<Response, Contro
 fn wait_result(sh: &Shared, id: u64) -> Result<LookupDone, ControlError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(r) = sh
-            .node
-            .call(Holder::Control, move |n| n.take_api_result(id))
-        {
+        if let Some(r) = sh.node.lock().take_api_result(id) {
             return Ok(r);
         }
         if Instant::now() >= deadline {
@@ -187,9 +181,8 @@ fn lookup(sh: &Shared, target: Target) -> Result<Lookup, ControlError> {
     };
     let id = sh
         .node
-        .call(Holder::Control, move |n| {
-            n.api_lookup(Instant::now(), &target)
-        })
+        .lock()
+        .api_lookup(Instant::now(), &target)
         .ok_or(ControlError::Busy)?;
     let r = wait_result(sh, id)?;
     let found = match &r.outcome {
@@ -211,23 +204,19 @@ fn lookup(sh: &Shared, target: Target) -> Result<Lookup, ControlError> {
 
 fn put(sh: &Shared, ns: &str, key: &str, value: &[u8], ttl: u64) -> Result<Stored, ControlError> {
     use crate::proto::node::PutError;
-    // RSA signing takes milliseconds: done here, not on the data thread
-    // that owns the node, so packets don't wait on a storm of puts.
+    // RSA signing takes milliseconds: done outside the node lock, so the
+    // data path doesn't wait on a storm of puts.
     let (stamp, signer) = {
-        sh.node.call(Holder::Control, move |node| {
-            (node.value_stamp(Instant::now(), ttl), node.signer())
-        })
+        let mut node = sh.node.lock();
+        (node.value_stamp(Instant::now(), ttl), node.signer())
     };
     let (seq, expires) = stamp.map_err(PutError::from)?;
     let signed = SignedValue::sign(&signer, ns.as_bytes(), key.as_bytes(), value, seq, expires)
         .map_err(PutError::from)?;
-    let record = signed.to_bytes();
-    let id = sh.node.call(Holder::Control, move |n| {
-        n.put_signed_value(Instant::now(), &signed)
-    })?;
+    let id = sh.node.lock().put_signed_value(Instant::now(), &signed)?;
     // Kept in the vault before the answer: a value that was put survives a
     // crash and is published again after a restart.
-    keep_put_value(sh, &record);
+    keep_put_value(sh, &signed.to_bytes());
     let stored_at = match id {
         Some(id) => match wait_result(sh, id)?.outcome {
             Outcome::Stored(n) => n as u64,
@@ -241,12 +230,12 @@ fn put(sh: &Shared, ns: &str, key: &str, value: &[u8], ttl: u64) -> Result<Store
 /// The newest value per publisher under (`ns`, `key`), from this node and
 /// the network, and how many queries that took.
 fn newest(sh: &Shared, ns: &str, key: &str) -> Result<(Vec<DhtValue>, usize), ControlError> {
-    let (ns_key, key_owned) = (ns.as_bytes().to_vec(), key.as_bytes().to_vec());
-    let (id, local) = sh.node.call(Holder::Control, move |node| {
+    let (id, local) = {
+        let mut node = sh.node.lock();
         let now = Instant::now();
-        let local = node.local_values(now, &ns_key, &key_owned);
-        (node.dht_get(now, &ns_key, &key_owned), local)
-    });
+        let local = node.local_values(now, ns.as_bytes(), key.as_bytes());
+        (node.dht_get(now, ns.as_bytes(), key.as_bytes()), local)
+    };
     let id = id.ok_or(ControlError::Busy)?;
     let r = wait_result(sh, id)?;
     let mut all = local;
