@@ -42,9 +42,9 @@ mod request;
 
 pub use client::{Client, Error};
 pub use report::{
-    Circuit, CircuitState, Circuits, Counters, DataPath, Inbound, Link, LinkState, Lookup,
-    LookupRecord, NoCircuit, Peer, Peers, RelayStats, Relayed, Role, RouteOutcome, Routing, Source,
-    Status, Tun,
+    Circuit, CircuitState, Circuits, Counters, DataPath, Inbound, Link, LinkState, LockHolder,
+    LockHolds, Lookup, LookupRecord, NoCircuit, Peer, Peers, RelayStats, Relayed, Role,
+    RouteOutcome, Routing, Source, Status, Tun,
 };
 pub use request::{check_name, Request, RequestError, Target, COMMANDS};
 

@@ -117,6 +117,61 @@ pub struct DataPath {
     /// The longest such wait since start, in microseconds.
     #[serde(default)]
     pub longest_lock_wait_us: u64,
+    /// Who held the node's lock over 1 ms since start, and how often: the
+    /// holds a packet may have waited behind (empty from older nodes).
+    #[serde(default)]
+    pub long_holds: Vec<LockHolds>,
+}
+
+/// Which part of the daemon held the node's lock ([`LockHolds`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LockHolder {
+    /// The data path, with a batch of packets.
+    Data,
+    /// The timer: link and circuit timers, the DHT's, re-signing the record.
+    Timer,
+    /// A control request (`status`, `dht put`, `lookup`, ...).
+    Control,
+    /// The signing thread, handing a signature back.
+    Sign,
+    /// Saving the peer store and the DHT values (the snapshot only; the
+    /// disk write runs without the lock).
+    Store,
+    /// LAN discovery.
+    Lan,
+    /// A path MTU the kernel reported.
+    PathMtu,
+    /// A metrics scrape.
+    Metrics,
+}
+
+impl LockHolder {
+    /// As `status` and the CLI name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockHolder::Data => "data",
+            LockHolder::Timer => "timer",
+            LockHolder::Control => "control",
+            LockHolder::Sign => "sign",
+            LockHolder::Store => "store",
+            LockHolder::Lan => "lan",
+            LockHolder::PathMtu => "path_mtu",
+            LockHolder::Metrics => "metrics",
+        }
+    }
+}
+
+/// Holds of the node's lock over 1 ms by one holder, since start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHolds {
+    /// Who held it.
+    pub holder: LockHolder,
+    /// How many holds lasted over 1 ms.
+    pub count: u64,
+    /// The longest hold, in microseconds.
+    pub longest_us: u64,
 }
 
 /// The route policy at work.

@@ -88,6 +88,9 @@ pub struct Snapshot {
     pub status: NodeStatus,
     /// Counters of links removed since start.
     pub closed: ClosedLinks,
+    /// Holds of the node's lock over 1 ms, by holder (the shell counts
+    /// them; `qgate status` shows them as `data_path.long_holds`).
+    pub long_holds: Vec<qgate_api::LockHolds>,
 }
 
 /// Takes a [`Snapshot`] (locks the node; called on the blocking pool).
@@ -368,6 +371,15 @@ pub fn encode(
                 ("store_full", d.store_full),
             ],
         ),
+        (
+            "node_lock_long_holds",
+            "Holds of the node's lock over 1 ms, by holder: what packets may have waited behind",
+            "holder",
+            snap.long_holds
+                .iter()
+                .map(|h| (h.holder.as_str(), h.count))
+                .collect(),
+        ),
     ];
     for (name, help, label, values) in families {
         let f: Family<One, Counter> = Family::default();
@@ -630,7 +642,16 @@ mod tests {
                 ..Drops::default()
             },
         };
-        let snap = Snapshot { status, closed };
+        let long_holds = vec![qgate_api::LockHolds {
+            holder: qgate_api::LockHolder::Control,
+            count: 3,
+            longest_us: 2_500,
+        }];
+        let snap = Snapshot {
+            status,
+            closed,
+            long_holds,
+        };
         let text = encode(&snap, Duration::from_secs(7), "node", "balanced").expect("encodes");
         assert_eq!(
             sample(&text, "qgate_links{state=\"up\"}"),
@@ -657,6 +678,14 @@ mod tests {
         assert_eq!(
             sample(&text, "qgate_drops_total{reason=\"replay\"}"),
             Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "qgate_node_lock_long_holds_total{holder=\"control\"}"
+            ),
+            Some(3.0),
+            "{text}"
         );
         assert_eq!(sample(&text, "qgate_dht_table_entries"), Some(5.0));
         assert_eq!(sample(&text, "qgate_uptime_seconds"), Some(7.0));

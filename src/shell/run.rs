@@ -43,6 +43,9 @@ use std::net::UdpSocket;
 use std::os::fd::AsFd;
 
 mod answers;
+mod lock;
+
+use lock::{Held, Holder, NodeLock};
 
 /// Receive buffers per `recvmmsg` call (each holds a GRO batch).
 const RECV_BATCH: usize = 8;
@@ -64,7 +67,7 @@ const BUF: usize = 65536 + 256;
 const TSO_SEGMENTS: usize = 65536 / 48 + 1;
 
 struct Shared {
-    node: parking_lot::Mutex<Node>,
+    node: NodeLock,
     udp: UdpSocket,
     udp_state: UdpSocketState,
     /// None for a dedicated relay (`role = "relay"`).
@@ -255,7 +258,7 @@ fn source_code(s: Source) -> u8 {
 
 /// Writes the routing table to the peer store (one transaction).
 fn save_peers(sh: &Shared) {
-    let rows = sh.node.lock().peer_snapshot(Instant::now());
+    let rows = sh.node.lock(Holder::Store).peer_snapshot(Instant::now());
     let peers: Vec<([u8; 32], StoredPeer)> = rows
         .into_iter()
         .map(|(id, record, source, last_seen_unix)| {
@@ -302,7 +305,7 @@ fn save_values(sh: &Shared) {
 
 fn write_values(sh: &Shared, saved: &mut SavedValues) {
     use std::hash::{Hash, Hasher};
-    let records = sh.node.lock().value_records(Instant::now());
+    let records = sh.node.lock(Holder::Store).value_records(Instant::now());
     let mut h = std::collections::hash_map::DefaultHasher::new();
     records.hash(&mut h);
     let print = h.finish();
@@ -423,7 +426,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     let max_gso = udp_state.max_gso_segments();
     let (signing, sign_jobs) = std::sync::mpsc::sync_channel(SIGN_QUEUE);
     let shared = Arc::new(Shared {
-        node: parking_lot::Mutex::new(node),
+        node: NodeLock::new(node),
         udp: up.udp,
         udp_state,
         tun: up.device,
@@ -436,7 +439,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         _lock: up.lock,
     });
     // Send the hellos the node queued for its configured peers.
-    flush(&shared);
+    flush(&shared, Holder::Control);
 
     let handler = answers::handler(
         shared.clone(),
@@ -480,7 +483,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     let timer = tokio::spawn(timer_loop(shared.clone()));
     let lan = if let Some(lan_socket) = up.lan {
         let sh = shared.clone();
-        let node = sh.node.lock();
+        let node = sh.node.lock(Holder::Lan);
         let uri = crate::proto::PeerUri {
             node_id: node.node_id(),
             link_key: node.record().link_key,
@@ -489,8 +492,10 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         drop(node);
         let port = shared.udp.local_addr()?.port();
         let found = move |peer: crate::proto::PeerUri, ep: SocketAddr| {
-            sh.node.lock().add_lan_peer(Instant::now(), &peer, ep);
-            flush(&sh);
+            sh.node
+                .lock(Holder::Lan)
+                .add_lan_peer(Instant::now(), &peer, ep);
+            flush(&sh, Holder::Lan);
         };
         let (lan_port, tun) = (config.lan_port, up.name.clone());
         Some(tokio::spawn(async move {
@@ -506,10 +511,11 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         let exporter = super::metrics::Exporter {
             // One hold of the lock, as for `qgate status`.
             take: Box::new(move || {
-                let node = sh.node.lock();
+                let node = sh.node.lock(Holder::Metrics);
                 super::metrics::Snapshot {
                     status: node.status(),
                     closed: node.closed_links(),
+                    long_holds: sh.node.long_holds(),
                 }
             }),
             started,
@@ -589,7 +595,7 @@ impl Shared {
                 // path MTU, and some devices can't do GSO (quinn-udp then
                 // stops batching): learn the MTU and send one by one.
                 if let Ok(mtu) = qgate_platform::path_mtu(dst) {
-                    self.node.lock().set_path_mtu(dst, mtu);
+                    self.node.lock(Holder::PathMtu).set_path_mtu(dst, mtu);
                 }
                 for d in data.chunks(segment) {
                     self.send_gso_with(dst, d, d.len(), retry);
@@ -599,7 +605,7 @@ impl Shared {
             if errno == Some(libc::EMSGSIZE) {
                 // The kernel learnt a smaller path MTU (ICMP reached it).
                 match qgate_platform::path_mtu(dst) {
-                    Ok(mtu) => self.node.lock().set_path_mtu(dst, mtu),
+                    Ok(mtu) => self.node.lock(Holder::PathMtu).set_path_mtu(dst, mtu),
                     Err(e) => tracing::debug!(%dst, "path MTU query failed: {e}"),
                 }
             } else {
@@ -673,15 +679,17 @@ const SIGN_QUEUE: usize = 256;
 /// queued. Jobs are few: one per circuit build, at most one at a time per
 /// circuit.
 fn sign_loop(sh: Arc<Shared>, jobs: std::sync::mpsc::Receiver<SignJob>) {
-    let signer = sh.node.lock().signer();
+    let signer = sh.node.lock(Holder::Sign).signer();
     for job in jobs {
         // A backlog may hold jobs of circuits that failed meanwhile.
-        if !sh.node.lock().wants_signature(&job) {
+        if !sh.node.lock(Holder::Sign).wants_signature(&job) {
             continue;
         }
         let signature = signer.sign(&job.message);
-        sh.node.lock().signed(Instant::now(), &job, &signature);
-        flush(&sh);
+        sh.node
+            .lock(Holder::Sign)
+            .signed(Instant::now(), &job, &signature);
+        flush(&sh, Holder::Sign);
     }
 }
 
@@ -694,14 +702,10 @@ enum Retry {
     No,
 }
 
-fn flush(sh: &Shared) {
-    flush_with(sh, Retry::Yes)
-}
-
-fn flush_with(sh: &Shared, retry: Retry) {
+fn flush(sh: &Shared, who: Holder) {
     let mut out = Output::default();
-    out.take(sh, &mut sh.node.lock());
-    out.send(sh, retry);
+    out.take(sh, &mut sh.node.lock(who));
+    out.send(sh, Retry::Yes);
 }
 
 /// What the node queued outside the data path: datagrams and TUN writes,
@@ -787,11 +791,11 @@ impl Outgoing {
 /// Takes the node for the data path. When the lock was held (by the timer,
 /// a control request, ...), the wait since `since` is noted in the node's
 /// report (`status`, metrics); an uncontended take costs no clock read.
-fn lock_for_data(sh: &Shared, since: Instant) -> parking_lot::MutexGuard<'_, Node> {
-    if let Some(node) = sh.node.try_lock() {
+fn lock_for_data(sh: &Shared, since: Instant) -> Held<'_> {
+    if let Some(node) = sh.node.try_lock(Holder::Data) {
         return node;
     }
-    let mut node = sh.node.lock();
+    let mut node = sh.node.lock(Holder::Data);
     node.note_data_lock_wait(since.elapsed());
     node
 }
@@ -1045,7 +1049,7 @@ impl LoadWindow {
         }
         let idle = (self.waited.as_micros() * 1000 / window.as_micros().max(1)).min(1000);
         let busy = 1000 - idle as u16;
-        sh.node.lock().report_data_path_busy(busy);
+        sh.node.lock(Holder::Data).report_data_path_busy(busy);
         *self = LoadWindow::new(now);
     }
 }
@@ -1058,7 +1062,7 @@ fn write_cell_log(sh: &Shared) {
     use std::io::Write;
     use std::sync::atomic::{AtomicUsize, Ordering};
     static WRITTEN: AtomicUsize = AtomicUsize::new(0);
-    let cells = sh.node.lock().take_cell_log();
+    let cells = sh.node.lock(Holder::Timer).take_cell_log();
     let Ok(path) = std::env::var("QGATE_CELL_LOG") else {
         return;
     };
@@ -1097,25 +1101,25 @@ const SWEEP_STEP: usize = 128;
 async fn timer_loop(sh: Arc<Shared>) {
     let mut last_save = Instant::now();
     loop {
-        let deadline = sh.node.lock().poll_timeout();
+        let deadline = sh.node.lock(Holder::Timer).poll_timeout();
         tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
         let now = Instant::now();
         // In steps, letting go of the node between them: a packet waits
         // for one step, not for the whole sweep.
         loop {
             let mut out = Output::default();
-            let mut node = sh.node.lock();
+            let mut node = sh.node.lock(Holder::Timer);
             let sweep = node.handle_timeout_some(now, SWEEP_STEP);
             out.take(&sh, &mut node);
             // A fair unlock: a thread waiting for the node (the data
             // thread, with packets) gets it before the next step does.
-            parking_lot::MutexGuard::unlock_fair(node);
+            node.unlock_fair();
             out.send(&sh, Retry::No);
             if sweep == Sweep::Done {
                 break;
             }
         }
-        let wanted_seq = sh.node.lock().record_seq_wanted(now);
+        let wanted_seq = sh.node.lock(Holder::Timer).record_seq_wanted(now);
         #[cfg(feature = "test-hooks")]
         write_cell_log(&sh);
         if let Some(limit) = wanted_seq {
@@ -1148,7 +1152,7 @@ fn store_record_seq(sh: &Arc<Shared>, limit: u64) {
     let sh = sh.clone();
     tokio::task::spawn_blocking(move || {
         match sh.store.write_record_seq(limit) {
-            Ok(()) => sh.node.lock().reserve_record_seq(limit),
+            Ok(()) => sh.node.lock(Holder::Timer).reserve_record_seq(limit),
             Err(e) => tracing::warn!("storing the record sequence number: {e:#}"),
         }
         sh.seq_storing.store(false, Ordering::Release);

@@ -139,6 +139,24 @@ pub fn render(st: &Status) -> String {
         dp.long_lock_waits,
         dp.longest_lock_wait_us as f64 / 1000.0,
     ));
+    if !dp.long_holds.is_empty() {
+        let holds: Vec<String> = dp
+            .long_holds
+            .iter()
+            .map(|h| {
+                format!(
+                    "{} {} (longest {:.1} ms)",
+                    h.holder.as_str(),
+                    h.count,
+                    h.longest_us as f64 / 1000.0
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "          held the node over 1 ms: {}\n",
+            holds.join(", ")
+        ));
+    }
     let up = st.links.iter().filter(|l| l.state == LinkState::Up).count();
     out.push_str(&format!("links     {up} up of {}\n", st.links.len()));
     for l in &st.links {

@@ -20,7 +20,7 @@ use qgate_api::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{keep_put_value, Shared};
+use super::{keep_put_value, Holder, Shared};
 use crate::proto::dht::{LookupDone, Outcome};
 use crate::proto::node::LookupTarget;
 use crate::proto::records::SignedValue;
@@ -60,8 +60,8 @@ fn answer(sh: &Shared, info: &NodeInfo, req: Request) -> Result<Response, Contro
     let api_id = qgate_api::NodeId(info.node_id.0);
     Ok(match req {
         Request::Status => {
-            let report = sh.node.lock().status();
-            let st: qgate_api::Status = {
+            let report = sh.node.lock(Holder::Control).status();
+            let mut st: qgate_api::Status = {
                 // The core's report, completed with what the shell knows.
                 let mut v =
                     serde_json::to_value(report).map_err(|source| ControlError::Report {
@@ -82,16 +82,17 @@ fn answer(sh: &Shared, info: &NodeInfo, req: Request) -> Result<Response, Contro
                 }
                 typed("status", v)?
             };
+            st.data_path.long_holds = sh.node.long_holds();
             Response::Status(Box::new(st))
         }
         Request::Peers => {
-            let report = sh.node.lock().peers(Instant::now());
+            let report = sh.node.lock(Holder::Control).peers(Instant::now());
             let mut p: qgate_api::Peers = typed("peers", report)?;
             p.api = API_VERSION;
             Response::Peers(Box::new(p))
         }
         Request::Circuits => {
-            let report = sh.node.lock().circuits(Instant::now());
+            let report = sh.node.lock(Holder::Control).circuits(Instant::now());
             let mut c: qgate_api::Circuits = typed("circuits", report)?;
             c.api = API_VERSION;
             Response::Circuits(Box::new(c))
@@ -150,7 +151,7 @@ fn answer(sh: &Shared, info: &NodeInfo, req: Request) -> Result<Response, Contro
 fn wait_result(sh: &Shared, id: u64) -> Result<LookupDone, ControlError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(r) = sh.node.lock().take_api_result(id) {
+        if let Some(r) = sh.node.lock(Holder::Control).take_api_result(id) {
             return Ok(r);
         }
         if Instant::now() >= deadline {
@@ -181,7 +182,7 @@ fn lookup(sh: &Shared, target: Target) -> Result<Lookup, ControlError> {
     };
     let id = sh
         .node
-        .lock()
+        .lock(Holder::Control)
         .api_lookup(Instant::now(), &target)
         .ok_or(ControlError::Busy)?;
     let r = wait_result(sh, id)?;
@@ -207,13 +208,16 @@ fn put(sh: &Shared, ns: &str, key: &str, value: &[u8], ttl: u64) -> Result<Store
     // RSA signing takes milliseconds: done outside the node lock, so the
     // data path doesn't wait on a storm of puts.
     let (stamp, signer) = {
-        let mut node = sh.node.lock();
+        let mut node = sh.node.lock(Holder::Control);
         (node.value_stamp(Instant::now(), ttl), node.signer())
     };
     let (seq, expires) = stamp.map_err(PutError::from)?;
     let signed = SignedValue::sign(&signer, ns.as_bytes(), key.as_bytes(), value, seq, expires)
         .map_err(PutError::from)?;
-    let id = sh.node.lock().put_signed_value(Instant::now(), &signed)?;
+    let id = sh
+        .node
+        .lock(Holder::Control)
+        .put_signed_value(Instant::now(), &signed)?;
     // Kept in the vault before the answer: a value that was put survives a
     // crash and is published again after a restart.
     keep_put_value(sh, &signed.to_bytes());
@@ -231,7 +235,7 @@ fn put(sh: &Shared, ns: &str, key: &str, value: &[u8], ttl: u64) -> Result<Store
 /// the network, and how many queries that took.
 fn newest(sh: &Shared, ns: &str, key: &str) -> Result<(Vec<DhtValue>, usize), ControlError> {
     let (id, local) = {
-        let mut node = sh.node.lock();
+        let mut node = sh.node.lock(Holder::Control);
         let now = Instant::now();
         let local = node.local_values(now, ns.as_bytes(), key.as_bytes());
         (node.dht_get(now, ns.as_bytes(), key.as_bytes()), local)
