@@ -248,8 +248,9 @@ fn restarted_node_rejoins_from_its_store_on_a_new_port() {
     // All five start at once: a lookup from r may run before j has
     // published its record (its first re-signing waits for the sequence
     // number to be stored), and a lookup that finds nothing holds the
-    // address unreachable for 30 s (`UNREACHABLE_FOR` in resolve.rs), so
-    // the first ping may take that long plus a lookup.
+    // address unreachable for a few seconds, longer if it fails again
+    // (`UNREACHABLE_FIRST` in resolve.rs), so the first ping may take
+    // some retries.
     for j in 1..4 {
         assert!(
             wait_until(Duration::from_secs(45), || ping_once(&lab, r, j)),

@@ -15,9 +15,16 @@ const WANT_QUEUE: usize = 16;
 /// Addresses being looked up at once (half the DHT's lookup slots, so
 /// address lookups never starve its own upkeep).
 const MAX_WANTED: usize = crate::proto::dht::MAX_LOOKUPS / 2;
-/// A failed address lookup is not repeated for this long (its packets get
-/// ICMPv6 address unreachable).
-const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
+/// A failed address lookup is not repeated for a while (its packets get
+/// ICMPv6 address unreachable): this long after the first failure, twice
+/// as long after each further one in a row, up to [`UNREACHABLE_MAX`].
+/// Short at first because the commonest failure is a race of the first
+/// minutes: two nodes started together, one looked the other up before its
+/// record was published; a fixed 30 s hold made `ping` say "unreachable"
+/// for half a minute.
+const UNREACHABLE_FIRST: Duration = Duration::from_secs(4);
+/// The longest hold after failed lookups in a row.
+const UNREACHABLE_MAX: Duration = Duration::from_secs(30);
 /// Address lookups per second, on average, and in a burst: a program
 /// scanning fc00::/8 must not turn into a flood of lookups.
 const LOOKUP_RATE: f64 = 5.0;
@@ -43,10 +50,26 @@ struct Want {
     started: Instant,
 }
 
+/// Failed lookups of one address, in a row.
+#[derive(Clone, Copy)]
+struct Failed {
+    /// When the last one failed.
+    at: Instant,
+    /// How long its packets are answered unreachable from `at`.
+    hold: Duration,
+}
+
+impl Failed {
+    /// Remembered this long, so a failure soon after the hold doubles it.
+    fn forgotten(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.at) >= self.hold + UNREACHABLE_MAX
+    }
+}
+
 /// Address resolution's state (see the module comment).
 pub(super) struct Resolver {
     wanted: HashMap<Ipv6Addr, Want>,
-    unreachable: HashMap<Ipv6Addr, Instant>,
+    unreachable: HashMap<Ipv6Addr, Failed>,
     /// Lowest record sequence number worth connecting to, per address
     /// (set when a looked-up record led nowhere).
     stale: HashMap<Ipv6Addr, (u64, Instant)>,
@@ -66,11 +89,10 @@ impl Resolver {
     /// What to do with `packet`, for `dst`, which no link serves; a packet
     /// that can wait for a lookup under way is kept.
     pub(super) fn miss(&mut self, now: Instant, dst: Ipv6Addr, packet: &[u8]) -> Miss {
-        if let Some(t) = self.unreachable.get(&dst) {
-            if now.saturating_duration_since(*t) < UNREACHABLE_FOR {
+        if let Some(f) = self.unreachable.get(&dst) {
+            if now.saturating_duration_since(f.at) < f.hold {
                 return Miss::Unreachable;
             }
-            self.unreachable.remove(&dst);
         }
         if let Some(w) = self.wanted.get_mut(&dst) {
             if w.queue.len() >= WANT_QUEUE {
@@ -125,12 +147,17 @@ impl Resolver {
     }
 
     /// `dst` could not be found or reached: its packets are answered
-    /// address unreachable for a while.
+    /// address unreachable for a while, longer after each failure in a row
+    /// ([`UNREACHABLE_FIRST`]).
     pub(super) fn failed(&mut self, now: Instant, dst: Ipv6Addr) {
-        if self.unreachable.len() >= 4 * MAX_WANTED {
+        let hold = match self.unreachable.get(&dst) {
+            Some(f) if !f.forgotten(now) => (f.hold * 2).min(UNREACHABLE_MAX),
+            _ => UNREACHABLE_FIRST,
+        };
+        if self.unreachable.len() >= 4 * MAX_WANTED && !self.unreachable.contains_key(&dst) {
             self.unreachable.clear();
         }
-        self.unreachable.insert(dst, now);
+        self.unreachable.insert(dst, Failed { at: now, hold });
     }
 
     /// `dst`'s records below sequence number `below` led nowhere: pass
@@ -153,8 +180,7 @@ impl Resolver {
         let want_for = crate::proto::dht::LOOKUP_DEADLINE * 2;
         self.wanted
             .retain(|_, w| now.saturating_duration_since(w.started) < want_for);
-        self.unreachable
-            .retain(|_, t| now.saturating_duration_since(*t) < UNREACHABLE_FOR);
+        self.unreachable.retain(|_, f| !f.forgotten(now));
         self.stale
             .retain(|_, (_, t)| now.saturating_duration_since(*t) < STALE_FOR);
     }
@@ -178,12 +204,15 @@ mod tests {
         }
         assert_eq!(r.miss(t0, a, b"p"), Miss::QueueFull);
         assert_eq!(r.done(&a).len(), WANT_QUEUE);
-        // Failed: unreachable for UNREACHABLE_FOR, then tried again.
+        // Failed: unreachable for UNREACHABLE_FIRST, then tried again.
         r.failed(t0, a);
-        assert_eq!(r.miss(t0 + UNREACHABLE_FOR / 2, a, b"p"), Miss::Unreachable);
+        assert_eq!(
+            r.miss(t0 + UNREACHABLE_FIRST / 2, a, b"p"),
+            Miss::Unreachable
+        );
         r.stale(t0, a, 7);
         assert_eq!(
-            r.miss(t0 + UNREACHABLE_FOR, a, b"p"),
+            r.miss(t0 + UNREACHABLE_FIRST, a, b"p"),
             Miss::Resolve { min_seq: 7 }
         );
         r.fresh(&a);
@@ -204,5 +233,32 @@ mod tests {
         // Expired lookups free their slots and drop their packets.
         r.expire(t0 + crate::proto::dht::LOOKUP_DEADLINE * 2);
         assert!(r.may_look_up(t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn failures_in_a_row_hold_an_address_longer_and_are_forgotten() {
+        let t0 = Instant::now();
+        let a: Ipv6Addr = "fd00::1".parse().unwrap();
+        let mut r = Resolver::new(t0);
+        let mut t = t0;
+        // 4, 8, 16, 30, 30 s: each failure as soon as the last hold ends.
+        for hold in [4, 8, 16, 30, 30] {
+            r.failed(t, a);
+            let hold = Duration::from_secs(hold);
+            assert_eq!(
+                r.miss(t + hold - Duration::from_millis(1), a, b"p"),
+                Miss::Unreachable
+            );
+            t += hold;
+            assert!(matches!(r.miss(t, a, b"p"), Miss::Resolve { .. }));
+        }
+        // Long after the last failure, the next one counts as the first.
+        t += UNREACHABLE_MAX * 2;
+        r.expire(t);
+        r.failed(t, a);
+        assert!(matches!(
+            r.miss(t + UNREACHABLE_FIRST, a, b"p"),
+            Miss::Resolve { .. }
+        ));
     }
 }
