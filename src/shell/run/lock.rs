@@ -12,7 +12,7 @@
 //! of CPU (read from the thread's CPU clock in a trial build): a thread
 //! holding the lock lost its core to other work and the data path waited
 //! for it. Handing the node to the data thread instead (a mailbox, commit
-//! b752832) measured worse and was reverted; see docs/ARCHITECTURE.md,
+//! b752832) measured no better and was reverted; see docs/ARCHITECTURE.md,
 //! known gap 2.
 
 use std::ops::{Deref, DerefMut};
