@@ -79,6 +79,10 @@ pub const MAX_LOOKUPS: usize = 64;
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(3600);
 /// Own record and own values are stored again this often.
 pub const REPUBLISH_INTERVAL: Duration = Duration::from_secs(1800);
+/// Lookups that storing our own values again may hold at once: the rest of
+/// [`MAX_LOOKUPS`] stays free for our record, puts, gets and addresses, however
+/// many values this node has published (they wait in a queue).
+pub const REPUBLISH_LOOKUPS: usize = MAX_LOOKUPS / 2;
 /// Replacement candidates kept per bucket.
 pub const REPLACEMENTS: usize = 4;
 /// Failed requests in a row after which an entry is dropped.
@@ -264,6 +268,8 @@ pub struct Dht<R: Records> {
     value_count: usize,
     /// Values we published: (key, us) → (expiry, record).
     own_values: HashMap<(Key, NodeId), OwnValue>,
+    /// Own values waiting to be stored again (see [`REPUBLISH_LOOKUPS`]).
+    republish: VecDeque<(Key, NodeId)>,
     budgets: HashMap<NodeId, (f64, Instant)>,
     next_lookup: u64,
     rng: Rng,
@@ -289,6 +295,7 @@ impl<R: Records> Dht<R> {
             values: HashMap::new(),
             value_count: 0,
             own_values: HashMap::new(),
+            republish: VecDeque::new(),
             budgets: HashMap::new(),
             next_lookup: 1,
             rng: Rng(seed),
@@ -615,6 +622,7 @@ impl<R: Records> Dht<R> {
         {
             self.publish(now);
         }
+        self.republish_some(now);
         self.refresh(now, Refresh::Due);
         // Expiry.
         let unix = self.unix(now);

@@ -9,7 +9,7 @@ use super::lookup::Then;
 use super::{
     distance, Dht, Goal, Key, RecordError, Records, ValueInfo, MAX_RECORD_BYTES,
     MAX_STORED_RECORDS, MAX_VALUES, MAX_VALUES_PER_KEY, MAX_VALUES_PER_PUBLISHER,
-    REPUBLISH_INTERVAL,
+    REPUBLISH_INTERVAL, REPUBLISH_LOOKUPS,
 };
 
 pub(super) struct StoredValue {
@@ -175,15 +175,38 @@ impl<R: Records> Dht<R> {
                     .unwrap_or(now)
             },
         );
-        let values: Vec<Arc<[u8]>> = self.own_values.values().map(|v| v.1.clone()).collect();
-        for v in values {
-            self.put_checked(now, v);
+        // Our values follow, paced: a node that has put thousands must
+        // not take every lookup slot (nor the node's time) at once.
+        self.republish.clear();
+        self.republish.extend(self.own_values.keys().copied());
+        self.republish_some(now);
+    }
+
+    /// Stores queued own values again while fewer than
+    /// [`REPUBLISH_LOOKUPS`] lookups run. Called from the timers and
+    /// [`Dht::publish`]. Each was checked when it was put or restored, and
+    /// its key says where it goes: no signature is verified again.
+    pub(super) fn republish_some(&mut self, now: Instant) {
+        let unix = self.unix(now);
+        while self.lookups.len() < REPUBLISH_LOOKUPS {
+            let Some(key) = self.republish.pop_front() else {
+                return;
+            };
+            let Some((expires, rec)) = self.own_values.get(&key) else {
+                continue; // replaced by a newer put, which went out itself
+            };
+            if *expires <= unix {
+                continue;
+            }
+            let rec = rec.clone();
+            self.start_lookup(now, Goal::Closest(key.0), Then::StoreValue(rec));
         }
     }
 
     /// Stores a value record (already signed by this node) at the nodes
     /// closest to its key, and again every [`REPUBLISH_INTERVAL`] until it
-    /// expires. Refused records return the reason.
+    /// expires. Refused records return the reason. With every lookup slot
+    /// taken, it is queued to go out as slots free up (`Ok(None)`).
     pub fn put(&mut self, now: Instant, record: &[u8]) -> Result<Option<u64>, RecordError> {
         let unix = self.unix(now);
         let info = self.records.check_value(record, unix)?;
@@ -191,16 +214,16 @@ impl<R: Records> Dht<R> {
             return Err(RecordError::Oversized);
         }
         let rec: Arc<[u8]> = Arc::from(record);
-        self.own_values
-            .insert((info.target, info.publisher), (info.expires, rec.clone()));
+        let key = (info.target, info.publisher);
+        self.own_values.insert(key, (info.expires, rec.clone()));
         self.store_value(now, record);
-        Ok(self.put_checked(now, rec))
-    }
-
-    fn put_checked(&mut self, now: Instant, rec: Arc<[u8]>) -> Option<u64> {
-        let unix = self.unix(now);
-        let info = self.records.check_value(&rec, unix).ok()?;
-        self.start_lookup(now, Goal::Closest(info.target), Then::StoreValue(rec))
+        let id = self.start_lookup(now, Goal::Closest(info.target), Then::StoreValue(rec));
+        // Bounded by the values we have (a key put again while it waits
+        // may be queued twice; it then goes out twice).
+        if id.is_none() && self.republish.len() < self.own_values.len() {
+            self.republish.push_back(key);
+        }
+        Ok(id)
     }
 
     /// Values stored here under `target` (for a get that this node can

@@ -6,6 +6,12 @@ use super::*;
 /// Records are `id [32] | seq u64 | expires u64 | ok u8`, valid when
 /// `ok` is 1: enough to test the DHT's logic without RSA.
 struct Plain;
+
+thread_local! {
+    /// Value records `Plain` checked on this thread (a test's own).
+    static VALUE_CHECKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 impl Records for Plain {
     fn check_node(&mut self, b: &[u8], now: u64) -> Result<RecordInfo, RecordError> {
         if b.len() != 49 || b[48] != 1 {
@@ -24,6 +30,7 @@ impl Records for Plain {
         })
     }
     fn check_value(&mut self, b: &[u8], now: u64) -> Result<ValueInfo, RecordError> {
+        VALUE_CHECKS.with(|c| c.set(c.get() + 1));
         // target [32] | publisher [32] | seq | expires | value
         if b.len() < 80 {
             return Err(RecordError::Forged);
@@ -356,5 +363,69 @@ fn the_newest_own_value_wins_a_restore() {
             .map(|r| r[80..].to_vec())
             .collect();
         assert_eq!(texts, [b"new".to_vec()]);
+    }
+}
+
+/// A node that has put thousands of values stores them again a share at
+/// a time: republishing takes at most `REPUBLISH_LOOKUPS` lookup slots, the
+/// node's record and its other lookups keep theirs, nothing is verified
+/// again, and a put made while every slot is taken goes out later.
+#[test]
+fn many_own_values_are_republished_a_few_at_a_time() {
+    let value = |n: u32| {
+        let mut v = vec![0u8; 32];
+        v[..4].copy_from_slice(&n.to_be_bytes());
+        v.extend_from_slice(&[0u8; 32]); // published by node 0: us
+        v.extend_from_slice(&1u64.to_be_bytes());
+        v.extend_from_slice(&2_000_000_000u64.to_be_bytes());
+        v.extend_from_slice(b"value");
+        v
+    };
+    let mut m = Mesh::new(&[0, 1, 2, 3, 4, 5]);
+    let now = m.now;
+    for i in 1..=5 {
+        let c = m.nodes[i].own().clone();
+        m.nodes[0].add_contact(now, c, Source::Config);
+    }
+    let d = &mut m.nodes[0];
+    for n in 0..2000 {
+        // Stored here only up to the per-publisher limit; all are ours.
+        d.restore_value(now, &value(n));
+    }
+    assert_eq!(d.own_values.len(), 2000);
+    let checks = VALUE_CHECKS.with(|c| c.get());
+    d.publish(now);
+    assert_eq!(
+        VALUE_CHECKS.with(|c| c.get()),
+        checks,
+        "nothing checked again"
+    );
+    // Our record's lookup, then values up to the republishing share.
+    assert_eq!(d.lookups.len(), REPUBLISH_LOOKUPS);
+    assert_eq!(d.republish.len(), 2000 - (REPUBLISH_LOOKUPS - 1));
+    // The node's own work still finds slots; republishing waits.
+    let gets: Vec<_> = (0..(MAX_LOOKUPS - REPUBLISH_LOOKUPS))
+        .map(|i| d.lookup(now, Goal::Values([i as u8 + 100; 32])))
+        .collect();
+    assert!(gets.iter().all(|g| g.is_some()), "{gets:?}");
+    d.handle_timeout(now);
+    assert_eq!(d.lookups.len(), MAX_LOOKUPS);
+    // A put with every slot taken is kept and queued, not lost.
+    assert_eq!(d.put(now, &value(5000)), Ok(None));
+    let queued_put = d
+        .republish
+        .iter()
+        .any(|k| k.0[..4] == 5000u32.to_be_bytes());
+    assert!(queued_put, "the put waits in the queue");
+    // As lookups end, the timers move the queue on until it is empty.
+    let (mut rounds, mut t) = (0, now);
+    while !m.nodes[0].republish.is_empty() {
+        m.run();
+        t += LOOKUP_DEADLINE;
+        m.now = t;
+        m.nodes[0].handle_timeout(t);
+        assert!(m.nodes[0].lookups.len() <= MAX_LOOKUPS);
+        rounds += 1;
+        assert!(rounds < 1000, "the queue drains");
     }
 }
