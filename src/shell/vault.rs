@@ -47,13 +47,15 @@ use zeroize::Zeroizing;
 
 // The parts: the page cipher (and its test probe), master keys and the
 // header, the environment on disk (create, open, copy), one file per table
-// (`meta`, `nodes`), migration, rotation, the state lock and file helpers.
+// (`meta`, `nodes`), migration, rotation, the state lock and file helpers,
+// and how values are padded in the tables (`pad`: an LMDB bug's way round).
 mod cipher;
 mod files;
 mod keys;
 mod meta;
 mod migrate;
 mod open;
+mod pad;
 mod peers;
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]

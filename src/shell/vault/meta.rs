@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Result};
 use zeroize::Zeroizing;
 
-use super::{Vault, META_IDENTITY, META_SEQ, META_VALUES};
+use super::{pad, Vault, META_IDENTITY, META_SEQ, META_VALUES};
 use crate::proto::Identity;
 
 /// Version byte leading the identity value.
@@ -46,7 +46,7 @@ impl Vault {
             .meta
             .get(&mut rtxn, key)
             .map_err(|e| self.err(e))?
-            .map(|v| Zeroizing::new(v.to_vec()));
+            .map(|v| Zeroizing::new(pad::unstored(v).to_vec()));
         Ok(v)
     }
 
@@ -101,7 +101,7 @@ impl Vault {
             .map_err(|e| self.err(e))?
         {
             let (_, v) = entry.map_err(|e| self.err(e))?;
-            out.push(v.to_vec());
+            out.push(pad::unstored(v).to_vec());
         }
         Ok(out)
     }
@@ -124,7 +124,7 @@ impl Vault {
             key.truncate(META_VALUES.len());
             key.extend_from_slice(&(i as u32).to_be_bytes());
             self.meta
-                .put(&mut wtxn, &key, r.as_ref())
+                .put(&mut wtxn, &key, &pad::stored(r.as_ref()))
                 .map_err(|e| self.err(e))?;
         }
         wtxn.commit().map_err(|e| self.err(e))
@@ -142,7 +142,7 @@ impl Vault {
         key.extend_from_slice(&sha2::Sha256::digest(record));
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
         self.meta
-            .put(&mut wtxn, &key, record)
+            .put(&mut wtxn, &key, &pad::stored(record))
             .map_err(|e| self.err(e))?;
         wtxn.commit().map_err(|e| self.err(e))
     }
@@ -156,7 +156,7 @@ impl Vault {
         }
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
         self.meta
-            .put(&mut wtxn, key, value)
+            .put(&mut wtxn, key, &pad::stored(value))
             .map_err(|e| self.err(e))?;
         wtxn.commit().map_err(|e| self.err(e))
     }

@@ -17,6 +17,7 @@ use super::files::{remove_tree, sync_dir, sync_parent};
 use super::keys::{short, Header, KeySource, Keys};
 use super::meta::encode_identity;
 use super::migrate::{migrate, remove_legacy};
+use super::pad;
 use super::{
     layout, Contents, Layout, PageCipher, Vault, HEADER_FILE, LEGACY_IDENTITY, LEGACY_STORE,
     MAP_SIZE, MAX_DBS, META_DB, META_IDENTITY, META_SEQ, NODES_DB, VAULT_DIR, VAULT_NEW,
@@ -178,6 +179,7 @@ impl Vault {
         }
         let vault = open_env(&dir, &keys)?;
         vault.verify()?;
+        vault.pad_old_identity()?;
         // A crash in a rotation or migration may have left a second copy:
         // the vault opened, holds everything, so the copy goes.
         let new = state_dir.join(VAULT_NEW);
@@ -189,6 +191,26 @@ impl Vault {
             remove_legacy(state_dir)?;
         }
         Ok(vault)
+    }
+
+    /// Pads an identity stored unpadded by an earlier version (see `pad`):
+    /// left as it was, it keeps the `meta` table open to LMDB's bug.
+    fn pad_old_identity(&self) -> Result<()> {
+        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        let raw = match self
+            .meta
+            .get(&mut wtxn, META_IDENTITY)
+            .map_err(|e| self.err(e))?
+        {
+            Some(raw) if pad::needs_padding(raw) => Zeroizing::new(pad::stored(raw).into_owned()),
+            _ => return Ok(()),
+        };
+        self.meta
+            .put(&mut wtxn, META_IDENTITY, &raw)
+            .map_err(|e| self.err(e))?;
+        wtxn.commit().map_err(|e| self.err(e))?;
+        tracing::info!("vault: identity rewritten padded (an LMDB bug's way round)");
+        Ok(())
     }
 
     /// Reads every entry once: a page that fails authentication is found at
@@ -221,13 +243,13 @@ impl Vault {
         let mut nodes = Vec::new();
         for entry in self.nodes.iter(&mut rtxn).map_err(|e| self.err(e))? {
             let (k, v) = entry.map_err(|e| self.err(e))?;
-            nodes.push((k.to_vec(), v.to_vec()));
+            nodes.push((k.to_vec(), pad::unstored(v).to_vec()));
         }
         let mut meta = Vec::new();
         for entry in self.meta.iter(&mut rtxn).map_err(|e| self.err(e))? {
             let (k, v) = entry.map_err(|e| self.err(e))?;
             if k != META_IDENTITY && k != META_SEQ {
-                meta.push((k.to_vec(), Zeroizing::new(v.to_vec())));
+                meta.push((k.to_vec(), Zeroizing::new(pad::unstored(v).to_vec())));
             }
         }
         Ok(Contents {
@@ -242,16 +264,24 @@ impl Vault {
     fn write_all(&self, c: &Contents) -> Result<()> {
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
         self.meta
-            .put(&mut wtxn, META_IDENTITY, &c.identity)
+            .put(
+                &mut wtxn,
+                META_IDENTITY,
+                &Zeroizing::new(pad::stored(&c.identity).into_owned()),
+            )
             .map_err(|e| self.err(e))?;
         self.meta
             .put(&mut wtxn, META_SEQ, &c.seq.to_be_bytes())
             .map_err(|e| self.err(e))?;
         for (k, v) in &c.meta {
-            self.meta.put(&mut wtxn, k, v).map_err(|e| self.err(e))?;
+            self.meta
+                .put(&mut wtxn, k, &Zeroizing::new(pad::stored(v).into_owned()))
+                .map_err(|e| self.err(e))?;
         }
         for (k, v) in &c.nodes {
-            self.nodes.put(&mut wtxn, k, v).map_err(|e| self.err(e))?;
+            self.nodes
+                .put(&mut wtxn, k, &pad::stored(v))
+                .map_err(|e| self.err(e))?;
         }
         wtxn.commit().map_err(|e| self.err(e))
     }

@@ -2,7 +2,7 @@
 
 use anyhow::{anyhow, Result};
 
-use super::Vault;
+use super::{pad, Vault};
 
 /// Version byte leading every peer value.
 const VALUE_VERSION: u8 = 1;
@@ -32,7 +32,10 @@ impl Vault {
         let mut skipped = 0usize;
         for entry in self.nodes.iter(&mut rtxn).map_err(|e| self.err(e))? {
             let (key, value) = entry.map_err(|e| self.err(e))?;
-            match (<[u8; 32]>::try_from(key), decode_value(value)) {
+            match (
+                <[u8; 32]>::try_from(key),
+                decode_value(pad::unstored(value)),
+            ) {
                 (Ok(id), Some(peer)) => peers.push((id, peer)),
                 _ => skipped += 1,
             }
@@ -56,7 +59,7 @@ impl Vault {
         for (id, peer) in peers {
             encode_value(peer, &mut value);
             self.nodes
-                .put(&mut wtxn, id, &value)
+                .put(&mut wtxn, id, &pad::stored(&value))
                 .map_err(|e| self.err(e))?;
         }
         wtxn.commit().map_err(|e| self.err(e))

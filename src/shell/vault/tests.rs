@@ -386,3 +386,145 @@ fn key_files() {
     generate_key_file(&p2).unwrap();
     assert_ne!(*k, *read_key_file(&p2).unwrap());
 }
+
+/// A put storm's writes (one record added per put, the full set every 64)
+/// beside the identity: unpadded, encrypted LMDB failed at the 2,992nd
+/// record (`MDB_PROBLEM`) and sometimes crashed (see `pad`). Records of
+/// 820 bytes (a typical put) and of 1,650 (the largest a DHT takes).
+#[test]
+fn a_put_storm_beside_the_identity_is_kept_whole() {
+    let t = TempDir::new("storm");
+    let key = t.key("k");
+    let v = Vault::create(&t.state(), &key, &identity()).unwrap();
+    let mut all: Vec<Vec<u8>> = Vec::new();
+    for i in 0..3200u32 {
+        let size = if i % 10 == 0 { 1650 } else { 820 };
+        let mut rec = vec![(i % 251) as u8; size];
+        rec[..4].copy_from_slice(&i.to_be_bytes());
+        all.push(rec.clone());
+        if i % 65 == 64 {
+            v.replace_values(&all)
+                .unwrap_or_else(|e| panic!("set at {i}: {e:#}"));
+        } else {
+            v.add_value(&rec)
+                .unwrap_or_else(|e| panic!("add at {i}: {e:#}"));
+        }
+    }
+    let mut kept = v.values().unwrap();
+    kept.sort();
+    all.sort();
+    assert_eq!(kept, all);
+    v.close();
+    let v = Vault::open(&t.state(), &key).unwrap();
+    assert_eq!(v.identity().unwrap().node_id(), identity().node_id());
+    assert_eq!(v.values().unwrap().len(), all.len());
+}
+
+/// A vault from before the padding holds its identity unpadded: opening
+/// it pads it, and it reads back the same.
+#[test]
+fn an_unpadded_identity_is_padded_on_open() {
+    let t = TempDir::new("pad-old");
+    let key = t.key("k");
+    let v = Vault::create(&t.state(), &key, &identity()).unwrap();
+    let pem = v.get_meta(META_IDENTITY).unwrap().unwrap();
+    assert!(
+        pad::needs_padding(&pem),
+        "the PEM is in the range ({})",
+        pem.len()
+    );
+    let mut wtxn = v.env.write_txn().unwrap();
+    v.meta.put(&mut wtxn, META_IDENTITY, &pem).unwrap();
+    wtxn.commit().unwrap();
+    v.close();
+    let v = Vault::open(&t.state(), &key).unwrap();
+    let mut rtxn = v.rtxn().unwrap();
+    let raw = v
+        .meta
+        .get(&mut rtxn, META_IDENTITY)
+        .unwrap()
+        .unwrap()
+        .to_vec();
+    drop(rtxn);
+    assert!(raw.len() >= pad::PAD_TO && !pad::needs_padding(&raw));
+    assert_eq!(v.identity().unwrap().node_id(), identity().node_id());
+}
+
+/// LMDB's bug itself, without the vault: an encrypted table with one value
+/// of 1,700 bytes among records of 820, written as a put storm writes them.
+/// Fails with heed3 0.23.1 (`MDB_PROBLEM`); passes without encryption, or
+/// with the value at 2,040 bytes or more. Run it after upgrading heed3:
+/// once it passes, `pad` may go. `STRESS_BIG=n` sets the value's size,
+/// `STRESS_PLAIN=1` turns encryption off.
+#[test]
+#[ignore]
+fn lmdb_encrypted_page_split_bug() {
+    let t = TempDir::new("lmdb-bug");
+    let path = t.0.join("plain");
+    fs::create_dir_all(&path).unwrap();
+    let mut options = EnvOpenOptions::new().read_txn_without_tls();
+    options.map_size(MAP_SIZE).max_dbs(MAX_DBS);
+    macro_rules! pattern {
+        ($env:expr) => {{
+            let env = $env;
+            let wtxn = env.write_txn().unwrap();
+            let db = env
+                .create_databases_and_commit(wtxn, |opener, wtxn| {
+                    opener
+                        .create_database::<Bytes, Bytes>(wtxn, Some(META_DB))
+                        .map(CommitOrAbort::<_, ()>::Commit)
+                })
+                .unwrap()
+                .unwrap_commit();
+            let big = std::env::var("STRESS_BIG").map_or(1700, |n| n.parse().unwrap());
+            {
+                let mut wtxn = env.write_txn().unwrap();
+                db.put(&mut wtxn, b"identity", &vec![1u8; big]).unwrap();
+                wtxn.commit().unwrap();
+            }
+            let mut all: Vec<Vec<u8>> = Vec::new();
+            let mut added = 0;
+            for i in 0..3000u32 {
+                let mut rec = vec![(i % 251) as u8; 820];
+                rec[..4].copy_from_slice(&(i * 4).to_be_bytes());
+                all.push(rec.clone());
+                let mut wtxn = env.write_txn().unwrap();
+                if added >= 64 {
+                    let mut end = META_VALUES.to_vec();
+                    *end.last_mut().unwrap() += 1;
+                    let range = (
+                        std::ops::Bound::Included(META_VALUES),
+                        std::ops::Bound::Excluded(&end[..]),
+                    );
+                    db.delete_range(&mut wtxn, &range).unwrap();
+                    let mut key = META_VALUES.to_vec();
+                    for (n, r) in all.iter().enumerate() {
+                        key.truncate(META_VALUES.len());
+                        key.extend_from_slice(&(n as u32).to_be_bytes());
+                        db.put(&mut wtxn, &key, r).unwrap();
+                    }
+                    added = 0;
+                } else {
+                    use sha2::Digest;
+                    let mut key = META_VALUES.to_vec();
+                    key.push(b'+');
+                    key.extend_from_slice(&sha2::Sha256::digest(&rec));
+                    if let Err(e) = db.put(&mut wtxn, &key, &rec) {
+                        panic!("add at {i}: {e}");
+                    }
+                    added += 1;
+                }
+                wtxn.commit().unwrap();
+            }
+            all.len()
+        }};
+    }
+    #[allow(unsafe_code)]
+    let n = if std::env::var("STRESS_PLAIN").is_err() {
+        let key = aes_gcm_siv::aead::generic_array::GenericArray::clone_from_slice(&[7u8; 32]);
+        pattern!(unsafe { options.open_encrypted::<cipher::PageCipher, _>(key, &path) }.unwrap())
+    } else {
+        pattern!(unsafe { options.open(&path) }.unwrap())
+    };
+    eprintln!("{n} records written");
+}
