@@ -51,7 +51,7 @@ pub use table::{common_prefix, distance, EntryView, Refresh};
 pub use wire::{BadMessage, Msg};
 
 use lookup::{CandState, Lookup};
-use store::{OwnValue, StoredValue};
+use store::{OwnValue, Republish, StoredValue};
 use table::{Bucket, Entry};
 
 /// A position in the ID space.
@@ -269,7 +269,7 @@ pub struct Dht<R: Records> {
     /// Values we published: (key, us) → (expiry, record).
     own_values: HashMap<(Key, NodeId), OwnValue>,
     /// Own values waiting to be stored again (see [`REPUBLISH_LOOKUPS`]).
-    republish: VecDeque<(Key, NodeId)>,
+    republish: Republish,
     budgets: HashMap<NodeId, (f64, Instant)>,
     next_lookup: u64,
     rng: Rng,
@@ -295,7 +295,7 @@ impl<R: Records> Dht<R> {
             values: HashMap::new(),
             value_count: 0,
             own_values: HashMap::new(),
-            republish: VecDeque::new(),
+            republish: Republish::default(),
             budgets: HashMap::new(),
             next_lookup: 1,
             rng: Rng(seed),
@@ -554,7 +554,15 @@ impl<R: Records> Dht<R> {
             .map(|b| b.last_lookup.unwrap_or(self.start) + REFRESH_INTERVAL)
             .min();
         let publish = self.last_publish.map(|t| t + REPUBLISH_INTERVAL);
-        [rpc, lookup, refresh, publish].into_iter().flatten().min()
+        // Queued own values that a free slot could take: due now.
+        let republish = (!self.republish.is_empty()
+            && self.lookups.len() < REPUBLISH_LOOKUPS
+            && self.table_len() > 0)
+            .then_some(self.start);
+        [rpc, lookup, refresh, publish, republish]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Fails at once every request in flight to `id` (the transport can't

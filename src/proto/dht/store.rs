@@ -2,12 +2,13 @@
 //! for others (bounded, and which go when full), and its own record and
 //! values, stored at the closest nodes and republished.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::lookup::Then;
 use super::{
-    distance, Dht, Goal, Key, RecordError, Records, ValueInfo, MAX_RECORD_BYTES,
+    distance, Dht, Goal, Key, NodeId, RecordError, Records, ValueInfo, MAX_RECORD_BYTES,
     MAX_STORED_RECORDS, MAX_VALUES, MAX_VALUES_PER_KEY, MAX_VALUES_PER_PUBLISHER,
     REPUBLISH_INTERVAL, REPUBLISH_LOOKUPS,
 };
@@ -19,6 +20,47 @@ pub(super) struct StoredValue {
 
 /// A value this node published: its expiry and the record.
 pub(super) type OwnValue = (u64, Arc<[u8]>);
+
+/// Own values waiting to be stored again, each at most once, in order.
+#[derive(Default)]
+pub(super) struct Republish {
+    order: VecDeque<(Key, NodeId)>,
+    queued: HashSet<(Key, NodeId)>,
+}
+
+impl Republish {
+    fn push_back(&mut self, key: (Key, NodeId)) {
+        if self.queued.insert(key) {
+            self.order.push_back(key);
+        }
+    }
+
+    fn push_front(&mut self, key: (Key, NodeId)) {
+        if self.queued.insert(key) {
+            self.order.push_front(key);
+        }
+    }
+
+    fn pop(&mut self) -> Option<(Key, NodeId)> {
+        let key = self.order.pop_front()?;
+        self.queued.remove(&key);
+        Some(key)
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    #[cfg(test)]
+    pub(super) fn front(&self) -> Option<&(Key, NodeId)> {
+        self.order.front()
+    }
+}
 
 impl<R: Records> Dht<R> {
     pub(super) fn store_node(&mut self, now: Instant, record: &[u8]) -> bool {
@@ -176,20 +218,29 @@ impl<R: Records> Dht<R> {
             },
         );
         // Our values follow, paced: a node that has put thousands must
-        // not take every lookup slot (nor the node's time) at once.
-        self.republish.clear();
-        self.republish.extend(self.own_values.keys().copied());
+        // not take every lookup slot (nor the node's time) at once. Those
+        // still queued keep their place, so a publish every few seconds
+        // (a new endpoint) doesn't starve the end of the queue.
+        let keys: Vec<(Key, NodeId)> = self.own_values.keys().copied().collect();
+        for key in keys {
+            self.republish.push_back(key);
+        }
         self.republish_some(now);
     }
 
     /// Stores queued own values again while fewer than
     /// [`REPUBLISH_LOOKUPS`] lookups run. Called from the timers and
     /// [`Dht::publish`]. Each was checked when it was put or restored, and
-    /// its key says where it goes: no signature is verified again.
+    /// its key says where it goes: no signature is verified again. With no
+    /// contacts the queue waits (a lookup would end at once, storing
+    /// nowhere).
     pub(super) fn republish_some(&mut self, now: Instant) {
+        if self.table_len() == 0 {
+            return;
+        }
         let unix = self.unix(now);
         while self.lookups.len() < REPUBLISH_LOOKUPS {
-            let Some(key) = self.republish.pop_front() else {
+            let Some(key) = self.republish.pop() else {
                 return;
             };
             let Some((expires, rec)) = self.own_values.get(&key) else {
@@ -218,10 +269,9 @@ impl<R: Records> Dht<R> {
         self.own_values.insert(key, (info.expires, rec.clone()));
         self.store_value(now, record);
         let id = self.start_lookup(now, Goal::Closest(info.target), Then::StoreValue(rec));
-        // Bounded by the values we have (a key put again while it waits
-        // may be queued twice; it then goes out twice).
-        if id.is_none() && self.republish.len() < self.own_values.len() {
-            self.republish.push_back(key);
+        // First in line: a put is news, a republication is upkeep.
+        if id.is_none() {
+            self.republish.push_front(key);
         }
         Ok(id)
     }

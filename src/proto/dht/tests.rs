@@ -412,20 +412,64 @@ fn many_own_values_are_republished_a_few_at_a_time() {
     assert_eq!(d.lookups.len(), MAX_LOOKUPS);
     // A put with every slot taken is kept and queued, not lost.
     assert_eq!(d.put(now, &value(5000)), Ok(None));
-    let queued_put = d
-        .republish
-        .iter()
-        .any(|k| k.0[..4] == 5000u32.to_be_bytes());
-    assert!(queued_put, "the put waits in the queue");
-    // As lookups end, the timers move the queue on until it is empty.
+    let first = d.republish.front().map(|k| k.0[..4].to_vec());
+    assert_eq!(
+        first,
+        Some(5000u32.to_be_bytes().to_vec()),
+        "the put waits, first in line"
+    );
+    // As lookups end, the timers move the queue on until it is empty,
+    // starting a lookup for every value in it (none skipped). A publish
+    // midway (a new endpoint) queues nothing twice.
+    let queued = m.nodes[0].republish.len() as u64;
+    let started = m.nodes[0].stats.lookups;
     let (mut rounds, mut t) = (0, now);
     while !m.nodes[0].republish.is_empty() {
         m.run();
         t += LOOKUP_DEADLINE;
         m.now = t;
+        if rounds == 3 {
+            m.nodes[0].publish(t);
+            assert!(m.nodes[0].republish.len() <= 2001);
+        }
         m.nodes[0].handle_timeout(t);
-        assert!(m.nodes[0].lookups.len() <= MAX_LOOKUPS);
+        // Five peers can't take 32 lookups' requests at once (their rate
+        // limits): those that timed out are known again, and the queue
+        // goes on.
+        let peers: Vec<Contact> = m.nodes[1..].iter().map(|n| n.own().clone()).collect();
+        for c in peers {
+            m.nodes[0].add_contact(t, c, Source::Config);
+        }
+        let before = m.nodes[0].republish.len();
+        m.nodes[0].republish_some(t);
+        assert!(before - m.nodes[0].republish.len() <= REPUBLISH_LOOKUPS);
         rounds += 1;
-        assert!(rounds < 1000, "the queue drains");
+        assert!(rounds < 200, "the queue drains");
     }
+    assert!(m.nodes[0].stats.lookups - started >= queued);
+}
+
+/// With no contacts, republishing waits instead of running through the
+/// queue with lookups that end at once.
+#[test]
+fn republishing_waits_for_contacts() {
+    let now = Instant::now();
+    let mut d = Dht::new(contact(0, 1), Plain, now, 1_700_000_000, 1);
+    for n in 0..100u8 {
+        let mut v = vec![n; 32];
+        v.extend_from_slice(&[0u8; 32]);
+        v.extend_from_slice(&1u64.to_be_bytes());
+        v.extend_from_slice(&2_000_000_000u64.to_be_bytes());
+        d.restore_value(now, &v);
+    }
+    d.publish(now);
+    assert_eq!(d.republish.len(), 100);
+    assert!(d.poll_timeout().is_none_or(|t| t > now), "nothing due");
+    d.add_contact(now, contact(1, 1), Source::Config);
+    assert!(
+        d.poll_timeout().is_some_and(|t| t <= now),
+        "due once a contact is known"
+    );
+    d.handle_timeout(now);
+    assert!(d.republish.len() < 100);
 }
