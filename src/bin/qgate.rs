@@ -687,10 +687,20 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             } => {
                 let cfg = config.load()?;
                 let stored = client(&cfg).dht_put(&namespace, &key, value.as_bytes(), Some(ttl))?;
-                println!(
-                    "stored {namespace}/{key} at {} nodes for {ttl} s",
-                    stored.stored_at
-                );
+                if stored.stored_at > 0 {
+                    println!(
+                        "stored {namespace}/{key} at {} nodes for {ttl} s",
+                        stored.stored_at
+                    );
+                } else {
+                    // Kept here and in the vault all the same: it goes out
+                    // when a lookup slot frees, and every 30 min.
+                    println!(
+                        "kept {namespace}/{key} here for {ttl} s; no other node has it yet \
+                         (none answered, or the node was busy): it is sent again when a \
+                         lookup slot is free and every 30 min"
+                    );
+                }
                 Ok(())
             }
             DhtOp::Get {
