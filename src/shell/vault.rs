@@ -77,8 +77,11 @@ pub const VAULT_DIR: &str = "vault";
 pub const VAULT_NEW: &str = "vault.new";
 /// The plaintext header inside the vault directory.
 const HEADER_FILE: &str = "header";
-/// LMDB map size: the most the vault can ever hold.
-const MAP_SIZE: usize = 64 * 1024 * 1024;
+/// LMDB map size: the most the vault can ever hold. Address space, not
+/// memory or disk (the file grows as pages are written): room for a full
+/// rewrite of every value kept (8,192 held for others, padded to a page
+/// each by `pad`, plus this node's own) beside the set it replaces.
+const MAP_SIZE: usize = 1 << 30;
 /// Named tables the environment may hold.
 const MAX_DBS: u32 = 4;
 /// The peer table.

@@ -156,7 +156,11 @@ impl Vault {
         }
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
         self.meta
-            .put(&mut wtxn, key, &pad::stored(value))
+            .put(
+                &mut wtxn,
+                key,
+                &Zeroizing::new(pad::stored(value).into_owned()),
+            )
             .map_err(|e| self.err(e))?;
         wtxn.commit().map_err(|e| self.err(e))
     }

@@ -179,7 +179,7 @@ impl Vault {
         }
         let vault = open_env(&dir, &keys)?;
         vault.verify()?;
-        vault.pad_old_identity()?;
+        vault.pad_old_values()?;
         // A crash in a rotation or migration may have left a second copy:
         // the vault opened, holds everything, so the copy goes.
         let new = state_dir.join(VAULT_NEW);
@@ -193,23 +193,35 @@ impl Vault {
         Ok(vault)
     }
 
-    /// Pads an identity stored unpadded by an earlier version (see `pad`):
-    /// left as it was, it keeps the `meta` table open to LMDB's bug.
-    fn pad_old_identity(&self) -> Result<()> {
+    /// Pads what an earlier version stored unpadded in the range LMDB
+    /// mishandles (the identity, values, peers; see `pad`), in one
+    /// transaction: left as they were, the next writes beside them would
+    /// meet the bug. A vault padded so is no longer readable by versions
+    /// before the padding.
+    fn pad_old_values(&self) -> Result<()> {
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
-        let raw = match self
-            .meta
-            .get(&mut wtxn, META_IDENTITY)
-            .map_err(|e| self.err(e))?
-        {
-            Some(raw) if pad::needs_padding(raw) => Zeroizing::new(pad::stored(raw).into_owned()),
-            _ => return Ok(()),
-        };
-        self.meta
-            .put(&mut wtxn, META_IDENTITY, &raw)
-            .map_err(|e| self.err(e))?;
+        let mut padded = 0;
+        for db in [&self.meta, &self.nodes] {
+            let mut old: Vec<(Vec<u8>, Zeroizing<Vec<u8>>)> = Vec::new();
+            for entry in db.iter(&mut wtxn).map_err(|e| self.err(e))? {
+                let (k, v) = entry.map_err(|e| self.err(e))?;
+                if pad::needs_padding(v) {
+                    old.push((k.to_vec(), Zeroizing::new(pad::stored(v).into_owned())));
+                }
+            }
+            for (k, v) in &old {
+                db.put(&mut wtxn, k, v).map_err(|e| self.err(e))?;
+            }
+            padded += old.len();
+        }
+        if padded == 0 {
+            return Ok(());
+        }
         wtxn.commit().map_err(|e| self.err(e))?;
-        tracing::info!("vault: identity rewritten padded (an LMDB bug's way round)");
+        tracing::info!(
+            padded,
+            "vault: old entries rewritten padded (an LMDB bug's way round)"
+        );
         Ok(())
     }
 

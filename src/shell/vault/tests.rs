@@ -388,9 +388,10 @@ fn key_files() {
 }
 
 /// A put storm's writes (one record added per put, the full set every 64)
-/// beside the identity: unpadded, encrypted LMDB failed at the 2,992nd
-/// record (`MDB_PROBLEM`) and sometimes crashed (see `pad`). Records of
-/// 820 bytes (a typical put) and of 1,650 (the largest a DHT takes).
+/// beside the identity: unpadded, encrypted LMDB failed here at record
+/// 1,236 (`MDB_PROBLEM`), and a daemon under such a storm crashed inside
+/// LMDB (see `pad`). Records of 820 bytes (a typical put) and of 1,650
+/// (the largest a DHT takes), the larger stored padded.
 #[test]
 fn a_put_storm_beside_the_identity_is_kept_whole() {
     let t = TempDir::new("storm");
@@ -414,16 +415,27 @@ fn a_put_storm_beside_the_identity_is_kept_whole() {
     kept.sort();
     all.sort();
     assert_eq!(kept, all);
+    let mut rtxn = v.rtxn().unwrap();
+    for entry in v.meta.iter(&mut rtxn).unwrap() {
+        let (k, raw) = entry.unwrap();
+        let len = pad::unstored(raw).len();
+        assert!(
+            len < pad::PAD_FROM || raw.len() >= pad::PAD_TO,
+            "{k:?}: {len} stored in {}",
+            raw.len()
+        );
+    }
+    drop(rtxn);
     v.close();
     let v = Vault::open(&t.state(), &key).unwrap();
     assert_eq!(v.identity().unwrap().node_id(), identity().node_id());
     assert_eq!(v.values().unwrap().len(), all.len());
 }
 
-/// A vault from before the padding holds its identity unpadded: opening
-/// it pads it, and it reads back the same.
+/// A vault from before the padding holds its identity (and maybe values)
+/// unpadded: opening it pads them, and they read back the same.
 #[test]
-fn an_unpadded_identity_is_padded_on_open() {
+fn unpadded_entries_are_padded_on_open() {
     let t = TempDir::new("pad-old");
     let key = t.key("k");
     let v = Vault::create(&t.state(), &key, &identity()).unwrap();
@@ -433,8 +445,10 @@ fn an_unpadded_identity_is_padded_on_open() {
         "the PEM is in the range ({})",
         pem.len()
     );
+    let record = vec![9u8; 1650];
     let mut wtxn = v.env.write_txn().unwrap();
     v.meta.put(&mut wtxn, META_IDENTITY, &pem).unwrap();
+    v.meta.put(&mut wtxn, b"dht/value/+old", &record).unwrap();
     wtxn.commit().unwrap();
     v.close();
     let v = Vault::open(&t.state(), &key).unwrap();
@@ -447,7 +461,17 @@ fn an_unpadded_identity_is_padded_on_open() {
         .to_vec();
     drop(rtxn);
     assert!(raw.len() >= pad::PAD_TO && !pad::needs_padding(&raw));
+    let mut rtxn = v.rtxn().unwrap();
+    let raw = v
+        .meta
+        .get(&mut rtxn, b"dht/value/+old")
+        .unwrap()
+        .unwrap()
+        .to_vec();
+    drop(rtxn);
+    assert!(raw.len() >= pad::PAD_TO);
     assert_eq!(v.identity().unwrap().node_id(), identity().node_id());
+    assert_eq!(v.values().unwrap(), [record]);
 }
 
 /// LMDB's bug itself, without the vault: an encrypted table with one value
