@@ -42,10 +42,9 @@ fn report(name: &str, s: &Summary) {
 }
 
 /// Bounds that fail when circuits don't work. (Rebuilds after the churn
-/// take from a few seconds to most of a minute: sources keep drawing
-/// departed relays from their pools, and three failed builds in a row
-/// make a destination unreachable for 30 s. The bounds leave room for
-/// that; the figures printed show it.)
+/// take a few seconds to half a minute: sources keep drawing departed
+/// relays from their pools, and each costs a timed-out build step. The
+/// bounds leave room for that; the figures printed show it.)
 fn check(name: &str, s: &Summary) {
     let pct = |a: usize, b: usize| a as f64 / b.max(1) as f64;
     assert!(pct(s.built, s.pairs) >= 0.95, "[{name}] built: {s:?}");
@@ -55,7 +54,15 @@ fn check(name: &str, s: &Summary) {
     );
     assert!(s.build_ms.1 <= 5_000, "[{name}] slow builds: {s:?}");
     assert!(s.affected > 0, "[{name}] the churn broke no circuit: {s:?}");
-    assert!(pct(s.rebuilt, s.affected) >= 0.8, "[{name}] rebuilt: {s:?}");
+    // Before dead relays stopped counting against the destination (and
+    // CREATE/EXTEND steps learnt their timeout), 1,000 nodes rebuilt 89%
+    // with a p90 of 49 s: three dead relays in a row gave up on the
+    // destination for 30 s.
+    assert!(
+        pct(s.rebuilt, s.affected) >= 0.95,
+        "[{name}] rebuilt: {s:?}"
+    );
+    assert!(s.rebuild_ms.1 <= 20_000, "[{name}] slow rebuilds: {s:?}");
     assert!(
         pct(s.unaffected_kept, s.unaffected) >= 0.9,
         "[{name}] untouched circuits broke: {s:?}"

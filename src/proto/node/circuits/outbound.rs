@@ -6,17 +6,58 @@
 //! (`source.rs`) drives each circuit's build and asks this table which
 //! circuit to use and whether to give up on a destination for a while.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
-use super::OutCirc;
+use super::{OutCirc, STEP_TIMEOUT};
 use crate::proto::onion::{self, OnionError, Unwrapped};
 
 /// Failed builds in a row before packets to a destination get ICMPv6 ...
 const MAX_BUILD_FAILS: u32 = 3;
 /// ... for this long.
 const FAILED_FOR: Duration = Duration::from_secs(30);
+/// Builds in a row that failed at a relay (which leaves the pool each time,
+/// see `RelayPool::blame`) before the destination is given up on as well.
+/// A dead or refusing relay says nothing about the destination, so a fresh
+/// path is tried at once, but not without end.
+const MAX_RELAY_FAILS: u32 = 8;
+/// A CREATE or EXTEND step times out after this many times the 90th
+/// percentile of the steps that succeeded lately ...
+const STEP_MARGIN: u32 = 3;
+/// ... and never sooner than this (nor later than `STEP_TIMEOUT`).
+const MIN_EXTEND_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Successful steps remembered for that ...
+const STEP_SAMPLES: usize = 32;
+/// ... and how many it takes before they count (until then a step gets
+/// the whole `STEP_TIMEOUT`).
+const MIN_STEP_SAMPLES: usize = 3;
+
+/// Whom a failed build is blamed on ([`OutTable::failed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Fault {
+    /// One of the circuit's relays (not the destination).
+    Relay,
+    /// The destination, or nobody in particular.
+    Other,
+}
+
+/// Failed builds in a row to one destination.
+#[derive(Clone, Copy, Debug)]
+struct Fails {
+    /// Not a relay's fault ([`MAX_BUILD_FAILS`]).
+    other: u32,
+    /// A relay's ([`MAX_RELAY_FAILS`]).
+    relay: u32,
+    /// When the last one failed.
+    last: Instant,
+}
+
+impl Fails {
+    fn too_many(&self) -> bool {
+        self.other >= MAX_BUILD_FAILS || self.relay >= MAX_RELAY_FAILS
+    }
+}
 
 /// Out-circuits by the node's ID for them.
 #[derive(Default)]
@@ -25,8 +66,12 @@ pub(super) struct OutTable {
     /// The circuit packets to a destination take (a replacement takes over
     /// when it is ready).
     by_dst: HashMap<Ipv6Addr, u64>,
-    /// Failed builds in a row per destination, and when the last failed.
-    fails: HashMap<Ipv6Addr, (u32, Instant)>,
+    /// Failed builds in a row per destination.
+    fails: HashMap<Ipv6Addr, Fails>,
+    /// How long the last CREATE and EXTEND steps that succeeded took, the
+    /// newest last: what a step may take before it counts as failed
+    /// ([`OutTable::extend_timeout`]).
+    steps: VecDeque<Duration>,
 }
 
 impl OutTable {
@@ -106,28 +151,40 @@ impl OutTable {
 
     /// Whether builds to `dst` failed too often lately.
     pub(super) fn failing(&self, now: Instant, dst: &Ipv6Addr) -> bool {
-        self.fails.get(dst).is_some_and(|(n, t)| {
-            *n >= MAX_BUILD_FAILS && now.saturating_duration_since(*t) < FAILED_FOR
-        })
+        self.fails
+            .get(dst)
+            .is_some_and(|f| f.too_many() && now.saturating_duration_since(f.last) < FAILED_FOR)
     }
 
-    /// A circuit to `dst` failed: counts it (the count starts over after
-    /// [`FAILED_FOR`] without failure) and says whether it is worth
-    /// building another.
-    pub(super) fn failed(&mut self, now: Instant, dst: Ipv6Addr) -> bool {
-        let fails = self.fails.entry(dst).or_insert((0, now));
-        if now.saturating_duration_since(fails.1) >= FAILED_FOR {
-            fails.0 = 0;
+    /// A circuit to `dst` failed, by `fault`: counts it (the count starts
+    /// over after [`FAILED_FOR`] without failure) and says whether it is
+    /// worth building another.
+    pub(super) fn failed(&mut self, now: Instant, dst: Ipv6Addr, fault: Fault) -> bool {
+        let f = self.fails.entry(dst).or_insert(Fails {
+            other: 0,
+            relay: 0,
+            last: now,
+        });
+        if now.saturating_duration_since(f.last) >= FAILED_FOR {
+            (f.other, f.relay) = (0, 0);
         }
-        fails.0 += 1;
-        fails.1 = now;
-        fails.0 < MAX_BUILD_FAILS
+        match fault {
+            Fault::Relay => f.relay += 1,
+            Fault::Other => f.other += 1,
+        }
+        f.last = now;
+        !f.too_many()
     }
 
     /// Gives up on `dst` for [`FAILED_FOR`] (its destination refused us or
     /// can't be found).
     pub(super) fn give_up(&mut self, now: Instant, dst: Ipv6Addr) {
-        self.fails.insert(dst, (MAX_BUILD_FAILS, now));
+        let f = Fails {
+            other: MAX_BUILD_FAILS,
+            relay: 0,
+            last: now,
+        };
+        self.fails.insert(dst, f);
     }
 
     /// A circuit to `dst` is ready: the failures are forgotten.
@@ -138,7 +195,32 @@ impl OutTable {
     /// Forgets failures older than [`FAILED_FOR`].
     pub(super) fn sweep(&mut self, now: Instant) {
         self.fails
-            .retain(|_, (_, t)| now.saturating_duration_since(*t) < FAILED_FOR);
+            .retain(|_, f| now.saturating_duration_since(f.last) < FAILED_FOR);
+    }
+
+    /// A CREATE or EXTEND step succeeded after `took`.
+    pub(super) fn step_took(&mut self, took: Duration) {
+        if self.steps.len() >= STEP_SAMPLES {
+            self.steps.pop_front();
+        }
+        self.steps.push_back(took);
+    }
+
+    /// How long a CREATE or EXTEND step may take before the circuit counts
+    /// as failed and the relay it waits on is blamed: a few times what the
+    /// steps that succeeded lately took, within [`MIN_EXTEND_TIMEOUT`] and
+    /// [`STEP_TIMEOUT`]. After a churn, each dead relay a new path draws
+    /// costs this long, so it should not be the full timeout when steps
+    /// usually take milliseconds. (Tor learns its circuit build timeout
+    /// from the build times it sees in the same spirit.)
+    pub(super) fn extend_timeout(&self) -> Duration {
+        if self.steps.len() < MIN_STEP_SAMPLES {
+            return STEP_TIMEOUT;
+        }
+        let mut sorted: Vec<Duration> = self.steps.iter().copied().collect();
+        sorted.sort_unstable();
+        let p90 = sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)];
+        (p90 * STEP_MARGIN).clamp(MIN_EXTEND_TIMEOUT, STEP_TIMEOUT)
     }
 }
 
@@ -219,13 +301,16 @@ mod tests {
         let dst: Ipv6Addr = "fc00::7".parse().unwrap();
         let mut t = OutTable::default();
         assert!(!t.failing(t0, &dst));
-        assert!(t.failed(t0, dst));
-        assert!(t.failed(t0, dst));
-        assert!(!t.failed(t0, dst), "the third failure gives up");
+        assert!(t.failed(t0, dst, Fault::Other));
+        assert!(t.failed(t0, dst, Fault::Other));
+        assert!(
+            !t.failed(t0, dst, Fault::Other),
+            "the third failure gives up"
+        );
         assert!(t.failing(t0, &dst));
         assert!(!t.failing(t0 + FAILED_FOR, &dst));
         // A failure after a quiet spell counts from one again.
-        assert!(t.failed(t0 + FAILED_FOR, dst));
+        assert!(t.failed(t0 + FAILED_FOR, dst, Fault::Other));
         assert!(!t.failing(t0 + FAILED_FOR, &dst));
         // Given up outright, then a success forgets it.
         t.give_up(t0, dst);
@@ -233,8 +318,62 @@ mod tests {
         t.succeeded(&dst);
         assert!(!t.failing(t0, &dst));
         // Old failures are swept.
-        t.failed(t0, dst);
+        t.failed(t0, dst, Fault::Other);
         t.sweep(t0 + FAILED_FOR);
         assert!(t.fails.is_empty());
+    }
+
+    #[test]
+    fn failures_at_relays_give_up_only_after_many() {
+        let t0 = Instant::now();
+        let dst: Ipv6Addr = "fc00::7".parse().unwrap();
+        let mut t = OutTable::default();
+        // Dead relays on the way: each failure is worth another path ...
+        for _ in 1..MAX_RELAY_FAILS {
+            assert!(t.failed(t0, dst, Fault::Relay));
+            assert!(!t.failing(t0, &dst));
+        }
+        // ... but not without end.
+        assert!(!t.failed(t0, dst, Fault::Relay));
+        assert!(t.failing(t0, &dst));
+        assert!(!t.failing(t0 + FAILED_FOR, &dst));
+        // The destination's own failures still count on their own: relay
+        // failures in between neither hide them nor add to them.
+        t.succeeded(&dst);
+        assert!(t.failed(t0, dst, Fault::Other));
+        assert!(t.failed(t0, dst, Fault::Relay));
+        assert!(t.failed(t0, dst, Fault::Other));
+        assert!(!t.failed(t0, dst, Fault::Other));
+        assert!(t.failing(t0, &dst));
+    }
+
+    #[test]
+    fn the_extend_timeout_follows_the_steps_that_succeeded() {
+        let ms = Duration::from_millis;
+        let mut t = OutTable::default();
+        // Too few samples: the whole timeout.
+        for _ in 1..MIN_STEP_SAMPLES {
+            t.step_took(ms(20));
+        }
+        assert_eq!(t.extend_timeout(), STEP_TIMEOUT);
+        // Fast steps: the floor.
+        t.step_took(ms(20));
+        assert_eq!(t.extend_timeout(), MIN_EXTEND_TIMEOUT);
+        // Slower steps: a few times their 90th percentile ...
+        for _ in 0..STEP_SAMPLES {
+            t.step_took(ms(900));
+        }
+        assert_eq!(t.extend_timeout(), ms(2700));
+        // ... one slow outlier in ten does not move it; many do, up to the
+        // ceiling.
+        for _ in 0..3 {
+            t.step_took(ms(4000));
+        }
+        assert_eq!(t.extend_timeout(), ms(2700));
+        for _ in 0..STEP_SAMPLES {
+            t.step_took(ms(4000));
+        }
+        assert_eq!(t.extend_timeout(), STEP_TIMEOUT);
+        assert_eq!(t.steps.len(), STEP_SAMPLES);
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
 
+use super::outbound::Fault;
 use super::routing::PathInputs;
 use super::{
     count, wrap_into, BuildError, BuiltHop, CircRef, OutCirc, Peer, SignJob, Stage, CIRCUIT_MTU,
@@ -184,6 +185,7 @@ impl Node {
         };
         match hs.finish(&body[..CREATED_LEN]) {
             Ok(keys) => {
+                let took = now.saturating_duration_since(c.step_started);
                 let hop_id = c.relays[0].id;
                 c.hops.push(BuiltHop {
                     id: hop_id,
@@ -192,6 +194,7 @@ impl Node {
                     replay: ReplayWindow::default(),
                     last_reply: now,
                 });
+                self.circ.out.step_took(took);
                 self.advance(now, id);
             }
             Err(e) => {
@@ -260,6 +263,7 @@ impl Node {
                 };
                 match hs.finish(&self.bufs.cell[start..end]) {
                     Ok(keys) => {
+                        let took = now.saturating_duration_since(c.step_started);
                         c.hops.push(BuiltHop {
                             id: next.id,
                             keys,
@@ -267,6 +271,7 @@ impl Node {
                             replay: ReplayWindow::default(),
                             last_reply: now,
                         });
+                        self.circ.out.step_took(took);
                         self.advance(now, id);
                     }
                     Err(e) => self.out_failed(now, id, Some(next.id), &e.to_string()),
@@ -461,6 +466,12 @@ impl Node {
         let (dst, in_use) = (c.dst, now.saturating_duration_since(c.last_used) < OUT_IDLE);
         let queue = std::mem::take(&mut c.queue);
         let replaced_by = c.replaced_by;
+        // A relay to blame (not the destination, which is the last hop):
+        // a fresh path avoids it, and the destination is not given up on.
+        let fault = match bad {
+            Some(b) if c.relays.iter().any(|p| p.id == b) => Fault::Relay,
+            _ => Fault::Other,
+        };
         tracing::info!(circuit = id, "circuit failed: {why}");
         tracing::debug!(circuit = id, %dst, "circuit failed");
         if let Some(b) = bad {
@@ -469,7 +480,7 @@ impl Node {
             self.circ.pool.blame(now, b);
         }
         self.close_out(now, id);
-        let worth_another = self.circ.out.failed(now, dst);
+        let worth_another = self.circ.out.failed(now, dst, fault);
         if !worth_another || !in_use {
             return;
         }

@@ -70,7 +70,13 @@ impl Node {
                 continue;
             };
             if c.stage != Stage::Ready {
-                if now.saturating_duration_since(c.step_started) > STEP_TIMEOUT {
+                // CREATE and EXTEND get what such steps take here lately;
+                // a LOOKUP (a DHT lookup at the relay) and AUTH the lot.
+                let limit = match c.stage {
+                    Stage::Extending => self.circ.out.extend_timeout(),
+                    _ => STEP_TIMEOUT,
+                };
+                if now.saturating_duration_since(c.step_started) > limit {
                     let blame = match c.stage {
                         Stage::Extending => c
                             .relays
