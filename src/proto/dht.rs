@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::identity::NodeId;
+use super::limit::{Limit, Rate};
 
 mod lookup;
 mod store;
@@ -83,6 +84,17 @@ pub const REPUBLISH_INTERVAL: Duration = Duration::from_secs(1800);
 /// [`MAX_LOOKUPS`] stays free for our record, puts, gets and addresses, however
 /// many values this node has published (they wait in a queue).
 pub const REPUBLISH_LOOKUPS: usize = MAX_LOOKUPS / 2;
+/// How fast those lookups start: each asks a few peers and stores at up to
+/// [`REPLICATION`], and in a small network the same few peers answer them
+/// all. At 4 a second a peer of a 2-node network gets ~8 requests a second
+/// from republishing, well inside [`REQUEST_RATE`]; faster, peers drop the
+/// requests, they time out, and after [`MAX_FAILS`] the peers are dropped
+/// from the table. 4 a second still stores 7,200 values every
+/// [`REPUBLISH_INTERVAL`].
+pub const REPUBLISH_RATE: Limit = Limit {
+    per_sec: 4,
+    burst: 8,
+};
 /// Replacement candidates kept per bucket.
 pub const REPLACEMENTS: usize = 4;
 /// Failed requests in a row after which an entry is dropped.
@@ -270,6 +282,8 @@ pub struct Dht<R: Records> {
     own_values: HashMap<(Key, NodeId), OwnValue>,
     /// Own values waiting to be stored again (see [`REPUBLISH_LOOKUPS`]).
     republish: Republish,
+    /// Paces the republishing lookups ([`REPUBLISH_RATE`]).
+    republish_rate: Rate,
     budgets: HashMap<NodeId, (f64, Instant)>,
     next_lookup: u64,
     rng: Rng,
@@ -296,6 +310,7 @@ impl<R: Records> Dht<R> {
             value_count: 0,
             own_values: HashMap::new(),
             republish: Republish::default(),
+            republish_rate: Rate::new(now),
             budgets: HashMap::new(),
             next_lookup: 1,
             rng: Rng(seed),
@@ -554,11 +569,12 @@ impl<R: Records> Dht<R> {
             .map(|b| b.last_lookup.unwrap_or(self.start) + REFRESH_INTERVAL)
             .min();
         let publish = self.last_publish.map(|t| t + REPUBLISH_INTERVAL);
-        // Queued own values that a free slot could take: due now.
+        // Queued own values that a free slot could take: due when the
+        // pace allows the next (now, if it does already).
         let republish = (!self.republish.is_empty()
             && self.lookups.len() < REPUBLISH_LOOKUPS
             && self.table_len() > 0)
-            .then_some(self.start);
+            .then(|| self.republish_rate.ready_at(REPUBLISH_RATE));
         [rpc, lookup, refresh, publish, republish]
             .into_iter()
             .flatten()

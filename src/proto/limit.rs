@@ -48,6 +48,12 @@ impl Rate {
         Rate { tat: now }
     }
 
+    /// When [`Rate::allow`] next says yes: `now` or earlier if it would
+    /// now.
+    pub fn ready_at(&self, limit: Limit) -> Instant {
+        self.tat.checked_sub(limit.tolerance()).unwrap_or(self.tat)
+    }
+
     /// Takes one token if there is one.
     pub fn allow(&mut self, now: Instant, limit: Limit) -> bool {
         let tat = self.tat.max(now);

@@ -10,7 +10,7 @@ use super::lookup::Then;
 use super::{
     distance, Dht, Goal, Key, NodeId, RecordError, Records, ValueInfo, MAX_RECORD_BYTES,
     MAX_STORED_RECORDS, MAX_VALUES, MAX_VALUES_PER_KEY, MAX_VALUES_PER_PUBLISHER,
-    REPUBLISH_INTERVAL, REPUBLISH_LOOKUPS,
+    REPUBLISH_INTERVAL, REPUBLISH_LOOKUPS, REPUBLISH_RATE,
 };
 
 pub(super) struct StoredValue {
@@ -229,17 +229,19 @@ impl<R: Records> Dht<R> {
     }
 
     /// Stores queued own values again while fewer than
-    /// [`REPUBLISH_LOOKUPS`] lookups run. Called from the timers and
-    /// [`Dht::publish`]. Each was checked when it was put or restored, and
-    /// its key says where it goes: no signature is verified again. With no
-    /// contacts the queue waits (a lookup would end at once, storing
-    /// nowhere).
+    /// [`REPUBLISH_LOOKUPS`] lookups run, at most [`REPUBLISH_RATE`].
+    /// Called from the timers and [`Dht::publish`]. Each was checked when
+    /// it was put or restored, and its key says where it goes: no signature
+    /// is verified again. With no contacts the queue waits (a lookup would
+    /// end at once, storing nowhere).
     pub(super) fn republish_some(&mut self, now: Instant) {
         if self.table_len() == 0 {
             return;
         }
         let unix = self.unix(now);
-        while self.lookups.len() < REPUBLISH_LOOKUPS {
+        while self.lookups.len() < REPUBLISH_LOOKUPS
+            && self.republish_rate.ready_at(REPUBLISH_RATE) <= now
+        {
             let Some(key) = self.republish.pop() else {
                 return;
             };
@@ -250,6 +252,7 @@ impl<R: Records> Dht<R> {
                 continue;
             }
             let rec = rec.clone();
+            self.republish_rate.allow(now, REPUBLISH_RATE);
             self.start_lookup(now, Goal::Closest(key.0), Then::StoreValue(rec));
         }
     }

@@ -400,17 +400,29 @@ fn many_own_values_are_republished_a_few_at_a_time() {
         checks,
         "nothing checked again"
     );
-    // Our record's lookup, then values up to the republishing share.
-    assert_eq!(d.lookups.len(), REPUBLISH_LOOKUPS);
-    assert_eq!(d.republish.len(), 2000 - (REPUBLISH_LOOKUPS - 1));
+    // Our record's lookup, then values at the republishing pace's burst.
+    let burst = REPUBLISH_RATE.burst as usize;
+    assert_eq!(d.lookups.len(), 1 + burst);
+    assert_eq!(d.republish.len(), 2000 - burst);
+    // Nothing more before the pace allows it, and the timer knows when.
+    d.handle_timeout(now);
+    assert_eq!(d.lookups.len(), 1 + burst);
+    let due = d.poll_timeout().expect("a deadline");
+    assert!(
+        due > now && due <= now + Duration::from_millis(250),
+        "{due:?} {now:?}"
+    );
     // The node's own work still finds slots; republishing waits.
     let gets: Vec<_> = (0..(MAX_LOOKUPS - REPUBLISH_LOOKUPS))
         .map(|i| d.lookup(now, Goal::Values([i as u8 + 100; 32])))
         .collect();
     assert!(gets.iter().all(|g| g.is_some()), "{gets:?}");
-    d.handle_timeout(now);
-    assert_eq!(d.lookups.len(), MAX_LOOKUPS);
+    d.handle_timeout(now + Duration::from_secs(1));
+    assert_eq!(d.lookups.len(), 1 + burst + MAX_LOOKUPS - REPUBLISH_LOOKUPS);
     // A put with every slot taken is kept and queued, not lost.
+    while d.lookups.len() < MAX_LOOKUPS {
+        d.lookup(now, Goal::Values([7; 32]));
+    }
     assert_eq!(d.put(now, &value(5000)), Ok(None));
     let first = d.republish.front().map(|k| k.0[..4].to_vec());
     assert_eq!(
@@ -419,34 +431,91 @@ fn many_own_values_are_republished_a_few_at_a_time() {
         "the put waits, first in line"
     );
     // As lookups end, the timers move the queue on until it is empty,
-    // starting a lookup for every value in it (none skipped). A publish
-    // midway (a new endpoint) queues nothing twice.
+    // starting a lookup for every value in it (none skipped), never
+    // faster than the pace and never more at once than the share. A
+    // publish midway (a new endpoint) queues nothing twice. Five peers
+    // take it all without rate-limiting us, so none drops out of the
+    // table. (The 64 lookups above, all at one instant, were more than
+    // they take: those peers timed out, and are known again here.)
+    m.run();
+    let t = now + LOOKUP_DEADLINE;
+    m.now = t;
+    m.nodes[0].handle_timeout(t);
+    m.run();
+    for i in 1..=5 {
+        let c = m.nodes[i].own().clone();
+        m.nodes[0].add_contact(t, c, Source::Config);
+    }
+    let limited_before: u64 = m.nodes[1..].iter().map(|n| n.stats.rate_limited).sum();
     let queued = m.nodes[0].republish.len() as u64;
     let started = m.nodes[0].stats.lookups;
-    let (mut rounds, mut t) = (0, now);
+    let (mut rounds, mut t) = (0, t);
+    let step = Duration::from_secs(1);
     while !m.nodes[0].republish.is_empty() {
         m.run();
-        t += LOOKUP_DEADLINE;
+        t += step;
         m.now = t;
         if rounds == 3 {
             m.nodes[0].publish(t);
             assert!(m.nodes[0].republish.len() <= 2001);
         }
         m.nodes[0].handle_timeout(t);
-        // Five peers can't take 32 lookups' requests at once (their rate
-        // limits): those that timed out are known again, and the queue
-        // goes on.
-        let peers: Vec<Contact> = m.nodes[1..].iter().map(|n| n.own().clone()).collect();
-        for c in peers {
-            m.nodes[0].add_contact(t, c, Source::Config);
-        }
-        let before = m.nodes[0].republish.len();
-        m.nodes[0].republish_some(t);
-        assert!(before - m.nodes[0].republish.len() <= REPUBLISH_LOOKUPS);
         rounds += 1;
-        assert!(rounds < 200, "the queue drains");
+        // The pace's burst, then its rate (and our record's lookup at the
+        // publish).
+        let begun = m.nodes[0].stats.lookups - started;
+        let most = REPUBLISH_RATE.burst + REPUBLISH_RATE.per_sec * rounds + 1;
+        assert!(begun <= u64::from(most), "{begun} in {rounds} s");
+        assert!(m.nodes[0].lookups.len() <= REPUBLISH_LOOKUPS + 1);
+        assert!(rounds < 1000, "the queue drains");
     }
+    m.run();
     assert!(m.nodes[0].stats.lookups - started >= queued);
+    let limited: u64 = m.nodes[1..].iter().map(|n| n.stats.rate_limited).sum();
+    assert_eq!(
+        limited, limited_before,
+        "peers rate-limited our republishing"
+    );
+    assert_eq!(m.nodes[0].table_len(), 5, "a peer dropped out");
+}
+
+/// A node with many values and a single peer (the smallest network, a
+/// two-node bench) republishes them at a pace the peer takes: unpaced, 32
+/// lookups every 250 ms tick asked the peer ~256 requests a second, it
+/// rate-limited them, they timed out and the node dropped its only peer.
+#[test]
+fn republishing_stays_inside_a_lone_peers_budget() {
+    let mut m = Mesh::new(&[0, 1]);
+    let now = m.now;
+    let peer = m.nodes[1].own().clone();
+    m.nodes[0].add_contact(now, peer, Source::Config);
+    for n in 0..300u32 {
+        let mut v = vec![0u8; 32];
+        v[..4].copy_from_slice(&n.to_be_bytes());
+        v.extend_from_slice(&[0u8; 32]);
+        v.extend_from_slice(&1u64.to_be_bytes());
+        v.extend_from_slice(&2_000_000_000u64.to_be_bytes());
+        m.nodes[0].restore_value(now, &v);
+    }
+    let started = m.nodes[0].stats.lookups;
+    m.nodes[0].publish(now);
+    let tick = Duration::from_millis(250);
+    let mut t = now;
+    for _ in 0..400 {
+        m.run();
+        t += tick;
+        m.now = t;
+        m.nodes[0].handle_timeout(t);
+        m.nodes[1].handle_timeout(t);
+        if m.nodes[0].republish.is_empty() {
+            break;
+        }
+    }
+    m.run();
+    assert!(m.nodes[0].republish.is_empty(), "the queue drains");
+    assert!(m.nodes[0].stats.lookups - started > 300);
+    assert_eq!(m.nodes[1].stats.rate_limited, 0, "the peer rate-limited us");
+    assert_eq!(m.nodes[0].table_len(), 1, "the peer was dropped");
 }
 
 /// With no contacts, republishing waits instead of running through the
