@@ -107,6 +107,10 @@ pub const REQUEST_RATE: f64 = 20.0;
 pub const REQUEST_BURST: f64 = 60.0;
 /// Peers tracked for rate limiting before the table is reset.
 const MAX_RATE_PEERS: usize = 8192;
+/// Unexpired values this node publishes at once (its own puts): each is
+/// stored again every [`REPUBLISH_INTERVAL`], at [`REPUBLISH_RATE`], and
+/// other nodes keep at most [`MAX_VALUES_PER_PUBLISHER`] of one publisher's.
+pub const MAX_OWN_VALUES: usize = 4096;
 /// Largest value in a value record.
 pub const MAX_VALUE_LEN: usize = 1024;
 /// Entries (publishers) kept under one key.
@@ -162,6 +166,12 @@ pub enum RecordError {
     /// Larger than allowed.
     #[error("oversized record")]
     Oversized,
+    /// This node publishes [`MAX_OWN_VALUES`] unexpired values already.
+    #[error(
+        "this node publishes {max} values already, the most it keeps stored (each goes out again every 30 min until it expires): let some expire or overwrite existing keys",
+        max = MAX_OWN_VALUES
+    )]
+    TooManyOwn,
 }
 
 /// The seam between the DHT and record signatures: RSA in the node

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::lookup::Then;
 use super::{
-    distance, Dht, Goal, Key, NodeId, RecordError, Records, ValueInfo, MAX_RECORD_BYTES,
-    MAX_STORED_RECORDS, MAX_VALUES, MAX_VALUES_PER_KEY, MAX_VALUES_PER_PUBLISHER,
+    distance, Dht, Goal, Key, NodeId, RecordError, Records, ValueInfo, MAX_OWN_VALUES,
+    MAX_RECORD_BYTES, MAX_STORED_RECORDS, MAX_VALUES, MAX_VALUES_PER_KEY, MAX_VALUES_PER_PUBLISHER,
     REPUBLISH_INTERVAL, REPUBLISH_LOOKUPS, REPUBLISH_RATE,
 };
 
@@ -269,6 +269,9 @@ impl<R: Records> Dht<R> {
         }
         let rec: Arc<[u8]> = Arc::from(record);
         let key = (info.target, info.publisher);
+        if !self.own_room(now, &key) {
+            return Err(RecordError::TooManyOwn);
+        }
         self.own_values.insert(key, (info.expires, rec.clone()));
         self.store_value(now, record);
         let id = self.start_lookup(now, Goal::Closest(info.target), Then::StoreValue(rec));
@@ -277,6 +280,17 @@ impl<R: Records> Dht<R> {
             self.republish.push_front(key);
         }
         Ok(id)
+    }
+
+    /// Whether an own value under `key` fits [`MAX_OWN_VALUES`] (a new
+    /// one for a key already ours always does); expired ones go first.
+    fn own_room(&mut self, now: Instant, key: &(Key, NodeId)) -> bool {
+        if self.own_values.len() < MAX_OWN_VALUES || self.own_values.contains_key(key) {
+            return true;
+        }
+        let unix = self.unix(now);
+        self.own_values.retain(|_, (expires, _)| *expires > unix);
+        self.own_values.len() < MAX_OWN_VALUES
     }
 
     /// Values stored here under `target` (for a get that this node can
@@ -341,7 +355,7 @@ impl<R: Records> Dht<R> {
                     .map_or(true, |k| info.seq > k.seq),
                 None => true,
             };
-            if newer {
+            if newer && self.own_room(now, &key) {
                 self.own_values
                     .insert(key, (info.expires, Arc::from(record)));
             }

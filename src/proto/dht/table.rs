@@ -130,7 +130,9 @@ impl<R: Records> Dht<R> {
             Some(RecordError::Forged) => self.stats.forged_records += 1,
             Some(RecordError::Expired) => self.stats.expired_records += 1,
             Some(RecordError::Oversized) => self.stats.oversized_records += 1,
-            None => {}
+            // Only our own puts are refused this way, never a record
+            // from the network.
+            Some(RecordError::TooManyOwn) | None => {}
         }
     }
 

@@ -518,6 +518,41 @@ fn republishing_stays_inside_a_lone_peers_budget() {
     assert_eq!(m.nodes[0].table_len(), 1, "the peer was dropped");
 }
 
+/// A node keeps at most `MAX_OWN_VALUES` values of its own: the next put
+/// is refused with a reason, a new value under a key it has is not, and
+/// values that expired make room.
+#[test]
+fn own_values_are_bounded() {
+    let now = Instant::now();
+    let mut d = Dht::new(contact(0, 1), Plain, now, 1_700_000_000, 1);
+    let value = |n: u32, seq: u64, expires: u64| {
+        let mut v = vec![0u8; 32];
+        v[..4].copy_from_slice(&n.to_be_bytes());
+        v.extend_from_slice(&[0u8; 32]);
+        v.extend_from_slice(&seq.to_be_bytes());
+        v.extend_from_slice(&expires.to_be_bytes());
+        v
+    };
+    let soon = 1_700_000_100;
+    for n in 0..MAX_OWN_VALUES as u32 {
+        assert!(d.put(now, &value(n, 1, soon)).is_ok(), "value {n}");
+    }
+    let extra = value(MAX_OWN_VALUES as u32, 1, soon);
+    assert_eq!(d.put(now, &extra), Err(RecordError::TooManyOwn));
+    assert!(RecordError::TooManyOwn.to_string().contains("4096 values"));
+    assert!(d.put(now, &value(7, 2, soon)).is_ok(), "a key we have");
+    // Restored ones count too.
+    let extra_key: Key = extra[..32].try_into().unwrap();
+    let us = d.own.info.id;
+    assert!(!d.own_values.contains_key(&(extra_key, us)));
+    d.restore_value(now, &extra);
+    assert_eq!(d.own_values.len(), MAX_OWN_VALUES);
+    // Once they expire there is room again.
+    let later = now + Duration::from_secs(200);
+    assert!(d.put(later, &value(1 << 20, 1, 1_700_001_000)).is_ok());
+    assert_eq!(d.own_values.len(), 1);
+}
+
 /// With no contacts, republishing waits instead of running through the
 /// queue with lookups that end at once.
 #[test]
