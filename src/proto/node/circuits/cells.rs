@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use rand_core::RngCore;
 
-use super::{count, wrap_into, CircRef};
+use super::{count, wrap_into, CircRef, Stage};
 use crate::proto::identity::NodeId;
 use crate::proto::node::{seal_batch, Node, Sealed, MAX_PENDING_CTL, MSG_CELL};
 use crate::proto::onion::{
@@ -285,7 +285,16 @@ impl Node {
         match self.circ.on_link.get(&key).copied() {
             Some(CircRef::Prev(h)) => self.drop_hop(now, h, false, true),
             Some(CircRef::Next(h)) => self.drop_hop(now, h, true, false),
-            Some(CircRef::Out(id)) => self.out_failed(now, id, None, "destroyed by a hop"),
+            Some(CircRef::Out(id)) => {
+                // While building, the relay being reached refused (full,
+                // not allowed, bad handshake) and the relays before passed
+                // its DESTROY on: it is to blame, as for a timeout.
+                let bad = self.circ.out.get(id).and_then(|c| match c.stage {
+                    Stage::Extending => c.relays.get(c.hops.len()).map(|p| p.id),
+                    _ => None,
+                });
+                self.out_failed(now, id, bad, "destroyed by a hop")
+            }
             None => {}
         }
     }

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::proto::identity::NodeId;
 use crate::proto::node::{Node, Routed};
-use crate::proto::onion::body::{self, Extend, Lookup};
+use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
 use crate::proto::onion::{
     CellKind, ClientHandshake, Cmd, ReplayWindow, CELL_HEADER, CREATED_LEN, MAX_DATA,
 };
@@ -278,10 +278,16 @@ impl Node {
                 }
             }
             Cmd::ExtendFailed if last => {
-                let next = if c.hops.len() < c.relays.len() {
-                    Some(c.relays[c.hops.len()].id)
-                } else {
-                    None
+                // A relay refusing to extend at all is to blame itself; a
+                // next hop it could not reach (or that never answered) is.
+                let why = ExtendRefusal::parse(&self.bufs.cell[start..end]);
+                let next = match why {
+                    Some(
+                        ExtendRefusal::NotRelay
+                        | ExtendRefusal::AlreadyExtended
+                        | ExtendRefusal::BadTarget,
+                    ) => c.hops.last().map(|h| h.id),
+                    _ => c.relays.get(c.hops.len()).map(|p| p.id),
                 };
                 self.out_failed(now, id, next, "extend failed");
             }

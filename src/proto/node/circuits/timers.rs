@@ -77,6 +77,7 @@ impl Node {
                     _ => STEP_TIMEOUT,
                 };
                 if now.saturating_duration_since(c.step_started) > limit {
+                    let extending = c.stage == Stage::Extending;
                     let blame = match c.stage {
                         Stage::Extending => c
                             .relays
@@ -85,6 +86,12 @@ impl Node {
                             .or(c.dest.as_ref().map(|d| d.id)),
                         _ => None,
                     };
+                    if extending {
+                        // Counted as taking the limit: if steps got slower
+                        // here (another network, congestion), the limit
+                        // follows them up instead of failing every build.
+                        self.circ.out.step_took(limit);
+                    }
                     self.out_failed(now, id, blame, "build step timed out");
                 }
                 continue;
