@@ -1089,7 +1089,7 @@ impl Node {
             }
         }
         for i in remove {
-            self.remove_link(i);
+            self.remove_link(now, i);
         }
         if !self.sweep.is_empty() {
             return Sweep::More;

@@ -64,6 +64,11 @@ pub const CIRCUIT_MTU: usize = MAX_DATA;
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// A hop silent this long (probes unanswered) fails the circuit.
 const PROBE_DEAD: Duration = Duration::from_millis(3500);
+/// A node that heard nothing on any link for this long (and since a build
+/// step began) is cut off: the relay that step waits on is not blamed.
+/// Longer than a WireGuard keepalive (10 s by default), since idle links
+/// are that quiet.
+const LIVENESS: Duration = Duration::from_secs(15);
 /// A build step (CREATE, EXTEND, LOOKUP, AUTH) that takes longer fails.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// A relay gives an EXTEND this long to complete.

@@ -135,7 +135,7 @@ impl Node {
         if !self.config.access.link.admits(ip, &id) {
             tracing::debug!(link = index, node = %id.short(), "link closed: denied by [access]");
             self.drops.access_denied += 1;
-            self.remove_link(index);
+            self.remove_link(now, index);
             return false;
         }
         let other = self.links.index_of_addr(&addr).map(|o| {
@@ -156,7 +156,7 @@ impl Node {
             }
             Claim::Replaces(other) => {
                 let configured = self.links.get(&other).and_then(|l| l.configured);
-                self.remove_link(other);
+                self.remove_link(now, other);
                 if let Some(l) = self.links.get_mut(&index) {
                     l.configured = l.configured.or(configured);
                 }

@@ -27,7 +27,7 @@ impl Node {
                 .links
                 .room_unverified(endpoint, now, cap, UNVERIFIED_GRACE);
             // Not logged: a flood of handshakes would fill the log.
-            if !self.make_room(room, false) {
+            if !self.make_room(now, room, false) {
                 return None;
             }
         }
@@ -36,7 +36,7 @@ impl Node {
         let room = self
             .links
             .room(now, self.config.max_links, LRU_IDLE, configured.is_none());
-        if !self.make_room(room, true) {
+        if !self.make_room(now, room, true) {
             return None;
         }
         let keepalive = (self.config.keepalive > 0).then_some(self.config.keepalive);
@@ -87,12 +87,12 @@ impl Node {
     /// Acts on the link table's answer to "is there room?": removes the
     /// link that must make room (counted as a `link_limit` drop, as is a
     /// refusal; logged if `log`). Returns whether the new link fits.
-    fn make_room(&mut self, room: Room, log: bool) -> bool {
+    fn make_room(&mut self, now: Instant, room: Room, log: bool) -> bool {
         match room {
             Room::Free => true,
             Room::Evict(i) => {
                 self.drops.link_limit += 1;
-                self.drop_link(i, log);
+                self.drop_link(now, i, log);
                 true
             }
             Room::Full => {
@@ -109,20 +109,20 @@ impl Node {
 
     /// Removes a link that made room or failed its handshake (not logged:
     /// a flood would fill the log).
-    pub(super) fn remove_link_quietly(&mut self, index: u32) {
-        self.drop_link(index, false);
+    pub(super) fn remove_link_quietly(&mut self, now: Instant, index: u32) {
+        self.drop_link(now, index, false);
     }
 
-    pub(super) fn remove_link(&mut self, index: u32) {
-        self.drop_link(index, true);
+    pub(super) fn remove_link(&mut self, now: Instant, index: u32) {
+        self.drop_link(now, index, true);
     }
 
-    fn drop_link(&mut self, index: u32, log: bool) {
+    fn drop_link(&mut self, now: Instant, index: u32, log: bool) {
         if let Some(link) = self.links.remove(index) {
             if log {
                 tracing::info!(link = index, node = ?link.node_id(), "link removed");
             }
-            let now = link.last_rx.max(link.last_used);
+            // The real `now`: circuits rebuilt here time their steps from it.
             self.circuits_link_gone(now, index);
         }
     }
@@ -246,7 +246,7 @@ impl Node {
         }
         if !authenticated {
             if fresh && link.tunn.time_since_last_handshake().is_none() {
-                self.remove_link_quietly(index);
+                self.remove_link_quietly(now, index);
             }
             return None;
         }

@@ -191,7 +191,7 @@ fn removed_links_keep_their_counts() {
     let link = &before.links[0];
     assert!(link.counters.rx_bytes >= 600, "{:?}", link.counters);
     let (rx_bytes, index) = (link.counters.rx_bytes, link.link);
-    net.nodes[1].0.remove_link(index);
+    net.nodes[1].0.remove_link(net.now, index);
     let after = net.nodes[1].0.status();
     assert!(after.links.iter().all(|l| l.link != index));
     let closed = net.nodes[1].0.closed_links();
@@ -981,7 +981,7 @@ fn the_timer_sweeps_links_in_steps() {
     assert_eq!(hub.handle_timeout_some(t, 1), Sweep::More);
     assert_eq!(hub.sweep.len(), 2, "one link visited, two to go");
     let index = hub.sweep[0]; // the last one the sweep would visit
-    hub.remove_link(index);
+    hub.remove_link(t, index);
     assert_eq!(hub.handle_timeout_some(t, 1), Sweep::More);
     assert_eq!(hub.handle_timeout_some(t, 1), Sweep::Done);
     assert!(!hub.sweeping && hub.sweep.is_empty());

@@ -75,6 +75,9 @@ pub(super) struct OutTable {
     /// newest last: what a step may take before it counts as failed
     /// ([`OutTable::extend_timeout`]).
     steps: VecDeque<Duration>,
+    /// Test hook: every failure [`OutTable::failed`] counted.
+    #[cfg(test)]
+    history: Vec<(Ipv6Addr, Fault)>,
 }
 
 impl OutTable {
@@ -175,6 +178,8 @@ impl OutTable {
             Fault::Relay => f.relay += 1,
             Fault::Other => f.other += 1,
         }
+        #[cfg(test)]
+        self.history.push((dst, fault));
         f.last = now;
         !f.too_many()
     }
@@ -199,6 +204,19 @@ impl OutTable {
     pub(super) fn sweep(&mut self, now: Instant) {
         self.fails
             .retain(|_, f| now.saturating_duration_since(f.last) < FAILED_FOR);
+    }
+
+    /// Test hook: every failure counted so far to `dst`, not a relay's
+    /// fault and a relay's.
+    #[cfg(test)]
+    pub(super) fn fails_of(&self, dst: &Ipv6Addr) -> (u32, u32) {
+        let of = |fault| {
+            self.history
+                .iter()
+                .filter(|(d, f)| d == dst && *f == fault)
+                .count() as u32
+        };
+        (of(Fault::Other), of(Fault::Relay))
     }
 
     /// A CREATE or EXTEND step succeeded after `took`.

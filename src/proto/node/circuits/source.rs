@@ -493,6 +493,12 @@ impl Node {
         if replaced_by.is_some_and(|r| self.circ.out.contains(r)) {
             return;
         }
+        // A failed make-before-break replacement: the circuit it was to
+        // replace still carries the traffic, and the timers build another
+        // replacement (unless builds to the destination are failing).
+        if self.circ.out.iter().any(|(_, o)| o.replaced_by == Some(id)) {
+            return;
+        }
         if let Some((min, max)) = self.config.routes.for_addr(&dst).relays() {
             if let Ok(new) = self.build_circuit(now, dst, min, max) {
                 if let Some(n) = self.circ.out.get_mut(new) {
@@ -536,6 +542,13 @@ impl Node {
                 return;
             }
         }
+    }
+
+    /// Test hook: failed builds to `dst` so far (not a relay's fault, a
+    /// relay's).
+    #[cfg(test)]
+    pub(in crate::proto::node) fn build_fails(&self, dst: &Ipv6Addr) -> (u32, u32) {
+        self.circ.out.fails_of(dst)
     }
 
     /// Test hook: injects an application packet into circuit `id` as DATA,

@@ -7,7 +7,8 @@ use std::time::Instant;
 use rand_core::RngCore;
 
 use super::{
-    Stage, CIRCUIT_LIFETIME, ONION_ROTATE, OUT_IDLE, PROBE_DEAD, PROBE_INTERVAL, STEP_TIMEOUT,
+    Stage, CIRCUIT_LIFETIME, LIVENESS, ONION_ROTATE, OUT_IDLE, PROBE_DEAD, PROBE_INTERVAL,
+    STEP_TIMEOUT,
 };
 use crate::proto::dht::{Contact, Goal};
 use crate::proto::node::{Node, Purpose};
@@ -65,6 +66,7 @@ impl Node {
         }
         // Circuits we built.
         let ids = self.circ.out.ids();
+        let mut extend_limit = self.circ.out.extend_timeout();
         for id in ids {
             let Some(c) = self.circ.out.get(id) else {
                 continue;
@@ -73,13 +75,21 @@ impl Node {
                 // CREATE and EXTEND get what such steps take here lately;
                 // a LOOKUP (a DHT lookup at the relay) and AUTH the lot.
                 let limit = match c.stage {
-                    Stage::Extending => self.circ.out.extend_timeout(),
+                    Stage::Extending => extend_limit,
                     _ => STEP_TIMEOUT,
                 };
                 if now.saturating_duration_since(c.step_started) > limit {
                     let extending = c.stage == Stage::Extending;
+                    // Nothing heard on any link since the step began, nor
+                    // for a keepalive period and more: this node is cut
+                    // off, not the relay it waits on (Tor's network
+                    // liveness check). Blaming would empty the pool of
+                    // relays that are fine. (Idle links are quiet up to a
+                    // keepalive apart, so the step alone is too short.)
+                    let since = c.step_started.min(now.checked_sub(LIVENESS).unwrap_or(now));
+                    let heard = self.links.values().any(|l| l.last_rx > since);
                     let blame = match c.stage {
-                        Stage::Extending => c
+                        Stage::Extending if heard => c
                             .relays
                             .get(c.hops.len())
                             .map(|p| p.id)
@@ -91,6 +101,7 @@ impl Node {
                         // here (another network, congestion), the limit
                         // follows them up instead of failing every build.
                         self.circ.out.step_took(limit);
+                        extend_limit = self.circ.out.extend_timeout();
                     }
                     self.out_failed(now, id, blame, "build step timed out");
                 }
@@ -130,6 +141,7 @@ impl Node {
             };
             if now.saturating_duration_since(c.created) > CIRCUIT_LIFETIME
                 && c.replaced_by.is_none_or(|r| !self.circ.out.contains(r))
+                && !self.build_failing(now, &c.dst)
             {
                 let dst = c.dst;
                 if let Some((min, max)) = self.config.routes.for_addr(&dst).relays() {

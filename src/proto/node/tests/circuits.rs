@@ -200,6 +200,48 @@ fn circuit_carries_both_ways_authenticates_the_source_and_heals() {
     );
 }
 
+/// Whom a failed circuit counts against: a relay that died is blamed and
+/// the failure is the relay's (the destination is not given up on), a
+/// destination that stopped answering is the destination's.
+#[test]
+fn a_dead_relay_counts_against_itself_a_dead_destination_against_itself() {
+    let now = Instant::now();
+    let (mut net, addrs, ids) = circuit_net(now);
+    let (a, e) = (0, 5);
+    let p = udp_packet(addrs[a], addrs[e], b"first");
+    net.nodes[a].0.handle_tun_packet(net.now, &p);
+    assert!(advance(&mut net, 3.0)[e].contains(&p));
+    let hops = net.nodes[a].0.circuits(net.now).circuits[0].hops.clone();
+    // The circuit's last relay dies.
+    let dead = *hops.last().unwrap();
+    let k = ids.iter().position(|i| *i == dead).unwrap();
+    net.nodes[k].1 = "198.18.9.8:1".parse().unwrap();
+    let mut healed = false;
+    for step in 0..60 {
+        let p = udp_packet(addrs[a], addrs[e], format!("r{step}").as_bytes());
+        tun_send(&mut net, a, &p);
+        let tun = advance(&mut net, 0.25);
+        if step > 0 && tun[e].contains(&p) {
+            healed = true;
+            break;
+        }
+    }
+    assert!(healed, "traffic resumed after the relay died");
+    let (other, relay) = net.nodes[a].0.build_fails(&addrs[e]);
+    assert_eq!(other, 0, "a dead relay counted against the destination");
+    assert!(relay >= 1, "the dead relay's failure was not counted");
+    // Now the destination dies: its failures are its own.
+    net.nodes[e].1 = "198.18.9.7:1".parse().unwrap();
+    for step in 0..40 {
+        let p = udp_packet(addrs[a], addrs[e], format!("d{step}").as_bytes());
+        tun_send(&mut net, a, &p);
+        advance(&mut net, 0.25);
+    }
+    let after = net.nodes[a].0.build_fails(&addrs[e]);
+    assert!(after.0 >= 1, "the dead destination's failures: {after:?}");
+    assert_eq!(after.1, relay, "a relay was blamed for the destination");
+}
+
 /// Holds the signatures nodes ask for while it lives (a failed assert
 /// lets go too).
 struct HoldSignatures;
@@ -283,7 +325,7 @@ fn unknown_destination_is_looked_up_through_the_circuit() {
     let (a, e) = (0, 5);
     // A forgets E and drops any link to it: only the relays know E.
     if let Some(i) = net.nodes[a].0.links.index_of_addr(&addrs[e]) {
-        net.nodes[a].0.remove_link(i);
+        net.nodes[a].0.remove_link(net.now, i);
     }
     net.nodes[a].0.dht.forget(&ids[e]);
     assert!(net.nodes[a].0.local_record(&addrs[e]).is_none());
