@@ -108,9 +108,11 @@ pub const REQUEST_BURST: f64 = 60.0;
 /// Peers tracked for rate limiting before the table is reset.
 const MAX_RATE_PEERS: usize = 8192;
 /// Unexpired values this node publishes at once (its own puts): each is
-/// stored again every [`REPUBLISH_INTERVAL`], at [`REPUBLISH_RATE`], and
-/// other nodes keep at most [`MAX_VALUES_PER_PUBLISHER`] of one publisher's.
-pub const MAX_OWN_VALUES: usize = 4096;
+/// kept in memory and in the vault and stored again every
+/// [`REPUBLISH_INTERVAL`] at [`REPUBLISH_RATE`] (7,200 a round at best),
+/// and each other node keeps at most [`MAX_VALUES_PER_PUBLISHER`] of one
+/// publisher's. As many as this node holds for others ([`MAX_VALUES`]).
+pub const MAX_OWN_VALUES: usize = 8192;
 /// Largest value in a value record.
 pub const MAX_VALUE_LEN: usize = 1024;
 /// Entries (publishers) kept under one key.
@@ -168,7 +170,7 @@ pub enum RecordError {
     Oversized,
     /// This node publishes [`MAX_OWN_VALUES`] unexpired values already.
     #[error(
-        "this node publishes {max} values already, the most it keeps stored (each goes out again every 30 min until it expires): let some expire or overwrite existing keys",
+        "this node publishes {max} unexpired values of its own already, the most it may at once (each goes out again every 30 min until it expires): let some expire, or put again under an existing key (a short ttl frees its slot soon)",
         max = MAX_OWN_VALUES
     )]
     TooManyOwn,
@@ -294,6 +296,8 @@ pub struct Dht<R: Records> {
     republish: Republish,
     /// Paces the republishing lookups ([`REPUBLISH_RATE`]).
     republish_rate: Rate,
+    /// A restore found more own values than [`MAX_OWN_VALUES`] (said once).
+    own_over_bound_logged: bool,
     budgets: HashMap<NodeId, (f64, Instant)>,
     next_lookup: u64,
     rng: Rng,
@@ -321,6 +325,7 @@ impl<R: Records> Dht<R> {
             own_values: HashMap::new(),
             republish: Republish::default(),
             republish_rate: Rate::new(now),
+            own_over_bound_logged: false,
             budgets: HashMap::new(),
             next_lookup: 1,
             rng: Rng(seed),

@@ -282,6 +282,18 @@ impl<R: Records> Dht<R> {
         Ok(id)
     }
 
+    /// Whether a value of ours under `target` would fit
+    /// [`MAX_OWN_VALUES`]: asked before a value is signed, so a storm of
+    /// puts over the bound costs no RSA work.
+    pub fn own_value_fits(&mut self, now: Instant, target: &Key) -> Result<(), RecordError> {
+        let key = (*target, self.own.info.id);
+        if self.own_room(now, &key) {
+            Ok(())
+        } else {
+            Err(RecordError::TooManyOwn)
+        }
+    }
+
     /// Whether an own value under `key` fits [`MAX_OWN_VALUES`] (a new
     /// one for a key already ours always does); expired ones go first.
     fn own_room(&mut self, now: Instant, key: &(Key, NodeId)) -> bool {
@@ -358,6 +370,12 @@ impl<R: Records> Dht<R> {
             if newer && self.own_room(now, &key) {
                 self.own_values
                     .insert(key, (info.expires, Arc::from(record)));
+            } else if newer && !self.own_over_bound_logged {
+                self.own_over_bound_logged = true;
+                tracing::warn!(
+                    max = MAX_OWN_VALUES,
+                    "more of this node's own values in the store than it may publish: the rest are kept here but not published again"
+                );
             }
         }
         self.store_value(now, record)

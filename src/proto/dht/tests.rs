@@ -421,7 +421,7 @@ fn many_own_values_are_republished_a_few_at_a_time() {
     assert_eq!(d.lookups.len(), 1 + burst + MAX_LOOKUPS - REPUBLISH_LOOKUPS);
     // A put with every slot taken is kept and queued, not lost.
     while d.lookups.len() < MAX_LOOKUPS {
-        d.lookup(now, Goal::Values([7; 32]));
+        assert!(d.lookup(now, Goal::Values([7; 32])).is_some());
     }
     assert_eq!(d.put(now, &value(5000)), Ok(None));
     let first = d.republish.front().map(|k| k.0[..4].to_vec());
@@ -539,12 +539,20 @@ fn own_values_are_bounded() {
     }
     let extra = value(MAX_OWN_VALUES as u32, 1, soon);
     assert_eq!(d.put(now, &extra), Err(RecordError::TooManyOwn));
-    assert!(RecordError::TooManyOwn.to_string().contains("4096 values"));
+    let max = format!("{MAX_OWN_VALUES} unexpired values");
+    assert!(RecordError::TooManyOwn.to_string().contains(&max));
+    // Asked before signing: a new key doesn't fit, one we have does.
+    let extra_target: Key = extra[..32].try_into().unwrap();
+    let seven: Key = value(7, 1, soon)[..32].try_into().unwrap();
+    assert_eq!(
+        d.own_value_fits(now, &extra_target),
+        Err(RecordError::TooManyOwn)
+    );
+    assert_eq!(d.own_value_fits(now, &seven), Ok(()));
     assert!(d.put(now, &value(7, 2, soon)).is_ok(), "a key we have");
     // Restored ones count too.
-    let extra_key: Key = extra[..32].try_into().unwrap();
     let us = d.own.info.id;
-    assert!(!d.own_values.contains_key(&(extra_key, us)));
+    assert!(!d.own_values.contains_key(&(extra_target, us)));
     d.restore_value(now, &extra);
     assert_eq!(d.own_values.len(), MAX_OWN_VALUES);
     // Once they expire there is room again.

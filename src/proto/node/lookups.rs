@@ -371,6 +371,17 @@ impl Node {
         self.own.identity().clone()
     }
 
+    /// Whether a value of ours under (`namespace`, `key`) would be taken
+    /// (see [`crate::proto::dht::MAX_OWN_VALUES`]): asked before signing.
+    pub fn own_value_fits(
+        &mut self,
+        now: Instant,
+        namespace: &[u8],
+        key: &[u8],
+    ) -> Result<(), crate::proto::dht::RecordError> {
+        self.dht.own_value_fits(now, &value_target(namespace, key))
+    }
+
     /// The sequence number and expiry (unix seconds) of the next value this
     /// node publishes with a lifetime of `ttl` seconds.
     pub fn value_stamp(

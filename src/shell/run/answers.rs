@@ -209,7 +209,10 @@ fn put(sh: &Shared, ns: &str, key: &str, value: &[u8], ttl: u64) -> Result<Store
     // data path doesn't wait on a storm of puts.
     let (stamp, signer) = {
         let mut node = sh.node.lock(Holder::Control);
-        (node.value_stamp(Instant::now(), ttl), node.signer())
+        let now = Instant::now();
+        node.own_value_fits(now, ns.as_bytes(), key.as_bytes())
+            .map_err(PutError::from)?;
+        (node.value_stamp(now, ttl), node.signer())
     };
     let (seq, expires) = stamp.map_err(PutError::from)?;
     let signed = SignedValue::sign(&signer, ns.as_bytes(), key.as_bytes(), value, seq, expires)
