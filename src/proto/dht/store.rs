@@ -267,11 +267,9 @@ impl<R: Records> Dht<R> {
         if record.len() > MAX_RECORD_BYTES {
             return Err(RecordError::Oversized);
         }
+        self.own_value_fits(now, &info.target)?;
         let rec: Arc<[u8]> = Arc::from(record);
         let key = (info.target, info.publisher);
-        if !self.own_room(now, &key) {
-            return Err(RecordError::TooManyOwn);
-        }
         self.own_values.insert(key, (info.expires, rec.clone()));
         self.store_value(now, record);
         let id = self.start_lookup(now, Goal::Closest(info.target), Then::StoreValue(rec));

@@ -331,6 +331,12 @@ impl OutCirc {
         }
     }
 
+    /// The relay the build waits on while extending (None when the next
+    /// hop is the destination).
+    fn next_relay(&self) -> Option<NodeId> {
+        self.relays.get(self.hops.len()).map(|p| p.id)
+    }
+
     /// What the source signs to authenticate to the destination: bound to
     /// the destination and to the last hop's handshake. None before that
     /// hop is built.

@@ -290,7 +290,7 @@ impl Node {
                 // not allowed, bad handshake) and the relays before passed
                 // its DESTROY on: it is to blame, as for a timeout.
                 let bad = self.circ.out.get(id).and_then(|c| match c.stage {
-                    Stage::Extending => c.relays.get(c.hops.len()).map(|p| p.id),
+                    Stage::Extending => c.next_relay(),
                     _ => None,
                 });
                 self.out_failed(now, id, bad, "destroyed by a hop")

@@ -23,14 +23,14 @@ const FAILED_FOR: Duration = Duration::from_secs(30);
 /// path is tried at once, but not without end.
 const MAX_RELAY_FAILS: u32 = 8;
 /// A CREATE or EXTEND step times out after this many times the 90th
-/// percentile of the steps that succeeded lately ...
+/// percentile of the last steps ...
 const STEP_MARGIN: u32 = 3;
 /// ... and never sooner than this (nor later than `STEP_TIMEOUT`): a step
 /// over a new link is a handshake, a hello each way and the CREATE, and a
 /// lost hello is resent after a second. A step that times out counts as
 /// having taken the limit, so a few of them raise it.
 const MIN_EXTEND_TIMEOUT: Duration = Duration::from_millis(2000);
-/// Successful steps remembered for that ...
+/// Steps remembered for that ...
 const STEP_SAMPLES: usize = 32;
 /// ... and how many it takes before they count (until then a step gets
 /// the whole `STEP_TIMEOUT`).
@@ -71,9 +71,9 @@ pub(super) struct OutTable {
     by_dst: HashMap<Ipv6Addr, u64>,
     /// Failed builds in a row per destination.
     fails: HashMap<Ipv6Addr, Fails>,
-    /// How long the last CREATE and EXTEND steps that succeeded took, the
-    /// newest last: what a step may take before it counts as failed
-    /// ([`OutTable::extend_timeout`]).
+    /// How long the last CREATE and EXTEND steps took (a timed-out one as
+    /// its limit), the newest last: what a step may take before it counts
+    /// as failed ([`OutTable::extend_timeout`]).
     steps: VecDeque<Duration>,
     /// Test hook: every failure [`OutTable::failed`] counted.
     #[cfg(test)]
@@ -219,7 +219,8 @@ impl OutTable {
         (of(Fault::Other), of(Fault::Relay))
     }
 
-    /// A CREATE or EXTEND step succeeded after `took`.
+    /// A CREATE or EXTEND step took `took` (succeeded then, or timed out at
+    /// that limit).
     pub(super) fn step_took(&mut self, took: Duration) {
         if self.steps.len() >= STEP_SAMPLES {
             self.steps.pop_front();
@@ -229,7 +230,7 @@ impl OutTable {
 
     /// How long a CREATE or EXTEND step may take before the circuit counts
     /// as failed and the relay it waits on is blamed: a few times what the
-    /// steps that succeeded lately took, within [`MIN_EXTEND_TIMEOUT`] and
+    /// last steps took, within [`MIN_EXTEND_TIMEOUT`] and
     /// [`STEP_TIMEOUT`]. After a churn, each dead relay a new path draws
     /// costs this long, so it should not be the full timeout when steps
     /// usually take milliseconds. (Tor learns its circuit build timeout

@@ -287,7 +287,7 @@ impl Node {
                         | ExtendRefusal::AlreadyExtended
                         | ExtendRefusal::BadTarget,
                     ) => c.hops.last().map(|h| h.id),
-                    _ => c.relays.get(c.hops.len()).map(|p| p.id),
+                    _ => c.next_relay(),
                 };
                 self.out_failed(now, id, next, "extend failed");
             }

@@ -89,11 +89,9 @@ impl Node {
                     let since = c.step_started.min(now.checked_sub(LIVENESS).unwrap_or(now));
                     let heard = self.links.values().any(|l| l.last_rx > since);
                     let blame = match c.stage {
-                        Stage::Extending if heard => c
-                            .relays
-                            .get(c.hops.len())
-                            .map(|p| p.id)
-                            .or(c.dest.as_ref().map(|d| d.id)),
+                        Stage::Extending if heard => {
+                            c.next_relay().or(c.dest.as_ref().map(|d| d.id))
+                        }
                         _ => None,
                     };
                     if extending {
