@@ -207,18 +207,23 @@ impl Identity {
 
     /// Signs a new record carrying expiry, endpoints and roles.
     pub fn sign_record_with(&self, seq: u64, ext: &RecordExt) -> NodeRecord {
-        let mut rec = NodeRecord {
+        let mut rec = self.unsigned_record(seq, ext);
+        rec.signature = self.sign(&rec.signed_bytes());
+        rec
+    }
+
+    /// A record of ours without its signature yet: sign
+    /// [`NodeRecord::signed_bytes`] (away from the data path: it takes
+    /// milliseconds) into its `signature`.
+    pub fn unsigned_record(&self, seq: u64, ext: &RecordExt) -> NodeRecord {
+        NodeRecord {
             seq,
             link_key: self.link_public(),
             public_der: self.public_der.clone(),
             ext: ext.to_bytes(),
             signature: Vec::new(),
             node_id: self.node_id,
-        };
-        let key = SigningKey::<Sha256>::new(self.rsa.clone());
-        let sig: Signature = key.sign(&rec.signed_bytes());
-        rec.signature = sig.to_vec();
-        rec
+        }
     }
 }
 
@@ -303,7 +308,8 @@ impl fmt::Debug for NodeRecord {
 }
 
 impl NodeRecord {
-    fn signed_bytes(&self) -> Vec<u8> {
+    /// What the record's signature covers (domain-separated).
+    pub fn signed_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(RECORD_SIG_CONTEXT.len() + 64 + self.public_der.len());
         out.extend_from_slice(RECORD_SIG_CONTEXT);
         self.emit_unsigned(&mut out);

@@ -59,7 +59,8 @@ mod table;
 mod tally;
 pub use circuits::{
     CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
-    RouteNoteView, RouteOutcome, RoutingSummary, SignJob, TrafficConfig, CIRCUIT_MTU, CREATE_LIMIT,
+    RouteNoteView, RouteOutcome, RoutingSummary, SignJob, Signing, TrafficConfig, CIRCUIT_MTU,
+    CREATE_LIMIT,
 };
 use table::{Link, LinkTable, Verified};
 pub use tally::ClosedLinks;

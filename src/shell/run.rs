@@ -662,7 +662,7 @@ fn drain(
         match sh.signing.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(job)) => {
-                tracing::debug!(circuit = job.circuit, "signing queue full: job dropped")
+                tracing::debug!(what = ?job.what, "signing queue full: job dropped")
             }
             Err(TrySendError::Disconnected(_)) => tracing::error!("the signing thread is gone"),
         }

@@ -246,14 +246,23 @@ struct BuiltHop {
 /// milliseconds, and packets must not wait behind it. The node hands the
 /// job out ([`Node::poll_sign`]); whoever drives it signs `message` with
 /// [`Node::signer`], away from the data path, and hands the signature back
-/// ([`Node::signed`]). Today the only job is a circuit's AUTH: the source
-/// proving its identity to the destination.
+/// ([`Node::signed`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignJob {
-    /// The circuit being authenticated.
-    pub circuit: u64,
+    /// What the signature is for.
+    pub what: Signing,
     /// What to sign.
     pub message: Vec<u8>,
+}
+
+/// What a [`SignJob`] is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signing {
+    /// A circuit's AUTH: the source proving its identity to the
+    /// destination.
+    Auth { circuit: u64 },
+    /// The node's own record, with this sequence number.
+    Record { seq: u64 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

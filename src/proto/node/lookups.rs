@@ -248,9 +248,7 @@ impl Node {
         }
         self.resolver.expire(now);
         let unix = self.dht.unix(now);
-        if self.own.poll_resign(now, unix).is_some() {
-            self.spread_record(now);
-        }
+        self.own.poll_resign(now, unix);
         self.pump_dht(now);
     }
 
@@ -365,10 +363,44 @@ impl Node {
         self.put_signed_value(now, &v)
     }
 
-    /// The signing key for [`SignedValue::sign`], so the shell can sign off
-    /// the node (and off whatever lock guards it).
+    /// The signing key for [`SignedValue::sign`] and [`SignJob`]s, so the
+    /// shell can sign off the node (and off whatever lock guards it).
     pub fn signer(&self) -> Arc<Identity> {
         self.own.identity().clone()
+    }
+
+    /// The next signature this node needs (see [`SignJob`]): the node's
+    /// own record first, then circuits' AUTHs.
+    pub fn poll_sign(&mut self) -> Option<SignJob> {
+        if let Some(job) = self.own.take_job() {
+            return Some(SignJob {
+                what: Signing::Record { seq: job.seq },
+                message: job.message,
+            });
+        }
+        self.poll_auth_job()
+    }
+
+    /// Whether `job` is still wanted: a signer with a backlog skips the
+    /// jobs nobody waits for any more.
+    pub fn wants_signature(&self, job: &SignJob) -> bool {
+        match job.what {
+            Signing::Auth { circuit } => self.wants_auth(circuit, &job.message),
+            Signing::Record { seq } => self.own.wants(seq, &job.message),
+        }
+    }
+
+    /// The signature for `job`, made with [`Node::signer`]: sends the AUTH
+    /// it was for, or spreads the record it completes.
+    pub fn signed(&mut self, now: Instant, job: &SignJob, signature: &[u8]) {
+        match job.what {
+            Signing::Auth { circuit } => self.auth_signed(now, circuit, &job.message, signature),
+            Signing::Record { seq } => {
+                if self.own.install(seq, &job.message, signature).is_some() {
+                    self.spread_record(now);
+                }
+            }
+        }
     }
 
     /// Whether a value of ours under (`namespace`, `key`) would be taken

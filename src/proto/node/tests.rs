@@ -929,6 +929,10 @@ fn no_record_is_signed_with_a_sequence_number_not_yet_stored() {
     n.reserve_record_seq(want);
     let t = later + Duration::from_millis(250);
     n.handle_timeout(t);
+    // The record is signed away from the node (the shell's signing
+    // thread); until then the old one stands.
+    assert_eq!(n.record().seq, 5, "signed under the node");
+    sign_jobs(&mut n, t);
     let seq = n.record().seq;
     assert!(seq > 5 && seq <= want, "seq {seq}, limit {want}");
     // With an hour of numbers in hand it asks for nothing more.

@@ -10,8 +10,8 @@ use rand_core::RngCore;
 use super::outbound::Fault;
 use super::routing::PathInputs;
 use super::{
-    count, wrap_into, BuildError, BuiltHop, CircRef, OutCirc, Peer, SignJob, Stage, CIRCUIT_MTU,
-    MAX_OUT, OUT_IDLE, QUEUE,
+    count, wrap_into, BuildError, BuiltHop, CircRef, OutCirc, Peer, SignJob, Signing, Stage,
+    CIRCUIT_MTU, MAX_OUT, OUT_IDLE, QUEUE,
 };
 use crate::proto::identity::NodeId;
 use crate::proto::node::{Node, Routed};
@@ -408,7 +408,7 @@ impl Node {
                 c.stage = Stage::Signing;
                 if let Some(message) = c.auth_message() {
                     self.circ.to_sign.push_back(SignJob {
-                        circuit: id,
+                        what: Signing::Auth { circuit: id },
                         message,
                     });
                 }
@@ -416,27 +416,33 @@ impl Node {
         }
     }
 
-    /// The next signature this node needs (see [`SignJob`]).
-    pub fn poll_sign(&mut self) -> Option<SignJob> {
+    /// The next AUTH signature a circuit needs.
+    pub(in crate::proto::node) fn poll_auth_job(&mut self) -> Option<SignJob> {
         self.circ.to_sign.pop_front()
     }
 
-    /// Whether `job`'s circuit still waits for that signature (one that
-    /// failed or was rebuilt meanwhile asked for another): a signer with a
-    /// backlog skips the jobs nobody waits for any more.
-    pub fn wants_signature(&self, job: &SignJob) -> bool {
-        self.circ.out.get(job.circuit).is_some_and(|c| {
-            c.stage == Stage::Signing && c.auth_message().as_ref() == Some(&job.message)
+    /// Whether circuit `circuit` still waits for a signature over
+    /// `message` (one that failed or was rebuilt meanwhile asked for
+    /// another).
+    pub(in crate::proto::node) fn wants_auth(&self, circuit: u64, message: &[u8]) -> bool {
+        self.circ.out.get(circuit).is_some_and(|c| {
+            c.stage == Stage::Signing && c.auth_message().is_some_and(|m| m == message)
         })
     }
 
-    /// The signature for `job`, made with [`Node::signer`]: sends the AUTH
-    /// it was for, if its circuit still waits for it.
-    pub fn signed(&mut self, now: Instant, job: &SignJob, signature: &[u8]) {
-        if !self.wants_signature(job) {
+    /// The AUTH signature for `circuit`: sends the AUTH, if the circuit
+    /// still waits for it.
+    pub(in crate::proto::node) fn auth_signed(
+        &mut self,
+        now: Instant,
+        circuit: u64,
+        message: &[u8],
+        signature: &[u8],
+    ) {
+        if !self.wants_auth(circuit, message) {
             return;
         }
-        let Some(c) = self.circ.out.get_mut(job.circuit) else {
+        let Some(c) = self.circ.out.get_mut(circuit) else {
             return;
         };
         // The AUTH round trip gets a step of its own.
@@ -452,7 +458,7 @@ impl Node {
             tracing::warn!("our record is too large to authenticate on a circuit");
             return;
         };
-        self.send_out(now, job.circuit, target, Cmd::Auth, &data[..n]);
+        self.send_out(now, circuit, target, Cmd::Auth, &data[..n]);
     }
 
     /// Ends circuit `id` (telling its first hop).

@@ -37,9 +37,7 @@ impl Node {
             self.circ.prev_onion = Some(std::mem::replace(&mut self.circ.onion, new));
             self.circ.onion_since = now;
             self.own.set_onion_key(self.circ.onion_public());
-            if self.own.poll_resign(now, self.dht.unix(now)).is_some() {
-                self.spread_record(now);
-            }
+            self.own.poll_resign(now, self.dht.unix(now));
         }
         self.circ.out.sweep(now);
         self.circ.notes.sweep(now);
