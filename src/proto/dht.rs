@@ -107,6 +107,20 @@ pub const REQUEST_RATE: f64 = 20.0;
 pub const REQUEST_BURST: f64 = 60.0;
 /// Peers tracked for rate limiting before the table is reset.
 const MAX_RATE_PEERS: usize = 8192;
+/// What this node asks of one peer: its own budget at that peer
+/// ([`REQUEST_RATE`], [`REQUEST_BURST`]) with a fifth to spare. A lookup
+/// whose next query would exceed it waits; a burst of lookups (gets, puts,
+/// republishing) to the few peers of a small network would otherwise be
+/// refused by them, time out, and get the peers dropped after
+/// [`MAX_FAILS`]. Stores and pings are counted but never wait (stores
+/// follow a lookup that waited already).
+pub const REQUEST_OUT: Limit = Limit {
+    per_sec: 16,
+    burst: 48,
+};
+const _: () = assert!(
+    (REQUEST_OUT.per_sec as f64) < REQUEST_RATE && (REQUEST_OUT.burst as f64) < REQUEST_BURST
+);
 /// Unexpired values this node publishes at once (its own puts): each is
 /// kept in memory and in the vault and stored again every
 /// [`REPUBLISH_INTERVAL`] at [`REPUBLISH_RATE`] (7,200 a round at best),
@@ -299,6 +313,8 @@ pub struct Dht<R: Records> {
     /// A restore found more own values than [`MAX_OWN_VALUES`] (said once).
     own_over_bound_logged: bool,
     budgets: HashMap<NodeId, (f64, Instant)>,
+    /// What we asked of each peer lately ([`REQUEST_OUT`]).
+    out_rates: HashMap<NodeId, Rate>,
     next_lookup: u64,
     rng: Rng,
     start: Instant,
@@ -327,6 +343,7 @@ impl<R: Records> Dht<R> {
             republish_rate: Rate::new(now),
             own_over_bound_logged: false,
             budgets: HashMap::new(),
+            out_rates: HashMap::new(),
             next_lookup: 1,
             rng: Rng(seed),
             start: now,
@@ -429,6 +446,7 @@ impl<R: Records> Dht<R> {
             n += std::mem::size_of::<StoredValue>() + v.record.len();
         }
         n += self.budgets.len() * 64;
+        n += self.out_rates.len() * 64;
         n
     }
 
@@ -554,8 +572,13 @@ impl<R: Records> Dht<R> {
         }
     }
 
-    /// Sends a request and remembers it until its answer or timeout.
+    /// Sends a request and remembers it until its answer or timeout. A
+    /// lookup's query has taken from `to`'s budget already
+    /// ([`take_out`]); anything else is charged here.
     fn request(&mut self, now: Instant, to: &Contact, what: Pending, msg: impl FnOnce(u32) -> Msg) {
+        if !matches!(what, Pending::Find { .. }) {
+            charge_out(&mut self.out_rates, now, &to.info.id);
+        }
         let txid = self.txid();
         let m = msg(txid);
         self.inflight.insert(
@@ -584,13 +607,15 @@ impl<R: Records> Dht<R> {
             .map(|b| b.last_lookup.unwrap_or(self.start) + REFRESH_INTERVAL)
             .min();
         let publish = self.last_publish.map(|t| t + REPUBLISH_INTERVAL);
+        // Lookups waiting for a peer's budget.
+        let waiting = self.lookups.values().filter_map(|l| l.waiting).min();
         // Queued own values that a free slot could take: due when the
         // pace allows the next (now, if it does already).
         let republish = (!self.republish.is_empty()
             && self.lookups.len() < REPUBLISH_LOOKUPS
             && self.table_len() > 0)
             .then(|| self.republish_rate.ready_at(REPUBLISH_RATE));
-        [rpc, lookup, refresh, publish, republish]
+        [rpc, lookup, refresh, publish, republish, waiting]
             .into_iter()
             .flatten()
             .min()
@@ -655,6 +680,17 @@ impl<R: Records> Dht<R> {
         for id in late {
             self.finish(now, id, None);
         }
+        let ready: Vec<u64> = self
+            .lookups
+            .iter()
+            .filter(|(_, l)| l.waiting.is_some_and(|w| w <= now))
+            .map(|(i, _)| *i)
+            .collect();
+        for id in ready {
+            self.step(now, id);
+        }
+        // A peer whose budget is whole again needs no entry.
+        self.out_rates.retain(|_, r| r.ready_at(REQUEST_OUT) > now);
         if self
             .last_publish
             .is_some_and(|t| now.saturating_duration_since(t) >= REPUBLISH_INTERVAL)
@@ -685,6 +721,33 @@ impl<R: Records> Dht<R> {
     pub fn ping(&mut self, now: Instant, to: &Contact) {
         self.request(now, to, Pending::Ping, |txid| Msg::Ping { txid });
     }
+}
+
+/// Takes a token from what we may ask of `id` ([`REQUEST_OUT`]), or says
+/// when there is one.
+fn take_out(rates: &mut HashMap<NodeId, Rate>, now: Instant, id: &NodeId) -> Result<(), Instant> {
+    let rate = out_rate(rates, now, id);
+    if rate.allow(now, REQUEST_OUT) {
+        Ok(())
+    } else {
+        Err(rate.ready_at(REQUEST_OUT))
+    }
+}
+
+/// Counts a request to `id` that does not wait.
+fn charge_out(rates: &mut HashMap<NodeId, Rate>, now: Instant, id: &NodeId) {
+    out_rate(rates, now, id).charge(now, REQUEST_OUT);
+}
+
+fn out_rate<'a>(rates: &'a mut HashMap<NodeId, Rate>, now: Instant, id: &NodeId) -> &'a mut Rate {
+    if rates.len() >= MAX_RATE_PEERS && !rates.contains_key(id) {
+        // Peers whose bucket is full again have nothing to remember.
+        rates.retain(|_, r| r.ready_at(REQUEST_OUT) > now);
+        if rates.len() >= MAX_RATE_PEERS {
+            rates.clear();
+        }
+    }
+    rates.entry(*id).or_insert_with(|| Rate::new(now))
 }
 
 #[cfg(test)]

@@ -63,6 +63,14 @@ impl Rate {
         self.tat = tat + limit.interval();
         true
     }
+
+    /// Takes one token whether there is one or not: work that can't wait
+    /// still delays what can. It empties the bucket at most (no debt), so
+    /// what waits then gets tokens at the usual rate.
+    pub fn charge(&mut self, now: Instant, limit: Limit) {
+        let most = now + limit.tolerance() + limit.interval();
+        self.tat = (self.tat.max(now) + limit.interval()).min(most);
+    }
 }
 
 /// Which source a datagram counts against: an IPv4 address or an IPv6 /64
@@ -185,6 +193,25 @@ mod tests {
         // Quiet for a second: full again, no more.
         let later = t0 + Duration::from_secs(12);
         assert_eq!((0..100).filter(|_| r.allow(later, L)).count(), 5);
+    }
+
+    #[test]
+    fn charges_take_tokens_and_never_go_into_debt() {
+        let t0 = Instant::now();
+        let mut r = Rate::new(t0);
+        r.charge(t0, L);
+        r.charge(t0, L);
+        assert_eq!((0..100).filter(|_| r.allow(t0, L)).count(), 3);
+        // However much is charged, the bucket is only empty: the next
+        // token comes after an interval (0.1 s at 10/s), then one an
+        // interval.
+        for _ in 0..1000 {
+            r.charge(t0, L);
+        }
+        assert!(!r.allow(t0 + Duration::from_millis(50), L));
+        assert!(r.allow(t0 + Duration::from_millis(100), L));
+        assert!(!r.allow(t0 + Duration::from_millis(150), L));
+        assert!(r.allow(t0 + Duration::from_millis(200), L));
     }
 
     #[test]

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use crate::proto::identity::NodeId;
 
 use super::{
-    distance, Contact, Dht, Key, Msg, Pending, RecordError, Records, Source, K, LOOKUP_DEADLINE,
-    MAX_LOOKUPS, MAX_LOOKUP_QUERIES, MAX_VALUES_PER_KEY, PATHS, PATH_ALPHA, REPLICATION,
-    REPLY_CONTACTS,
+    distance, take_out, Contact, Dht, Key, Msg, Pending, RecordError, Records, Source, K,
+    LOOKUP_DEADLINE, MAX_LOOKUPS, MAX_LOOKUP_QUERIES, MAX_VALUES_PER_KEY, PATHS, PATH_ALPHA,
+    REPLICATION, REPLY_CONTACTS,
 };
 
 /// What a lookup is for.
@@ -133,6 +133,9 @@ pub(super) struct Lookup {
     values: HashMap<NodeId, (u64, Arc<[u8]>)>,
     /// Stores in flight, and how many succeeded.
     pub(super) storing: Option<(usize, usize)>,
+    /// A path's next query waits until then for its peer's budget
+    /// ([`REQUEST_OUT`](super::REQUEST_OUT)).
+    pub(super) waiting: Option<Instant>,
 }
 
 impl<R: Records> Dht<R> {
@@ -342,6 +345,7 @@ impl<R: Records> Dht<R> {
             found: None,
             values: HashMap::new(),
             storing: None,
+            waiting: None,
         };
         if let Goal::Node { prefix, .. } = &l.goal {
             if let Some(c) = self.find_local(prefix).filter(|c| l.goal.matches(c)) {
@@ -395,6 +399,7 @@ impl<R: Records> Dht<R> {
         };
         let mut sends: Vec<(usize, Contact)> = Vec::new();
         let mut all_done = true;
+        let mut waiting: Option<Instant> = None;
         for (pi, p) in l.paths.iter_mut().enumerate() {
             let mut inflight = p.iter().filter(|c| c.state == CandState::Asked).count();
             let mut live = 0;
@@ -409,6 +414,14 @@ impl<R: Records> Dht<R> {
                 }
                 if c.state == CandState::New {
                     if inflight < PATH_ALPHA && l.queries + sends.len() < MAX_LOOKUP_QUERIES {
+                        // The peer's budget for us is spent: the path waits
+                        // for it rather than ask and be refused (or skip to
+                        // a farther candidate).
+                        if let Err(ready) = take_out(&mut self.out_rates, now, &c.contact.info.id) {
+                            waiting = Some(waiting.map_or(ready, |w| w.min(ready)));
+                            pending_new = true;
+                            break;
+                        }
                         c.state = CandState::Asked;
                         inflight += 1;
                         sends.push((pi, c.contact.clone()));
@@ -422,6 +435,7 @@ impl<R: Records> Dht<R> {
             }
         }
         l.queries += sends.len();
+        l.waiting = waiting;
         let values = matches!(l.goal, Goal::Values(_));
         let target = l.target;
         if all_done && sends.is_empty() {

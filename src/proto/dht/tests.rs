@@ -518,6 +518,49 @@ fn republishing_stays_inside_a_lone_peers_budget() {
     assert_eq!(m.nodes[0].table_len(), 1, "the peer was dropped");
 }
 
+/// A burst of the node's own lookups (a program's gets, an extender's
+/// puts) to a lone peer waits for the budget that peer keeps for it rather
+/// than being refused by it, which would make the node drop its only peer.
+#[test]
+fn own_lookups_stay_inside_a_lone_peers_budget() {
+    let mut m = Mesh::new(&[0, 1]);
+    let now = m.now;
+    let peer = m.nodes[1].own().clone();
+    m.nodes[0].add_contact(now, peer, Source::Config);
+    for n in 0..MAX_LOOKUPS {
+        let key = [n as u8; 32];
+        assert!(m.nodes[0].lookup(now, Goal::Values(key)).is_some());
+    }
+    let tick = Duration::from_millis(250);
+    let mut t = now;
+    let mut done = 0;
+    for _ in 0..80 {
+        m.run();
+        while m.nodes[0].poll_event().is_some() {
+            done += 1;
+        }
+        if done == MAX_LOOKUPS {
+            break;
+        }
+        // The node says when it has something to do, waits included.
+        assert!(
+            m.nodes[0]
+                .poll_timeout()
+                .is_some_and(|d| d <= t + RPC_TIMEOUT),
+            "a waiting lookup is due"
+        );
+        t += tick;
+        m.now = t;
+        m.nodes[0].handle_timeout(t);
+        m.nodes[1].handle_timeout(t);
+    }
+    assert_eq!(done, MAX_LOOKUPS, "every lookup ended");
+    assert_eq!(m.nodes[1].stats.rate_limited, 0, "the peer rate-limited us");
+    assert_eq!(m.nodes[0].stats.timeouts, 0);
+    assert_eq!(m.nodes[0].table_len(), 1, "the peer was dropped");
+    assert!(t > now, "some lookups had to wait");
+}
+
 /// A node keeps at most `MAX_OWN_VALUES` values of its own: the next put
 /// is refused with a reason, a new value under a key it has is not, and
 /// values that expired make room.
