@@ -123,6 +123,48 @@ pub struct Vault {
     nodes: EncryptedDatabase<'static, Bytes, Bytes>,
     meta: EncryptedDatabase<'static, Bytes, Bytes>,
     path: PathBuf,
+    /// One transaction at a time, reads included ([`Txn`]).
+    turn: parking_lot::Mutex<()>,
+}
+
+/// A transaction on the vault that holds the vault's turn: no other
+/// transaction, read or write, runs beside it on any thread.
+///
+/// Why: heed3 0.23.1's encrypted environment (lmdb-master3-sys 0.2.6) is
+/// not safe for transactions on several threads at once, though LMDB
+/// itself is. Two writers on two threads (LMDB serializes them itself) end
+/// within seconds in `MDB_BAD_DBI`; a reader beside one writer in
+/// `MDB_PAGE_NOTFOUND`; a daemon under a put storm over the control socket
+/// (puts kept by control threads while the timer's task saved the peers)
+/// died in a segfault inside LMDB after asking for terabytes of memory
+/// (`tests::concurrent_writers_as_in_a_put_storm`, which passes with this
+/// turn). Nothing on the data path waits for it: the vault is written by
+/// control threads and blocking tasks only.
+pub(super) struct Txn<'a, T> {
+    // Declared first, so dropped (an unfinished write aborted) before the
+    // turn is let go.
+    txn: T,
+    _turn: parking_lot::MutexGuard<'a, ()>,
+}
+
+impl<T> std::ops::Deref for Txn<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.txn
+    }
+}
+
+impl<T> std::ops::DerefMut for Txn<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.txn
+    }
+}
+
+impl<'a> Txn<'a, heed3::RwTxn<'a>> {
+    /// Commits, then lets go of the turn.
+    fn commit(self) -> heed3::Result<()> {
+        self.txn.commit()
+    }
 }
 
 impl std::fmt::Debug for Vault {

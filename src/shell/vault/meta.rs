@@ -83,7 +83,7 @@ impl Vault {
     /// Stores the record sequence number in use (committed, so durable,
     /// before a record with it is published).
     pub fn write_record_seq(&self, seq: u64) -> Result<()> {
-        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        let mut wtxn = self.wtxn()?;
         self.meta
             .put(&mut wtxn, META_SEQ, &seq.to_be_bytes())
             .map_err(|e| self.err(e))?;
@@ -115,7 +115,7 @@ impl Vault {
             std::ops::Bound::Included(META_VALUES),
             std::ops::Bound::Excluded(&end[..]),
         );
-        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        let mut wtxn = self.wtxn()?;
         self.meta
             .delete_range(&mut wtxn, &range)
             .map_err(|e| self.err(e))?;
@@ -140,7 +140,7 @@ impl Vault {
         let mut key = META_VALUES.to_vec();
         key.push(ADDED_VALUE);
         key.extend_from_slice(&sha2::Sha256::digest(record));
-        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        let mut wtxn = self.wtxn()?;
         self.meta
             .put(&mut wtxn, &key, &pad::stored(record))
             .map_err(|e| self.err(e))?;
@@ -154,7 +154,7 @@ impl Vault {
         if key == META_IDENTITY || key == META_SEQ || key.starts_with(META_VALUES) {
             bail!("vault key {:?} is reserved", String::from_utf8_lossy(key));
         }
-        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        let mut wtxn = self.wtxn()?;
         self.meta
             .put(
                 &mut wtxn,

@@ -18,6 +18,7 @@ use super::keys::{short, Header, KeySource, Keys};
 use super::meta::encode_identity;
 use super::migrate::{migrate, remove_legacy};
 use super::pad;
+use super::Txn;
 use super::{
     layout, Contents, Layout, PageCipher, Vault, HEADER_FILE, LEGACY_IDENTITY, LEGACY_STORE,
     MAP_SIZE, MAX_DBS, META_DB, META_IDENTITY, META_SEQ, NODES_DB, VAULT_DIR, VAULT_NEW,
@@ -74,6 +75,7 @@ fn open_env(dir: &Path, keys: &Keys) -> Result<Vault> {
         nodes,
         meta,
         path: dir.to_path_buf(),
+        turn: parking_lot::Mutex::new(()),
     })
 }
 
@@ -199,7 +201,7 @@ impl Vault {
     /// meet the bug. A vault padded so is no longer readable by versions
     /// before the padding.
     fn pad_old_values(&self) -> Result<()> {
-        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        let mut wtxn = self.wtxn()?;
         let mut padded = 0;
         for db in [&self.meta, &self.nodes] {
             let mut old: Vec<(Vec<u8>, Zeroizing<Vec<u8>>)> = Vec::new();
@@ -241,8 +243,18 @@ impl Vault {
         read_error(&self.path, e)
     }
 
-    pub(super) fn rtxn(&self) -> Result<heed3::RoTxn<'_, WithoutTls>> {
-        self.env.read_txn().map_err(|e| self.err(e))
+    /// A read transaction, in the vault's turn (see [`Txn`]).
+    pub(super) fn rtxn(&self) -> Result<Txn<'_, heed3::RoTxn<'_, WithoutTls>>> {
+        let turn = self.turn.lock();
+        let txn = self.env.read_txn().map_err(|e| self.err(e))?;
+        Ok(Txn { txn, _turn: turn })
+    }
+
+    /// A write transaction, in the vault's turn (see [`Txn`]).
+    pub(super) fn wtxn(&self) -> Result<Txn<'_, heed3::RwTxn<'_>>> {
+        let turn = self.turn.lock();
+        let txn = self.env.write_txn().map_err(|e| self.err(e))?;
+        Ok(Txn { txn, _turn: turn })
     }
 
     /// Everything, for a copy.
@@ -274,7 +286,7 @@ impl Vault {
 
     /// Writes `contents` into this (new) vault in one transaction.
     fn write_all(&self, c: &Contents) -> Result<()> {
-        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        let mut wtxn = self.wtxn()?;
         self.meta
             .put(
                 &mut wtxn,

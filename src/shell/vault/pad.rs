@@ -6,7 +6,9 @@
 //! 0.23.1 / lmdb-master3-sys 0.2.6, the newest there are), a table that
 //! holds a value of about 1.5–2.0 KiB among smaller ones breaks when pages
 //! split: writes fail with `MDB_PROBLEM` or `MDB_PAGE_FULL`, and some runs
-//! end in a segfault inside LMDB after it asks for terabytes of memory.
+//! end in a segfault inside LMDB after it asks for terabytes of memory
+//! (as transactions on two threads at once do, which the vault's turn,
+//! `Txn`, rules out).
 //! The node's identity (a PEM of ~1.7 KiB) and DHT value records up to
 //! ~1.65 KiB are such values. The same writes without encryption, or with
 //! the large value at 2 KiB or more (an overflow page), run clean

@@ -53,7 +53,7 @@ impl Vault {
     /// Replaces the whole peer table with `peers` in ONE write transaction,
     /// so a crash leaves either the old or the new set.
     pub fn replace_all(&self, peers: &[([u8; 32], StoredPeer)]) -> Result<()> {
-        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        let mut wtxn = self.wtxn()?;
         self.nodes.clear(&mut wtxn).map_err(|e| self.err(e))?;
         let mut value = Vec::new();
         for (id, peer) in peers {
