@@ -608,7 +608,12 @@ impl<R: Records> Dht<R> {
             .min();
         let publish = self.last_publish.map(|t| t + REPUBLISH_INTERVAL);
         // Lookups waiting for a peer's budget.
-        let waiting = self.lookups.values().filter_map(|l| l.waiting).min();
+        let waiting = self
+            .lookups
+            .values()
+            .filter(|l| l.storing.is_none())
+            .filter_map(|l| l.waiting)
+            .min();
         // Queued own values that a free slot could take: due when the
         // pace allows the next (now, if it does already).
         let republish = (!self.republish.is_empty()
@@ -683,14 +688,14 @@ impl<R: Records> Dht<R> {
         let ready: Vec<u64> = self
             .lookups
             .iter()
-            .filter(|(_, l)| l.waiting.is_some_and(|w| w <= now))
+            .filter(|(_, l)| l.storing.is_none() && l.waiting.is_some_and(|w| w <= now))
             .map(|(i, _)| *i)
             .collect();
         for id in ready {
             self.step(now, id);
         }
         // A peer whose budget is whole again needs no entry.
-        self.out_rates.retain(|_, r| r.ready_at(REQUEST_OUT) > now);
+        self.out_rates.retain(|_, r| !r.is_full(now));
         if self
             .last_publish
             .is_some_and(|t| now.saturating_duration_since(t) >= REPUBLISH_INTERVAL)
@@ -742,7 +747,7 @@ fn charge_out(rates: &mut HashMap<NodeId, Rate>, now: Instant, id: &NodeId) {
 fn out_rate<'a>(rates: &'a mut HashMap<NodeId, Rate>, now: Instant, id: &NodeId) -> &'a mut Rate {
     if rates.len() >= MAX_RATE_PEERS && !rates.contains_key(id) {
         // Peers whose bucket is full again have nothing to remember.
-        rates.retain(|_, r| r.ready_at(REQUEST_OUT) > now);
+        rates.retain(|_, r| !r.is_full(now));
         if rates.len() >= MAX_RATE_PEERS {
             rates.clear();
         }

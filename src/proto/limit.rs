@@ -54,6 +54,11 @@ impl Rate {
         self.tat.checked_sub(limit.tolerance()).unwrap_or(self.tat)
     }
 
+    /// Whether the bucket is full (nothing to remember of it).
+    pub fn is_full(&self, now: Instant) -> bool {
+        self.tat <= now
+    }
+
     /// Takes one token if there is one.
     pub fn allow(&mut self, now: Instant, limit: Limit) -> bool {
         let tat = self.tat.max(now);

@@ -658,7 +658,8 @@ fn drain(
     }
     while let Some(job) = node.poll_sign() {
         // Never wait here (the node lock is held): a job that finds the
-        // queue full is dropped, and its circuit's build step times out.
+        // queue full is dropped: its circuit's build step times out, or a
+        // record is planned anew after `SIGN_WAIT`.
         match sh.signing.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(job)) => {
@@ -670,14 +671,15 @@ fn drain(
 }
 
 /// Signatures waiting for the signing thread, at most (a circuit asks for
-/// one per build, and a node builds at most a few hundred at once).
+/// one per build, and a node builds at most a few hundred at once; the
+/// node's own record one now and then).
 const SIGN_QUEUE: usize = 256;
 
 /// The signing thread: makes the RSA signatures the node asks for (a
-/// circuit's AUTH, some milliseconds each) without the node lock, so that
-/// no packet waits behind one, then hands each back and sends what that
-/// queued. Jobs are few: one per circuit build, at most one at a time per
-/// circuit.
+/// circuit's AUTH, the node's own record; some milliseconds each) without
+/// the node lock, so that no packet waits behind one, then hands each back
+/// and sends what that queued. Jobs are few: one per circuit build, at most
+/// one at a time per circuit, and a record now and then.
 fn sign_loop(sh: Arc<Shared>, jobs: std::sync::mpsc::Receiver<SignJob>) {
     let signer = sh.node.lock(Holder::Sign).signer();
     for job in jobs {

@@ -481,6 +481,7 @@ impl<R: Records> Dht<R> {
                 let targets: Vec<Contact> = closest.iter().take(REPLICATION).cloned().collect();
                 if !targets.is_empty() {
                     l.storing = Some((targets.len(), 0));
+                    l.waiting = None;
                     self.lookups.insert(id, l);
                     for c in targets {
                         let what = Pending::Store { lookup: id };

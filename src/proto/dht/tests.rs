@@ -518,28 +518,49 @@ fn republishing_stays_inside_a_lone_peers_budget() {
     assert_eq!(m.nodes[0].table_len(), 1, "the peer was dropped");
 }
 
-/// A burst of the node's own lookups (a program's gets, an extender's
-/// puts) to a lone peer waits for the budget that peer keeps for it rather
-/// than being refused by it, which would make the node drop its only peer.
+/// The node's own lookups (a program's gets, an extender's puts) to a lone
+/// peer, in a burst and then as fast as slots free up, wait for the budget
+/// that peer keeps for it rather than being refused by it, which would make
+/// the node drop its only peer.
 #[test]
 fn own_lookups_stay_inside_a_lone_peers_budget() {
     let mut m = Mesh::new(&[0, 1]);
     let now = m.now;
     let peer = m.nodes[1].own().clone();
     m.nodes[0].add_contact(now, peer, Source::Config);
-    for n in 0..MAX_LOOKUPS {
-        let key = [n as u8; 32];
-        assert!(m.nodes[0].lookup(now, Goal::Values(key)).is_some());
-    }
+    const TOTAL: usize = 240;
     let tick = Duration::from_millis(250);
-    let mut t = now;
-    let mut done = 0;
-    for _ in 0..80 {
+    let (mut t, mut started, mut done) = (now, 0, 0);
+    let start = |m: &mut Mesh, t: Instant, started: &mut usize| {
+        let key = [(*started % 256) as u8, (*started / 256) as u8, 1, 2].repeat(8);
+        let key: Key = key.try_into().unwrap();
+        assert!(m.nodes[0].lookup(t, Goal::Values(key)).is_some());
+        *started += 1;
+    };
+    // A whole burst, answered at once, then a quiet tick: the budget is
+    // still spent (4 tokens back), not whole again.
+    for _ in 0..REQUEST_OUT.burst {
+        start(&mut m, t, &mut started);
+    }
+    m.run();
+    while m.nodes[0].poll_event().is_some() {
+        done += 1;
+    }
+    assert_eq!(done, started, "the burst went out at once");
+    t += tick;
+    m.now = t;
+    m.nodes[0].handle_timeout(t);
+    m.nodes[1].handle_timeout(t);
+    for _ in 0..200 {
+        // Every slot that frees up takes a new lookup at once.
+        while started < TOTAL && m.nodes[0].running() < MAX_LOOKUPS {
+            start(&mut m, t, &mut started);
+        }
         m.run();
         while m.nodes[0].poll_event().is_some() {
             done += 1;
         }
-        if done == MAX_LOOKUPS {
+        if done == TOTAL {
             break;
         }
         // The node says when it has something to do, waits included.
@@ -554,11 +575,14 @@ fn own_lookups_stay_inside_a_lone_peers_budget() {
         m.nodes[0].handle_timeout(t);
         m.nodes[1].handle_timeout(t);
     }
-    assert_eq!(done, MAX_LOOKUPS, "every lookup ended");
+    assert_eq!(done, TOTAL, "every lookup ended");
     assert_eq!(m.nodes[1].stats.rate_limited, 0, "the peer rate-limited us");
     assert_eq!(m.nodes[0].stats.timeouts, 0);
     assert_eq!(m.nodes[0].table_len(), 1, "the peer was dropped");
-    assert!(t > now, "some lookups had to wait");
+    // At REQUEST_OUT's pace: the burst, then 16 a second.
+    let took = t.saturating_duration_since(now).as_secs_f64();
+    let pace = (TOTAL - REQUEST_OUT.burst as usize) as f64 / f64::from(REQUEST_OUT.per_sec);
+    assert!(took >= pace - 0.5 && took <= pace + 1.0, "{took} s");
 }
 
 /// A node keeps at most `MAX_OWN_VALUES` values of its own: the next put

@@ -398,6 +398,7 @@ impl Node {
             Signing::Record { seq } => {
                 if self.own.install(seq, &job.message, signature).is_some() {
                     self.spread_record(now);
+                    self.pump_dht(now);
                 }
             }
         }

@@ -571,6 +571,14 @@ fn concurrent_writers_as_in_a_put_storm() {
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
+            // The others stop when this one does, panicking or not.
+            struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Release);
+                }
+            }
+            let _done = Done(&done);
             let mut all: Vec<Vec<u8>> = Vec::new();
             let mut added = 0;
             for i in 0..rounds {
@@ -587,7 +595,6 @@ fn concurrent_writers_as_in_a_put_storm() {
                     added += 1;
                 }
             }
-            done.store(true, Ordering::Release);
         });
         s.spawn(|| {
             let mut n = 0u32;
