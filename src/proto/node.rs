@@ -35,7 +35,7 @@ use serde::Serialize;
 use super::access::AccessConfig;
 use super::batch::SendBatch;
 use super::compress::{self, Adaptive, Governor};
-use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source};
+use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source, ValueInfo};
 use super::identity::{is_overlay_address, Identity, NodeId, NodeRecord};
 use super::limit::Limit;
 use super::message::{self, Reassembler, Segmenter};

@@ -567,6 +567,28 @@ fn control_messages_survive_segmentation() {
     assert_eq!(net.nodes[0].0.status().links[0].drops.bad_inner, 1);
 }
 
+/// A value the node signed itself is not verified again when it is put
+/// (an RSA verification under the node's lock); one under another key is,
+/// and a forged one is refused.
+#[test]
+fn own_puts_are_not_verified_again_others_are() {
+    let now = Instant::now();
+    let mut ids = identities(2);
+    let other = ids.pop().unwrap();
+    let mut n = Node::new(ids.pop().unwrap(), 1, cfg(vec![]), now);
+    let before = n.dht.records().verifications;
+    n.dht_put(now, b"ns", b"k", b"mine", 3600).unwrap();
+    assert_eq!(n.dht.records().verifications, before, "verified again");
+    assert_eq!(n.local_values(now, b"ns", b"k").len(), 1);
+    let (seq, expires) = (5, n.dht.unix(now) + 3600);
+    let theirs = SignedValue::sign(&other, b"ns", b"k2", b"theirs", seq, expires).unwrap();
+    n.put_signed_value(now, &theirs).unwrap();
+    assert_eq!(n.dht.records().verifications, before + 1);
+    let mut forged = SignedValue::sign(&other, b"ns", b"k3", b"forged", seq, expires).unwrap();
+    forged.value = b"changed".to_vec();
+    assert!(n.put_signed_value(now, &forged).is_err());
+}
+
 /// A value put while the node was alone is kept (the shell writes
 /// `value_records` to the vault); restored in the next run, it reaches
 /// the node's peer once the node joins.
