@@ -731,7 +731,10 @@ impl<R: Records> Dht<R> {
 /// Takes a token from what we may ask of `id` ([`REQUEST_OUT`]), or says
 /// when there is one.
 fn take_out(rates: &mut HashMap<NodeId, Rate>, now: Instant, id: &NodeId) -> Result<(), Instant> {
-    let rate = out_rate(rates, now, id);
+    let Some(rate) = out_rate(rates, now, id) else {
+        // No room to remember another peer: wait for some to fill up.
+        return Err(now + Duration::from_nanos(1_000_000_000 / u64::from(REQUEST_OUT.per_sec)));
+    };
     if rate.allow(now, REQUEST_OUT) {
         Ok(())
     } else {
@@ -741,18 +744,28 @@ fn take_out(rates: &mut HashMap<NodeId, Rate>, now: Instant, id: &NodeId) -> Res
 
 /// Counts a request to `id` that does not wait.
 fn charge_out(rates: &mut HashMap<NodeId, Rate>, now: Instant, id: &NodeId) {
-    out_rate(rates, now, id).charge(now, REQUEST_OUT);
+    if let Some(rate) = out_rate(rates, now, id) {
+        rate.charge(now, REQUEST_OUT);
+    }
 }
 
-fn out_rate<'a>(rates: &'a mut HashMap<NodeId, Rate>, now: Instant, id: &NodeId) -> &'a mut Rate {
+/// `id`'s entry. At [`MAX_RATE_PEERS`] entries, those whose bucket is full
+/// again make room; if none is, a new peer gets no entry (and its queries
+/// wait) rather than the table being wiped: a wipe would hand every peer
+/// still being paced a whole burst again, which a swarm of fresh contacts
+/// could use to get our real peers to refuse us.
+fn out_rate<'a>(
+    rates: &'a mut HashMap<NodeId, Rate>,
+    now: Instant,
+    id: &NodeId,
+) -> Option<&'a mut Rate> {
     if rates.len() >= MAX_RATE_PEERS && !rates.contains_key(id) {
-        // Peers whose bucket is full again have nothing to remember.
         rates.retain(|_, r| !r.is_full(now));
         if rates.len() >= MAX_RATE_PEERS {
-            rates.clear();
+            return None;
         }
     }
-    rates.entry(*id).or_insert_with(|| Rate::new(now))
+    Some(rates.entry(*id).or_insert_with(|| Rate::new(now)))
 }
 
 #[cfg(test)]

@@ -35,8 +35,9 @@ impl Limit {
     }
 }
 
-/// One bucket's state: when the bucket is next full, minus the tolerance
-/// (GCRA). A fresh bucket is full.
+/// One bucket's state: when the bucket is next full (GCRA's theoretical
+/// arrival time; a token is there from that instant minus the tolerance,
+/// [`Rate::ready_at`]). A fresh bucket is full.
 #[derive(Clone, Copy, Debug)]
 pub struct Rate {
     tat: Instant,

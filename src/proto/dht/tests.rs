@@ -585,6 +585,33 @@ fn own_lookups_stay_inside_a_lone_peers_budget() {
     assert!(took >= pace - 0.5 && took <= pace + 1.0, "{took} s");
 }
 
+/// The outgoing budgets are bounded: with every entry still pacing its
+/// peer, a new peer waits rather than the table being wiped (which would
+/// give every paced peer a whole burst again); entries that filled up make
+/// room.
+#[test]
+fn outgoing_budgets_are_bounded_without_forgetting_paced_peers() {
+    let now = Instant::now();
+    let mut rates = HashMap::new();
+    for i in 0..MAX_RATE_PEERS as u32 {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        assert_eq!(take_out(&mut rates, now, &NodeId(id)), Ok(()));
+    }
+    let new = NodeId([0xff; 32]);
+    assert!(
+        take_out(&mut rates, now, &new).is_err(),
+        "no room: it waits"
+    );
+    charge_out(&mut rates, now, &new);
+    assert_eq!(rates.len(), MAX_RATE_PEERS, "nobody forgotten");
+    // One token taken is back within an interval: every bucket is full
+    // again, and the new peer gets an entry.
+    let later = now + Duration::from_millis(100);
+    assert_eq!(take_out(&mut rates, later, &new), Ok(()));
+    assert_eq!(rates.len(), 1);
+}
+
 /// A node keeps at most `MAX_OWN_VALUES` values of its own: the next put
 /// is refused with a reason, a new value under a key it has is not, and
 /// values that expired make room.

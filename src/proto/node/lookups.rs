@@ -441,8 +441,9 @@ impl Node {
     /// A value under this node's key is taken as signed by it and not
     /// verified again (an RSA verification, some tens of microseconds, that
     /// would run under whatever lock guards the node); any other goes
-    /// through the DHT's full check.
-    pub fn put_signed_value(
+    /// through the DHT's full check. Crate-only for that reason: a value
+    /// parsed from elsewhere must never come here.
+    pub(crate) fn put_signed_value(
         &mut self,
         now: Instant,
         value: &SignedValue,
