@@ -335,9 +335,18 @@ fn corrupt_provider_is_caught_and_dropped() {
     );
 
     // Among good providers, one corrupting everything is dropped at its
-    // first group; the others finish, only missing groups are fetched.
+    // first group; the others finish, only missing groups are fetched. The
+    // good one is slowed (4 MB/s, ~0.9 s for the rest): unlimited, it once
+    // fetched everything in 60 ms, before the bad one's first group was
+    // checked, which then ended "finished" with nothing kept.
     let worse = Provider::start(&tmp.path().join("worse"), &src, "[::1]:0", 0, Some("all"));
-    let good = Provider::start(&tmp.path().join("good"), &src, "127.0.0.1:0", 0, None);
+    let good = Provider::start(
+        &tmp.path().join("good"),
+        &src,
+        "127.0.0.1:0",
+        4_000_000,
+        None,
+    );
     let r = get_cmd(&id, &out, &[&worse, &good]).output().unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert_eq!(std::fs::read(&out).unwrap(), data);
