@@ -733,7 +733,7 @@ impl<R: Records> Dht<R> {
 fn take_out(rates: &mut HashMap<NodeId, Rate>, now: Instant, id: &NodeId) -> Result<(), Instant> {
     let Some(rate) = out_rate(rates, now, id) else {
         // No room to remember another peer: wait for some to fill up.
-        return Err(now + Duration::from_nanos(1_000_000_000 / u64::from(REQUEST_OUT.per_sec)));
+        return Err(now + REQUEST_OUT.interval());
     };
     if rate.allow(now, REQUEST_OUT) {
         Ok(())

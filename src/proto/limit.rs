@@ -26,7 +26,8 @@ pub struct Limit {
 }
 
 impl Limit {
-    fn interval(&self) -> Duration {
+    /// The time one token takes to come back.
+    pub fn interval(&self) -> Duration {
         Duration::from_nanos(1_000_000_000 / u64::from(self.per_sec.max(1)))
     }
 

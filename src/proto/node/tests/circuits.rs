@@ -259,11 +259,6 @@ impl Drop for HoldSignatures {
     }
 }
 
-/// A source asks for its AUTH signature rather than making it (RSA takes
-/// milliseconds, and the data path must not wait); the circuit waits for
-/// it, a signature for another message is not used, and one that comes
-/// after its circuit timed out is not either: the rebuilt circuit asks
-/// anew.
 /// The next AUTH job `node` hands out; record jobs met on the way are
 /// signed at once, as the signing thread would.
 fn next_auth(node: &mut Node, now: Instant) -> Option<SignJob> {
@@ -279,6 +274,11 @@ fn next_auth(node: &mut Node, now: Instant) -> Option<SignJob> {
     None
 }
 
+/// A source asks for its AUTH signature rather than making it (RSA takes
+/// milliseconds, and the data path must not wait); the circuit waits for
+/// it, a signature for another message is not used, and one that comes
+/// after its circuit timed out is not either: the rebuilt circuit asks
+/// anew.
 #[test]
 fn circuit_auth_waits_for_a_signature_made_elsewhere() {
     let now = Instant::now();
