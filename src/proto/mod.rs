@@ -19,5 +19,5 @@ pub mod uri;
 pub mod wire;
 
 pub use identity::{Identity, NodeId, NodeRecord};
-pub use node::{Node, NodeConfig, NodeStatus, PeerConfig, TunOutcome};
+pub use node::{Delivered, Node, NodeConfig, NodeStatus, PeerConfig, TunOutcome};
 pub use uri::PeerUri;

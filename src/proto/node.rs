@@ -26,15 +26,14 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::noise::{Packet, Tunn};
 use boringtun::x25519;
 use serde::Serialize;
 
 use super::access::AccessConfig;
 use super::batch::SendBatch;
-use super::compress::{self, Adaptive, Governor};
+use super::compress::Governor;
 use super::dht::{Contact, Dht, DhtStats, Goal, LookupDone, Outcome, Refresh, Source, ValueInfo};
 use super::identity::{is_overlay_address, Identity, NodeId, NodeRecord};
 use super::limit::Limit;
@@ -46,6 +45,7 @@ use super::wire::{self, Incoming, Ipv6View, IPV6_MIN_MTU, MAX_PACKET};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
+mod channel;
 mod circuits;
 mod control;
 mod gate;
@@ -57,6 +57,8 @@ mod report;
 mod resolve;
 mod table;
 mod tally;
+
+use channel::Sealed;
 pub use circuits::{
     CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
     RouteNoteView, RouteOutcome, RoutingSummary, SignJob, Signing, TrafficConfig, CIRCUIT_MTU,
@@ -377,6 +379,24 @@ pub enum TunOutcome<'a> {
     Nothing,
 }
 
+/// Where the packet for the TUN that a datagram carried lies
+/// ([`Node::receive`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivered<'a> {
+    /// In the caller's buffer, `buf[..n]`: decrypted there and used as it
+    /// is (an uncompressed packet from a neighbour, the common case).
+    InPlace(usize),
+    /// Rebuilt by the node (decompressed, or a circuit's DATA): copy it.
+    Rebuilt(&'a [u8]),
+}
+
+/// [`Delivered`] without the borrow: a rebuilt packet is `bufs.b[..n]`.
+#[derive(Clone, Copy)]
+enum Inner {
+    InPlace(usize),
+    Rebuilt(usize),
+}
+
 /// A report on one link.
 #[derive(Clone, Debug, Serialize)]
 pub struct LinkStatus {
@@ -468,9 +488,9 @@ struct Buffers {
     ctl: Vec<u8>,
     /// A cell being built, or one that ends here.
     cell: Vec<u8>,
-    /// The other packet buffer, as large as `a`. A cell from a link is
-    /// handled in the buffer it was decrypted into, which is taken out of
-    /// `a` meanwhile; this one stands in as `a`, and the two swap roles.
+    /// Where [`Node::handle_datagram`] (the simulator's and the tests'
+    /// entry, which pass no buffer) has a datagram decrypted: the caller's
+    /// buffer of [`Node::receive`].
     alt: Vec<u8>,
     /// lz4's hash table, reused for every packet compressed.
     lz4: wire::Lz4Table,
@@ -607,33 +627,6 @@ const SEAL_MIN_OUT: usize = 148;
 /// Most bytes the node's send batch holds between two takes by the data
 /// path (the simulator and the tests drain it through `poll_transmit`).
 const MAX_BATCH_BYTES: usize = 8 << 20;
-
-/// What became of a packet given to a link to seal.
-enum Sealed {
-    /// A datagram is in the batch (the packet, or a handshake initiation
-    /// while the packet waits for it).
-    Queued,
-    /// Nothing to send now: the packet waits behind a handshake.
-    Held,
-    /// The link could not seal it, or the batch is full.
-    Failed,
-}
-
-/// Seals `packet` on `tunn` straight into the batch `out`, as a datagram to
-/// `dst`: the encryption is the only copy between here and the kernel.
-fn seal_batch(out: &mut SendBatch, tunn: &mut Tunn, packet: &[u8], dst: SocketAddr) -> Sealed {
-    if out.bytes() >= MAX_BATCH_BYTES {
-        return Sealed::Failed;
-    }
-    let space = out.space((packet.len() + SEAL_OVERHEAD).max(SEAL_MIN_OUT));
-    let n = match tunn.encapsulate(packet, space) {
-        TunnResult::WriteToNetwork(d) => d.len(),
-        TunnResult::Done => return Sealed::Held,
-        _ => return Sealed::Failed,
-    };
-    out.commit(dst, n);
-    Sealed::Queued
-}
 
 /// Why [`Node::dht_put`] refused a value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -833,11 +826,11 @@ impl Node {
     pub fn set_path_mtu(&mut self, endpoint: SocketAddr, underlay_mtu: usize) {
         let inner = link_mtu(underlay_mtu, ipv6_underlay(&endpoint));
         for link in self.links.values_mut() {
-            if link.endpoint == Some(endpoint) {
+            if link.chan.endpoint == Some(endpoint) {
                 let mtu = inner.min(self.config.mtu);
-                if mtu != link.mtu {
+                if mtu != link.chan.mtu {
                     tracing::info!(%endpoint, underlay_mtu, link_mtu = mtu, "path MTU changed");
-                    link.mtu = mtu;
+                    link.chan.mtu = mtu;
                 }
             }
         }
@@ -911,12 +904,15 @@ impl Node {
             return self.tun_miss(now, view);
         };
         link.last_used = now;
-        if packet.len() > link.mtu {
-            if link.mtu < IPV6_MIN_MTU && packet.len() <= IPV6_MIN_MTU && link.verified.is_some() {
+        if packet.len() > link.chan.mtu {
+            if link.chan.mtu < IPV6_MIN_MTU
+                && packet.len() <= IPV6_MIN_MTU
+                && link.verified.is_some()
+            {
                 // Programs never send less than 1280, so below that the node
                 // fragments for them (the receiving kernel reassembles).
                 self.fragment_id = self.fragment_id.wrapping_add(1);
-                let (id, mtu) = (self.fragment_id, link.mtu);
+                let (id, mtu) = (self.fragment_id, link.chan.mtu);
                 let mut frags = Vec::new();
                 if wire::fragment(view, mtu, id, |f| frags.push(f.to_vec())) {
                     // Each fragment is sealed into the batch.
@@ -932,7 +928,7 @@ impl Node {
                 return Routed::Nothing;
             }
             link.drops.too_big += 1;
-            let mtu = link.mtu.max(IPV6_MIN_MTU) as u32;
+            let mtu = link.chan.mtu.max(IPV6_MIN_MTU) as u32;
             return self.icmp_reply(now, view, wire::ICMPV6_PACKET_TOO_BIG, 0, mtu);
         }
         if link.verified.is_none() {
@@ -946,19 +942,12 @@ impl Node {
             link.pending.push_back(packet.to_vec());
             return Routed::Nothing;
         }
-        let Some(endpoint) = link.endpoint else {
-            link.drops.send_failed += 1;
-            return Routed::Nothing;
-        };
         let paused = self.config.compression.adaptive && self.compression.paused();
-        let compress =
-            (link.compress && !paused).then_some((&mut link.adaptive, &mut self.bufs.lz4));
-        let (frame, compressed) = compress::encode(view, compress, &mut self.bufs.b);
-        link.counters.tx_packets += 1;
-        link.counters.tx_bytes += packet.len() as u64;
-        link.counters.tx_wire_bytes += frame.len() as u64;
-        link.counters.tx_compressed += compressed as u64;
-        match seal_batch(&mut self.out, &mut link.tunn, frame, endpoint) {
+        let lz4 = (!paused).then_some(&mut self.bufs.lz4);
+        match link
+            .chan
+            .seal_app(view, lz4, &mut self.bufs.b, &mut self.out)
+        {
             Sealed::Queued => Routed::Queued,
             Sealed::Held => Routed::Nothing,
             Sealed::Failed => {
@@ -990,13 +979,20 @@ impl Node {
         }
     }
 
-    fn handle_inner(&mut self, now: Instant, index: u32, n: usize) -> Option<&[u8]> {
-        if let Ok(view) = Ipv6View::new_checked(&self.bufs.a[..n]) {
+    /// What a link brought, decrypted into `buf[..n]`: a cell, a control
+    /// message or an application packet for the TUN.
+    fn handle_inner(
+        &mut self,
+        now: Instant,
+        index: u32,
+        buf: &mut [u8],
+        n: usize,
+    ) -> Option<Inner> {
+        if let Ok(view) = Ipv6View::new_checked(&buf[..n]) {
             if let Some((MSG_CELL, body)) = wire::control_of(view) {
                 // Cells are fixed-size and never segmented: the hot path.
                 // A relay peels or adds its layer where the cell was
-                // decrypted and sends it on from there (no copy); see
-                // `Buffers::alt`.
+                // decrypted and sends it on from there (no copy).
                 let len = body.len();
                 if len > self.bufs.cell.len() {
                     self.circ_bad_size();
@@ -1004,14 +1000,11 @@ impl Node {
                 }
                 let link = self.links.get_mut(&index)?;
                 link.last_used = now;
-                let alt = std::mem::take(&mut self.bufs.alt);
-                let mut packet = std::mem::replace(&mut self.bufs.a, alt);
-                let out = self.handle_cell(now, index, &mut packet[..wire::CONTROL_BODY + len]);
-                self.bufs.alt = packet;
-                return out.map(|p| &self.bufs.b[..p]);
+                let out = self.handle_cell(now, index, &mut buf[..wire::CONTROL_BODY + len]);
+                return out.map(Inner::Rebuilt);
             }
         }
-        let control = match Ipv6View::new_checked(&self.bufs.a[..n]) {
+        let control = match Ipv6View::new_checked(&buf[..n]) {
             Ok(view) => wire::control_of(view).map(|(ty, body)| (view.src(), ty, body.to_vec())),
             Err(_) => {
                 self.links.get_mut(&index)?.drops.bad_inner += 1;
@@ -1022,8 +1015,11 @@ impl Node {
             self.handle_control(now, index, src, ty, &body);
             return None;
         }
-        let view = Ipv6View::new_checked(&self.bufs.a[..n]).ok()?;
+        let view = Ipv6View::new_checked(&buf[..n]).ok()?;
         let link = self.links.get_mut(&index)?;
+        // An application packet without qgate's framing is used where it
+        // was decrypted; a framed one is rebuilt in `bufs.b`.
+        let in_place = view.next_header() != wire::NH_QGATE;
         let (incoming, compressed) = match wire::decode(view, &mut self.bufs.b) {
             Ok(x) => x,
             Err(_) => {
@@ -1048,11 +1044,12 @@ impl Node {
                 }
                 link.last_used = now;
                 link.last_app_rx = Some(now);
-                link.counters.rx_packets += 1;
-                link.counters.rx_bytes += p.len() as u64;
-                link.counters.rx_wire_bytes += n as u64;
-                link.counters.rx_compressed += compressed as u64;
-                Some(p)
+                link.chan.count_rx(p.len(), n, compressed);
+                Some(if in_place {
+                    Inner::InPlace(p.len())
+                } else {
+                    Inner::Rebuilt(p.len())
+                })
             }
         }
     }

@@ -34,7 +34,7 @@ use super::{filter, privilege};
 use crate::proto::batch::SendBatch;
 use crate::proto::dht::Source;
 use crate::proto::node::{normalize, SignJob, Sweep, Transmit};
-use crate::proto::Node;
+use crate::proto::{Delivered, Node};
 use bytes::BytesMut;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use qgate_platform::{GROTable, SyncDevice, Tun, VIRTIO_NET_HDR_LEN};
@@ -914,16 +914,36 @@ impl UdpSide {
                 let from = normalize(m.addr);
                 let stride = m.stride.max(1);
                 for seg in buf[..m.len].chunks(stride) {
-                    if let Some(p) = node.handle_datagram(now, from, seg) {
-                        if k == self.to_tun.len() {
-                            self.to_tun.push(BytesMut::with_capacity(TUN_WRITE_CAP));
-                        }
-                        let b = &mut self.to_tun[k];
-                        b.clear();
-                        b.resize(VIRTIO_NET_HDR_LEN, 0);
-                        b.extend_from_slice(p);
-                        k += 1;
+                    if k == self.to_tun.len() {
+                        self.to_tun.push(BytesMut::with_capacity(TUN_WRITE_CAP));
                     }
+                    let b = &mut self.to_tun[k];
+                    // The datagram is decrypted behind the virtio-net
+                    // header, where the TUN write takes it from. The buffer
+                    // keeps the length of its last packet, so growing it
+                    // zeroes only the difference (a few bytes, in a stream
+                    // of full-sized packets).
+                    let need = VIRTIO_NET_HDR_LEN + seg.len();
+                    if b.len() < need {
+                        b.resize(need, 0);
+                    }
+                    let n = match node.receive(now, from, seg, &mut b[VIRTIO_NET_HDR_LEN..]) {
+                        None => continue,
+                        Some(Delivered::InPlace(n)) => n,
+                        Some(Delivered::Rebuilt(p)) => {
+                            // Decompressed or from a circuit: one copy.
+                            let n = p.len();
+                            if b.len() < VIRTIO_NET_HDR_LEN + n {
+                                b.resize(VIRTIO_NET_HDR_LEN + n, 0);
+                            }
+                            b[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + n].copy_from_slice(p);
+                            n
+                        }
+                    };
+                    b.truncate(VIRTIO_NET_HDR_LEN + n);
+                    // GRO writes offload fields into the header it sends.
+                    b[..VIRTIO_NET_HDR_LEN].fill(0);
+                    k += 1;
                 }
             }
             self.out.take(sh, &mut node);

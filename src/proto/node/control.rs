@@ -130,7 +130,7 @@ impl Node {
         let ip = self
             .links
             .get(&index)
-            .and_then(|l| l.endpoint)
+            .and_then(|l| l.chan.endpoint)
             .map(|e| e.ip());
         if !self.config.access.link.admits(ip, &id) {
             tracing::debug!(link = index, node = %id.short(), "link closed: denied by [access]");
@@ -170,7 +170,7 @@ impl Node {
         };
         let first = link.verified.is_none();
         link.verified = Some(v);
-        link.compress = compress;
+        link.chan.compress = compress;
         let source = link.source;
         let on_demand = link.opened_on_demand();
         self.links.name_addr(addr, index);
@@ -200,7 +200,7 @@ impl Node {
         let hello = link.hello.say(
             now,
             link.verified.is_some(),
-            link.endpoint,
+            link.chan.endpoint,
             self.own.bytes(),
         );
         let mut body = Vec::with_capacity(20 + hello.record.len());
@@ -239,16 +239,12 @@ impl Node {
             let Some(link) = self.links.get_mut(&index) else {
                 return;
             };
-            match link.endpoint {
-                Some(ep) => {
-                    let _ = seal_batch(&mut self.out, &mut link.tunn, &self.bufs.ctl[..n], ep);
-                }
+            if link.chan.endpoint.is_some() {
+                let _ = link.chan.seal(&mut self.out, &self.bufs.ctl[..n]);
+            } else {
                 // Nowhere to send it yet: boringtun keeps the message for
-                // the session's first handshake (the initiation it returns
-                // has nowhere to go either).
-                None => {
-                    let _ = link.tunn.encapsulate(&self.bufs.ctl[..n], &mut self.bufs.a);
-                }
+                // the session's first handshake.
+                link.chan.hold(&self.bufs.ctl[..n], &mut self.bufs.a);
             }
         }
     }

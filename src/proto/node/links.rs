@@ -3,7 +3,8 @@
 //! handshake gate's verdict (`gate.rs`), the first Diffie-Hellman, then
 //! the link's `Tunn`.
 
-use super::gate::{self, is_cookie_reply};
+use super::channel::{Channel, Opened, Refusal, Setup, Tick};
+use super::gate;
 use super::hello::HelloState;
 use super::table::Room;
 use super::*;
@@ -43,21 +44,16 @@ impl Node {
         let compress = configured
             .map(|id| self.config.compression.allows(&id))
             .unwrap_or(self.config.compression.enabled);
-        let link_secret = self.own.identity().link_secret().clone();
-        let limiter = self.gate.link_limiter();
-        let mtu = self.config.mtu;
+        let setup = Setup {
+            secret: self.own.identity().link_secret().clone(),
+            keepalive,
+            limiter: self.gate.link_limiter(),
+            mtu: self.config.mtu,
+        };
         let index = self.links.insert(peer_key, |index| Link {
             index,
-            tunn: Tunn::new(
-                link_secret,
-                x25519::PublicKey::from(peer_key),
-                None,
-                keepalive,
-                index,
-                Some(limiter),
-            ),
+            chan: Channel::new(setup, index, peer_key, endpoint, compress),
             peer_key,
-            endpoint,
             configured,
             persistent: false,
             source: Source::Network,
@@ -75,10 +71,6 @@ impl Node {
             created: now,
             last_rx: now,
             last_app_rx: None,
-            mtu,
-            compress,
-            adaptive: Adaptive::default(),
-            counters: LinkCounters::default(),
             drops: Drops::default(),
         });
         Some(index)
@@ -130,20 +122,59 @@ impl Node {
     /// Handles one datagram from the UDP socket. Returns a packet to write
     /// to the TUN, if the datagram carried one. Queued replies (handshake
     /// responses, hellos) are drained with [`Node::poll_transmit`].
+    ///
+    /// The simulator's and the tests' entry; the data path uses
+    /// [`Node::receive`], which decrypts into the caller's buffer.
     pub fn handle_datagram(
         &mut self,
         now: Instant,
         from: SocketAddr,
         datagram: &[u8],
     ) -> Option<&[u8]> {
+        let mut buf = std::mem::take(&mut self.bufs.alt);
+        let inner = self.receive_inner(now, from, datagram, &mut buf);
+        self.bufs.alt = buf;
+        match inner? {
+            Inner::InPlace(n) => Some(&self.bufs.alt[..n]),
+            Inner::Rebuilt(n) => Some(&self.bufs.b[..n]),
+        }
+    }
+
+    /// Handles one datagram from the UDP socket, as
+    /// [`Node::handle_datagram`] does, but decrypts a data message into
+    /// `buf` (which must be at least as long as the datagram; a shorter one
+    /// drops it): its packet for the TUN is then usually `buf[..n]` and
+    /// needs no copy (the shell passes the space behind the TUN's
+    /// virtio-net header).
+    pub fn receive<'a>(
+        &'a mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+    ) -> Option<Delivered<'a>> {
+        match self.receive_inner(now, from, datagram, buf)? {
+            Inner::InPlace(n) => Some(Delivered::InPlace(n)),
+            Inner::Rebuilt(n) => Some(Delivered::Rebuilt(&self.bufs.b[..n])),
+        }
+    }
+
+    fn receive_inner(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+    ) -> Option<Inner> {
         // boringtun panics if its output buffer is shorter than the
         // datagram: ours holds MAX_DATAGRAM, so refuse anything larger.
-        if datagram.len() > MAX_DATAGRAM {
+        if datagram.len() > MAX_DATAGRAM || datagram.len() > buf.len() {
             self.drops.malformed += 1;
             return None;
         }
         let from = normalize(from);
         let mut cookie_reply = false;
+        let mut data = false;
         let index = match Tunn::parse_incoming_packet(datagram) {
             Err(_) => {
                 // Garbage costs its source budget too, so a source that
@@ -161,7 +192,10 @@ impl Node {
                 cookie_reply = true;
                 p.receiver_idx >> 8
             }
-            Ok(Packet::PacketData(p)) => p.receiver_idx >> 8,
+            Ok(Packet::PacketData(p)) => {
+                data = true;
+                p.receiver_idx >> 8
+            }
         };
         let Some(link) = self.links.get_mut(&index) else {
             if self.gate.charge(now, from.ip()) {
@@ -176,7 +210,7 @@ impl Node {
         // anywhere else it is unauthenticated work like a handshake. (An
         // initiation was charged in `admit_initiation`, and its
         // link's endpoint is where it came from.)
-        if link.endpoint != Some(from) && !self.gate.charge(now, from.ip()) {
+        if link.chan.endpoint != Some(from) && !self.gate.charge(now, from.ip()) {
             self.drops.rate_limited += 1;
             return None;
         }
@@ -184,72 +218,33 @@ impl Node {
         // A link created for this very handshake (see
         // `admit_initiation`) is kept only if the handshake holds.
         let fresh = link.configured.is_none() && link.verified.is_none() && !link.session_up;
-        let mut res = link
-            .tunn
-            .decapsulate(Some(from.ip()), datagram, &mut self.bufs.a);
-        let mut authenticated = false;
-        let mut inner_len = None;
-        loop {
-            match res {
-                TunnResult::Done => {
-                    authenticated = true;
-                    break;
-                }
-                TunnResult::WriteToNetwork(out) if is_cookie_reply(out) => {
-                    // Under load boringtun answers an unauthenticated
-                    // handshake with a cookie: that proves nothing about the
-                    // sender, so the link is left as it is.
-                    self.transmits.push_back(Transmit {
-                        dst: from,
-                        payload: out.to_vec(),
-                    });
-                    break;
-                }
-                TunnResult::WriteToNetwork(out) => {
-                    authenticated = true;
-                    self.transmits.push_back(Transmit {
-                        dst: from,
-                        payload: out.to_vec(),
-                    });
-                    // Flush packets that waited for this handshake.
-                    res = link.tunn.decapsulate(None, &[], &mut self.bufs.a);
-                }
-                TunnResult::WriteToTunnelV6(p, _) => {
-                    authenticated = true;
-                    inner_len = Some(p.len());
-                    break;
-                }
-                TunnResult::WriteToTunnelV4(..) => {
-                    authenticated = true;
-                    link.drops.bad_inner += 1;
-                    break;
-                }
-                TunnResult::Err(e) => {
-                    match e {
-                        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => {
-                            link.drops.replay += 1
-                        }
-                        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => {
-                            link.drops.unknown_session += 1
-                        }
-                        WireGuardError::InvalidMac
-                        | WireGuardError::WrongKey
-                        | WireGuardError::InvalidTai64nTimestamp
-                        | WireGuardError::WrongTai64nTimestamp
-                        | WireGuardError::UnderLoad
-                        | WireGuardError::UnexpectedPacket => link.drops.handshake_rejected += 1,
-                        _ => link.drops.auth_failed += 1,
+        // A data message is opened into the caller's buffer (it needs no
+        // more room than the datagram). A handshake goes to `bufs.a`: its
+        // answer may be followed by the packets that waited for it, each
+        // as large as a packet can be.
+        let dst: &mut [u8] = if data { &mut *buf } else { &mut self.bufs.a };
+        let inner_len = match link.chan.open(from, datagram, dst, &mut self.transmits) {
+            Opened::Authentic(n) => n,
+            Opened::Ipv4 => {
+                link.drops.bad_inner += 1;
+                None
+            }
+            not_authentic => {
+                if let Opened::Refused(why) = not_authentic {
+                    let d = &mut link.drops;
+                    match why {
+                        Refusal::Replay => d.replay += 1,
+                        Refusal::UnknownSession => d.unknown_session += 1,
+                        Refusal::Handshake => d.handshake_rejected += 1,
+                        Refusal::Auth => d.auth_failed += 1,
                     }
-                    break;
                 }
+                if fresh && link.chan.handshake_age().is_none() {
+                    self.remove_link_quietly(now, index);
+                }
+                return None;
             }
-        }
-        if !authenticated {
-            if fresh && link.tunn.time_since_last_handshake().is_none() {
-                self.remove_link_quietly(now, index);
-            }
-            return None;
-        }
+        };
         if cookie_reply {
             // The neighbour is under load and asked for proof that we
             // receive at our address: boringtun kept the cookie, and the
@@ -263,32 +258,27 @@ impl Node {
             // from elsewhere would draw each new initiation to the forger,
             // who could then repeat it and keep the real handshake from
             // being retried.
-            if link.endpoint == Some(from)
+            if link.chan.endpoint == Some(from)
                 && link
                     .last_cookie_retry
                     .is_none_or(|t| now.saturating_duration_since(t) >= COOKIE_RETRY)
             {
                 link.last_cookie_retry = Some(now);
-                initiate(
-                    &mut link.tunn,
-                    from,
-                    true,
-                    &mut self.bufs.b,
-                    &mut self.transmits,
-                );
+                link.chan
+                    .initiate(from, true, &mut self.bufs.b, &mut self.transmits);
             }
             return None;
         }
         let was_up = link.session_up;
-        link.session_up = link.tunn.time_since_last_handshake().is_some();
+        link.session_up = link.chan.handshake_age().is_some();
         link.expired = false;
         link.last_rx = now;
-        if link.endpoint != Some(from) {
-            if link.endpoint.is_some() {
-                tracing::info!(link = index, old = ?link.endpoint, new = %from, "neighbour moved to a new endpoint");
+        if link.chan.endpoint != Some(from) {
+            if link.chan.endpoint.is_some() {
+                tracing::info!(link = index, old = ?link.chan.endpoint, new = %from, "neighbour moved to a new endpoint");
             }
-            link.endpoint = Some(from);
-            link.mtu = self.config.mtu;
+            link.chan.endpoint = Some(from);
+            link.chan.mtu = self.config.mtu;
         }
         if !was_up && link.session_up {
             link.reconnect_attempts = 0;
@@ -305,7 +295,12 @@ impl Node {
             }
         }
         let n = inner_len?;
-        self.handle_inner(now, index, n)
+        if !data {
+            // boringtun only hands out a packet for the TUN from a data
+            // message; were that ever to change, it would be in `bufs.a`.
+            return None;
+        }
+        self.handle_inner(now, index, buf, n)
     }
 
     /// One link's part of the timer sweep (see [`Node::handle_timeout_some`]).
@@ -313,27 +308,19 @@ impl Node {
         let Some(link) = self.links.get_mut(&index) else {
             return LinkFate::Keep;
         };
-        // update_timers emits at most one datagram per call.
-        match link.tunn.update_timers(&mut self.bufs.a) {
-            TunnResult::WriteToNetwork(out) => {
-                if let Some(ep) = link.endpoint {
-                    self.transmits.push_back(Transmit {
-                        dst: ep,
-                        payload: reuse(&mut self.spare, out),
-                    });
-                }
+        // boringtun's timers emit at most one datagram per call.
+        if let Tick::Expired =
+            link.chan
+                .tick(&mut self.bufs.a, &mut self.transmits, &mut self.spare)
+        {
+            if !link.expired {
+                tracing::info!(link = index, node = ?link.node_id(), "link session expired");
             }
-            TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                if !link.expired {
-                    tracing::info!(link = index, node = ?link.node_id(), "link session expired");
-                }
-                link.expired = true;
-                link.session_up = false;
-            }
-            _ => {}
+            link.expired = true;
+            link.session_up = false;
         }
         link.reassembler.expire(now);
-        let up = link.tunn.time_since_last_handshake().is_some() && !link.expired;
+        let up = link.chan.handshake_age().is_some() && !link.expired;
         if link.session_up && !up {
             link.session_up = false;
         }
@@ -355,16 +342,11 @@ impl Node {
                 .last_reconnect
                 .is_none_or(|t| now.saturating_duration_since(t) >= silence)
         {
-            if let Some(ep) = link.endpoint {
+            if let Some(ep) = link.chan.endpoint {
                 link.last_reconnect = Some(now);
                 tracing::debug!(link = index, "neighbour silent, handshaking again");
-                initiate(
-                    &mut link.tunn,
-                    ep,
-                    false,
-                    &mut self.bufs.a,
-                    &mut self.transmits,
-                );
+                link.chan
+                    .initiate(ep, false, &mut self.bufs.a, &mut self.transmits);
             }
         }
         if link.persistent && !link.session_up {
@@ -382,16 +364,11 @@ impl Node {
                 // The first initiation went out with the first hello.
                 link.last_reconnect = Some(now);
             }
-            if let (true, Some(ep)) = (due, link.endpoint) {
+            if let (true, Some(ep)) = (due, link.chan.endpoint) {
                 link.last_reconnect = Some(now);
                 link.reconnect_attempts = link.reconnect_attempts.saturating_add(1);
-                initiate(
-                    &mut link.tunn,
-                    ep,
-                    true,
-                    &mut self.bufs.a,
-                    &mut self.transmits,
-                );
+                link.chan
+                    .initiate(ep, true, &mut self.bufs.a, &mut self.transmits);
             }
         }
         let hello_due = link.session_up && link.hello.due(now, link.verified.is_some());
@@ -459,9 +436,12 @@ impl Node {
         if let Some(l) = self.links.get_mut(&index) {
             l.session_up = true;
         }
-        let n = packet.len().min(self.bufs.a.len());
-        self.bufs.a[..n].copy_from_slice(&packet[..n]);
-        self.handle_inner(now, index, n).map(<[u8]>::len)
+        let mut buf = std::mem::take(&mut self.bufs.alt);
+        let n = packet.len().min(buf.len());
+        buf[..n].copy_from_slice(&packet[..n]);
+        let inner = self.handle_inner(now, index, &mut buf, n);
+        self.bufs.alt = buf;
+        inner.map(|(Inner::InPlace(n) | Inner::Rebuilt(n))| n)
     }
 
     /// Whether `ip`'s subnet (IPv4 /24, IPv6 /48) holds its share of links.
@@ -522,22 +502,5 @@ impl Node {
             }
         }
         idx
-    }
-}
-
-/// Queues a handshake initiation to `ep` (a fresh one if `force`, else only
-/// when none is in progress).
-pub(super) fn initiate(
-    tunn: &mut Tunn,
-    ep: SocketAddr,
-    force: bool,
-    buf: &mut [u8],
-    transmits: &mut VecDeque<Transmit>,
-) {
-    if let TunnResult::WriteToNetwork(out) = tunn.format_handshake_initiation(buf, force) {
-        transmits.push_back(Transmit {
-            dst: ep,
-            payload: out.to_vec(),
-        });
     }
 }

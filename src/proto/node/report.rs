@@ -71,13 +71,19 @@ impl Node {
                 address: l.node_id().map(|i| i.overlay_address()),
                 state: l.state(),
                 configured: l.persistent,
-                endpoint: l.endpoint,
-                last_handshake_secs: l.tunn.time_since_last_handshake().map(|d| d.as_secs_f64()),
-                mtu: l.mtu,
-                compression: l.compress,
-                tx_compression_ratio: ratio(l.counters.tx_wire_bytes, l.counters.tx_bytes),
-                rx_compression_ratio: ratio(l.counters.rx_wire_bytes, l.counters.rx_bytes),
-                counters: l.counters,
+                endpoint: l.chan.endpoint,
+                last_handshake_secs: l.chan.handshake_age().map(|d| d.as_secs_f64()),
+                mtu: l.chan.mtu,
+                compression: l.chan.compress,
+                tx_compression_ratio: ratio(
+                    l.chan.counters.tx_wire_bytes,
+                    l.chan.counters.tx_bytes,
+                ),
+                rx_compression_ratio: ratio(
+                    l.chan.counters.rx_wire_bytes,
+                    l.chan.counters.rx_bytes,
+                ),
+                counters: l.chan.counters,
                 drops: l.drops,
             })
             .collect();

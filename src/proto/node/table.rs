@@ -8,13 +8,11 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use boringtun::noise::Tunn;
-
+use super::channel::Channel;
 use super::hello::HelloState;
 use super::tally::ClosedLinks;
-use super::{Drops, LinkCounters, LinkState};
+use super::{Drops, LinkState};
 use crate::proto::access::link_subnet;
-use crate::proto::compress::Adaptive;
 use crate::proto::dht::{Contact, Source};
 use crate::proto::identity::{NodeId, NodeRecord};
 use crate::proto::message::Reassembler;
@@ -31,9 +29,9 @@ pub(super) struct Verified {
 
 pub(super) struct Link {
     pub(super) index: u32,
-    pub(super) tunn: Tunn,
+    /// The session, endpoint, MTU, compression and counters.
+    pub(super) chan: Channel,
     pub(super) peer_key: [u8; 32],
-    pub(super) endpoint: Option<SocketAddr>,
     /// The node this link must turn out to be (configured peers and links
     /// made to a known record).
     pub(super) configured: Option<NodeId>,
@@ -62,10 +60,6 @@ pub(super) struct Link {
     /// When the neighbour last sent us an application packet over this
     /// link (a node that talks to us directly is answered directly).
     pub(super) last_app_rx: Option<Instant>,
-    pub(super) mtu: usize,
-    pub(super) compress: bool,
-    pub(super) adaptive: Adaptive,
-    pub(super) counters: LinkCounters,
     pub(super) drops: Drops,
 }
 
@@ -235,7 +229,7 @@ impl LinkTable {
     /// closed links'.
     pub(super) fn remove(&mut self, index: u32) -> Option<Link> {
         let link = self.links.remove(&index)?;
-        self.closed.close(&link.counters, &link.drops);
+        self.closed.close(&link.chan.counters, &link.drops);
         self.by_key.remove(&link.peer_key);
         self.by_addr.retain(|_, i| *i != index);
         Some(link)
@@ -314,7 +308,7 @@ impl LinkTable {
         let mut per_subnet: HashMap<Option<IpAddr>, (usize, Instant, u32)> = HashMap::new();
         for l in self.links.values().filter(inbound) {
             let e = per_subnet
-                .entry(subnet(l.endpoint))
+                .entry(subnet(l.chan.endpoint))
                 .or_insert((0, l.created, l.index));
             e.0 += 1;
             if l.created < e.1 {
@@ -336,7 +330,7 @@ impl LinkTable {
         let net = link_subnet(ip);
         self.links
             .values()
-            .filter(|l| l.endpoint.is_some_and(|e| link_subnet(e.ip()) == net))
+            .filter(|l| l.chan.endpoint.is_some_and(|e| link_subnet(e.ip()) == net))
             .count()
     }
 }

@@ -5,6 +5,7 @@ use super::*;
 use crate::proto::identity::RecordExt;
 use crate::proto::identity::ROLE_RELAY as ROLE_RELAY_BIT;
 use crate::proto::onion;
+use boringtun::noise::TunnResult;
 use rand_core::OsRng;
 
 mod alloc;

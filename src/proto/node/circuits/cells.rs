@@ -11,7 +11,7 @@ use rand_core::RngCore;
 
 use super::{count, wrap_into, CircRef, Stage};
 use crate::proto::identity::NodeId;
-use crate::proto::node::{seal_batch, Node, Sealed, MAX_PENDING_CTL, MSG_CELL};
+use crate::proto::node::{Node, Sealed, MAX_PENDING_CTL, MSG_CELL};
 use crate::proto::onion::{
     self, parse_cell, CellKind, Cmd, CELL_HEADER, CELL_LARGE, CELL_SMALL, CREATED_LEN,
 };
@@ -77,12 +77,12 @@ impl Node {
             l.pending_ctl.push_back((MSG_CELL, cell));
             return false;
         };
-        let (dst, Some(ep)) = (v.address, l.endpoint) else {
+        let (dst, Some(_)) = (v.address, l.chan.endpoint) else {
             self.circ.stats.drops.send_failed += 1;
             return false;
         };
         wire::write_control_header(packet, self.address, dst, MSG_CELL);
-        match seal_batch(&mut self.out, &mut l.tunn, packet, ep) {
+        match l.chan.seal(&mut self.out, packet) {
             Sealed::Queued => true,
             Sealed::Held => false,
             Sealed::Failed => {

@@ -28,7 +28,7 @@ impl Node {
             // Only a verified neighbour can be checked against the lists.
             let who = self.links.get(&link).and_then(|l| {
                 let v = l.verified.as_ref()?;
-                Some((l.endpoint.map(|e| e.ip()), v.record.node_id()))
+                Some((l.chan.endpoint.map(|e| e.ip()), v.record.node_id()))
             });
             let admitted = who.is_some_and(|(ip, id)| self.config.access.relay.admits(ip, &id));
             if !admitted {

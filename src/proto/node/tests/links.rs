@@ -272,3 +272,53 @@ fn garbage_datagrams_are_counted_not_fatal() {
     // One source: its budget, and then nothing more got any work.
     assert!(d.rate_limited > 49_000, "{d:?}");
 }
+
+/// The data path's entry: a data message is decrypted into the caller's
+/// buffer and an uncompressed packet is used there; a compressed one is
+/// rebuilt by the node; a buffer shorter than the datagram drops it.
+#[test]
+fn datagrams_are_opened_into_the_callers_buffer() {
+    let now = Instant::now();
+    let (ids, eps) = (identities(2), endpoints(2));
+    let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
+    let mut net = linked_pair(now, ids, &eps);
+    // Random bytes don't compress: the packet goes as it is.
+    let mut noise = [0u8; 1000];
+    rand_core::RngCore::fill_bytes(&mut OsRng, &mut noise);
+    let plain = udp_packet(addrs[0], addrs[1], &noise);
+    let squeezable = udp_packet(addrs[0], addrs[1], &[b'x'; 1000]);
+    let seal = |net: &mut Net, p: &[u8]| match net.nodes[0].0.handle_tun_packet(net.now, p) {
+        TunOutcome::Send(_, d) => d.to_vec(),
+        other => panic!("not sent: {other:?}"),
+    };
+    let (from, now) = (eps[0], net.now);
+    let mut buf = vec![0xaa; 4096];
+
+    let d = seal(&mut net, &plain);
+    let b = &mut net.nodes[1].0;
+    assert_eq!(
+        b.receive(now, from, &d, &mut buf),
+        Some(Delivered::InPlace(plain.len()))
+    );
+    assert_eq!(&buf[..plain.len()], &plain[..]);
+
+    let d = seal(&mut net, &squeezable);
+    assert!(d.len() < squeezable.len(), "compressed on the wire");
+    let b = &mut net.nodes[1].0;
+    assert_eq!(
+        b.receive(now, from, &d, &mut buf),
+        Some(Delivered::Rebuilt(&squeezable[..]))
+    );
+
+    let d = seal(&mut net, &plain);
+    let b = &mut net.nodes[1].0;
+    let before = b.status().drops.malformed;
+    assert_eq!(b.receive(now, from, &d, &mut buf[..d.len() - 1]), None);
+    assert_eq!(b.status().drops.malformed, before + 1);
+    // The same datagram, with room, still opens: nothing was spent on it.
+    assert_eq!(
+        b.receive(now, from, &d, &mut buf),
+        Some(Delivered::InPlace(plain.len()))
+    );
+    assert_eq!(b.status().links[0].counters.rx_packets, 3);
+}
