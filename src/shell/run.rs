@@ -809,7 +809,10 @@ struct TunSide {
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
     out: Outgoing,
+    /// ICMPv6 errors for the TUN, behind a virtio-net header: the first
+    /// `n_replies`, in reused buffers.
     replies: Vec<Vec<u8>>,
+    n_replies: usize,
 }
 
 impl TunSide {
@@ -827,6 +830,7 @@ impl TunSide {
             sizes: vec![0usize; segments],
             out: Outgoing::new(max_gso),
             replies: Vec::new(),
+            n_replies: 0,
         }
     }
 
@@ -851,21 +855,31 @@ impl TunSide {
             let mut node = lock_for_data(sh, now);
             for i in 0..n {
                 if let Some(p) = node.send_tun_packet(now, &self.bufs[i][..self.sizes[i]]) {
-                    self.replies.push(p.to_vec());
+                    if self.n_replies == self.replies.len() {
+                        self.replies.push(Vec::new());
+                    }
+                    let b = &mut self.replies[self.n_replies];
+                    b.clear();
+                    b.resize(VIRTIO_NET_HDR_LEN, 0);
+                    b.extend_from_slice(p);
+                    self.n_replies += 1;
                 }
             }
             self.out.take(sh, &mut node);
         }
         self.out.send(sh);
-        for p in self.replies.drain(..) {
-            sh.write_tun(&p);
+        for b in &self.replies[..self.n_replies] {
+            if let Err(e) = dev.send(b) {
+                tracing::debug!("TUN write failed: {e}");
+            }
         }
+        self.n_replies = 0;
         true
     }
 }
 
 struct UdpSide {
-    bufs: Vec<Vec<u8>>,
+    bufs: [Vec<u8>; RECV_BATCH],
     meta: Vec<RecvMeta>,
     to_tun: Vec<BytesMut>,
     gro: GROTable,
@@ -877,7 +891,7 @@ struct UdpSide {
 impl UdpSide {
     fn new(max_gso: usize) -> UdpSide {
         UdpSide {
-            bufs: (0..RECV_BATCH).map(|_| vec![0u8; BUF]).collect(),
+            bufs: std::array::from_fn(|_| vec![0u8; BUF]),
             meta: vec![RecvMeta::default(); RECV_BATCH],
             to_tun: Vec::new(),
             gro: GROTable::default(),
@@ -889,11 +903,8 @@ impl UdpSide {
     /// packets to the TUN. Returns false when nothing was waiting.
     fn step(&mut self, sh: &Shared) -> bool {
         let res = {
-            let mut iov: Vec<std::io::IoSliceMut<'_>> = self
-                .bufs
-                .iter_mut()
-                .map(|b| std::io::IoSliceMut::new(b))
-                .collect();
+            // On the stack: nothing allocated per receive.
+            let mut iov = self.bufs.each_mut().map(|b| std::io::IoSliceMut::new(b));
             sh.udp_state
                 .recv((&sh.udp).into(), &mut iov, &mut self.meta)
         };
@@ -991,6 +1002,10 @@ fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide) {
     // Which side poll(2) said is ready; both at first.
     let (mut tun_ready, mut udp_ready) = (true, true);
     let mut load = LoadWindow::new(Instant::now());
+    let mut fds = vec![PollFd::new(sh.udp.as_fd(), PollFlags::POLLIN)];
+    if let Some(t) = &sh.tun {
+        fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
+    }
     loop {
         // Serve the ready sides until neither has anything, alternating so
         // neither direction starves the other. Writing to the TUN often
@@ -1005,10 +1020,6 @@ fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide) {
                 tun_ready = tun.step(&sh);
             }
             load.maybe_report(&sh, Instant::now());
-        }
-        let mut fds = vec![PollFd::new(sh.udp.as_fd(), PollFlags::POLLIN)];
-        if let Some(t) = &sh.tun {
-            fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
         }
         let waiting = Instant::now();
         let polled = poll(&mut fds, PollTimeout::NONE);
