@@ -386,7 +386,8 @@ pub enum Delivered<'a> {
     /// In the caller's buffer, `buf[..n]`: decrypted there and used as it
     /// is (an uncompressed packet from a neighbour, the common case).
     InPlace(usize),
-    /// Rebuilt by the node (decompressed, or a circuit's DATA): copy it.
+    /// Rebuilt by the node (decompressed, unwrapped from a raw frame, or a
+    /// circuit's DATA): copy it.
     Rebuilt(&'a [u8]),
 }
 
