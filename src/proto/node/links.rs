@@ -1,7 +1,7 @@
 //! The link table: making and removing links (the caps on links and on
 //! links not yet verified), and every datagram from the UDP socket — the
 //! handshake gate's verdict (`gate.rs`), the first Diffie-Hellman, then
-//! the link's `Tunn`.
+//! the link's [`Channel`] (`channel.rs`); the per-link timers.
 
 use super::channel::{Channel, Opened, Refusal, Setup, Tick};
 use super::gate;
@@ -167,7 +167,8 @@ impl Node {
         buf: &mut [u8],
     ) -> Option<Inner> {
         // boringtun panics if its output buffer is shorter than the
-        // datagram: ours holds MAX_DATAGRAM, so refuse anything larger.
+        // datagram: `bufs.a` holds MAX_DATAGRAM, the caller's buffer what
+        // it holds, so refuse anything larger.
         if datagram.len() > MAX_DATAGRAM || datagram.len() > buf.len() {
             self.drops.malformed += 1;
             return None;
