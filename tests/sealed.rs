@@ -221,7 +221,7 @@ fn no_key_wrong_key_and_tampered_vault_are_refused() {
     #[cfg(feature = "test-hooks")]
     {
         // Tampered: a byte flipped inside a stored value. The probe tells where
-        // the value's page was sealed, so the flip cannot miss.
+        // the value was sealed, so the flip cannot miss.
         let marker = b"VALUE-TO-TAMPER-WITH";
         {
             let v = Vault::open(Path::new(&state), &KeySource::File(key.clone().into())).unwrap();
@@ -229,9 +229,10 @@ fn no_key_wrong_key_and_tampered_vault_are_refused() {
             p[2].1.record = marker.to_vec();
             qgate::shell::vault::probe::start(marker);
             v.replace_all(&p).unwrap();
-            let at = qgate::shell::vault::probe::take().expect("the marker was sealed");
-            v.close();
             let data = format!("{state}/vault/data.mdb");
+            let at =
+                qgate::shell::vault::probe::take(Path::new(&data)).expect("the marker was sealed");
+            v.close();
             let mut bytes = std::fs::read(&data).unwrap();
             bytes[at as usize + 5] ^= 0x01;
             std::fs::write(&data, &bytes).unwrap();

@@ -10,29 +10,34 @@
 //!                       the vault key (key file or Argon2id + salt), and a key
 //!                       ID (HKDF of the master key) that tells a wrong key
 //!                       from a damaged store
-//! DIR/vault/data.mdb    LMDB, every page but the two meta pages sealed
+//! DIR/vault/data.mdb    LMDB; every key a keyed hash, every value sealed
 //! DIR/vault/lock.mdb    LMDB reader table (no data)
 //! ```
 //!
-//! One LMDB environment holds all state, so one mechanism seals all of it
-//! and a rotation can swap it in with one atomic rename:
+//! One LMDB environment holds all state, so a write of several entries is
+//! one transaction and a rotation can swap a whole vault in with one atomic
+//! rename:
 //! - table `meta`: `identity` (RSA key as PKCS#8 PEM and the X25519 link
-//!   secret), `record_seq` (u64), and later extender data;
+//!   secret), `record_seq` (u64), and extender data;
+//! - table `values`: the DHT value records the node keeps;
 //! - table `nodes`: the peer store (key = node ID, value = below).
 //!
-//! Page sealing is heed3's LMDB page encryption. The cipher is
-//! AES-256-GCM-SIV, not plain AES-256-GCM: LMDB takes each page's nonce from
-//! its page number and transaction ID, and a crash after pages reached the
-//! disk but before the commit did makes the next transaction reuse that
-//! transaction ID for different contents. Under GCM a repeated nonce leaks
-//! the authentication key; under GCM-SIV it only shows that two sealed
-//! pages were equal. Keys, values, table names and free pages are all
-//! sealed; the meta pages hold only page numbers and sizes.
+//! Each entry is sealed on its own (`seal`): LMDB stores, under a keyed
+//! hash of the key, AES-256-GCM-SIV of the key and the value, bound to its
+//! table and slot. What the file shows: the three table names, how many
+//! entries each holds, their sizes to within 64 bytes, and LMDB's page
+//! structure. Keys, values, node IDs and which values are kept do not
+//! appear.
 //!
-//! What page sealing does not catch: LMDB does not bind a page to its
-//! position beyond the page's own header, so an attacker who can write the
-//! file may put back a whole older copy of it, or an older copy of a page.
-//! Reads then see old but authentic data; nothing can be forged or read.
+//! What sealing does not catch: an attacker who can write the file may put
+//! back an older copy of it, or an older entry (LMDB does not bind an entry
+//! to a version). Reads then see old but authentic data; nothing can be
+//! forged or read.
+//!
+//! Until 2026-11 LMDB's own page encryption sealed the vault (heed3's
+//! encrypted environment); it crashed under the daemon's writes (see
+//! `pages`). A vault in that format is upgraded on its first open
+//! (`open::upgrade`), crash-safe as a key rotation is.
 //!
 //! A state directory from an earlier version (`identity.pem`, `link.key`,
 //! `record.seq`, `peers.lmdb/` in the clear) is migrated once, on the first
@@ -42,13 +47,14 @@
 use std::path::{Path, PathBuf};
 
 use heed3::types::Bytes;
-use heed3::{EncryptedDatabase, EncryptedEnv, WithoutTls};
+use heed3::{Database, Env, WithoutTls};
 use zeroize::Zeroizing;
 
-// The parts: the page cipher (and its test probe), master keys and the
-// header, the environment on disk (create, open, copy), one file per table
-// (`meta`, `nodes`), migration, rotation, the state lock and file helpers,
-// and how values are padded in the tables (`pad`: an LMDB bug's way round).
+// The parts: how one entry is sealed (and its test probe), master keys and
+// the header, the environment on disk (create, open, upgrade, copy), one
+// file per table (`meta` with `values`, `nodes`), migration from plaintext,
+// rotation, the state lock and file helpers; and, to read a vault of the
+// page-sealed format once, its cipher, its reader and its padding.
 mod cipher;
 mod files;
 mod keys;
@@ -56,11 +62,13 @@ mod meta;
 mod migrate;
 mod open;
 mod pad;
+mod pages;
 mod peers;
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub mod probe;
 mod rotate;
+mod seal;
 #[cfg(test)]
 mod tests;
 
@@ -79,8 +87,8 @@ pub const VAULT_NEW: &str = "vault.new";
 const HEADER_FILE: &str = "header";
 /// LMDB map size: the most the vault can ever hold. Address space, not
 /// memory or disk (the file grows as pages are written): room for a full
-/// rewrite of every value kept (8,192 held for others, padded to a page
-/// each by `pad`, plus this node's own) beside the set it replaces.
+/// rewrite of every value kept (8,192 held for others, up to a page each,
+/// plus this node's own) beside the set it replaces.
 const MAP_SIZE: usize = 1 << 30;
 /// Named tables the environment may hold.
 const MAX_DBS: u32 = 4;
@@ -88,13 +96,15 @@ const MAX_DBS: u32 = 4;
 const NODES_DB: &str = "nodes";
 /// Identity, record sequence and other single values.
 const META_DB: &str = "meta";
+/// The DHT value records kept (keys under [`META_VALUES`]).
+const VALUES_DB: &str = "values";
 /// Meta key of the identity.
 const META_IDENTITY: &[u8] = b"identity";
 /// Meta key of the record sequence number.
 const META_SEQ: &[u8] = b"record_seq";
-/// Meta keys under this prefix hold the DHT value records the node keeps
-/// (those it published through the control API and those it holds for
-/// others), one per key.
+/// Keys under this prefix name the DHT value records the node keeps (those
+/// it published through the control API and those it holds for others),
+/// one per key, in the `values` table (in `meta` in a page-sealed vault).
 const META_VALUES: &[u8] = b"dht/value/";
 
 /// Files of a state directory written by qgate before the vault existed.
@@ -113,15 +123,18 @@ struct Contents {
     seq: u64,
     /// Raw (key, value) pairs of the `nodes` table.
     nodes: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Other `meta` entries (extender data), copied as they are.
+    /// Other entries: extender data, and the DHT value records (keys under
+    /// [`META_VALUES`]), copied as they are.
     meta: Vec<(Vec<u8>, Zeroizing<Vec<u8>>)>,
 }
 
 /// An open vault.
 pub struct Vault {
-    env: EncryptedEnv<WithoutTls>,
-    nodes: EncryptedDatabase<'static, Bytes, Bytes>,
-    meta: EncryptedDatabase<'static, Bytes, Bytes>,
+    env: Env<WithoutTls>,
+    nodes: Database<'static, Bytes, Bytes>,
+    meta: Database<'static, Bytes, Bytes>,
+    values: Database<'static, Bytes, Bytes>,
+    sealer: seal::Sealer,
     path: PathBuf,
     /// One transaction at a time, reads included ([`Txn`]).
     turn: parking_lot::Mutex<()>,
@@ -130,16 +143,15 @@ pub struct Vault {
 /// A transaction on the vault that holds the vault's turn: no other
 /// transaction, read or write, runs beside it on any thread.
 ///
-/// Why: heed3 0.23.1's encrypted environment (lmdb-master3-sys 0.2.6) is
-/// not safe for transactions on several threads at once, though LMDB
-/// itself is. Two writers on two threads (LMDB serializes them itself) end
-/// within seconds in `MDB_BAD_DBI`; a reader beside one writer in
-/// `MDB_PAGE_NOTFOUND`; a daemon under a put storm over the control socket
-/// (puts kept by control threads while the timer's task saved the peers)
-/// died in a segfault inside LMDB after asking for terabytes of memory
-/// (`tests::concurrent_writers_as_in_a_put_storm`, which passes with this
-/// turn). Nothing on the data path waits for it: the vault is written by
-/// control threads and blocking tasks only.
+/// Why: heed3 0.23.1's encrypted environment, which sealed the vault
+/// before per-value sealing, was not safe for transactions on several
+/// threads at once (`pages`). A plain environment is, as LMDB promises:
+/// `tests::concurrent_writers_as_in_a_put_storm` passed without the turn
+/// (release, 8,000 and 20,000 puts, once each). The turn stays because it
+/// costs nothing here (vault work is a few small transactions a second)
+/// and keeps every vault access in one order.
+/// Nothing on the data path waits for it: the vault is written by control
+/// threads and blocking tasks only.
 pub(super) struct Txn<'a, T> {
     // Declared first, so dropped (an unfinished write aborted) before the
     // turn is let go.

@@ -1,19 +1,17 @@
-//! The page cipher: the AEAD LMDB seals every page of the vault with (why
-//! GCM-SIV: see the `vault` module docs).
+//! The page cipher: the AEAD LMDB sealed every page of a vault with before
+//! values were sealed one by one (`Format::Pages`). Kept to read such a
+//! vault once, for its upgrade (`pages`).
 
 use aes_gcm_siv::aead::consts::{U0, U12, U16, U32};
 use aes_gcm_siv::aead::generic_array::GenericArray;
 use aes_gcm_siv::aead::{AeadCore, AeadInPlace, KeyInit, KeySizeUser};
 use aes_gcm_siv::Aes256GcmSiv;
 
-#[cfg(feature = "test-hooks")]
-use super::probe::{self, PROBE_ON};
-#[cfg(feature = "test-hooks")]
-use std::sync::atomic::Ordering;
-
-/// The AEAD LMDB seals pages with: AES-256-GCM-SIV (see the module docs for
-/// why not plain GCM), wrapped only so a test can learn where a chosen
-/// plaintext landed in the file (`probe`).
+/// The AEAD LMDB sealed pages with: AES-256-GCM-SIV, because LMDB takes
+/// each page's nonce from its page number and transaction ID, and a crash
+/// between pages reaching the disk and the commit makes the next
+/// transaction reuse that ID for different contents (GCM-SIV then shows
+/// only that two pages were equal; GCM would leak its authentication key).
 pub struct PageCipher(Aes256GcmSiv);
 
 impl KeySizeUser for PageCipher {
@@ -39,10 +37,6 @@ impl AeadInPlace for PageCipher {
         aad: &[u8],
         buffer: &mut [u8],
     ) -> aes_gcm_siv::aead::Result<GenericArray<u8, U16>> {
-        #[cfg(feature = "test-hooks")]
-        if PROBE_ON.load(Ordering::Relaxed) {
-            probe::observe(nonce, buffer);
-        }
         self.0.encrypt_in_place_detached(nonce, aad, buffer)
     }
 

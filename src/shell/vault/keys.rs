@@ -18,8 +18,12 @@ use zeroize::Zeroizing;
 use super::files::sync_parent;
 use super::{layout, Layout, HEADER_FILE, VAULT_DIR};
 
-/// First bytes of the header.
-const HEADER_MAGIC: &[u8; 8] = b"QGVAULT1";
+/// First bytes of the header of a vault whose LMDB pages are sealed
+/// (`Format::Pages`, before per-value sealing; read only to upgrade it).
+const MAGIC_PAGES: &[u8; 8] = b"QGVAULT1";
+/// First bytes of the header of a vault whose values are sealed one by one
+/// (`Format::Values`).
+const MAGIC_VALUES: &[u8; 8] = b"QGVAULT2";
 /// Header length.
 const HEADER_LEN: usize = 8 + 1 + 4 * 3 + 16 + 16;
 /// Argon2id cost for a new passphrase: 64 MiB, 3 passes, 1 lane (about a
@@ -289,9 +293,22 @@ pub(super) enum Kdf {
     Argon2id { m_kib: u32, t: u32, p: u32 },
 }
 
+/// How a vault's contents are sealed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Format {
+    /// Every LMDB page sealed by LMDB itself (heed3's page encryption).
+    /// Written by versions before per-value sealing; a vault found so is
+    /// upgraded on open (`open::upgrade`).
+    Pages,
+    /// A plain LMDB environment whose keys are keyed hashes and whose
+    /// values are sealed one by one (`seal`).
+    Values,
+}
+
 /// The vault's plaintext header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Header {
+    pub(super) format: Format,
     pub(super) kdf: Kdf,
     pub(super) salt: [u8; 16],
     pub(super) key_id: [u8; 16],
@@ -300,7 +317,10 @@ pub(super) struct Header {
 impl Header {
     pub(super) fn encode(&self) -> [u8; HEADER_LEN] {
         let mut out = [0u8; HEADER_LEN];
-        out[..8].copy_from_slice(HEADER_MAGIC);
+        out[..8].copy_from_slice(match self.format {
+            Format::Pages => MAGIC_PAGES,
+            Format::Values => MAGIC_VALUES,
+        });
         let (kind, m, t, p) = match self.kdf {
             Kdf::KeyFile => (0u8, 0, 0, 0),
             Kdf::Argon2id { m_kib, t, p } => (1u8, m_kib, t, p),
@@ -315,9 +335,14 @@ impl Header {
     }
 
     pub(super) fn decode(b: &[u8]) -> Option<Header> {
-        if b.len() != HEADER_LEN || &b[..8] != HEADER_MAGIC {
+        if b.len() != HEADER_LEN {
             return None;
         }
+        let format = match &b[..8] {
+            m if m == MAGIC_PAGES => Format::Pages,
+            m if m == MAGIC_VALUES => Format::Values,
+            _ => return None,
+        };
         let u = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let kdf = match b[8] {
             0 => Kdf::KeyFile,
@@ -334,6 +359,7 @@ impl Header {
             _ => return None,
         };
         Some(Header {
+            format,
             kdf,
             salt: b[21..37].try_into().ok()?,
             key_id: b[37..53].try_into().ok()?,
@@ -354,8 +380,13 @@ impl Header {
 
 /// The keys derived from one master key.
 pub(super) struct Keys {
-    /// Seals the LMDB pages.
+    /// Sealed the LMDB pages (`Format::Pages`): used only to read such a
+    /// vault for its upgrade.
     pub(super) store: Zeroizing<[u8; 32]>,
+    /// Seals each value (`Format::Values`).
+    pub(super) value: Zeroizing<[u8; 32]>,
+    /// Turns each key into the name it is stored under (`Format::Values`).
+    pub(super) index: Zeroizing<[u8; 32]>,
     /// Names the master key in the header (not secret).
     pub(super) key_id: [u8; 16],
 }
@@ -364,13 +395,25 @@ impl Keys {
     fn from_master(master: &[u8; 32]) -> Keys {
         let hk = Hkdf::<Sha256>::new(Some(b"qgate vault v1"), master);
         let mut store = Zeroizing::new([0u8; 32]);
+        let mut value = Zeroizing::new([0u8; 32]);
+        let mut index = Zeroizing::new([0u8; 32]);
         let mut key_id = [0u8; 16];
-        // Both lengths are far below HKDF-SHA256's limit.
-        hk.expand(b"page key", &mut store[..])
-            .expect("32 bytes is a valid HKDF length");
-        hk.expand(b"key id", &mut key_id)
-            .expect("16 bytes is a valid HKDF length");
-        Keys { store, key_id }
+        // All lengths are far below HKDF-SHA256's limit.
+        for (info, out) in [
+            (&b"page key"[..], &mut store[..]),
+            (b"value key", &mut value[..]),
+            (b"index key", &mut index[..]),
+            (b"key id", &mut key_id[..]),
+        ] {
+            hk.expand(info, out)
+                .expect("16 and 32 bytes are valid HKDF lengths");
+        }
+        Keys {
+            store,
+            value,
+            index,
+            key_id,
+        }
     }
 
     /// The master key per the header's recipe.
@@ -403,6 +446,7 @@ impl Keys {
         };
         let keys = Keys::derive(source, kdf, &salt)?;
         let header = Header {
+            format: Format::Values,
             kdf,
             salt,
             key_id: keys.key_id,

@@ -1,12 +1,14 @@
-//! The `meta` table: the node's identity, the record sequence number, the
-//! DHT value records the node keeps, and opaque extender values.
+//! The `meta` table (the node's identity, the record sequence number,
+//! opaque extender values) and the `values` table (the DHT value records
+//! the node keeps).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Result};
 use zeroize::Zeroizing;
 
-use super::{pad, Vault, META_IDENTITY, META_SEQ, META_VALUES};
+use super::seal::Table;
+use super::{Vault, META_IDENTITY, META_SEQ, META_VALUES};
 use crate::proto::Identity;
 
 /// Version byte leading the identity value.
@@ -41,13 +43,8 @@ fn decode_identity(v: &[u8]) -> Result<Identity> {
 
 impl Vault {
     pub(super) fn get_meta(&self, key: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>> {
-        let mut rtxn = self.rtxn()?;
-        let v = self
-            .meta
-            .get(&mut rtxn, key)
-            .map_err(|e| self.err(e))?
-            .map(|v| Zeroizing::new(pad::unstored(v).to_vec()));
-        Ok(v)
+        let rtxn = self.rtxn()?;
+        self.get(&rtxn, Table::Meta, key)
     }
 
     /// The node's identity.
@@ -84,48 +81,31 @@ impl Vault {
     /// before a record with it is published).
     pub fn write_record_seq(&self, seq: u64) -> Result<()> {
         let mut wtxn = self.wtxn()?;
-        self.meta
-            .put(&mut wtxn, META_SEQ, &seq.to_be_bytes())
-            .map_err(|e| self.err(e))?;
+        self.put(&mut wtxn, Table::Meta, META_SEQ, &seq.to_be_bytes())?;
         wtxn.commit().map_err(|e| self.err(e))
     }
 
-    /// The DHT value records kept by the last [`Vault::replace_values`] and
-    /// those added since ([`Vault::add_value`]).
+    /// The DHT value records kept by the last [`Vault::replace_values`]
+    /// (in its order) and those added since ([`Vault::add_value`]).
     pub fn values(&self) -> Result<Vec<Vec<u8>>> {
-        let mut rtxn = self.rtxn()?;
-        let mut out = Vec::new();
-        for entry in self
-            .meta
-            .prefix_iter(&mut rtxn, META_VALUES)
-            .map_err(|e| self.err(e))?
-        {
-            let (_, v) = entry.map_err(|e| self.err(e))?;
-            out.push(pad::unstored(v).to_vec());
-        }
-        Ok(out)
+        let rtxn = self.rtxn()?;
+        Ok(self
+            .entries(&rtxn, Table::Values)?
+            .into_iter()
+            .map(|o| o.value.to_vec())
+            .collect())
     }
 
     /// Replaces the kept DHT value records with `records` in one write
     /// transaction (a crash leaves the old or the new set).
     pub fn replace_values<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<()> {
-        let mut end = META_VALUES.to_vec();
-        *end.last_mut().expect("non-empty prefix") += 1;
-        let range = (
-            std::ops::Bound::Included(META_VALUES),
-            std::ops::Bound::Excluded(&end[..]),
-        );
         let mut wtxn = self.wtxn()?;
-        self.meta
-            .delete_range(&mut wtxn, &range)
-            .map_err(|e| self.err(e))?;
+        self.values.clear(&mut wtxn).map_err(|e| self.err(e))?;
         let mut key = META_VALUES.to_vec();
         for (i, r) in records.iter().enumerate() {
             key.truncate(META_VALUES.len());
             key.extend_from_slice(&(i as u32).to_be_bytes());
-            self.meta
-                .put(&mut wtxn, &key, &pad::stored(r.as_ref()))
-                .map_err(|e| self.err(e))?;
+            self.put(&mut wtxn, Table::Values, &key, r.as_ref())?;
         }
         wtxn.commit().map_err(|e| self.err(e))
     }
@@ -141,9 +121,7 @@ impl Vault {
         key.push(ADDED_VALUE);
         key.extend_from_slice(&sha2::Sha256::digest(record));
         let mut wtxn = self.wtxn()?;
-        self.meta
-            .put(&mut wtxn, &key, &pad::stored(record))
-            .map_err(|e| self.err(e))?;
+        self.put(&mut wtxn, Table::Values, &key, record)?;
         wtxn.commit().map_err(|e| self.err(e))
     }
 
@@ -155,13 +133,7 @@ impl Vault {
             bail!("vault key {:?} is reserved", String::from_utf8_lossy(key));
         }
         let mut wtxn = self.wtxn()?;
-        self.meta
-            .put(
-                &mut wtxn,
-                key,
-                &Zeroizing::new(pad::stored(value).into_owned()),
-            )
-            .map_err(|e| self.err(e))?;
+        self.put(&mut wtxn, Table::Meta, key, value)?;
         wtxn.commit().map_err(|e| self.err(e))
     }
 

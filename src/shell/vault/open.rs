@@ -1,50 +1,55 @@
-//! The vault on disk: the LMDB environment under the page cipher; creating,
-//! opening and verifying a vault; building a complete one from its contents
-//! (init, migration, rotation) and copying them out.
+//! The vault on disk: the LMDB environment and its three tables; creating,
+//! opening, verifying and upgrading a vault; building a complete one from
+//! its contents (init, migration, upgrade, rotation) and copying them out;
+//! and reading and writing single entries through the sealer.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
-use aes_gcm_siv::aead::generic_array::GenericArray;
 use anyhow::{anyhow, bail, Context, Result};
 use heed3::types::Bytes;
-use heed3::{CommitOrAbort, EnvOpenOptions, WithoutTls};
+use heed3::{CommitOrAbort, Database, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 use zeroize::Zeroizing;
 
 use super::files::{remove_tree, sync_dir, sync_parent};
-use super::keys::{short, Header, KeySource, Keys};
+use super::keys::{short, Format, Header, KeySource, Keys};
 use super::meta::encode_identity;
 use super::migrate::{migrate, remove_legacy};
-use super::pad;
+use super::pages;
+use super::rotate::swap_in;
+use super::seal::{Opened, Sealer, Table};
 use super::Txn;
 use super::{
-    layout, Contents, Layout, PageCipher, Vault, HEADER_FILE, LEGACY_IDENTITY, LEGACY_STORE,
-    MAP_SIZE, MAX_DBS, META_DB, META_IDENTITY, META_SEQ, NODES_DB, VAULT_DIR, VAULT_NEW,
+    layout, Contents, Layout, Vault, HEADER_FILE, LEGACY_IDENTITY, LEGACY_STORE, MAP_SIZE, MAX_DBS,
+    META_DB, META_IDENTITY, META_SEQ, META_VALUES, NODES_DB, VALUES_DB, VAULT_DIR, VAULT_NEW,
 };
 use crate::proto::Identity;
 
-/// The one-line message for an LMDB error while reading a vault: a page that
-/// fails authentication gets its own, since it means tampering or damage.
-fn read_error(path: &Path, e: heed3::Error) -> anyhow::Error {
+/// The one-line message for a vault that fails to read: damage or
+/// tampering gets its own, since it means the vault cannot be trusted.
+pub(super) fn read_error(path: &Path, e: heed3::Error) -> anyhow::Error {
     match e {
         heed3::Error::Mdb(heed3::MdbError::CryptoFail)
         | heed3::Error::Mdb(heed3::MdbError::Corrupted)
         | heed3::Error::Mdb(heed3::MdbError::PageNotFound)
         | heed3::Error::Mdb(heed3::MdbError::Invalid)
-        | heed3::Error::Mdb(heed3::MdbError::BadTxn) => anyhow!(
-            "vault {} failed authentication: it was tampered with or is damaged ({e}); refusing to start, nothing was changed",
-            path.display()
-        ),
+        | heed3::Error::Mdb(heed3::MdbError::BadTxn) => damaged(path, &e.to_string()),
         e => anyhow!("vault {}: {e}", path.display()),
     }
+}
+
+fn damaged(path: &Path, what: &str) -> anyhow::Error {
+    anyhow!(
+        "vault {} failed authentication: it was tampered with or is damaged ({what}); refusing to start, nothing was changed",
+        path.display()
+    )
 }
 
 fn open_env(dir: &Path, keys: &Keys) -> Result<Vault> {
     let mut options = EnvOpenOptions::new().read_txn_without_tls();
     options.map_size(MAP_SIZE).max_dbs(MAX_DBS);
-    let key = GenericArray::clone_from_slice(&keys.store[..]);
     // SAFETY: LMDB memory-maps `data.mdb`; the map is undefined behaviour
     // only if the file is modified outside LMDB's own locking, or the same
     // environment is opened twice in one process. The node opens its vault
@@ -52,21 +57,21 @@ fn open_env(dir: &Path, keys: &Keys) -> Result<Vault> {
     // state directory's lock (`StateLock`), and heed3 itself rejects a
     // second open of one path in this process (`EnvAlreadyOpened`), which we
     // propagate. No unsafe `EnvFlags` are set. The crate denies
-    // `unsafe_code`; this is the one audited exception in the vault.
+    // `unsafe_code`; the opens of the vault are the audited exceptions.
     #[allow(unsafe_code)]
-    let env = unsafe { options.open_encrypted::<PageCipher, _>(key, dir) }
-        .map_err(|e| read_error(dir, e))?;
+    let env = unsafe { options.open(dir) }.map_err(|e| read_error(dir, e))?;
     let wtxn = env.write_txn().map_err(|e| read_error(dir, e))?;
     let created = env
         .create_databases_and_commit(wtxn, |opener, wtxn| {
             let nodes = opener.create_database::<Bytes, Bytes>(wtxn, Some(NODES_DB))?;
             let meta = opener.create_database::<Bytes, Bytes>(wtxn, Some(META_DB))?;
+            let values = opener.create_database::<Bytes, Bytes>(wtxn, Some(VALUES_DB))?;
             Ok::<_, heed3::Error>(CommitOrAbort::<_, std::convert::Infallible>::Commit((
-                nodes, meta,
+                nodes, meta, values,
             )))
         })
         .map_err(|e| read_error(dir, e))?;
-    let (nodes, meta) = match created {
+    let (nodes, meta, values) = match created {
         CommitOrAbort::Commit(dbs) => dbs,
         CommitOrAbort::Abort(never) => match never {},
     };
@@ -74,6 +79,8 @@ fn open_env(dir: &Path, keys: &Keys) -> Result<Vault> {
         env,
         nodes,
         meta,
+        values,
+        sealer: Sealer::new(keys),
         path: dir.to_path_buf(),
         turn: parking_lot::Mutex::new(()),
     })
@@ -179,9 +186,11 @@ impl Vault {
         if keys.key_id != header.key_id {
             return Err(wrong_key(state_dir, &header, &keys));
         }
+        if header.format == Format::Pages {
+            upgrade(state_dir, &header, &keys)?;
+        }
         let vault = open_env(&dir, &keys)?;
         vault.verify()?;
-        vault.pad_old_values()?;
         // A crash in a rotation or migration may have left a second copy:
         // the vault opened, holds everything, so the copy goes.
         let new = state_dir.join(VAULT_NEW);
@@ -195,46 +204,13 @@ impl Vault {
         Ok(vault)
     }
 
-    /// Pads what an earlier version stored unpadded in the range LMDB
-    /// mishandles (the identity, values, peers; see `pad`), in one
-    /// transaction: left as they were, the next writes beside them would
-    /// meet the bug. A vault padded so is no longer readable by versions
-    /// before the padding.
-    fn pad_old_values(&self) -> Result<()> {
-        let mut wtxn = self.wtxn()?;
-        let mut padded = 0;
-        for db in [&self.meta, &self.nodes] {
-            let mut old: Vec<(Vec<u8>, Zeroizing<Vec<u8>>)> = Vec::new();
-            for entry in db.iter(&mut wtxn).map_err(|e| self.err(e))? {
-                let (k, v) = entry.map_err(|e| self.err(e))?;
-                if pad::needs_padding(v) {
-                    old.push((k.to_vec(), Zeroizing::new(pad::stored(v).into_owned())));
-                }
-            }
-            for (k, v) in &old {
-                db.put(&mut wtxn, k, v).map_err(|e| self.err(e))?;
-            }
-            padded += old.len();
-        }
-        if padded == 0 {
-            return Ok(());
-        }
-        wtxn.commit().map_err(|e| self.err(e))?;
-        tracing::info!(
-            padded,
-            "vault: old entries rewritten padded (an LMDB bug's way round)"
-        );
-        Ok(())
-    }
-
-    /// Reads every entry once: a page that fails authentication is found at
-    /// start, not in the middle of a run.
+    /// Opens every entry once: damage is found at start, not in the middle
+    /// of a run.
     fn verify(&self) -> Result<()> {
         self.identity()?;
-        self.load()?;
-        let mut rtxn = self.rtxn()?;
-        for entry in self.meta.iter(&mut rtxn).map_err(|e| self.err(e))? {
-            entry.map_err(|e| self.err(e))?;
+        let rtxn = self.rtxn()?;
+        for table in [Table::Meta, Table::Nodes, Table::Values] {
+            self.entries(&rtxn, table)?;
         }
         Ok(())
     }
@@ -244,36 +220,96 @@ impl Vault {
     }
 
     /// A read transaction, in the vault's turn (see [`Txn`]).
-    pub(super) fn rtxn(&self) -> Result<Txn<'_, heed3::RoTxn<'_, WithoutTls>>> {
+    pub(super) fn rtxn(&self) -> Result<Txn<'_, RoTxn<'_, WithoutTls>>> {
         let turn = self.turn.lock();
         let txn = self.env.read_txn().map_err(|e| self.err(e))?;
         Ok(Txn { txn, _turn: turn })
     }
 
     /// A write transaction, in the vault's turn (see [`Txn`]).
-    pub(super) fn wtxn(&self) -> Result<Txn<'_, heed3::RwTxn<'_>>> {
+    pub(super) fn wtxn(&self) -> Result<Txn<'_, RwTxn<'_>>> {
         let turn = self.turn.lock();
         let txn = self.env.write_txn().map_err(|e| self.err(e))?;
         Ok(Txn { txn, _turn: turn })
     }
 
+    pub(super) fn db(&self, table: Table) -> &Database<'static, Bytes, Bytes> {
+        match table {
+            Table::Meta => &self.meta,
+            Table::Nodes => &self.nodes,
+            Table::Values => &self.values,
+        }
+    }
+
+    /// The value `key` holds in `table`, opened.
+    pub(super) fn get(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        table: Table,
+        key: &[u8],
+    ) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        let slot = self.sealer.slot(table, key);
+        let Some(stored) = self.db(table).get(txn, &slot).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let opened = self
+            .sealer
+            .open(table, &slot, stored)
+            .map_err(|_| damaged(&self.path, "an entry does not open"))?;
+        Ok(Some(opened.value))
+    }
+
+    /// Seals (`key`, `value`) into `table`, replacing what `key` held.
+    pub(super) fn put(
+        &self,
+        txn: &mut RwTxn<'_>,
+        table: Table,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<()> {
+        let (slot, sealed) = self.sealer.seal(table, key, value);
+        self.db(table)
+            .put(txn, &slot, &sealed)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every entry of `table`, opened, in key order (the slots' order is
+    /// the hashes', which says nothing).
+    pub(super) fn entries(&self, txn: &RoTxn<'_, WithoutTls>, table: Table) -> Result<Vec<Opened>> {
+        let mut out = Vec::new();
+        for entry in self.db(table).iter(txn).map_err(|e| self.err(e))? {
+            let (slot, stored) = entry.map_err(|e| self.err(e))?;
+            out.push(
+                self.sealer
+                    .open(table, slot, stored)
+                    .map_err(|_| damaged(&self.path, "an entry does not open"))?,
+            );
+        }
+        out.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
     /// Everything, for a copy.
     pub(super) fn contents(&self) -> Result<Contents> {
+        let rtxn = self.rtxn()?;
         let identity = self
-            .get_meta(META_IDENTITY)?
+            .get(&rtxn, Table::Meta, META_IDENTITY)?
             .ok_or_else(|| anyhow!("vault {} holds no identity", self.path.display()))?;
-        let seq = self.record_seq()?;
-        let mut rtxn = self.rtxn()?;
-        let mut nodes = Vec::new();
-        for entry in self.nodes.iter(&mut rtxn).map_err(|e| self.err(e))? {
-            let (k, v) = entry.map_err(|e| self.err(e))?;
-            nodes.push((k.to_vec(), pad::unstored(v).to_vec()));
-        }
+        let seq = self
+            .get(&rtxn, Table::Meta, META_SEQ)?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map_or(0, u64::from_be_bytes);
+        let nodes = self
+            .entries(&rtxn, Table::Nodes)?
+            .into_iter()
+            .map(|o| (o.key, o.value.to_vec()))
+            .collect();
         let mut meta = Vec::new();
-        for entry in self.meta.iter(&mut rtxn).map_err(|e| self.err(e))? {
-            let (k, v) = entry.map_err(|e| self.err(e))?;
-            if k != META_IDENTITY && k != META_SEQ {
-                meta.push((k.to_vec(), Zeroizing::new(pad::unstored(v).to_vec())));
+        for table in [Table::Meta, Table::Values] {
+            for o in self.entries(&rtxn, table)? {
+                if o.key != META_IDENTITY && o.key != META_SEQ {
+                    meta.push((o.key, o.value));
+                }
             }
         }
         Ok(Contents {
@@ -287,25 +323,18 @@ impl Vault {
     /// Writes `contents` into this (new) vault in one transaction.
     fn write_all(&self, c: &Contents) -> Result<()> {
         let mut wtxn = self.wtxn()?;
-        self.meta
-            .put(
-                &mut wtxn,
-                META_IDENTITY,
-                &Zeroizing::new(pad::stored(&c.identity).into_owned()),
-            )
-            .map_err(|e| self.err(e))?;
-        self.meta
-            .put(&mut wtxn, META_SEQ, &c.seq.to_be_bytes())
-            .map_err(|e| self.err(e))?;
+        self.put(&mut wtxn, Table::Meta, META_IDENTITY, &c.identity)?;
+        self.put(&mut wtxn, Table::Meta, META_SEQ, &c.seq.to_be_bytes())?;
         for (k, v) in &c.meta {
-            self.meta
-                .put(&mut wtxn, k, &Zeroizing::new(pad::stored(v).into_owned()))
-                .map_err(|e| self.err(e))?;
+            let table = if k.starts_with(META_VALUES) {
+                Table::Values
+            } else {
+                Table::Meta
+            };
+            self.put(&mut wtxn, table, k, v)?;
         }
         for (k, v) in &c.nodes {
-            self.nodes
-                .put(&mut wtxn, k, &pad::stored(v))
-                .map_err(|e| self.err(e))?;
+            self.put(&mut wtxn, Table::Nodes, k, v)?;
         }
         wtxn.commit().map_err(|e| self.err(e))
     }
@@ -315,6 +344,27 @@ impl Vault {
         let Vault { env, .. } = self;
         env.prepare_for_closing().wait();
     }
+}
+
+/// Rewrites a page-sealed vault (`Format::Pages`) as a per-value sealed
+/// one under the same master key, the way a rotation swaps: built and
+/// synced in `vault.new`, exchanged with `vault` in one rename, the old copy
+/// removed. A crash at any point leaves `vault` complete in one format or
+/// the other (a leftover `vault.new` goes on the next open).
+fn upgrade(state_dir: &Path, header: &Header, keys: &Keys) -> Result<()> {
+    let contents = pages::read(&state_dir.join(VAULT_DIR), keys)?;
+    let new = Header {
+        format: Format::Values,
+        ..header.clone()
+    };
+    swap_in(state_dir, &new, keys, &contents, &|_| Ok(()))?;
+    tracing::info!(
+        peers = contents.nodes.len(),
+        entries = contents.meta.len(),
+        "vault {}: upgraded from page sealing (LMDB's encryption) to sealing each entry",
+        state_dir.join(VAULT_DIR).display()
+    );
+    Ok(())
 }
 
 /// Explains a key whose ID is not the vault's: the wrong key, or one side

@@ -1,6 +1,8 @@
-//! How values sit in the vault's tables: any value of [`PAD_FROM`] bytes or
-//! more is padded to at least [`PAD_TO`], so LMDB keeps it on overflow pages
-//! of its own.
+//! How a page-sealed vault (`Format::Pages`, read only for its upgrade)
+//! stored values: any value of [`PAD_FROM`] bytes or more was padded to at
+//! least [`PAD_TO`], so LMDB kept it on overflow pages of its own. A vault
+//! sealed per value needs none of this: LMDB's bug is in its page
+//! encryption.
 //!
 //! Why: with page encryption (LMDB's mdb.master3 branch, through heed3
 //! 0.23.1 / lmdb-master3-sys 0.2.6, the newest there are), a table that
@@ -22,6 +24,7 @@
 //! value we store ends in `MAGIC` with a length that fits (the identity
 //! ends in a PEM footer, records in a signature).
 
+#[cfg(test)]
 use std::borrow::Cow;
 
 /// Values this long or longer are padded.
@@ -31,9 +34,11 @@ pub(super) const PAD_FROM: usize = 1024;
 pub(super) const PAD_TO: usize = 2560;
 /// Ends a padded value.
 const MAGIC: &[u8; 5] = b"QGPAD";
+#[cfg(test)]
 const TRAILER: usize = 4 + MAGIC.len();
 
-/// The bytes to store for `value`.
+/// The bytes a page-sealed vault stored for `value` (to build one in tests).
+#[cfg(test)]
 pub(super) fn stored(value: &[u8]) -> Cow<'_, [u8]> {
     if value.len() < PAD_FROM {
         return Cow::Borrowed(value);
@@ -64,6 +69,7 @@ pub(super) fn unstored(bytes: &[u8]) -> &[u8] {
 
 /// Whether a value stored as `bytes` sits in the size range that breaks
 /// encrypted LMDB (stored unpadded by an earlier version).
+#[cfg(test)]
 pub(super) fn needs_padding(bytes: &[u8]) -> bool {
     (PAD_FROM..PAD_TO).contains(&bytes.len()) && unstored(bytes).len() == bytes.len()
 }

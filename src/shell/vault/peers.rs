@@ -2,7 +2,8 @@
 
 use anyhow::{anyhow, Result};
 
-use super::{pad, Vault};
+use super::seal::Table;
+use super::Vault;
 
 /// Version byte leading every peer value.
 const VALUE_VERSION: u8 = 1;
@@ -24,18 +25,14 @@ pub struct StoredPeer {
 impl Vault {
     /// All stored peers, keyed by 32-byte node ID, in key order. Entries
     /// whose key or value does not decode are skipped (and counted in a
-    /// warning), never a panic. A page that fails authentication is an
+    /// warning), never a panic. An entry that fails authentication is an
     /// error.
     pub fn load(&self) -> Result<Vec<([u8; 32], StoredPeer)>> {
-        let mut rtxn = self.rtxn()?;
+        let rtxn = self.rtxn()?;
         let mut peers = Vec::new();
         let mut skipped = 0usize;
-        for entry in self.nodes.iter(&mut rtxn).map_err(|e| self.err(e))? {
-            let (key, value) = entry.map_err(|e| self.err(e))?;
-            match (
-                <[u8; 32]>::try_from(key),
-                decode_value(pad::unstored(value)),
-            ) {
+        for o in self.entries(&rtxn, Table::Nodes)? {
+            match (<[u8; 32]>::try_from(&o.key[..]), decode_value(&o.value)) {
                 (Ok(id), Some(peer)) => peers.push((id, peer)),
                 _ => skipped += 1,
             }
@@ -58,9 +55,7 @@ impl Vault {
         let mut value = Vec::new();
         for (id, peer) in peers {
             encode_value(peer, &mut value);
-            self.nodes
-                .put(&mut wtxn, id, &pad::stored(&value))
-                .map_err(|e| self.err(e))?;
+            self.put(&mut wtxn, Table::Nodes, id, &value)?;
         }
         wtxn.commit().map_err(|e| self.err(e))
     }

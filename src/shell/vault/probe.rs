@@ -1,61 +1,46 @@
 //! Test hook: where in `data.mdb` a chosen plaintext was sealed, so a test
 //! can flip a byte inside a stored value and be sure it hit one.
 
-use aes_gcm_siv::aead::consts::U12;
-use aes_gcm_siv::aead::generic_array::GenericArray;
+use std::path::Path;
+use std::sync::Mutex;
 
-#[cfg(feature = "test-hooks")]
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Mutex,
-};
-
-#[cfg(feature = "test-hooks")]
-pub(super) static PROBE_ON: AtomicBool = AtomicBool::new(false);
-#[cfg(feature = "test-hooks")]
-static PROBE: Mutex<Option<(Vec<u8>, Option<u64>)>> = Mutex::new(None);
-
-/// LMDB's page header before the sealed part of each page (page number
-/// and transaction ID; they form the nonce).
-const PAGE_HEADER: u64 = 16;
-
-/// Starts watching page seals for `marker`.
-pub fn start(marker: &[u8]) {
-    *PROBE.lock().unwrap_or_else(|e| e.into_inner()) = Some((marker.to_vec(), None));
-    PROBE_ON.store(true, Ordering::Relaxed);
+/// What the probe watches: a marker, and the sealed bytes of the last
+/// value whose plaintext held it.
+struct Watch {
+    marker: Vec<u8>,
+    sealed: Option<Vec<u8>>,
 }
 
-/// Stops watching; the file offset of the marker's first byte in the
-/// last page sealed with it, if any.
-pub fn take() -> Option<u64> {
-    PROBE_ON.store(false, Ordering::Relaxed);
-    PROBE
+static PROBE: Mutex<Option<Watch>> = Mutex::new(None);
+
+/// Starts watching seals for `marker`.
+pub fn start(marker: &[u8]) {
+    *PROBE.lock().unwrap_or_else(|e| e.into_inner()) = Some(Watch {
+        marker: marker.to_vec(),
+        sealed: None,
+    });
+}
+
+/// Stops watching; the offset in `file` (a vault's `data.mdb`, after the
+/// write committed) of the last sealed value whose plaintext held the
+/// marker, if any.
+pub fn take(file: &Path) -> Option<u64> {
+    let sealed = PROBE
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take()
-        .and_then(|(_, at)| at)
+        .and_then(|w| w.sealed)?;
+    let bytes = std::fs::read(file).ok()?;
+    let at = bytes.windows(sealed.len()).position(|w| w == &sealed[..])?;
+    u64::try_from(at).ok()
 }
 
-pub(super) fn observe(nonce: &GenericArray<u8, U12>, page: &[u8]) {
+pub(super) fn observe(plain: &[u8], sealed: &[u8]) {
     let mut guard = PROBE.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((marker, at)) = guard.as_mut() else {
+    let Some(w) = guard.as_mut() else {
         return;
     };
-    if marker.is_empty() {
-        return;
+    if !w.marker.is_empty() && plain.windows(w.marker.len()).any(|m| m == &w.marker[..]) {
+        w.sealed = Some(sealed.to_vec());
     }
-    if let Some(off) = page.windows(marker.len()).position(|w| w == &marker[..]) {
-        let mut pgno = [0u8; 8];
-        pgno.copy_from_slice(&nonce[..8]);
-        let psize = page_size();
-        *at = Some(u64::from_le_bytes(pgno) * psize + PAGE_HEADER + off as u64);
-    }
-}
-
-fn page_size() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .and_then(|p| u64::try_from(p).ok())
-        .unwrap_or(4096)
 }

@@ -8,9 +8,10 @@ use anyhow::{bail, Context, Result};
 use super::files::{remove_tree, sync_dir};
 use super::keys::{short, Header, KeySource, Keys};
 use super::open::{sync_vault, write_vault};
-use super::{Vault, VAULT_DIR, VAULT_NEW};
+use super::{Contents, Vault, VAULT_DIR, VAULT_NEW};
 
-/// The steps of a rotation, for fault injection.
+/// The steps of a rotation (and of a format upgrade, which swaps the same
+/// way), for fault injection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RotateStep {
     /// The new vault is written (committed) in `vault.new`.
@@ -54,16 +55,31 @@ pub fn rotate(
     if header.key_id == old_header.key_id {
         bail!("the new key is the key the vault is sealed with already");
     }
+    swap_in(state_dir, &header, &keys, &contents, after)?;
+    Ok(header.key_id)
+}
+
+/// Writes `contents` as a complete vault in `vault.new`, syncs it, swaps it
+/// with `vault` in one atomic exchange, and removes the old one. A crash at
+/// any point leaves a complete vault under `vault`: the old one before the
+/// exchange, the new one after. `after` is called after each step.
+pub(super) fn swap_in(
+    state_dir: &Path,
+    header: &Header,
+    keys: &Keys,
+    contents: &Contents,
+    after: &dyn Fn(RotateStep) -> Result<()>,
+) -> Result<()> {
     let new_dir = state_dir.join(VAULT_NEW);
     remove_tree(&new_dir)?;
     // Written: the new vault committed and closed ...
-    write_vault(&new_dir, &header, &keys, &contents)?;
+    write_vault(&new_dir, header, keys, contents)?;
     after(RotateStep::Written)?;
     // ... Synced: every file and the directory entries made durable.
     sync_vault(&new_dir)?;
     after(RotateStep::Synced)?;
     // Swapped: both names always exist, so every instant has a complete
-    // vault under `vault`, sealed with the old key before and the new after.
+    // vault under `vault`, the old one before and the new one after.
     nix::fcntl::renameat2(
         None,
         &new_dir,
@@ -78,7 +94,7 @@ pub fn rotate(
     remove_tree(&new_dir)?;
     sync_dir(state_dir)?;
     after(RotateStep::Cleaned)?;
-    Ok(header.key_id)
+    Ok(())
 }
 
 /// The short form of a key ID.
