@@ -406,7 +406,7 @@ fn key_op(op: KeyOp) -> Result<(), Failure> {
             if old.key_file.is_none() && old.passphrase_fd.is_none() && !old.ask_passphrase {
                 old.key_file = cfg_key;
             }
-            let _lock = vault::StateLock::take(&state_dir)?;
+            let lock = vault::StateLock::take(&state_dir)?;
             let old = old.for_open(&state_dir)?;
             let new = match (new_key_file, new_passphrase_fd) {
                 (_, Some(fd)) => KeySource::Passphrase(vault::read_passphrase_fd(fd)?),
@@ -429,7 +429,7 @@ fn key_op(op: KeyOp) -> Result<(), Failure> {
                 }
                 Ok(())
             };
-            let id = vault::rotate(&state_dir, &old, &new, &after)?;
+            let id = vault::rotate(&state_dir, &lock, &old, &new, &after)?;
             println!(
                 "{} is now sealed with {} (key {}); the old key no longer opens it",
                 state_dir.display(),

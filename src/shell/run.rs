@@ -106,7 +106,7 @@ pub fn run(config: Config, mut key: KeyOptions) -> Result<()> {
     }
     let lock = StateLock::take(&config.state_dir)?;
     let source = key.for_open(&config.state_dir)?;
-    let store = Vault::open(&config.state_dir, &source)?;
+    let store = Vault::open_locked(&config.state_dir, &source, &lock)?;
     drop(source);
     let identity = store.identity()?;
     if !config.relay_only && !qgate_platform::has_cap_net_admin() {

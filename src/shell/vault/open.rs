@@ -13,13 +13,14 @@ use heed3::types::Bytes;
 use heed3::{CommitOrAbort, Database, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 use zeroize::Zeroizing;
 
+use super::files::StateLock;
 use super::files::{remove_tree, sync_dir, sync_parent};
 use super::keys::{short, Format, Header, KeySource, Keys};
 use super::meta::encode_identity;
 use super::migrate::{migrate, remove_legacy};
 use super::pages;
-use super::rotate::swap_in;
-use super::seal::{Opened, Sealer, Table};
+use super::rotate::{swap_in, RotateStep};
+use super::seal::{Opened, Sealer, Table, MAX_KEY};
 use super::Txn;
 use super::{
     layout, Contents, Layout, Vault, HEADER_FILE, LEGACY_IDENTITY, LEGACY_STORE, MAP_SIZE, MAX_DBS,
@@ -47,7 +48,7 @@ fn damaged(path: &Path, what: &str) -> anyhow::Error {
     )
 }
 
-fn open_env(dir: &Path, keys: &Keys) -> Result<Vault> {
+fn open_env(dir: &Path, header: &Header, keys: &Keys) -> Result<Vault> {
     let mut options = EnvOpenOptions::new().read_txn_without_tls();
     options.map_size(MAP_SIZE).max_dbs(MAX_DBS);
     // SAFETY: LMDB memory-maps `data.mdb`; the map is undefined behaviour
@@ -80,7 +81,7 @@ fn open_env(dir: &Path, keys: &Keys) -> Result<Vault> {
         nodes,
         meta,
         values,
-        sealer: Sealer::new(keys),
+        sealer: Sealer::new(keys, &header.salt),
         path: dir.to_path_buf(),
         turn: parking_lot::Mutex::new(()),
     })
@@ -113,7 +114,7 @@ pub(super) fn write_vault(
         .open(&path)
         .and_then(|mut f| f.write_all(&header.encode()))
         .with_context(|| format!("writing {}", path.display()))?;
-    let vault = open_env(dir, keys)?;
+    let vault = open_env(dir, header, keys)?;
     vault.write_all(contents)?;
     vault.close();
     Ok(())
@@ -163,22 +164,52 @@ impl Vault {
         let vault = state_dir.join(VAULT_DIR);
         fs::rename(&new, &vault).with_context(|| format!("renaming {}", new.display()))?;
         sync_dir(state_dir)?;
-        open_env(&vault, &keys)
+        open_env(&vault, &header, &keys)
     }
 
-    /// Opens the vault of `state_dir` with `source`: checks the key, reads
-    /// and authenticates every entry, migrates a plaintext state from an
-    /// earlier version, and clears what a crash left behind. Every refusal
-    /// is one line and changes nothing.
+    /// Opens the vault of `state_dir` with `source` for a caller that does
+    /// not hold the state directory's lock (`qgate id`). If no one else
+    /// holds it either, it is taken for the open and the open is
+    /// [`Vault::open_locked`]'s. If a node or a rotation holds it, the
+    /// vault is opened beside them and nothing on disk is changed: no
+    /// leftover copy removed, and a vault that still needs a migration or
+    /// an upgrade is refused with a line saying to stop the node first.
     pub fn open(state_dir: &Path, source: &KeySource) -> Result<Vault> {
-        match layout(state_dir) {
-            Layout::Empty => bail!(
+        match StateLock::take(state_dir) {
+            Ok(lock) => Vault::open_locked(state_dir, source, &lock),
+            Err(_) => Vault::open_with(state_dir, source, Upkeep::No),
+        }
+    }
+
+    /// Opens the vault of `state_dir` with `source`, under the state
+    /// directory's lock: checks the key, migrates a plaintext state from
+    /// before the vault, upgrades a page-sealed vault, opens and
+    /// authenticates every entry, and clears what a crash left behind.
+    /// Every refusal is one line and changes nothing.
+    pub fn open_locked(state_dir: &Path, source: &KeySource, _lock: &StateLock) -> Result<Vault> {
+        Vault::open_with(state_dir, source, Upkeep::Yes)
+    }
+
+    fn open_with(state_dir: &Path, source: &KeySource, upkeep: Upkeep) -> Result<Vault> {
+        let busy = |what: &str| {
+            anyhow!(
+                "{} {what}, which needs the state directory to itself, and a running node or key rotation holds it: stop the node, then run this again",
+                state_dir.display()
+            )
+        };
+        match (layout(state_dir), upkeep) {
+            (Layout::Empty, _) => bail!(
                 "{} holds no node keys: run `qgate init --state-dir {}` first",
                 state_dir.display(),
                 state_dir.display()
             ),
-            Layout::Legacy => migrate(state_dir, source)?,
-            Layout::Sealed => {}
+            (Layout::Legacy, Upkeep::Yes) => migrate(state_dir, source)?,
+            (Layout::Legacy, Upkeep::No) => {
+                return Err(busy(
+                    "holds plaintext state from before the vault; sealing it",
+                ))
+            }
+            (Layout::Sealed, _) => {}
         }
         let dir = state_dir.join(VAULT_DIR);
         let header = Header::read(&dir)?;
@@ -186,16 +217,26 @@ impl Vault {
         if keys.key_id != header.key_id {
             return Err(wrong_key(state_dir, &header, &keys));
         }
-        if header.format == Format::Pages {
-            upgrade(state_dir, &header, &keys)?;
-        }
-        let vault = open_env(&dir, &keys)?;
+        let header = match (header.format, upkeep) {
+            (Format::Values, _) => header,
+            (Format::Pages, Upkeep::Yes) => upgrade(state_dir, &header, &keys, &|_| Ok(()))?,
+            (Format::Pages, Upkeep::No) => {
+                return Err(busy("is in the old page-sealed format; upgrading it"))
+            }
+        };
+        let vault = open_env(&dir, &header, &keys)?;
         vault.verify()?;
-        // A crash in a rotation or migration may have left a second copy:
-        // the vault opened, holds everything, so the copy goes.
+        if upkeep == Upkeep::No {
+            return Ok(vault);
+        }
+        // A crash in a rotation, upgrade or migration may have left a
+        // second copy: the vault opened, holds everything, so the copy goes.
         let new = state_dir.join(VAULT_NEW);
         if new.exists() {
-            tracing::info!("removing {} left by an interrupted rotation", new.display());
+            tracing::info!(
+                "removing {} left by an interrupted key rotation or upgrade",
+                new.display()
+            );
             remove_tree(&new)?;
         }
         if state_dir.join(LEGACY_IDENTITY).exists() || state_dir.join(LEGACY_STORE).exists() {
@@ -267,7 +308,14 @@ impl Vault {
         key: &[u8],
         value: &[u8],
     ) -> Result<()> {
-        let (slot, sealed) = self.sealer.seal(table, key, value);
+        let (slot, sealed) = self.sealer.seal(table, key, value).ok_or_else(|| {
+            anyhow!(
+                "vault {}: a key of {} bytes (at most {MAX_KEY}) or a value of {} bytes is too long",
+                self.path.display(),
+                key.len(),
+                value.len()
+            )
+        })?;
         self.db(table)
             .put(txn, &slot, &sealed)
             .map_err(|e| self.err(e))
@@ -351,20 +399,35 @@ impl Vault {
 /// synced in `vault.new`, exchanged with `vault` in one rename, the old copy
 /// removed. A crash at any point leaves `vault` complete in one format or
 /// the other (a leftover `vault.new` goes on the next open).
-fn upgrade(state_dir: &Path, header: &Header, keys: &Keys) -> Result<()> {
+/// `after` is called after each step (fault injection in tests). Returns
+/// the new header.
+pub(super) fn upgrade(
+    state_dir: &Path,
+    header: &Header,
+    keys: &Keys,
+    after: &dyn Fn(RotateStep) -> Result<()>,
+) -> Result<Header> {
     let contents = pages::read(&state_dir.join(VAULT_DIR), keys)?;
     let new = Header {
         format: Format::Values,
         ..header.clone()
     };
-    swap_in(state_dir, &new, keys, &contents, &|_| Ok(()))?;
+    swap_in(state_dir, &new, keys, &contents, after)?;
     tracing::info!(
         peers = contents.nodes.len(),
         entries = contents.meta.len(),
         "vault {}: upgraded from page sealing (LMDB's encryption) to sealing each entry",
         state_dir.join(VAULT_DIR).display()
     );
-    Ok(())
+    Ok(new)
+}
+
+/// Whether an open may change what is on disk (migrate, upgrade, clear
+/// leftovers): only under the state directory's lock.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Upkeep {
+    Yes,
+    No,
 }
 
 /// Explains a key whose ID is not the vault's: the wrong key, or one side

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use super::files::{remove_tree, sync_dir};
+use super::files::{remove_tree, sync_dir, StateLock};
 use super::keys::{short, Header, KeySource, Keys};
 use super::open::{sync_vault, write_vault};
 use super::{Contents, Vault, VAULT_DIR, VAULT_NEW};
@@ -43,11 +43,12 @@ impl RotateStep {
 /// an error stops the rotation there, as a crash would).
 pub fn rotate(
     state_dir: &Path,
+    lock: &StateLock,
     old: &KeySource,
     new: &KeySource,
     after: &dyn Fn(RotateStep) -> Result<()>,
 ) -> Result<[u8; 16]> {
-    let vault = Vault::open(state_dir, old)?;
+    let vault = Vault::open_locked(state_dir, old, lock)?;
     let contents = vault.contents()?;
     vault.close();
     let (header, keys) = Keys::fresh(new)?;

@@ -9,8 +9,9 @@
 //!   AES-256-GCM-SIV under the value key, over
 //!   `version | key length (u16) | key | value length (u32) | value | zeros`,
 //!   zero-padded to a multiple of [`PAD`] so a value's length shows only
-//!   roughly. The associated data names the format, the table and the slot:
-//!   a sealed value moved to another slot or table fails to open. The key
+//!   roughly. The associated data names the format, the vault (the
+//!   header's salt, new for every vault built), the table and the slot: a
+//!   sealed value moved to another slot, table or vault fails to open. The key
 //!   travels inside, so a table can be listed (`Opened::key`) though its
 //!   slots are hashes.
 //!
@@ -31,6 +32,9 @@ use super::keys::Keys;
 const SEAL_VERSION: u8 = 1;
 /// Sealed plaintexts are padded to a multiple of this.
 pub(super) const PAD: usize = 64;
+/// The longest key (LMDB's own limit, kept so the keys that fit before
+/// still fit and no others).
+pub(super) const MAX_KEY: usize = 511;
 const NONCE: usize = 12;
 const TAG: usize = 16;
 /// Bound into every seal's associated data.
@@ -62,11 +66,14 @@ pub(super) struct Opened {
 pub(super) struct Sealer {
     aead: Aes256GcmSiv,
     index: Hmac<Sha256>,
+    /// The vault's salt (from its header), bound into every seal.
+    salt: [u8; 16],
 }
 
 impl Sealer {
-    pub(super) fn new(keys: &Keys) -> Sealer {
+    pub(super) fn new(keys: &Keys, salt: &[u8; 16]) -> Sealer {
         Sealer {
+            salt: *salt,
             aead: Aes256GcmSiv::new((&keys.value[..]).into()),
             index: <Hmac<Sha256> as Mac>::new_from_slice(&keys.index[..])
                 .expect("HMAC takes a key of any length"),
@@ -81,19 +88,31 @@ impl Sealer {
         mac.finalize().into_bytes().into()
     }
 
-    fn aad(table: Table, slot: &[u8]) -> Zeroizing<Vec<u8>> {
-        let mut aad = Zeroizing::new(Vec::with_capacity(CONTEXT.len() + 1 + slot.len()));
+    fn aad(&self, table: Table, slot: &[u8]) -> Zeroizing<Vec<u8>> {
+        let mut aad = Zeroizing::new(Vec::with_capacity(
+            CONTEXT.len() + self.salt.len() + 1 + slot.len(),
+        ));
         aad.extend_from_slice(CONTEXT);
+        aad.extend_from_slice(&self.salt);
         aad.push(table as u8);
         aad.extend_from_slice(slot);
         aad
     }
 
-    /// `key`'s slot in `table` and the sealed bytes of (`key`, `value`).
-    pub(super) fn seal(&self, table: Table, key: &[u8], value: &[u8]) -> ([u8; 32], Vec<u8>) {
+    /// `key`'s slot in `table` and the sealed bytes of (`key`, `value`);
+    /// `None` for a key longer than [`MAX_KEY`] or a value of 4 GiB.
+    pub(super) fn seal(
+        &self,
+        table: Table,
+        key: &[u8],
+        value: &[u8],
+    ) -> Option<([u8; 32], Vec<u8>)> {
+        if key.len() > MAX_KEY {
+            return None;
+        }
         let slot = self.slot(table, key);
-        let key_len = u16::try_from(key.len()).expect("vault keys are short");
-        let value_len = u32::try_from(value.len()).expect("vault values are far below 4 GiB");
+        let key_len = u16::try_from(key.len()).ok()?;
+        let value_len = u32::try_from(value.len()).ok()?;
         let len = 1 + 2 + key.len() + 4 + value.len();
         let mut plain = Zeroizing::new(Vec::with_capacity(len.next_multiple_of(PAD)));
         plain.push(SEAL_VERSION);
@@ -104,7 +123,7 @@ impl Sealer {
         plain.resize(len.next_multiple_of(PAD), 0);
         let mut nonce = [0u8; NONCE];
         OsRng.fill_bytes(&mut nonce);
-        let aad = Self::aad(table, &slot);
+        let aad = self.aad(table, &slot);
         let sealed = self
             .aead
             .encrypt(
@@ -120,7 +139,7 @@ impl Sealer {
         out.extend_from_slice(&sealed);
         #[cfg(feature = "test-hooks")]
         super::probe::observe(&plain, &out);
-        (slot, out)
+        Some((slot, out))
     }
 
     /// Opens what `slot` holds in `table`: the key must be the one the slot
@@ -130,7 +149,7 @@ impl Sealer {
             return Err(Damaged);
         }
         let (nonce, sealed) = stored.split_at(NONCE);
-        let aad = Self::aad(table, slot);
+        let aad = self.aad(table, slot);
         let plain = Zeroizing::new(
             self.aead
                 .decrypt(
@@ -172,14 +191,17 @@ impl Sealer {
 mod tests {
     use super::*;
 
-    fn sealer(seed: u8) -> Sealer {
-        let keys = Keys {
+    fn keys(seed: u8) -> Keys {
+        Keys {
             store: Zeroizing::new([seed; 32]),
             value: Zeroizing::new([seed.wrapping_add(1); 32]),
             index: Zeroizing::new([seed.wrapping_add(2); 32]),
             key_id: [0; 16],
-        };
-        Sealer::new(&keys)
+        }
+    }
+
+    fn sealer(seed: u8) -> Sealer {
+        Sealer::new(&keys(seed), &[seed; 16])
     }
 
     #[test]
@@ -190,12 +212,12 @@ mod tests {
             (b"", Vec::new()),
             (&[9u8; 32][..], vec![1u8; 63]),
         ] {
-            let (slot, sealed) = s.seal(Table::Nodes, key, &value);
+            let (slot, sealed) = s.seal(Table::Nodes, key, &value).unwrap();
             assert_eq!(sealed.len() % PAD, NONCE + TAG);
             let o = s.open(Table::Nodes, &slot, &sealed).unwrap();
             assert_eq!((&o.key[..], &o.value[..]), (key, &value[..]));
             // Two seals of one entry differ (random nonce).
-            assert_ne!(s.seal(Table::Nodes, key, &value).1, sealed);
+            assert_ne!(s.seal(Table::Nodes, key, &value).unwrap().1, sealed);
             // Every flipped bit is refused.
             for i in 0..sealed.len() {
                 let mut bad = sealed.clone();
@@ -210,10 +232,16 @@ mod tests {
             assert!(s.open(Table::Nodes, &other, &sealed).is_err());
             assert!(s.open(Table::Meta, &slot, &sealed).is_err());
             assert!(sealer(2).open(Table::Nodes, &slot, &sealed).is_err());
+            // Same keys, another vault (salt).
+            let elsewhere = Sealer::new(&keys(1), &[9; 16]);
+            assert!(elsewhere.open(Table::Nodes, &slot, &sealed).is_err());
         }
         // Slots: keyed, per table, and nothing of the key in them.
         assert_ne!(s.slot(Table::Meta, b"k"), s.slot(Table::Values, b"k"));
         assert_ne!(s.slot(Table::Meta, b"k"), sealer(2).slot(Table::Meta, b"k"));
         assert_eq!(s.slot(Table::Meta, b"k"), s.slot(Table::Meta, b"k"));
+        // Keys as long as LMDB took, not longer.
+        assert!(s.seal(Table::Meta, &[1; MAX_KEY], b"v").is_some());
+        assert!(s.seal(Table::Meta, &[1; MAX_KEY + 1], b"v").is_none());
     }
 }

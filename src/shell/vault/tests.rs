@@ -309,7 +309,9 @@ fn rotation_survives_a_crash_after_every_step() {
             }
             Ok(())
         };
-        let e = rotate(&t.state(), &old, &new, &crash).unwrap_err();
+        let lock = StateLock::take(&t.state()).unwrap();
+        let e = rotate(&t.state(), &lock, &old, &new, &crash).unwrap_err();
+        drop(lock);
         assert!(format!("{e}").contains(step.name()));
         // Exactly one of the keys opens it, with everything in it.
         let (opens, refused) = match step {
@@ -332,7 +334,9 @@ fn rotation_survives_a_crash_after_every_step() {
         // The leftover copy is gone after that open.
         assert!(!t.state().join(VAULT_NEW).exists());
         // And a rotation from there completes.
-        rotate(&t.state(), opens, refused, &|_| Ok(())).unwrap();
+        let lock = StateLock::take(&t.state()).unwrap();
+        rotate(&t.state(), &lock, opens, refused, &|_| Ok(())).unwrap();
+        drop(lock);
         assert!(Vault::open(&t.state(), refused).is_ok());
     }
 }
@@ -446,30 +450,22 @@ fn values_keep_their_order() {
     assert_eq!(v.values().unwrap(), want);
 }
 
-/// A vault written by a version that sealed LMDB's pages (`Format::Pages`,
-/// values padded) is upgraded on its first open: everything in it reads
-/// back, the header names the new format, and a copy a crash left in
-/// `vault.new` goes.
-#[test]
-fn a_page_sealed_vault_is_upgraded_on_open() {
-    let t = TempDir::new("upgrade");
-    let key = t.key("k");
-    let id = identity();
-    let (header, keys) = Keys::fresh(&key).unwrap();
+/// A page-sealed vault (`Format::Pages`) as versions before per-entry
+/// sealing wrote it, in `t`'s state directory; its keys and contents.
+fn page_sealed_vault(t: &TempDir, key: &KeySource) -> (Header, Contents) {
+    let (header, keys) = Keys::fresh(key).unwrap();
     let header = Header {
         format: Format::Pages,
         ..header
     };
-    let peers: Vec<_> = (1..=5).map(peer).collect();
-    let record = vec![9u8; 1650];
     let contents = Contents {
-        identity: super::meta::encode_identity(&id).unwrap(),
+        identity: super::meta::encode_identity(&identity()).unwrap(),
         seq: 77,
-        nodes: peers
-            .iter()
+        nodes: (1..=5)
+            .map(peer)
             .map(|(k, p)| {
                 let mut v = Vec::new();
-                encode_value(p, &mut v);
+                encode_value(&p, &mut v);
                 (k.to_vec(), v)
             })
             .collect(),
@@ -477,7 +473,7 @@ fn a_page_sealed_vault_is_upgraded_on_open() {
             (b"ext".to_vec(), Zeroizing::new(b"kept".to_vec())),
             (
                 [META_VALUES, &[0, 0, 0, 0]].concat(),
-                Zeroizing::new(record.clone()),
+                Zeroizing::new(vec![9u8; 1650]),
             ),
             (
                 [META_VALUES, b"+added"].concat(),
@@ -489,34 +485,113 @@ fn a_page_sealed_vault_is_upgraded_on_open() {
     fs::create_dir_all(&dir).unwrap();
     fs::write(dir.join(HEADER_FILE), header.encode()).unwrap();
     pages::write(&dir, &keys, &contents);
-    // A half-built copy, as a crash during an upgrade leaves it.
-    fs::create_dir_all(t.state().join(VAULT_NEW)).unwrap();
-    fs::write(t.state().join(VAULT_NEW).join("data.mdb"), b"partial").unwrap();
+    (header, contents)
+}
 
-    let v = Vault::open(&t.state(), &key).unwrap();
-    assert_eq!(v.identity().unwrap().node_id(), id.node_id());
-    assert_eq!(v.load().unwrap(), peers);
+/// Everything `page_sealed_vault` put in, read back.
+fn holds_the_page_sealed_contents(v: &Vault) {
+    assert_eq!(v.identity().unwrap().node_id(), identity().node_id());
+    assert_eq!(v.load().unwrap(), (1..=5).map(peer).collect::<Vec<_>>());
     assert_eq!(v.record_seq().unwrap(), 77);
     assert_eq!(v.meta_value(b"ext").unwrap().unwrap(), b"kept");
-    assert_eq!(v.values().unwrap(), [record, b"added".to_vec()]);
+    assert_eq!(v.values().unwrap(), [vec![9u8; 1650], b"added".to_vec()]);
+}
+
+/// A vault written by a version that sealed LMDB's pages is upgraded on
+/// its first open: everything in it reads back, and the header names the
+/// new format.
+#[test]
+fn a_page_sealed_vault_is_upgraded_on_open() {
+    let t = TempDir::new("upgrade");
+    let key = t.key("k");
+    page_sealed_vault(&t, &key);
+    let v = Vault::open(&t.state(), &key).unwrap();
+    holds_the_page_sealed_contents(&v);
     v.close();
+    let dir = t.state().join(VAULT_DIR);
     assert_eq!(Header::read(&dir).unwrap().format, Format::Values);
     assert!(!t.state().join(VAULT_NEW).exists());
-    // The old pages' bytes are gone with the old file: the upgraded file
-    // holds the identity sealed per entry, and opens again.
     let v = Vault::open(&t.state(), &key).unwrap();
-    assert_eq!(v.record_seq().unwrap(), 77);
-    // A wrong key is refused before anything is rewritten.
+    holds_the_page_sealed_contents(&v);
     v.close();
+    // A wrong key is refused and rewrites nothing.
     let t2 = TempDir::new("upgrade-wrong");
-    let dir2 = t2.state().join(VAULT_DIR);
-    fs::create_dir_all(&dir2).unwrap();
-    fs::write(dir2.join(HEADER_FILE), header.encode()).unwrap();
-    pages::write(&dir2, &keys, &contents);
-    let before = fs::read(dir2.join("data.mdb")).unwrap();
+    page_sealed_vault(&t2, &key);
+    let data = t2.state().join(VAULT_DIR).join("data.mdb");
+    let before = fs::read(&data).unwrap();
     assert!(err(Vault::open(&t2.state(), &t.key("other"))).starts_with("wrong key"));
-    assert_eq!(fs::read(dir2.join("data.mdb")).unwrap(), before);
-    assert_eq!(Header::read(&dir2).unwrap().format, Format::Pages);
+    assert_eq!(fs::read(&data).unwrap(), before);
+}
+
+/// While someone holds the state directory (a running node, a rotation),
+/// an open by another (`qgate id`) changes nothing: an upgrade is refused
+/// with a line that says why, and a copy in `vault.new` stays.
+#[test]
+fn an_open_beside_a_running_node_changes_nothing() {
+    let t = TempDir::new("upgrade-busy");
+    let key = t.key("k");
+    page_sealed_vault(&t, &key);
+    let lock = StateLock::take(&t.state()).unwrap();
+    let e = err(Vault::open(&t.state(), &key));
+    assert!(e.contains("stop the node"), "{e}");
+    let dir = t.state().join(VAULT_DIR);
+    assert_eq!(Header::read(&dir).unwrap().format, Format::Pages);
+    // Under the lock the holder upgrades it.
+    let v = Vault::open_locked(&t.state(), &key, &lock).unwrap();
+    v.close();
+    // The other side of a rotation, say: left alone beside the holder.
+    fs::create_dir_all(t.state().join(VAULT_NEW)).unwrap();
+    let v = Vault::open(&t.state(), &key).unwrap();
+    holds_the_page_sealed_contents(&v);
+    v.close();
+    assert!(t.state().join(VAULT_NEW).exists());
+    drop(lock);
+    // With the directory free, the open clears it.
+    Vault::open(&t.state(), &key).unwrap().close();
+    assert!(!t.state().join(VAULT_NEW).exists());
+}
+
+/// An upgrade that a crash stops after any step leaves a vault that opens
+/// with everything in it, in one format or the other; the next open
+/// finishes the job.
+#[test]
+fn an_upgrade_survives_a_crash_after_every_step() {
+    for step in [
+        RotateStep::Written,
+        RotateStep::Synced,
+        RotateStep::Swapped,
+        RotateStep::Cleaned,
+    ] {
+        let t = TempDir::new(&format!("upgrade-{}", step.name()));
+        let key = t.key("k");
+        let (header, _) = page_sealed_vault(&t, &key);
+        let keys = Keys::derive(&key, header.kdf, &header.salt).unwrap();
+        let crash = |s: RotateStep| {
+            if s == step {
+                bail!("fault injected after {}", s.name())
+            }
+            Ok(())
+        };
+        let e = super::open::upgrade(&t.state(), &header, &keys, &crash).unwrap_err();
+        assert!(format!("{e}").contains(step.name()));
+        let dir = t.state().join(VAULT_DIR);
+        let format = Header::read(&dir).unwrap().format;
+        let want = match step {
+            RotateStep::Written | RotateStep::Synced => Format::Pages,
+            RotateStep::Swapped | RotateStep::Cleaned => Format::Values,
+        };
+        assert_eq!(format, want, "{step:?}");
+        assert_eq!(
+            t.state().join(VAULT_NEW).exists(),
+            step != RotateStep::Cleaned,
+            "{step:?}"
+        );
+        let v = Vault::open(&t.state(), &key).unwrap();
+        holds_the_page_sealed_contents(&v);
+        v.close();
+        assert_eq!(Header::read(&dir).unwrap().format, Format::Values);
+        assert!(!t.state().join(VAULT_NEW).exists(), "{step:?}");
+    }
 }
 
 /// LMDB's bug itself, without the vault: an encrypted table with one value
