@@ -20,7 +20,7 @@ use qgate_api::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{keep_put_value, Holder, Shared};
+use super::{flush, keep_put_value, Holder, Shared};
 use crate::proto::dht::{LookupDone, Outcome};
 use crate::proto::node::LookupTarget;
 use crate::proto::records::SignedValue;
@@ -148,8 +148,16 @@ fn answer(sh: &Shared, info: &NodeInfo, req: Request) -> Result<Response, Contro
 }
 
 /// Waits (up to 30 s) for a control-API lookup to finish.
+///
+/// First sends what the request queued (its first DHT queries): left in
+/// the node, they would wait for the next timer tick, up to 250 ms. Then
+/// polls the node, 1 ms after the request and doubling to 20 ms, so an
+/// answer from a LAN (a millisecond or two) is not held for a whole poll
+/// interval, while a slow one costs a lock acquisition only every 20 ms.
 fn wait_result(sh: &Shared, id: u64) -> Result<LookupDone, ControlError> {
+    flush(sh, Holder::Control);
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut pause = Duration::from_millis(1);
     loop {
         if let Some(r) = sh.node.lock(Holder::Control).take_api_result(id) {
             return Ok(r);
@@ -157,7 +165,8 @@ fn wait_result(sh: &Shared, id: u64) -> Result<LookupDone, ControlError> {
         if Instant::now() >= deadline {
             return Err(ControlError::Timeout);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -229,7 +238,10 @@ fn put(sh: &Shared, ns: &str, key: &str, value: &[u8], ttl: u64) -> Result<Store
             Outcome::Stored(n) => n as u64,
             _ => 0,
         },
-        None => 0,
+        None => {
+            flush(sh, Holder::Control);
+            0
+        }
     };
     Ok(Stored { stored_at, ttl })
 }
