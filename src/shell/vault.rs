@@ -20,19 +20,23 @@
 //! - table `meta`: `identity` (RSA key as PKCS#8 PEM and the X25519 link
 //!   secret), `record_seq` (u64), and extender data;
 //! - table `values`: the DHT value records the node keeps;
-//! - table `nodes`: the peer store (key = node ID, value = below).
+//! - table `nodes`: the peer store (key = node ID, value = below);
+//! - table `census`: how many entries each other table holds, and which
+//!   (`census`), so removed entries are found at open.
 //!
 //! Each entry is sealed on its own (`seal`): LMDB stores, under a keyed
 //! hash of the key, AES-256-GCM-SIV of the key and the value, bound to its
-//! table and slot. What the file shows: the three table names, how many
+//! vault, table and slot. What the file shows: the table names, how many
 //! entries each holds, their sizes to within 64 bytes, and LMDB's page
 //! structure. Keys, values, node IDs and which values are kept do not
 //! appear.
 //!
 //! What sealing does not catch: an attacker who can write the file may put
-//! back an older copy of it, or an older entry (LMDB does not bind an entry
-//! to a version). Reads then see old but authentic data; nothing can be
-//! forged or read.
+//! back an older copy of it, or an older entry into a slot that still
+//! exists (neither changes any table's slots, which is what the census
+//! checks). Reads then see old but authentic data; nothing can be forged
+//! or read. And LMDB parses its own page structure, which is not sealed,
+//! before any entry is authenticated.
 //!
 //! Until 2026-11 LMDB's own page encryption sealed the vault (heed3's
 //! encrypted environment); it crashed under the daemon's writes (see
@@ -55,6 +59,7 @@ use zeroize::Zeroizing;
 // file per table (`meta` with `values`, `nodes`), migration from plaintext,
 // rotation, the state lock and file helpers; and, to read a vault of the
 // page-sealed format once, its cipher, its reader and its padding.
+mod census;
 mod cipher;
 mod files;
 mod keys;
@@ -91,13 +96,15 @@ const HEADER_FILE: &str = "header";
 /// plus this node's own) beside the set it replaces.
 const MAP_SIZE: usize = 1 << 30;
 /// Named tables the environment may hold.
-const MAX_DBS: u32 = 4;
+const MAX_DBS: u32 = 8;
 /// The peer table.
 const NODES_DB: &str = "nodes";
 /// Identity, record sequence and other single values.
 const META_DB: &str = "meta";
 /// The DHT value records kept (keys under [`META_VALUES`]).
 const VALUES_DB: &str = "values";
+/// Each other table's census (`census`).
+const CENSUS_DB: &str = "census";
 /// Meta key of the identity.
 const META_IDENTITY: &[u8] = b"identity";
 /// Meta key of the record sequence number.
@@ -134,6 +141,7 @@ pub struct Vault {
     nodes: Database<'static, Bytes, Bytes>,
     meta: Database<'static, Bytes, Bytes>,
     values: Database<'static, Bytes, Bytes>,
+    census: Database<'static, Bytes, Bytes>,
     sealer: seal::Sealer,
     path: PathBuf,
     /// One transaction at a time, reads included ([`Txn`]).

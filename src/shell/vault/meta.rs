@@ -100,13 +100,14 @@ impl Vault {
     /// transaction (a crash leaves the old or the new set).
     pub fn replace_values<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<()> {
         let mut wtxn = self.wtxn()?;
-        self.values.clear(&mut wtxn).map_err(|e| self.err(e))?;
+        let mut tally = self.clear(&mut wtxn, Table::Values)?;
         let mut key = META_VALUES.to_vec();
         for (i, r) in records.iter().enumerate() {
             key.truncate(META_VALUES.len());
             key.extend_from_slice(&(i as u32).to_be_bytes());
-            self.put(&mut wtxn, Table::Values, &key, r.as_ref())?;
+            self.put_counted(&mut wtxn, Table::Values, &key, r.as_ref(), &mut tally)?;
         }
+        self.write_tally(&mut wtxn, Table::Values, &tally)?;
         wtxn.commit().map_err(|e| self.err(e))
     }
 

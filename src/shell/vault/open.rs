@@ -23,8 +23,9 @@ use super::rotate::{swap_in, RotateStep};
 use super::seal::{Opened, Sealer, Table, MAX_KEY};
 use super::Txn;
 use super::{
-    layout, Contents, Layout, Vault, HEADER_FILE, LEGACY_IDENTITY, LEGACY_STORE, MAP_SIZE, MAX_DBS,
-    META_DB, META_IDENTITY, META_SEQ, META_VALUES, NODES_DB, VALUES_DB, VAULT_DIR, VAULT_NEW,
+    layout, Contents, Layout, Vault, CENSUS_DB, HEADER_FILE, LEGACY_IDENTITY, LEGACY_STORE,
+    MAP_SIZE, MAX_DBS, META_DB, META_IDENTITY, META_SEQ, META_VALUES, NODES_DB, VALUES_DB,
+    VAULT_DIR, VAULT_NEW,
 };
 use crate::proto::Identity;
 
@@ -67,12 +68,13 @@ fn open_env(dir: &Path, header: &Header, keys: &Keys) -> Result<Vault> {
             let nodes = opener.create_database::<Bytes, Bytes>(wtxn, Some(NODES_DB))?;
             let meta = opener.create_database::<Bytes, Bytes>(wtxn, Some(META_DB))?;
             let values = opener.create_database::<Bytes, Bytes>(wtxn, Some(VALUES_DB))?;
+            let census = opener.create_database::<Bytes, Bytes>(wtxn, Some(CENSUS_DB))?;
             Ok::<_, heed3::Error>(CommitOrAbort::<_, std::convert::Infallible>::Commit((
-                nodes, meta, values,
+                nodes, meta, values, census,
             )))
         })
         .map_err(|e| read_error(dir, e))?;
-    let (nodes, meta, values) = match created {
+    let (nodes, meta, values, census) = match created {
         CommitOrAbort::Commit(dbs) => dbs,
         CommitOrAbort::Abort(never) => match never {},
     };
@@ -81,6 +83,7 @@ fn open_env(dir: &Path, header: &Header, keys: &Keys) -> Result<Vault> {
         nodes,
         meta,
         values,
+        census,
         sealer: Sealer::new(keys, &header.salt),
         path: dir.to_path_buf(),
         turn: parking_lot::Mutex::new(()),
@@ -250,10 +253,15 @@ impl Vault {
     fn verify(&self) -> Result<()> {
         self.identity()?;
         let rtxn = self.rtxn()?;
-        for table in [Table::Meta, Table::Nodes, Table::Values] {
+        for table in [Table::Meta, Table::Nodes, Table::Values, Table::Census] {
             self.entries(&rtxn, table)?;
         }
-        Ok(())
+        self.check_census(&rtxn)
+    }
+
+    /// The one-line error for a vault whose contents fail a check.
+    pub(super) fn damaged(&self, what: &str) -> anyhow::Error {
+        damaged(&self.path, what)
     }
 
     pub(super) fn err(&self, e: heed3::Error) -> anyhow::Error {
@@ -279,6 +287,7 @@ impl Vault {
             Table::Meta => &self.meta,
             Table::Nodes => &self.nodes,
             Table::Values => &self.values,
+            Table::Census => &self.census,
         }
     }
 
@@ -296,11 +305,12 @@ impl Vault {
         let opened = self
             .sealer
             .open(table, &slot, stored)
-            .map_err(|_| damaged(&self.path, "an entry does not open"))?;
+            .map_err(|_| self.damaged("an entry does not open"))?;
         Ok(Some(opened.value))
     }
 
-    /// Seals (`key`, `value`) into `table`, replacing what `key` held.
+    /// Seals (`key`, `value`) into `table`, replacing what `key` held, and
+    /// counts a new slot in the table's census.
     pub(super) fn put(
         &self,
         txn: &mut RwTxn<'_>,
@@ -308,6 +318,21 @@ impl Vault {
         key: &[u8],
         value: &[u8],
     ) -> Result<()> {
+        if let Some(slot) = self.put_sealed(txn, table, key, value)? {
+            self.count_slot(txn, table, &slot)?;
+        }
+        Ok(())
+    }
+
+    /// Seals (`key`, `value`) into `table` and stores it; the slot if it
+    /// was new (the census is the caller's business).
+    pub(super) fn put_sealed(
+        &self,
+        txn: &mut RwTxn<'_>,
+        table: Table,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Option<[u8; 32]>> {
         let (slot, sealed) = self.sealer.seal(table, key, value).ok_or_else(|| {
             anyhow!(
                 "vault {}: a key of {} bytes (at most {MAX_KEY}) or a value of {} bytes is too long",
@@ -316,9 +341,10 @@ impl Vault {
                 value.len()
             )
         })?;
-        self.db(table)
-            .put(txn, &slot, &sealed)
-            .map_err(|e| self.err(e))
+        let db = self.db(table);
+        let new = db.get(txn, &slot).map_err(|e| self.err(e))?.is_none();
+        db.put(txn, &slot, &sealed).map_err(|e| self.err(e))?;
+        Ok(new.then_some(slot))
     }
 
     /// Every entry of `table`, opened, in key order (the slots' order is
@@ -330,7 +356,7 @@ impl Vault {
             out.push(
                 self.sealer
                     .open(table, slot, stored)
-                    .map_err(|_| damaged(&self.path, "an entry does not open"))?,
+                    .map_err(|_| self.damaged("an entry does not open"))?,
             );
         }
         out.sort_unstable_by(|a, b| a.key.cmp(&b.key));
@@ -371,19 +397,31 @@ impl Vault {
     /// Writes `contents` into this (new) vault in one transaction.
     fn write_all(&self, c: &Contents) -> Result<()> {
         let mut wtxn = self.wtxn()?;
-        self.put(&mut wtxn, Table::Meta, META_IDENTITY, &c.identity)?;
-        self.put(&mut wtxn, Table::Meta, META_SEQ, &c.seq.to_be_bytes())?;
+        let mut meta = self.clear(&mut wtxn, Table::Meta)?;
+        let mut values = self.clear(&mut wtxn, Table::Values)?;
+        let mut nodes = self.clear(&mut wtxn, Table::Nodes)?;
+        self.put_counted(
+            &mut wtxn,
+            Table::Meta,
+            META_IDENTITY,
+            &c.identity,
+            &mut meta,
+        )?;
+        let seq = c.seq.to_be_bytes();
+        self.put_counted(&mut wtxn, Table::Meta, META_SEQ, &seq, &mut meta)?;
         for (k, v) in &c.meta {
-            let table = if k.starts_with(META_VALUES) {
-                Table::Values
+            if k.starts_with(META_VALUES) {
+                self.put_counted(&mut wtxn, Table::Values, k, v, &mut values)?;
             } else {
-                Table::Meta
-            };
-            self.put(&mut wtxn, table, k, v)?;
+                self.put_counted(&mut wtxn, Table::Meta, k, v, &mut meta)?;
+            }
         }
         for (k, v) in &c.nodes {
-            self.put(&mut wtxn, Table::Nodes, k, v)?;
+            self.put_counted(&mut wtxn, Table::Nodes, k, v, &mut nodes)?;
         }
+        self.write_tally(&mut wtxn, Table::Meta, &meta)?;
+        self.write_tally(&mut wtxn, Table::Values, &values)?;
+        self.write_tally(&mut wtxn, Table::Nodes, &nodes)?;
         wtxn.commit().map_err(|e| self.err(e))
     }
 

@@ -51,12 +51,13 @@ impl Vault {
     /// so a crash leaves either the old or the new set.
     pub fn replace_all(&self, peers: &[([u8; 32], StoredPeer)]) -> Result<()> {
         let mut wtxn = self.wtxn()?;
-        self.nodes.clear(&mut wtxn).map_err(|e| self.err(e))?;
+        let mut tally = self.clear(&mut wtxn, Table::Nodes)?;
         let mut value = Vec::new();
         for (id, peer) in peers {
             encode_value(peer, &mut value);
-            self.put(&mut wtxn, Table::Nodes, id, &value)?;
+            self.put_counted(&mut wtxn, Table::Nodes, id, &value, &mut tally)?;
         }
+        self.write_tally(&mut wtxn, Table::Nodes, &tally)?;
         wtxn.commit().map_err(|e| self.err(e))
     }
 

@@ -49,6 +49,8 @@ pub(super) enum Table {
     Nodes = 2,
     /// DHT value records kept.
     Values = 3,
+    /// Each other table's census (`census`).
+    Census = 4,
 }
 
 /// A stored value that does not open: tampered with, damaged, or sealed
@@ -85,6 +87,15 @@ impl Sealer {
         let mut mac = self.index.clone();
         mac.update(&[table as u8]);
         mac.update(key);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// A keyed hash of `slot` in `table` for its table's census: under the
+    /// index key, but after a byte (0xCE) no slot's input starts with.
+    pub(super) fn tally(&self, table: Table, slot: &[u8]) -> [u8; 32] {
+        let mut mac = self.index.clone();
+        mac.update(&[0xCE, table as u8]);
+        mac.update(slot);
         mac.finalize().into_bytes().into()
     }
 

@@ -450,6 +450,52 @@ fn values_keep_their_order() {
     assert_eq!(v.values().unwrap(), want);
 }
 
+/// Entries removed from the file behind the vault's back (LMDB's structure
+/// is not sealed) are found at open by the census; so is a census removed.
+#[test]
+fn removed_entries_are_found_at_open() {
+    use super::seal::Table;
+    type Tamper = fn(&Vault, &mut heed3::RwTxn<'_>);
+    let cases: [(&str, Tamper); 4] = [
+        ("a peer", |v, txn| {
+            let slot = v.sealer.slot(Table::Nodes, &peer(2).0);
+            assert!(v.nodes.delete(txn, &slot).unwrap());
+        }),
+        ("a kept value", |v, txn| {
+            let first = v.values.first(txn).unwrap().unwrap().0.to_vec();
+            assert!(v.values.delete(txn, &first).unwrap());
+        }),
+        ("the values table", |v, txn| v.values.clear(txn).unwrap()),
+        ("a census", |v, txn| {
+            let slot = v.sealer.slot(Table::Census, &[Table::Nodes as u8]);
+            assert!(v.census.delete(txn, &slot).unwrap());
+        }),
+    ];
+    for (what, tamper) in cases {
+        let t = TempDir::new("census");
+        let key = t.key("k");
+        let v = Vault::create(&t.state(), &key, &identity()).unwrap();
+        v.replace_all(&(1..=4).map(peer).collect::<Vec<_>>())
+            .unwrap();
+        v.replace_values(&[b"one".to_vec(), b"two".to_vec()])
+            .unwrap();
+        v.add_value(b"three").unwrap();
+        v.put_meta(b"ext", b"kept").unwrap();
+        v.close();
+        // Untouched, it opens (and every write kept the census right).
+        let v = Vault::open(&t.state(), &key).unwrap();
+        let mut txn = v.env.write_txn().unwrap();
+        tamper(&v, &mut txn);
+        txn.commit().unwrap();
+        v.close();
+        let e = err(Vault::open(&t.state(), &key));
+        assert!(
+            e.contains("failed authentication") && e.contains("census"),
+            "{what}: {e}"
+        );
+    }
+}
+
 /// A page-sealed vault (`Format::Pages`) as versions before per-entry
 /// sealing wrote it, in `t`'s state directory; its keys and contents.
 fn page_sealed_vault(t: &TempDir, key: &KeySource) -> (Header, Contents) {
