@@ -3,18 +3,21 @@
 //!
 //! Per-entry sealing leaves LMDB's structure plain: without this, someone
 //! who can write `data.mdb` could delete a kept value or a peer and the
-//! node would never know. The `census` table holds, for each of the other
-//! three tables, one sealed entry: the number of slots and the XOR of a
-//! keyed hash of each slot (`Sealer::tally`). Every write that adds a slot
-//! updates it in the same transaction; a table cleared resets it. Opening
-//! recounts every table and compares (`Vault::check_census`).
+//! node would never know. The `census` table holds one sealed entry with,
+//! for each of the other three tables, the number of slots and the XOR of
+//! a keyed hash of each slot (`Sealer::tally`). Every write that adds a
+//! slot updates it in the same transaction; a rewrite counts its table in
+//! memory and writes it once. Opening recounts every table and compares
+//! (`Vault::check_census`). One entry for all three, so one table can't
+//! be rolled back with its own count while the others stay current.
 //!
 //! Why XOR of keyed hashes suffices: the hashes' key is the vault's index
 //! key, and the census itself is sealed, so someone without the master key
 //! knows neither any slot's hash nor the sum; a set of slots other than
-//! the true one matches it only by chance (2^-256). What it does not catch
-//! is a whole older copy of the vault, or an older entry put back into a
-//! slot that still exists: the slot set is then unchanged.
+//! the true one matches it only by chance (2^-256). What it does not catch:
+//! a whole older copy of the vault, an older entry put back into a slot
+//! that still exists (the slot set is then unchanged), or an older copy of
+//! one table taken while the others were as they are now.
 
 use anyhow::{anyhow, Result};
 use heed3::{RoTxn, RwTxn, WithoutTls};
@@ -57,9 +60,31 @@ impl Tally {
     }
 }
 
-/// The census table's key for `table`'s census.
-fn key(table: Table) -> [u8; 1] {
-    [table as u8]
+/// The census table's one key.
+const KEY: &[u8] = b"all";
+
+/// Where `table`'s tally sits in the census.
+fn place(table: Table) -> usize {
+    COUNTED.iter().position(|t| *t == table).unwrap_or(0)
+}
+
+fn encode(all: &[Tally; 3]) -> [u8; 120] {
+    let mut out = [0u8; 120];
+    for (chunk, t) in out.chunks_exact_mut(40).zip(all) {
+        chunk.copy_from_slice(&t.encode());
+    }
+    out
+}
+
+fn decode(b: &[u8]) -> Option<[Tally; 3]> {
+    if b.len() != 120 {
+        return None;
+    }
+    let mut all = [Tally::default(); 3];
+    for (t, chunk) in all.iter_mut().zip(b.chunks_exact(40)) {
+        *t = Tally::decode(chunk)?;
+    }
+    Some(all)
 }
 
 impl Vault {
@@ -110,12 +135,21 @@ impl Vault {
         Ok(())
     }
 
+    /// The census, or `None` in a vault being built.
+    fn census(&self, txn: &RoTxn<'_, WithoutTls>) -> Result<Option<[Tally; 3]>> {
+        let Some(v) = self.get(txn, Table::Census, KEY)? else {
+            return Ok(None);
+        };
+        decode(&v)
+            .map(Some)
+            .ok_or_else(|| anyhow!("vault {}: the census does not decode", self.path.display()))
+    }
+
     fn tally(&self, txn: &RoTxn<'_, WithoutTls>, table: Table) -> Result<Tally> {
-        let v = self
-            .get(txn, Table::Census, &key(table))?
-            .ok_or_else(|| self.damaged(&format!("the {table:?} table's census is missing")))?;
-        Tally::decode(&v)
-            .ok_or_else(|| anyhow!("vault {}: a census does not decode", self.path.display()))
+        let all = self
+            .census(txn)?
+            .ok_or_else(|| self.damaged("the census is missing"))?;
+        Ok(all[place(table)])
     }
 
     pub(super) fn write_tally(
@@ -124,7 +158,9 @@ impl Vault {
         table: Table,
         tally: &Tally,
     ) -> Result<()> {
-        self.put_sealed(txn, Table::Census, &key(table), &tally.encode())
+        let mut all = self.census(txn)?.unwrap_or_default();
+        all[place(table)] = *tally;
+        self.put_sealed(txn, Table::Census, KEY, &encode(&all))
             .map(|_| ())
     }
 }

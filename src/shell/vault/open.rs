@@ -49,33 +49,64 @@ fn damaged(path: &Path, what: &str) -> anyhow::Error {
     )
 }
 
-fn open_env(dir: &Path, header: &Header, keys: &Keys) -> Result<Vault> {
+/// Whether opening an environment may create its tables: only a vault
+/// being built. An existing vault missing one is damaged, and an open
+/// writes nothing before it has checked the vault.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tables {
+    Create,
+    Existing,
+}
+
+fn open_env(dir: &Path, header: &Header, keys: &Keys, tables: Tables) -> Result<Vault> {
     let mut options = EnvOpenOptions::new().read_txn_without_tls();
     options.map_size(MAP_SIZE).max_dbs(MAX_DBS);
     // SAFETY: LMDB memory-maps `data.mdb`; the map is undefined behaviour
     // only if the file is modified outside LMDB's own locking, or the same
-    // environment is opened twice in one process. The node opens its vault
-    // once per state directory per process, `run` and `key rotate` hold the
-    // state directory's lock (`StateLock`), and heed3 itself rejects a
-    // second open of one path in this process (`EnvAlreadyOpened`), which we
+    // environment is opened twice in one process. Every process that opens
+    // a vault (a node, `qgate id` beside it, `key rotate`) does so through
+    // LMDB, whose lock file coordinates them; heed3 itself rejects a second
+    // open of one path in this process (`EnvAlreadyOpened`), which we
     // propagate. No unsafe `EnvFlags` are set. The crate denies
     // `unsafe_code`; the opens of the vault are the audited exceptions.
     #[allow(unsafe_code)]
     let env = unsafe { options.open(dir) }.map_err(|e| read_error(dir, e))?;
-    let wtxn = env.write_txn().map_err(|e| read_error(dir, e))?;
-    let created = env
-        .create_databases_and_commit(wtxn, |opener, wtxn| {
-            let nodes = opener.create_database::<Bytes, Bytes>(wtxn, Some(NODES_DB))?;
-            let meta = opener.create_database::<Bytes, Bytes>(wtxn, Some(META_DB))?;
-            let values = opener.create_database::<Bytes, Bytes>(wtxn, Some(VALUES_DB))?;
-            let census = opener.create_database::<Bytes, Bytes>(wtxn, Some(CENSUS_DB))?;
-            Ok::<_, heed3::Error>(CommitOrAbort::<_, std::convert::Infallible>::Commit((
-                nodes, meta, values, census,
-            )))
-        })
-        .map_err(|e| read_error(dir, e))?;
-    let (nodes, meta, values, census) = match created {
-        CommitOrAbort::Commit(dbs) => dbs,
+    let dbs = match tables {
+        Tables::Create => {
+            let wtxn = env.write_txn().map_err(|e| read_error(dir, e))?;
+            env.create_databases_and_commit(wtxn, |opener, wtxn| {
+                let mut create = |name| {
+                    opener
+                        .create_database::<Bytes, Bytes>(wtxn, Some(name))
+                        .map(Some)
+                };
+                let dbs = (
+                    create(NODES_DB)?,
+                    create(META_DB)?,
+                    create(VALUES_DB)?,
+                    create(CENSUS_DB)?,
+                );
+                Ok::<_, heed3::Error>(CommitOrAbort::<_, std::convert::Infallible>::Commit(dbs))
+            })
+        }
+        Tables::Existing => {
+            let rtxn = env.read_txn().map_err(|e| read_error(dir, e))?;
+            env.open_databases_and_commit(rtxn, |opener, rtxn| {
+                let open = |name| opener.open_database::<Bytes, Bytes>(rtxn, Some(name));
+                let dbs = (
+                    open(NODES_DB)?,
+                    open(META_DB)?,
+                    open(VALUES_DB)?,
+                    open(CENSUS_DB)?,
+                );
+                Ok::<_, heed3::Error>(CommitOrAbort::<_, std::convert::Infallible>::Commit(dbs))
+            })
+        }
+    }
+    .map_err(|e| read_error(dir, e))?;
+    let (nodes, meta, values, census) = match dbs {
+        CommitOrAbort::Commit((Some(n), Some(m), Some(v), Some(c))) => (n, m, v, c),
+        CommitOrAbort::Commit(_) => return Err(damaged(dir, "a table is missing")),
         CommitOrAbort::Abort(never) => match never {},
     };
     Ok(Vault {
@@ -117,7 +148,7 @@ pub(super) fn write_vault(
         .open(&path)
         .and_then(|mut f| f.write_all(&header.encode()))
         .with_context(|| format!("writing {}", path.display()))?;
-    let vault = open_env(dir, header, keys)?;
+    let vault = open_env(dir, header, keys, Tables::Create)?;
     vault.write_all(contents)?;
     vault.close();
     Ok(())
@@ -167,21 +198,24 @@ impl Vault {
         let vault = state_dir.join(VAULT_DIR);
         fs::rename(&new, &vault).with_context(|| format!("renaming {}", new.display()))?;
         sync_dir(state_dir)?;
-        open_env(&vault, &header, &keys)
+        open_env(&vault, &header, &keys, Tables::Existing)
     }
 
     /// Opens the vault of `state_dir` with `source` for a caller that does
-    /// not hold the state directory's lock (`qgate id`). If no one else
-    /// holds it either, it is taken for the open and the open is
-    /// [`Vault::open_locked`]'s. If a node or a rotation holds it, the
-    /// vault is opened beside them and nothing on disk is changed: no
-    /// leftover copy removed, and a vault that still needs a migration or
-    /// an upgrade is refused with a line saying to stop the node first.
+    /// not hold the state directory's lock (`qgate id`). Nothing on disk
+    /// changes unless something has to (a migration, an upgrade, a copy
+    /// left by a crash) and no one else holds the lock: then it is taken
+    /// for the open, which is [`Vault::open_locked`]'s. Beside a running
+    /// node or rotation a vault that needs a migration or an upgrade is
+    /// refused with a line saying to stop the node first. The lock is not
+    /// taken otherwise, so a `qgate id` never makes a node's start fail.
     pub fn open(state_dir: &Path, source: &KeySource) -> Result<Vault> {
-        match StateLock::take(state_dir) {
-            Ok(lock) => Vault::open_locked(state_dir, source, &lock),
-            Err(_) => Vault::open_with(state_dir, source, Upkeep::No),
+        if needs_upkeep(state_dir) {
+            if let Ok(lock) = StateLock::take(state_dir) {
+                return Vault::open_locked(state_dir, source, &lock);
+            }
         }
+        Vault::open_with(state_dir, source, Upkeep::No)
     }
 
     /// Opens the vault of `state_dir` with `source`, under the state
@@ -227,7 +261,7 @@ impl Vault {
                 return Err(busy("is in the old page-sealed format; upgrading it"))
             }
         };
-        let vault = open_env(&dir, &header, &keys)?;
+        let vault = open_env(&dir, &header, &keys, Tables::Existing)?;
         vault.verify()?;
         if upkeep == Upkeep::No {
             return Ok(vault);
@@ -458,6 +492,17 @@ pub(super) fn upgrade(
         state_dir.join(VAULT_DIR).display()
     );
     Ok(new)
+}
+
+/// Whether an open would change what is on disk: a plaintext state to
+/// seal, a page-sealed vault to upgrade, a copy left by a crash, plaintext
+/// files left by a migration.
+fn needs_upkeep(state_dir: &Path) -> bool {
+    layout(state_dir) == Layout::Legacy
+        || Header::read(&state_dir.join(VAULT_DIR)).is_ok_and(|h| h.format == Format::Pages)
+        || state_dir.join(VAULT_NEW).exists()
+        || state_dir.join(LEGACY_IDENTITY).exists()
+        || state_dir.join(LEGACY_STORE).exists()
 }
 
 /// Whether an open may change what is on disk (migrate, upgrade, clear

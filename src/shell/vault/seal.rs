@@ -10,7 +10,8 @@
 //!   `version | key length (u16) | key | value length (u32) | value | zeros`,
 //!   zero-padded to a multiple of [`PAD`] so a value's length shows only
 //!   roughly. The associated data names the format, the vault (the
-//!   header's salt, new for every vault built), the table and the slot: a
+//!   header's salt, new for every vault `init`, a migration or a key
+//!   rotation builds; an upgrade keeps it), the table and the slot: a
 //!   sealed value moved to another slot, table or vault fails to open. The key
 //!   travels inside, so a table can be listed (`Opened::key`) though its
 //!   slots are hashes.
