@@ -129,7 +129,10 @@ impl Identity {
         rsa: RsaPrivateKey,
         link_secret: x25519::StaticSecret,
     ) -> Result<Identity, IdentityError> {
-        if rsa.size() != SIGNATURE_LEN {
+        // Exactly 2048 bits: a modulus of 2041–2047 bits also fills 256
+        // bytes, but every other node refuses its signatures (ring wants
+        // 2048 bits or more), so such a key would make a node nobody hears.
+        if rsa.size() != SIGNATURE_LEN || rsa.n().bits() != RSA_BITS {
             return Err(IdentityError::KeySize);
         }
         let public_der = rsa
@@ -589,6 +592,20 @@ pub(crate) mod tests {
             hex::encode(sha2::Sha256::digest(rec.to_bytes())),
             "b327d67d6d6cbb2fc5fc73bec94c0ee74ffcfa365ba3ed5711245385ceee437c"
         );
+    }
+
+    #[test]
+    fn only_2048_bit_keys_make_an_identity() {
+        use rand_chacha::rand_core::SeedableRng;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+        let link = || x25519::StaticSecret::from([3u8; 32]);
+        let short = RsaPrivateKey::new(&mut rng, 2047).unwrap();
+        assert_eq!(short.size(), SIGNATURE_LEN, "fills the same 256 bytes");
+        assert!(matches!(
+            Identity::from_parts(short, link()),
+            Err(IdentityError::KeySize)
+        ));
+        assert!(Identity::from_parts(fixture().rsa.clone(), link()).is_ok());
     }
 
     #[test]

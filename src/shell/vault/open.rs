@@ -1,4 +1,4 @@
-//! The vault on disk: the LMDB environment and its three tables; creating,
+//! The vault on disk: the LMDB environment and its four tables; creating,
 //! opening, verifying and upgrading a vault; building a complete one from
 //! its contents (init, migration, upgrade, rotation) and copying them out;
 //! and reading and writing single entries through the sealer.
