@@ -392,6 +392,8 @@ pub(super) struct Circuits {
     bandwidth: (f64, Instant),
     /// AUTH signatures to make (see [`SignJob`]).
     to_sign: VecDeque<SignJob>,
+    /// Where cover traffic's random bytes are made, reused (`noise`).
+    noise_buf: Vec<u8>,
     /// Cells forwarded as relay, as (forward?, in, out), for the test hook.
     #[cfg(feature = "test-hooks")]
     pub(super) cell_log: Vec<(bool, Vec<u8>, Vec<u8>)>,
@@ -408,6 +410,7 @@ impl Circuits {
             on_link: HashMap::new(),
             next_id: 1,
             to_sign: VecDeque::new(),
+            noise_buf: Vec::new(),
             onion: OnionKey::generate(rng),
             prev_onion: None,
             onion_since: now,

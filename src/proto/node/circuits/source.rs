@@ -537,9 +537,12 @@ impl Node {
             let target = c.hops.len() - 1;
             let span = hi.saturating_sub(lo) as u32 + 1;
             let size = (lo + (self.rng.next_u32() % span) as usize).min(MAX_DATA);
-            let mut junk = vec![0u8; size];
+            // A reused buffer, lent out while the cell is sent.
+            let mut junk = std::mem::take(&mut self.circ.noise_buf);
+            junk.resize(size, 0);
             self.rng.fill_bytes(&mut junk);
             self.send_out(now, id, target, Cmd::Noise, &junk);
+            self.circ.noise_buf = junk;
             if now.saturating_duration_since(due) > Duration::from_secs(1) {
                 // Don't catch up on a backlog after a stall.
                 if let Some(c) = self.circ.out.get_mut(id) {

@@ -203,6 +203,27 @@ fn circuit_carries_both_ways_authenticates_the_source_and_heals() {
 /// Whom a failed circuit counts against: a relay that died is blamed and
 /// the failure is the relay's (the destination is not given up on), a
 /// destination that stopped answering is the destination's.
+/// Cover traffic: a source with a noise rate sends NOISE cells on its
+/// ready circuit, sized within `noise_size`, and the destination drops
+/// them as such (no relay can tell them from DATA).
+#[test]
+fn noise_cells_reach_the_destination_and_are_dropped_there() {
+    let now = Instant::now();
+    let (mut net, addrs, _) = circuit_net(now);
+    let (a, e) = (0, 5);
+    net.nodes[a].0.config.traffic.noise_rate = 20.0;
+    net.nodes[a].0.config.traffic.noise_size = (64, 300);
+    let p = udp_packet(addrs[a], addrs[e], b"build it");
+    let _ = net.nodes[a].0.handle_tun_packet(net.now, &p);
+    let tun = advance(&mut net, 3.0);
+    assert!(tun[e].contains(&p));
+    let before = net.nodes[e].0.relay_stats().drops.noise;
+    advance(&mut net, 5.0);
+    let noise = net.nodes[e].0.relay_stats().drops.noise - before;
+    // 20 a second for 5 s: a Poisson count, far from 0 and from 1,000.
+    assert!((20..=400).contains(&noise), "{noise} noise cells in 5 s");
+}
+
 #[test]
 fn a_dead_relay_counts_against_itself_a_dead_destination_against_itself() {
     let now = Instant::now();
