@@ -41,7 +41,7 @@ use super::message::{self, Reassembler, Segmenter};
 use super::records::{node_info, value_target, RsaRecords, SignedValue};
 use super::route::{Policy, RoutePolicy};
 use super::uri::PeerUri;
-use super::wire::{self, Incoming, Ipv6View, IPV6_MIN_MTU, MAX_PACKET};
+use super::wire::{self, Ipv6View, IPV6_MIN_MTU, MAX_PACKET};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -49,21 +49,25 @@ mod channel;
 mod circuits;
 mod control;
 mod gate;
+mod handoff;
 mod hello;
+pub mod host;
 mod links;
 mod lookups;
 mod own_record;
+pub mod plane;
 mod report;
 mod resolve;
 mod table;
 mod tally;
 
-use channel::Sealed;
+use channel::{Delivery, Fit, Sealed};
 pub use circuits::{
     CellDrops, CircuitView, CircuitsReport, InboundView, RelayConfig, RelayStats, RelayedView,
     RouteNoteView, RouteOutcome, RoutingSummary, SignJob, Signing, TrafficConfig, CIRCUIT_MTU,
     CREATE_LIMIT,
 };
+pub use host::Host;
 use table::{Link, LinkTable, Verified};
 pub use tally::ClosedLinks;
 
@@ -541,6 +545,8 @@ pub struct Node {
     /// Packets for the TUN produced outside a TUN read (ICMPv6 errors for
     /// failed lookups), drained with [`Node::poll_tun_write`].
     tun_out: VecDeque<Vec<u8>>,
+    /// What goes to the data plane, if the node uses one.
+    handoff: handoff::Handoff,
     joined: bool,
     value_seq: u64,
     last_lan: Option<Instant>,
@@ -617,6 +623,39 @@ fn reuse(spare: &mut Vec<Vec<u8>>, data: &[u8]) -> Vec<u8> {
     v.clear();
     v.extend_from_slice(data);
     v
+}
+
+/// The next of `transmits`, or once they are sent, every datagram of `out`
+/// copied into buffers from `spare` (see [`Node::poll_transmit`]).
+fn next_transmit(
+    transmits: &mut VecDeque<Transmit>,
+    out: &mut SendBatch,
+    spare: &mut Vec<Vec<u8>>,
+) -> Option<Transmit> {
+    if transmits.is_empty() && !out.is_empty() {
+        for (dst, d) in out.datagrams() {
+            let payload = reuse(spare, d);
+            transmits.push_back(Transmit { dst, payload });
+        }
+        out.clear();
+    }
+    transmits.pop_front()
+}
+
+/// Appends `transmits` to `others` and swaps the sealed batch `out` with
+/// the empty `batch` (see [`Node::take_output`]).
+fn swap_output(
+    transmits: &mut VecDeque<Transmit>,
+    out: &mut SendBatch,
+    batch: &mut SendBatch,
+    others: &mut Vec<Transmit>,
+) {
+    others.extend(transmits.drain(..));
+    let max = batch.max_segments();
+    batch.clear();
+    std::mem::swap(out, batch);
+    out.set_max_segments(max);
+    batch.set_max_segments(max);
 }
 
 /// What boringtun adds to a packet it seals (header and tag).
@@ -709,6 +748,7 @@ impl Node {
             purposes: HashMap::new(),
             api_results: HashMap::new(),
             tun_out: VecDeque::new(),
+            handoff: handoff::Handoff::default(),
             joined: false,
             value_seq: 0,
             last_lan: None,
@@ -783,14 +823,7 @@ impl Node {
     /// of its own. Hand its payload back with [`Node::recycle`] once it is
     /// sent. The data path takes the batch whole ([`Node::take_output`]).
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        if self.transmits.is_empty() && !self.out.is_empty() {
-            for (dst, d) in self.out.datagrams() {
-                let payload = reuse(&mut self.spare, d);
-                self.transmits.push_back(Transmit { dst, payload });
-            }
-            self.out.clear();
-        }
-        self.transmits.pop_front()
+        next_transmit(&mut self.transmits, &mut self.out, &mut self.spare)
     }
 
     /// Takes back a sent transmit's payload buffer for reuse (at most
@@ -826,6 +859,8 @@ impl Node {
     /// Tells the node the kernel's path MTU towards an endpoint.
     pub fn set_path_mtu(&mut self, endpoint: SocketAddr, underlay_mtu: usize) {
         let inner = link_mtu(underlay_mtu, ipv6_underlay(&endpoint));
+        let mtu = inner.min(self.config.mtu);
+        self.plane_tell(plane::ToPlane::SetMtu(endpoint, mtu));
         for link in self.links.values_mut() {
             if link.chan.endpoint == Some(endpoint) {
                 let mtu = inner.min(self.config.mtu);
@@ -874,12 +909,7 @@ impl Node {
     /// [`Node::poll_transmit`] would hand the batch out one datagram at a
     /// time.
     pub fn take_output(&mut self, batch: &mut SendBatch, others: &mut Vec<Transmit>) {
-        others.extend(self.transmits.drain(..));
-        let max = batch.max_segments();
-        batch.clear();
-        std::mem::swap(&mut self.out, batch);
-        self.out.set_max_segments(max);
-        batch.set_max_segments(max);
+        swap_output(&mut self.transmits, &mut self.out, batch, others);
     }
 
     fn route_tun(&mut self, now: Instant, packet: &[u8]) -> Routed {
@@ -904,33 +934,27 @@ impl Node {
         let Some(link) = self.links.for_addr_mut(&dst) else {
             return self.tun_miss(now, view);
         };
-        link.last_used = now;
-        if packet.len() > link.chan.mtu {
-            if link.chan.mtu < IPV6_MIN_MTU
-                && packet.len() <= IPV6_MIN_MTU
-                && link.verified.is_some()
-            {
-                // Programs never send less than 1280, so below that the node
-                // fragments for them (the receiving kernel reassembles).
+        link.chan.last_used = now;
+        match link.chan.fit(packet.len(), link.verified.is_some()) {
+            Fit::Fits => {}
+            Fit::Fragment(mtu) => {
                 self.fragment_id = self.fragment_id.wrapping_add(1);
-                let (id, mtu) = (self.fragment_id, link.chan.mtu);
+                let id = self.fragment_id;
                 let mut frags = Vec::new();
                 if wire::fragment(view, mtu, id, |f| frags.push(f.to_vec())) {
                     // Each fragment is sealed into the batch.
                     for f in frags {
                         let _ = self.route_tun(now, &f);
                     }
-                    return Routed::Nothing;
-                }
-                let link = self.links.for_addr_mut(&dst);
-                if let Some(l) = link {
+                } else if let Some(l) = self.links.for_addr_mut(&dst) {
                     l.drops.too_big += 1;
                 }
                 return Routed::Nothing;
             }
-            link.drops.too_big += 1;
-            let mtu = link.chan.mtu.max(IPV6_MIN_MTU) as u32;
-            return self.icmp_reply(now, view, wire::ICMPV6_PACKET_TOO_BIG, 0, mtu);
+            Fit::TooBig(mtu) => {
+                link.drops.too_big += 1;
+                return self.icmp_reply(now, view, wire::ICMPV6_PACKET_TOO_BIG, 0, mtu);
+            }
         }
         if link.verified.is_none() {
             // Not before the neighbour proved who it is: a configured URI
@@ -941,6 +965,11 @@ impl Node {
                 link.drops.send_failed += 1;
             }
             link.pending.push_back(packet.to_vec());
+            return Routed::Nothing;
+        }
+        if link.chan.handed() {
+            let index = link.index;
+            self.plane_send(now, index, dst, packet);
             return Routed::Nothing;
         }
         let paused = self.config.compression.adaptive && self.compression.paused();
@@ -1000,7 +1029,7 @@ impl Node {
                     return None;
                 }
                 let link = self.links.get_mut(&index)?;
-                link.last_used = now;
+                link.chan.last_used = now;
                 let out = self.handle_cell(now, index, &mut buf[..wire::CONTROL_BODY + len]);
                 return out.map(Inner::Rebuilt);
             }
@@ -1016,41 +1045,18 @@ impl Node {
             self.handle_control(now, index, src, ty, &body);
             return None;
         }
-        let view = Ipv6View::new_checked(&buf[..n]).ok()?;
         let link = self.links.get_mut(&index)?;
-        // An application packet without qgate's framing is used where it
-        // was decrypted; a framed one is rebuilt in `bufs.b`.
-        let in_place = view.next_header() != wire::NH_QGATE;
-        let (incoming, compressed) = match wire::decode(view, &mut self.bufs.b) {
-            Ok(x) => x,
-            Err(_) => {
-                link.drops.bad_inner += 1;
-                return None;
-            }
-        };
-        match incoming {
-            Incoming::Control(..) => None,
-            Incoming::App(p) => {
-                let Some(v) = &link.verified else {
-                    link.drops.unverified += 1;
-                    return None;
-                };
-                if view.src() != v.address {
-                    link.drops.spoofed_source += 1;
-                    return None;
-                }
-                if view.dst() != self.address {
-                    link.drops.wrong_destination += 1;
-                    return None;
-                }
-                link.last_used = now;
-                link.last_app_rx = Some(now);
-                link.chan.count_rx(p.len(), n, compressed);
-                Some(if in_place {
-                    Inner::InPlace(p.len())
-                } else {
-                    Inner::Rebuilt(p.len())
-                })
+        let peer = link.verified.as_ref().map(|v| v.address);
+        match link
+            .chan
+            .deliver(now, &buf[..n], peer, self.address, &mut self.bufs.b)
+        {
+            Delivery::InPlace(n) => Some(Inner::InPlace(n)),
+            Delivery::Rebuilt(n) => Some(Inner::Rebuilt(n)),
+            Delivery::Control => None,
+            Delivery::Dropped(why) => {
+                why.count(&mut link.drops);
+                None
             }
         }
     }
@@ -1123,6 +1129,8 @@ impl Node {
         let was = self.compression.paused();
         self.compression.report(busy_permille);
         if self.compression.paused() != was {
+            let paused = self.config.compression.adaptive && self.compression.paused();
+            self.plane_tell(plane::ToPlane::Pause(paused));
             let busy = self.compression.busy_permille() / 10;
             if was {
                 tracing::debug!(

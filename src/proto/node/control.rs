@@ -36,7 +36,7 @@ impl Node {
                 link.drops.unverified += 1;
                 return;
             };
-            link.last_used = now;
+            link.chan.last_used = now;
             self.dht.handle_message(now, &c, body);
             self.pump_dht(now);
             return;
@@ -171,6 +171,10 @@ impl Node {
         let first = link.verified.is_none();
         link.verified = Some(v);
         link.chan.compress = compress;
+        if link.chan.handed() {
+            self.handoff
+                .tell(plane::ToPlane::SetCompress(index, compress));
+        }
         let source = link.source;
         let on_demand = link.opened_on_demand();
         self.links.name_addr(addr, index);
@@ -239,7 +243,11 @@ impl Node {
             let Some(link) = self.links.get_mut(&index) else {
                 return;
             };
-            if link.chan.endpoint.is_some() {
+            if link.chan.handed() {
+                let frame = std::mem::take(&mut self.bufs.ctl);
+                self.plane_seal(index, &frame[..n]);
+                self.bufs.ctl = frame;
+            } else if link.chan.endpoint.is_some() {
                 let _ = link.chan.seal(&mut self.out, &self.bufs.ctl[..n]);
             } else {
                 // Nowhere to send it yet: boringtun keeps the message for

@@ -3,7 +3,7 @@
 //! handshake gate's verdict (`gate.rs`), the first Diffie-Hellman, then
 //! the link's [`Channel`] (`channel.rs`); the per-link timers.
 
-use super::channel::{Channel, Opened, Refusal, Setup, Tick};
+use super::channel::{Channel, Opened, Setup, Tick};
 use super::gate;
 use super::hello::HelloState;
 use super::table::Room;
@@ -52,12 +52,11 @@ impl Node {
         };
         let index = self.links.insert(peer_key, |index| Link {
             index,
-            chan: Channel::new(setup, index, peer_key, endpoint, compress),
+            chan: Channel::new(setup, index, peer_key, endpoint, compress, now),
             peer_key,
             configured,
             persistent: false,
             source: Source::Network,
-            last_used: now,
             pending_ctl: VecDeque::new(),
             verified: None,
             hello: HelloState::default(),
@@ -69,8 +68,6 @@ impl Node {
             session_up: false,
             expired: false,
             created: now,
-            last_rx: now,
-            last_app_rx: None,
             drops: Drops::default(),
         });
         Some(index)
@@ -111,6 +108,7 @@ impl Node {
 
     fn drop_link(&mut self, now: Instant, index: u32, log: bool) {
         if let Some(link) = self.links.remove(index) {
+            self.withdraw(&link);
             if log {
                 tracing::info!(link = index, node = ?link.node_id(), "link removed");
             }
@@ -215,6 +213,12 @@ impl Node {
             self.drops.rate_limited += 1;
             return None;
         }
+        if self.handed(index) {
+            // The plane holds the session: an initiation, or a datagram
+            // from a new endpoint, that the gate let through.
+            self.plane_admit(now, index, from, datagram);
+            return None;
+        }
         let link = self.links.get_mut(&index)?;
         // A link created for this very handshake (see
         // `admit_initiation`) is kept only if the handshake holds.
@@ -232,13 +236,7 @@ impl Node {
             }
             not_authentic => {
                 if let Opened::Refused(why) = not_authentic {
-                    let d = &mut link.drops;
-                    match why {
-                        Refusal::Replay => d.replay += 1,
-                        Refusal::UnknownSession => d.unknown_session += 1,
-                        Refusal::Handshake => d.handshake_rejected += 1,
-                        Refusal::Auth => d.auth_failed += 1,
-                    }
+                    why.count(&mut link.drops);
                 }
                 if fresh && link.chan.handshake_age().is_none() {
                     self.remove_link_quietly(now, index);
@@ -273,7 +271,7 @@ impl Node {
         let was_up = link.session_up;
         link.session_up = link.chan.handshake_age().is_some();
         link.expired = false;
-        link.last_rx = now;
+        link.chan.last_rx = now;
         if link.chan.endpoint != Some(from) {
             if link.chan.endpoint.is_some() {
                 tracing::info!(link = index, old = ?link.chan.endpoint, new = %from, "neighbour moved to a new endpoint");
@@ -338,7 +336,7 @@ impl Node {
         if self.config.keepalive > 0
             && (link.persistent || link.opened_on_demand())
             && link.session_up
-            && now.saturating_duration_since(link.last_rx) > silence
+            && now.saturating_duration_since(link.chan.last_rx) > silence
             && link
                 .last_reconnect
                 .is_none_or(|t| now.saturating_duration_since(t) >= silence)
@@ -346,8 +344,12 @@ impl Node {
             if let Some(ep) = link.chan.endpoint {
                 link.last_reconnect = Some(now);
                 tracing::debug!(link = index, "neighbour silent, handshaking again");
-                link.chan
-                    .initiate(ep, false, &mut self.bufs.a, &mut self.transmits);
+                if link.chan.handed() {
+                    self.handoff.tell(plane::ToPlane::Initiate(index, false));
+                } else {
+                    link.chan
+                        .initiate(ep, false, &mut self.bufs.a, &mut self.transmits);
+                }
             }
         }
         if link.persistent && !link.session_up {
@@ -368,15 +370,19 @@ impl Node {
             if let (true, Some(ep)) = (due, link.chan.endpoint) {
                 link.last_reconnect = Some(now);
                 link.reconnect_attempts = link.reconnect_attempts.saturating_add(1);
-                link.chan
-                    .initiate(ep, true, &mut self.bufs.a, &mut self.transmits);
+                if link.chan.handed() {
+                    self.handoff.tell(plane::ToPlane::Initiate(index, true));
+                } else {
+                    link.chan
+                        .initiate(ep, true, &mut self.bufs.a, &mut self.transmits);
+                }
             }
         }
         let hello_due = link.session_up && link.hello.due(now, link.verified.is_some());
         if !link.persistent {
             let age = now.saturating_duration_since(link.created);
-            let idle = now.saturating_duration_since(link.last_rx);
-            let unused = now.saturating_duration_since(link.last_used);
+            let idle = now.saturating_duration_since(link.chan.last_rx);
+            let unused = now.saturating_duration_since(link.chan.last_used);
             // A link we made to a looked-up record that never came up:
             // the record may be stale, so the next lookup wants a newer one.
             let failed_connect =
@@ -417,6 +423,7 @@ impl Node {
         if hello_due {
             self.send_hello(index, now);
         }
+        self.maybe_hand_off(index);
         LinkFate::Keep
     }
 

@@ -97,7 +97,7 @@ impl Node {
         let Some(link) = self.links.get_mut(&idx) else {
             return;
         };
-        link.last_used = now;
+        link.chan.last_used = now;
         if link.verified.is_some() {
             self.send_control(idx, MSG_DHT, bytes, false);
         } else {
@@ -137,7 +137,7 @@ impl Node {
         let idx = self.add_link(rec.link_key, Some(ep), Some(id), now)?;
         self.links.name_addr(id.overlay_address(), idx);
         if let Some(l) = self.links.get_mut(&idx) {
-            l.last_used = now;
+            l.chan.last_used = now;
         }
         tracing::debug!(link = idx, node = %id.short(), endpoint = %ep, "linking on demand");
         self.send_hello(idx, now);

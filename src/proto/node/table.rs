@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::channel::Channel;
 use super::hello::HelloState;
 use super::tally::ClosedLinks;
-use super::{Drops, LinkState};
+use super::{Drops, LinkCounters, LinkState};
 use crate::proto::access::link_subnet;
 use crate::proto::dht::{Contact, Source};
 use crate::proto::identity::{NodeId, NodeRecord};
@@ -39,8 +39,6 @@ pub(super) struct Link {
     pub(super) persistent: bool,
     /// How we came to know the neighbour.
     pub(super) source: Source,
-    /// Last application packet or DHT message either way.
-    pub(super) last_used: Instant,
     /// DHT messages waiting for the neighbour's record to verify.
     pub(super) pending_ctl: VecDeque<(u8, Vec<u8>)>,
     pub(super) verified: Option<Verified>,
@@ -56,10 +54,6 @@ pub(super) struct Link {
     pub(super) session_up: bool,
     pub(super) expired: bool,
     pub(super) created: Instant,
-    pub(super) last_rx: Instant,
-    /// When the neighbour last sent us an application packet over this
-    /// link (a node that talks to us directly is answered directly).
-    pub(super) last_app_rx: Option<Instant>,
     pub(super) drops: Drops,
 }
 
@@ -235,6 +229,11 @@ impl LinkTable {
         Some(link)
     }
 
+    /// Adds what a removed link counted after it was removed.
+    pub(super) fn settle(&mut self, counters: &LinkCounters, drops: &Drops) {
+        self.closed.settle(counters, drops);
+    }
+
     /// What removed links had counted.
     pub(super) fn closed(&self) -> ClosedLinks {
         self.closed
@@ -254,8 +253,8 @@ impl LinkTable {
             self.links
                 .values()
                 .filter(|l| !l.persistent && (!only_inbound || is_inbound(l)))
-                .filter(|l| now.saturating_duration_since(l.last_used) > idle)
-                .min_by_key(|l| l.last_used)
+                .filter(|l| now.saturating_duration_since(l.chan.last_used) > idle)
+                .min_by_key(|l| l.chan.last_used)
                 .map_or(Room::Full, |l| Room::Evict(l.index))
         };
         if inbound {

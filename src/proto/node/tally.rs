@@ -20,6 +20,11 @@ macro_rules! tally {
             pub fn add(&mut self, other: &$ty) {
                 $(self.$field = self.$field.saturating_add(other.$field);)+
             }
+
+            /// Takes `other` away field by field (saturating).
+            pub fn sub(&mut self, other: &$ty) {
+                $(self.$field = self.$field.saturating_sub(other.$field);)+
+            }
         }
     };
 }
@@ -88,6 +93,13 @@ pub struct ClosedLinks {
 }
 
 impl ClosedLinks {
+    /// Adds what a removed link counted after it was removed (a data
+    /// plane's last report).
+    pub(super) fn settle(&mut self, counters: &LinkCounters, drops: &Drops) {
+        self.counters.add(counters);
+        self.drops.add(drops);
+    }
+
     pub(super) fn close(&mut self, counters: &LinkCounters, drops: &Drops) {
         self.links += 1;
         self.counters.add(counters);

@@ -68,7 +68,7 @@ impl Node {
             self.circ.stats.drops.send_failed += 1;
             return false;
         };
-        l.last_used = now;
+        l.chan.last_used = now;
         let Some(v) = &l.verified else {
             if l.pending_ctl.len() >= MAX_PENDING_CTL {
                 l.pending_ctl.pop_front();
@@ -82,6 +82,10 @@ impl Node {
             return false;
         };
         wire::write_control_header(packet, self.address, dst, MSG_CELL);
+        if l.chan.handed() {
+            self.plane_seal(link, packet);
+            return true;
+        }
         match l.chan.seal(&mut self.out, packet) {
             Sealed::Queued => true,
             Sealed::Held => false,

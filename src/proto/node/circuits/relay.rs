@@ -209,6 +209,7 @@ impl Node {
         hc.rx_bytes += p as u64;
         // Replies go back on the circuit that last brought traffic.
         self.circ.hops.carries_replies(h, src);
+        self.handoff.unroute(src);
         // decode() returned either the cell's bytes (as is) or a rebuilt
         // packet in bufs.b: put the result in bufs.b either way.
         if !matches!(view.next_header(), wire::NH_QGATE) {
@@ -288,6 +289,7 @@ impl Node {
         }
         let src = rec.overlay_address();
         self.circ.hops.carries_replies(h, src);
+        self.unroute(src);
         tracing::debug!(circuit = h, source = %src, "inbound circuit authenticated");
         self.originate(now, h, Cmd::Ready, &[]);
     }

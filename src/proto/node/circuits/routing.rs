@@ -245,7 +245,7 @@ impl Node {
     fn talks_to_us_directly(&self, now: Instant, dst: &Ipv6Addr) -> bool {
         self.links
             .for_addr(dst)
-            .and_then(|l| l.last_app_rx)
+            .and_then(|l| l.chan.last_app_rx)
             .is_some_and(|t| now.saturating_duration_since(t) < DIRECT_REPLY)
     }
 

@@ -168,7 +168,9 @@ impl Node {
         let (hs, create) = ClientHandshake::start(&mut self.rng, first.id, first.onion);
         tracing::debug!(circuit = id, %dst, relays = relays.len(), "building a circuit");
         let c = OutCirc::new(now, dst, relays, dest_record, dest, Some(hs), (link, circ));
+        let dst = c.dst;
         self.circ.out.insert(id, c);
+        self.unroute(dst);
         self.circ.on_link.insert((link, circ), CircRef::Out(id));
         self.send_plain(now, link, circ, CellKind::Create, &create);
         Ok(id)

@@ -85,7 +85,7 @@ impl Node {
                     // relays that are fine. (Idle links are quiet up to a
                     // keepalive apart, so the step alone is too short.)
                     let since = c.step_started.min(now.checked_sub(LIVENESS).unwrap_or(now));
-                    let heard = self.links.values().any(|l| l.last_rx > since);
+                    let heard = self.links.values().any(|l| l.chan.last_rx > since);
                     let blame = match c.stage {
                         Stage::Extending if heard => {
                             c.next_relay().or(c.dest.as_ref().map(|d| d.id))

@@ -21,7 +21,7 @@ fn configured_uri_with_foreign_key_gets_no_traffic() {
     let _victim = it.next();
     let attacker = Node::new(it.next().unwrap(), 1, cfg(vec![]), now);
     let mut net = Net {
-        nodes: vec![(a, eps[0]), (attacker, eps[1])],
+        nodes: vec![(host(a), eps[0]), (host(attacker), eps[1])],
         now,
     };
     // A program on A sends to the victim's address before and after the
@@ -125,7 +125,7 @@ fn only_links_opened_on_demand_close_unused() {
     // B's link is inbound (A configured B): kept alive, never used.
     let idx = *b.links.indices().first().expect("B has A's link");
     assert!(!b.links[&idx].persistent && !b.links[&idx].opened_on_demand());
-    b.links.get_mut(&idx).unwrap().last_rx = later;
+    b.links.get_mut(&idx).unwrap().chan.last_rx = later;
     b.handle_timeout(later);
     assert!(
         b.links.get(&idx).is_some(),
@@ -229,7 +229,7 @@ fn links_of_our_own_keep_an_eighth_of_the_table() {
     let later = t0 + LRU_IDLE + Duration::from_secs(1);
     for i in 1..share as u8 {
         let idx = v.links.index_of_key(&[i + 1; 32]).unwrap();
-        v.links.get_mut(&idx).unwrap().last_used = later;
+        v.links.get_mut(&idx).unwrap().chan.last_used = later;
     }
     v.inject_inner(later, [101; 32], from, &[]);
     assert!(v.links.index_of_key(&[101; 32]).is_some());

@@ -1,0 +1,249 @@
+//! The node's side of the data plane ([`plane`](super::plane)): which links
+//! it hands over and when, what it asks the plane to do on them, and what
+//! it takes in from the plane's reports.
+//!
+//! A link is handed over once it is up and its neighbour verified (the
+//! link timers look each tick), and withdrawn when it is removed. The node
+//! keeps the link's control state (`Link`) and a copy of the channel's
+//! (endpoint, MTU, counters, timestamps, the session's age) that the
+//! plane's reports keep current to within a tick. Packets the node routes
+//! over a handed link, and the control messages and cells it sends there,
+//! go to the plane as messages. Packets to an address the node has just
+//! routed straight over a handed link go to the plane directly for
+//! [`ROUTE_HOLD`], unless a circuit takes over the address first.
+
+use super::plane::{Activity, DataPlane, FromPlane, Lane, ToPlane};
+use super::*;
+
+/// How long the plane may send packets to an address over the link the
+/// node last chose for it before it asks the node again (whose direct
+/// decision itself holds for `RECHECK`, 10 s). A circuit to the address, or
+/// one that brings packets from it, takes the route back at once.
+const ROUTE_HOLD: Duration = Duration::from_secs(1);
+
+/// The node's hand-off state: whether it uses a plane, and what it has to
+/// tell it.
+#[derive(Default)]
+pub(super) struct Handoff {
+    on: bool,
+    out: VecDeque<ToPlane>,
+    /// Links removed while handed: their counters as last reported, until
+    /// the plane returns them with the rest.
+    withdrawn: HashMap<u32, LinkCounters>,
+    /// Addresses the plane routes, and until when.
+    routed: HashMap<Ipv6Addr, Instant>,
+}
+
+/// Most routed addresses remembered before the expired ones are dropped.
+const MAX_ROUTED: usize = 4096;
+
+impl Handoff {
+    /// How many messages wait for the plane.
+    #[cfg(test)]
+    pub(super) fn pending(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Tells the plane something (a link's compression, links' MTU, an
+    /// initiation to send), if the node uses one.
+    pub(super) fn tell(&mut self, msg: ToPlane) {
+        if self.on {
+            self.out.push_back(msg);
+        }
+    }
+
+    /// Packets to `addr` go through the node again, if the plane routes
+    /// them.
+    pub(super) fn unroute(&mut self, addr: Ipv6Addr) {
+        if self.routed.remove(&addr).is_some() {
+            self.out.push_back(ToPlane::Unroute(addr));
+        }
+    }
+}
+
+impl Node {
+    /// From now on, hands established links to the data plane this
+    /// returns. The caller passes [`Node::poll_plane`]'s messages to it and
+    /// its [`DataPlane::poll_event`]s to [`Node::handle_plane`], gives it
+    /// the TUN packets and datagrams first, and the node those the plane
+    /// answers `NotMine`.
+    pub fn data_plane(&mut self) -> DataPlane {
+        self.handoff.on = true;
+        DataPlane::new(self.address, self.config.mtu)
+    }
+
+    /// The next message for the data plane.
+    pub fn poll_plane(&mut self) -> Option<ToPlane> {
+        self.handoff.out.pop_front()
+    }
+
+    /// Whether link `index` is handed to the data plane.
+    pub(super) fn handed(&self, index: u32) -> bool {
+        self.links.get(&index).is_some_and(|l| l.chan.handed())
+    }
+
+    /// Hands link `index` over if it is up and not handed yet.
+    pub(super) fn maybe_hand_off(&mut self, index: u32) {
+        if !self.handoff.on {
+            return;
+        }
+        let Some(link) = self.links.get_mut(&index) else {
+            return;
+        };
+        if link.state() != LinkState::Up {
+            return;
+        }
+        let Some(peer) = link.verified.as_ref().map(|v| v.address) else {
+            return;
+        };
+        if let Some(chan) = link.chan.split() {
+            tracing::debug!(link = index, "link handed to the data plane");
+            self.handoff.out.push_back(ToPlane::Handoff(Box::new(Lane {
+                index,
+                chan,
+                peer,
+                drops: Drops::default(),
+                told: None,
+            })));
+        }
+    }
+
+    /// Link `link` (handed) is being removed: the plane gives it back.
+    pub(super) fn withdraw(&mut self, link: &table::Link) {
+        if link.chan.handed() {
+            self.handoff
+                .withdrawn
+                .insert(link.index, link.chan.counters);
+            self.handoff.out.push_back(ToPlane::Withdraw(link.index));
+        }
+    }
+
+    /// Asks the plane to seal `frame` (a control message or a cell) on
+    /// handed link `index`.
+    pub(super) fn plane_seal(&mut self, index: u32, frame: &[u8]) {
+        let frame = reuse(&mut self.spare, frame);
+        self.handoff.out.push_back(ToPlane::Seal(index, frame));
+    }
+
+    /// Asks the plane to seal application packet `packet` on handed link
+    /// `index`, and to send the packets to its destination there for
+    /// [`ROUTE_HOLD`].
+    pub(super) fn plane_send(&mut self, now: Instant, index: u32, dst: Ipv6Addr, packet: &[u8]) {
+        let packet = reuse(&mut self.spare, packet);
+        let h = &mut self.handoff;
+        h.out.push_back(ToPlane::SealApp(index, packet));
+        h.out
+            .push_back(ToPlane::Route(dst, index, now + ROUTE_HOLD));
+        if h.routed.len() >= MAX_ROUTED {
+            h.routed.retain(|_, until| *until > now);
+        }
+        h.routed.insert(dst, now + ROUTE_HOLD);
+    }
+
+    /// Asks the plane to open a datagram for handed link `index` that the
+    /// gate let through.
+    pub(super) fn plane_admit(&mut self, now: Instant, index: u32, from: SocketAddr, d: &[u8]) {
+        let datagram = reuse(&mut self.spare, d);
+        self.handoff.out.push_back(ToPlane::Admit {
+            index,
+            from,
+            at: now,
+            datagram,
+        });
+    }
+
+    /// Packets to `addr` go through the node again (a circuit took it
+    /// over).
+    pub(super) fn unroute(&mut self, addr: Ipv6Addr) {
+        self.handoff.unroute(addr);
+    }
+
+    /// Tells the plane something, if the node uses one.
+    pub(super) fn plane_tell(&mut self, msg: ToPlane) {
+        self.handoff.tell(msg);
+    }
+
+    /// Takes in a message from the data plane. Returns a packet for the
+    /// TUN, if the message brought one (a circuit's DATA for this node).
+    /// (Buffers cross both ways: the node keeps those the plane's messages
+    /// bring, for the messages it sends.)
+    pub fn handle_plane(&mut self, msg: FromPlane) -> Option<&[u8]> {
+        match msg {
+            FromPlane::Returned(lane) => self.returned(*lane),
+            FromPlane::Inner { index, at, packet } => {
+                let mut buf = packet;
+                let n = buf.len();
+                // The plane sends only control frames (hellos, DHT, cells);
+                // a cell's DATA for this node comes back rebuilt.
+                let inner = self.handle_inner(at, index, &mut buf, n);
+                self.recycle(buf);
+                if let Some(Inner::Rebuilt(n)) = inner {
+                    return Some(&self.bufs.b[..n]);
+                }
+            }
+            FromPlane::Expired(index) => {
+                if let Some(link) = self.links.get_mut(&index) {
+                    if !link.expired {
+                        tracing::info!(link = index, node = ?link.node_id(), "link session expired");
+                    }
+                    link.expired = true;
+                    link.session_up = false;
+                }
+            }
+            FromPlane::Moved(index, to) => {
+                if let Some(link) = self.links.get_mut(&index) {
+                    tracing::info!(link = index, old = ?link.chan.endpoint, new = %to, "neighbour moved to a new endpoint");
+                    link.chan.endpoint = Some(to);
+                    link.chan.mtu = self.config.mtu;
+                }
+            }
+            FromPlane::Activity(a) => self.activity(&a),
+            FromPlane::Heard(index, at) => {
+                if let Some(link) = self.links.get_mut(&index) {
+                    link.chan.last_app_rx = link.chan.last_app_rx.max(Some(at));
+                    link.chan.last_used = link.chan.last_used.max(at);
+                }
+            }
+        }
+        None
+    }
+
+    fn returned(&mut self, lane: Lane) {
+        if let Some(before) = self.handoff.withdrawn.remove(&lane.index) {
+            // Removed meanwhile: what it counted since its last report
+            // joins the removed links' totals.
+            let mut since = lane.chan.counters;
+            since.sub(&before);
+            self.links.settle(&since, &lane.drops);
+            return;
+        }
+        if let Some(link) = self.links.get_mut(&lane.index) {
+            link.chan.rejoin(lane.chan);
+            link.drops.add(&lane.drops);
+        }
+    }
+
+    fn activity(&mut self, a: &Activity) {
+        let Some(link) = self.links.get_mut(&a.index) else {
+            return;
+        };
+        if !link.chan.handed() {
+            return;
+        }
+        link.chan.update(
+            a.counters,
+            a.last_rx,
+            a.last_used,
+            a.last_app_rx,
+            a.handshake_age,
+        );
+        link.drops.add(&a.drops);
+        // A session the plane made again after one expired.
+        if a.handshake_age.is_some() && !link.session_up {
+            link.session_up = true;
+            link.expired = false;
+            link.reconnect_attempts = 0;
+            tracing::info!(link = a.index, node = ?link.node_id(), "link session established");
+        }
+    }
+}

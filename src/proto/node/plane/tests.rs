@@ -1,0 +1,250 @@
+//! The data plane on its own: two planes, each holding one end of a link
+//! whose session was made by the links' channels, carry packets both ways
+//! with no node, check what the node would check, and hand the rest over.
+
+use std::collections::VecDeque;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::x25519;
+
+use super::*;
+use crate::proto::node::channel::{Channel, Opened, Setup};
+use crate::proto::wire;
+
+const MTU: usize = 1420;
+
+fn addr(last: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, last)
+}
+
+fn ep(last: u8) -> SocketAddr {
+    SocketAddr::from(([198, 18, 0, last], 4000))
+}
+
+fn setup(secret: &x25519::StaticSecret) -> Setup {
+    let public = x25519::PublicKey::from(secret);
+    Setup {
+        secret: secret.clone(),
+        keepalive: None,
+        limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+        mtu: MTU,
+    }
+}
+
+/// Two channels with a session between them: `a` (index 1, at `ep(1)`)
+/// initiated to `b` (index 2, at `ep(2)`).
+fn session(now: Instant) -> (Channel, Channel) {
+    let (ka, kb) = (
+        x25519::StaticSecret::from([1u8; 32]),
+        x25519::StaticSecret::from([2u8; 32]),
+    );
+    let (pa, pb) = (
+        x25519::PublicKey::from(&ka).to_bytes(),
+        x25519::PublicKey::from(&kb).to_bytes(),
+    );
+    let mut a = Channel::new(setup(&ka), 1, pb, Some(ep(2)), true, now);
+    let mut b = Channel::new(setup(&kb), 2, pa, Some(ep(1)), true, now);
+    let mut buf = vec![0u8; 4096];
+    let mut to_b = VecDeque::new();
+    a.initiate(ep(2), true, &mut buf, &mut to_b);
+    let init = to_b.pop_front().expect("an initiation").payload;
+    let mut to_a = VecDeque::new();
+    assert!(matches!(
+        b.open(ep(1), &init, &mut buf, &mut to_a),
+        Opened::Authentic(None)
+    ));
+    let resp = to_a.pop_front().expect("a response").payload;
+    let mut more = VecDeque::new();
+    assert!(matches!(
+        a.open(ep(2), &resp, &mut buf, &mut more),
+        Opened::Authentic(None)
+    ));
+    (a, b)
+}
+
+/// Planes for `a` (at `addr(1)`) and `b` (at `addr(2)`), each holding its
+/// end of the link, routed to the other.
+fn planes(now: Instant) -> (DataPlane, DataPlane) {
+    let (ca, cb) = session(now);
+    let mut pa = DataPlane::new(addr(1), MTU);
+    let mut pb = DataPlane::new(addr(2), MTU);
+    for (p, index, chan, peer) in [(&mut pa, 1, ca, addr(2)), (&mut pb, 2, cb, addr(1))] {
+        p.handle(ToPlane::Handoff(Box::new(Lane {
+            index,
+            chan,
+            peer,
+            drops: Drops::default(),
+            told: None,
+        })));
+        p.handle(ToPlane::Route(peer, index, now + Duration::from_secs(60)));
+    }
+    (pa, pb)
+}
+
+fn udp(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 40 + payload.len()];
+    wire::write_ipv6_header(&mut p, payload.len(), 17, 64, src, dst);
+    p[40..].copy_from_slice(payload);
+    p
+}
+
+/// Sends what `from` queued to `to` (as if from `src`), returning the
+/// packets for `to`'s TUN.
+fn carry(from: &mut DataPlane, to: &mut DataPlane, src: SocketAddr, now: Instant) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while let Some(t) = from.poll_transmit() {
+        match to.receive(now, src, &t.payload, &mut buf) {
+            PlaneRx::InPlace(n) => got.push(buf[..n].to_vec()),
+            PlaneRx::Rebuilt(p) => got.push(p.to_vec()),
+            PlaneRx::Done => {}
+            PlaneRx::NotMine => panic!("a handed link's datagram went to the node"),
+        }
+        from.recycle(t.payload);
+    }
+    got
+}
+
+fn activity(p: &mut DataPlane, now: Instant) -> Vec<Activity> {
+    p.handle_timeout(now);
+    let mut out = Vec::new();
+    while let Some(e) = p.poll_event() {
+        if let FromPlane::Activity(a) = e {
+            out.push(*a);
+        }
+    }
+    out
+}
+
+#[test]
+fn handed_links_carry_packets_both_ways_and_count_them() {
+    let now = Instant::now();
+    let (mut a, mut b) = planes(now);
+    // Compressible and not: both arrive as they were sent.
+    let text = udp(addr(1), addr(2), &[b'q'; 900]);
+    let noise: Vec<u8> = (0..900u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let noise = udp(addr(1), addr(2), &noise);
+    for p in [&text, &noise] {
+        assert_eq!(a.send_tun_packet(now, p), PlaneTx::Done);
+    }
+    assert_eq!(
+        carry(&mut a, &mut b, ep(1), now),
+        vec![text.clone(), noise.clone()]
+    );
+    let back = udp(addr(2), addr(1), b"pong");
+    assert_eq!(b.send_tun_packet(now, &back), PlaneTx::Done);
+    assert_eq!(carry(&mut b, &mut a, ep(2), now), vec![back]);
+    let ta = activity(&mut a, now);
+    assert_eq!(ta.len(), 1);
+    assert_eq!(ta[0].counters.tx_packets, 2);
+    assert_eq!(ta[0].counters.rx_packets, 1);
+    assert!(ta[0].counters.tx_compressed >= 1, "{:?}", ta[0].counters);
+    assert_eq!(ta[0].last_app_rx, Some(now));
+    assert!(ta[0].handshake_age.is_some());
+}
+
+#[test]
+fn what_the_node_must_see_goes_to_the_node() {
+    let now = Instant::now();
+    let (mut a, mut b) = planes(now);
+    // An address not routed here, and a packet that is not IPv6.
+    let other = udp(addr(1), addr(9), b"x");
+    assert_eq!(a.send_tun_packet(now, &other), PlaneTx::NotMine);
+    assert_eq!(a.send_tun_packet(now, b"\x45junk"), PlaneTx::NotMine);
+    // A control frame the node made, sealed by the plane, arrives at the
+    // other plane as a message for its node.
+    let mut frame = Vec::new();
+    wire::encode_control(addr(1), addr(2), 7, b"hello there", &mut frame);
+    a.handle(ToPlane::Seal(1, frame.clone()));
+    assert!(carry(&mut a, &mut b, ep(1), now).is_empty());
+    match b.poll_event() {
+        Some(FromPlane::Inner {
+            index: 2, packet, ..
+        }) => assert_eq!(packet, frame),
+        _ => panic!("the control frame did not reach the node"),
+    }
+    // A datagram from somewhere else than the link's endpoint is the
+    // node's (its gate charges the source); admitted, it moves the link.
+    let p = udp(addr(1), addr(2), b"moved");
+    assert_eq!(a.send_tun_packet(now, &p), PlaneTx::Done);
+    let d = a.poll_transmit().unwrap().payload;
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(b.receive(now, ep(7), &d, &mut buf), PlaneRx::NotMine);
+    assert_eq!(
+        b.admit(now, 2, ep(7), &d, &mut buf),
+        PlaneRx::InPlace(p.len())
+    );
+    assert!(matches!(b.poll_event(), Some(FromPlane::Moved(2, e)) if e == ep(7)));
+    // Unknown session indices and initiations are the node's too.
+    let mut init = VecDeque::new();
+    let (mut c, _) = session(now);
+    c.initiate(ep(2), true, &mut buf, &mut init);
+    let init = init.pop_front().unwrap().payload;
+    assert_eq!(b.receive(now, ep(1), &init, &mut buf), PlaneRx::NotMine);
+}
+
+#[test]
+fn spoofed_and_misaddressed_packets_are_dropped_and_reported() {
+    let now = Instant::now();
+    let (mut a, mut b) = planes(now);
+    for p in [
+        udp(addr(5), addr(2), b"spoof"),
+        udp(addr(1), addr(6), b"wrong"),
+    ] {
+        // Routed by hand: the plane seals whatever is routed to the link.
+        let dst = Ipv6View::new_checked(&p).unwrap().dst();
+        a.handle(ToPlane::Route(dst, 1, now + Duration::from_secs(60)));
+        assert_eq!(a.send_tun_packet(now, &p), PlaneTx::Done);
+    }
+    assert!(carry(&mut a, &mut b, ep(1), now).is_empty());
+    let tb = activity(&mut b, now);
+    assert_eq!(tb[0].drops.spoofed_source, 1);
+    assert_eq!(tb[0].drops.wrong_destination, 1);
+    assert_eq!(tb[0].counters.rx_packets, 0);
+    // Reported once: the next report starts from zero.
+    assert_eq!(activity(&mut b, now)[0].drops, Drops::default());
+    // A replayed datagram is refused and counted.
+    let p = udp(addr(1), addr(2), b"once");
+    assert_eq!(a.send_tun_packet(now, &p), PlaneTx::Done);
+    let d = a.poll_transmit().unwrap().payload;
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(
+        b.receive(now, ep(1), &d, &mut buf),
+        PlaneRx::InPlace(p.len())
+    );
+    assert_eq!(b.receive(now, ep(1), &d, &mut buf), PlaneRx::Done);
+    assert_eq!(activity(&mut b, now)[0].drops.replay, 1);
+}
+
+#[test]
+fn a_withdrawn_link_comes_back_with_its_counts_and_its_routes_go() {
+    let now = Instant::now();
+    let (mut a, mut b) = planes(now);
+    let p = udp(addr(1), addr(2), b"before");
+    assert_eq!(a.send_tun_packet(now, &p), PlaneTx::Done);
+    assert_eq!(carry(&mut a, &mut b, ep(1), now).len(), 1);
+    a.handle(ToPlane::Withdraw(1));
+    let lane = match a.poll_event() {
+        Some(FromPlane::Returned(lane)) => lane,
+        _ => panic!("no link came back"),
+    };
+    assert_eq!(lane.index(), 1);
+    assert_eq!(lane.chan.counters.tx_packets, 1);
+    assert_eq!(a.links(), 0);
+    assert_eq!(a.send_tun_packet(now, &p), PlaneTx::NotMine);
+    // A frame for it that crossed the withdrawal is lost, and counted.
+    a.handle(ToPlane::Seal(1, vec![0u8; 60]));
+    assert_eq!(a.lost, 1);
+    assert!(a.poll_transmit().is_none());
+    // Handed again, it carries on with the same session.
+    a.handle(ToPlane::Handoff(lane));
+    a.handle(ToPlane::Route(addr(2), 1, now + Duration::from_secs(60)));
+    let p = udp(addr(1), addr(2), b"after");
+    assert_eq!(a.send_tun_packet(now, &p), PlaneTx::Done);
+    assert_eq!(carry(&mut a, &mut b, ep(1), now), vec![p]);
+}
