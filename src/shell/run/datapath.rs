@@ -1,0 +1,389 @@
+//! The data thread: one thread serving both directions of the data path,
+//! sleeping in poll(2) on the TUN and the UDP socket (see [`data_loop`]).
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use qgate_platform::{GROTable, VIRTIO_NET_HDR_LEN};
+use quinn_udp::RecvMeta;
+use std::os::fd::AsFd;
+
+use super::lock::{Held, Holder};
+use super::{drain, Shared};
+use crate::proto::batch::SendBatch;
+use crate::proto::node::{normalize, Transmit};
+use crate::proto::{Delivered, Node};
+
+/// Receive buffers per `recvmmsg` call (each holds a GRO batch).
+const RECV_BATCH: usize = 8;
+/// Capacity of each buffer written to the TUN. tun-rs's GRO table merges a
+/// TCP flow's packets into the first one's buffer only when it has room for
+/// the merged packet (up to 64 KiB, and the virtio header twice), so a
+/// buffer sized for one packet means one TUN write and one trip through the
+/// kernel's TCP receive path per packet: profiled at 73,500 single-packet
+/// writes a second at 800 Mbit/s, and ~2.5x the throughput with room to
+/// merge. Pages are touched only as merged data fills them.
+const TUN_WRITE_CAP: usize = 2 * VIRTIO_NET_HDR_LEN + 65535;
+/// Size of one receive buffer or TUN read: the largest GRO/TSO aggregate.
+const BUF: usize = 65536 + 256;
+/// Packets one TUN read may split into: a 64 KiB TSO segment cut at the
+/// smallest MSS Linux sends (48 bytes, for a peer that advertises a tiny
+/// MSS) — fewer buffers would make tun-rs refuse the read and stall that
+/// flow. They cost about 2.7 MiB (idle RSS measured 9.6 MiB against 7.0
+/// with 128 buffers).
+pub(super) const TSO_SEGMENTS: usize = 65536 / 48 + 1;
+
+/// What a send batch keeps of its buffer after a burst: a full TUN read
+/// (`TSO_SEGMENTS` packets) seals into about 2 MiB.
+const BATCH_KEEP: usize = 4 << 20;
+
+/// Sends a batch of sealed datagrams, one GSO send per run, and empties it.
+fn send_batch(sh: &Shared, batch: &mut SendBatch) {
+    for (dst, bytes, segment) in batch.runs() {
+        sh.send_gso(dst, bytes, segment);
+    }
+    batch.clear_keeping(BATCH_KEEP);
+}
+
+/// What one side of the data path sends after a batch of input.
+struct Outgoing {
+    /// What the node sealed (swapped out of the node, see
+    /// `Node::take_output`): packets from the TUN, the cells a relay
+    /// forwards, hellos; runs to one destination leave in one GSO send.
+    batch: SendBatch,
+    /// What the node queued on its own (handshake responses); leaves first.
+    control: Vec<Transmit>,
+    /// Payloads of `control` once sent, handed back to the node.
+    spent: Vec<Vec<u8>>,
+}
+
+impl Outgoing {
+    fn new(max_gso: usize) -> Outgoing {
+        Outgoing {
+            batch: SendBatch::new(max_gso),
+            control: Vec::new(),
+            spent: Vec::new(),
+        }
+    }
+
+    /// Takes the node's output (the lock is held).
+    fn take(&mut self, sh: &Shared, node: &mut Node) {
+        drain(
+            sh,
+            node,
+            Some(&mut self.batch),
+            &mut self.control,
+            &mut self.spent,
+        );
+    }
+
+    /// Sends it (after the lock is released), in the node's order.
+    fn send(&mut self, sh: &Shared) {
+        for t in self.control.drain(..) {
+            sh.send(t.dst, &t.payload);
+            self.spent.push(t.payload);
+        }
+        send_batch(sh, &mut self.batch);
+    }
+}
+
+/// Takes the node for the data path. When the lock was held (by the timer,
+/// a control request, ...), the wait since `since` is noted in the node's
+/// report (`status`, metrics). Every take reads the clock twice, to time
+/// the hold itself (`run/lock.rs`): about 50 ns a batch.
+fn lock_for_data(sh: &Shared, since: Instant) -> Held<'_> {
+    if let Some(node) = sh.node.try_lock(Holder::Data) {
+        return node;
+    }
+    let mut node = sh.node.lock(Holder::Data);
+    node.note_data_lock_wait(since.elapsed());
+    node
+}
+
+/// Per-direction state of the data plane, reused across batches.
+pub(super) struct TunSide {
+    original: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    out: Outgoing,
+    /// ICMPv6 errors for the TUN, behind a virtio-net header: the first
+    /// `n_replies`, in reused buffers.
+    replies: Vec<Vec<u8>>,
+    n_replies: usize,
+}
+
+impl TunSide {
+    pub(super) fn new(max_gso: usize, mtu: usize, segments: usize) -> TunSide {
+        TunSide {
+            original: vec![
+                0u8;
+                if segments > 0 {
+                    VIRTIO_NET_HDR_LEN + BUF
+                } else {
+                    0
+                }
+            ],
+            bufs: (0..segments).map(|_| vec![0u8; mtu.max(2048)]).collect(),
+            sizes: vec![0usize; segments],
+            out: Outgoing::new(max_gso),
+            replies: Vec::new(),
+            n_replies: 0,
+        }
+    }
+
+    /// Reads one TUN read's worth of packets (one TSO segment, split), hands
+    /// them to the node and sends what comes out. The TUN is non-blocking;
+    /// returns false when nothing was waiting.
+    fn step(&mut self, sh: &Shared) -> bool {
+        let Some(dev) = &sh.tun else {
+            return false;
+        };
+        let n = match dev.recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, 0) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
+            Err(e) => {
+                tracing::warn!("TUN read failed: {e}");
+                return false;
+            }
+        };
+        let now = Instant::now();
+        {
+            let mut node = lock_for_data(sh, now);
+            for i in 0..n {
+                if let Some(p) = node.send_tun_packet(now, &self.bufs[i][..self.sizes[i]]) {
+                    if self.n_replies == self.replies.len() {
+                        self.replies.push(Vec::new());
+                    }
+                    let b = &mut self.replies[self.n_replies];
+                    b.clear();
+                    b.resize(VIRTIO_NET_HDR_LEN, 0);
+                    b.extend_from_slice(p);
+                    self.n_replies += 1;
+                }
+            }
+            self.out.take(sh, &mut node);
+        }
+        self.out.send(sh);
+        for b in &self.replies[..self.n_replies] {
+            if let Err(e) = dev.send(b) {
+                tracing::debug!("TUN write failed: {e}");
+            }
+        }
+        self.n_replies = 0;
+        true
+    }
+}
+
+pub(super) struct UdpSide {
+    bufs: [Vec<u8>; RECV_BATCH],
+    meta: Vec<RecvMeta>,
+    to_tun: Vec<BytesMut>,
+    gro: GROTable,
+    /// What the node sends in answer: above all the cells a relay forwards
+    /// (runs of equal-sized cells to one neighbour leave in one GSO send).
+    out: Outgoing,
+}
+
+impl UdpSide {
+    pub(super) fn new(max_gso: usize) -> UdpSide {
+        UdpSide {
+            bufs: std::array::from_fn(|_| vec![0u8; BUF]),
+            meta: vec![RecvMeta::default(); RECV_BATCH],
+            to_tun: Vec::new(),
+            gro: GROTable::default(),
+            out: Outgoing::new(max_gso),
+        }
+    }
+
+    /// Receives one `recvmmsg` batch, hands it to the node and writes the
+    /// packets to the TUN. Returns false when nothing was waiting.
+    fn step(&mut self, sh: &Shared) -> bool {
+        let res = {
+            // On the stack: nothing allocated per receive.
+            let mut iov = self.bufs.each_mut().map(|b| std::io::IoSliceMut::new(b));
+            sh.udp_state
+                .recv((&sh.udp).into(), &mut iov, &mut self.meta)
+        };
+        let n = match res {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) => {
+                // ICMP errors surface here as ECONNREFUSED etc. on Linux.
+                tracing::debug!("UDP receive: {e}");
+                return true;
+            }
+        };
+        let now = Instant::now();
+        let mut k = 0;
+        {
+            let mut node = lock_for_data(sh, now);
+            for (m, buf) in self.meta.iter().zip(&self.bufs).take(n) {
+                let from = normalize(m.addr);
+                let stride = m.stride.max(1);
+                for seg in buf[..m.len].chunks(stride) {
+                    if k == self.to_tun.len() {
+                        self.to_tun.push(BytesMut::with_capacity(TUN_WRITE_CAP));
+                    }
+                    let b = &mut self.to_tun[k];
+                    // The datagram is decrypted behind the virtio-net
+                    // header, where the TUN write takes it from. The buffer
+                    // keeps the length of its last packet, so growing it
+                    // zeroes only the difference (a few bytes, in a stream
+                    // of full-sized packets).
+                    let need = VIRTIO_NET_HDR_LEN + seg.len();
+                    if b.len() < need {
+                        b.resize(need, 0);
+                    }
+                    let n = match node.receive(now, from, seg, &mut b[VIRTIO_NET_HDR_LEN..]) {
+                        None => continue,
+                        Some(Delivered::InPlace(n)) => n,
+                        Some(Delivered::Rebuilt(p)) => {
+                            // Decompressed or from a circuit: one copy.
+                            let n = p.len();
+                            if b.len() < VIRTIO_NET_HDR_LEN + n {
+                                b.resize(VIRTIO_NET_HDR_LEN + n, 0);
+                            }
+                            b[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + n].copy_from_slice(p);
+                            n
+                        }
+                    };
+                    b.truncate(VIRTIO_NET_HDR_LEN + n);
+                    // GRO writes offload fields into the header it sends.
+                    b[..VIRTIO_NET_HDR_LEN].fill(0);
+                    k += 1;
+                }
+            }
+            self.out.take(sh, &mut node);
+        }
+        let res = match (k, &sh.tun) {
+            (0, _) | (_, None) => Ok(0),
+            // Nothing to coalesce: skip the GRO table.
+            (1, Some(tun)) => tun.send(&self.to_tun[0]),
+            (_, Some(tun)) => {
+                tun.send_multiple(&mut self.gro, &mut self.to_tun[..k], VIRTIO_NET_HDR_LEN)
+            }
+        };
+        if let Err(e) = res {
+            tracing::debug!("TUN write failed: {e}");
+        }
+        self.out.send(sh);
+        true
+    }
+}
+
+/// The data thread's time slice: EEVDF's shortest. Measured with
+/// `BENCH_ONLY=storm scripts/bench` (2 cores, 4 loops of `qgate dht put`):
+/// ping p99 during the storm 3.6–4.1 ms against 5.1–5.5 ms with the default.
+const DATA_SLICE: Duration = Duration::from_micros(100);
+
+/// The data plane: one thread serving both directions, sleeping in poll(2)
+/// on the TUN and the UDP socket.
+///
+/// One thread rather than one per direction: a packet written to the TUN is
+/// often answered at once (an echo reply, a TCP ACK), and the answer is then
+/// read by the same thread without waking another one. Measured on the
+/// 2-core bench machine (scripts/bench), a thread per direction moved ~15%
+/// more TCP but added ~0.04 ms round-trip time; batching, not threads, is
+/// where the throughput comes from. Both sides keep their own buffers, so a
+/// second thread can be added back without reshaping anything.
+///
+/// The thread asks the scheduler for a short time slice ([`DATA_SLICE`]):
+/// when other work (RSA signing, a burst of control requests, other
+/// programs) keeps both cores busy, a packet that wakes it then waits less
+/// for a core.
+pub(super) fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide) {
+    if let Err(e) = qgate_platform::request_time_slice(DATA_SLICE) {
+        tracing::debug!("data thread keeps the default time slice: {e}");
+    }
+    // Which side poll(2) said is ready; both at first.
+    let (mut tun_ready, mut udp_ready) = (true, true);
+    let mut load = LoadWindow::new(Instant::now());
+    let mut fds = vec![PollFd::new(sh.udp.as_fd(), PollFlags::POLLIN)];
+    if let Some(t) = &sh.tun {
+        fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
+    }
+    loop {
+        // Serve the ready sides until neither has anything, alternating so
+        // neither direction starves the other. Writing to the TUN often
+        // makes the TUN readable at once (an echo reply, a TCP ACK), so a
+        // UDP batch makes the TUN side worth a look.
+        while tun_ready || udp_ready {
+            if udp_ready {
+                udp_ready = udp.step(&sh);
+                tun_ready |= udp_ready;
+            }
+            if tun_ready {
+                tun_ready = tun.step(&sh);
+            }
+            load.maybe_report(&sh, Instant::now());
+        }
+        let waiting = Instant::now();
+        let polled = poll(&mut fds, PollTimeout::NONE);
+        let now = Instant::now();
+        load.waited(waiting, now);
+        load.maybe_report(&sh, now);
+        match polled {
+            Ok(_) => {
+                let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+                tun_ready = fds.get(1).is_some_and(ready);
+                udp_ready = fds.first().is_some_and(ready);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                tracing::warn!("poll failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                (tun_ready, udp_ready) = (sh.tun.is_some(), true);
+            }
+        }
+    }
+}
+
+/// How busy the data thread is: the share of each window (at least
+/// [`LOAD_WINDOW`]) it spent working rather than waiting in poll(2) for
+/// packets, told to the node, which pauses compression while the data path
+/// is the limit.
+///
+/// A send waiting for a full socket buffer counts as work. A bottleneck
+/// on the path (a slow uplink, a shaper) drops packets, which the
+/// application's TCP answers by slowing down, long before our socket
+/// buffer fills; the buffer fills when the local kernel or a receiver on
+/// the same machine cannot keep up, i.e. when CPU is the limit. Measured
+/// both ways (scripts/bench, compression): counting those waits as idle
+/// kept compression on over the unlimited veth at 0.71x of compression
+/// off, counting them as work 0.95x; the 100 Mbit/s shaped link was 1.72x
+/// either way.
+struct LoadWindow {
+    start: Instant,
+    waited: Duration,
+}
+
+/// Shortest window the data thread's load is measured over.
+const LOAD_WINDOW: Duration = Duration::from_millis(50);
+
+impl LoadWindow {
+    fn new(now: Instant) -> LoadWindow {
+        LoadWindow {
+            start: now,
+            waited: Duration::ZERO,
+        }
+    }
+
+    fn waited(&mut self, from: Instant, to: Instant) {
+        self.waited += to.saturating_duration_since(from);
+    }
+
+    fn maybe_report(&mut self, sh: &Shared, now: Instant) {
+        let window = now.saturating_duration_since(self.start);
+        if window < LOAD_WINDOW {
+            return;
+        }
+        let idle = (self.waited.as_micros() * 1000 / window.as_micros().max(1)).min(1000);
+        let busy = 1000 - idle as u16;
+        sh.node.lock(Holder::Data).report_data_path_busy(busy);
+        *self = LoadWindow::new(now);
+    }
+}
