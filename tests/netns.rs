@@ -117,6 +117,12 @@ fn three_nodes_carry_real_programs() {
     assert_eq!(l["configured"], false);
     let st = lab.nodes[b].status();
     assert!(st["uptime_secs"].as_f64().unwrap() > 0.0);
+    // Its established links are the data thread's: their packets were
+    // sealed and opened without the node.
+    assert!(
+        st["data_path"]["plane_links"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
     assert_eq!(st["api"], qgate::shell::control::API_VERSION);
     assert_eq!(st["address"], ab.as_str());
 

@@ -117,6 +117,10 @@ pub struct DataPath {
     /// The longest such wait since start, in microseconds.
     #[serde(default)]
     pub longest_lock_wait_us: u64,
+    /// Links whose packets the data thread seals and opens without the
+    /// node (0 from older nodes).
+    #[serde(default)]
+    pub plane_links: u64,
     /// Who held the node's lock over 1 ms since start, and how often: the
     /// holds a packet may have waited behind (empty from older nodes).
     #[serde(default)]

@@ -479,6 +479,8 @@ pub struct DataPathStatus {
     pub long_lock_waits: u64,
     /// The longest such wait since start, in microseconds.
     pub longest_lock_wait_us: u64,
+    /// Links handed to the data plane (none when the node uses none).
+    pub plane_links: u64,
 }
 
 /// A wait of the data path for the node counted in

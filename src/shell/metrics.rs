@@ -228,6 +228,11 @@ pub fn encode(
             "Longest wait of the data path for the node's lock since start",
             st.data_path.longest_lock_wait_us,
         ),
+        (
+            "data_plane_links",
+            "Links whose packets the data thread seals and opens without the node",
+            st.data_path.plane_links,
+        ),
     ];
     for (name, help, v) in gauges {
         let g: Gauge = Gauge::default();

@@ -44,12 +44,15 @@ use std::os::fd::AsFd;
 mod answers;
 mod datapath;
 mod lock;
+mod plane;
 
 use datapath::{data_loop, TunSide, UdpSide, TSO_SEGMENTS};
 use lock::{Holder, NodeLock};
 
 struct Shared {
     node: NodeLock,
+    /// Fresh counters from the data plane, for `status`.
+    mailbox: plane::Mailbox,
     udp: UdpSocket,
     udp_state: UdpSocketState,
     /// None for a dedicated relay (`role = "relay"`).
@@ -407,8 +410,14 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     }
     let max_gso = udp_state.max_gso_segments();
     let (signing, sign_jobs) = std::sync::mpsc::sync_channel(SIGN_QUEUE);
+    // Established links go to the data plane, which the data thread holds.
+    let plane = node.data_plane();
+    let (forward, mailbox, inbox) =
+        plane::mailbox(plane).context("making the data plane's mailbox")?;
+    let release: lock::Release<Node> = Box::new(move |n: &mut Node| forward.forward(n));
     let shared = Arc::new(Shared {
-        node: NodeLock::new(node),
+        node: NodeLock::new(node, Some(release)),
+        mailbox,
         udp: up.udp,
         udp_state,
         tun: up.device,
@@ -454,7 +463,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         );
         std::thread::Builder::new()
             .name("qgate-data".into())
-            .spawn(move || data_loop(sh, tun, udp))
+            .spawn(move || data_loop(sh, tun, udp, inbox))
             .context("starting the data-plane thread")?;
         let sh = shared.clone();
         std::thread::Builder::new()
@@ -493,6 +502,7 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         let exporter = super::metrics::Exporter {
             // One hold of the lock, as for `qgate status`.
             take: Box::new(move || {
+                sh.mailbox.refresh();
                 let node = sh.node.lock(Holder::Metrics);
                 super::metrics::Snapshot {
                     status: node.status(),

@@ -319,6 +319,11 @@ impl DataPlane {
         self.tun_out.pop_front()
     }
 
+    /// Whether messages for the node wait ([`DataPlane::poll_event`]).
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     /// The next message for the node.
     pub fn poll_event(&mut self) -> Option<FromPlane> {
         self.events.pop_front()

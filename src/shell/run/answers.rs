@@ -60,6 +60,7 @@ fn answer(sh: &Shared, info: &NodeInfo, req: Request) -> Result<Response, Contro
     let api_id = qgate_api::NodeId(info.node_id.0);
     Ok(match req {
         Request::Status => {
+            sh.mailbox.refresh();
             let report = sh.node.lock(Holder::Control).status();
             let mut st: qgate_api::Status = {
                 // The core's report, completed with what the shell knows.

@@ -1,5 +1,9 @@
 //! The data thread: one thread serving both directions of the data path,
-//! sleeping in poll(2) on the TUN and the UDP socket (see [`data_loop`]).
+//! sleeping in poll(2) on the TUN, the UDP socket and the data plane's bell
+//! (see [`data_loop`]). It holds the data plane (`proto::node::plane`):
+//! packets on links handed to it, and packets to addresses routed over
+//! them, are sealed and opened without the node; the node is locked only
+//! for the rest of a batch (and for the plane's reports).
 
 use std::io;
 use std::sync::Arc;
@@ -12,8 +16,10 @@ use quinn_udp::RecvMeta;
 use std::os::fd::AsFd;
 
 use super::lock::{Held, Holder};
+use super::plane::Inbox;
 use super::{drain, Shared};
 use crate::proto::batch::SendBatch;
+use crate::proto::node::plane::{DataPlane, PlaneRx, PlaneTx};
 use crate::proto::node::{normalize, Transmit};
 use crate::proto::{Delivered, Node};
 
@@ -80,6 +86,15 @@ impl Outgoing {
         );
     }
 
+    /// Takes the data plane's output (the node's batch must have been sent).
+    fn take_plane(&mut self, sh: &Shared, plane: &mut DataPlane) {
+        for p in self.spent.drain(..) {
+            plane.recycle(p);
+        }
+        self.batch.set_max_segments(sh.udp_state.max_gso_segments());
+        plane.take_output(&mut self.batch, &mut self.control);
+    }
+
     /// Sends it (after the lock is released), in the node's order.
     fn send(&mut self, sh: &Shared) {
         for t in self.control.drain(..) {
@@ -87,6 +102,28 @@ impl Outgoing {
             self.spent.push(t.payload);
         }
         send_batch(sh, &mut self.batch);
+    }
+}
+
+/// Gives the node what the data plane has for it (under the lock): its
+/// reports, and the messages its links opened for the node; then the plane
+/// what the node has for it. A packet for the TUN that comes of them goes
+/// to `tun`. Answers a `status` that waits for the report.
+fn plane_to_node(sh: &Shared, inbox: &mut Inbox, node: &mut Node, mut tun: impl FnMut(&[u8])) {
+    while let Some(e) = inbox.plane.poll_event() {
+        if let Some(p) = node.handle_plane(e) {
+            tun(p);
+        }
+    }
+    if let Some(n) = inbox.report.take() {
+        sh.mailbox.answered(n);
+    }
+    inbox.take_from(node);
+    // Datagrams the node had the plane open (from a neighbour's new
+    // endpoint).
+    while let Some(p) = inbox.plane.poll_tun_write() {
+        tun(&p);
+        inbox.plane.recycle(p);
     }
 }
 
@@ -113,6 +150,8 @@ pub(super) struct TunSide {
     /// `n_replies`, in reused buffers.
     replies: Vec<Vec<u8>>,
     n_replies: usize,
+    /// The packets of a read that the plane left to the node.
+    rest: Vec<usize>,
 }
 
 impl TunSide {
@@ -131,13 +170,25 @@ impl TunSide {
             out: Outgoing::new(max_gso),
             replies: Vec::new(),
             n_replies: 0,
+            rest: Vec::new(),
         }
     }
 
+    fn reply(&mut self, p: &[u8]) {
+        if self.n_replies == self.replies.len() {
+            self.replies.push(Vec::new());
+        }
+        let b = &mut self.replies[self.n_replies];
+        b.clear();
+        b.resize(VIRTIO_NET_HDR_LEN, 0);
+        b.extend_from_slice(p);
+        self.n_replies += 1;
+    }
+
     /// Reads one TUN read's worth of packets (one TSO segment, split), hands
-    /// them to the node and sends what comes out. The TUN is non-blocking;
-    /// returns false when nothing was waiting.
-    fn step(&mut self, sh: &Shared) -> bool {
+    /// them to the plane, the rest to the node, and sends what comes out.
+    /// The TUN is non-blocking; returns false when nothing was waiting.
+    fn step(&mut self, sh: &Shared, inbox: &mut Inbox) -> bool {
         let Some(dev) = &sh.tun else {
             return false;
         };
@@ -151,22 +202,33 @@ impl TunSide {
             }
         };
         let now = Instant::now();
-        {
+        inbox.take(now);
+        self.rest.clear();
+        for i in 0..n {
+            match inbox
+                .plane
+                .send_tun_packet(now, &self.bufs[i][..self.sizes[i]])
+            {
+                PlaneTx::Done => {}
+                PlaneTx::Reply(p) => self.reply(p),
+                PlaneTx::NotMine => self.rest.push(i),
+            }
+        }
+        if !self.rest.is_empty() || inbox.for_node() {
             let mut node = lock_for_data(sh, now);
-            for i in 0..n {
+            let rest = std::mem::take(&mut self.rest);
+            for &i in &rest {
                 if let Some(p) = node.send_tun_packet(now, &self.bufs[i][..self.sizes[i]]) {
-                    if self.n_replies == self.replies.len() {
-                        self.replies.push(Vec::new());
-                    }
-                    let b = &mut self.replies[self.n_replies];
-                    b.clear();
-                    b.resize(VIRTIO_NET_HDR_LEN, 0);
-                    b.extend_from_slice(p);
-                    self.n_replies += 1;
+                    self.reply(p);
                 }
             }
+            self.rest = rest;
+            plane_to_node(sh, inbox, &mut node, |p| sh.write_tun(p));
             self.out.take(sh, &mut node);
+            drop(node);
+            self.out.send(sh);
         }
+        self.out.take_plane(sh, &mut inbox.plane);
         self.out.send(sh);
         for b in &self.replies[..self.n_replies] {
             if let Err(e) = dev.send(b) {
@@ -186,6 +248,44 @@ pub(super) struct UdpSide {
     /// What the node sends in answer: above all the cells a relay forwards
     /// (runs of equal-sized cells to one neighbour leave in one GSO send).
     out: Outgoing,
+    /// The datagrams of a batch the plane left to the node: (buffer,
+    /// offset, length).
+    rest: Vec<(usize, usize, usize)>,
+}
+
+/// Puts the packet for the TUN that the plane or the node left in `b`
+/// behind the virtio-net header: `Some(n)`, opened there (`n` bytes), or
+/// `p`, rebuilt elsewhere (copied in).
+fn into_tun_buf(b: &mut BytesMut, opened: Option<usize>, p: &[u8]) {
+    let n = match opened {
+        Some(n) => n,
+        None => {
+            // Decompressed or from a circuit: one copy.
+            let n = p.len();
+            if b.len() < VIRTIO_NET_HDR_LEN + n {
+                b.resize(VIRTIO_NET_HDR_LEN + n, 0);
+            }
+            b[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + n].copy_from_slice(p);
+            n
+        }
+    };
+    b.truncate(VIRTIO_NET_HDR_LEN + n);
+    // GRO writes offload fields into the header it sends.
+    b[..VIRTIO_NET_HDR_LEN].fill(0);
+}
+
+/// The `k`th buffer for the TUN, made if missing, at least `need` long.
+fn tun_buf(to_tun: &mut Vec<BytesMut>, k: usize, need: usize) -> &mut BytesMut {
+    if k == to_tun.len() {
+        to_tun.push(BytesMut::with_capacity(TUN_WRITE_CAP));
+    }
+    let b = &mut to_tun[k];
+    // The buffer keeps the length of its last packet, so growing it zeroes
+    // only the difference (a few bytes, in a stream of full-sized packets).
+    if b.len() < need {
+        b.resize(need, 0);
+    }
+    b
 }
 
 impl UdpSide {
@@ -196,12 +296,29 @@ impl UdpSide {
             to_tun: Vec::new(),
             gro: GROTable::default(),
             out: Outgoing::new(max_gso),
+            rest: Vec::new(),
         }
     }
 
-    /// Receives one `recvmmsg` batch, hands it to the node and writes the
-    /// packets to the TUN. Returns false when nothing was waiting.
-    fn step(&mut self, sh: &Shared) -> bool {
+    /// Gives the node what the plane has for it (reports, messages its
+    /// links opened) outside a batch, and sends what the plane's timers
+    /// and the node queued.
+    pub(super) fn serve_plane(&mut self, sh: &Shared, inbox: &mut Inbox) {
+        if inbox.for_node() {
+            let mut node = lock_for_data(sh, Instant::now());
+            plane_to_node(sh, inbox, &mut node, |p| sh.write_tun(p));
+            self.out.take(sh, &mut node);
+            drop(node);
+            self.out.send(sh);
+        }
+        self.out.take_plane(sh, &mut inbox.plane);
+        self.out.send(sh);
+    }
+
+    /// Receives one `recvmmsg` batch, hands it to the plane, the rest to
+    /// the node, and writes the packets to the TUN. Returns false when
+    /// nothing was waiting.
+    fn step(&mut self, sh: &Shared, inbox: &mut Inbox) -> bool {
         let res = {
             // On the stack: nothing allocated per receive.
             let mut iov = self.bufs.each_mut().map(|b| std::io::IoSliceMut::new(b));
@@ -218,47 +335,61 @@ impl UdpSide {
             }
         };
         let now = Instant::now();
+        inbox.take(now);
         let mut k = 0;
-        {
-            let mut node = lock_for_data(sh, now);
-            for (m, buf) in self.meta.iter().zip(&self.bufs).take(n) {
-                let from = normalize(m.addr);
-                let stride = m.stride.max(1);
-                for seg in buf[..m.len].chunks(stride) {
-                    if k == self.to_tun.len() {
-                        self.to_tun.push(BytesMut::with_capacity(TUN_WRITE_CAP));
+        self.rest.clear();
+        for (i, (m, buf)) in self.meta.iter().zip(&self.bufs).take(n).enumerate() {
+            let from = normalize(m.addr);
+            let stride = m.stride.max(1);
+            for (j, seg) in buf[..m.len].chunks(stride).enumerate() {
+                // Decrypted behind the virtio-net header, where the TUN
+                // write takes it from.
+                let b = tun_buf(&mut self.to_tun, k, VIRTIO_NET_HDR_LEN + seg.len());
+                let opened = match inbox
+                    .plane
+                    .receive(now, from, seg, &mut b[VIRTIO_NET_HDR_LEN..])
+                {
+                    PlaneRx::InPlace(n) => Some(n),
+                    PlaneRx::Rebuilt(p) => {
+                        into_tun_buf(b, None, p);
+                        k += 1;
+                        continue;
                     }
-                    let b = &mut self.to_tun[k];
-                    // The datagram is decrypted behind the virtio-net
-                    // header, where the TUN write takes it from. The buffer
-                    // keeps the length of its last packet, so growing it
-                    // zeroes only the difference (a few bytes, in a stream
-                    // of full-sized packets).
-                    let need = VIRTIO_NET_HDR_LEN + seg.len();
-                    if b.len() < need {
-                        b.resize(need, 0);
+                    PlaneRx::Done => continue,
+                    PlaneRx::NotMine => {
+                        self.rest.push((i, j * stride, seg.len()));
+                        continue;
                     }
-                    let n = match node.receive(now, from, seg, &mut b[VIRTIO_NET_HDR_LEN..]) {
-                        None => continue,
-                        Some(Delivered::InPlace(n)) => n,
-                        Some(Delivered::Rebuilt(p)) => {
-                            // Decompressed or from a circuit: one copy.
-                            let n = p.len();
-                            if b.len() < VIRTIO_NET_HDR_LEN + n {
-                                b.resize(VIRTIO_NET_HDR_LEN + n, 0);
-                            }
-                            b[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + n].copy_from_slice(p);
-                            n
-                        }
-                    };
-                    b.truncate(VIRTIO_NET_HDR_LEN + n);
-                    // GRO writes offload fields into the header it sends.
-                    b[..VIRTIO_NET_HDR_LEN].fill(0);
-                    k += 1;
-                }
+                };
+                into_tun_buf(b, opened, &[]);
+                k += 1;
             }
+        }
+        if !self.rest.is_empty() || inbox.for_node() {
+            let mut node = lock_for_data(sh, now);
+            for &(i, at, len) in &self.rest {
+                let from = normalize(self.meta[i].addr);
+                let seg = &self.bufs[i][at..at + len];
+                let b = tun_buf(&mut self.to_tun, k, VIRTIO_NET_HDR_LEN + len);
+                match node.receive(now, from, seg, &mut b[VIRTIO_NET_HDR_LEN..]) {
+                    None => continue,
+                    Some(Delivered::InPlace(n)) => into_tun_buf(b, Some(n), &[]),
+                    Some(Delivered::Rebuilt(p)) => into_tun_buf(b, None, p),
+                }
+                k += 1;
+            }
+            let to_tun = &mut self.to_tun;
+            plane_to_node(sh, inbox, &mut node, |p| {
+                let b = tun_buf(to_tun, k, VIRTIO_NET_HDR_LEN + p.len());
+                into_tun_buf(b, None, p);
+                k += 1;
+            });
             self.out.take(sh, &mut node);
         }
+        // The node's first (what it sealed itself), then the plane's (what
+        // the node just gave it, relayed cells above all).
+        self.out.send(sh);
+        self.out.take_plane(sh, &mut inbox.plane);
         let res = match (k, &sh.tun) {
             (0, _) | (_, None) => Ok(0),
             // Nothing to coalesce: skip the GRO table.
@@ -295,14 +426,23 @@ const DATA_SLICE: Duration = Duration::from_micros(100);
 /// when other work (RSA signing, a burst of control requests, other
 /// programs) keeps both cores busy, a packet that wakes it then waits less
 /// for a core.
-pub(super) fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide) {
+pub(super) fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide, mut inbox: Inbox) {
     if let Err(e) = qgate_platform::request_time_slice(DATA_SLICE) {
         tracing::debug!("data thread keeps the default time slice: {e}");
     }
     // Which side poll(2) said is ready; both at first.
     let (mut tun_ready, mut udp_ready) = (true, true);
     let mut load = LoadWindow::new(Instant::now());
-    let mut fds = vec![PollFd::new(sh.udp.as_fd(), PollFlags::POLLIN)];
+    // The bell is polled from a clone of the inbox's socket, so the inbox
+    // stays free to be lent out.
+    let bell = inbox
+        .fd()
+        .try_clone_to_owned()
+        .expect("a descriptor to spare");
+    let mut fds = vec![
+        PollFd::new(sh.udp.as_fd(), PollFlags::POLLIN),
+        PollFd::new(bell.as_fd(), PollFlags::POLLIN),
+    ];
     if let Some(t) = &sh.tun {
         fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
     }
@@ -313,24 +453,32 @@ pub(super) fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide) {
         // UDP batch makes the TUN side worth a look.
         while tun_ready || udp_ready {
             if udp_ready {
-                udp_ready = udp.step(&sh);
+                udp_ready = udp.step(&sh, &mut inbox);
                 tun_ready |= udp_ready;
             }
             if tun_ready {
-                tun_ready = tun.step(&sh);
+                tun_ready = tun.step(&sh, &mut inbox);
             }
             load.maybe_report(&sh, Instant::now());
         }
+        // What the node sent the plane, its timers, its reports.
+        inbox.take(Instant::now());
+        udp.serve_plane(&sh, &mut inbox);
         let waiting = Instant::now();
-        let polled = poll(&mut fds, PollTimeout::NONE);
+        let sleep = inbox.deadline().saturating_duration_since(waiting);
+        let ms = u16::try_from(sleep.as_millis() + 1).unwrap_or(u16::MAX);
+        let polled = poll(&mut fds, PollTimeout::from(ms));
         let now = Instant::now();
         load.waited(waiting, now);
         load.maybe_report(&sh, now);
         match polled {
             Ok(_) => {
                 let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
-                tun_ready = fds.get(1).is_some_and(ready);
+                tun_ready = fds.get(2).is_some_and(ready);
                 udp_ready = fds.first().is_some_and(ready);
+                if fds.get(1).is_some_and(ready) {
+                    inbox.silence();
+                }
             }
             Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {

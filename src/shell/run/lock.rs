@@ -51,18 +51,25 @@ struct Tally {
     longest_us: AtomicU64,
 }
 
+/// What runs on the node as each hold ends, still under the lock.
+pub(super) type Release<T> = Box<dyn Fn(&mut T) + Send + Sync>;
+
 /// The node behind a mutex, with its holds tallied (generic for the tests
 /// only).
 pub(super) struct NodeLock<T = Node> {
     node: Mutex<T>,
     holds: [Tally; HOLDERS.len()],
+    release: Option<Release<T>>,
 }
 
 impl<T> NodeLock<T> {
-    pub(super) fn new(node: T) -> Self {
+    /// `release` runs on the node as each hold ends (the daemon passes the
+    /// node's messages for the data plane on there).
+    pub(super) fn new(node: T, release: Option<Release<T>>) -> Self {
         NodeLock {
             node: Mutex::new(node),
             holds: Default::default(),
+            release,
         }
     }
 
@@ -81,6 +88,7 @@ impl<T> NodeLock<T> {
             guard: Some(guard),
             since: Instant::now(),
             tally: &self.holds[slot(who)],
+            release: self.release.as_deref(),
         }
     }
 
@@ -108,13 +116,17 @@ pub(super) struct Held<'a, T = Node> {
     guard: Option<MutexGuard<'a, T>>,
     since: Instant,
     tally: &'a Tally,
+    release: Option<&'a (dyn Fn(&mut T) + Send + Sync)>,
 }
 
 impl<T> Held<'_, T> {
     /// Lets go with a fair unlock: a thread waiting for the node (the data
     /// thread, with packets) gets it before this one can take it back.
     pub(super) fn unlock_fair(mut self) {
-        if let Some(g) = self.guard.take() {
+        if let Some(mut g) = self.guard.take() {
+            if let Some(f) = self.release {
+                f(&mut g);
+            }
             MutexGuard::unlock_fair(g);
         }
         self.note();
@@ -132,7 +144,11 @@ impl<T> Held<'_, T> {
 
 impl<T> Drop for Held<'_, T> {
     fn drop(&mut self) {
-        if self.guard.take().is_some() {
+        if let Some(mut g) = self.guard.take() {
+            if let Some(f) = self.release {
+                f(&mut g);
+            }
+            drop(g);
             self.note();
         }
     }
@@ -157,7 +173,7 @@ mod tests {
 
     #[test]
     fn a_long_hold_is_counted_for_its_holder_and_a_short_one_is_not() {
-        let lock = NodeLock::new(0u8);
+        let lock = NodeLock::new(0u8, None);
         drop(lock.lock(Holder::Data));
         let mut held = lock.lock(Holder::Control);
         *held += 1;
@@ -173,5 +189,31 @@ mod tests {
         assert!(holds[1].longest_us >= 3_000, "{holds:?}");
         // Unlocked after each: the node is free, and kept what was done.
         assert_eq!(lock.try_lock(Holder::Data).map(|n| *n), Some(1));
+    }
+
+    #[test]
+    fn the_release_hook_runs_as_every_hold_ends_still_holding() {
+        use std::sync::atomic::AtomicU8;
+        use std::sync::Arc;
+        let seen = Arc::new(AtomicU8::new(0));
+        let s = seen.clone();
+        // Each hold adds 1; the hook moves the count out, under the lock.
+        let lock = NodeLock::new(
+            0u8,
+            Some(Box::new(move |n: &mut u8| {
+                s.fetch_add(std::mem::take(n), Ordering::Relaxed);
+            })),
+        );
+        *lock.lock(Holder::Data) += 1;
+        *lock.try_lock(Holder::Timer).unwrap() += 1;
+        let mut held = lock.lock(Holder::Control);
+        *held += 1;
+        held.unlock_fair();
+        assert_eq!(seen.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            *lock.lock(Holder::Data),
+            0,
+            "the hook ran before the unlock"
+        );
     }
 }

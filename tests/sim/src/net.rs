@@ -1,6 +1,8 @@
 //! Whole nodes on a virtual clock: real [`Node`]s (WireGuard links through
 //! boringtun, hellos, the DHT, circuits) exchanging datagrams over an
-//! in-memory network, in one thread.
+//! in-memory network, in one thread. Each node hands its established links
+//! to a data plane of its own, as the daemon does (`qgate::proto::node::Host`
+//! passes the messages between them).
 //!
 //! Time: the core is given `base + offset` as `now`; boringtun, built with
 //! its `mock-instant` feature in this crate only, reads mock_instant's
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use mock_instant::MockClock;
 use qgate::proto::dht::DhtStats;
-use qgate::proto::node::TunOutcome;
+use qgate::proto::node::{Host as NodeHost, TunOutcome};
 use qgate::proto::wire::write_ipv6_header;
 use qgate::proto::{Identity, Node, NodeConfig};
 
@@ -97,7 +99,9 @@ struct Host {
     /// Until the node starts.
     identity: Option<Identity>,
     config: Option<NodeConfig>,
-    node: Option<Node>,
+    /// The node and its data plane, which holds its established links
+    /// as the daemon's data thread does.
+    node: Option<NodeHost>,
     ep: SocketAddr,
     address: Ipv6Addr,
     /// Left the network: nothing reaches it, it runs nothing.
@@ -216,7 +220,7 @@ impl Net {
     /// Node `i`, if started and not gone.
     pub fn node(&self, i: usize) -> Option<&Node> {
         let h = &self.hosts[i];
-        h.node.as_ref().filter(|_| !h.gone)
+        h.node.as_deref().filter(|_| !h.gone)
     }
 
     /// Whether node `i` left.
@@ -321,7 +325,7 @@ impl Net {
                     return;
                 };
                 cfg.unix_time = crate::START_UNIX + self.now.as_secs();
-                h.node = Some(Node::new(id, 1, cfg, now));
+                h.node = Some(NodeHost::with_plane(Node::new(id, 1, cfg, now)));
                 self.reserve(i);
                 self.drain(i);
                 self.schedule_timer(i);
@@ -427,5 +431,13 @@ impl Net {
     /// Node `i`'s DHT counters, if it is running.
     pub fn dht_stats(&self, i: usize) -> Option<DhtStats> {
         self.node(i).map(|n| n.status().dht)
+    }
+
+    /// Node `i`'s links handed to its data plane, and its links in all.
+    pub fn plane_links(&self, i: usize) -> Option<(u64, u64)> {
+        self.node(i).map(|n| {
+            let st = n.status();
+            (st.data_path.plane_links, st.links.len() as u64)
+        })
     }
 }

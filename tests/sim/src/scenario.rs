@@ -88,6 +88,9 @@ pub struct Summary {
     pub lookups_after_churn: u64,
     /// Datagrams delivered over the whole run.
     pub datagrams: u64,
+    /// Links the remaining nodes had handed to their data planes at the
+    /// end, and links in all.
+    pub plane_links: (u64, u64),
 }
 
 impl Summary {
@@ -397,6 +400,9 @@ pub fn run(p: &Params, log: &mut dyn FnMut(String)) -> (Summary, Wall) {
         delivering_at_end,
         lookups_after_churn,
         datagrams: net.traffic.datagrams,
+        plane_links: (0..n)
+            .filter_map(|i| net.plane_links(i))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
     };
     log(format!(
         "done at {:?} virtual, {:.1?} wall: {} datagrams ({} MB), {} lost, {} timer runs",

@@ -39,6 +39,10 @@ fn report(name: &str, s: &Summary) {
         "[{name}] {} of {} untouched circuits carried on without a gap over 2 s; {}/{} pairs delivering at the end; {} lookups after the churn; {} datagrams in all",
         s.unaffected_kept, s.unaffected, s.delivering_at_end, s.pairs, s.lookups_after_churn, s.datagrams
     );
+    eprintln!(
+        "[{name}] at the end {} of {} links were held by the nodes' data planes",
+        s.plane_links.0, s.plane_links.1
+    );
 }
 
 /// Bounds that fail when circuits don't work. (Rebuilds after the churn
@@ -72,6 +76,10 @@ fn check(name: &str, s: &Summary) {
         "[{name}] at the end: {s:?}"
     );
     assert!(s.lookups_per_circuit() <= 10.0, "[{name}] lookups: {s:?}");
+    assert!(
+        s.plane_links.0 > 0,
+        "[{name}] no link on a data plane: {s:?}"
+    );
 }
 
 #[test]
