@@ -177,7 +177,7 @@ impl Node {
         }
         let source = link.source;
         let on_demand = link.opened_on_demand();
-        self.links.name_addr(addr, index);
+        self.name_addr(addr, index);
         self.resolver.fresh(&addr);
         if let Some(c) = contact {
             // A node that proved its record over a live link is the best

@@ -135,7 +135,7 @@ impl Node {
             .find(|e| e.is_ipv4() || ipv6_ok)
             .copied()?;
         let idx = self.add_link(rec.link_key, Some(ep), Some(id), now)?;
-        self.links.name_addr(id.overlay_address(), idx);
+        self.name_addr(id.overlay_address(), idx);
         if let Some(l) = self.links.get_mut(&idx) {
             l.chan.last_used = now;
         }
@@ -311,7 +311,7 @@ impl Node {
         }
         self.last_lan = Some(now);
         if let Some(idx) = self.add_link(uri.link_key, Some(endpoint), Some(uri.node_id), now) {
-            self.links.name_addr(addr, idx);
+            self.name_addr(addr, idx);
             if let Some(l) = self.links.get_mut(&idx) {
                 l.source = Source::Lan;
             }

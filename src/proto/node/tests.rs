@@ -308,7 +308,7 @@ fn link_up_verify_forward_and_reject_spoofing() {
     // A misbehaving A routes C's traffic over its link to B: B drops it
     // as not addressed to B.
     let to_b = net.nodes[0].0.links.index_of_addr(&addrs[1]).unwrap();
-    net.nodes[0].0.links.name_addr(addrs[2], to_b);
+    net.nodes[0].0.name_addr(addrs[2], to_b);
     let p = udp_packet(addrs[0], addrs[2], b"not for b");
     assert_eq!(net.send(0, &p), None);
     let wrong: u64 = net.nodes[1]
@@ -789,7 +789,7 @@ fn relays_refuse_circuits_from_denied_nodes() {
         .all(|c| c.state != "ready"));
     // Another source is still carried.
     let p = udp_packet(addrs[6], addrs[e], b"allowed source");
-    net.nodes[6].0.config.routes.default = Policy::Hops(1, 2);
+    net.nodes[6].0.set_default_policy(Policy::Hops(1, 2));
     assert!(matches!(
         net.nodes[6].0.handle_tun_packet(net.now, &p),
         TunOutcome::Nothing
@@ -808,7 +808,7 @@ fn relays_whenever_possible_else_direct_and_says_why() {
     let addrs: Vec<Ipv6Addr> = ids.iter().map(|i| i.overlay_address()).collect();
     let mut net = linked_pair(now, ids, &eps);
     for n in &mut net.nodes {
-        n.0.config.routes.default = Policy::Prefer(1, 2);
+        n.0.set_default_policy(Policy::Prefer(1, 2));
         n.0.config.roles = ROLE_RELAY_BIT;
     }
     let p = udp_packet(addrs[0], addrs[1], b"direct, for want of relays");
@@ -831,7 +831,7 @@ fn relays_whenever_possible_else_direct_and_says_why() {
     assert_eq!(net.send(1, &back).as_deref(), Some(&back[..]));
 
     // A strict policy ("private") never goes direct: unreachable.
-    net.nodes[0].0.config.routes.default = Policy::Hops(2, 3);
+    net.nodes[0].0.set_default_policy(Policy::Hops(2, 3));
     let now = net.now + Duration::from_secs(2);
     let out = net.nodes[0].0.handle_tun_packet(now, &p);
     let TunOutcome::Reply(icmp) = out else {
@@ -853,7 +853,7 @@ fn relays_whenever_possible_else_direct_and_says_why() {
 fn relays_whenever_possible_builds_circuits_when_relays_exist() {
     let now = Instant::now();
     let (mut net, addrs, _) = circuit_net(now);
-    net.nodes[0].0.config.routes.default = Policy::Prefer(1, 2);
+    net.nodes[0].0.set_default_policy(Policy::Prefer(1, 2));
     let (a, e) = (0, 5);
     let p = udp_packet(addrs[a], addrs[e], b"through relays, by default");
     assert!(matches!(
@@ -881,7 +881,7 @@ fn relays_whenever_possible_answers_a_direct_sender_directly() {
     // stop). A's own first packet to another node still takes relays.
     let now = Instant::now();
     let (mut net, addrs, _) = circuit_net(now);
-    net.nodes[0].0.config.routes.default = Policy::Prefer(1, 2);
+    net.nodes[0].0.set_default_policy(Policy::Prefer(1, 2));
     let (a, e) = (0, 5);
     let hello = udp_packet(addrs[e], addrs[a], b"hello over a direct link");
     // Over the link E has to A, or one E makes after a lookup.

@@ -140,6 +140,21 @@ fn lock_for_data(sh: &Shared, since: Instant) -> Held<'_> {
     node
 }
 
+/// The node, when the data thread needs it: always for packets the plane
+/// left to it (`must`), which wait for it; only if nobody holds it for
+/// what the plane has for the node (reports, hellos, cells), which then
+/// waits for the next try, so that packets the plane handles never wait
+/// behind a control request.
+fn node_if<'a>(sh: &'a Shared, since: Instant, must: bool, inbox: &Inbox) -> Option<Held<'a>> {
+    if must {
+        Some(lock_for_data(sh, since))
+    } else if inbox.for_node() {
+        sh.node.try_lock(Holder::Data)
+    } else {
+        None
+    }
+}
+
 /// Per-direction state of the data plane, reused across batches.
 pub(super) struct TunSide {
     original: Vec<u8>,
@@ -214,8 +229,7 @@ impl TunSide {
                 PlaneTx::NotMine => self.rest.push(i),
             }
         }
-        if !self.rest.is_empty() || inbox.for_node() {
-            let mut node = lock_for_data(sh, now);
+        if let Some(mut node) = node_if(sh, now, !self.rest.is_empty(), inbox) {
             let rest = std::mem::take(&mut self.rest);
             for &i in &rest {
                 if let Some(p) = node.send_tun_packet(now, &self.bufs[i][..self.sizes[i]]) {
@@ -304,8 +318,7 @@ impl UdpSide {
     /// links opened) outside a batch, and sends what the plane's timers
     /// and the node queued.
     pub(super) fn serve_plane(&mut self, sh: &Shared, inbox: &mut Inbox) {
-        if inbox.for_node() {
-            let mut node = lock_for_data(sh, Instant::now());
+        if let Some(mut node) = node_if(sh, Instant::now(), false, inbox) {
             plane_to_node(sh, inbox, &mut node, |p| sh.write_tun(p));
             self.out.take(sh, &mut node);
             drop(node);
@@ -365,8 +378,7 @@ impl UdpSide {
                 k += 1;
             }
         }
-        if !self.rest.is_empty() || inbox.for_node() {
-            let mut node = lock_for_data(sh, now);
+        if let Some(mut node) = node_if(sh, now, !self.rest.is_empty(), inbox) {
             for &(i, at, len) in &self.rest {
                 let from = normalize(self.meta[i].addr);
                 let seg = &self.bufs[i][at..at + len];
@@ -465,7 +477,13 @@ pub(super) fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide, mut
         inbox.take(Instant::now());
         udp.serve_plane(&sh, &mut inbox);
         let waiting = Instant::now();
-        let sleep = inbox.deadline().saturating_duration_since(waiting);
+        // The plane's next tick; soon if the node was busy when the plane
+        // had something for it.
+        let sleep = if inbox.for_node() {
+            Duration::from_millis(1)
+        } else {
+            inbox.deadline().saturating_duration_since(waiting)
+        };
         let ms = u16::try_from(sleep.as_millis() + 1).unwrap_or(u16::MAX);
         let polled = poll(&mut fds, PollTimeout::from(ms));
         let now = Instant::now();
@@ -531,7 +549,10 @@ impl LoadWindow {
         }
         let idle = (self.waited.as_micros() * 1000 / window.as_micros().max(1)).min(1000);
         let busy = 1000 - idle as u16;
-        sh.node.lock(Holder::Data).report_data_path_busy(busy);
-        *self = LoadWindow::new(now);
+        // Not worth a wait: a busy node hears of the load next window.
+        if let Some(mut node) = sh.node.try_lock(Holder::Data) {
+            node.report_data_path_busy(busy);
+            *self = LoadWindow::new(now);
+        }
     }
 }

@@ -320,7 +320,7 @@ impl Node {
             }
         }
         let idx = self.add_link(key, Some(ep), Some(id), now)?;
-        self.links.name_addr(id.overlay_address(), idx);
+        self.name_addr(id.overlay_address(), idx);
         self.send_hello(idx, now);
         Some(idx)
     }
