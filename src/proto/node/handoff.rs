@@ -15,12 +15,13 @@
 use super::plane::{Activity, DataPlane, FromPlane, Lane, ToPlane};
 use super::*;
 
-/// How long the plane may send packets to an address over the link the
-/// node last chose for it before it asks the node again (whose direct
-/// decision itself holds for `RECHECK`, 10 s). A circuit to the address, or
-/// one that brings packets from it, takes the route back at once. (At 1 s,
-/// one ping in 100 at 10 ms went through the node, and the p99 of a ping
-/// test measured that one.)
+/// How long at most the plane may send packets to an address over the link
+/// the node last chose for it before it asks the node again; never past
+/// the moment the node's own direct decision is due again (`RECHECK`, 10 s
+/// after it was made). A circuit to the address, or one that brings
+/// packets from it, takes the route back at once. (At 1 s, one ping in
+/// 100 at 10 ms went through the node, and the p99 of a ping test measured
+/// that one.)
 const ROUTE_HOLD: Duration = Duration::from_secs(5);
 
 /// The node's hand-off state: whether it uses a plane, and what it has to
@@ -34,6 +35,8 @@ pub(super) struct Handoff {
     withdrawn: HashMap<u32, LinkCounters>,
     /// Addresses the plane routes, and until when.
     routed: HashMap<Ipv6Addr, Instant>,
+    /// The handed link the last datagram passed the gate for.
+    admitted: Option<u32>,
 }
 
 /// Most routed addresses remembered before the expired ones are dropped.
@@ -100,13 +103,9 @@ impl Node {
         };
         if let Some(chan) = link.chan.split() {
             tracing::debug!(link = index, "link handed to the data plane");
-            self.handoff.out.push_back(ToPlane::Handoff(Box::new(Lane {
-                index,
-                chan,
-                peer,
-                drops: Drops::default(),
-                told: None,
-            })));
+            self.handoff
+                .out
+                .push_back(ToPlane::Handoff(Box::new(Lane::new(index, chan, peer))));
         }
     }
 
@@ -132,26 +131,35 @@ impl Node {
     /// [`ROUTE_HOLD`].
     pub(super) fn plane_send(&mut self, now: Instant, index: u32, dst: Ipv6Addr, packet: &[u8]) {
         let packet = reuse(&mut self.spare, packet);
+        // Not past the moment the node would decide again.
+        let until = match self.direct_until(&dst) {
+            Some(t) => t.min(now + ROUTE_HOLD),
+            None => now + ROUTE_HOLD,
+        };
         let h = &mut self.handoff;
         h.out.push_back(ToPlane::SealApp(index, packet));
-        h.out
-            .push_back(ToPlane::Route(dst, index, now + ROUTE_HOLD));
-        if h.routed.len() >= MAX_ROUTED {
-            h.routed.retain(|_, until| *until > now);
+        if until > now {
+            h.out.push_back(ToPlane::Route(dst, index, until));
+            if h.routed.len() >= MAX_ROUTED {
+                h.routed.retain(|_, t| *t > now);
+            }
+            h.routed.insert(dst, until);
         }
-        h.routed.insert(dst, now + ROUTE_HOLD);
     }
 
-    /// Asks the plane to open a datagram for handed link `index` that the
-    /// gate let through.
-    pub(super) fn plane_admit(&mut self, now: Instant, index: u32, from: SocketAddr, d: &[u8]) {
-        let datagram = reuse(&mut self.spare, d);
-        self.handoff.out.push_back(ToPlane::Admit {
-            index,
-            from,
-            at: now,
-            datagram,
-        });
+    /// The last datagram given to [`Node::receive`] or
+    /// [`Node::handle_datagram`] is for handed link `index` (a handshake
+    /// initiation, or a datagram from another endpoint than the link's)
+    /// and passed the gate: the caller has the plane open it
+    /// ([`DataPlane::admit`]), after passing on the node's messages.
+    pub(super) fn plane_admit(&mut self, index: u32) {
+        self.handoff.admitted = Some(index);
+    }
+
+    /// The handed link the last datagram is for, once it passed the gate
+    /// (see [`DataPlane::admit`]); asked once after each datagram.
+    pub fn take_admitted(&mut self) -> Option<u32> {
+        self.handoff.admitted.take()
     }
 
     /// Packets to `addr` go through the node again (a circuit took it

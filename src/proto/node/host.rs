@@ -93,9 +93,6 @@ impl Host {
                 }
                 moved = true;
             }
-            while let Some(p) = plane.poll_tun_write() {
-                self.tun.push_back(p);
-            }
             if !moved {
                 return;
             }
@@ -131,6 +128,10 @@ impl Host {
             }
         }
         self.pump();
+        if let Some(index) = self.node.take_admitted() {
+            got = self.admit(now, index, from, d);
+            self.pump();
+        }
         if !got {
             let p = self.tun.pop_front()?;
             self.ret = p;
@@ -216,7 +217,7 @@ impl Host {
                 PlaneRx::NotMine => {}
             }
         }
-        let got = if mine {
+        let mut got = if mine {
             None
         } else {
             match self.node.receive(now, from, d, buf) {
@@ -230,6 +231,10 @@ impl Host {
             }
         };
         self.pump();
+        if let Some(index) = self.node.take_admitted() {
+            got = self.admit(now, index, from, d).then_some(None);
+            self.pump();
+        }
         match got {
             Some(Some(n)) => Some(Delivered::InPlace(n)),
             Some(None) => Some(Delivered::Rebuilt(&self.ret)),
@@ -238,6 +243,26 @@ impl Host {
                 Some(Delivered::Rebuilt(&self.ret))
             }
         }
+    }
+
+    /// Has the plane open a datagram the node's gate let through for a
+    /// handed link; a packet for the TUN lands in `ret` (true).
+    fn admit(&mut self, now: Instant, index: u32, from: SocketAddr, d: &[u8]) -> bool {
+        let Some(plane) = &mut self.plane else {
+            return false;
+        };
+        let n = match plane.admit(now, index, from, d, &mut self.buf) {
+            PlaneRx::InPlace(n) => n,
+            PlaneRx::Rebuilt(p) => {
+                self.ret.clear();
+                self.ret.extend_from_slice(p);
+                return true;
+            }
+            PlaneRx::Done | PlaneRx::NotMine => return false,
+        };
+        self.ret.clear();
+        self.ret.extend_from_slice(&self.buf[..n]);
+        true
     }
 
     /// As [`Node::status`], with the plane's counts as of now.

@@ -216,7 +216,7 @@ impl Node {
         if self.handed(index) {
             // The plane holds the session: an initiation, or a datagram
             // from a new endpoint, that the gate let through.
-            self.plane_admit(now, index, from, datagram);
+            self.plane_admit(index);
             return None;
         }
         let link = self.links.get_mut(&index)?;

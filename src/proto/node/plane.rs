@@ -46,7 +46,38 @@ pub struct Lane {
     /// When the plane last told the node the neighbour sends
     /// ([`FromPlane::Heard`]).
     pub(super) told: Option<Instant>,
+    /// When a cookie reply last made the plane send a new initiation.
+    pub(super) cookie_retry: Option<Instant>,
 }
+
+impl Lane {
+    /// Link `index`'s channel, split off the node's, for the neighbour at
+    /// overlay address `peer`.
+    pub(super) fn new(index: u32, chan: Channel, peer: Ipv6Addr) -> Lane {
+        Lane {
+            index,
+            chan,
+            peer,
+            drops: Drops::default(),
+            told: None,
+            cookie_retry: None,
+        }
+    }
+}
+
+/// What a datagram for a handed link is, as far as the plane cares.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Data,
+    /// An initiation or a response.
+    Handshake,
+    Cookie,
+}
+
+/// Most messages for the node the plane keeps while the node is busy; a
+/// control frame or cell beyond it is dropped (and counted in `lost`), as
+/// a full socket buffer would drop it.
+const MAX_EVENTS: usize = 4096;
 
 impl Lane {
     /// The link's session index.
@@ -72,18 +103,6 @@ pub enum ToPlane {
     /// Seal an application packet the node routed over a link (compressed
     /// as the link does).
     SealApp(u32, Vec<u8>),
-    /// Open a datagram for a link that the node's gate let through (a
-    /// handshake initiation, or a datagram from a new endpoint).
-    Admit {
-        /// The link.
-        index: u32,
-        /// Where it came from.
-        from: SocketAddr,
-        /// When it came.
-        at: Instant,
-        /// The datagram.
-        datagram: Vec<u8>,
-    },
     /// Whether a link compresses (its neighbour's record was verified
     /// again).
     SetCompress(u32, bool),
@@ -178,8 +197,6 @@ pub struct DataPlane {
     /// A link's MTU when its neighbour moves (the configured one).
     mtu: usize,
     out: SendBatch,
-    /// Packets for the TUN from admitted datagrams.
-    tun_out: VecDeque<Vec<u8>>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<FromPlane>,
     spare: Vec<Vec<u8>>,
@@ -190,7 +207,8 @@ pub struct DataPlane {
     lz4: Lz4Table,
     paused: bool,
     /// Frames the node asked to seal on a link the plane does not hold (a
-    /// withdrawal crossed them), and datagrams refused for size.
+    /// withdrawal crossed them), and control frames dropped while the node
+    /// was busy ([`MAX_EVENTS`]).
     pub(super) lost: u64,
 }
 
@@ -204,7 +222,6 @@ impl DataPlane {
             routes: HashMap::new(),
             mtu,
             out: SendBatch::default(),
-            tun_out: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             spare: Vec::new(),
@@ -252,31 +269,6 @@ impl DataPlane {
                 }
                 self.recycle(packet);
             }
-            ToPlane::Admit {
-                index,
-                from,
-                at,
-                datagram,
-            } => {
-                // Opened into `scratch`, which the plane uses only to seal.
-                let mut buf = std::mem::take(&mut self.scratch);
-                let got = match self.admit(at, index, from, &datagram, &mut buf) {
-                    PlaneRx::InPlace(n) => Some((true, n)),
-                    PlaneRx::Rebuilt(p) => Some((false, p.len())),
-                    PlaneRx::Done | PlaneRx::NotMine => None,
-                };
-                if let Some((in_place, n)) = got {
-                    let packet = if in_place {
-                        &buf[..n]
-                    } else {
-                        &self.rebuild[..n]
-                    };
-                    let p = reuse(&mut self.spare, packet);
-                    self.tun_out.push_back(p);
-                }
-                self.scratch = buf;
-                self.recycle(datagram);
-            }
             ToPlane::SetCompress(index, on) => {
                 if let Some(lane) = self.lanes.get_mut(&index) {
                     lane.chan.compress = on;
@@ -310,13 +302,6 @@ impl DataPlane {
             }
             ToPlane::Pause(paused) => self.paused = paused,
         }
-    }
-
-    /// A packet for the TUN from a datagram the node had the plane admit
-    /// ([`ToPlane::Admit`]); hand the buffer back with
-    /// [`DataPlane::recycle`].
-    pub fn poll_tun_write(&mut self) -> Option<Vec<u8>> {
-        self.tun_out.pop_front()
     }
 
     /// Whether messages for the node wait ([`DataPlane::poll_event`]).
@@ -383,10 +368,10 @@ impl DataPlane {
             return PlaneRx::NotMine;
         }
         let from = super::normalize(from);
-        let (index, data) = match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::PacketData(p)) => (p.receiver_idx >> 8, true),
-            Ok(Packet::HandshakeResponse(p)) => (p.receiver_idx >> 8, false),
-            Ok(Packet::PacketCookieReply(p)) => (p.receiver_idx >> 8, false),
+        let (index, kind) = match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::PacketData(p)) => (p.receiver_idx >> 8, Kind::Data),
+            Ok(Packet::HandshakeResponse(p)) => (p.receiver_idx >> 8, Kind::Handshake),
+            Ok(Packet::PacketCookieReply(p)) => (p.receiver_idx >> 8, Kind::Cookie),
             // Initiations pass the node's gate first ([`DataPlane::admit`]).
             Ok(Packet::HandshakeInit(_)) | Err(_) => return PlaneRx::NotMine,
         };
@@ -394,13 +379,15 @@ impl DataPlane {
             Some(lane) if lane.chan.endpoint == Some(from) => {}
             _ => return PlaneRx::NotMine,
         }
-        self.open(now, index, from, datagram, buf, data)
+        self.open(now, index, from, datagram, buf, kind)
     }
 
     /// Handles a datagram for handed link `index` that the node's gate let
-    /// through (a handshake initiation, or data from a new endpoint). `buf`
-    /// must hold [`MAX_PACKET`] bytes and more, as the packets that waited
-    /// for a handshake may follow its answer.
+    /// through ([`Node::take_admitted`](super::Node::take_admitted)): a
+    /// handshake initiation, or a datagram from another endpoint than the
+    /// link's. A data message is decrypted into `buf`, as
+    /// [`DataPlane::receive`] does; a cookie reply from elsewhere is
+    /// refused (it proves nothing, and would move the link).
     pub fn admit<'a>(
         &'a mut self,
         now: Instant,
@@ -409,14 +396,18 @@ impl DataPlane {
         datagram: &[u8],
         buf: &mut [u8],
     ) -> PlaneRx<'a> {
-        if !self.lanes.contains_key(&index) || datagram.len() > buf.len() {
+        if !self.lanes.contains_key(&index)
+            || datagram.len() > MAX_DATAGRAM
+            || datagram.len() > buf.len()
+        {
             return PlaneRx::Done;
         }
-        let data = matches!(
-            Tunn::parse_incoming_packet(datagram),
-            Ok(Packet::PacketData(_))
-        );
-        self.open(now, index, super::normalize(from), datagram, buf, data)
+        let kind = match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::PacketData(_)) => Kind::Data,
+            Ok(Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)) => Kind::Handshake,
+            Ok(Packet::PacketCookieReply(_)) | Err(_) => return PlaneRx::Done,
+        };
+        self.open(now, index, super::normalize(from), datagram, buf, kind)
     }
 
     fn open<'a>(
@@ -426,12 +417,29 @@ impl DataPlane {
         from: SocketAddr,
         datagram: &[u8],
         buf: &mut [u8],
-        data: bool,
+        kind: Kind,
     ) -> PlaneRx<'a> {
-        let Some(lane) = self.lanes.get_mut(&index) else {
+        let DataPlane {
+            own,
+            lanes,
+            mtu,
+            transmits,
+            events,
+            spare,
+            rebuild,
+            scratch,
+            lost,
+            ..
+        } = self;
+        let Some(lane) = lanes.get_mut(&index) else {
             return PlaneRx::Done;
         };
-        let n = match lane.chan.open(from, datagram, buf, &mut self.transmits) {
+        // A data message opens into the caller's buffer (it needs no more
+        // room than the datagram); a handshake's answer may be followed by
+        // the packets that waited for it, each up to a full packet, so it
+        // opens into `scratch` (see `Channel::open`).
+        let dst: &mut [u8] = if kind == Kind::Data { buf } else { scratch };
+        let n = match lane.chan.open(from, datagram, dst, transmits) {
             Opened::Authentic(n) => n,
             Opened::Ipv4 => {
                 lane.drops.bad_inner += 1;
@@ -443,20 +451,43 @@ impl DataPlane {
                 return PlaneRx::Done;
             }
         };
+        if kind == Kind::Cookie {
+            // The neighbour is under load and wants proof that we receive
+            // at our address: boringtun kept the cookie, and the next
+            // initiation carries it. Sent now, at most once per
+            // `COOKIE_RETRY`, as the node does; the reply proves nothing
+            // about its sender, so it moves nothing.
+            if lane
+                .cookie_retry
+                .is_none_or(|t| now.saturating_duration_since(t) >= super::COOKIE_RETRY)
+            {
+                lane.cookie_retry = Some(now);
+                if let Some(ep) = lane.chan.endpoint {
+                    lane.chan.initiate(ep, true, scratch, transmits);
+                }
+            }
+            return PlaneRx::Done;
+        }
         lane.chan.last_rx = now;
         if lane.chan.endpoint != Some(from) {
             lane.chan.endpoint = Some(from);
-            lane.chan.mtu = self.mtu;
-            self.events.push_back(FromPlane::Moved(index, from));
+            lane.chan.mtu = *mtu;
+            events.push_back(FromPlane::Moved(index, from));
         }
-        let Some(n) = n.filter(|_| data) else {
+        let Some(n) = n.filter(|_| kind == Kind::Data) else {
             return PlaneRx::Done;
         };
         let packet = &buf[..n];
         if let Ok(view) = Ipv6View::new_checked(packet) {
             if wire::control_of(view).is_some() {
-                let packet = reuse(&mut self.spare, packet);
-                self.events.push_back(FromPlane::Inner {
+                if events.len() >= MAX_EVENTS {
+                    // The node has not kept up: dropped, as a full socket
+                    // buffer would have.
+                    *lost += 1;
+                    return PlaneRx::Done;
+                }
+                let packet = reuse(spare, packet);
+                events.push_back(FromPlane::Inner {
                     index,
                     at: now,
                     packet,
@@ -466,18 +497,18 @@ impl DataPlane {
         }
         let delivery = lane
             .chan
-            .deliver(now, packet, Some(lane.peer), self.own, &mut self.rebuild);
+            .deliver(now, packet, Some(lane.peer), *own, rebuild);
         if matches!(delivery, Delivery::InPlace(_) | Delivery::Rebuilt(_))
             && lane
                 .told
                 .is_none_or(|t| now.saturating_duration_since(t) >= HEARD_EVERY)
         {
             lane.told = Some(now);
-            self.events.push_back(FromPlane::Heard(index, now));
+            events.push_back(FromPlane::Heard(index, now));
         }
         match delivery {
             Delivery::InPlace(n) => PlaneRx::InPlace(n),
-            Delivery::Rebuilt(n) => PlaneRx::Rebuilt(&self.rebuild[..n]),
+            Delivery::Rebuilt(n) => PlaneRx::Rebuilt(&rebuild[..n]),
             Delivery::Control => PlaneRx::Done,
             Delivery::Dropped(why) => {
                 why.count(&mut lane.drops);

@@ -119,12 +119,6 @@ fn plane_to_node(sh: &Shared, inbox: &mut Inbox, node: &mut Node, mut tun: impl 
         sh.mailbox.answered(n);
     }
     inbox.take_from(node);
-    // Datagrams the node had the plane open (from a neighbour's new
-    // endpoint).
-    while let Some(p) = inbox.plane.poll_tun_write() {
-        tun(&p);
-        inbox.plane.recycle(p);
-    }
 }
 
 /// Takes the node for the data path. When the lock was held (by the timer,
@@ -229,6 +223,11 @@ impl TunSide {
                 PlaneTx::NotMine => self.rest.push(i),
             }
         }
+        if !self.rest.is_empty() {
+            // What the plane sealed goes out before the node is waited for.
+            self.out.take_plane(sh, &mut inbox.plane);
+            self.out.send(sh);
+        }
         if let Some(mut node) = node_if(sh, now, !self.rest.is_empty(), inbox) {
             let rest = std::mem::take(&mut self.rest);
             for &i in &rest {
@@ -265,6 +264,9 @@ pub(super) struct UdpSide {
     /// The datagrams of a batch the plane left to the node: (buffer,
     /// offset, length).
     rest: Vec<(usize, usize, usize)>,
+    /// Of those, the ones the node's gate let through for a handed link,
+    /// for the plane to open: (link, buffer, offset, length).
+    admitted: Vec<(u32, usize, usize, usize)>,
 }
 
 /// Puts the packet for the TUN that the plane or the node left in `b`
@@ -311,6 +313,22 @@ impl UdpSide {
             gro: GROTable::default(),
             out: Outgoing::new(max_gso),
             rest: Vec::new(),
+            admitted: Vec::new(),
+        }
+    }
+
+    /// Writes the first `k` buffers to the TUN (GRO-coalesced).
+    fn write_tun(&mut self, sh: &Shared, k: usize) {
+        let res = match (k, &sh.tun) {
+            (0, _) | (_, None) => Ok(0),
+            // Nothing to coalesce: skip the GRO table.
+            (1, Some(tun)) => tun.send(&self.to_tun[0]),
+            (_, Some(tun)) => {
+                tun.send_multiple(&mut self.gro, &mut self.to_tun[..k], VIRTIO_NET_HDR_LEN)
+            }
+        };
+        if let Err(e) = res {
+            tracing::debug!("TUN write failed: {e}");
         }
     }
 
@@ -378,13 +396,26 @@ impl UdpSide {
                 k += 1;
             }
         }
+        if !self.rest.is_empty() {
+            // What the plane did goes out before the node is waited for.
+            self.write_tun(sh, k);
+            k = 0;
+            self.out.take_plane(sh, &mut inbox.plane);
+            self.out.send(sh);
+        }
+        self.admitted.clear();
         if let Some(mut node) = node_if(sh, now, !self.rest.is_empty(), inbox) {
             for &(i, at, len) in &self.rest {
                 let from = normalize(self.meta[i].addr);
                 let seg = &self.bufs[i][at..at + len];
                 let b = tun_buf(&mut self.to_tun, k, VIRTIO_NET_HDR_LEN + len);
                 match node.receive(now, from, seg, &mut b[VIRTIO_NET_HDR_LEN..]) {
-                    None => continue,
+                    None => {
+                        if let Some(link) = node.take_admitted() {
+                            self.admitted.push((link, i, at, len));
+                        }
+                        continue;
+                    }
                     Some(Delivered::InPlace(n)) => into_tun_buf(b, Some(n), &[]),
                     Some(Delivered::Rebuilt(p)) => into_tun_buf(b, None, p),
                 }
@@ -398,21 +429,28 @@ impl UdpSide {
             });
             self.out.take(sh, &mut node);
         }
+        // Datagrams the gate let through for handed links (handshakes, a
+        // neighbour's new endpoint): the plane opens them, after the node's
+        // messages (`take_from` above), from where they were received.
+        for &(link, i, at, len) in &self.admitted {
+            let from = normalize(self.meta[i].addr);
+            let seg = &self.bufs[i][at..at + len];
+            let b = tun_buf(&mut self.to_tun, k, VIRTIO_NET_HDR_LEN + len);
+            match inbox
+                .plane
+                .admit(now, link, from, seg, &mut b[VIRTIO_NET_HDR_LEN..])
+            {
+                PlaneRx::InPlace(n) => into_tun_buf(b, Some(n), &[]),
+                PlaneRx::Rebuilt(p) => into_tun_buf(b, None, p),
+                PlaneRx::Done | PlaneRx::NotMine => continue,
+            }
+            k += 1;
+        }
         // The node's first (what it sealed itself), then the plane's (what
         // the node just gave it, relayed cells above all).
         self.out.send(sh);
         self.out.take_plane(sh, &mut inbox.plane);
-        let res = match (k, &sh.tun) {
-            (0, _) | (_, None) => Ok(0),
-            // Nothing to coalesce: skip the GRO table.
-            (1, Some(tun)) => tun.send(&self.to_tun[0]),
-            (_, Some(tun)) => {
-                tun.send_multiple(&mut self.gro, &mut self.to_tun[..k], VIRTIO_NET_HDR_LEN)
-            }
-        };
-        if let Err(e) = res {
-            tracing::debug!("TUN write failed: {e}");
-        }
+        self.write_tun(sh, k);
         self.out.send(sh);
         true
     }

@@ -240,6 +240,18 @@ impl Node {
         }
     }
 
+    /// Until when the decision to send to `dst` direct stands, if a direct
+    /// decision is noted (policies that weigh relays note theirs; a direct
+    /// policy notes none and decides the same every time).
+    pub(in crate::proto::node) fn direct_until(&self, dst: &Ipv6Addr) -> Option<Instant> {
+        self.circ
+            .notes
+            .map
+            .get(dst)
+            .filter(|n| n.outcome != RouteOutcome::Unreachable)
+            .map(|n| n.checked + RECHECK)
+    }
+
     /// Whether `dst` sent us an application packet over a direct link
     /// lately.
     fn talks_to_us_directly(&self, now: Instant, dst: &Ipv6Addr) -> bool {

@@ -72,13 +72,7 @@ fn planes(now: Instant) -> (DataPlane, DataPlane) {
     let mut pa = DataPlane::new(addr(1), MTU);
     let mut pb = DataPlane::new(addr(2), MTU);
     for (p, index, chan, peer) in [(&mut pa, 1, ca, addr(2)), (&mut pb, 2, cb, addr(1))] {
-        p.handle(ToPlane::Handoff(Box::new(Lane {
-            index,
-            chan,
-            peer,
-            drops: Drops::default(),
-            told: None,
-        })));
+        p.handle(ToPlane::Handoff(Box::new(Lane::new(index, chan, peer))));
         p.handle(ToPlane::Route(peer, index, now + Duration::from_secs(60)));
     }
     (pa, pb)
@@ -247,4 +241,66 @@ fn a_withdrawn_link_comes_back_with_its_counts_and_its_routes_go() {
     let p = udp(addr(1), addr(2), b"after");
     assert_eq!(a.send_tun_packet(now, &p), PlaneTx::Done);
     assert_eq!(carry(&mut a, &mut b, ep(1), now), vec![p]);
+}
+
+/// A packet sealed while the link has no session waits in boringtun for
+/// the handshake; the response, opened by the plane into a buffer only as
+/// long as the datagram (as the daemon's data thread passes), sends it.
+#[test]
+fn packets_that_waited_for_a_handshake_leave_with_its_response() {
+    let now = Instant::now();
+    let (ka, kb) = (
+        x25519::StaticSecret::from([3u8; 32]),
+        x25519::StaticSecret::from([4u8; 32]),
+    );
+    let (pa, pb) = (
+        x25519::PublicKey::from(&ka).to_bytes(),
+        x25519::PublicKey::from(&kb).to_bytes(),
+    );
+    let ca = Channel::new(setup(&ka), 1, pb, Some(ep(2)), false, now);
+    let mut cb = Channel::new(setup(&kb), 2, pa, Some(ep(1)), false, now);
+    let mut a = DataPlane::new(addr(1), MTU);
+    a.handle(ToPlane::Handoff(Box::new(Lane::new(1, ca, addr(2)))));
+    a.handle(ToPlane::Route(addr(2), 1, now + Duration::from_secs(60)));
+    let p = udp(addr(1), addr(2), b"waited");
+    assert_eq!(a.send_tun_packet(now, &p), PlaneTx::Done);
+    // What went out is the initiation; the packet waits.
+    let init = a.poll_transmit().expect("an initiation").payload;
+    assert!(a.poll_transmit().is_none());
+    let mut big = vec![0u8; 4096];
+    let mut to_a = VecDeque::new();
+    assert!(matches!(
+        cb.open(ep(1), &init, &mut big, &mut to_a),
+        Opened::Authentic(None)
+    ));
+    let resp = to_a.pop_front().expect("a response").payload;
+    let mut small = vec![0u8; resp.len()];
+    assert_eq!(a.receive(now, ep(2), &resp, &mut small), PlaneRx::Done);
+    let mut got = Vec::new();
+    while let Some(t) = a.poll_transmit() {
+        let mut to_b = VecDeque::new();
+        match cb.open(ep(1), &t.payload, &mut big, &mut to_b) {
+            Opened::Authentic(Some(n)) => got.push(big[..n].to_vec()),
+            Opened::Authentic(None) => got.push(Vec::new()),
+            _ => got.push(b"refused".to_vec()),
+        }
+    }
+    assert!(got.contains(&p), "the packet did not arrive: {got:?}");
+}
+
+/// A cookie reply proves nothing about its sender: from another endpoint
+/// than the link's it is refused, and it moves nothing.
+#[test]
+fn a_cookie_reply_from_elsewhere_moves_nothing() {
+    let now = Instant::now();
+    let (mut a, _b) = planes(now);
+    // Type 3, receiver index 1 << 8 (link 1), then nonce and sealed cookie.
+    let mut cookie = vec![0u8; 64];
+    cookie[0] = 3;
+    cookie[4..8].copy_from_slice(&(1u32 << 8).to_le_bytes());
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(a.receive(now, ep(7), &cookie, &mut buf), PlaneRx::NotMine);
+    assert_eq!(a.admit(now, 1, ep(7), &cookie, &mut buf), PlaneRx::Done);
+    assert!(a.poll_event().is_none(), "nothing moved");
+    assert!(a.poll_transmit().is_none());
 }
