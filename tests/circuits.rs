@@ -668,9 +668,16 @@ fn onion_circuit_through_relays_hides_the_ends_and_survives_a_relay_loss() {
         let now = lab.nodes[i].status()["relay"]["bytes_forwarded"]
             .as_u64()
             .unwrap_or(0);
+        let on_plane = lab.nodes[i].status()["data_path"]["plane_circuits"]
+            .as_u64()
+            .unwrap_or(0);
         eprintln!(
-            "hop {} ({hn}): relay.bytes_forwarded {before} -> {now}",
+            "hop {} ({hn}): relay.bytes_forwarded {before} -> {now}; {on_plane} circuits on its data thread",
             k + 1
+        );
+        assert!(
+            on_plane >= 1,
+            "hop {hn}: its data thread does not pass the circuit's cells on"
         );
         assert!(
             now >= before + BULK,

@@ -105,6 +105,23 @@ fn seven_nodes_on_the_default_preset_talk_through_circuits() {
         })
         .sum();
     assert!(carried > 0, "no relay carries a circuit");
+    // And its data thread passes the circuit's cells on, not its node
+    // (handed over with the first cell after both links were).
+    let relays: Vec<usize> = (0..names.len()).filter(|&i| i != a && i != g).collect();
+    let mut on_plane = 0;
+    let handed = wait_until(Duration::from_secs(10), || {
+        lab.sh(&ns, &format!("ping -6 -c 1 -W 1 {dst}"));
+        on_plane = relays
+            .iter()
+            .map(|&i| {
+                json(&lab.nodes[i].config.clone(), "status")["data_path"]["plane_circuits"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .sum();
+        on_plane > 0
+    });
+    assert!(handed, "no relay's data thread passes the circuit on");
     lab.stop(a, false);
 }
 

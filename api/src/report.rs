@@ -121,6 +121,10 @@ pub struct DataPath {
     /// node (0 from older nodes).
     #[serde(default)]
     pub plane_links: u64,
+    /// Relayed circuits whose cells the data thread passes on without the
+    /// node (0 from older nodes).
+    #[serde(default)]
+    pub plane_circuits: u64,
     /// Who held the node's lock over 1 ms since start, and how often: the
     /// holds a packet may have waited behind (empty from older nodes).
     #[serde(default)]

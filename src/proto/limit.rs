@@ -80,6 +80,45 @@ impl Rate {
     }
 }
 
+/// A budget in bytes a second (the relay bandwidth cap): it saves up a
+/// tenth of a second's worth, and at least `min_burst` bytes. A fresh
+/// bucket is full.
+#[derive(Clone, Copy, Debug)]
+pub struct ByteBucket {
+    per_sec: u64,
+    burst: f64,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl ByteBucket {
+    /// A full bucket of `per_sec` bytes a second.
+    pub fn new(per_sec: u64, min_burst: u64) -> ByteBucket {
+        let burst = (per_sec as f64 / 10.0).max(min_burst as f64);
+        ByteBucket {
+            per_sec,
+            burst,
+            tokens: burst,
+            last: None,
+        }
+    }
+
+    /// Takes `bytes` if they are there.
+    pub fn take(&mut self, now: Instant, bytes: usize) -> bool {
+        let dt = self
+            .last
+            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        self.last = Some(now);
+        self.tokens = (self.tokens + dt * self.per_sec as f64).min(self.burst);
+        if self.tokens >= bytes as f64 {
+            self.tokens -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Which source a datagram counts against: an IPv4 address or an IPv6 /64
 /// (IPv4-mapped IPv6 addresses count as IPv4).
 pub fn source_key(ip: IpAddr) -> u128 {
@@ -179,6 +218,27 @@ impl SourceTable {
 #[allow(clippy::disallowed_methods, clippy::disallowed_types)] // tests read the clock
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_byte_bucket_spends_its_burst_then_refills_at_its_rate() {
+        let t0 = Instant::now();
+        // 10,000 bytes a second: a burst of 1,000 (a tenth of a second).
+        let mut b = ByteBucket::new(10_000, 0);
+        assert!(b.take(t0, 600));
+        assert!(b.take(t0, 400));
+        assert!(!b.take(t0, 1), "the burst is spent");
+        let later = t0 + Duration::from_millis(50);
+        assert!(b.take(later, 500), "50 ms bring 500 bytes");
+        assert!(!b.take(later, 1));
+        // Never more than the burst saved up, however long it waited.
+        let much_later = later + Duration::from_secs(60);
+        assert!(!b.take(much_later, 1_001));
+        assert!(b.take(much_later, 1_000));
+        // A floor on the burst, for slow caps.
+        let mut b = ByteBucket::new(100, 5_000);
+        assert!(b.take(t0, 5_000));
+        assert!(!b.take(t0, 1));
+    }
 
     const L: Limit = Limit {
         per_sec: 10,

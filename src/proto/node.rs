@@ -481,6 +481,8 @@ pub struct DataPathStatus {
     pub longest_lock_wait_us: u64,
     /// Links handed to the data plane (none when the node uses none).
     pub plane_links: u64,
+    /// Relayed circuits whose cells the data plane passes on.
+    pub plane_circuits: u64,
 }
 
 /// A wait of the data path for the node counted in
@@ -723,7 +725,7 @@ impl Node {
                 rng.next_u64(),
             )
         };
-        let circ = circuits::Circuits::new(&mut rng, now);
+        let circ = circuits::Circuits::new(&mut rng, now, config.relay.bandwidth);
         let address = identity.overlay_address();
         let public = x25519::PublicKey::from(identity.link_secret());
         let own = own_record::OwnRecord::new(

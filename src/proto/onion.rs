@@ -539,6 +539,21 @@ impl HopKeys {
         Ok(Forward::Pass)
     }
 
+    /// Relay: takes this hop's layer off a forward cell that is not
+    /// addressed to it, in place (as [`HopKeys::forward`]'s `Pass`); false,
+    /// with nothing changed, when the cell is for this hop. A data plane
+    /// passes cells on with this and leaves the others to the node, which
+    /// opens them with [`HopKeys::forward`].
+    pub fn pass(&self, nonce: &mut [u8; 16], body: &mut [u8]) -> bool {
+        let m = self.fwd.dec_block(nonce);
+        if self.fwd.recognised(&m).is_some() {
+            return false;
+        }
+        self.fwd.xor_stream(&m, body);
+        *nonce = m;
+        true
+    }
+
     /// Relay: adds its layer to a backward cell in place.
     pub fn backward(&self, nonce: &mut [u8; 16], body: &mut [u8]) {
         self.bwd.xor_stream(nonce, body);

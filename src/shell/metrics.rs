@@ -233,6 +233,11 @@ pub fn encode(
             "Links whose packets the data thread seals and opens without the node",
             st.data_path.plane_links,
         ),
+        (
+            "data_plane_circuits",
+            "Relayed circuits whose cells the data thread passes on without the node",
+            st.data_path.plane_circuits,
+        ),
     ];
     for (name, help, v) in gauges {
         let g: Gauge = Gauge::default();

@@ -125,7 +125,7 @@ pub fn render(st: &Status) -> String {
     ));
     let dp = &st.data_path;
     out.push_str(&format!(
-        "data path {}% busy   compression {} (paused {} times)   {} links on the data thread\n",
+        "data path {}% busy   compression {} (paused {} times)   {} links and {} relayed circuits on the data thread\n",
         dp.busy_percent,
         if dp.compression_paused {
             "paused: the data path, not the link, is the limit"
@@ -134,6 +134,7 @@ pub fn render(st: &Status) -> String {
         },
         dp.compression_pauses,
         dp.plane_links,
+        dp.plane_circuits,
     ));
     out.push_str(&format!(
         "          waited for the node over 1 ms: {} times (longest {:.1} ms)\n",

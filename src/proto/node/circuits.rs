@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use crate::proto::compress::Adaptive;
 use crate::proto::identity::{NodeId, NodeRecord, RecordExt};
-use crate::proto::limit::Limit;
+use crate::proto::limit::{ByteBucket, Limit};
 use crate::proto::onion::{
     self, auth_message, wrap, CellKind, ClientHandshake, Cmd, HopKeys, OnionError, OnionKey,
     ReplayWindow, CELL_HEADER, CELL_LARGE, MAX_DATA,
@@ -50,12 +50,20 @@ mod report;
 mod routing;
 mod source;
 mod timers;
+#[cfg(test)]
+pub(in crate::proto::node) use hops::pair;
 use hops::{HopCirc, HopTable};
 use outbound::OutTable;
 use pool::RelayPool;
 pub use report::{CircuitView, CircuitsReport, InboundView, RelayedView};
 use routing::RouteNotes;
 pub use routing::{RouteNoteView, RouteOutcome, RoutingSummary};
+
+/// The relay bandwidth cap's budget at `rate` bytes a second: a burst of a
+/// tenth of a second's worth, at least a few large cells.
+pub(super) fn relay_bucket(rate: u64) -> ByteBucket {
+    ByteBucket::new(rate, 4 * CELL_LARGE as u64)
+}
 
 /// Largest packet a circuit carries (as is; compressed ones may be larger
 /// before compression, but the kernel is told this).
@@ -389,7 +397,9 @@ pub(super) struct Circuits {
     /// Destinations without a circuit for want of relays, and why.
     notes: RouteNotes,
     stats: RelayStats,
-    bandwidth: (f64, Instant),
+    /// The relay bandwidth cap's budget, for the cells this node passes
+    /// on itself (a data plane keeps its own, [`relay_bucket`]).
+    bandwidth: Option<ByteBucket>,
     /// AUTH signatures to make (see [`SignJob`]).
     to_sign: VecDeque<SignJob>,
     /// Where cover traffic's random bytes are made, reused (`noise`).
@@ -403,7 +413,12 @@ pub(super) struct Circuits {
 }
 
 impl Circuits {
-    pub(super) fn new(rng: &mut (impl RngCore + rand_core::CryptoRng), now: Instant) -> Circuits {
+    /// `bandwidth`: the relay bandwidth cap, bytes a second.
+    pub(super) fn new(
+        rng: &mut (impl RngCore + rand_core::CryptoRng),
+        now: Instant,
+        bandwidth: Option<u64>,
+    ) -> Circuits {
         Circuits {
             out: OutTable::default(),
             hops: HopTable::new(MAX_HOP_CIRCUITS, MAX_PER_NEIGHBOUR),
@@ -417,7 +432,7 @@ impl Circuits {
             pool: RelayPool::default(),
             notes: RouteNotes::default(),
             stats: RelayStats::default(),
-            bandwidth: (0.0, now),
+            bandwidth: bandwidth.map(relay_bucket),
             #[cfg(feature = "test-hooks")]
             cell_log: Vec::new(),
             #[cfg(feature = "test-hooks")]

@@ -10,7 +10,9 @@
 //! over a handed link, and the control messages and cells it sends there,
 //! go to the plane as messages. Packets to an address the node has just
 //! routed straight over a handed link go to the plane directly for
-//! [`ROUTE_HOLD`], unless a circuit takes over the address first.
+//! [`ROUTE_HOLD`], unless a circuit takes over the address first. A
+//! circuit this node relays between two handed links is handed over too
+//! (`Node::maybe_hand_hop`): the plane passes its cells on.
 
 use super::plane::{Activity, DataPlane, FromPlane, Lane, ToPlane};
 use super::*;
@@ -74,7 +76,17 @@ impl Node {
     /// answers `NotMine`.
     pub fn data_plane(&mut self) -> DataPlane {
         self.handoff.on = true;
-        DataPlane::new(self.address, self.config.mtu)
+        let bucket = self.config.relay.bandwidth.map(circuits::relay_bucket);
+        #[allow(unused_mut)] // changed only with the test hooks
+        let mut plane = DataPlane::new(self.address, self.config.mtu, bucket);
+        #[cfg(feature = "test-hooks")]
+        plane.log_cells(self.cell_log_on());
+        plane
+    }
+
+    /// Whether the node hands links and circuits to a data plane.
+    pub(super) fn uses_plane(&self) -> bool {
+        self.handoff.on
     }
 
     /// The next message for the data plane.
@@ -228,6 +240,7 @@ impl Node {
                 }
             }
             FromPlane::Activity(a) => self.activity(&a),
+            FromPlane::Relayed(r) => self.relayed_by_plane(*r),
             FromPlane::Heard(index, at) => {
                 if let Some(link) = self.links.get_mut(&index) {
                     link.chan.last_app_rx = link.chan.last_app_rx.max(Some(at));

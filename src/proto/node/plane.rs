@@ -24,8 +24,14 @@ use std::time::{Duration, Instant};
 
 use boringtun::noise::{Packet, Tunn};
 
+mod relay;
+pub use relay::{Relay, RelayReport};
+use relay::{Relays, Step};
+
 use super::channel::{Channel, Delivery, Fit, Opened, Sealed, Tick};
-use super::{reuse, Drops, LinkCounters, Transmit, MAX_DATAGRAM, MAX_SPARE, SPARE_CAPACITY};
+use super::{
+    reuse, Drops, LinkCounters, Transmit, MAX_DATAGRAM, MAX_SPARE, MSG_CELL, SPARE_CAPACITY,
+};
 use crate::proto::batch::SendBatch;
 use crate::proto::wire::{self, Ipv6View, Lz4Table, MAX_PACKET};
 
@@ -113,6 +119,11 @@ pub enum ToPlane {
     SetMtu(SocketAddr, usize),
     /// Whether compression is paused (the data path is the limit).
     Pause(bool),
+    /// Pass on the cells of a relayed circuit between two handed links
+    /// (see [`Relay`]).
+    Relay(Box<Relay>),
+    /// Leave a relayed circuit's cells to the node again (it ended).
+    Unrelay(u64),
 }
 
 /// What the plane tells the node.
@@ -141,6 +152,8 @@ pub enum FromPlane {
     /// A link's state as of the last tick, for `status` and the node's
     /// link timers.
     Activity(Box<Activity>),
+    /// What the plane passed on for relayed circuits since the last tick.
+    Relayed(Box<RelayReport>),
 }
 
 /// A handed link's counters and timestamps ([`FromPlane::Activity`]).
@@ -206,6 +219,7 @@ pub struct DataPlane {
     scratch: Vec<u8>,
     lz4: Lz4Table,
     paused: bool,
+    relays: Relays,
     /// Frames the node asked to seal on a link the plane does not hold (a
     /// withdrawal crossed them), and control frames dropped while the node
     /// was busy ([`MAX_EVENTS`]).
@@ -214,8 +228,13 @@ pub struct DataPlane {
 
 impl DataPlane {
     /// An empty plane for the node at overlay address `own`, whose links
-    /// start at MTU `mtu`.
-    pub fn new(own: Ipv6Addr, mtu: usize) -> DataPlane {
+    /// start at MTU `mtu`, with the relay bandwidth cap's budget `bucket`
+    /// for the cells it passes on.
+    pub(super) fn new(
+        own: Ipv6Addr,
+        mtu: usize,
+        bucket: Option<crate::proto::limit::ByteBucket>,
+    ) -> DataPlane {
         DataPlane {
             own,
             lanes: HashMap::new(),
@@ -229,6 +248,7 @@ impl DataPlane {
             scratch: vec![0u8; 2 * MAX_PACKET + 1024],
             lz4: Lz4Table::default(),
             paused: false,
+            relays: Relays::new(bucket),
             lost: 0,
         }
     }
@@ -236,6 +256,18 @@ impl DataPlane {
     /// How many links the plane holds.
     pub fn links(&self) -> usize {
         self.lanes.len()
+    }
+
+    /// How many relayed circuits the plane passes cells on for.
+    pub fn relayed(&self) -> usize {
+        self.relays.len()
+    }
+
+    /// Test hook: whether the cells the plane passes on are logged (in its
+    /// [`RelayReport`]s).
+    #[cfg(feature = "test-hooks")]
+    pub(super) fn log_cells(&mut self, on: bool) {
+        self.relays.log = on;
     }
 
     /// Acts on a message from the node.
@@ -246,6 +278,7 @@ impl DataPlane {
             }
             ToPlane::Withdraw(index) => {
                 self.routes.retain(|_, (i, _)| *i != index);
+                self.relays.lane_gone(index);
                 if let Some(lane) = self.lanes.remove(&index) {
                     self.events.push_back(FromPlane::Returned(Box::new(lane)));
                 }
@@ -301,6 +334,14 @@ impl DataPlane {
                 }
             }
             ToPlane::Pause(paused) => self.paused = paused,
+            ToPlane::Relay(r) => {
+                // Both links must be here (a withdrawal may have crossed
+                // the hand-over; the node then ends the circuit anyway).
+                if self.lanes.contains_key(&r.prev.0) && self.lanes.contains_key(&r.next.0) {
+                    self.relays.insert(*r);
+                }
+            }
+            ToPlane::Unrelay(h) => self.relays.remove(h),
         }
     }
 
@@ -423,11 +464,13 @@ impl DataPlane {
             own,
             lanes,
             mtu,
+            out,
             transmits,
             events,
             spare,
             rebuild,
             scratch,
+            relays,
             lost,
             ..
         } = self;
@@ -477,23 +520,46 @@ impl DataPlane {
         let Some(n) = n.filter(|_| kind == Kind::Data) else {
             return PlaneRx::Done;
         };
-        let packet = &buf[..n];
-        if let Ok(view) = Ipv6View::new_checked(packet) {
-            if wire::control_of(view).is_some() {
-                if events.len() >= MAX_EVENTS {
-                    // The node has not kept up: dropped, as a full socket
-                    // buffer would have.
-                    *lost += 1;
+        let control = Ipv6View::new_checked(&buf[..n])
+            .ok()
+            .and_then(|view| wire::control_of(view).map(|(ty, body)| (ty, body.len())));
+        if let Some((MSG_CELL, len)) = control {
+            // A cell: relayed circuits' pass on from here.
+            lane.chan.last_used = now;
+            let frame = &mut buf[..wire::CONTROL_BODY + len];
+            match relays.pass(now, index, &mut frame[wire::CONTROL_BODY..]) {
+                Step::Onward(to) => {
+                    match lanes.get_mut(&to) {
+                        Some(next) => {
+                            wire::write_control_header(frame, *own, next.peer, MSG_CELL);
+                            next.chan.last_used = now;
+                            if let Sealed::Failed = next.chan.seal(out, frame) {
+                                next.drops.send_failed += 1;
+                            }
+                        }
+                        None => *lost += 1,
+                    }
                     return PlaneRx::Done;
                 }
-                let packet = reuse(spare, packet);
-                events.push_back(FromPlane::Inner {
-                    index,
-                    at: now,
-                    packet,
-                });
+                Step::Dropped => return PlaneRx::Done,
+                Step::Node => {}
+            }
+        }
+        let packet = &buf[..n];
+        if control.is_some() {
+            if events.len() >= MAX_EVENTS {
+                // The node has not kept up: dropped, as a full socket
+                // buffer would have.
+                *lost += 1;
                 return PlaneRx::Done;
             }
+            let packet = reuse(spare, packet);
+            events.push_back(FromPlane::Inner {
+                index,
+                at: now,
+                packet,
+            });
+            return PlaneRx::Done;
         }
         let delivery = lane
             .chan
@@ -552,8 +618,12 @@ impl DataPlane {
     }
 
     /// Reports each link's [`Activity`] to the node now (as the timers do;
-    /// for a `status` that must be current).
+    /// for a `status` that must be current), and what relayed circuits
+    /// passed on.
     pub fn report(&mut self) {
+        if let Some(r) = self.relays.take_report() {
+            self.events.push_back(FromPlane::Relayed(Box::new(r)));
+        }
         for lane in self.lanes.values_mut() {
             self.events
                 .push_back(FromPlane::Activity(Box::new(Activity {

@@ -23,7 +23,8 @@ struct Net {
 /// (CI runs the node's tests both ways) handing its established links to
 /// a data plane.
 pub(super) fn host(node: Node) -> Host {
-    if std::env::var_os("QGATE_TEST_PLANE").is_some() && !NO_PLANE.get() {
+    let wanted = std::env::var_os("QGATE_TEST_PLANE").is_some() || ALL_PLANES.get();
+    if wanted && !NO_PLANE.get() {
         Host::with_plane(node)
     } else {
         Host::new(node)
@@ -95,6 +96,9 @@ fn linked_pair(now: Instant, ids: Vec<Identity>, eps: &[SocketAddr]) -> Net {
 thread_local! {
     /// Set by a test that drives the node's own data path: no plane.
     static NO_PLANE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set by a test: every node runs with a data plane, whatever
+    /// QGATE_TEST_PLANE says.
+    static ALL_PLANES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Set by a test: nobody makes the signatures nodes ask for.
     static HOLD_SIGNATURES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }

@@ -440,4 +440,13 @@ impl Net {
             (st.data_path.plane_links, st.links.len() as u64)
         })
     }
+
+    /// Node `i`'s relayed circuits whose cells its data plane passes on,
+    /// and the circuits it carries in all (as a relay or the destination).
+    pub fn plane_circuits(&self, i: usize) -> Option<(u64, u64)> {
+        self.node(i).map(|n| {
+            let st = n.status();
+            (st.data_path.plane_circuits, st.relay.circuits as u64)
+        })
+    }
 }

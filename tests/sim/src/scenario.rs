@@ -91,6 +91,10 @@ pub struct Summary {
     /// Links the remaining nodes had handed to their data planes at the
     /// end, and links in all.
     pub plane_links: (u64, u64),
+    /// Relayed circuits the remaining nodes' data planes passed cells on
+    /// for at the end, and circuits carried in all (by relays and
+    /// destinations).
+    pub plane_circuits: (u64, u64),
 }
 
 impl Summary {
@@ -402,6 +406,9 @@ pub fn run(p: &Params, log: &mut dyn FnMut(String)) -> (Summary, Wall) {
         datagrams: net.traffic.datagrams,
         plane_links: (0..n)
             .filter_map(|i| net.plane_links(i))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+        plane_circuits: (0..n)
+            .filter_map(|i| net.plane_circuits(i))
             .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
     };
     log(format!(

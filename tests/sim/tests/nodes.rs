@@ -40,8 +40,8 @@ fn report(name: &str, s: &Summary) {
         s.unaffected_kept, s.unaffected, s.delivering_at_end, s.pairs, s.lookups_after_churn, s.datagrams
     );
     eprintln!(
-        "[{name}] at the end {} of {} links were held by the nodes' data planes",
-        s.plane_links.0, s.plane_links.1
+        "[{name}] at the end {} of {} links were held by the nodes' data planes, and {} of {} carried circuits were relayed by them",
+        s.plane_links.0, s.plane_links.1, s.plane_circuits.0, s.plane_circuits.1
     );
 }
 
@@ -79,6 +79,10 @@ fn check(name: &str, s: &Summary) {
     assert!(
         s.plane_links.0 > 0,
         "[{name}] no link on a data plane: {s:?}"
+    );
+    assert!(
+        s.plane_circuits.0 > 0,
+        "[{name}] no relayed circuit on a data plane: {s:?}"
     );
 }
 

@@ -179,21 +179,10 @@ impl Node {
 
     /// Whether the relay bandwidth cap lets `bytes` more through.
     pub(super) fn bandwidth_ok(&mut self, now: Instant, bytes: usize) -> bool {
-        let Some(rate) = self.config.relay.bandwidth else {
-            return true;
-        };
-        let (tokens, last) = &mut self.circ.bandwidth;
-        let dt = now.saturating_duration_since(*last).as_secs_f64();
-        *last = now;
-        // Burst: a tenth of a second's worth, at least a few large cells.
-        let burst = (rate as f64 / 10.0).max(4.0 * CELL_LARGE as f64);
-        *tokens = (*tokens + dt * rate as f64).min(burst);
-        if *tokens >= bytes as f64 {
-            *tokens -= bytes as f64;
-            true
-        } else {
-            false
-        }
+        self.circ
+            .bandwidth
+            .as_mut()
+            .is_none_or(|b| b.take(now, bytes))
     }
 
     /// Handles a cell from a link: `packet` is the control frame of type
@@ -274,6 +263,7 @@ impl Node {
                         #[cfg(feature = "test-hooks")]
                         self.log_cell(false, cell_in, &packet[c..]);
                         self.send_in_place(now, link, packet);
+                        self.maybe_hand_hop(h);
                         None
                     }
                     CircRef::Out(id) => {

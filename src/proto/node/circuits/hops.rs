@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::{CREATE_LIMIT, EXTEND_TIMEOUT, HOP_IDLE, INBOUND_FRESH};
@@ -23,7 +24,12 @@ pub(super) struct HopCirc {
     prev: (u32, u32),
     /// The link and circuit ID towards the next hop, once extended.
     pub(super) next: Option<(u32, u32)>,
-    pub(super) keys: HopKeys,
+    /// Shared with the data plane while it passes the circuit's cells on
+    /// (the keys are read-only).
+    pub(super) keys: Arc<HopKeys>,
+    /// Whether the data plane passes this circuit's cells on
+    /// ([`Node::maybe_hand_hop`](crate::proto::node::Node)).
+    pub(super) in_plane: bool,
     pub(super) replay: ReplayWindow,
     /// Counter of the cells this hop originated towards the source.
     pub(super) ctr: u64,
@@ -60,7 +66,8 @@ impl HopCirc {
         HopCirc {
             prev,
             next: None,
-            keys,
+            keys: Arc::new(keys),
+            in_plane: false,
             replay: ReplayWindow::default(),
             ctr: 0,
             created: now,
@@ -312,7 +319,7 @@ impl HopTable {
 /// Test helper: the source's and the hop's keys of one handshake.
 #[cfg(test)]
 #[allow(clippy::disallowed_types)] // tests use OsRng
-pub(super) fn pair() -> (HopKeys, HopKeys) {
+pub(in crate::proto::node) fn pair() -> (HopKeys, HopKeys) {
     use crate::proto::identity::NodeId;
     use crate::proto::onion::{server_handshake, ClientHandshake, OnionKey};
     use rand_core::OsRng;

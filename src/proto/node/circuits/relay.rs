@@ -10,6 +10,7 @@ use super::hops::{Admit, Peeled};
 use super::{count, CircRef, HopCirc, CIRCUIT_MTU};
 use crate::proto::dht::{Contact, Goal};
 use crate::proto::identity::verify_signature;
+use crate::proto::node::plane::{Relay, RelayReport, ToPlane};
 use crate::proto::node::{Node, Purpose, Routed};
 use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
 use crate::proto::onion::{
@@ -86,6 +87,9 @@ impl Node {
         let Some(hc) = self.circ.hops.remove(h) else {
             return;
         };
+        if hc.in_plane {
+            self.plane_tell(ToPlane::Unrelay(h));
+        }
         self.circ.on_link.remove(&hc.prev());
         if tell_prev {
             self.send_plain(now, hc.prev().0, hc.prev().1, CellKind::Destroy, &[0]);
@@ -136,6 +140,7 @@ impl Node {
                 #[cfg(feature = "test-hooks")]
                 self.log_cell(true, cell_in, &packet[c..]);
                 self.send_in_place(now, link, packet);
+                self.maybe_hand_hop(h);
                 None
             }
             Ok(Peeled::Mine(command, range)) => {
@@ -394,7 +399,67 @@ impl Node {
         }
     }
 
-    /// Test hook: the cells forwarded since the last call.
+    /// Hands relayed circuit `h` to the data plane, if the node uses one,
+    /// the circuit is extended, and both its links are handed: the plane
+    /// passes its cells on from then on (see [`Relay`]). Asked whenever
+    /// the node passes one of its cells on itself, so a circuit goes over
+    /// with its first cell after its links did.
+    pub(super) fn maybe_hand_hop(&mut self, h: u64) {
+        if !self.uses_plane() {
+            return;
+        }
+        let Some(hc) = self.circ.hops.get(h) else {
+            return;
+        };
+        let (prev, Some(next)) = (hc.prev(), hc.next) else {
+            return;
+        };
+        if hc.in_plane || hc.extending.is_some() || !self.handed(prev.0) || !self.handed(next.0) {
+            return;
+        }
+        let keys = hc.keys.clone();
+        if let Some(hc) = self.circ.hops.get_mut(h) {
+            hc.in_plane = true;
+        }
+        tracing::trace!(circuit = h, "relayed circuit handed to the data plane");
+        self.plane_tell(ToPlane::Relay(Box::new(Relay {
+            h,
+            prev,
+            next,
+            keys,
+        })));
+    }
+
+    /// Takes in what the data plane passed on for relayed circuits.
+    pub(in crate::proto::node) fn relayed_by_plane(&mut self, r: RelayReport) {
+        for (h, at, fwd, bwd) in r.circuits {
+            if let Some(hc) = self.circ.hops.get_mut(h) {
+                hc.last_used = hc.last_used.max(at);
+                hc.fwd_bytes += fwd;
+                hc.bwd_bytes += bwd;
+            }
+        }
+        let s = &mut self.circ.stats;
+        s.cells_forwarded += r.cells;
+        s.bytes_forwarded += r.bytes;
+        s.drops.over_bandwidth += r.over_bandwidth;
+        #[cfg(feature = "test-hooks")]
+        for (forward, cell_in, out) in r.log {
+            self.log_cell(forward, Some(cell_in), &out);
+        }
+    }
+
+    /// How many relayed circuits the data plane passes cells on for.
+    pub(in crate::proto::node) fn hops_in_plane(&self) -> usize {
+        self.circ.hops.values().filter(|hc| hc.in_plane).count()
+    }
+
+    /// Test hook: whether relays record the cells they forward.
+    #[cfg(feature = "test-hooks")]
+    pub(in crate::proto::node) fn cell_log_on(&self) -> bool {
+        self.circ.cell_log_on
+    }
+
     /// Test hook: relays record the cells they forward from now on (for
     /// [`Node::take_cell_log`]).
     #[cfg(feature = "test-hooks")]
@@ -402,6 +467,7 @@ impl Node {
         self.circ.cell_log_on = true;
     }
 
+    /// Test hook: the cells forwarded since the last call.
     #[cfg(feature = "test-hooks")]
     pub fn take_cell_log(&mut self) -> Vec<(bool, Vec<u8>, Vec<u8>)> {
         std::mem::take(&mut self.circ.cell_log)

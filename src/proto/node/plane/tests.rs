@@ -11,6 +11,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519;
 
 use super::*;
+use crate::proto::limit::ByteBucket;
 use crate::proto::node::channel::{Channel, Opened, Setup};
 use crate::proto::wire;
 
@@ -69,8 +70,8 @@ fn session(now: Instant) -> (Channel, Channel) {
 /// end of the link, routed to the other.
 fn planes(now: Instant) -> (DataPlane, DataPlane) {
     let (ca, cb) = session(now);
-    let mut pa = DataPlane::new(addr(1), MTU);
-    let mut pb = DataPlane::new(addr(2), MTU);
+    let mut pa = DataPlane::new(addr(1), MTU, None);
+    let mut pb = DataPlane::new(addr(2), MTU, None);
     for (p, index, chan, peer) in [(&mut pa, 1, ca, addr(2)), (&mut pb, 2, cb, addr(1))] {
         p.handle(ToPlane::Handoff(Box::new(Lane::new(index, chan, peer))));
         p.handle(ToPlane::Route(peer, index, now + Duration::from_secs(60)));
@@ -259,7 +260,7 @@ fn packets_that_waited_for_a_handshake_leave_with_its_response() {
     );
     let ca = Channel::new(setup(&ka), 1, pb, Some(ep(2)), false, now);
     let mut cb = Channel::new(setup(&kb), 2, pa, Some(ep(1)), false, now);
-    let mut a = DataPlane::new(addr(1), MTU);
+    let mut a = DataPlane::new(addr(1), MTU, None);
     a.handle(ToPlane::Handoff(Box::new(Lane::new(1, ca, addr(2)))));
     a.handle(ToPlane::Route(addr(2), 1, now + Duration::from_secs(60)));
     let p = udp(addr(1), addr(2), b"waited");
@@ -303,4 +304,215 @@ fn a_cookie_reply_from_elsewhere_moves_nothing() {
     assert_eq!(a.admit(now, 1, ep(7), &cookie, &mut buf), PlaneRx::Done);
     assert!(a.poll_event().is_none(), "nothing moved");
     assert!(a.poll_transmit().is_none());
+}
+
+/// Two channels with a session between them, as `session` makes, with
+/// their own keys, indices and endpoints.
+fn session_between(now: Instant, a: (u8, u32, u8), b: (u8, u32, u8)) -> (Channel, Channel) {
+    let (ka, kb) = (
+        x25519::StaticSecret::from([a.0; 32]),
+        x25519::StaticSecret::from([b.0; 32]),
+    );
+    let (pa, pb) = (
+        x25519::PublicKey::from(&ka).to_bytes(),
+        x25519::PublicKey::from(&kb).to_bytes(),
+    );
+    let mut ca = Channel::new(setup(&ka), a.1, pb, Some(ep(b.2)), true, now);
+    let mut cb = Channel::new(setup(&kb), b.1, pa, Some(ep(a.2)), true, now);
+    let mut buf = vec![0u8; 4096];
+    let mut to_b = VecDeque::new();
+    ca.initiate(ep(b.2), true, &mut buf, &mut to_b);
+    let init = to_b.pop_front().expect("an initiation").payload;
+    let mut to_a = VecDeque::new();
+    assert!(matches!(
+        cb.open(ep(a.2), &init, &mut buf, &mut to_a),
+        Opened::Authentic(None)
+    ));
+    let resp = to_a.pop_front().expect("a response").payload;
+    assert!(matches!(
+        ca.open(ep(b.2), &resp, &mut buf, &mut VecDeque::new()),
+        Opened::Authentic(None)
+    ));
+    (ca, cb)
+}
+
+/// The cell in a control frame that reached a plane's node.
+fn cell_of(p: &mut DataPlane) -> Option<Vec<u8>> {
+    while let Some(e) = p.poll_event() {
+        if let FromPlane::Inner { packet, .. } = e {
+            let view = Ipv6View::new_checked(&packet).ok()?;
+            let (ty, body) = wire::control_of(view)?;
+            assert_eq!(ty, MSG_CELL);
+            return Some(body.to_vec());
+        }
+    }
+    None
+}
+
+/// Planes for S (`addr(1)`), R (`addr(2)`) and N (`addr(3)`), with a
+/// link S–R (indices 10 and 1) and a link R–N (2 and 11); R's plane has
+/// the relay bandwidth budget `bucket`.
+fn relay_line(now: Instant, bucket: Option<ByteBucket>) -> [DataPlane; 3] {
+    let (s_r, r_s) = session_between(now, (5, 10, 1), (6, 1, 2));
+    let (r_n, n_r) = session_between(now, (6, 2, 2), (7, 11, 3));
+    let mut s = DataPlane::new(addr(1), MTU, None);
+    let mut r = DataPlane::new(addr(2), MTU, bucket);
+    let mut n = DataPlane::new(addr(3), MTU, None);
+    s.handle(ToPlane::Handoff(Box::new(Lane::new(10, s_r, addr(2)))));
+    r.handle(ToPlane::Handoff(Box::new(Lane::new(1, r_s, addr(1)))));
+    r.handle(ToPlane::Handoff(Box::new(Lane::new(2, r_n, addr(3)))));
+    n.handle(ToPlane::Handoff(Box::new(Lane::new(11, n_r, addr(2)))));
+    [s, r, n]
+}
+
+/// A relay's plane between a source S (`addr(1)`) and the next hop N
+/// (`addr(3)`): R (`addr(2)`) holds both links and, once the node hands it
+/// the circuit, passes cells on either way with its layer off or on, and
+/// leaves the node what is addressed to R and what runs on circuits it
+/// does not hold.
+#[test]
+fn a_relayed_circuit_passes_cells_on_without_the_node() {
+    use crate::proto::node::circuits::pair;
+    use crate::proto::onion::{self, CellKind, Cmd, Forward, CELL_HEADER, CELL_SMALL};
+    let now = Instant::now();
+    let [mut s, mut r, mut n] = relay_line(now, None);
+    // The circuit: ID 40 between S and R, 41 between R and N.
+    let ((src_r, hop_r), (src_n, hop_n)) = (pair(), pair());
+    let path = [src_r, src_n];
+    let hop_r = Arc::new(hop_r);
+    // S sends a forward cell for N, and one for R.
+    let send = |s: &mut DataPlane, target: usize, data: &[u8]| -> Vec<u8> {
+        let mut cell = vec![0u8; CELL_SMALL];
+        let nonce = onion::wrap(&path, target, 1, Cmd::Probe, data, &mut cell[CELL_HEADER..]);
+        onion::write_header(&mut cell, 40, CellKind::Relay, &nonce);
+        let mut frame = Vec::new();
+        wire::encode_control(addr(1), addr(2), MSG_CELL, &cell, &mut frame);
+        s.handle(ToPlane::Seal(10, frame));
+        cell
+    };
+    // Before the hand-over, R's node sees it.
+    let sent = send(&mut s, 1, b"to n");
+    assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
+    assert_eq!(cell_of(&mut r), Some(sent));
+    r.handle(ToPlane::Relay(Box::new(Relay {
+        h: 7,
+        prev: (1, 40),
+        next: (2, 41),
+        keys: hop_r.clone(),
+    })));
+    assert_eq!(r.relayed(), 1);
+    send(&mut s, 1, b"to n");
+    assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
+    assert!(!r.has_events(), "R's node saw nothing");
+    assert!(carry(&mut r, &mut n, ep(2), now).is_empty());
+    let mut got = cell_of(&mut n).expect("the cell reached N");
+    let hdr = onion::parse_cell(&got).unwrap();
+    assert_eq!((hdr.circ, hdr.kind), (41, CellKind::Relay));
+    let mut nonce = hdr.nonce;
+    match hop_n.forward(&mut nonce, &mut got[CELL_HEADER..]) {
+        Ok(Forward::Mine(_, Cmd::Probe, range)) => {
+            assert_eq!(
+                &got[CELL_HEADER + range.start..CELL_HEADER + range.end],
+                b"to n"
+            )
+        }
+        other => panic!("N could not open it: {other:?}"),
+    }
+    // A cell for R itself: R's node gets it as it came.
+    let sent = send(&mut s, 0, b"to r");
+    assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
+    assert_eq!(cell_of(&mut r), Some(sent), "unchanged, for the node");
+    assert!(r.poll_transmit().is_none(), "nothing passed on");
+    // Backward: N's cell gets R's layer and reaches S, who sees N spoke.
+    let mut cell = vec![0u8; CELL_SMALL];
+    let nonce = hop_n.originate(1, Cmd::ProbeReply, b"back", &mut cell[CELL_HEADER..]);
+    onion::write_header(&mut cell, 41, CellKind::Relay, &nonce);
+    let mut frame = Vec::new();
+    wire::encode_control(addr(3), addr(2), MSG_CELL, &cell, &mut frame);
+    n.handle(ToPlane::Seal(11, frame));
+    assert!(carry(&mut n, &mut r, ep(3), now).is_empty());
+    assert!(carry(&mut r, &mut s, ep(2), now).is_empty());
+    let mut got = cell_of(&mut s).expect("the cell reached S");
+    let hdr = onion::parse_cell(&got).unwrap();
+    assert_eq!(hdr.circ, 40);
+    let u = onion::unwrap(&path, hdr.nonce, &mut got[CELL_HEADER..]).expect("S opens it");
+    assert_eq!((u.hop, u.command), (1, Cmd::ProbeReply));
+    assert_eq!(
+        &got[CELL_HEADER + u.data.start..CELL_HEADER + u.data.end],
+        b"back"
+    );
+    // Counted for the node: two cells passed on, one each way.
+    r.report();
+    let mut report = None;
+    while let Some(e) = r.poll_event() {
+        if let FromPlane::Relayed(x) = e {
+            report = Some(x);
+        }
+    }
+    let report = report.expect("a relay report");
+    assert_eq!((report.cells, report.bytes), (2, 2 * CELL_SMALL as u64));
+    assert_eq!(
+        report.circuits,
+        vec![(7, now, CELL_SMALL as u64, CELL_SMALL as u64)]
+    );
+    r.report();
+    assert!(
+        !std::iter::from_fn(|| r.poll_event()).any(|e| matches!(e, FromPlane::Relayed(_))),
+        "nothing new, no report"
+    );
+    // Taken back (the circuit ended): its cells are the node's again.
+    r.handle(ToPlane::Unrelay(7));
+    assert_eq!(r.relayed(), 0);
+    let sent = send(&mut s, 1, b"late");
+    assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
+    assert_eq!(cell_of(&mut r), Some(sent));
+    // A link withdrawn takes its circuits with it.
+    r.handle(ToPlane::Relay(Box::new(Relay {
+        h: 8,
+        prev: (1, 40),
+        next: (2, 41),
+        keys: hop_r,
+    })));
+    r.handle(ToPlane::Withdraw(2));
+    assert_eq!(r.relayed(), 0);
+}
+
+/// The relay bandwidth cap holds for the cells the plane passes on.
+#[test]
+fn a_relay_plane_keeps_to_the_bandwidth_cap() {
+    use crate::proto::node::circuits::{pair, relay_bucket};
+    use crate::proto::onion::{self, CellKind, Cmd, CELL_HEADER, CELL_LARGE};
+    let now = Instant::now();
+    // The smallest burst: four large cells.
+    let [mut s, mut r, _n] = relay_line(now, Some(relay_bucket(1)));
+    let ((src_r, hop_r), (src_n, _)) = (pair(), pair());
+    let path = [src_r, src_n];
+    r.handle(ToPlane::Relay(Box::new(Relay {
+        h: 1,
+        prev: (1, 40),
+        next: (2, 41),
+        keys: Arc::new(hop_r),
+    })));
+    for i in 0..6 {
+        let mut cell = vec![0u8; CELL_LARGE];
+        let nonce = onion::wrap(&path, 1, i, Cmd::Probe, b"x", &mut cell[CELL_HEADER..]);
+        onion::write_header(&mut cell, 40, CellKind::Relay, &nonce);
+        let mut frame = Vec::new();
+        wire::encode_control(addr(1), addr(2), MSG_CELL, &cell, &mut frame);
+        s.handle(ToPlane::Seal(10, frame));
+    }
+    assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
+    let mut passed = 0;
+    while r.poll_transmit().is_some() {
+        passed += 1;
+    }
+    assert_eq!(passed, 4, "a burst of four large cells");
+    r.report();
+    let over = std::iter::from_fn(|| r.poll_event())
+        .find_map(|e| match e {
+            FromPlane::Relayed(x) => Some(x.over_bandwidth),
+            _ => None,
+        })
+        .expect("a relay report");
+    assert_eq!(over, 2);
 }

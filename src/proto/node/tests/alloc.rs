@@ -133,11 +133,9 @@ fn carry(
     }
 }
 
-#[test]
-fn relays_allocate_nothing_per_cell() {
-    // The node's own data path (a handed link's is counted below).
-    NO_PLANE.set(true);
-    let now = Instant::now();
+/// The node tests' circuit network with a circuit built from node 0 to
+/// node 5; returns the network, the addresses and the circuit's relays.
+fn built_circuit(now: Instant) -> (Net, Vec<Ipv6Addr>, Vec<usize>) {
     let (mut net, addrs, ids) = circuit_net(now);
     let (a, e) = (0, 5);
     let p = udp_packet(addrs[a], addrs[e], b"build");
@@ -151,6 +149,16 @@ fn relays_allocate_nothing_per_cell() {
         .filter(|&i| i != e)
         .collect();
     assert!(!relays.is_empty());
+    (net, addrs, relays)
+}
+
+#[test]
+fn relays_allocate_nothing_per_cell() {
+    // The node's own data path (a handed link's is counted below).
+    NO_PLANE.set(true);
+    let now = Instant::now();
+    let (mut net, addrs, relays) = built_circuit(now);
+    let (a, e) = (0, 5);
     // Warm up (buffers reach their sizes, spare buffers come back), then
     // count 200 packets of 1,000 bytes.
     let payload = vec![0x5a; 1000];
@@ -292,4 +300,93 @@ fn a_handed_link_allocates_nothing_per_packet() {
         st.links[0].counters.tx_compressed > 200,
         "packets were compressed"
     );
+}
+
+/// Relays whose data planes hold the circuit: once the first cells have
+/// gone through each relay's node, which hands the circuit over, every
+/// relay's plane passes the cells on alone — its node sees none of them —
+/// and allocates nothing per cell.
+#[test]
+fn handed_relays_pass_cells_on_alone_and_allocate_nothing() {
+    ALL_PLANES.set(true);
+    let now = Instant::now();
+    let (mut net, addrs, relays) = built_circuit(now);
+    let (a, e) = (0, 5);
+    let payload = vec![0x5a; 1000];
+    let packet = udp_packet(addrs[a], addrs[e], &payload);
+    let _ = net.nodes[a].0.handle_tun_packet(net.now, &packet);
+    let tun = advance(&mut net, 1.0);
+    assert!(tun[e].contains(&packet));
+    for &r in &relays {
+        let st = net.nodes[r].0.status();
+        assert!(
+            st.data_path.plane_circuits >= 1,
+            "relay {r} did not hand the circuit over"
+        );
+        assert!(net.nodes[r].0.plane().unwrap().relayed() >= 1);
+    }
+    let before: Vec<u64> = relays
+        .iter()
+        .map(|&r| net.nodes[r].0.status().relay.cells_forwarded)
+        .collect();
+    let mut batch = SendBatch::default();
+    let mut others = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let (mut relayed, mut allocs, mut delivered) = (0u64, 0u64, 0u64);
+    for round in 0..250 {
+        // The source's node wraps the packet (not counted here; see
+        // `relays_allocate_nothing_per_cell`), its plane seals it.
+        let _ = net.nodes[a].0.handle_tun_packet(now, &packet);
+        net.nodes[a]
+            .0
+            .plane()
+            .unwrap()
+            .take_output(&mut batch, &mut others);
+        let mut from = net.nodes[a].1;
+        loop {
+            let (to, data) = {
+                let mut sent = batch.datagrams();
+                let (to, d) = sent.next().expect("a node sent something");
+                assert!(sent.next().is_none(), "one datagram per hop");
+                (to, d.to_vec())
+            };
+            let j = net.nodes.iter().position(|(_, ep)| *ep == to).unwrap();
+            if j == e {
+                let got = net.nodes[j].0.handle_datagram(now, from, &data);
+                assert_eq!(got, Some(&packet[..]), "delivered");
+                delivered += 1;
+                break;
+            }
+            assert!(relays.contains(&j));
+            let plane = net.nodes[j].0.plane().unwrap();
+            let (done, n) = counted(|| {
+                let done = plane.receive(now, from, &data, &mut buf) == PlaneRx::Done;
+                plane.take_output(&mut batch, &mut others);
+                done
+            });
+            assert!(done);
+            assert!(!plane.has_events(), "the relay's node was asked");
+            if round >= 50 {
+                (relayed, allocs) = (relayed + 1, allocs + n);
+            }
+            from = net.nodes[j].1;
+        }
+        assert!(others.is_empty(), "only the batch is sent");
+    }
+    println!(
+        "allocations per cell on {} handed relays: {:.2} ({relayed} cells relayed, {delivered} delivered)",
+        relays.len(),
+        allocs as f64 / relayed as f64
+    );
+    assert_eq!(relayed, 200 * relays.len() as u64);
+    assert_eq!(allocs, 0, "a relay's plane allocated per cell");
+    // The nodes learn what their planes passed on.
+    for (k, &r) in relays.iter().enumerate() {
+        let st = net.nodes[r].0.status();
+        assert!(
+            st.relay.cells_forwarded >= before[k] + 250,
+            "relay {r}: {} cells counted",
+            st.relay.cells_forwarded - before[k]
+        );
+    }
 }

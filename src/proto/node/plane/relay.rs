@@ -1,0 +1,220 @@
+//! The data plane's share of relaying (ARCHITECTURE §14, gap 2, stage 3):
+//! circuits this node carries as a relay between two links the plane holds.
+//! For them the plane takes its layer off a forward cell, or adds it to a
+//! backward one, where the cell was decrypted, writes the onward circuit ID
+//! and seals the cell on the other link, without the node.
+//!
+//! The node hands a circuit over ([`Relay`]) once it is extended and both
+//! of its links are handed, and takes it back when it ends. What the plane
+//! leaves to the node: cells of other kinds (CREATE, CREATED, DESTROY),
+//! cells on circuits it does not hold, and forward cells addressed to this
+//! hop (a probe, noise), which [`HopKeys::pass`] recognises without
+//! touching them. The node opens those with the same keys (shared, they are
+//! read-only) and keeps the circuit's replay window. The plane counts what
+//! it passes on per circuit and reports it once a tick
+//! ([`RelayReport`]), which keeps the node's idle timers and `status`
+//! current.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::proto::limit::ByteBucket;
+use crate::proto::onion::{self, parse_cell, CellKind, HopKeys, CELL_HEADER};
+
+/// A relayed circuit, as the node hands it to the plane.
+pub struct Relay {
+    /// The node's ID for the circuit.
+    pub(in crate::proto::node) h: u64,
+    /// Link and circuit ID towards the source.
+    pub(in crate::proto::node) prev: (u32, u32),
+    /// Link and circuit ID towards the next hop.
+    pub(in crate::proto::node) next: (u32, u32),
+    /// This hop's keys (the node keeps them too).
+    pub(in crate::proto::node) keys: Arc<HopKeys>,
+}
+
+/// What the plane passed on since its last report
+/// ([`FromPlane::Relayed`](super::FromPlane::Relayed)).
+#[derive(Debug, Default)]
+pub struct RelayReport {
+    /// Per circuit that passed cells on: the node's ID for it, when it last
+    /// did, and the bytes it passed forward and backward since the last
+    /// report.
+    pub circuits: Vec<(u64, Instant, u64, u64)>,
+    /// Cells passed on.
+    pub cells: u64,
+    /// Bytes of those cells.
+    pub bytes: u64,
+    /// Cells dropped over the relay bandwidth cap.
+    pub over_bandwidth: u64,
+    /// Test hook: the cells passed on, as (forward?, as they came, as they
+    /// left), while the node logs cells.
+    #[cfg(feature = "test-hooks")]
+    pub log: Vec<(bool, Vec<u8>, Vec<u8>)>,
+}
+
+struct Carried {
+    relay: Relay,
+    /// Since the last report: when it last passed a cell on, and bytes
+    /// forward and backward.
+    used: Option<Instant>,
+    fwd: u64,
+    bwd: u64,
+}
+
+/// What became of a cell given to [`Relays::pass`].
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Passed on: seal it on this link.
+    Onward(u32),
+    /// Dropped (over the bandwidth cap) and counted.
+    Dropped,
+    /// Not the plane's: the node handles it.
+    Node,
+}
+
+/// The circuits the plane relays, by the node's ID and by (link, circuit
+/// ID) on either side.
+#[derive(Default)]
+pub(super) struct Relays {
+    circuits: HashMap<u64, Carried>,
+    /// (link, circuit ID) → (circuit, whether cells arriving there go
+    /// forward).
+    on_lane: HashMap<(u32, u32), (u64, bool)>,
+    /// The relay bandwidth cap's budget for the cells the plane passes on.
+    bucket: Option<ByteBucket>,
+    report: RelayReport,
+    /// Test hook: whether passed cells are logged.
+    #[cfg(feature = "test-hooks")]
+    pub(super) log: bool,
+}
+
+impl Relays {
+    /// With the relay bandwidth cap's budget, if there is a cap.
+    pub(super) fn new(bucket: Option<ByteBucket>) -> Relays {
+        Relays {
+            bucket,
+            ..Relays::default()
+        }
+    }
+
+    /// How many circuits the plane relays.
+    pub(super) fn len(&self) -> usize {
+        self.circuits.len()
+    }
+
+    /// Takes over circuit `r` (its links are the plane's).
+    pub(super) fn insert(&mut self, r: Relay) {
+        self.remove(r.h);
+        self.on_lane.insert(r.prev, (r.h, true));
+        self.on_lane.insert(r.next, (r.h, false));
+        self.circuits.insert(
+            r.h,
+            Carried {
+                relay: r,
+                used: None,
+                fwd: 0,
+                bwd: 0,
+            },
+        );
+    }
+
+    /// Drops circuit `h` (what it passed on since the last report is still
+    /// reported).
+    pub(super) fn remove(&mut self, h: u64) {
+        if let Some(c) = self.circuits.remove(&h) {
+            self.on_lane.remove(&c.relay.prev);
+            self.on_lane.remove(&c.relay.next);
+            Self::note(&mut self.report, h, &c);
+        }
+    }
+
+    /// Link `index` left the plane: so do the circuits on it.
+    pub(super) fn lane_gone(&mut self, index: u32) {
+        let gone: Vec<u64> = self
+            .circuits
+            .iter()
+            .filter(|(_, c)| c.relay.prev.0 == index || c.relay.next.0 == index)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in gone {
+            self.remove(h);
+        }
+    }
+
+    /// A cell arrived on link `index` (`cell`: the whole cell). If it runs
+    /// on a circuit the plane relays and is not addressed to this hop, this
+    /// hop's layer comes off (forward) or goes on (backward) in place, the
+    /// onward circuit ID is written, and the answer is the link it goes on.
+    pub(super) fn pass(&mut self, now: Instant, index: u32, cell: &mut [u8]) -> Step {
+        let Ok(hdr) = parse_cell(cell) else {
+            return Step::Node;
+        };
+        if hdr.kind != CellKind::Relay {
+            return Step::Node;
+        }
+        let Some(&(h, forward)) = self.on_lane.get(&(index, hdr.circ)) else {
+            return Step::Node;
+        };
+        let Some(c) = self.circuits.get_mut(&h) else {
+            return Step::Node;
+        };
+        #[cfg(feature = "test-hooks")]
+        let cell_in = self.log.then(|| cell.to_vec());
+        let mut nonce = hdr.nonce;
+        let size = cell.len();
+        let (head, body) = cell.split_at_mut(CELL_HEADER);
+        let onward = if forward {
+            if !c.relay.keys.pass(&mut nonce, body) {
+                // For this hop: the node opens it.
+                return Step::Node;
+            }
+            c.relay.next
+        } else {
+            c.relay.keys.backward(&mut nonce, body);
+            c.relay.prev
+        };
+        if let Some(b) = &mut self.bucket {
+            if !b.take(now, size) {
+                self.report.over_bandwidth += 1;
+                return Step::Dropped;
+            }
+        }
+        onion::write_header(head, onward.1, CellKind::Relay, &nonce);
+        c.used = Some(now);
+        if forward {
+            c.fwd += size as u64;
+        } else {
+            c.bwd += size as u64;
+        }
+        self.report.cells += 1;
+        self.report.bytes += size as u64;
+        #[cfg(feature = "test-hooks")]
+        if let Some(cell_in) = cell_in {
+            if self.report.log.len() < 10_000 {
+                self.report.log.push((forward, cell_in, cell.to_vec()));
+            }
+        }
+        Step::Onward(onward.0)
+    }
+
+    fn note(report: &mut RelayReport, h: u64, c: &Carried) {
+        if let Some(t) = c.used {
+            report.circuits.push((h, t, c.fwd, c.bwd));
+        }
+    }
+
+    /// What the plane passed on since the last call; None if nothing.
+    pub(super) fn take_report(&mut self) -> Option<RelayReport> {
+        for (h, c) in &mut self.circuits {
+            Self::note(&mut self.report, *h, c);
+            (c.used, c.fwd, c.bwd) = (None, 0, 0);
+        }
+        let r = &self.report;
+        let empty = r.circuits.is_empty() && r.cells == 0 && r.over_bandwidth == 0;
+        #[cfg(feature = "test-hooks")]
+        let empty = empty && r.log.is_empty();
+        (!empty).then(|| std::mem::take(&mut self.report))
+    }
+}
