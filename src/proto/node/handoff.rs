@@ -138,6 +138,17 @@ impl Node {
         self.handoff.out.push_back(ToPlane::Seal(index, frame));
     }
 
+    /// Asks the plane to seal `frame`, a cell this node passes on as a
+    /// relay, on handed link `index`, within the relay bandwidth cap (the
+    /// plane's budget, which it also spends on the cells it passes on
+    /// itself).
+    pub(super) fn plane_seal_relayed(&mut self, now: Instant, index: u32, frame: &[u8]) {
+        let frame = reuse(&mut self.spare, frame);
+        self.handoff
+            .out
+            .push_back(ToPlane::SealRelayed(index, frame, now));
+    }
+
     /// Asks the plane to seal application packet `packet` on handed link
     /// `index`, and to send the packets to its destination there for
     /// [`ROUTE_HOLD`].
@@ -241,6 +252,7 @@ impl Node {
             }
             FromPlane::Activity(a) => self.activity(&a),
             FromPlane::Relayed(r) => self.relayed_by_plane(*r),
+            FromPlane::Unrelayed(h) => self.hop_not_in_plane(h),
             FromPlane::Heard(index, at) => {
                 if let Some(link) = self.links.get_mut(&index) {
                     link.chan.last_app_rx = link.chan.last_app_rx.max(Some(at));

@@ -106,6 +106,9 @@ pub enum ToPlane {
     Unroute(Ipv6Addr),
     /// Seal a frame the node made (a control message, a cell) on a link.
     Seal(u32, Vec<u8>),
+    /// Seal a cell the node passes on as a relay on a link, within the
+    /// relay bandwidth cap (as of the instant given), and count it.
+    SealRelayed(u32, Vec<u8>, Instant),
     /// Seal an application packet the node routed over a link (compressed
     /// as the link does).
     SealApp(u32, Vec<u8>),
@@ -154,6 +157,9 @@ pub enum FromPlane {
     Activity(Box<Activity>),
     /// What the plane passed on for relayed circuits since the last tick.
     Relayed(Box<RelayReport>),
+    /// The plane did not take this relayed circuit (one of its links left
+    /// the plane before the circuit came): its cells are the node's.
+    Unrelayed(u64),
 }
 
 /// A handed link's counters and timestamps ([`FromPlane::Activity`]).
@@ -220,6 +226,11 @@ pub struct DataPlane {
     lz4: Lz4Table,
     paused: bool,
     relays: Relays,
+    /// Reports ([`FromPlane::Activity`], [`FromPlane::Relayed`]) waiting
+    /// for the node: while any do, the timers make no new ones (a node
+    /// that doesn't keep up gets them late, not piled up; one asked for
+    /// with [`DataPlane::report`] is made all the same).
+    reports_queued: usize,
     /// Frames the node asked to seal on a link the plane does not hold (a
     /// withdrawal crossed them), and control frames dropped while the node
     /// was busy ([`MAX_EVENTS`]).
@@ -249,6 +260,7 @@ impl DataPlane {
             lz4: Lz4Table::default(),
             paused: false,
             relays: Relays::new(bucket),
+            reports_queued: 0,
             lost: 0,
         }
     }
@@ -308,13 +320,13 @@ impl DataPlane {
                 }
             }
             ToPlane::Seal(index, frame) => {
-                match self.lanes.get_mut(&index) {
-                    Some(lane) => {
-                        if let Sealed::Failed = lane.chan.seal(&mut self.out, &frame) {
-                            lane.drops.send_failed += 1;
-                        }
-                    }
-                    None => self.lost += 1,
+                self.seal(index, &frame);
+                self.recycle(frame);
+            }
+            ToPlane::SealRelayed(index, frame, now) => {
+                let size = frame.len().saturating_sub(wire::CONTROL_BODY);
+                if self.relays.charge(now, size) {
+                    self.seal(index, &frame);
                 }
                 self.recycle(frame);
             }
@@ -339,9 +351,23 @@ impl DataPlane {
                 // the hand-over; the node then ends the circuit anyway).
                 if self.lanes.contains_key(&r.prev.0) && self.lanes.contains_key(&r.next.0) {
                     self.relays.insert(*r);
+                } else {
+                    self.events.push_back(FromPlane::Unrelayed(r.h));
                 }
             }
             ToPlane::Unrelay(h) => self.relays.remove(h),
+        }
+    }
+
+    /// Seals `frame` (a control frame or cell) on link `index`.
+    fn seal(&mut self, index: u32, frame: &[u8]) {
+        match self.lanes.get_mut(&index) {
+            Some(lane) => {
+                if let Sealed::Failed = lane.chan.seal(&mut self.out, frame) {
+                    lane.drops.send_failed += 1;
+                }
+            }
+            None => self.lost += 1,
         }
     }
 
@@ -352,7 +378,11 @@ impl DataPlane {
 
     /// The next message for the node.
     pub fn poll_event(&mut self) -> Option<FromPlane> {
-        self.events.pop_front()
+        let e = self.events.pop_front()?;
+        if matches!(e, FromPlane::Activity(_) | FromPlane::Relayed(_)) {
+            self.reports_queued = self.reports_queued.saturating_sub(1);
+        }
+        Some(e)
     }
 
     /// Takes back a buffer the plane handed out (a [`FromPlane::Inner`]
@@ -614,7 +644,9 @@ impl DataPlane {
                 self.events.push_back(FromPlane::Expired(lane.index));
             }
         }
-        self.report();
+        if self.reports_queued == 0 {
+            self.report();
+        }
     }
 
     /// Reports each link's [`Activity`] to the node now (as the timers do;
@@ -623,7 +655,9 @@ impl DataPlane {
     pub fn report(&mut self) {
         if let Some(r) = self.relays.take_report() {
             self.events.push_back(FromPlane::Relayed(Box::new(r)));
+            self.reports_queued += 1;
         }
+        self.reports_queued += self.lanes.len();
         for lane in self.lanes.values_mut() {
             self.events
                 .push_back(FromPlane::Activity(Box::new(Activity {

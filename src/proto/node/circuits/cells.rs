@@ -10,6 +10,15 @@ use std::time::Instant;
 use rand_core::RngCore;
 
 use super::{count, wrap_into, CircRef, Stage};
+
+/// Whose a cell sent on a link is ([`Node::send_in_place`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Carry {
+    /// This node's own (built here, or a hop's answer).
+    Own,
+    /// One it passes on as a relay, within the relay bandwidth cap.
+    Relayed,
+}
 use crate::proto::identity::NodeId;
 use crate::proto::node::{Node, Sealed, MAX_PENDING_CTL, MSG_CELL};
 use crate::proto::onion::{
@@ -53,7 +62,7 @@ impl Node {
         frame.clear();
         frame.resize(wire::CONTROL_BODY + len, 0);
         frame[wire::CONTROL_BODY..].copy_from_slice(&self.bufs.cell[..len]);
-        let sent = self.send_in_place(now, link, &mut frame);
+        let sent = self.send_in_place(now, link, &mut frame, Carry::Own);
         self.bufs.ctl = frame;
         sent
     }
@@ -63,7 +72,13 @@ impl Node {
     /// send batch (queued until the link's neighbour is verified). A relayed
     /// cell leaves this way from the buffer it was decrypted into. True
     /// when a datagram went into the batch.
-    pub(super) fn send_in_place(&mut self, now: Instant, link: u32, packet: &mut [u8]) -> bool {
+    pub(super) fn send_in_place(
+        &mut self,
+        now: Instant,
+        link: u32,
+        packet: &mut [u8],
+        carry: Carry,
+    ) -> bool {
         let Some(l) = self.links.get_mut(&link) else {
             self.circ.stats.drops.send_failed += 1;
             return false;
@@ -83,7 +98,10 @@ impl Node {
         };
         wire::write_control_header(packet, self.address, dst, MSG_CELL);
         if l.chan.handed() {
-            self.plane_seal(link, packet);
+            match carry {
+                Carry::Own => self.plane_seal(link, packet),
+                Carry::Relayed => self.plane_seal_relayed(now, link, packet),
+            }
             return true;
         }
         match l.chan.seal(&mut self.out, packet) {
@@ -94,6 +112,23 @@ impl Node {
                 false
             }
         }
+    }
+
+    /// Passes a relayed cell (in `packet[CONTROL_BODY..]`, its header
+    /// written) on to `link`, within the relay bandwidth cap. On a handed
+    /// link the plane's budget applies, the one for everything this relay
+    /// passes on there, and the plane counts the cell; else the node's.
+    pub(super) fn pass_on(&mut self, now: Instant, link: u32, packet: &mut [u8]) {
+        let size = packet.len() - wire::CONTROL_BODY;
+        if !self.handed(link) {
+            if !self.bandwidth_ok(now, size) {
+                self.circ.stats.drops.over_bandwidth += 1;
+                return;
+            }
+            self.circ.stats.cells_forwarded += 1;
+            self.circ.stats.bytes_forwarded += size as u64;
+        }
+        self.send_in_place(now, link, packet, Carry::Relayed);
     }
 
     /// A link-level cell with a plain body (CREATE, CREATED, DESTROY).
@@ -252,17 +287,11 @@ impl Node {
                             &mut nonce,
                             &mut packet[c + CELL_HEADER..],
                         )?;
-                        if !self.bandwidth_ok(now, size) {
-                            self.circ.stats.drops.over_bandwidth += 1;
-                            return None;
-                        }
                         self.circ.hops.count_backward(h, size);
                         onion::write_header(&mut packet[c..], circ, CellKind::Relay, &nonce);
-                        self.circ.stats.cells_forwarded += 1;
-                        self.circ.stats.bytes_forwarded += size as u64;
                         #[cfg(feature = "test-hooks")]
                         self.log_cell(false, cell_in, &packet[c..]);
-                        self.send_in_place(now, link, packet);
+                        self.pass_on(now, link, packet);
                         self.maybe_hand_hop(h);
                         None
                     }

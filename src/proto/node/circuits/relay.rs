@@ -113,7 +113,6 @@ impl Node {
         packet: &mut [u8],
     ) -> Option<usize> {
         let c = wire::CONTROL_BODY;
-        let size = packet.len() - c;
         #[cfg(feature = "test-hooks")]
         let cell_in = self.cell_for_log(&packet[c..]);
         let peeled = self
@@ -130,16 +129,10 @@ impl Node {
                 None
             }
             Ok(Peeled::Pass((link, circ))) => {
-                if !self.bandwidth_ok(now, size) {
-                    self.circ.stats.drops.over_bandwidth += 1;
-                    return None;
-                }
                 onion::write_header(&mut packet[c..], circ, CellKind::Relay, &nonce);
-                self.circ.stats.cells_forwarded += 1;
-                self.circ.stats.bytes_forwarded += size as u64;
                 #[cfg(feature = "test-hooks")]
                 self.log_cell(true, cell_in, &packet[c..]);
-                self.send_in_place(now, link, packet);
+                self.pass_on(now, link, packet);
                 self.maybe_hand_hop(h);
                 None
             }
@@ -428,6 +421,15 @@ impl Node {
             next,
             keys,
         })));
+    }
+
+    /// The data plane could not take relayed circuit `h` (a link of it was
+    /// withdrawn meanwhile): the node passes its cells on, and may hand it
+    /// over again.
+    pub(in crate::proto::node) fn hop_not_in_plane(&mut self, h: u64) {
+        if let Some(hc) = self.circ.hops.get_mut(h) {
+            hc.in_plane = false;
+        }
     }
 
     /// Takes in what the data plane passed on for relayed circuits.

@@ -5,7 +5,10 @@
 //! and seals the cell on the other link, without the node.
 //!
 //! The node hands a circuit over ([`Relay`]) once it is extended and both
-//! of its links are handed, and takes it back when it ends. What the plane
+//! of its links are handed, and takes it back when it ends. The relay
+//! bandwidth cap has one budget here for all that the relay passes on over
+//! the plane's links: the cells the plane passes on itself, and those the
+//! node passes on there ([`ToPlane::SealRelayed`](super::ToPlane)). What the plane
 //! leaves to the node: cells of other kinds (CREATE, CREATED, DESTROY),
 //! cells on circuits it does not hold, and forward cells addressed to this
 //! hop (a probe, noise), which [`HopKeys::pass`] recognises without
@@ -107,8 +110,13 @@ impl Relays {
     /// Takes over circuit `r` (its links are the plane's).
     pub(super) fn insert(&mut self, r: Relay) {
         self.remove(r.h);
-        self.on_lane.insert(r.prev, (r.h, true));
-        self.on_lane.insert(r.next, (r.h, false));
+        // The node's circuit IDs on a link are unique while a circuit
+        // holds them, and it takes a circuit back before it frees them.
+        for (key, forward) in [(r.prev, true), (r.next, false)] {
+            if let Some((old, _)) = self.on_lane.insert(key, (r.h, forward)) {
+                debug_assert!(false, "circuit {old} still held {key:?}");
+            }
+        }
         self.circuits.insert(
             r.h,
             Carried {
@@ -124,8 +132,11 @@ impl Relays {
     /// reported).
     pub(super) fn remove(&mut self, h: u64) {
         if let Some(c) = self.circuits.remove(&h) {
-            self.on_lane.remove(&c.relay.prev);
-            self.on_lane.remove(&c.relay.next);
+            for key in [c.relay.prev, c.relay.next] {
+                if self.on_lane.get(&key).is_some_and(|(o, _)| *o == h) {
+                    self.on_lane.remove(&key);
+                }
+            }
             Self::note(&mut self.report, h, &c);
         }
     }
@@ -175,21 +186,17 @@ impl Relays {
             c.relay.keys.backward(&mut nonce, body);
             c.relay.prev
         };
-        if let Some(b) = &mut self.bucket {
-            if !b.take(now, size) {
-                self.report.over_bandwidth += 1;
-                return Step::Dropped;
-            }
-        }
-        onion::write_header(head, onward.1, CellKind::Relay, &nonce);
+        // Counted on the circuit before the cap, as the node counts it.
         c.used = Some(now);
         if forward {
             c.fwd += size as u64;
         } else {
             c.bwd += size as u64;
         }
-        self.report.cells += 1;
-        self.report.bytes += size as u64;
+        if !Self::spend(&mut self.bucket, &mut self.report, now, size) {
+            return Step::Dropped;
+        }
+        onion::write_header(head, onward.1, CellKind::Relay, &nonce);
         #[cfg(feature = "test-hooks")]
         if let Some(cell_in) = cell_in {
             if self.report.log.len() < 10_000 {
@@ -197,6 +204,30 @@ impl Relays {
             }
         }
         Step::Onward(onward.0)
+    }
+
+    /// A cell of `size` bytes the node passes on as a relay on one of the
+    /// plane's links: whether the relay bandwidth cap lets it through
+    /// (then it is counted as passed on; else as dropped).
+    pub(super) fn charge(&mut self, now: Instant, size: usize) -> bool {
+        Self::spend(&mut self.bucket, &mut self.report, now, size)
+    }
+
+    fn spend(
+        bucket: &mut Option<ByteBucket>,
+        report: &mut RelayReport,
+        now: Instant,
+        size: usize,
+    ) -> bool {
+        if let Some(b) = bucket {
+            if !b.take(now, size) {
+                report.over_bandwidth += 1;
+                return false;
+            }
+        }
+        report.cells += 1;
+        report.bytes += size as u64;
+        true
     }
 
     fn note(report: &mut RelayReport, h: u64, c: &Carried) {

@@ -471,10 +471,21 @@ fn a_relayed_circuit_passes_cells_on_without_the_node() {
         h: 8,
         prev: (1, 40),
         next: (2, 41),
-        keys: hop_r,
+        keys: hop_r.clone(),
     })));
     r.handle(ToPlane::Withdraw(2));
     assert_eq!(r.relayed(), 0);
+    // A circuit that crossed its link's withdrawal is refused, and the
+    // node told.
+    while r.poll_event().is_some() {}
+    r.handle(ToPlane::Relay(Box::new(Relay {
+        h: 9,
+        prev: (1, 40),
+        next: (2, 41),
+        keys: hop_r,
+    })));
+    assert_eq!(r.relayed(), 0);
+    assert!(matches!(r.poll_event(), Some(FromPlane::Unrelayed(9))));
 }
 
 /// The relay bandwidth cap holds for the cells the plane passes on.
@@ -507,12 +518,52 @@ fn a_relay_plane_keeps_to_the_bandwidth_cap() {
         passed += 1;
     }
     assert_eq!(passed, 4, "a burst of four large cells");
+    // The cells the node passes on over the plane's links spend the same
+    // budget: nothing left for them now, a large cell's worth a second
+    // later... at one byte a second, never.
+    let mut frame = Vec::new();
+    wire::encode_control(addr(2), addr(3), MSG_CELL, &[0u8; CELL_LARGE], &mut frame);
+    r.handle(ToPlane::SealRelayed(2, frame, now));
+    assert!(r.poll_transmit().is_none(), "over the cap");
     r.report();
-    let over = std::iter::from_fn(|| r.poll_event())
+    let report = std::iter::from_fn(|| r.poll_event())
         .find_map(|e| match e {
-            FromPlane::Relayed(x) => Some(x.over_bandwidth),
+            FromPlane::Relayed(x) => Some(x),
             _ => None,
         })
         .expect("a relay report");
-    assert_eq!(over, 2);
+    assert_eq!((report.cells, report.over_bandwidth), (4, 3));
+    // Without a cap the node's cells go out, counted as passed on.
+    let [_s, mut r, _n] = relay_line(now, None);
+    let mut frame = Vec::new();
+    wire::encode_control(addr(2), addr(3), MSG_CELL, &[0u8; CELL_LARGE], &mut frame);
+    r.handle(ToPlane::SealRelayed(2, frame, now));
+    assert!(r.poll_transmit().is_some());
+    r.report();
+    let report = std::iter::from_fn(|| r.poll_event())
+        .find_map(|e| match e {
+            FromPlane::Relayed(x) => Some(x),
+            _ => None,
+        })
+        .expect("a relay report");
+    assert_eq!((report.cells, report.bytes), (1, CELL_LARGE as u64));
+}
+
+/// Reports wait for a node that is slow to take them: the timers make no
+/// new ones meanwhile, so they never pile up.
+#[test]
+fn reports_do_not_pile_up_behind_a_busy_node() {
+    let now = Instant::now();
+    let (mut a, _b) = planes(now);
+    for _ in 0..100 {
+        a.handle_timeout(now);
+    }
+    let queued = std::iter::from_fn(|| a.poll_event()).count();
+    assert_eq!(queued, 1, "one link, one report");
+    a.handle_timeout(now);
+    assert_eq!(activity(&mut a, now).len(), 1, "taken, made again");
+    // Asked for, one is made all the same.
+    a.handle_timeout(now);
+    a.report();
+    assert_eq!(std::iter::from_fn(|| a.poll_event()).count(), 2);
 }

@@ -389,4 +389,16 @@ fn handed_relays_pass_cells_on_alone_and_allocate_nothing() {
             st.relay.cells_forwarded - before[k]
         );
     }
+    // Idle, the source closes the circuit; its DESTROY takes it out of
+    // every relay's plane.
+    net.now = now;
+    advance(&mut net, 200.0);
+    assert!(
+        net.nodes[a].0.circuits(net.now).circuits.is_empty(),
+        "the idle circuit was closed"
+    );
+    for &r in &relays {
+        assert_eq!(net.nodes[r].0.plane().unwrap().relayed(), 0, "relay {r}");
+        assert_eq!(net.nodes[r].0.status().data_path.plane_circuits, 0);
+    }
 }
