@@ -125,7 +125,7 @@ pub fn render(st: &Status) -> String {
     ));
     let dp = &st.data_path;
     out.push_str(&format!(
-        "data path {}% busy   compression {} (paused {} times)   {} links and {} relayed circuits on the data thread\n",
+        "data path {}% busy   compression {} (paused {} times)   {} and {} on the data thread\n",
         dp.busy_percent,
         if dp.compression_paused {
             "paused: the data path, not the link, is the limit"
@@ -133,8 +133,8 @@ pub fn render(st: &Status) -> String {
             "on where allowed"
         },
         dp.compression_pauses,
-        dp.plane_links,
-        dp.plane_circuits,
+        noun(dp.plane_links, "link", "links"),
+        noun(dp.plane_circuits, "relayed circuit", "relayed circuits"),
     ));
     out.push_str(&format!(
         "          waited for the node over 1 ms: {} times (longest {:.1} ms)\n",
@@ -332,6 +332,11 @@ pub fn render_circuits(v: &Circuits) -> String {
         ));
     }
     out
+}
+
+/// `n` and the noun in the number it takes ("1 link", "3 links").
+fn noun(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
@@ -244,10 +246,25 @@ impl Peer {
 
 struct BuiltHop {
     id: NodeId,
-    keys: HopKeys,
-    ctr: u64,
+    /// Shared with the data plane when it sends on the circuit (read-only).
+    keys: Arc<HopKeys>,
+    ctr: CellCounter,
     replay: ReplayWindow,
     last_reply: Instant,
+}
+
+/// The count of the cells a source sent to one hop of its circuit, each
+/// numbered by it. Shared with the data plane, which numbers the DATA it
+/// sends on the circuit from the same count; the hop's replay window takes
+/// the numbers in any order within its width.
+#[derive(Clone, Debug, Default)]
+pub(in crate::proto::node) struct CellCounter(Arc<AtomicU64>);
+
+impl CellCounter {
+    /// The next cell's number (the first is 1).
+    pub(in crate::proto::node) fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
 }
 
 /// A signature the node needs and does not make itself: RSA signing takes
@@ -456,9 +473,7 @@ fn wrap_into(
     always_large: bool,
 ) -> Option<(u32, usize)> {
     let size = onion::cell_size_for(data.len(), always_large).unwrap_or(CELL_LARGE);
-    let hop = c.hops.get_mut(target)?;
-    hop.ctr += 1;
-    let counter = hop.ctr;
+    let counter = c.hops.get(target)?.ctr.next();
     let (head, body) = cell.get_mut(..size)?.split_at_mut(CELL_HEADER);
     let n = wrap(&c.hops, target, counter, command, data, body);
     onion::write_header(head, c.circ, CellKind::Relay, &n);

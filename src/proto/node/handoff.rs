@@ -14,7 +14,7 @@
 //! circuit this node relays between two handed links is handed over too
 //! (`Node::maybe_hand_hop`): the plane passes its cells on.
 
-use super::plane::{Activity, DataPlane, FromPlane, Lane, ToPlane};
+use super::plane::{Activity, DataPlane, FromPlane, Lane, OutRoute, ToPlane};
 use super::*;
 
 /// How long at most the plane may send packets to an address over the link
@@ -168,6 +168,23 @@ impl Node {
             }
             h.routed.insert(dst, until);
         }
+    }
+
+    /// Grants the plane route `r` to a circuit this node built, for
+    /// [`ROUTE_HOLD`], unless the plane routes its destination already
+    /// (then the packet came to the node because the plane left it: too
+    /// big for a cell).
+    pub(super) fn plane_route_circuit(&mut self, now: Instant, r: OutRoute) {
+        let h = &mut self.handoff;
+        if h.routed.get(&r.dst).is_some_and(|t| *t > now) {
+            return;
+        }
+        let (dst, until) = (r.dst, now + ROUTE_HOLD);
+        h.out.push_back(ToPlane::RouteCircuit(Box::new(r), until));
+        if h.routed.len() >= MAX_ROUTED {
+            h.routed.retain(|_, t| *t > now);
+        }
+        h.routed.insert(dst, until);
     }
 
     /// The last datagram given to [`Node::receive`] or

@@ -24,15 +24,20 @@ use std::time::{Duration, Instant};
 
 use boringtun::noise::{Packet, Tunn};
 
+mod out;
 mod relay;
-pub use relay::{Relay, RelayReport};
+pub use out::OutRoute;
+use out::OutRoutes;
+pub use relay::{CellReport, Relay};
 use relay::{Relays, Step};
 
 use super::channel::{Channel, Delivery, Fit, Opened, Sealed, Tick};
+use super::circuits::CIRCUIT_MTU;
 use super::{
     reuse, Drops, LinkCounters, Transmit, MAX_DATAGRAM, MAX_SPARE, MSG_CELL, SPARE_CAPACITY,
 };
 use crate::proto::batch::SendBatch;
+use crate::proto::onion::{self, CellKind, Cmd, CELL_HEADER, CELL_LARGE, MAX_DATA};
 use crate::proto::wire::{self, Ipv6View, Lz4Table, MAX_PACKET};
 
 /// How often at most a link tells the node that its neighbour sends
@@ -92,6 +97,15 @@ impl Lane {
     }
 }
 
+/// Where a routed address's packets go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// Straight over a link.
+    Link(u32),
+    /// On a circuit this node built.
+    Circuit(u64),
+}
+
 /// What the node tells the plane.
 pub enum ToPlane {
     /// Take this link: its datagrams and routed packets are the plane's
@@ -102,6 +116,10 @@ pub enum ToPlane {
     /// Packets to this overlay address go over this link until then (the
     /// node decided so, and decides again after).
     Route(Ipv6Addr, u32, Instant),
+    /// Packets to the route's destination go on the circuit it names
+    /// until then, as DATA the plane wraps itself (the node sent one there
+    /// just now).
+    RouteCircuit(Box<OutRoute>, Instant),
     /// Packets to this overlay address go to the node again.
     Unroute(Ipv6Addr),
     /// Seal a frame the node made (a control message, a cell) on a link.
@@ -155,8 +173,9 @@ pub enum FromPlane {
     /// A link's state as of the last tick, for `status` and the node's
     /// link timers.
     Activity(Box<Activity>),
-    /// What the plane passed on for relayed circuits since the last tick.
-    Relayed(Box<RelayReport>),
+    /// What the plane did with circuits' cells since the last tick: passed
+    /// on as a relay, sent as DATA on circuits this node built.
+    Relayed(Box<CellReport>),
     /// The plane did not take this relayed circuit (one of its links left
     /// the plane before the circuit came): its cells are the node's.
     Unrelayed(u64),
@@ -212,7 +231,11 @@ pub enum PlaneRx<'a> {
 pub struct DataPlane {
     own: Ipv6Addr,
     lanes: HashMap<u32, Lane>,
-    routes: HashMap<Ipv6Addr, (u32, Instant)>,
+    routes: HashMap<Ipv6Addr, (Target, Instant)>,
+    /// The circuits this node built that the plane sends on.
+    outs: OutRoutes,
+    /// Where a source's cell is built (frame headers and cell).
+    cell: Vec<u8>,
     /// A link's MTU when its neighbour moves (the configured one).
     mtu: usize,
     out: SendBatch,
@@ -250,6 +273,8 @@ impl DataPlane {
             own,
             lanes: HashMap::new(),
             routes: HashMap::new(),
+            outs: OutRoutes::default(),
+            cell: vec![0u8; wire::CONTROL_BODY + CELL_LARGE],
             mtu,
             out: SendBatch::default(),
             transmits: VecDeque::new(),
@@ -276,7 +301,7 @@ impl DataPlane {
     }
 
     /// Test hook: whether the cells the plane passes on are logged (in its
-    /// [`RelayReport`]s).
+    /// [`CellReport`]s).
     #[cfg(feature = "test-hooks")]
     pub(super) fn log_cells(&mut self, on: bool) {
         self.relays.log = on;
@@ -289,18 +314,30 @@ impl DataPlane {
                 self.lanes.insert(lane.index, *lane);
             }
             ToPlane::Withdraw(index) => {
-                self.routes.retain(|_, (i, _)| *i != index);
+                self.routes.retain(|_, (t, _)| *t != Target::Link(index));
+                for dst in self.outs.lane_gone(index, self.relays.report_mut()) {
+                    self.routes.remove(&dst);
+                }
                 self.relays.lane_gone(index);
                 if let Some(lane) = self.lanes.remove(&index) {
                     self.events.push_back(FromPlane::Returned(Box::new(lane)));
                 }
             }
             ToPlane::Route(addr, index, until) => {
-                self.routes.insert(addr, (index, until));
+                self.unroute(addr);
+                self.routes.insert(addr, (Target::Link(index), until));
             }
-            ToPlane::Unroute(addr) => {
-                self.routes.remove(&addr);
+            ToPlane::RouteCircuit(r, until) => {
+                // Only over a link the plane holds (a withdrawal may have
+                // crossed the grant).
+                if self.lanes.contains_key(&r.link) {
+                    let (dst, id) = (r.dst, r.id);
+                    self.unroute(dst);
+                    self.outs.insert(*r);
+                    self.routes.insert(dst, (Target::Circuit(id), until));
+                }
             }
+            ToPlane::Unroute(addr) => self.unroute(addr),
             ToPlane::SealApp(index, packet) => {
                 match (Ipv6View::new_checked(&packet), self.lanes.get_mut(&index)) {
                     (Ok(view), Some(lane)) => {
@@ -359,6 +396,14 @@ impl DataPlane {
         }
     }
 
+    /// Packets to `addr` go to the node again; a circuit they took is no
+    /// longer sent on.
+    fn unroute(&mut self, addr: Ipv6Addr) {
+        if let Some((Target::Circuit(id), _)) = self.routes.remove(&addr) {
+            self.outs.remove(id, self.relays.report_mut());
+        }
+    }
+
     /// Seals `frame` (a control frame or cell) on link `index`.
     fn seal(&mut self, index: u32, frame: &[u8]) {
         match self.lanes.get_mut(&index) {
@@ -400,7 +445,10 @@ impl DataPlane {
             return PlaneTx::NotMine;
         };
         let index = match self.routes.get(&view.dst()) {
-            Some(&(index, until)) if now < until => index,
+            Some(&(Target::Link(index), until)) if now < until => index,
+            Some(&(Target::Circuit(id), until)) if now < until => {
+                return self.send_on_circuit(now, id, view);
+            }
             _ => return PlaneTx::NotMine,
         };
         let Some(lane) = self.lanes.get_mut(&index) else {
@@ -422,6 +470,60 @@ impl DataPlane {
         {
             lane.drops.send_failed += 1;
         }
+        PlaneTx::Done
+    }
+
+    /// Sends an application packet as DATA on circuit `id` (routed here):
+    /// compressed as the node would, wrapped for the circuit's last hop
+    /// into the plane's cell buffer, and sealed on the first link. What
+    /// doesn't fit a cell goes to the node (it answers ICMPv6).
+    fn send_on_circuit(&mut self, now: Instant, id: u64, view: Ipv6View<'_>) -> PlaneTx<'_> {
+        let DataPlane {
+            own,
+            lanes,
+            out,
+            scratch,
+            lz4,
+            paused,
+            outs,
+            cell,
+            ..
+        } = self;
+        let Some(s) = outs.get_mut(id) else {
+            return PlaneTx::NotMine;
+        };
+        let r = &s.route;
+        let Some(lane) = lanes.get_mut(&r.link) else {
+            return PlaneTx::NotMine;
+        };
+        let len = view.bytes().len();
+        if len > CIRCUIT_MTU {
+            return PlaneTx::NotMine;
+        }
+        // As `Node::circuit_compress`: paused only where cells are all one
+        // size.
+        let compress = r.compress && !(*paused && r.always_large);
+        let table = compress.then_some((&mut s.adaptive, lz4));
+        let (frame, _) = crate::proto::compress::encode(view, table, scratch);
+        if frame.len() > MAX_DATA {
+            return PlaneTx::NotMine;
+        }
+        let size = onion::cell_size_for(frame.len(), r.always_large).unwrap_or(CELL_LARGE);
+        let Some(target) = r.keys.len().checked_sub(1) else {
+            return PlaneTx::NotMine;
+        };
+        let c = wire::CONTROL_BODY;
+        let packet = &mut cell[..c + size];
+        let counter = r.counter.next();
+        let (head, body) = packet[c..].split_at_mut(CELL_HEADER);
+        let nonce = onion::wrap(&r.keys, target, counter, Cmd::Data, frame, body);
+        onion::write_header(head, r.circ, CellKind::Relay, &nonce);
+        wire::write_control_header(packet, *own, lane.peer, MSG_CELL);
+        lane.chan.last_used = now;
+        if let Sealed::Failed = lane.chan.seal(out, packet) {
+            lane.drops.send_failed += 1;
+        }
+        s.sent(now, len);
         PlaneTx::Done
     }
 
@@ -653,7 +755,9 @@ impl DataPlane {
     /// for a `status` that must be current), and what relayed circuits
     /// passed on.
     pub fn report(&mut self) {
-        if let Some(r) = self.relays.take_report() {
+        let mut r = self.relays.take_report();
+        self.outs.report(&mut r);
+        if !r.is_empty() {
             self.events.push_back(FromPlane::Relayed(Box::new(r)));
             self.reports_queued += 1;
         }

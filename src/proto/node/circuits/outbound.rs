@@ -279,9 +279,10 @@ mod tests {
     #[test]
     fn a_reply_is_opened_for_the_hop_that_sent_it_and_only_once() {
         use super::super::hops::pair;
-        use super::super::BuiltHop;
+        use super::super::{BuiltHop, CellCounter};
         use crate::proto::identity::NodeId;
         use crate::proto::onion::{Cmd, ReplayWindow, CELL_HEADER, CELL_SMALL};
+        use std::sync::Arc;
         let t0 = Instant::now();
         let dst: Ipv6Addr = "fc00::7".parse().unwrap();
         let ((src0, hop0), (src1, hop1)) = (pair(), pair());
@@ -289,8 +290,8 @@ mod tests {
         for keys in [src0, src1] {
             c.hops.push(BuiltHop {
                 id: NodeId([2; 32]),
-                keys,
-                ctr: 0,
+                keys: Arc::new(keys),
+                ctr: CellCounter::default(),
                 replay: ReplayWindow::default(),
                 last_reply: t0,
             });

@@ -10,7 +10,7 @@ use super::hops::{Admit, Peeled};
 use super::{count, CircRef, HopCirc, CIRCUIT_MTU};
 use crate::proto::dht::{Contact, Goal};
 use crate::proto::identity::verify_signature;
-use crate::proto::node::plane::{Relay, RelayReport, ToPlane};
+use crate::proto::node::plane::{CellReport, Relay, ToPlane};
 use crate::proto::node::{Node, Purpose, Routed};
 use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
 use crate::proto::onion::{
@@ -433,12 +433,18 @@ impl Node {
     }
 
     /// Takes in what the data plane passed on for relayed circuits.
-    pub(in crate::proto::node) fn relayed_by_plane(&mut self, r: RelayReport) {
+    pub(in crate::proto::node) fn relayed_by_plane(&mut self, r: CellReport) {
         for (h, at, fwd, bwd) in r.circuits {
             if let Some(hc) = self.circ.hops.get_mut(h) {
                 hc.last_used = hc.last_used.max(at);
                 hc.fwd_bytes += fwd;
                 hc.bwd_bytes += bwd;
+            }
+        }
+        for (id, at, bytes) in r.sent {
+            if let Some(c) = self.circ.out.get_mut(id) {
+                c.last_used = c.last_used.max(at);
+                c.tx_bytes += bytes;
             }
         }
         let s = &mut self.circ.stats;

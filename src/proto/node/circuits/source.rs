@@ -10,10 +10,11 @@ use rand_core::RngCore;
 use super::outbound::Fault;
 use super::routing::PathInputs;
 use super::{
-    count, wrap_into, BuildError, BuiltHop, CircRef, OutCirc, Peer, SignJob, Signing, Stage,
-    CIRCUIT_MTU, MAX_OUT, OUT_IDLE, QUEUE,
+    count, wrap_into, BuildError, BuiltHop, CellCounter, CircRef, OutCirc, Peer, SignJob, Signing,
+    Stage, CIRCUIT_MTU, MAX_OUT, OUT_IDLE, QUEUE,
 };
 use crate::proto::identity::NodeId;
+use crate::proto::node::plane::OutRoute;
 use crate::proto::node::{Node, Routed};
 use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
 use crate::proto::onion::{
@@ -21,6 +22,7 @@ use crate::proto::onion::{
 };
 use crate::proto::route;
 use crate::proto::wire::{self, Incoming, Ipv6View, IPV6_MIN_MTU};
+use std::sync::Arc;
 
 impl Node {
     /// Whether builds to `dst` failed too often lately.
@@ -80,9 +82,37 @@ impl Node {
             return Routed::Nothing;
         }
         match self.out_data(id, view) {
-            Some((link, len)) if self.send_cell(now, link, len) => Routed::Queued,
+            Some((link, len)) if self.send_cell(now, link, len) => {
+                if let Some(r) = self.out_route(id) {
+                    self.plane_route_circuit(now, r);
+                }
+                Routed::Queued
+            }
             _ => Routed::Nothing,
         }
+    }
+
+    /// A route for the data plane to ready circuit `id`, if the node uses
+    /// a plane and it holds the circuit's first link: the plane then sends
+    /// the packets to the circuit's destination itself for a while.
+    fn out_route(&self, id: u64) -> Option<OutRoute> {
+        if !self.uses_plane() {
+            return None;
+        }
+        let c = self.circ.out.get(id)?;
+        if c.stage != Stage::Ready || !self.handed(c.link) {
+            return None;
+        }
+        Some(OutRoute {
+            id,
+            dst: c.dst,
+            link: c.link,
+            circ: c.circ,
+            keys: c.hops.iter().map(|h| h.keys.clone()).collect(),
+            counter: c.hops.last()?.ctr.clone(),
+            compress: self.config.traffic.compress && self.config.compression.enabled,
+            always_large: self.config.traffic.always_large,
+        })
     }
 
     /// Whether circuits compress application packets (now: not while the
@@ -191,8 +221,8 @@ impl Node {
                 let hop_id = c.relays[0].id;
                 c.hops.push(BuiltHop {
                     id: hop_id,
-                    keys,
-                    ctr: 0,
+                    keys: Arc::new(keys),
+                    ctr: CellCounter::default(),
                     replay: ReplayWindow::default(),
                     last_reply: now,
                 });
@@ -268,8 +298,8 @@ impl Node {
                         let took = now.saturating_duration_since(c.step_started);
                         c.hops.push(BuiltHop {
                             id: next.id,
-                            keys,
-                            ctr: 0,
+                            keys: Arc::new(keys),
+                            ctr: CellCounter::default(),
                             replay: ReplayWindow::default(),
                             last_reply: now,
                         });
@@ -341,6 +371,9 @@ impl Node {
                 tracing::debug!(circuit = id, %dst, "circuit ready");
                 self.circ.out.succeeded(&dst);
                 // The replacement takes over from the circuit it replaces.
+                // The plane asks the node again (its route may name the
+                // circuit this one replaces).
+                self.unroute(dst);
                 if let Some(old) = self.circ.out.make_current(dst, id) {
                     self.close_out(now, old);
                 }
@@ -466,6 +499,8 @@ impl Node {
     /// Ends circuit `id` (telling its first hop).
     pub(super) fn close_out(&mut self, now: Instant, id: u64) {
         if let Some(c) = self.circ.out.remove(id) {
+            // The plane no longer sends on it.
+            self.unroute(c.dst);
             self.circ.on_link.remove(&(c.link, c.circ));
             self.send_plain(now, c.link, c.circ, CellKind::Destroy, &[0]);
         }

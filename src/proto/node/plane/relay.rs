@@ -15,7 +15,7 @@
 //! touching them. The node opens those with the same keys (shared, they are
 //! read-only) and keeps the circuit's replay window. The plane counts what
 //! it passes on per circuit and reports it once a tick
-//! ([`RelayReport`]), which keeps the node's idle timers and `status`
+//! ([`CellReport`]), which keeps the node's idle timers and `status`
 //! current.
 
 use std::collections::HashMap;
@@ -37,10 +37,11 @@ pub struct Relay {
     pub(in crate::proto::node) keys: Arc<HopKeys>,
 }
 
-/// What the plane passed on since its last report
-/// ([`FromPlane::Relayed`](super::FromPlane::Relayed)).
+/// What the plane did with circuits' cells since its last report
+/// ([`FromPlane::Relayed`](super::FromPlane::Relayed)): the cells it passed
+/// on as a relay, and the DATA it sent on circuits this node built.
 #[derive(Debug, Default)]
-pub struct RelayReport {
+pub struct CellReport {
     /// Per circuit that passed cells on: the node's ID for it, when it last
     /// did, and the bytes it passed forward and backward since the last
     /// report.
@@ -51,10 +52,27 @@ pub struct RelayReport {
     pub bytes: u64,
     /// Cells dropped over the relay bandwidth cap.
     pub over_bandwidth: u64,
+    /// Per circuit this node built that the plane sent DATA on: the
+    /// node's ID for it, when it last did, and the packets' bytes since
+    /// the last report.
+    pub sent: Vec<(u64, Instant, u64)>,
     /// Test hook: the cells passed on, as (forward?, as they came, as they
     /// left), while the node logs cells.
     #[cfg(feature = "test-hooks")]
     pub log: Vec<(bool, Vec<u8>, Vec<u8>)>,
+}
+
+impl CellReport {
+    /// Whether there is nothing to report.
+    pub fn is_empty(&self) -> bool {
+        let empty = self.circuits.is_empty()
+            && self.cells == 0
+            && self.over_bandwidth == 0
+            && self.sent.is_empty();
+        #[cfg(feature = "test-hooks")]
+        let empty = empty && self.log.is_empty();
+        empty
+    }
 }
 
 struct Carried {
@@ -87,7 +105,7 @@ pub(super) struct Relays {
     on_lane: HashMap<(u32, u32), (u64, bool)>,
     /// The relay bandwidth cap's budget for the cells the plane passes on.
     bucket: Option<ByteBucket>,
-    report: RelayReport,
+    report: CellReport,
     /// Test hook: whether passed cells are logged.
     #[cfg(feature = "test-hooks")]
     pub(super) log: bool,
@@ -215,7 +233,7 @@ impl Relays {
 
     fn spend(
         bucket: &mut Option<ByteBucket>,
-        report: &mut RelayReport,
+        report: &mut CellReport,
         now: Instant,
         size: usize,
     ) -> bool {
@@ -230,22 +248,23 @@ impl Relays {
         true
     }
 
-    fn note(report: &mut RelayReport, h: u64, c: &Carried) {
+    fn note(report: &mut CellReport, h: u64, c: &Carried) {
         if let Some(t) = c.used {
             report.circuits.push((h, t, c.fwd, c.bwd));
         }
     }
 
-    /// What the plane passed on since the last call; None if nothing.
-    pub(super) fn take_report(&mut self) -> Option<RelayReport> {
+    /// The report being gathered (others add to it).
+    pub(super) fn report_mut(&mut self) -> &mut CellReport {
+        &mut self.report
+    }
+
+    /// What the plane passed on since the last call.
+    pub(super) fn take_report(&mut self) -> CellReport {
         for (h, c) in &mut self.circuits {
             Self::note(&mut self.report, *h, c);
             (c.used, c.fwd, c.bwd) = (None, 0, 0);
         }
-        let r = &self.report;
-        let empty = r.circuits.is_empty() && r.cells == 0 && r.over_bandwidth == 0;
-        #[cfg(feature = "test-hooks")]
-        let empty = empty && r.log.is_empty();
-        (!empty).then(|| std::mem::take(&mut self.report))
+        std::mem::take(&mut self.report)
     }
 }

@@ -567,3 +567,85 @@ fn reports_do_not_pile_up_behind_a_busy_node() {
     a.report();
     assert_eq!(std::iter::from_fn(|| a.poll_event()).count(), 2);
 }
+
+/// A source's plane sends DATA on a circuit it was routed to: S wraps the
+/// packet for N (through R, whose plane passes it on), numbering it from
+/// the count it shares with its node; what is too big for a cell, an
+/// address no longer routed and a withdrawn link go to the node.
+#[test]
+fn a_routed_circuit_carries_data_without_the_node() {
+    use crate::proto::node::circuits::{pair, CellCounter, CIRCUIT_MTU};
+    use crate::proto::onion::{Cmd, Forward, CELL_HEADER};
+    let now = Instant::now();
+    let [mut s, mut r, mut n] = relay_line(now, None);
+    let ((src_r, hop_r), (src_n, hop_n)) = (pair(), pair());
+    r.handle(ToPlane::Relay(Box::new(Relay {
+        h: 1,
+        prev: (1, 40),
+        next: (2, 41),
+        keys: Arc::new(hop_r),
+    })));
+    let counter = CellCounter::default();
+    let keys = vec![Arc::new(src_r), Arc::new(src_n)];
+    let route = |s: &mut DataPlane| {
+        s.handle(ToPlane::RouteCircuit(
+            Box::new(OutRoute {
+                id: 5,
+                dst: addr(3),
+                link: 10,
+                circ: 40,
+                keys: keys.clone(),
+                counter: counter.clone(),
+                compress: false,
+                always_large: false,
+            }),
+            now + Duration::from_secs(5),
+        ))
+    };
+    route(&mut s);
+    // The node numbered one cell on the circuit already.
+    assert_eq!(counter.next(), 1);
+    let p = udp(addr(1), addr(3), b"over the circuit");
+    assert_eq!(s.send_tun_packet(now, &p), PlaneTx::Done);
+    assert!(!s.has_events(), "S's node saw nothing");
+    assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
+    assert!(carry(&mut r, &mut n, ep(2), now).is_empty());
+    let mut cell = cell_of(&mut n).expect("the cell reached N");
+    let hdr = onion::parse_cell(&cell).unwrap();
+    assert_eq!(hdr.circ, 41);
+    let mut nonce = hdr.nonce;
+    match hop_n.forward(&mut nonce, &mut cell[CELL_HEADER..]) {
+        Ok(Forward::Mine(2, Cmd::Data, range)) => {
+            assert_eq!(
+                &cell[CELL_HEADER + range.start..CELL_HEADER + range.end],
+                &p[..]
+            )
+        }
+        other => panic!("N could not open it as the second cell: {other:?}"),
+    }
+    assert_eq!(counter.next(), 3, "the plane took number 2");
+    // Reported for the node's idle timer and counters.
+    s.report();
+    let report = std::iter::from_fn(|| s.poll_event())
+        .find_map(|e| match e {
+            FromPlane::Relayed(x) => Some(x),
+            _ => None,
+        })
+        .expect("a report");
+    assert_eq!(report.sent, vec![(5, now, p.len() as u64)]);
+    // Too big for a cell: the node's (it answers Packet Too Big).
+    let big = udp(addr(1), addr(3), &vec![0u8; CIRCUIT_MTU]);
+    assert_eq!(s.send_tun_packet(now, &big), PlaneTx::NotMine);
+    // The grant ends, the route goes, the link goes: the node's again.
+    let later = now + Duration::from_secs(6);
+    assert_eq!(s.send_tun_packet(later, &p), PlaneTx::NotMine);
+    s.handle(ToPlane::Unroute(addr(3)));
+    assert_eq!(s.send_tun_packet(now, &p), PlaneTx::NotMine);
+    route(&mut s);
+    assert_eq!(s.send_tun_packet(now, &p), PlaneTx::Done);
+    s.handle(ToPlane::Withdraw(10));
+    assert_eq!(s.send_tun_packet(now, &p), PlaneTx::NotMine);
+    // A grant over a link the plane doesn't hold is ignored.
+    route(&mut s);
+    assert_eq!(s.send_tun_packet(now, &p), PlaneTx::NotMine);
+}

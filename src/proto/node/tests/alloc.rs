@@ -305,7 +305,8 @@ fn a_handed_link_allocates_nothing_per_packet() {
 /// Relays whose data planes hold the circuit: once the first cells have
 /// gone through each relay's node, which hands the circuit over, every
 /// relay's plane passes the cells on alone — its node sees none of them —
-/// and allocates nothing per cell.
+/// and allocates nothing per cell. The source's plane, routed to the
+/// circuit by its node, wraps and sends the packets alone too.
 #[test]
 fn handed_relays_pass_cells_on_alone_and_allocate_nothing() {
     ALL_PLANES.set(true);
@@ -333,15 +334,22 @@ fn handed_relays_pass_cells_on_alone_and_allocate_nothing() {
     let mut others = Vec::new();
     let mut buf = vec![0u8; 4096];
     let (mut relayed, mut allocs, mut delivered) = (0u64, 0u64, 0u64);
+    let mut source = 0u64;
+    let now = net.now;
     for round in 0..250 {
-        // The source's node wraps the packet (not counted here; see
-        // `relays_allocate_nothing_per_cell`), its plane seals it.
-        let _ = net.nodes[a].0.handle_tun_packet(now, &packet);
-        net.nodes[a]
-            .0
-            .plane()
-            .unwrap()
-            .take_output(&mut batch, &mut others);
+        // The source's node routed the destination to the circuit (with
+        // the packet above): its plane wraps and seals the packet itself.
+        let pa = net.nodes[a].0.plane().unwrap();
+        let (done, n) = counted(|| {
+            let done = pa.send_tun_packet(now, &packet) == PlaneTx::Done;
+            pa.take_output(&mut batch, &mut others);
+            done
+        });
+        assert!(done, "the source's plane sent it itself");
+        assert!(!pa.has_events(), "the source's node was asked");
+        if round >= 50 {
+            source += n;
+        }
         let mut from = net.nodes[a].1;
         loop {
             let (to, data) = {
@@ -374,12 +382,19 @@ fn handed_relays_pass_cells_on_alone_and_allocate_nothing() {
         assert!(others.is_empty(), "only the batch is sent");
     }
     println!(
-        "allocations per cell on {} handed relays: {:.2} ({relayed} cells relayed, {delivered} delivered)",
+        "allocations per cell on {} handed relays: {:.2}; per packet at the source's plane: {:.2} ({relayed} cells relayed, {delivered} delivered)",
         relays.len(),
-        allocs as f64 / relayed as f64
+        allocs as f64 / relayed as f64,
+        source as f64 / 200.0
     );
     assert_eq!(relayed, 200 * relays.len() as u64);
     assert_eq!(allocs, 0, "a relay's plane allocated per cell");
+    assert_eq!(source, 0, "the source's plane allocated per packet");
+    // The source's node learns what its plane sent on the circuit (a
+    // status asks the plane for a report).
+    let _ = net.nodes[a].0.status();
+    let c = &net.nodes[a].0.circuits(net.now).circuits[0];
+    assert!(c.tx_bytes >= 250 * packet.len() as u64, "{c:?}");
     // The nodes learn what their planes passed on.
     for (k, &r) in relays.iter().enumerate() {
         let st = net.nodes[r].0.status();
