@@ -256,7 +256,11 @@ struct BuiltHop {
 /// The count of the cells a source sent to one hop of its circuit, each
 /// numbered by it. Shared with the data plane, which numbers the DATA it
 /// sends on the circuit from the same count; the hop's replay window takes
-/// the numbers in any order within its width.
+/// the numbers in any order within its width (2,048). A number the node
+/// took reaches the wire behind at most what the plane sends meanwhile: a
+/// TUN read (`TSO_SEGMENTS` packets, 1,366) and the rest of one hold of
+/// the node, so the window covers it; longer holds or larger reads would
+/// have the destination refuse the node's probes as replays.
 #[derive(Clone, Debug, Default)]
 pub(in crate::proto::node) struct CellCounter(Arc<AtomicU64>);
 

@@ -332,7 +332,11 @@ impl DataPlane {
                 // crossed the grant).
                 if self.lanes.contains_key(&r.link) {
                     let (dst, id) = (r.dst, r.id);
-                    self.unroute(dst);
+                    // A new grant for the same circuit keeps what the plane
+                    // learnt of its flows.
+                    if self.routes.get(&dst).map(|(t, _)| *t) != Some(Target::Circuit(id)) {
+                        self.unroute(dst);
+                    }
                     self.outs.insert(*r);
                     self.routes.insert(dst, (Target::Circuit(id), until));
                 }
@@ -737,7 +741,18 @@ impl DataPlane {
     /// Runs the links' session timers (rekey, keepalive, retries) and
     /// reports each link's [`Activity`] to the node. Call it as often as
     /// the node's own timers run.
-    pub fn handle_timeout(&mut self, _now: Instant) {
+    pub fn handle_timeout(&mut self, now: Instant) {
+        // Grants that ran out go (with a circuit's keys): the node may not
+        // take back what it no longer remembers granting.
+        let expired: Vec<Ipv6Addr> = self
+            .routes
+            .iter()
+            .filter(|(_, (_, until))| *until <= now)
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in expired {
+            self.unroute(addr);
+        }
         for lane in self.lanes.values_mut() {
             if let Tick::Expired =
                 lane.chan

@@ -83,8 +83,10 @@ impl Node {
         }
         match self.out_data(id, view) {
             Some((link, len)) if self.send_cell(now, link, len) => {
-                if let Some(r) = self.out_route(id) {
-                    self.plane_route_circuit(now, r);
+                if !self.plane_routes(now, &dst) {
+                    if let Some(r) = self.out_route(id) {
+                        self.plane_route_circuit(now, r);
+                    }
                 }
                 Routed::Queued
             }

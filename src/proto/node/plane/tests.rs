@@ -641,11 +641,37 @@ fn a_routed_circuit_carries_data_without_the_node() {
     assert_eq!(s.send_tun_packet(later, &p), PlaneTx::NotMine);
     s.handle(ToPlane::Unroute(addr(3)));
     assert_eq!(s.send_tun_packet(now, &p), PlaneTx::NotMine);
+    // Timers drop a grant that ran out (with the circuit's keys), even if
+    // the node never takes it back.
+    route(&mut s);
+    s.handle_timeout(later);
+    assert_eq!(s.send_tun_packet(now, &p), PlaneTx::NotMine);
+    while s.poll_event().is_some() {}
+    // A withdrawn link takes the circuit's route with it, and what was
+    // sent on it is still reported.
     route(&mut s);
     assert_eq!(s.send_tun_packet(now, &p), PlaneTx::Done);
     s.handle(ToPlane::Withdraw(10));
-    assert_eq!(s.send_tun_packet(now, &p), PlaneTx::NotMine);
     // A grant over a link the plane doesn't hold is ignored.
     route(&mut s);
-    assert_eq!(s.send_tun_packet(now, &p), PlaneTx::NotMine);
+    let lane = std::iter::from_fn(|| s.poll_event())
+        .find_map(|e| match e {
+            FromPlane::Returned(lane) => Some(lane),
+            _ => None,
+        })
+        .expect("the link came back");
+    s.handle(ToPlane::Handoff(lane));
+    assert_eq!(
+        s.send_tun_packet(now, &p),
+        PlaneTx::NotMine,
+        "no route came back with the link"
+    );
+    s.report();
+    let report = std::iter::from_fn(|| s.poll_event())
+        .find_map(|e| match e {
+            FromPlane::Relayed(x) => Some(x),
+            _ => None,
+        })
+        .expect("a report");
+    assert_eq!(report.sent, vec![(5, now, p.len() as u64)]);
 }
