@@ -13,6 +13,7 @@ use boringtun::x25519;
 use super::*;
 use crate::proto::limit::ByteBucket;
 use crate::proto::node::channel::{Channel, Opened, Setup};
+use crate::proto::onion::HopKeys;
 use crate::proto::wire;
 
 const MTU: usize = 1420;
@@ -349,6 +350,28 @@ fn cell_of(p: &mut DataPlane) -> Option<Vec<u8>> {
     None
 }
 
+/// The plane's report on circuits' cells, asked for now.
+fn cell_report(p: &mut DataPlane) -> Box<CellReport> {
+    p.report();
+    std::iter::from_fn(|| p.poll_event())
+        .find_map(|e| match e {
+            FromPlane::Relayed(x) => Some(x),
+            _ => None,
+        })
+        .expect("a report on circuits' cells")
+}
+
+/// Hands R's plane relayed circuit `h`: ID 40 on link 1 (towards S), 41
+/// on link 2 (towards N).
+fn relay_40_41(h: u64, keys: Arc<HopKeys>) -> ToPlane {
+    ToPlane::Relay(Box::new(Relay {
+        h,
+        prev: (1, 40),
+        next: (2, 41),
+        keys,
+    }))
+}
+
 /// Planes for S (`addr(1)`), R (`addr(2)`) and N (`addr(3)`), with a
 /// link S–R (indices 10 and 1) and a link R–N (2 and 11); R's plane has
 /// the relay bandwidth budget `bucket`.
@@ -394,12 +417,7 @@ fn a_relayed_circuit_passes_cells_on_without_the_node() {
     let sent = send(&mut s, 1, b"to n");
     assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
     assert_eq!(cell_of(&mut r), Some(sent));
-    r.handle(ToPlane::Relay(Box::new(Relay {
-        h: 7,
-        prev: (1, 40),
-        next: (2, 41),
-        keys: hop_r.clone(),
-    })));
+    r.handle(relay_40_41(7, hop_r.clone()));
     assert_eq!(r.relayed(), 1);
     send(&mut s, 1, b"to n");
     assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
@@ -442,14 +460,7 @@ fn a_relayed_circuit_passes_cells_on_without_the_node() {
         b"back"
     );
     // Counted for the node: two cells passed on, one each way.
-    r.report();
-    let mut report = None;
-    while let Some(e) = r.poll_event() {
-        if let FromPlane::Relayed(x) = e {
-            report = Some(x);
-        }
-    }
-    let report = report.expect("a relay report");
+    let report = cell_report(&mut r);
     assert_eq!((report.cells, report.bytes), (2, 2 * CELL_SMALL as u64));
     assert_eq!(
         report.circuits,
@@ -467,23 +478,13 @@ fn a_relayed_circuit_passes_cells_on_without_the_node() {
     assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
     assert_eq!(cell_of(&mut r), Some(sent));
     // A link withdrawn takes its circuits with it.
-    r.handle(ToPlane::Relay(Box::new(Relay {
-        h: 8,
-        prev: (1, 40),
-        next: (2, 41),
-        keys: hop_r.clone(),
-    })));
+    r.handle(relay_40_41(8, hop_r.clone()));
     r.handle(ToPlane::Withdraw(2));
     assert_eq!(r.relayed(), 0);
     // A circuit that crossed its link's withdrawal is refused, and the
     // node told.
     while r.poll_event().is_some() {}
-    r.handle(ToPlane::Relay(Box::new(Relay {
-        h: 9,
-        prev: (1, 40),
-        next: (2, 41),
-        keys: hop_r,
-    })));
+    r.handle(relay_40_41(9, hop_r));
     assert_eq!(r.relayed(), 0);
     assert!(matches!(r.poll_event(), Some(FromPlane::Unrelayed(9))));
 }
@@ -498,12 +499,7 @@ fn a_relay_plane_keeps_to_the_bandwidth_cap() {
     let [mut s, mut r, _n] = relay_line(now, Some(relay_bucket(1)));
     let ((src_r, hop_r), (src_n, _)) = (pair(), pair());
     let path = [src_r, src_n];
-    r.handle(ToPlane::Relay(Box::new(Relay {
-        h: 1,
-        prev: (1, 40),
-        next: (2, 41),
-        keys: Arc::new(hop_r),
-    })));
+    r.handle(relay_40_41(1, Arc::new(hop_r)));
     for i in 0..6 {
         let mut cell = vec![0u8; CELL_LARGE];
         let nonce = onion::wrap(&path, 1, i, Cmd::Probe, b"x", &mut cell[CELL_HEADER..]);
@@ -525,13 +521,7 @@ fn a_relay_plane_keeps_to_the_bandwidth_cap() {
     wire::encode_control(addr(2), addr(3), MSG_CELL, &[0u8; CELL_LARGE], &mut frame);
     r.handle(ToPlane::SealRelayed(2, frame, now));
     assert!(r.poll_transmit().is_none(), "over the cap");
-    r.report();
-    let report = std::iter::from_fn(|| r.poll_event())
-        .find_map(|e| match e {
-            FromPlane::Relayed(x) => Some(x),
-            _ => None,
-        })
-        .expect("a relay report");
+    let report = cell_report(&mut r);
     assert_eq!((report.cells, report.over_bandwidth), (4, 3));
     // Without a cap the node's cells go out, counted as passed on.
     let [_s, mut r, _n] = relay_line(now, None);
@@ -539,13 +529,7 @@ fn a_relay_plane_keeps_to_the_bandwidth_cap() {
     wire::encode_control(addr(2), addr(3), MSG_CELL, &[0u8; CELL_LARGE], &mut frame);
     r.handle(ToPlane::SealRelayed(2, frame, now));
     assert!(r.poll_transmit().is_some());
-    r.report();
-    let report = std::iter::from_fn(|| r.poll_event())
-        .find_map(|e| match e {
-            FromPlane::Relayed(x) => Some(x),
-            _ => None,
-        })
-        .expect("a relay report");
+    let report = cell_report(&mut r);
     assert_eq!((report.cells, report.bytes), (1, CELL_LARGE as u64));
 }
 
@@ -579,12 +563,7 @@ fn a_routed_circuit_carries_data_without_the_node() {
     let now = Instant::now();
     let [mut s, mut r, mut n] = relay_line(now, None);
     let ((src_r, hop_r), (src_n, hop_n)) = (pair(), pair());
-    r.handle(ToPlane::Relay(Box::new(Relay {
-        h: 1,
-        prev: (1, 40),
-        next: (2, 41),
-        keys: Arc::new(hop_r),
-    })));
+    r.handle(relay_40_41(1, Arc::new(hop_r)));
     let counter = CellCounter::default();
     let keys = vec![Arc::new(src_r), Arc::new(src_n)];
     let route = |s: &mut DataPlane| {
@@ -625,13 +604,7 @@ fn a_routed_circuit_carries_data_without_the_node() {
     }
     assert_eq!(counter.next(), 3, "the plane took number 2");
     // Reported for the node's idle timer and counters.
-    s.report();
-    let report = std::iter::from_fn(|| s.poll_event())
-        .find_map(|e| match e {
-            FromPlane::Relayed(x) => Some(x),
-            _ => None,
-        })
-        .expect("a report");
+    let report = cell_report(&mut s);
     assert_eq!(report.sent, vec![(5, now, p.len() as u64)]);
     // Too big for a cell: the node's (it answers Packet Too Big).
     let big = udp(addr(1), addr(3), &vec![0u8; CIRCUIT_MTU]);
@@ -666,12 +639,6 @@ fn a_routed_circuit_carries_data_without_the_node() {
         PlaneTx::NotMine,
         "no route came back with the link"
     );
-    s.report();
-    let report = std::iter::from_fn(|| s.poll_event())
-        .find_map(|e| match e {
-            FromPlane::Relayed(x) => Some(x),
-            _ => None,
-        })
-        .expect("a report");
+    let report = cell_report(&mut s);
     assert_eq!(report.sent, vec![(5, now, p.len() as u64)]);
 }
