@@ -276,7 +276,7 @@ impl Node {
                 }
             }
             FromPlane::Activity(a) => self.activity(&a),
-            FromPlane::Relayed(r) => self.relayed_by_plane(*r),
+            FromPlane::Relayed(r) => self.cells_from_plane(*r),
             FromPlane::Unrelayed(h) => self.hop_not_in_plane(h),
             FromPlane::Heard(index, at) => {
                 if let Some(link) = self.links.get_mut(&index) {

@@ -10,6 +10,12 @@ use std::time::Instant;
 use rand_core::RngCore;
 
 use super::{count, wrap_into, CircRef, Stage};
+use crate::proto::identity::NodeId;
+use crate::proto::node::{Node, Sealed, MAX_PENDING_CTL, MSG_CELL};
+use crate::proto::onion::{
+    self, parse_cell, CellKind, Cmd, CELL_HEADER, CELL_LARGE, CELL_SMALL, CREATED_LEN,
+};
+use crate::proto::wire;
 
 /// Whose a cell sent on a link is ([`Node::send_in_place`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -19,12 +25,6 @@ pub(super) enum Carry {
     /// One it passes on as a relay, within the relay bandwidth cap.
     Relayed,
 }
-use crate::proto::identity::NodeId;
-use crate::proto::node::{Node, Sealed, MAX_PENDING_CTL, MSG_CELL};
-use crate::proto::onion::{
-    self, parse_cell, CellKind, Cmd, CELL_HEADER, CELL_LARGE, CELL_SMALL, CREATED_LEN,
-};
-use crate::proto::wire;
 
 impl Node {
     pub(super) fn neighbour(&self, link: u32) -> Option<NodeId> {

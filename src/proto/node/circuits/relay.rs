@@ -432,8 +432,9 @@ impl Node {
         }
     }
 
-    /// Takes in what the data plane passed on for relayed circuits.
-    pub(in crate::proto::node) fn relayed_by_plane(&mut self, r: CellReport) {
+    /// Takes in what the data plane did with circuits' cells: passed on
+    /// for relayed circuits, sent as DATA on circuits this node built.
+    pub(in crate::proto::node) fn cells_from_plane(&mut self, r: CellReport) {
         for (h, at, fwd, bwd) in r.circuits {
             if let Some(hc) = self.circ.hops.get_mut(h) {
                 hc.last_used = hc.last_used.max(at);
