@@ -704,14 +704,28 @@ fn onion_circuit_through_relays_hides_the_ends_and_survives_a_relay_loss() {
             "hop {hn}: no relayed entry {want_prev} -> {want_next} with the upload's bytes: {m:?}"
         );
     }
-    // e knows the circuit ends at it and who authenticated as its source.
+    // e knows the circuit ends at it and who authenticated as its source,
+    // and its data thread, which opened the upload's cells, counted them
+    // for it.
     let ve = qgate_json(&cfg_e, "circuits").expect("e answers circuits");
     let last = hop_names.last().unwrap().clone();
+    let inbound = list(&ve, "inbound");
+    let from_a = inbound
+        .iter()
+        .find(|c| c["source"] == addr_a.as_str() && name(&c["prev"]) == last);
     assert!(
-        list(&ve, "inbound")
-            .iter()
-            .any(|c| c["source"] == addr_a.as_str() && name(&c["prev"]) == last),
+        from_a.is_some(),
         "e has an inbound circuit from a via {last}: {ve}"
+    );
+    let rx = from_a.and_then(|c| c["rx_bytes"].as_u64()).unwrap_or(0);
+    let on_plane = lab.nodes[e].status()["data_path"]["plane_circuits"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!("e: {rx} bytes received on the circuit; {on_plane} circuits on its data thread");
+    assert!(rx >= BULK, "e counted {rx} bytes of the upload");
+    assert!(
+        on_plane >= 1,
+        "e's data thread does not open the circuit's cells"
     );
     // Still nothing direct between a and e.
     for (x, y) in [(a, &addr_e), (e, &addr_a)] {

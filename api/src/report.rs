@@ -121,8 +121,8 @@ pub struct DataPath {
     /// node (0 from older nodes).
     #[serde(default)]
     pub plane_links: u64,
-    /// Relayed circuits whose cells the data thread passes on without the
-    /// node (0 from older nodes).
+    /// Circuits this node relays or ends whose cells the data thread
+    /// passes on or opens without the node (0 from older nodes).
     #[serde(default)]
     pub plane_circuits: u64,
     /// Who held the node's lock over 1 ms since start, and how often: the

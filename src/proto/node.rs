@@ -481,7 +481,8 @@ pub struct DataPathStatus {
     pub longest_lock_wait_us: u64,
     /// Links handed to the data plane (none when the node uses none).
     pub plane_links: u64,
-    /// Relayed circuits whose cells the data plane passes on.
+    /// Circuits this node relays or ends whose cells the data plane
+    /// passes on or opens.
     pub plane_circuits: u64,
 }
 

@@ -49,6 +49,7 @@ use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use rand_core::{CryptoRng, RngCore};
 use sha2::Sha256;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::identity::NodeId;
 
@@ -539,21 +540,6 @@ impl HopKeys {
         Ok(Forward::Pass)
     }
 
-    /// Relay: takes this hop's layer off a forward cell that is not
-    /// addressed to it, in place (as [`HopKeys::forward`]'s `Pass`); false,
-    /// with nothing changed, when the cell is for this hop. A data plane
-    /// passes cells on with this and leaves the others to the node, which
-    /// opens them with [`HopKeys::forward`].
-    pub fn pass(&self, nonce: &mut [u8; 16], body: &mut [u8]) -> bool {
-        let m = self.fwd.dec_block(nonce);
-        if self.fwd.recognised(&m).is_some() {
-            return false;
-        }
-        self.fwd.xor_stream(&m, body);
-        *nonce = m;
-        true
-    }
-
     /// Relay: adds its layer to a backward cell in place.
     pub fn backward(&self, nonce: &mut [u8; 16], body: &mut [u8]) {
         self.bwd.xor_stream(nonce, body);
@@ -635,45 +621,69 @@ pub fn unwrap<K: AsRef<HopKeys>>(
     Err(OnionError::Unrecognised)
 }
 
-/// Sliding-window replay check on cell counters (like WireGuard's, 2048 wide).
-#[derive(Clone, Debug, Default)]
+/// Sliding-window replay check on cell counters (2048 wide, like
+/// WireGuard's), shareable: the node and its data plane check a circuit's
+/// counters against one window (behind an `Arc`) without a lock and without
+/// handing it back and forth, so a cell is accepted once whichever of them
+/// opens it. Hand-rolled because the crates that keep a replay window
+/// (boringtun's among them) take `&mut self`.
+///
+/// Each of the 65 words covers a block of 32 counters: the block's number
+/// in its high half, a bit per counter seen in the low half. A word only
+/// ever moves to a later block (a compare-and-swap), so a counter is
+/// accepted at most once: after it, its word holds its bit or a later
+/// block, and either refuses it. Counters from 2^37 on (a circuit's 137
+/// billionth cell) are refused; the circuit is rebuilt long before.
+#[derive(Debug)]
 pub struct ReplayWindow {
-    top: u64,
-    seen_any: bool,
-    bits: [u64; 32],
+    /// The highest counter accepted: counters `WINDOW` or more below it
+    /// are refused even where their word still holds their block.
+    top: AtomicU64,
+    words: [AtomicU64; WORDS],
 }
 
-const WINDOW: u64 = 32 * 64;
+/// Blocks from the top's back to `WINDOW` below it, each in a word of its own.
+const WORDS: usize = 65;
+
+impl Default for ReplayWindow {
+    fn default() -> ReplayWindow {
+        ReplayWindow {
+            top: AtomicU64::new(0),
+            words: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+const WINDOW: u64 = 64 * 32;
+/// The first counter the window refuses (its block number takes 32 bits).
+const COUNTER_LIMIT: u64 = 1 << 37;
 
 impl ReplayWindow {
-    /// Accepts `counter` once; refuses repeats and counters older than the window.
-    pub fn check(&mut self, counter: u64) -> Result<(), OnionError> {
-        if self.seen_any && counter <= self.top {
-            let age = self.top - counter;
-            if age >= WINDOW {
-                return Err(OnionError::Replay);
-            }
-            let (w, b) = ((counter % WINDOW / 64) as usize, counter % 64);
-            if self.bits[w] & (1 << b) != 0 {
-                return Err(OnionError::Replay);
-            }
-            self.bits[w] |= 1 << b;
-            return Ok(());
+    /// Accepts `counter` once; refuses repeats and counters older than the
+    /// window. Safe to call from several threads at once.
+    pub fn check(&self, counter: u64) -> Result<(), OnionError> {
+        if counter >= COUNTER_LIMIT
+            || counter.saturating_add(WINDOW) <= self.top.load(Ordering::Acquire)
+        {
+            return Err(OnionError::Replay);
         }
-        // Moving forward: clear the slots between the old top and the new.
-        let start = if self.seen_any { self.top + 1 } else { counter };
-        if counter - start >= WINDOW {
-            self.bits = [0; 32];
-        } else {
-            for c in start..=counter {
-                let (w, b) = ((c % WINDOW / 64) as usize, c % 64);
-                self.bits[w] &= !(1 << b);
+        let block = counter / 32;
+        let bit = 1u64 << (counter % 32);
+        let word = &self.words[(block % WORDS as u64) as usize];
+        let mut seen = word.load(Ordering::Acquire);
+        loop {
+            let (held, mask) = (seen >> 32, seen & 0xffff_ffff);
+            let next = match held.cmp(&block) {
+                std::cmp::Ordering::Greater => return Err(OnionError::Replay),
+                std::cmp::Ordering::Equal if mask & bit != 0 => return Err(OnionError::Replay),
+                std::cmp::Ordering::Equal => seen | bit,
+                std::cmp::Ordering::Less => (block << 32) | bit,
+            };
+            match word.compare_exchange_weak(seen, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => seen = now,
             }
         }
-        self.top = counter;
-        self.seen_any = true;
-        let (w, b) = ((counter % WINDOW / 64) as usize, counter % 64);
-        self.bits[w] |= 1 << b;
+        self.top.fetch_max(counter, Ordering::AcqRel);
         Ok(())
     }
 }
@@ -837,7 +847,7 @@ mod tests {
 
     #[test]
     fn replay_window_refuses_repeats_and_old_counters() {
-        let mut w = ReplayWindow::default();
+        let w = ReplayWindow::default();
         assert!(w.check(5).is_ok());
         assert!(w.check(5).is_err());
         assert!(w.check(3).is_ok(), "reordered within the window");
@@ -847,8 +857,55 @@ mod tests {
         assert!(w.check(5000 - WINDOW + 1).is_ok());
         assert!(w.check(4999).is_ok());
         assert!(w.check(4999).is_err());
-        assert!(w.check(u64::MAX).is_ok());
+        assert!(w.check(COUNTER_LIMIT - 1).is_ok());
+        assert!(w.check(COUNTER_LIMIT - 1).is_err());
+        assert!(
+            w.check(COUNTER_LIMIT).is_err(),
+            "past the counters a window holds"
+        );
         assert!(w.check(u64::MAX).is_err());
+    }
+
+    /// Two threads offered the same counters at the same time (each in its
+    /// own order, and each also a counter a block generation later, which
+    /// falls in the same word) accept each counter at most once between
+    /// them, and every one of the newer generation exactly once.
+    #[test]
+    fn replay_window_shared_by_two_threads_accepts_each_counter_once() {
+        use std::sync::{Arc, Barrier};
+        const N: u64 = 1000;
+        let gen = WORDS as u64 * 32;
+        for round in 0..50u64 {
+            let w = Arc::new(ReplayWindow::default());
+            let start = Arc::new(Barrier::new(2));
+            let base = round * 10 * gen;
+            let run = |rev: bool| {
+                let (w, start) = (w.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    let mut ok = Vec::new();
+                    for i in 0..N {
+                        let c = base + if rev { N - 1 - i } else { i };
+                        for c in [c, c + gen] {
+                            if w.check(c).is_ok() {
+                                ok.push(c);
+                            }
+                        }
+                    }
+                    ok
+                })
+            };
+            let (a, b) = (run(false), run(true));
+            let mut all = a.join().unwrap();
+            all.extend(b.join().unwrap());
+            all.sort_unstable();
+            let len = all.len();
+            all.dedup();
+            assert_eq!(all.len(), len, "round {round}: a counter accepted twice");
+            let newer: Vec<u64> = all.iter().copied().filter(|c| *c >= base + gen).collect();
+            let want: Vec<u64> = (base + gen..base + gen + N).collect();
+            assert_eq!(newer, want, "round {round}: every newer counter once");
+        }
     }
 
     /// Forward secrecy: someone who recorded a circuit's handshake and cells

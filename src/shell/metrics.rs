@@ -235,7 +235,7 @@ pub fn encode(
         ),
         (
             "data_plane_circuits",
-            "Relayed circuits whose cells the data thread passes on without the node",
+            "Circuits relayed or ending here whose cells the data thread handles without the node",
             st.data_path.plane_circuits,
         ),
     ];

@@ -134,7 +134,7 @@ pub fn render(st: &Status) -> String {
         },
         dp.compression_pauses,
         noun(dp.plane_links, "link", "links"),
-        noun(dp.plane_circuits, "relayed circuit", "relayed circuits"),
+        noun(dp.plane_circuits, "circuit", "circuits"),
     ));
     out.push_str(&format!(
         "          waited for the node over 1 ms: {} times (longest {:.1} ms)\n",

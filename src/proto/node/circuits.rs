@@ -167,7 +167,7 @@ impl Default for TrafficConfig {
 }
 
 /// Why cells were dropped (a relay's and an end's view).
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct CellDrops {
     /// Not one of the cell sizes.
     pub bad_size: u64,
@@ -249,13 +249,14 @@ struct BuiltHop {
     /// Shared with the data plane when it sends on the circuit (read-only).
     keys: Arc<HopKeys>,
     ctr: CellCounter,
-    replay: ReplayWindow,
+    replay: Arc<ReplayWindow>,
     last_reply: Instant,
 }
 
-/// The count of the cells a source sent to one hop of its circuit, each
-/// numbered by it. Shared with the data plane, which numbers the DATA it
-/// sends on the circuit from the same count; the hop's replay window takes
+/// The count of the cells a source sent to one hop of its circuit, or a
+/// hop sent back to the source, each numbered by it. Shared with the data
+/// plane, which numbers the DATA it sends on the circuit from the same
+/// count; the receiving end's replay window takes
 /// the numbers in any order within its width (2,048). A number the node
 /// took reaches the wire behind at most what the plane sends meanwhile: a
 /// TUN read (`TSO_SEGMENTS` packets, 1,366) and the rest of one hold of
@@ -484,7 +485,8 @@ fn wrap_into(
     Some((c.link, size))
 }
 
-fn count(d: &mut CellDrops, e: OnionError) {
+/// Counts a cell dropped for `e`.
+pub(in crate::proto::node) fn count(d: &mut CellDrops, e: OnionError) {
     match e {
         OnionError::BadSize => d.bad_size += 1,
         OnionError::BadKind | OnionError::BadCommand => d.bad_kind += 1,

@@ -13,11 +13,13 @@
 //! [`ROUTE_HOLD`], unless a circuit takes over the address first; so do
 //! packets to an address the node has just sent on a ready circuit it
 //! built (a route to the circuit, `Node::plane_route_circuit`), until a
-//! replacement, the circuit's end or an inbound circuit takes it back. A
-//! circuit this node relays between two handed links is handed over too
-//! (`Node::maybe_hand_hop`): the plane passes its cells on.
+//! replacement, the circuit's end or an inbound circuit takes it back;
+//! and packets back on a circuit that ends here, to its authenticated
+//! source. A circuit this node relays between two handed links, or one
+//! that ends here on a handed link, is handed over too
+//! (`Node::maybe_hand_hop`): the plane passes its cells on, or opens them.
 
-use super::plane::{Activity, DataPlane, FromPlane, Lane, OutRoute, ToPlane};
+use super::plane::{Activity, DataPlane, FromPlane, Lane, OpenedCell, OutRoute, ToPlane};
 use super::*;
 
 /// How long at most the plane may send packets to an address over the link
@@ -278,6 +280,26 @@ impl Node {
             FromPlane::Activity(a) => self.activity(&a),
             FromPlane::Relayed(r) => self.cells_from_plane(*r),
             FromPlane::Unrelayed(h) => self.hop_not_in_plane(h),
+            FromPlane::Opened(cell) => {
+                let OpenedCell {
+                    at,
+                    circuit,
+                    hop,
+                    cmd,
+                    data,
+                } = *cell;
+                let n = self.opened_from_plane(at, circuit, hop, cmd, &data);
+                self.recycle(data);
+                if let Some(n) = n {
+                    return Some(&self.bufs.b[..n]);
+                }
+            }
+            FromPlane::Unrouted(addr, until) => {
+                // Unless the node granted another route since.
+                if self.handoff.routed.get(&addr) == Some(&until) {
+                    self.handoff.routed.remove(&addr);
+                }
+            }
             FromPlane::Heard(index, at) => {
                 if let Some(link) = self.links.get_mut(&index) {
                     link.chan.last_app_rx = link.chan.last_app_rx.max(Some(at));

@@ -27,7 +27,7 @@ use boringtun::noise::{Packet, Tunn};
 mod out;
 mod relay;
 pub use out::OutRoute;
-use out::OutRoutes;
+use out::{Back, OutRoutes};
 pub use relay::{CellReport, Relay};
 use relay::{Relays, Step};
 
@@ -38,7 +38,7 @@ use super::{
 };
 use crate::proto::batch::SendBatch;
 use crate::proto::onion::{self, CellKind, Cmd, CELL_HEADER, CELL_LARGE, MAX_DATA};
-use crate::proto::wire::{self, Ipv6View, Lz4Table, MAX_PACKET};
+use crate::proto::wire::{self, Incoming, Ipv6View, Lz4Table, MAX_PACKET};
 
 /// How often at most a link tells the node that its neighbour sends
 /// application packets ([`FromPlane::Heard`]).
@@ -97,13 +97,41 @@ impl Lane {
     }
 }
 
+/// A circuit, as the node and the plane name it to each other: the node's
+/// ID for it, in one of its two tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CircuitRef {
+    /// One this node built (it is the source).
+    Built(u64),
+    /// One this node relays or ends.
+    Carried(u64),
+}
+
+/// A command addressed to this node that the plane opened on a circuit
+/// ([`FromPlane::Opened`]): anything but the DATA it delivers itself.
+#[derive(Debug)]
+pub struct OpenedCell {
+    /// When it arrived.
+    pub at: Instant,
+    /// The circuit it came on.
+    pub circuit: CircuitRef,
+    /// On a circuit this node built: which hop spoke (0 on one it carries).
+    pub hop: usize,
+    /// The command.
+    pub cmd: Cmd,
+    /// Its data (the node keeps the buffer for its own messages, as it
+    /// keeps [`FromPlane::Inner`]'s).
+    pub data: Vec<u8>,
+}
+
 /// Where a routed address's packets go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Target {
     /// Straight over a link.
     Link(u32),
-    /// On a circuit this node built.
-    Circuit(u64),
+    /// On a circuit: forward on one this node built, or back to the
+    /// source of one it ends.
+    Circuit(CircuitRef),
 }
 
 /// What the node tells the plane.
@@ -140,10 +168,12 @@ pub enum ToPlane {
     SetMtu(SocketAddr, usize),
     /// Whether compression is paused (the data path is the limit).
     Pause(bool),
-    /// Pass on the cells of a relayed circuit between two handed links
-    /// (see [`Relay`]).
+    /// Pass on the cells of a relayed circuit between two handed links,
+    /// or take those of a circuit that ends here on a handed link (see
+    /// [`Relay`]).
     Relay(Box<Relay>),
-    /// Leave a relayed circuit's cells to the node again (it ended).
+    /// Leave a circuit's cells to the node again (it ended); a route back
+    /// on it goes too.
     Unrelay(u64),
 }
 
@@ -176,9 +206,18 @@ pub enum FromPlane {
     /// What the plane did with circuits' cells since the last tick: passed
     /// on as a relay, sent as DATA on circuits this node built.
     Relayed(Box<CellReport>),
-    /// The plane did not take this relayed circuit (one of its links left
-    /// the plane before the circuit came): its cells are the node's.
+    /// The plane did not take this circuit (one of its links left the
+    /// plane before the circuit came): its cells are the node's.
     Unrelayed(u64),
+    /// A command addressed to this node, opened on a circuit the plane
+    /// holds (a probe, an answer to one, LOOKUP, noise, ...).
+    Opened(Box<OpenedCell>),
+    /// The plane stopped routing this address by itself: a circuit that
+    /// ends here brought DATA from it, so replies go back on that one
+    /// (whichever route the node had granted), or a circuit a route went
+    /// back on ended. With the end of the grant it dropped, by which the
+    /// node tells it from a grant it made since.
+    Unrouted(Ipv6Addr, Instant),
 }
 
 /// A handed link's counters and timestamps ([`FromPlane::Activity`]).
@@ -225,6 +264,17 @@ pub enum PlaneRx<'a> {
     /// Not for a handed link, or from somewhere else than its endpoint:
     /// give it to the node.
     NotMine,
+}
+
+/// A cell the plane opened for this node: on which circuit, from which hop
+/// (of one this node built), the command, its data's range in the cell, and
+/// for DATA the source it must come from, where the plane delivers it.
+struct Ended {
+    circuit: CircuitRef,
+    hop: usize,
+    cmd: Cmd,
+    data: std::ops::Range<usize>,
+    deliver: Option<Ipv6Addr>,
 }
 
 /// The data plane. See the module's documentation.
@@ -295,7 +345,8 @@ impl DataPlane {
         self.lanes.len()
     }
 
-    /// How many relayed circuits the plane passes cells on for.
+    /// How many circuits the plane holds: relayed (it passes their cells
+    /// on) or ending here (it opens them).
     pub fn relayed(&self) -> usize {
         self.relays.len()
     }
@@ -388,15 +439,25 @@ impl DataPlane {
             }
             ToPlane::Pause(paused) => self.paused = paused,
             ToPlane::Relay(r) => {
-                // Both links must be here (a withdrawal may have crossed
+                // Its links must be here (a withdrawal may have crossed
                 // the hand-over; the node then ends the circuit anyway).
-                if self.lanes.contains_key(&r.prev.0) && self.lanes.contains_key(&r.next.0) {
+                let here = |l: Option<(u32, u32)>| l.is_none_or(|l| self.lanes.contains_key(&l.0));
+                if here(Some(r.prev)) && here(r.next) {
                     self.relays.insert(*r);
                 } else {
                     self.events.push_back(FromPlane::Unrelayed(r.h));
                 }
             }
-            ToPlane::Unrelay(h) => self.relays.remove(h),
+            ToPlane::Unrelay(h) => {
+                self.relays.remove(h);
+                let back = self.routes.iter().find_map(|(addr, (t, until))| {
+                    (*t == Target::Circuit(CircuitRef::Carried(h))).then_some((*addr, *until))
+                });
+                if let Some((addr, until)) = back {
+                    self.unroute(addr);
+                    self.events.push_back(FromPlane::Unrouted(addr, until));
+                }
+            }
         }
     }
 
@@ -481,7 +542,7 @@ impl DataPlane {
     /// compressed as the node would, wrapped for the circuit's last hop
     /// into the plane's cell buffer, and sealed on the first link. What
     /// doesn't fit a cell goes to the node (it answers ICMPv6).
-    fn send_on_circuit(&mut self, now: Instant, id: u64, view: Ipv6View<'_>) -> PlaneTx<'_> {
+    fn send_on_circuit(&mut self, now: Instant, id: CircuitRef, view: Ipv6View<'_>) -> PlaneTx<'_> {
         let DataPlane {
             own,
             lanes,
@@ -520,7 +581,12 @@ impl DataPlane {
         let packet = &mut cell[..c + size];
         let counter = r.counter.next();
         let (head, body) = packet[c..].split_at_mut(CELL_HEADER);
-        let nonce = onion::wrap(&r.keys, target, counter, Cmd::Data, frame, body);
+        let nonce = match r.id {
+            CircuitRef::Built(_) => onion::wrap(&r.keys, target, counter, Cmd::Data, frame, body),
+            // Back to the source of a circuit that ends here: this hop's
+            // layer alone.
+            CircuitRef::Carried(_) => r.keys[0].originate(counter, Cmd::Data, frame, body),
+        };
         onion::write_header(head, r.circ, CellKind::Relay, &nonce);
         wire::write_control_header(packet, *own, lane.peer, MSG_CELL);
         lane.chan.last_used = now;
@@ -608,6 +674,8 @@ impl DataPlane {
             scratch,
             relays,
             lost,
+            outs,
+            routes,
             ..
         } = self;
         let Some(lane) = lanes.get_mut(&index) else {
@@ -660,10 +728,13 @@ impl DataPlane {
             .ok()
             .and_then(|view| wire::control_of(view).map(|(ty, body)| (ty, body.len())));
         if let Some((MSG_CELL, len)) = control {
-            // A cell: relayed circuits' pass on from here.
+            // A cell: relayed circuits' pass on from here; those for this
+            // hop, and those coming back on circuits this node built, are
+            // opened here.
             lane.chan.last_used = now;
-            let frame = &mut buf[..wire::CONTROL_BODY + len];
-            match relays.pass(now, index, &mut frame[wire::CONTROL_BODY..]) {
+            let c = wire::CONTROL_BODY;
+            let frame = &mut buf[..c + len];
+            let ended = match relays.pass(now, index, &mut frame[c..]) {
                 Step::Onward(to) => {
                     match lanes.get_mut(&to) {
                         Some(next) => {
@@ -678,7 +749,78 @@ impl DataPlane {
                     return PlaneRx::Done;
                 }
                 Step::Dropped => return PlaneRx::Done,
-                Step::Node => {}
+                Step::Mine { h, src, cmd, data } => Some(Ended {
+                    circuit: CircuitRef::Carried(h),
+                    hop: 0,
+                    cmd,
+                    data,
+                    deliver: src.filter(|_| cmd == Cmd::Data),
+                }),
+                Step::Node => match outs.receive(index, &mut frame[c..], relays.drops_mut()) {
+                    Back::Node => None,
+                    Back::Dropped => return PlaneRx::Done,
+                    Back::Data { id, dst, data } => Some(Ended {
+                        circuit: CircuitRef::Built(id),
+                        hop: 0,
+                        cmd: Cmd::Data,
+                        data,
+                        deliver: Some(dst),
+                    }),
+                    Back::Opened { id, hop, cmd, data } => Some(Ended {
+                        circuit: CircuitRef::Built(id),
+                        hop,
+                        cmd,
+                        data,
+                        deliver: None,
+                    }),
+                },
+            };
+            if let Some(e) = ended {
+                let (start, end) = (c + e.data.start, c + e.data.end);
+                if let Some(src) = e.deliver {
+                    return Self::deliver(
+                        now,
+                        *own,
+                        src,
+                        e.circuit,
+                        buf,
+                        start..end,
+                        rebuild,
+                        relays,
+                        outs,
+                        routes,
+                        events,
+                    );
+                }
+                if e.cmd == Cmd::Noise && matches!(e.circuit, CircuitRef::Carried(_)) {
+                    // Cover traffic, dropped by design (as the node does),
+                    // without waking it.
+                    relays.drops_mut().noise += 1;
+                    return PlaneRx::Done;
+                }
+                if e.cmd == Cmd::Data {
+                    // DATA on a circuit that did not authenticate its
+                    // source, or from a hop that is not the destination
+                    // (as the node counts them).
+                    match e.circuit {
+                        CircuitRef::Carried(_) => relays.drops_mut().unauthenticated += 1,
+                        CircuitRef::Built(_) => relays.drops_mut().bad_kind += 1,
+                    }
+                    return PlaneRx::Done;
+                }
+                if events.len() >= MAX_EVENTS {
+                    *lost += 1;
+                    return PlaneRx::Done;
+                }
+                let data = reuse(spare, &buf[start..end]);
+                events.push_back(FromPlane::Opened(Box::new(OpenedCell {
+                    at: now,
+                    circuit: e.circuit,
+                    hop: e.hop,
+                    cmd: e.cmd,
+                    data,
+                })));
+                return PlaneRx::Done;
             }
         }
         let packet = &buf[..n];
@@ -717,6 +859,66 @@ impl DataPlane {
                 PlaneRx::Done
             }
         }
+    }
+
+    /// DATA opened on a circuit, in `buf[data]`, for the TUN: its inner
+    /// source must be `src` (the source the circuit authenticated, or the
+    /// destination of one this node built) and its destination this node.
+    /// Decompressed into `rebuild`, or moved to the front of `buf`.
+    #[allow(clippy::too_many_arguments)] // the plane's fields, split for the borrow checker
+    fn deliver<'a>(
+        now: Instant,
+        own: Ipv6Addr,
+        src: Ipv6Addr,
+        circuit: CircuitRef,
+        buf: &mut [u8],
+        data: std::ops::Range<usize>,
+        rebuild: &'a mut [u8],
+        relays: &mut Relays,
+        outs: &mut OutRoutes,
+        routes: &mut HashMap<Ipv6Addr, (Target, Instant)>,
+        events: &mut VecDeque<FromPlane>,
+    ) -> PlaneRx<'a> {
+        let start = data.start;
+        let Ok(view) = Ipv6View::new_checked(&buf[data]) else {
+            relays.drops_mut().malformed += 1;
+            return PlaneRx::Done;
+        };
+        if view.src() != src || view.dst() != own {
+            relays.drops_mut().spoofed_source += 1;
+            return PlaneRx::Done;
+        }
+        let rebuilt = view.next_header() == wire::NH_QGATE;
+        let n = match wire::decode(view, rebuild) {
+            Ok((Incoming::App(p), _)) => p.len(),
+            _ => {
+                relays.drops_mut().malformed += 1;
+                return PlaneRx::Done;
+            }
+        };
+        match circuit {
+            CircuitRef::Built(id) => outs.delivered(now, id, n),
+            CircuitRef::Carried(h) => {
+                relays.delivered(now, h, n);
+                // Replies go back on the circuit that last brought
+                // traffic: a route the node granted to anything else goes
+                // (as the node's own `hop_data` does).
+                let back = Target::Circuit(circuit);
+                if routes.get(&src).is_some_and(|(t, _)| *t != back) {
+                    if let Some((target, until)) = routes.remove(&src) {
+                        if let Target::Circuit(other) = target {
+                            outs.remove(other, relays.report_mut());
+                        }
+                        events.push_back(FromPlane::Unrouted(src, until));
+                    }
+                }
+            }
+        }
+        if rebuilt {
+            return PlaneRx::Rebuilt(&rebuild[..n]);
+        }
+        buf.copy_within(start..start + n, 0);
+        PlaneRx::InPlace(n)
     }
 
     /// What to send, as [`Node::take_output`](super::Node::take_output)

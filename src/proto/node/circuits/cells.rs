@@ -187,10 +187,10 @@ impl Node {
         let Some(hc) = self.circ.hops.get_mut(h) else {
             return;
         };
-        hc.ctr += 1;
+        let ctr = hc.ctr.next();
         let (link, circ) = hc.prev();
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
-        let n = hc.keys.originate(hc.ctr, command, data, body);
+        let n = hc.keys.originate(ctr, command, data, body);
         onion::write_header(head, circ, CellKind::Relay, &n);
         self.send_cell(now, link, size);
     }

@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{CREATE_LIMIT, EXTEND_TIMEOUT, HOP_IDLE, INBOUND_FRESH};
+use super::{CellCounter, CREATE_LIMIT, EXTEND_TIMEOUT, HOP_IDLE, INBOUND_FRESH};
 use crate::proto::compress::Adaptive;
 use crate::proto::limit::Rate;
 use crate::proto::onion::{Cmd, Forward, HopKeys, OnionError, ReplayWindow, CELL_HEADER};
@@ -30,9 +30,11 @@ pub(super) struct HopCirc {
     /// Whether the data plane passes this circuit's cells on
     /// ([`Node::maybe_hand_hop`](crate::proto::node::Node)).
     pub(super) in_plane: bool,
-    pub(super) replay: ReplayWindow,
-    /// Counter of the cells this hop originated towards the source.
-    pub(super) ctr: u64,
+    pub(super) replay: Arc<ReplayWindow>,
+    /// Counter of the cells this hop originated towards the source, shared
+    /// with the data plane while it sends the replies to the circuit's
+    /// source.
+    pub(super) ctr: CellCounter,
     pub(super) created: Instant,
     pub(super) last_used: Instant,
     /// An EXTEND waits for the next hop's CREATED since then.
@@ -68,8 +70,8 @@ impl HopCirc {
             next: None,
             keys: Arc::new(keys),
             in_plane: false,
-            replay: ReplayWindow::default(),
-            ctr: 0,
+            replay: Arc::default(),
+            ctr: CellCounter::default(),
             created: now,
             last_used: now,
             extending: None,
@@ -276,6 +278,11 @@ impl HopTable {
             hc.auth = Some(src);
             self.inbound_by_src.insert(src, h);
         }
+    }
+
+    /// The circuit replies to `src` go back on, fresh or not.
+    pub(super) fn replies_on(&self, src: &Ipv6Addr) -> Option<u64> {
+        self.inbound_by_src.get(src).copied()
     }
 
     /// The inbound circuit that carries packets back to `dst`, if one

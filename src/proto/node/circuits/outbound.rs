@@ -281,7 +281,7 @@ mod tests {
         use super::super::hops::pair;
         use super::super::{BuiltHop, CellCounter};
         use crate::proto::identity::NodeId;
-        use crate::proto::onion::{Cmd, ReplayWindow, CELL_HEADER, CELL_SMALL};
+        use crate::proto::onion::{Cmd, CELL_HEADER, CELL_SMALL};
         use std::sync::Arc;
         let t0 = Instant::now();
         let dst: Ipv6Addr = "fc00::7".parse().unwrap();
@@ -292,7 +292,7 @@ mod tests {
                 id: NodeId([2; 32]),
                 keys: Arc::new(keys),
                 ctr: CellCounter::default(),
-                replay: ReplayWindow::default(),
+                replay: Arc::default(),
                 last_reply: t0,
             });
         }

@@ -10,7 +10,7 @@ use super::hops::{Admit, Peeled};
 use super::{count, CircRef, HopCirc, CIRCUIT_MTU};
 use crate::proto::dht::{Contact, Goal};
 use crate::proto::identity::verify_signature;
-use crate::proto::node::plane::{CellReport, Relay, ToPlane};
+use crate::proto::node::plane::{CellReport, CircuitRef, OutRoute, Relay, ToPlane};
 use crate::proto::node::{Node, Purpose, Routed};
 use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
 use crate::proto::onion::{
@@ -87,7 +87,9 @@ impl Node {
         let Some(hc) = self.circ.hops.remove(h) else {
             return;
         };
-        if hc.in_plane {
+        // The plane may hold it, or a route back on it (one that ended
+        // here and authenticated its source).
+        if hc.in_plane || hc.auth().is_some() {
             self.plane_tell(ToPlane::Unrelay(h));
         }
         self.circ.on_link.remove(&hc.prev());
@@ -213,6 +215,8 @@ impl Node {
         if !matches!(view.next_header(), wire::NH_QGATE) {
             self.bufs.b[..p].copy_from_slice(&self.bufs.cell[start..start + p]);
         }
+        // The circuit's next cells are the plane's, if it holds the link.
+        self.maybe_hand_hop(h);
         Some(p)
     }
 
@@ -260,10 +264,15 @@ impl Node {
             return refuse(self);
         }
         // One AUTH per circuit, before any RSA work (a lost READY fails
-        // the source's build step; a refusal closes its circuit).
+        // the source's build step; a refusal closes its circuit). Only at
+        // the circuit's end: a hop that extended it passes DATA on, and
+        // an authenticated source would have it deliver some too.
         if !self.circ.hops.first_auth(h) {
             self.circ.stats.drops.bad_kind += 1;
             return;
+        }
+        if self.circ.hops.get(h).is_some_and(|hc| hc.next.is_some()) {
+            return refuse(self);
         }
         let Ok(body::Auth {
             record,
@@ -379,24 +388,58 @@ impl Node {
             return Routed::Nothing;
         }
         let size = onion::cell_size_for(frame.len(), large).unwrap_or(CELL_LARGE);
-        hc.ctr += 1;
+        let ctr = hc.ctr.next();
         hc.tx_bytes += view.bytes().len() as u64;
         let (link, circ) = hc.prev();
         let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
-        let n = hc.keys.originate(hc.ctr, Cmd::Data, frame, body);
+        let n = hc.keys.originate(ctr, Cmd::Data, frame, body);
         onion::write_header(head, circ, CellKind::Relay, &n);
-        if self.send_cell(now, link, size) {
-            Routed::Queued
-        } else {
-            Routed::Nothing
+        if !self.send_cell(now, link, size) {
+            return Routed::Nothing;
         }
+        let dst = view.dst();
+        if !self.plane_routes(now, &dst) {
+            if let Some(r) = self.back_route(h, dst) {
+                self.plane_route_circuit(now, r);
+            }
+        }
+        Routed::Queued
     }
 
-    /// Hands relayed circuit `h` to the data plane, if the node uses one,
-    /// the circuit is extended, and both its links are handed: the plane
-    /// passes its cells on from then on (see [`Relay`]). Asked whenever
-    /// the node passes one of its cells on itself, so a circuit goes over
-    /// with its first cell after its links did.
+    /// A route for the data plane back on circuit `h`, which ends here and
+    /// authenticated `dst` as its source, if the node uses a plane and it
+    /// holds the circuit's link: the plane then sends the packets to `dst`
+    /// back on it itself for a while.
+    fn back_route(&self, h: u64, dst: Ipv6Addr) -> Option<OutRoute> {
+        if !self.uses_plane() {
+            return None;
+        }
+        let hc = self.circ.hops.get(h)?;
+        let (link, circ) = hc.prev();
+        if hc.auth() != Some(dst) || !self.handed(link) {
+            return None;
+        }
+        Some(OutRoute {
+            id: CircuitRef::Carried(h),
+            dst,
+            link,
+            circ,
+            keys: vec![hc.keys.clone()],
+            replays: Vec::new(),
+            counter: hc.ctr.clone(),
+            compress: self.config.traffic.compress && self.config.compression.enabled,
+            always_large: self.config.traffic.always_large,
+        })
+    }
+
+    /// Hands circuit `h` to the data plane, if the node uses one and the
+    /// plane holds its links: a relayed one once it is extended and both
+    /// its links are handed (the plane passes its cells on from then on),
+    /// one ending here once its source authenticated (the plane delivers
+    /// its DATA). Either way the plane opens the cells for this hop (see
+    /// [`Relay`]). Asked whenever the node passes one of its cells on
+    /// itself, or delivers its DATA, so a circuit goes over with its first
+    /// cell after its links did.
     pub(super) fn maybe_hand_hop(&mut self, h: u64) {
         if !self.uses_plane() {
             return;
@@ -404,22 +447,32 @@ impl Node {
         let Some(hc) = self.circ.hops.get(h) else {
             return;
         };
-        let (prev, Some(next)) = (hc.prev(), hc.next) else {
-            return;
+        // Only a circuit ending here has a source its DATA may come from.
+        let (prev, next) = (hc.prev(), hc.next);
+        let src = hc.auth().filter(|_| next.is_none());
+        let ready = match next {
+            Some(next) => hc.extending.is_none() && self.handed(next.0),
+            None => src.is_some(),
         };
-        if hc.in_plane || hc.extending.is_some() || !self.handed(prev.0) || !self.handed(next.0) {
+        if hc.in_plane || !ready || !self.handed(prev.0) {
             return;
         }
-        let keys = hc.keys.clone();
+        let (keys, replay) = (hc.keys.clone(), hc.replay.clone());
         if let Some(hc) = self.circ.hops.get_mut(h) {
             hc.in_plane = true;
         }
-        tracing::trace!(circuit = h, "relayed circuit handed to the data plane");
+        tracing::trace!(
+            circuit = h,
+            ends_here = next.is_none(),
+            "circuit handed to the data plane"
+        );
         self.plane_tell(ToPlane::Relay(Box::new(Relay {
             h,
             prev,
             next,
             keys,
+            replay,
+            src,
         })));
     }
 
@@ -432,8 +485,36 @@ impl Node {
         }
     }
 
+    /// A command for this node that the data plane opened on a circuit
+    /// (`hop`: which hop of a circuit this node built spoke), with its
+    /// data. Returns a packet for the TUN (in `bufs.b`), if it brought one.
+    pub(in crate::proto::node) fn opened_from_plane(
+        &mut self,
+        at: Instant,
+        circuit: CircuitRef,
+        hop: usize,
+        cmd: Cmd,
+        data: &[u8],
+    ) -> Option<usize> {
+        let (start, end) = (CELL_HEADER, CELL_HEADER + data.len());
+        self.bufs.cell.get_mut(start..end)?.copy_from_slice(data);
+        match circuit {
+            CircuitRef::Carried(h) => {
+                let hc = self.circ.hops.get_mut(h)?;
+                hc.last_used = hc.last_used.max(at);
+                self.hop_command(at, h, cmd, start, end)
+            }
+            CircuitRef::Built(id) => {
+                let hop_of = self.circ.out.get_mut(id)?.hops.get_mut(hop)?;
+                hop_of.last_reply = hop_of.last_reply.max(at);
+                self.out_command(at, id, hop, cmd, start, end)
+            }
+        }
+    }
+
     /// Takes in what the data plane did with circuits' cells: passed on
-    /// for relayed circuits, sent as DATA on circuits this node built.
+    /// for relayed circuits, delivered at their ends, sent as DATA on
+    /// circuits this node built or back on those it ends.
     pub(in crate::proto::node) fn cells_from_plane(&mut self, r: CellReport) {
         for (h, at, fwd, bwd) in r.circuits {
             if let Some(hc) = self.circ.hops.get_mut(h) {
@@ -442,12 +523,57 @@ impl Node {
                 hc.bwd_bytes += bwd;
             }
         }
-        for (id, at, bytes) in r.sent {
-            if let Some(c) = self.circ.out.get_mut(id) {
-                c.last_used = c.last_used.max(at);
-                c.tx_bytes += bytes;
+        for (circuit, at, bytes) in r.sent {
+            match circuit {
+                CircuitRef::Built(id) => {
+                    if let Some(c) = self.circ.out.get_mut(id) {
+                        c.last_used = c.last_used.max(at);
+                        c.tx_bytes += bytes;
+                    }
+                }
+                // As the node's own replies, they keep nothing alive: a
+                // circuit is fresh while it brings traffic.
+                CircuitRef::Carried(h) => {
+                    if let Some(hc) = self.circ.hops.get_mut(h) {
+                        hc.tx_bytes += bytes;
+                    }
+                }
             }
         }
+        // In the order they last delivered: replies go back on the circuit
+        // that last brought traffic.
+        let mut received = r.received;
+        received.sort_by_key(|(_, at, _)| *at);
+        for (circuit, at, bytes) in received {
+            match circuit {
+                CircuitRef::Built(id) => {
+                    let Some(c) = self.circ.out.get_mut(id) else {
+                        continue;
+                    };
+                    c.rx_bytes += bytes;
+                    if let Some(last) = c.hops.last_mut() {
+                        last.last_reply = last.last_reply.max(at);
+                    }
+                }
+                CircuitRef::Carried(h) => {
+                    let Some(hc) = self.circ.hops.get_mut(h) else {
+                        continue;
+                    };
+                    hc.rx_bytes += bytes;
+                    hc.last_used = hc.last_used.max(at);
+                    // Replies go back on the circuit that last brought
+                    // traffic. The plane dropped any other route it held
+                    // itself; one granted meanwhile goes too.
+                    if let Some(src) = hc.auth() {
+                        if self.circ.hops.replies_on(&src) != Some(h) {
+                            self.handoff.unroute(src);
+                        }
+                        self.circ.hops.carries_replies(h, src);
+                    }
+                }
+            }
+        }
+        self.circ.stats.drops.add(&r.drops);
         let s = &mut self.circ.stats;
         s.cells_forwarded += r.cells;
         s.bytes_forwarded += r.bytes;

@@ -14,12 +14,10 @@ use super::{
     Stage, CIRCUIT_MTU, MAX_OUT, OUT_IDLE, QUEUE,
 };
 use crate::proto::identity::NodeId;
-use crate::proto::node::plane::OutRoute;
+use crate::proto::node::plane::{CircuitRef, OutRoute};
 use crate::proto::node::{Node, Routed};
 use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
-use crate::proto::onion::{
-    CellKind, ClientHandshake, Cmd, ReplayWindow, CELL_HEADER, CREATED_LEN, MAX_DATA,
-};
+use crate::proto::onion::{CellKind, ClientHandshake, Cmd, CELL_HEADER, CREATED_LEN, MAX_DATA};
 use crate::proto::route;
 use crate::proto::wire::{self, Incoming, Ipv6View, IPV6_MIN_MTU};
 use std::sync::Arc;
@@ -106,11 +104,12 @@ impl Node {
             return None;
         }
         Some(OutRoute {
-            id,
+            id: CircuitRef::Built(id),
             dst: c.dst,
             link: c.link,
             circ: c.circ,
             keys: c.hops.iter().map(|h| h.keys.clone()).collect(),
+            replays: c.hops.iter().map(|h| h.replay.clone()).collect(),
             counter: c.hops.last()?.ctr.clone(),
             compress: self.config.traffic.compress && self.config.compression.enabled,
             always_large: self.config.traffic.always_large,
@@ -225,7 +224,7 @@ impl Node {
                     id: hop_id,
                     keys: Arc::new(keys),
                     ctr: CellCounter::default(),
-                    replay: ReplayWindow::default(),
+                    replay: Arc::default(),
                     last_reply: now,
                 });
                 self.circ.out.step_took(took);
@@ -254,17 +253,28 @@ impl Node {
                 return None;
             }
         };
-        let c = self.circ.out.get_mut(id)?;
-        let last = u.hop + 1 == c.hops.len();
         let (start, end) = (CELL_HEADER + u.data.start, CELL_HEADER + u.data.end);
+        self.out_command(now, id, u.hop, u.command, start, end)
+    }
+
+    /// A command from hop `hop` of circuit `id` we built, opened (here or
+    /// by the data plane); its data in `self.bufs.cell[start..end]`.
+    /// Returns a packet for the TUN (in `bufs.b`) when it was DATA from the
+    /// destination.
+    pub(super) fn out_command(
+        &mut self,
+        now: Instant,
+        id: u64,
+        hop: usize,
+        command: Cmd,
+        start: usize,
+        end: usize,
+    ) -> Option<usize> {
+        let c = self.circ.out.get_mut(id)?;
+        let last = hop + 1 == c.hops.len();
         let is_dest = last && c.dest.is_some() && c.hops.len() == c.relays.len() + 1;
-        tracing::trace!(
-            circuit = id,
-            hop = u.hop,
-            command = u.command.name(),
-            "cell from hop"
-        );
-        match u.command {
+        tracing::trace!(circuit = id, hop, command = command.name(), "cell from hop");
+        match command {
             Cmd::Data if is_dest => {
                 let Ok(view) = Ipv6View::new_checked(&self.bufs.cell[start..end]) else {
                     self.circ.stats.drops.malformed += 1;
@@ -302,7 +312,7 @@ impl Node {
                             id: next.id,
                             keys: Arc::new(keys),
                             ctr: CellCounter::default(),
-                            replay: ReplayWindow::default(),
+                            replay: Arc::default(),
                             last_reply: now,
                         });
                         self.circ.out.step_took(took);

@@ -367,9 +367,35 @@ fn relay_40_41(h: u64, keys: Arc<HopKeys>) -> ToPlane {
     ToPlane::Relay(Box::new(Relay {
         h,
         prev: (1, 40),
-        next: (2, 41),
+        next: Some((2, 41)),
         keys,
+        replay: Arc::default(),
+        src: None,
     }))
+}
+
+/// Routes S's packets to N (`addr(3)`) on circuit 5, which S built over
+/// R (ID 40 on link 10) with these hops' keys, until `until`.
+fn route_s_n(
+    keys: &[Arc<HopKeys>],
+    counter: &crate::proto::node::circuits::CellCounter,
+    compress: bool,
+    until: Instant,
+) -> ToPlane {
+    ToPlane::RouteCircuit(
+        Box::new(OutRoute {
+            id: CircuitRef::Built(5),
+            dst: addr(3),
+            link: 10,
+            circ: 40,
+            keys: keys.to_vec(),
+            replays: keys.iter().map(|_| Arc::default()).collect(),
+            counter: counter.clone(),
+            compress,
+            always_large: false,
+        }),
+        until,
+    )
 }
 
 /// Planes for S (`addr(1)`), R (`addr(2)`) and N (`addr(3)`), with a
@@ -390,9 +416,9 @@ fn relay_line(now: Instant, bucket: Option<ByteBucket>) -> [DataPlane; 3] {
 
 /// A relay's plane between a source S (`addr(1)`) and the next hop N
 /// (`addr(3)`): R (`addr(2)`) holds both links and, once the node hands it
-/// the circuit, passes cells on either way with its layer off or on, and
-/// leaves the node what is addressed to R and what runs on circuits it
-/// does not hold.
+/// the circuit, passes cells on either way with its layer off or on, opens
+/// what is addressed to R for its node (once), and leaves the node what
+/// runs on circuits it does not hold.
 #[test]
 fn a_relayed_circuit_passes_cells_on_without_the_node() {
     use crate::proto::node::circuits::pair;
@@ -436,10 +462,23 @@ fn a_relayed_circuit_passes_cells_on_without_the_node() {
         }
         other => panic!("N could not open it: {other:?}"),
     }
-    // A cell for R itself: R's node gets it as it came.
-    let sent = send(&mut s, 0, b"to r");
-    assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
-    assert_eq!(cell_of(&mut r), Some(sent), "unchanged, for the node");
+    // A cell for R itself: R's plane opens it and gives R's node the
+    // command; the same cell again is a replay, dropped and counted.
+    for _ in 0..2 {
+        send(&mut s, 0, b"to r");
+        assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
+    }
+    let opened: Vec<_> = std::iter::from_fn(|| r.poll_event())
+        .filter_map(|e| match e {
+            FromPlane::Opened(c) => Some((c.circuit, c.hop, c.cmd, c.data)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        opened,
+        vec![(CircuitRef::Carried(7), 0, Cmd::Probe, b"to r".to_vec())],
+        "opened once, for the node"
+    );
     assert!(r.poll_transmit().is_none(), "nothing passed on");
     // Backward: N's cell gets R's layer and reaches S, who sees N spoke.
     let mut cell = vec![0u8; CELL_SMALL];
@@ -459,9 +498,11 @@ fn a_relayed_circuit_passes_cells_on_without_the_node() {
         &got[CELL_HEADER + u.data.start..CELL_HEADER + u.data.end],
         b"back"
     );
-    // Counted for the node: two cells passed on, one each way.
+    // Counted for the node: two cells passed on, one each way, and the
+    // replay.
     let report = cell_report(&mut r);
     assert_eq!((report.cells, report.bytes), (2, 2 * CELL_SMALL as u64));
+    assert_eq!(report.drops.replay, 1);
     assert_eq!(
         report.circuits,
         vec![(7, now, CELL_SMALL as u64, CELL_SMALL as u64)]
@@ -567,17 +608,10 @@ fn a_routed_circuit_carries_data_without_the_node() {
     let counter = CellCounter::default();
     let keys = vec![Arc::new(src_r), Arc::new(src_n)];
     let route = |s: &mut DataPlane| {
-        s.handle(ToPlane::RouteCircuit(
-            Box::new(OutRoute {
-                id: 5,
-                dst: addr(3),
-                link: 10,
-                circ: 40,
-                keys: keys.clone(),
-                counter: counter.clone(),
-                compress: false,
-                always_large: false,
-            }),
+        s.handle(route_s_n(
+            &keys,
+            &counter,
+            false,
             now + Duration::from_secs(5),
         ))
     };
@@ -605,7 +639,10 @@ fn a_routed_circuit_carries_data_without_the_node() {
     assert_eq!(counter.next(), 3, "the plane took number 2");
     // Reported for the node's idle timer and counters.
     let report = cell_report(&mut s);
-    assert_eq!(report.sent, vec![(5, now, p.len() as u64)]);
+    assert_eq!(
+        report.sent,
+        vec![(CircuitRef::Built(5), now, p.len() as u64)]
+    );
     // Too big for a cell: the node's (it answers Packet Too Big).
     let big = udp(addr(1), addr(3), &vec![0u8; CIRCUIT_MTU]);
     assert_eq!(s.send_tun_packet(now, &big), PlaneTx::NotMine);
@@ -640,5 +677,140 @@ fn a_routed_circuit_carries_data_without_the_node() {
         "no route came back with the link"
     );
     let report = cell_report(&mut s);
-    assert_eq!(report.sent, vec![(5, now, p.len() as u64)]);
+    assert_eq!(
+        report.sent,
+        vec![(CircuitRef::Built(5), now, p.len() as u64)]
+    );
+}
+
+/// A circuit S → R → N whose every part is on a plane: S's route to it,
+/// R relaying, N ending it (its source authenticated as S) with a route
+/// back. Packets cross both ways with no node involved; at N, DATA that
+/// claims another source, a replay and DATA on a circuit that never
+/// authenticated are dropped and counted; at S, a hop's answer goes to the
+/// node opened; and the circuit's end at N takes its route back with it.
+#[test]
+fn a_circuit_carries_data_both_ways_from_plane_to_plane() {
+    use crate::proto::node::circuits::{pair, CellCounter};
+    use crate::proto::onion::{self, CellKind, Cmd, CELL_HEADER, CELL_SMALL};
+    let now = Instant::now();
+    let until = now + Duration::from_secs(5);
+    let [mut s, mut r, mut n] = relay_line(now, None);
+    let ((src_r, hop_r), (src_n, hop_n)) = (pair(), pair());
+    let (hop_r, hop_n) = (Arc::new(hop_r), Arc::new(hop_n));
+    r.handle(relay_40_41(1, hop_r.clone()));
+    let n_replay = Arc::new(crate::proto::onion::ReplayWindow::default());
+    let end = |src: Option<Ipv6Addr>| {
+        ToPlane::Relay(Box::new(Relay {
+            h: 9,
+            prev: (11, 41),
+            next: None,
+            keys: hop_n.clone(),
+            replay: n_replay.clone(),
+            src,
+        }))
+    };
+    n.handle(end(Some(addr(1))));
+    let keys = vec![Arc::new(src_r), Arc::new(src_n)];
+    let (s_ctr, n_ctr) = (CellCounter::default(), CellCounter::default());
+    s.handle(route_s_n(&keys, &s_ctr, true, until));
+    n.handle(ToPlane::RouteCircuit(
+        Box::new(OutRoute {
+            id: CircuitRef::Carried(9),
+            dst: addr(1),
+            link: 11,
+            circ: 41,
+            keys: vec![hop_n.clone()],
+            replays: Vec::new(),
+            counter: n_ctr.clone(),
+            compress: true,
+            always_large: false,
+        }),
+        until,
+    ));
+    // Forward: S's packet reaches N's TUN (compressible, so rebuilt there).
+    let there = udp(addr(1), addr(3), &[7u8; 600]);
+    assert_eq!(s.send_tun_packet(now, &there), PlaneTx::Done);
+    assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
+    assert_eq!(carry(&mut r, &mut n, ep(2), now), vec![there.clone()]);
+    // Back: N's reply reaches S's TUN, as it was.
+    let back = udp(addr(3), addr(1), b"the reply");
+    assert_eq!(n.send_tun_packet(now, &back), PlaneTx::Done);
+    assert!(carry(&mut n, &mut r, ep(3), now).is_empty());
+    assert_eq!(carry(&mut r, &mut s, ep(2), now), vec![back.clone()]);
+    for p in [&mut s, &mut r, &mut n] {
+        assert!(
+            !std::iter::from_fn(|| p.poll_event()).any(|e| matches!(
+                e,
+                FromPlane::Inner { .. } | FromPlane::Opened(_) | FromPlane::Unrouted(..)
+            )),
+            "no node saw a cell"
+        );
+    }
+    // Counted for the nodes: what each end delivered and sent.
+    let at_n = cell_report(&mut n);
+    assert_eq!(at_n.received, vec![(CircuitRef::Carried(9), now, 640)]);
+    assert_eq!(
+        at_n.sent,
+        vec![(CircuitRef::Carried(9), now, back.len() as u64)]
+    );
+    let at_s = cell_report(&mut s);
+    assert_eq!(
+        at_s.received,
+        vec![(CircuitRef::Built(5), now, back.len() as u64)]
+    );
+    // S's cells for N, built by hand: N's plane checks every one.
+    let to_n = |ctr: u64, packet: &[u8]| {
+        let mut cell = vec![0u8; CELL_SMALL];
+        let (head, body) = cell.split_at_mut(CELL_HEADER);
+        let nonce = onion::wrap(&keys, 1, ctr, Cmd::Data, packet, body);
+        onion::write_header(head, 40, CellKind::Relay, &nonce);
+        let mut frame = Vec::new();
+        wire::encode_control(addr(1), addr(2), MSG_CELL, &cell, &mut frame);
+        frame
+    };
+    let ctr = s_ctr.next();
+    let spoofed = udp(addr(4), addr(3), b"in another's name");
+    let fine = udp(addr(1), addr(3), b"once");
+    for frame in [
+        to_n(ctr, &spoofed),
+        to_n(ctr + 1, &fine),
+        to_n(ctr + 1, &fine),
+    ] {
+        s.handle(ToPlane::Seal(10, frame));
+    }
+    assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
+    assert_eq!(carry(&mut r, &mut n, ep(2), now), vec![fine.clone()]);
+    let drops = cell_report(&mut n).drops;
+    assert_eq!((drops.spoofed_source, drops.replay), (1, 1));
+    // A hop's answer at S goes to S's node, opened.
+    let mut cell = vec![0u8; CELL_SMALL];
+    let nonce = hop_r.originate(1, Cmd::ProbeReply, b"pong", &mut cell[CELL_HEADER..]);
+    onion::write_header(&mut cell, 40, CellKind::Relay, &nonce);
+    let mut frame = Vec::new();
+    wire::encode_control(addr(2), addr(1), MSG_CELL, &cell, &mut frame);
+    r.handle(ToPlane::Seal(1, frame));
+    assert!(carry(&mut r, &mut s, ep(2), now).is_empty());
+    let opened = std::iter::from_fn(|| s.poll_event()).find_map(|e| match e {
+        FromPlane::Opened(c) => Some((c.circuit, c.hop, c.cmd, c.data)),
+        _ => None,
+    });
+    assert_eq!(
+        opened,
+        Some((CircuitRef::Built(5), 0, Cmd::ProbeReply, b"pong".to_vec()))
+    );
+    // The circuit ends at N: its cells are N's node's again, and the route
+    // back goes (the node is told).
+    n.handle(ToPlane::Unrelay(9));
+    assert_eq!(n.relayed(), 0);
+    assert!(std::iter::from_fn(|| n.poll_event())
+        .any(|e| matches!(e, FromPlane::Unrouted(a, t) if a == addr(1) && t == until)));
+    assert_eq!(n.send_tun_packet(now, &back), PlaneTx::NotMine);
+    // Taken again with no authenticated source, its DATA is dropped.
+    n.handle(end(None));
+    s.handle(ToPlane::Seal(10, to_n(ctr + 2, &fine)));
+    assert!(carry(&mut s, &mut r, ep(1), now).is_empty());
+    assert!(carry(&mut r, &mut n, ep(2), now).is_empty());
+    let d = cell_report(&mut n).drops;
+    assert_eq!(d.unauthenticated, 1, "{d:?}");
 }

@@ -67,6 +67,102 @@ fn counted<T>(f: impl FnOnce() -> T) -> (T, u64) {
     (out, n)
 }
 
+/// Allocations on one way across a circuit held by planes: at the plane
+/// that sends, at the relays' (and the cells they passed on), and at the
+/// plane that delivers.
+#[derive(Default)]
+struct Way {
+    sender: u64,
+    relays: u64,
+    relayed: u64,
+    receiver: u64,
+}
+
+impl Way {
+    fn add(&mut self, o: &Way) {
+        self.sender += o.sender;
+        self.relays += o.relays;
+        self.relayed += o.relayed;
+        self.receiver += o.receiver;
+    }
+}
+
+/// What [`cross`] sends and receives with, kept from call to call (as a
+/// data thread keeps it).
+struct Carrier {
+    batch: SendBatch,
+    others: Vec<Transmit>,
+    buf: Vec<u8>,
+}
+
+impl Carrier {
+    fn new() -> Carrier {
+        Carrier {
+            batch: SendBatch::default(),
+            others: Vec::new(),
+            buf: vec![0u8; 4096],
+        }
+    }
+}
+
+/// Hands `packet` to node `from`'s plane and carries what it sends plane to
+/// plane over `relays` to node `to`'s plane, which must deliver it; no
+/// node on the way may be asked anything.
+fn cross(
+    net: &mut Net,
+    k: &mut Carrier,
+    from: usize,
+    to: usize,
+    relays: &[usize],
+    packet: &[u8],
+) -> Way {
+    let now = net.now;
+    let mut w = Way::default();
+    let Carrier { batch, others, buf } = k;
+    let pa = net.nodes[from].0.plane().unwrap();
+    let (done, n) = counted(|| {
+        let done = pa.send_tun_packet(now, packet) == PlaneTx::Done;
+        pa.take_output(batch, others);
+        done
+    });
+    assert!(done, "node {from}'s plane sent it itself");
+    assert!(!pa.has_events(), "node {from} was asked");
+    w.sender = n;
+    let mut ep = net.nodes[from].1;
+    loop {
+        let (dst, data) = {
+            let mut sent = batch.datagrams();
+            let (dst, d) = sent.next().expect("a node sent something");
+            assert!(sent.next().is_none(), "one datagram per hop");
+            (dst, d.to_vec())
+        };
+        let j = net.nodes.iter().position(|(_, e)| *e == dst).unwrap();
+        let plane = net.nodes[j].0.plane().unwrap();
+        if j == to {
+            let (got, n) = counted(|| match plane.receive(now, ep, &data, buf) {
+                PlaneRx::InPlace(n) => buf[..n] == packet[..],
+                PlaneRx::Rebuilt(p) => p == packet,
+                _ => false,
+            });
+            assert!(got, "delivered by node {to}'s plane");
+            assert!(!plane.has_events(), "node {to} was asked");
+            w.receiver = n;
+            return w;
+        }
+        assert!(relays.contains(&j));
+        let (done, n) = counted(|| {
+            let done = plane.receive(now, ep, &data, buf) == PlaneRx::Done;
+            plane.take_output(batch, others);
+            done
+        });
+        assert!(done);
+        assert!(!plane.has_events(), "relay {j} was asked");
+        assert!(others.is_empty(), "only the batch is sent");
+        (w.relays, w.relayed) = (w.relays + n, w.relayed + 1);
+        ep = net.nodes[j].1;
+    }
+}
+
 #[derive(Default, Debug)]
 struct Tally {
     source: u64,
@@ -306,7 +402,10 @@ fn a_handed_link_allocates_nothing_per_packet() {
 /// gone through each relay's node, which hands the circuit over, every
 /// relay's plane passes the cells on alone — its node sees none of them —
 /// and allocates nothing per cell. The source's plane, routed to the
-/// circuit by its node, wraps and sends the packets alone too.
+/// circuit by its node, wraps and sends the packets alone too, and the
+/// destination's plane, which took the circuit with its first DATA,
+/// delivers them alone; and the same the other way, once the destination's
+/// node routed its first reply back on the circuit.
 #[test]
 fn handed_relays_pass_cells_on_alone_and_allocate_nothing() {
     ALL_PLANES.set(true);
@@ -330,66 +429,60 @@ fn handed_relays_pass_cells_on_alone_and_allocate_nothing() {
         .iter()
         .map(|&r| net.nodes[r].0.status().relay.cells_forwarded)
         .collect();
-    let mut batch = SendBatch::default();
-    let mut others = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    let (mut relayed, mut allocs, mut delivered) = (0u64, 0u64, 0u64);
-    let mut source = 0u64;
-    let now = net.now;
+    let (mut way, mut delivered) = (Way::default(), 0u64);
+    let mut k = Carrier::new();
     for round in 0..250 {
         // The source's node routed the destination to the circuit (with
         // the packet above): its plane wraps and seals the packet itself.
-        let pa = net.nodes[a].0.plane().unwrap();
-        let (done, n) = counted(|| {
-            let done = pa.send_tun_packet(now, &packet) == PlaneTx::Done;
-            pa.take_output(&mut batch, &mut others);
-            done
-        });
-        assert!(done, "the source's plane sent it itself");
-        assert!(!pa.has_events(), "the source's node was asked");
+        let w = cross(&mut net, &mut k, a, e, &relays, &packet);
+        // The first 50 warm up (buffers reach their sizes).
         if round >= 50 {
-            source += n;
+            way.add(&w);
+            delivered += 1;
         }
-        let mut from = net.nodes[a].1;
-        loop {
-            let (to, data) = {
-                let mut sent = batch.datagrams();
-                let (to, d) = sent.next().expect("a node sent something");
-                assert!(sent.next().is_none(), "one datagram per hop");
-                (to, d.to_vec())
-            };
-            let j = net.nodes.iter().position(|(_, ep)| *ep == to).unwrap();
-            if j == e {
-                let got = net.nodes[j].0.handle_datagram(now, from, &data);
-                assert_eq!(got, Some(&packet[..]), "delivered");
-                delivered += 1;
-                break;
-            }
-            assert!(relays.contains(&j));
-            let plane = net.nodes[j].0.plane().unwrap();
-            let (done, n) = counted(|| {
-                let done = plane.receive(now, from, &data, &mut buf) == PlaneRx::Done;
-                plane.take_output(&mut batch, &mut others);
-                done
-            });
-            assert!(done);
-            assert!(!plane.has_events(), "the relay's node was asked");
-            if round >= 50 {
-                (relayed, allocs) = (relayed + 1, allocs + n);
-            }
-            from = net.nodes[j].1;
-        }
-        assert!(others.is_empty(), "only the batch is sent");
     }
     println!(
-        "allocations per cell on {} handed relays: {:.2}; per packet at the source's plane: {:.2} ({relayed} cells relayed, {delivered} delivered)",
+        "forward, allocations: per cell on {} handed relays {:.2}; per packet at the source's plane {:.2}, at the destination's {:.2} ({} cells relayed, {delivered} delivered)",
         relays.len(),
-        allocs as f64 / relayed as f64,
-        source as f64 / 200.0
+        way.relays as f64 / way.relayed as f64,
+        way.sender as f64 / 200.0,
+        way.receiver as f64 / 200.0,
+        way.relayed,
     );
-    assert_eq!(relayed, 200 * relays.len() as u64);
-    assert_eq!(allocs, 0, "a relay's plane allocated per cell");
-    assert_eq!(source, 0, "the source's plane allocated per packet");
+    assert_eq!(way.relayed, 200 * relays.len() as u64);
+    assert_eq!(way.relays, 0, "a relay's plane allocated per cell");
+    assert_eq!(way.sender, 0, "the source's plane allocated per packet");
+    assert_eq!(
+        way.receiver, 0,
+        "the destination's plane allocated per packet"
+    );
+    // The destination's first reply goes through its node, which routes
+    // the source back on the circuit; its plane sends the next ones, and
+    // the source's plane delivers them.
+    let reply = udp_packet(addrs[e], addrs[a], &payload[..600]);
+    let _ = net.nodes[e].0.handle_tun_packet(net.now, &reply);
+    let tun = advance(&mut net, 1.0);
+    assert!(tun[a].contains(&reply));
+    let mut back = Way::default();
+    let path: Vec<usize> = relays.iter().rev().copied().collect();
+    for round in 0..250 {
+        let w = cross(&mut net, &mut k, e, a, &path, &reply);
+        if round >= 50 {
+            back.add(&w);
+        }
+    }
+    println!(
+        "back, allocations: per cell on the relays {:.2}; per packet at the destination's plane {:.2}, at the source's {:.2}",
+        back.relays as f64 / back.relayed as f64,
+        back.sender as f64 / 200.0,
+        back.receiver as f64 / 200.0,
+    );
+    assert_eq!(back.relayed, 200 * relays.len() as u64);
+    assert_eq!(
+        (back.relays, back.sender, back.receiver),
+        (0, 0, 0),
+        "a plane allocated on the way back"
+    );
     // The source's node learns what its plane sent on the circuit (a
     // status asks the plane for a report).
     let _ = net.nodes[a].0.status();
@@ -405,15 +498,15 @@ fn handed_relays_pass_cells_on_alone_and_allocate_nothing() {
         );
     }
     // Idle, the source closes the circuit; its DESTROY takes it out of
-    // every relay's plane.
-    net.now = now;
+    // every relay's plane and the destination's.
+    assert_eq!(net.nodes[e].0.plane().unwrap().relayed(), 1);
     advance(&mut net, 200.0);
     assert!(
         net.nodes[a].0.circuits(net.now).circuits.is_empty(),
         "the idle circuit was closed"
     );
-    for &r in &relays {
-        assert_eq!(net.nodes[r].0.plane().unwrap().relayed(), 0, "relay {r}");
+    for &r in relays.iter().chain([&e]) {
+        assert_eq!(net.nodes[r].0.plane().unwrap().relayed(), 0, "node {r}");
         assert_eq!(net.nodes[r].0.status().data_path.plane_circuits, 0);
     }
 }
