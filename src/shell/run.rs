@@ -606,16 +606,25 @@ impl Shared {
         }
     }
 
-    /// Writes one packet to the TUN (which expects a virtio-net header).
+    /// Writes one packet to the TUN (which expects a virtio-net header),
+    /// from a buffer each thread that writes keeps (the data thread for
+    /// the packets the node hands it, the timer thread for ICMP replies):
+    /// no allocation per packet, and no lock between the two.
     fn write_tun(&self, packet: &[u8]) {
-        let mut buf = vec![0u8; VIRTIO_NET_HDR_LEN + packet.len()];
-        buf[VIRTIO_NET_HDR_LEN..].copy_from_slice(packet);
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         let Some(tun) = &self.tun else {
             return;
         };
-        if let Err(e) = tun.send(&buf) {
-            tracing::debug!("TUN write failed: {e}");
-        }
+        BUF.with_borrow_mut(|buf| {
+            buf.clear();
+            buf.resize(VIRTIO_NET_HDR_LEN, 0);
+            buf.extend_from_slice(packet);
+            if let Err(e) = tun.send(buf) {
+                tracing::debug!("TUN write failed: {e}");
+            }
+        });
     }
 }
 
