@@ -609,13 +609,15 @@ impl Node {
         self.circ.out.fails_of(dst)
     }
 
-    /// Test hook: injects an application packet into circuit `id` as DATA,
-    /// whatever its source address says (to show the destination's check).
+    /// Test hook: injects an application packet into the circuit to `dst`
+    /// as DATA for its hop `hop` (the destination when none), whatever its
+    /// source address says (to show the hops' checks).
     #[cfg(test)]
     pub(in crate::proto::node) fn inject_data(
         &mut self,
         now: Instant,
         dst: Ipv6Addr,
+        hop: Option<usize>,
         packet: &[u8],
     ) -> bool {
         let Some(id) = self.circ.out.current(&dst) else {
@@ -624,6 +626,10 @@ impl Node {
         let Ok(view) = Ipv6View::new_checked(packet) else {
             return false;
         };
+        if let Some(target) = hop {
+            self.send_out(now, id, target, Cmd::Data, packet);
+            return true;
+        }
         match self.out_data(id, view) {
             Some((link, len)) => {
                 self.send_cell(now, link, len);
@@ -633,14 +639,16 @@ impl Node {
         }
     }
 
-    /// Test hook: sends another AUTH on the circuit to `dst`, with
-    /// `record` and a signature `sign` makes over the circuit's binding
-    /// (as a source holding two identities could).
+    /// Test hook: sends another AUTH on the circuit to `dst`, to its hop
+    /// `hop` (the destination when none), with `record` and a signature
+    /// `sign` makes over that hop's binding (as a source holding two
+    /// identities could).
     #[cfg(test)]
     pub(in crate::proto::node) fn inject_auth(
         &mut self,
         now: Instant,
         dst: Ipv6Addr,
+        hop: Option<usize>,
         record: &[u8],
         sign: impl Fn(&[u8]) -> Vec<u8>,
     ) -> bool {
@@ -650,9 +658,13 @@ impl Node {
         let Some(c) = self.circ.out.get(id) else {
             return false;
         };
-        let (Some(message), Some(target)) = (c.auth_message(), c.hops.len().checked_sub(1)) else {
+        let Some(target) = hop.or(c.hops.len().checked_sub(1)) else {
             return false;
         };
+        let Some(h) = c.hops.get(target) else {
+            return false;
+        };
+        let message = crate::proto::onion::auth_message(&h.id, &h.keys.bind);
         let signature = sign(&message);
         let auth = body::Auth {
             record,

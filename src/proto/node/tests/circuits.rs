@@ -154,7 +154,7 @@ fn circuit_carries_both_ways_authenticates_the_source_and_heals() {
     }
     // A packet with a forged inner source is dropped at E.
     let forged = udp_packet(addrs[2], addrs[e], b"I am relay 2");
-    assert!(net.nodes[a].0.inject_data(net.now, addrs[e], &forged));
+    assert!(net.nodes[a].0.inject_data(net.now, addrs[e], None, &forged));
     let tun = advance(&mut net, 0.5);
     assert!(!tun[e].contains(&forged));
     assert_eq!(net.nodes[e].0.status().relay.drops.spoofed_source, 1);
@@ -166,9 +166,32 @@ fn circuit_carries_both_ways_authenticates_the_source_and_heals() {
     let bad_kind = net.nodes[e].0.status().relay.drops.bad_kind;
     assert!(net.nodes[a]
         .0
-        .inject_auth(net.now, addrs[e], &record, |m| other.sign(m)));
+        .inject_auth(net.now, addrs[e], None, &record, |m| other.sign(m)));
     advance(&mut net, 0.5);
     assert_eq!(net.nodes[e].0.status().relay.drops.bad_kind, bad_kind + 1);
+    // An AUTH, validly signed, to the first relay, which extended the
+    // circuit: refused, so no relay ever takes DATA for itself.
+    let first = ids.iter().position(|i| *i == c.hops[0]).unwrap();
+    let own = net.nodes[a].0.signer();
+    let record = own.sign_record(2).to_bytes();
+    assert!(net.nodes[a]
+        .0
+        .inject_auth(net.now, addrs[e], Some(0), &record, |m| own.sign(m)));
+    advance(&mut net, 0.5);
+    let to_relay = udp_packet(addrs[a], addrs[first], b"for the relay itself");
+    let unauthenticated = net.nodes[first].0.status().relay.drops.unauthenticated;
+    assert!(net.nodes[a]
+        .0
+        .inject_data(net.now, addrs[e], Some(0), &to_relay));
+    let tun = advance(&mut net, 0.5);
+    assert!(
+        !tun[first].contains(&to_relay),
+        "the relay took DATA for itself"
+    );
+    assert_eq!(
+        net.nodes[first].0.status().relay.drops.unauthenticated,
+        unauthenticated + 1
+    );
     let inbound = net.nodes[e].0.circuits(net.now).inbound;
     assert_eq!(inbound.len(), 1);
     assert_eq!(inbound[0].source, Some(addrs[a]));
