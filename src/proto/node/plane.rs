@@ -969,8 +969,8 @@ impl DataPlane {
     }
 
     /// Reports each link's [`Activity`] to the node now (as the timers do;
-    /// for a `status` that must be current), and what relayed circuits
-    /// passed on.
+    /// for a `status` that must be current), and what circuits' cells did
+    /// ([`CellReport`]: passed on, delivered, sent, dropped).
     pub fn report(&mut self) {
         let mut r = self.relays.take_report();
         self.outs.report(&mut r);

@@ -441,8 +441,9 @@ impl Net {
         })
     }
 
-    /// Node `i`'s relayed circuits whose cells its data plane passes on,
-    /// and the circuits it carries in all (as a relay or the destination).
+    /// Node `i`'s circuits (relayed or ending there) whose cells its data
+    /// plane handles, and the circuits it carries in all (as a relay or
+    /// the destination).
     pub fn plane_circuits(&self, i: usize) -> Option<(u64, u64)> {
         self.node(i).map(|n| {
             let st = n.status();

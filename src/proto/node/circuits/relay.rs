@@ -584,7 +584,8 @@ impl Node {
         }
     }
 
-    /// How many relayed circuits the data plane passes cells on for.
+    /// How many circuits the data plane holds: relayed (it passes their
+    /// cells on) or ending here (it opens them).
     pub(in crate::proto::node) fn hops_in_plane(&self) -> usize {
         self.circ.hops.values().filter(|hc| hc.in_plane).count()
     }

@@ -178,6 +178,13 @@ fn circuit_carries_both_ways_authenticates_the_source_and_heals() {
         .0
         .inject_auth(net.now, addrs[e], Some(0), &record, |m| own.sign(m)));
     advance(&mut net, 0.5);
+    assert!(
+        net.nodes[first]
+            .0
+            .inbound_route(net.now, &addrs[a])
+            .is_none(),
+        "the relay took A for the circuit's authenticated source"
+    );
     let to_relay = udp_packet(addrs[a], addrs[first], b"for the relay itself");
     let unauthenticated = net.nodes[first].0.status().relay.drops.unauthenticated;
     assert!(net.nodes[a]
