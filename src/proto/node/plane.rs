@@ -204,7 +204,9 @@ pub enum FromPlane {
     /// link timers.
     Activity(Box<Activity>),
     /// What the plane did with circuits' cells since the last tick: passed
-    /// on as a relay, sent as DATA on circuits this node built.
+    /// on as a relay, delivered at a circuit's end or at its source, sent
+    /// as DATA (on circuits this node built, or back on those it ends),
+    /// dropped.
     Relayed(Box<CellReport>),
     /// The plane did not take this circuit (one of its links left the
     /// plane before the circuit came): its cells are the node's.
