@@ -26,7 +26,7 @@
 //! (relays or direct) and [`report`] (what `qgate circuits` and
 //! `qgate status` show).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -409,7 +409,10 @@ pub(super) struct Circuits {
     /// Circuits this node carries or ends.
     hops: HopTable,
     /// Circuit IDs on links: of circuits built here and carried here.
-    on_link: HashMap<(u32, u32), CircRef>,
+    /// Ordered, so that a link's circuits are one range when it goes (a
+    /// relay holds thousands; the cells that still reach the node pay a
+    /// logarithm for it, those the plane handles nothing).
+    on_link: BTreeMap<(u32, u32), CircRef>,
     next_id: u64,
     onion: OnionKey,
     prev_onion: Option<OnionKey>,
@@ -444,7 +447,7 @@ impl Circuits {
         Circuits {
             out: OutTable::default(),
             hops: HopTable::new(MAX_HOP_CIRCUITS, MAX_PER_NEIGHBOUR),
-            on_link: HashMap::new(),
+            on_link: BTreeMap::new(),
             next_id: 1,
             to_sign: VecDeque::new(),
             noise_buf: Vec::new(),

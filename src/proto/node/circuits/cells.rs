@@ -350,8 +350,7 @@ impl Node {
         let on: Vec<((u32, u32), CircRef)> = self
             .circ
             .on_link
-            .iter()
-            .filter(|((l, _), _)| *l == link)
+            .range((link, 0)..=(link, u32::MAX))
             .map(|(k, v)| (*k, *v))
             .collect();
         for (key, r) in on {
