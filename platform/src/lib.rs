@@ -27,6 +27,9 @@ pub enum PlatformError {
 pub struct Tun {
     /// The device (non-blocking reads and writes of whole IP packets).
     pub device: SyncDevice,
+    /// The device's further queues, when it was made with more than one
+    /// (each as the device, with the same offloads).
+    pub queues: Vec<SyncDevice>,
     /// Interface name.
     pub name: String,
 }
@@ -80,6 +83,13 @@ pub fn check_tun_device() -> Result<(), String> {
 /// `SyncDevice::recv_multiple`, and takes coalesced ones (GRO) from
 /// `SyncDevice::send_multiple`; every write then needs a virtio-net header.
 ///
+/// With `queues` above 1 the device is multi-queue (`IFF_MULTI_QUEUE`),
+/// and [`Tun::queues`] holds the queues after the first, one for each data
+/// worker. The kernel gives a flow's outgoing packets to the queue that
+/// last wrote that flow's incoming ones (the TUN driver's automatic
+/// steering, by a symmetric flow hash), so a flow's packets in both
+/// directions meet the worker that holds its link once it has written one.
+///
 /// Needs CAP_NET_ADMIN.
 pub fn create_tun(
     name: &str,
@@ -87,6 +97,7 @@ pub fn create_tun(
     address: Ipv6Addr,
     prefix: u8,
     offload: bool,
+    queues: usize,
 ) -> Result<Tun, PlatformError> {
     let err = |what, source| PlatformError::Tun {
         name: name.to_string(),
@@ -97,6 +108,7 @@ pub fn create_tun(
         .name(name)
         .mtu(mtu)
         .offload(offload)
+        .multi_queue(queues > 1)
         .build_sync()
         .map_err(|e| err("create", e))?;
     let name = device.name().map_err(|e| err("read name", e))?;
@@ -110,7 +122,74 @@ pub fn create_tun(
     device
         .set_nonblocking(true)
         .map_err(|e| err("set non-blocking", e))?;
-    Ok(Tun { device, name })
+    let mut more = Vec::new();
+    for _ in 1..queues {
+        let q = device.try_clone().map_err(|e| err("open a queue", e))?;
+        q.set_nonblocking(true)
+            .map_err(|e| err("set non-blocking", e))?;
+        more.push(q);
+    }
+    Ok(Tun {
+        device,
+        queues: more,
+        name,
+    })
+}
+
+/// Steers the datagrams of a group of UDP sockets bound to one port with
+/// `SO_REUSEPORT` (the group's sockets in the order they were bound) to
+/// socket `link % workers`, where `link` is the low byte of the link index
+/// in a WireGuard message's receiver index (boringtun's receiver index is
+/// the link's 24-bit index shifted left by 8 over an 8-bit session count).
+/// That is bytes 5 (data and cookie replies) or 9 (handshake responses) of
+/// the UDP payload; initiations carry no receiver index and land on the
+/// worker their sender's index byte picks, which hands them to the node.
+/// A datagram too short for the byte goes to socket 0.
+///
+/// A classic BPF program the kernel runs before it picks the socket; any
+/// socket of the group may attach it (nix and socket2 do not wrap
+/// `SO_ATTACH_REUSEPORT_CBPF`, hence the raw call).
+pub fn steer_by_link(fd: std::os::fd::BorrowedFd<'_>, workers: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if workers == 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no workers"));
+    }
+    // Classic BPF opcodes (linux/bpf_common.h; they fit in 16 bits).
+    const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
+    const MOD_K: u16 = (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16;
+    const RET_A: u16 = (libc::BPF_RET | libc::BPF_A) as u16;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let mut prog = [
+        op(LD_B_ABS, 0, 0, 0),    // A = message type
+        op(JEQ_K, 0, 2, 2),       // a handshake response?
+        op(LD_B_ABS, 0, 0, 9),    //   A = receiver index, link's low byte
+        op(JA, 0, 0, 1),          //
+        op(LD_B_ABS, 0, 0, 5),    // else the same byte at its place in data
+        op(MOD_K, 0, 0, workers), // A %= workers
+        op(RET_A, 0, 0, 0),       // the socket's place in the group
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` and the program it points to outlive the call, and
+    // the size passed is `fprog`'s; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            &fprog as *const libc::sock_fprog as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Whether this process may administer network interfaces (CAP_NET_ADMIN in
@@ -296,6 +375,80 @@ mod tests {
         })
         .join()
         .expect("thread");
+    }
+
+    /// A UDP socket on 127.0.0.1:`port` (0: any) with `SO_REUSEPORT`.
+    fn reuseport_socket(port: u16) -> std::net::UdpSocket {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket calls; the descriptor is owned by the
+        // returned socket, and `addr` outlives `bind`.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1).expect("SO_REUSEPORT");
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as libc::sa_family_t;
+            addr.sin_port = port.to_be();
+            addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            let rc = libc::bind(
+                fd,
+                &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+            std::net::UdpSocket::from_raw_fd(fd)
+        }
+    }
+
+    #[test]
+    fn datagrams_reach_the_worker_that_holds_their_link() {
+        use std::os::fd::AsFd;
+        const WORKERS: usize = 3;
+        let first = reuseport_socket(0);
+        let port = first.local_addr().expect("address").port();
+        let mut group = vec![first];
+        for _ in 1..WORKERS {
+            group.push(reuseport_socket(port));
+        }
+        steer_by_link(group[1].as_fd(), WORKERS as u32).expect("attach");
+        for s in &group {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .expect("timeout");
+            s.set_nonblocking(false).expect("blocking");
+        }
+        // From several source ports, so the kernel's own hash would spread them.
+        let senders: Vec<_> = (0..4)
+            .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let mut sent = 0;
+        for link in [0u32, 1, 2, 5, 255, 256, 257, 0x00ab_cdef] {
+            for (kind, at) in [(4u8, 4usize), (3, 4), (2, 8)] {
+                let receiver = (link << 8) | 0x5a;
+                let mut msg = [0u8; 32];
+                msg[0] = kind;
+                msg[at..at + 4].copy_from_slice(&receiver.to_le_bytes());
+                let from = &senders[sent % senders.len()];
+                from.send_to(&msg, ("127.0.0.1", port)).expect("send");
+                sent += 1;
+                let want = (link as usize & 0xff) % WORKERS;
+                let mut buf = [0u8; 64];
+                let (n, _) = group[want].recv_from(&mut buf).expect("steered datagram");
+                assert_eq!(&buf[..n], &msg[..], "link {link} kind {kind}");
+            }
+        }
+        // Nothing went elsewhere.
+        for s in &group {
+            s.set_nonblocking(true).expect("non-blocking");
+            assert!(s.recv_from(&mut [0u8; 64]).is_err());
+        }
+        // Too short for the byte: the first socket.
+        senders[0]
+            .send_to(&[4, 0, 0], ("127.0.0.1", port))
+            .expect("send");
+        group[0].set_nonblocking(false).expect("blocking");
+        group[0]
+            .recv_from(&mut [0u8; 64])
+            .expect("short datagram on socket 0");
     }
 
     fn policy() -> i32 {
