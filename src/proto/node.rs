@@ -484,6 +484,8 @@ pub struct DataPathStatus {
     /// Circuits this node relays or ends whose cells the data plane
     /// passes on or opens.
     pub plane_circuits: u64,
+    /// Handed links per data plane (data thread), when there are planes.
+    pub worker_links: Vec<u64>,
 }
 
 /// A wait of the data path for the node counted in

@@ -40,6 +40,9 @@ const ROUTE_HOLD: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub(super) struct Handoff {
     on: bool,
+    /// How many planes (data workers) the links are spread over (see
+    /// [`plane::worker_of`]); 0 or 1: one.
+    workers: usize,
     out: VecDeque<ToPlane>,
     /// Links removed while handed: their counters as last reported, until
     /// the plane returns them with the rest.
@@ -84,13 +87,44 @@ impl Node {
     /// the TUN packets and datagrams first, and the node those the plane
     /// answers `NotMine`.
     pub fn data_plane(&mut self) -> DataPlane {
+        self.data_planes(1).pop().expect("one plane")
+    }
+
+    /// As [`Node::data_plane`], for `workers` data workers (at least one):
+    /// link `index` goes to plane [`plane::worker_of`]`(index, workers)`,
+    /// and the caller passes each of [`Node::poll_plane`]'s messages on
+    /// with [`ToPlane::dispatch`], and so each plane's
+    /// [`DataPlane::poll_crossing`]: a circuit relayed between two links
+    /// of different planes is held by both, each passing on the cells that
+    /// arrive on its link, to the other to seal. The relay bandwidth cap
+    /// is each plane's.
+    pub fn data_planes(&mut self, workers: usize) -> Vec<DataPlane> {
+        let workers = workers.max(1);
         self.handoff.on = true;
+        self.handoff.workers = workers;
         let bucket = self.config.relay.bandwidth.map(circuits::relay_bucket);
-        #[allow(unused_mut)] // changed only with the test hooks
-        let mut plane = DataPlane::new(self.address, self.config.mtu, bucket);
-        #[cfg(feature = "test-hooks")]
-        plane.log_cells(self.cell_log_on());
-        plane
+        (0..workers)
+            .map(|id| {
+                let mut plane = DataPlane::new(self.address, self.config.mtu, bucket);
+                plane.set_worker(id, workers);
+                #[cfg(feature = "test-hooks")]
+                plane.log_cells(self.cell_log_on());
+                plane
+            })
+            .collect()
+    }
+
+    /// Handed links per plane (none without planes).
+    pub(super) fn worker_links(&self) -> Vec<u64> {
+        if !self.handoff.on {
+            return Vec::new();
+        }
+        let n = self.handoff.workers.max(1);
+        let mut per = vec![0u64; n];
+        for l in self.links.values().filter(|l| l.chan.handed()) {
+            per[plane::worker_of(l.index, n)] += 1;
+        }
+        per
     }
 
     /// Whether the node hands links and circuits to a data plane.

@@ -1,11 +1,18 @@
-//! A node and, if it uses one, its data plane, driven from one thread with
-//! the node's one-packet-at-a-time calls: what the simulator and the tests
-//! run, so that every scenario runs with links handed to a plane as well as
-//! without. Each call gives the plane what is routed to it first, then the
-//! node, and passes the messages between them until both are quiet. It
-//! copies what it returns (a shell would not: the data thread holds the
-//! plane and takes the node's lock only for what the plane answers
-//! `NotMine`).
+//! A node and, if it uses them, its data planes, driven from one thread
+//! with the node's one-packet-at-a-time calls: what the simulator and the
+//! tests run, so that every scenario runs with links handed to a plane (or
+//! spread over several) as well as without. Each call gives a plane what
+//! is routed to it first, then the node, and passes the messages between
+//! them until all are quiet. It copies what it returns (a shell would not:
+//! each data thread holds its plane and takes the node's lock only for
+//! what the plane answers `NotMine`).
+//!
+//! With several planes it picks the one a datagram or a TUN packet reaches
+//! as the kernel would in the shell: a datagram by the link index in its
+//! receiver index (`qgate_platform::steer_by_link`), a TUN packet by a
+//! hash of its destination (a queue of a multi-queue TUN, as for a flow
+//! the kernel has not seen answered yet; so about half of them reach a
+//! plane without the route, which leaves them to the node).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -20,7 +27,8 @@ use crate::proto::wire::MAX_PACKET;
 /// as it is (through `Deref`).
 pub struct Host {
     node: Node,
-    plane: Option<DataPlane>,
+    /// The planes, one per data worker; none without planes.
+    planes: Vec<DataPlane>,
     /// Packets for the TUN that came out of passing messages.
     tun: VecDeque<Vec<u8>>,
     /// What a call returns, copied.
@@ -50,7 +58,7 @@ impl Host {
     pub fn new(node: Node) -> Host {
         Host {
             node,
-            plane: None,
+            planes: Vec::new(),
             tun: VecDeque::new(),
             ret: Vec::new(),
             buf: vec![0u8; 2 * MAX_PACKET + 1024],
@@ -59,39 +67,79 @@ impl Host {
     }
 
     /// The node, handing its established links to a data plane.
-    pub fn with_plane(mut node: Node) -> Host {
-        let plane = node.data_plane();
+    pub fn with_plane(node: Node) -> Host {
+        Host::with_planes(node, 1)
+    }
+
+    /// The node, spreading its established links over `workers` data
+    /// planes ([`Node::data_planes`]).
+    pub fn with_planes(mut node: Node, workers: usize) -> Host {
+        let planes = node.data_planes(workers);
         let mut h = Host::new(node);
-        h.plane = Some(plane);
+        h.planes = planes;
         h
     }
 
-    /// The data plane, if the node uses one.
-    pub fn plane(&mut self) -> Option<&mut DataPlane> {
-        self.pump();
-        self.plane.as_mut()
+    /// How many of the planes hold a circuit (relayed or ending here).
+    #[cfg(test)]
+    pub fn planes_holding(&self) -> usize {
+        self.planes.iter().filter(|p| p.relayed() > 0).count()
     }
 
-    /// Passes messages between the node and the plane until neither has
+    /// The (first) data plane, if the node uses one.
+    pub fn plane(&mut self) -> Option<&mut DataPlane> {
+        self.pump();
+        self.planes.first_mut()
+    }
+
+    /// The plane the kernel would give datagram `d`: the low byte of the
+    /// link index in its receiver index, modulo the planes (what
+    /// `qgate_platform::steer_by_link`'s program computes).
+    fn plane_for_datagram(&self, d: &[u8]) -> usize {
+        let at = if d.first() == Some(&2) { 9 } else { 5 };
+        d.get(at)
+            .map_or(0, |b| usize::from(*b) % self.planes.len().max(1))
+    }
+
+    /// The plane a TUN packet to `packet`'s destination reaches: a fixed
+    /// hash of the destination.
+    fn plane_for_packet(&self, packet: &[u8]) -> usize {
+        let dst = packet.get(24..40).unwrap_or(&[]);
+        let h = dst
+            .iter()
+            .fold(0usize, |h, b| h.wrapping_mul(31) ^ usize::from(*b));
+        h % self.planes.len().max(1)
+    }
+
+    /// Passes messages between the node and the planes until none has
     /// any.
     fn pump(&mut self) {
-        let Some(plane) = &mut self.plane else {
+        if self.planes.is_empty() {
             return;
-        };
+        }
+        let workers = self.planes.len();
         loop {
             let mut moved = false;
             while let Some(m) = self.node.poll_plane() {
                 if matches!(m, ToPlane::SealApp(..)) {
                     self.sealed_app += 1;
                 }
-                plane.handle(m);
+                let planes = &mut self.planes;
+                m.dispatch(workers, |w, m| planes[w].handle(m));
                 moved = true;
             }
-            while let Some(e) = plane.poll_event() {
-                if let Some(p) = self.node.handle_plane(e) {
-                    self.tun.push_back(p.to_vec());
+            for w in 0..workers {
+                while let Some(m) = self.planes[w].poll_crossing() {
+                    let planes = &mut self.planes;
+                    m.dispatch(workers, |v, m| planes[v].handle(m));
+                    moved = true;
                 }
-                moved = true;
+                while let Some(e) = self.planes[w].poll_event() {
+                    if let Some(p) = self.node.handle_plane(e) {
+                        self.tun.push_back(p.to_vec());
+                    }
+                    moved = true;
+                }
             }
             if !moved {
                 return;
@@ -104,7 +152,8 @@ impl Host {
         self.pump();
         let mut got = false;
         let mut mine = false;
-        if let Some(plane) = &mut self.plane {
+        let w = self.plane_for_datagram(d);
+        if let Some(plane) = self.planes.get_mut(w) {
             match plane.receive(now, from, d, &mut self.buf) {
                 PlaneRx::InPlace(n) => {
                     self.ret.clear();
@@ -142,7 +191,8 @@ impl Host {
     /// As [`Node::handle_tun_packet`].
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) -> TunOutcome<'_> {
         self.pump();
-        if let Some(plane) = &mut self.plane {
+        let w = self.plane_for_packet(packet);
+        if let Some(plane) = self.planes.get_mut(w) {
             match plane.send_tun_packet(now, packet) {
                 PlaneTx::Done => {
                     return match plane.pop_last() {
@@ -183,7 +233,7 @@ impl Host {
             // Routed over a handed link: the plane sealed it (fragments
             // stay in the batch, as the node leaves them).
             None if self.sealed_app != 1 => TunOutcome::Nothing,
-            None => match self.plane.as_mut().and_then(|p| p.pop_last()) {
+            None => match self.planes.iter_mut().find_map(|p| p.pop_last()) {
                 Some((dst, d)) => {
                     self.ret.clear();
                     self.ret.extend_from_slice(d);
@@ -205,7 +255,8 @@ impl Host {
     ) -> Option<Delivered<'a>> {
         self.pump();
         let mut mine = false;
-        if let Some(plane) = &mut self.plane {
+        let w = self.plane_for_datagram(d);
+        if let Some(plane) = self.planes.get_mut(w) {
             match plane.receive(now, from, d, buf) {
                 PlaneRx::InPlace(n) => return Some(Delivered::InPlace(n)),
                 PlaneRx::Rebuilt(p) => {
@@ -248,7 +299,8 @@ impl Host {
     /// Has the plane open a datagram the node's gate let through for a
     /// handed link; a packet for the TUN lands in `ret` (true).
     fn admit(&mut self, now: Instant, index: u32, from: SocketAddr, d: &[u8]) -> bool {
-        let Some(plane) = &mut self.plane else {
+        let w = super::plane::worker_of(index, self.planes.len());
+        let Some(plane) = self.planes.get_mut(w) else {
             return false;
         };
         let n = match plane.admit(now, index, from, d, &mut self.buf) {
@@ -267,20 +319,20 @@ impl Host {
 
     /// As [`Node::status`], with the plane's counts as of now.
     pub fn status(&mut self) -> NodeStatus {
-        if let Some(plane) = &mut self.plane {
+        for plane in &mut self.planes {
             plane.report();
         }
         self.pump();
         self.node.status()
     }
 
-    /// As [`Node::poll_transmit`]: the node's datagrams, then the plane's.
+    /// As [`Node::poll_transmit`]: the node's datagrams, then the planes'.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.pump();
         if let Some(t) = self.node.poll_transmit() {
             return Some(t);
         }
-        self.plane.as_mut()?.poll_transmit()
+        self.planes.iter_mut().find_map(|p| p.poll_transmit())
     }
 
     /// As [`Node::poll_tun_write`].
@@ -299,11 +351,11 @@ impl Host {
     /// start of a sweep.
     pub fn handle_timeout_some(&mut self, now: Instant, links: usize) -> Sweep {
         self.pump();
-        if !self.node.sweeping {
-            if let Some(plane) = &mut self.plane {
+        if !self.node.sweeping && !self.planes.is_empty() {
+            for plane in &mut self.planes {
                 plane.handle_timeout(now);
-                self.pump();
             }
+            self.pump();
         }
         let sweep = self.node.handle_timeout_some(now, links);
         self.pump();

@@ -172,9 +172,97 @@ pub enum ToPlane {
     /// or take those of a circuit that ends here on a handed link (see
     /// [`Relay`]).
     Relay(Box<Relay>),
+    /// A cell another plane (the third field) passed on as a relay, onto
+    /// link `index`, which this plane holds: the frame (room for the
+    /// control header, then the cell, its header written) to seal there.
+    /// The buffer goes back to that plane, with others (`Spares`).
+    Pass(u32, Vec<u8>, usize),
+    /// Buffers of cells this plane passed to another to seal, back for
+    /// the next ones (so a relay between two planes allocates no buffer
+    /// per cell).
+    Spares(usize, Vec<Vec<u8>>),
     /// Leave a circuit's cells to the node again (it ended); a route back
     /// on it goes too.
     Unrelay(u64),
+}
+
+/// Which of `workers` data workers holds link `index`: the low byte of the
+/// index, modulo `workers` (the kernel steers a link's datagrams to the
+/// same worker by that byte, `qgate_platform::steer_by_link`).
+pub fn worker_of(index: u32, workers: usize) -> usize {
+    (index as usize & 0xff) % workers.max(1)
+}
+
+impl ToPlane {
+    /// Gives this message to the planes of `workers` data workers that
+    /// must have it ([`Node::data_planes`](super::Node::data_planes)):
+    /// what concerns a link to the plane that holds it, a relayed circuit
+    /// to its source side's, and what concerns every plane (an address no
+    /// longer routed, a circuit gone, path MTU, the compression pause) to
+    /// each. A route for an address goes to one plane, and the others stop
+    /// routing the address (so packets for it never leave by a route the
+    /// node replaced, from a worker the kernel happened to give them to).
+    pub fn dispatch(self, workers: usize, mut to: impl FnMut(usize, ToPlane)) {
+        let n = workers.max(1);
+        if n == 1 {
+            return to(0, self);
+        }
+        let one = |index: u32| worker_of(index, n);
+        let mut others = |keep: usize, m: &dyn Fn() -> ToPlane| {
+            for w in (0..n).filter(|w| *w != keep) {
+                to(w, m());
+            }
+        };
+        let (w, msg) = match self {
+            ToPlane::Handoff(ref lane) => (one(lane.index), self),
+            ToPlane::Route(addr, index, _) => {
+                others(one(index), &|| ToPlane::Unroute(addr));
+                (one(index), self)
+            }
+            ToPlane::RouteCircuit(ref r, _) => {
+                let (dst, w) = (r.dst, one(r.link));
+                others(w, &|| ToPlane::Unroute(dst));
+                (w, self)
+            }
+            ToPlane::Withdraw(index)
+            | ToPlane::Seal(index, _)
+            | ToPlane::SealRelayed(index, _, _)
+            | ToPlane::SealApp(index, _)
+            | ToPlane::SetCompress(index, _)
+            | ToPlane::Initiate(index, _) => (one(index), self),
+            ToPlane::Relay(r) => {
+                // Both planes of a circuit whose links sit on two: each
+                // takes the cells arriving on its link.
+                let w = one(r.prev.0);
+                match r.next.map(|n| one(n.0)).filter(|v| *v != w) {
+                    Some(v) => {
+                        to(v, ToPlane::Relay(r.clone()));
+                        (w, ToPlane::Relay(r))
+                    }
+                    None => (w, ToPlane::Relay(r)),
+                }
+            }
+            ToPlane::Pass(index, _, _) => (one(index), self),
+            ToPlane::Spares(w, _) => (w % n, self),
+            ToPlane::Unroute(addr) => {
+                others(0, &|| ToPlane::Unroute(addr));
+                (0, self)
+            }
+            ToPlane::Unrelay(h) => {
+                others(0, &|| ToPlane::Unrelay(h));
+                (0, self)
+            }
+            ToPlane::SetMtu(ep, mtu) => {
+                others(0, &|| ToPlane::SetMtu(ep, mtu));
+                (0, self)
+            }
+            ToPlane::Pause(p) => {
+                others(0, &|| ToPlane::Pause(p));
+                (0, self)
+            }
+        };
+        to(w, msg)
+    }
 }
 
 /// What the plane tells the node.
@@ -310,7 +398,19 @@ pub struct DataPlane {
     /// withdrawal crossed them), and control frames dropped while the node
     /// was busy ([`MAX_EVENTS`]).
     pub(super) lost: u64,
+    /// Which of how many planes this is ([`worker_of`]).
+    worker: (usize, usize),
+    /// Cells relayed onto links other planes hold
+    /// ([`DataPlane::poll_crossing`]).
+    crossing: VecDeque<ToPlane>,
+    /// Per plane, the buffers of the cells it passed over to seal here, to
+    /// go back in a batch.
+    returns: Vec<Vec<Vec<u8>>>,
 }
+
+/// Buffers a plane gives back at once to the plane that passed it cells
+/// (one allocation, of the list, per batch).
+const RETURN_BATCH: usize = 32;
 
 impl DataPlane {
     /// An empty plane for the node at overlay address `own`, whose links
@@ -339,7 +439,40 @@ impl DataPlane {
             relays: Relays::new(bucket),
             reports_queued: 0,
             lost: 0,
+            worker: (0, 1),
+            crossing: VecDeque::new(),
+            returns: Vec::new(),
         }
+    }
+
+    /// Makes this plane number `id` of `workers` ([`Node::data_planes`](super::Node::data_planes)).
+    pub(super) fn set_worker(&mut self, id: usize, workers: usize) {
+        self.worker = (id, workers.max(1));
+        self.returns = (0..workers).map(|_| Vec::new()).collect();
+    }
+
+    /// Returns the buffer of a cell plane `to` passed over, in batches.
+    fn give_back(&mut self, to: usize, buf: Vec<u8>) {
+        let Some(list) = self.returns.get_mut(to).filter(|_| to != self.worker.0) else {
+            return self.recycle(buf);
+        };
+        list.push(buf);
+        if list.len() >= RETURN_BATCH {
+            let bufs = std::mem::replace(list, Vec::with_capacity(RETURN_BATCH));
+            self.crossing.push_back(ToPlane::Spares(to, bufs));
+        }
+    }
+
+    /// Whether link `index` belongs on this plane.
+    fn holds(&self, index: u32) -> bool {
+        worker_of(index, self.worker.1) == self.worker.0
+    }
+
+    /// The next cell this plane passed on, as a relay, towards a link
+    /// another plane holds: give it to that plane (with
+    /// [`ToPlane::dispatch`]), which seals it.
+    pub fn poll_crossing(&mut self) -> Option<ToPlane> {
+        self.crossing.pop_front()
     }
 
     /// How many links the plane holds.
@@ -417,6 +550,23 @@ impl DataPlane {
                 self.seal(index, &frame);
                 self.recycle(frame);
             }
+            ToPlane::Pass(index, mut frame, from) => {
+                match self.lanes.get_mut(&index) {
+                    Some(lane) => {
+                        wire::write_control_header(&mut frame, self.own, lane.peer, MSG_CELL);
+                        if let Sealed::Failed = lane.chan.seal(&mut self.out, &frame) {
+                            lane.drops.send_failed += 1;
+                        }
+                    }
+                    None => self.lost += 1,
+                }
+                self.give_back(from, frame);
+            }
+            ToPlane::Spares(_, bufs) => {
+                for b in bufs {
+                    self.recycle(b);
+                }
+            }
             ToPlane::SealRelayed(index, frame, now) => {
                 let size = frame.len().saturating_sub(wire::CONTROL_BODY);
                 if self.relays.charge(now, size) {
@@ -441,9 +591,13 @@ impl DataPlane {
             }
             ToPlane::Pause(paused) => self.paused = paused,
             ToPlane::Relay(r) => {
-                // Its links must be here (a withdrawal may have crossed
-                // the hand-over; the node then ends the circuit anyway).
-                let here = |l: Option<(u32, u32)>| l.is_none_or(|l| self.lanes.contains_key(&l.0));
+                // Its links that belong here must be here (a withdrawal
+                // may have crossed the hand-over; the node then ends the
+                // circuit anyway). One on another plane is that plane's:
+                // the cells for it cross over (`poll_crossing`).
+                let here = |l: Option<(u32, u32)>| {
+                    l.is_none_or(|l| !self.holds(l.0) || self.lanes.contains_key(&l.0))
+                };
                 if here(Some(r.prev)) && here(r.next) {
                     self.relays.insert(*r);
                 } else {
@@ -678,6 +832,8 @@ impl DataPlane {
             lost,
             outs,
             routes,
+            worker,
+            crossing,
             ..
         } = self;
         let Some(lane) = lanes.get_mut(&index) else {
@@ -745,6 +901,11 @@ impl DataPlane {
                             if let Sealed::Failed = next.chan.seal(out, frame) {
                                 next.drops.send_failed += 1;
                             }
+                        }
+                        // Another plane's link: the cell crosses over.
+                        None if worker_of(to, worker.1) != worker.0 => {
+                            let frame = reuse(spare, frame);
+                            crossing.push_back(ToPlane::Pass(to, frame, worker.0));
                         }
                         None => *lost += 1,
                     }

@@ -8,7 +8,7 @@ use crate::proto::onion;
 use boringtun::noise::TunnResult;
 use rand_core::OsRng;
 
-mod alloc;
+pub(in crate::proto::node) mod alloc;
 mod circuits;
 mod links;
 
@@ -20,12 +20,16 @@ struct Net {
 }
 
 /// A node as the tests run it: on its own, or with `QGATE_TEST_PLANE` set
-/// (CI runs the node's tests both ways) handing its established links to
-/// a data plane.
+/// (CI runs the node's tests three ways) handing its established links to
+/// a data plane, or with `QGATE_TEST_PLANE=2` spreading them over two.
 pub(super) fn host(node: Node) -> Host {
-    let wanted = std::env::var_os("QGATE_TEST_PLANE").is_some() || ALL_PLANES.get();
-    if wanted && !NO_PLANE.get() {
-        Host::with_plane(node)
+    let env = std::env::var("QGATE_TEST_PLANE").ok();
+    let planes = match PLANES.get() {
+        Some(n) => n,
+        None => env.map_or(0, |v| v.parse().unwrap_or(1usize).max(1)),
+    };
+    if planes > 0 && !NO_PLANE.get() {
+        Host::with_planes(node, planes)
     } else {
         Host::new(node)
     }
@@ -96,9 +100,9 @@ fn linked_pair(now: Instant, ids: Vec<Identity>, eps: &[SocketAddr]) -> Net {
 thread_local! {
     /// Set by a test that drives the node's own data path: no plane.
     static NO_PLANE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// Set by a test: every node runs with a data plane, whatever
+    /// Set by a test: every node runs with this many data planes, whatever
     /// QGATE_TEST_PLANE says.
-    static ALL_PLANES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static PLANES: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// Set by a test: nobody makes the signatures nodes ask for.
     static HOLD_SIGNATURES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }

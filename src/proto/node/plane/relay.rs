@@ -37,6 +37,8 @@ use crate::proto::onion::{
 };
 
 /// A circuit this node relays or ends, as the node hands it to the plane.
+/// (Cloned for a second plane when its two links sit on two.)
+#[derive(Clone)]
 pub struct Relay {
     /// The node's ID for the circuit.
     pub(in crate::proto::node) h: u64,

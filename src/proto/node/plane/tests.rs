@@ -814,3 +814,151 @@ fn a_circuit_carries_data_both_ways_from_plane_to_plane() {
     let d = cell_report(&mut n).drops;
     assert_eq!(d.unauthenticated, 1, "{d:?}");
 }
+
+/// A relay whose two links sit on two planes (`link.workers = 2`: link 1,
+/// to S, on plane 1 of 2; link 2, to N, on plane 0): both hold the
+/// circuit, each passes on the cells arriving on its link and gives them
+/// to the other to seal, and the buffers go back in batches, so once warm
+/// neither plane allocates per cell, either way.
+#[test]
+fn a_relay_split_over_two_planes_passes_cells_both_ways() {
+    use crate::proto::node::circuits::pair;
+    use crate::proto::node::tests::alloc::counted;
+    use crate::proto::onion::{self, CellKind, Cmd, Forward, CELL_HEADER, CELL_SMALL};
+    let now = Instant::now();
+    let (s_r, r_s) = session_between(now, (5, 10, 1), (6, 1, 2));
+    let (r_n, n_r) = session_between(now, (6, 2, 2), (7, 11, 3));
+    let mut s = DataPlane::new(addr(1), MTU, None);
+    let mut n = DataPlane::new(addr(3), MTU, None);
+    let mut r = [
+        DataPlane::new(addr(2), MTU, None),
+        DataPlane::new(addr(2), MTU, None),
+    ];
+    for (i, p) in r.iter_mut().enumerate() {
+        p.set_worker(i, 2);
+    }
+    fn give(r: &mut [DataPlane; 2], m: ToPlane) {
+        m.dispatch(2, |w, m| r[w].handle(m));
+    }
+    s.handle(ToPlane::Handoff(Box::new(Lane::new(10, s_r, addr(2)))));
+    give(
+        &mut r,
+        ToPlane::Handoff(Box::new(Lane::new(1, r_s, addr(1)))),
+    );
+    give(
+        &mut r,
+        ToPlane::Handoff(Box::new(Lane::new(2, r_n, addr(3)))),
+    );
+    n.handle(ToPlane::Handoff(Box::new(Lane::new(11, n_r, addr(2)))));
+    assert_eq!((r[0].links(), r[1].links()), (1, 1));
+    let ((src_r, hop_r), (src_n, hop_n)) = (pair(), pair());
+    let path = [src_r, src_n];
+    give(&mut r, relay_40_41(7, Arc::new(hop_r)));
+    assert_eq!((r[0].relayed(), r[1].relayed()), (1, 1), "both hold it");
+    // One datagram from `from` (a plane outside R) through R's planes
+    // (`first` receives it) to the far side; returns it and R's
+    // allocations.
+    let (mut batch, mut others) = (SendBatch::default(), Vec::new());
+    let mut buf = vec![0u8; 4096];
+    let mut through = |r: &mut [DataPlane; 2], d: &[u8], src: SocketAddr, first: usize| {
+        let (_, allocs) = counted(|| {
+            assert_eq!(r[first].receive(now, src, d, &mut buf), PlaneRx::Done);
+            for w in [first, 1 - first, first] {
+                while let Some(m) = r[w].poll_crossing() {
+                    m.dispatch(2, |v, m| r[v].handle(m));
+                }
+            }
+            r[1 - first].take_output(&mut batch, &mut others);
+        });
+        assert!(
+            !r[0].has_events() && !r[1].has_events(),
+            "R's node was asked"
+        );
+        assert!(others.is_empty());
+        let out: Vec<u8> = {
+            let mut sent = batch.datagrams();
+            let (_, d) = sent.next().expect("R passed it on");
+            assert!(sent.next().is_none());
+            d.to_vec()
+        };
+        batch.clear();
+        (out, allocs)
+    };
+    let mut got = vec![0u8; 4096];
+    // One way at a time, as a bulk transfer's data: the plane that passes
+    // cells over gets no buffers back with cells the other way.
+    let mut fwd_allocs = 0;
+    for round in 0..300u64 {
+        // Forward: S's cell for N.
+        let mut cell = vec![0u8; CELL_SMALL];
+        let nonce = onion::wrap(
+            &path,
+            1,
+            round + 1,
+            Cmd::Probe,
+            b"to n",
+            &mut cell[CELL_HEADER..],
+        );
+        onion::write_header(&mut cell, 40, CellKind::Relay, &nonce);
+        let mut frame = Vec::new();
+        wire::encode_control(addr(1), addr(2), MSG_CELL, &cell, &mut frame);
+        s.handle(ToPlane::Seal(10, frame));
+        let t = s.poll_transmit().expect("S sent it");
+        let (d, allocs) = through(&mut r, &t.payload, ep(1), 1);
+        if round >= 100 {
+            fwd_allocs += allocs;
+        }
+        assert_eq!(n.receive(now, ep(2), &d, &mut got), PlaneRx::Done);
+        let mut c = cell_of(&mut n).expect("the cell reached N");
+        let hdr = onion::parse_cell(&c).unwrap();
+        assert_eq!(hdr.circ, 41);
+        let mut nonce = hdr.nonce;
+        assert!(matches!(
+            hop_n.forward(&mut nonce, &mut c[CELL_HEADER..]),
+            Ok(Forward::Mine(_, Cmd::Probe, _))
+        ));
+    }
+    let mut bwd_allocs = 0;
+    for round in 0..300u64 {
+        // Backward: N's answers for S.
+        let mut cell = vec![0u8; CELL_SMALL];
+        let nonce = hop_n.originate(
+            round + 1,
+            Cmd::ProbeReply,
+            b"back",
+            &mut cell[CELL_HEADER..],
+        );
+        onion::write_header(&mut cell, 41, CellKind::Relay, &nonce);
+        let mut frame = Vec::new();
+        wire::encode_control(addr(3), addr(2), MSG_CELL, &cell, &mut frame);
+        n.handle(ToPlane::Seal(11, frame));
+        let t = n.poll_transmit().expect("N sent it");
+        let (d, allocs) = through(&mut r, &t.payload, ep(3), 0);
+        if round >= 100 {
+            bwd_allocs += allocs;
+        }
+        assert_eq!(s.receive(now, ep(2), &d, &mut got), PlaneRx::Done);
+        let mut c = cell_of(&mut s).expect("the cell reached S");
+        let hdr = onion::parse_cell(&c).unwrap();
+        assert_eq!(hdr.circ, 40);
+        let u = onion::unwrap(&path, hdr.nonce, &mut c[CELL_HEADER..]).expect("S opens it");
+        assert_eq!((u.hop, u.command), (1, Cmd::ProbeReply));
+    }
+    println!(
+        "a relay split over two planes, allocations per cell: forward {:.2}, back {:.2}",
+        fwd_allocs as f64 / 200.0,
+        bwd_allocs as f64 / 200.0
+    );
+    // The planes' own lists of returned buffers (one per batch of 32).
+    assert!(
+        fwd_allocs <= 200 / 32 + 1,
+        "forward: {fwd_allocs} allocations"
+    );
+    assert!(bwd_allocs <= 200 / 32 + 1, "back: {bwd_allocs} allocations");
+    // Each plane counts the cells it passed on.
+    let (a, b) = (cell_report(&mut r[1]), cell_report(&mut r[0]));
+    assert_eq!((a.cells, b.cells), (300, 300));
+    // Gone from both when the node takes it back.
+    give(&mut r, ToPlane::Unrelay(7));
+    assert_eq!((r[0].relayed(), r[1].relayed()), (0, 0));
+}

@@ -60,7 +60,7 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 /// Runs `f`, returning what it returns and the allocations it made.
-fn counted<T>(f: impl FnOnce() -> T) -> (T, u64) {
+pub(in crate::proto::node) fn counted<T>(f: impl FnOnce() -> T) -> (T, u64) {
     COUNT.with(|c| c.set(Some(0)));
     let out = f();
     let n = COUNT.with(|c| c.replace(None)).unwrap_or(0);
@@ -408,7 +408,8 @@ fn a_handed_link_allocates_nothing_per_packet() {
 /// node routed its first reply back on the circuit.
 #[test]
 fn handed_relays_pass_cells_on_alone_and_allocate_nothing() {
-    ALL_PLANES.set(true);
+    // One plane per node: the test carries datagrams plane to plane.
+    PLANES.set(Some(1));
     let now = Instant::now();
     let (mut net, addrs, relays) = built_circuit(now);
     let (a, e) = (0, 5);
@@ -508,5 +509,55 @@ fn handed_relays_pass_cells_on_alone_and_allocate_nothing() {
     for &r in relays.iter().chain([&e]) {
         assert_eq!(net.nodes[r].0.plane().unwrap().relayed(), 0, "node {r}");
         assert_eq!(net.nodes[r].0.status().data_path.plane_circuits, 0);
+    }
+}
+
+/// With two data planes per node (`link.workers = 2`), links are spread
+/// over them, and a relay whose two links sit on different planes is held
+/// by both: each passes on the cells arriving on its link and gives them to
+/// the other to seal. Packets cross the circuit both ways, every node on it
+/// holds the circuit on its planes, and the relays' nodes count the cells.
+#[test]
+fn a_relay_between_two_planes_passes_cells_across() {
+    PLANES.set(Some(2));
+    let now = Instant::now();
+    let (mut net, addrs, relays) = built_circuit(now);
+    let (a, e) = (0, 5);
+    let payload = vec![0x5a; 1000];
+    let packet = udp_packet(addrs[a], addrs[e], &payload);
+    let reply = udp_packet(addrs[e], addrs[a], &payload[..600]);
+    let before: Vec<u64> = relays
+        .iter()
+        .map(|&r| net.nodes[r].0.status().relay.cells_forwarded)
+        .collect();
+    let (mut there, mut back) = (0, 0);
+    for _ in 0..40 {
+        // What a plane seals itself comes back to the caller to send.
+        let _ = super::circuits::tun_send(&mut net, a, &packet);
+        let tun = advance(&mut net, 0.25);
+        there += tun[e].iter().filter(|p| **p == packet).count();
+        let _ = super::circuits::tun_send(&mut net, e, &reply);
+        let tun = advance(&mut net, 0.25);
+        back += tun[a].iter().filter(|p| **p == reply).count();
+    }
+    assert_eq!((there, back), (40, 40), "delivered both ways");
+    let mut crossed = 0;
+    for (k, &r) in relays.iter().enumerate() {
+        let st = net.nodes[r].0.status();
+        assert!(st.data_path.plane_circuits >= 1, "relay {r} kept it");
+        assert!(st.relay.cells_forwarded >= before[k] + 80, "relay {r}");
+        assert_eq!(st.data_path.worker_links.len(), 2);
+        let holding = net.nodes[r].0.planes_holding();
+        assert!(holding >= 1, "relay {r}: no plane holds the circuit");
+        crossed += usize::from(holding == 2);
+    }
+    println!(
+        "{} relays, {crossed} with the circuit's links on two planes",
+        relays.len()
+    );
+    // Idle, the circuit closes, and every plane lets it go.
+    advance(&mut net, 200.0);
+    for &r in relays.iter().chain([&e]) {
+        assert_eq!(net.nodes[r].0.planes_holding(), 0, "node {r}");
     }
 }

@@ -76,7 +76,7 @@ pub(super) fn advance(net: &mut Net, secs: f64) -> Vec<Vec<Vec<u8>>> {
 }
 
 /// Sends from node `from`'s TUN: the datagram (if any) goes out at once.
-fn tun_send(net: &mut Net, from: usize, packet: &[u8]) -> Option<Vec<u8>> {
+pub(super) fn tun_send(net: &mut Net, from: usize, packet: &[u8]) -> Option<Vec<u8>> {
     let src_ep = net.nodes[from].1;
     let now = net.now;
     let (dst, data) = match net.nodes[from].0.handle_tun_packet(now, packet) {
