@@ -283,11 +283,17 @@ fn onion_circuit_through_relays_hides_the_ends_and_survives_a_relay_loss() {
             assert!(t.contains("\n[relay]\n") && t.contains("preset = \"fast\"\n"));
             let mut t = t.replacen("\n[relay]\n", "\n[relay]\ndistinct_subnets = false\n", 1);
             if dedicated {
-                t = t.replacen(
-                    "preset = \"fast\"\n",
-                    "role = \"relay\"\npreset = \"fast\"\n",
-                    1,
-                );
+                // Two data threads each (`link.workers`): a circuit whose
+                // two links sit on different threads is held by both, the
+                // cells crossing between them.
+                assert!(t.contains("# workers = 1\n"));
+                t = t
+                    .replacen(
+                        "preset = \"fast\"\n",
+                        "role = \"relay\"\npreset = \"fast\"\n",
+                        1,
+                    )
+                    .replacen("# workers = 1\n", "workers = 2\n", 1);
             }
             t
         });

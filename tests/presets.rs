@@ -26,8 +26,9 @@ fn json(config: &Path, cmd: &str) -> Value {
 }
 
 /// A lab of `names.len()` nodes on 198.18.`net`.0/24, every one configured
-/// with the first as its bootstrap peer, on `preset` (None: the default).
-fn lab(tag: &str, net: u8, names: &[&str], preset: Option<&str>) -> Lab {
+/// with the first as its bootstrap peer, on `preset` (None: the default);
+/// the nodes `two_workers` lists run two data threads.
+fn lab(tag: &str, net: u8, names: &[&str], preset: Option<&str>, two_workers: &[usize]) -> Lab {
     let mut lab = Lab::new(tag);
     for (i, name) in names.iter().enumerate() {
         let ip = format!("198.18.{net}.{}", i + 1);
@@ -39,11 +40,11 @@ fn lab(tag: &str, net: u8, names: &[&str], preset: Option<&str>) -> Lab {
             let line = preset
                 .map(|p| format!("preset = \"{p}\"\n"))
                 .unwrap_or_default();
-            t.replacen("preset = \"fast\"\n", &line, 1).replacen(
-                "\n[relay]\n",
-                "\n[relay]\ndistinct_subnets = false\n",
-                1,
-            )
+            let workers = if two_workers.contains(&i) { 2 } else { 1 };
+            assert!(t.contains("# workers = 1\n"));
+            t.replacen("preset = \"fast\"\n", &line, 1)
+                .replacen("\n[relay]\n", "\n[relay]\ndistinct_subnets = false\n", 1)
+                .replacen("# workers = 1\n", &format!("workers = {workers}\n"), 1)
         });
     }
     let boot = lab.nodes[0].uri.clone();
@@ -57,8 +58,11 @@ fn lab(tag: &str, net: u8, names: &[&str], preset: Option<&str>) -> Lab {
 #[test]
 fn seven_nodes_on_the_default_preset_talk_through_circuits() {
     let names = ["n0", "a", "n2", "n3", "n4", "n5", "g"];
-    let mut lab = lab("pb", 32, &names, None);
     let (a, g) = (1, 6);
+    // The circuit's ends run two data threads each (`link.workers`): the
+    // source's route and the destination's end sit on the thread that
+    // holds the circuit's link.
+    let mut lab = lab("pb", 32, &names, None, &[a, g]);
     let config = lab.nodes[a].config.clone();
     let st = json(&config, "status");
     assert_eq!(st["preset"], "balanced");
@@ -128,7 +132,7 @@ fn seven_nodes_on_the_default_preset_talk_through_circuits() {
 #[test]
 fn private_never_goes_direct_and_says_why_once() {
     let names = ["b", "a", "c"];
-    let lab = lab("pp", 33, &names, Some("private"));
+    let lab = lab("pp", 33, &names, Some("private"), &[]);
     let (a, c) = (1, 2);
     let config = lab.nodes[a].config.clone();
     let dst = lab.nodes[c].address.clone();

@@ -26,6 +26,8 @@ pub const DEFAULT_TUN: &str = "qg0";
 pub const DEFAULT_KEEPALIVE: u16 = 10;
 /// Default bound on links.
 pub const DEFAULT_MAX_LINKS: usize = 1024;
+/// Most data-path threads (`link.workers`).
+pub const MAX_WORKERS: usize = 64;
 /// Where the CLI looks for the configuration when neither `--config` nor
 /// `QGATE_CONFIG` names one: the state directory the install uses.
 pub const DEFAULT_CONFIG: &str = "/var/lib/qgate/qgate.toml";
@@ -154,6 +156,7 @@ struct RawControl {
 struct RawLink {
     keepalive: Option<u16>,
     max_links: Option<usize>,
+    workers: Option<usize>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -190,6 +193,8 @@ pub struct Config {
     pub keepalive: u16,
     /// Most links.
     pub max_links: usize,
+    /// Data-path threads; links are spread over them (`link.workers`).
+    pub workers: usize,
     /// Compression policy.
     pub compression: CompressionPolicy,
     /// Endpoints published in the node's record (empty: the listen address
@@ -565,6 +570,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             format!("{max_links} is out of range 1..=1048576"),
         ));
     }
+    let workers = raw.link.workers.unwrap_or(1);
+    if workers == 0 || workers > MAX_WORKERS {
+        return Err(err(
+            "link.workers",
+            format!("{workers} is out of range 1..={MAX_WORKERS}"),
+        ));
+    }
     let mut compression = CompressionPolicy {
         enabled: raw.compression.enabled.unwrap_or(true),
         adaptive: raw.compression.adaptive.unwrap_or(true),
@@ -810,6 +822,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         control_socket,
         keepalive,
         max_links,
+        workers,
         compression,
     })
 }
@@ -943,6 +956,10 @@ peers = [
 # keepalive = {ka}
 # Most links at once (links other nodes open take at most 7/8 of them).
 # max_links = {ml}
+# Data-path threads. Links are spread over them (one link is one thread's),
+# so a node with many busy links can use more cores; one is best where
+# the node's peers share its cores.
+# workers = 1
 
 [compression]
 # Payloads are lz4-compressed before encryption when that saves bytes.

@@ -234,6 +234,11 @@ pub fn encode(
             st.data_path.plane_links,
         ),
         (
+            "data_path_threads",
+            "Data-path threads the node's links are spread over (link.workers)",
+            st.data_path.worker_links.len().max(1) as u64,
+        ),
+        (
             "data_plane_circuits",
             "Circuits relayed or ending here whose cells the data thread handles without the node",
             st.data_path.plane_circuits,

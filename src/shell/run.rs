@@ -46,7 +46,7 @@ mod datapath;
 mod lock;
 mod plane;
 
-use datapath::{data_loop, TunSide, UdpSide, TSO_SEGMENTS};
+use datapath::{data_loop, Io, TunSide, UdpSide, TSO_SEGMENTS};
 use lock::{Holder, NodeLock};
 
 struct Shared {
@@ -111,7 +111,9 @@ pub fn run(config: Config, mut key: KeyOptions) -> Result<()> {
         })?)
     };
     let seq = store.next_record_seq()?;
-    let (udp, ipv6_socket) = bind_udp(config.listen)?;
+    let (mut udp, ipv6_socket) = bind_udp(config.listen, config.workers)?;
+    let more_udp = udp.split_off(1);
+    let udp = udp.pop().expect("the first socket");
     // Bound before the TUN exists, so a second instance fails without
     // touching the first one's interface.
     let mut control = ControlSocket::bind(&config.control_socket)?;
@@ -131,16 +133,23 @@ pub fn run(config: Config, mut key: KeyOptions) -> Result<()> {
     };
     // A dedicated relay has no TUN: it needs no privilege and ends no
     // circuits, it only forwards.
+    let mut more_queues = Vec::new();
     let (device, name) = if config.relay_only {
         (None, String::new())
     } else {
-        let Tun { device, name } = qgate_platform::create_tun(
+        let Tun {
+            device,
+            queues,
+            name,
+        } = qgate_platform::create_tun(
             &config.tun_name,
             config.mtu as u16,
             identity.overlay_address(),
             8,
             true,
+            config.workers,
         )?;
+        more_queues = queues;
         (Some(device), name)
     };
     let mut guard = match &nft {
@@ -176,9 +185,11 @@ pub fn run(config: Config, mut key: KeyOptions) -> Result<()> {
         store,
         lock,
         udp,
+        more_udp,
         ipv6_socket,
         control,
         device,
+        more_queues,
         name,
         lan,
         metrics,
@@ -222,9 +233,13 @@ struct Up {
     /// The state directory's lock, held for the node's life.
     lock: StateLock,
     udp: UdpSocket,
+    /// The further data threads' sockets, on the same port.
+    more_udp: Vec<UdpSocket>,
     ipv6_socket: bool,
     control: ControlSocket,
     device: Option<SyncDevice>,
+    /// The further data threads' TUN queues.
+    more_queues: Vec<SyncDevice>,
     name: String,
     /// LAN discovery's socket, when it is on.
     lan: Option<UdpSocket>,
@@ -326,27 +341,43 @@ fn keep_put_value(sh: &Shared, record: &[u8]) {
     }
 }
 
-fn bind_udp(listen: SocketAddr) -> Result<(UdpSocket, bool)> {
+/// Binds the node's UDP socket, and with more than one data thread one
+/// socket per thread on the same address (`SO_REUSEPORT`), the kernel
+/// steering each datagram to the thread that holds its link.
+fn bind_udp(listen: SocketAddr, workers: usize) -> Result<(Vec<UdpSocket>, bool)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let domain = if listen.is_ipv6() {
         Domain::IPV6
     } else {
         Domain::IPV4
     };
-    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    if listen.is_ipv6() {
-        // "[::]" means both families; a specific IPv6 address only IPv6.
-        let any = matches!(listen.ip(), IpAddr::V6(a) if a.is_unspecified());
-        s.set_only_v6(!any)?;
+    let mut sockets = Vec::new();
+    for _ in 0..workers.max(1) {
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if listen.is_ipv6() {
+            // "[::]" means both families; a specific IPv6 address only IPv6.
+            let any = matches!(listen.ip(), IpAddr::V6(a) if a.is_unspecified());
+            s.set_only_v6(!any)?;
+        }
+        if workers > 1 {
+            s.set_reuse_port(true)?;
+        }
+        let _ = s.set_recv_buffer_size(4 << 20);
+        let _ = s.set_send_buffer_size(4 << 20);
+        qgate_platform::set_dont_fragment(std::os::fd::AsFd::as_fd(&s), listen.is_ipv6())
+            .context("setting don't-fragment on the UDP socket")?;
+        s.set_nonblocking(true)?;
+        s.bind(&listen.into())
+            .with_context(|| format!("binding UDP {listen}"))?;
+        sockets.push(UdpSocket::from(s));
     }
-    let _ = s.set_recv_buffer_size(4 << 20);
-    let _ = s.set_send_buffer_size(4 << 20);
-    qgate_platform::set_dont_fragment(std::os::fd::AsFd::as_fd(&s), listen.is_ipv6())
-        .context("setting don't-fragment on the UDP socket")?;
-    s.set_nonblocking(true)?;
-    s.bind(&listen.into())
-        .with_context(|| format!("binding UDP {listen}"))?;
-    Ok((s.into(), listen.is_ipv6()))
+    if workers > 1 {
+        // The port is ours now: another process (of the same user only)
+        // could join the group only after this.
+        qgate_platform::steer_by_link(std::os::fd::AsFd::as_fd(&sockets[0]), workers as u32)
+            .context("steering datagrams to the data threads")?;
+    }
+    Ok((sockets, listen.is_ipv6()))
 }
 
 async fn async_main(config: Config, up: Up) -> Result<()> {
@@ -410,10 +441,10 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     }
     let max_gso = udp_state.max_gso_segments();
     let (signing, sign_jobs) = std::sync::mpsc::sync_channel(SIGN_QUEUE);
-    // Established links go to the data plane, which the data thread holds.
-    let plane = node.data_plane();
-    let (forward, mailbox, inbox) =
-        plane::mailbox(plane).context("making the data plane's mailbox")?;
+    // Established links go to the data planes, which the data threads hold.
+    let planes = node.data_planes(config.workers);
+    let (forward, mailbox, inboxes) =
+        plane::mailbox(planes).context("making the data plane's mailbox")?;
     let release: lock::Release<Node> = Box::new(move |n: &mut Node| forward.forward(n));
     let shared = Arc::new(Shared {
         node: NodeLock::new(node, Some(release)),
@@ -453,18 +484,34 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
         },
     );
 
-    // The data-plane thread ends with the process.
+    // The data-plane threads end with the process.
     {
-        let sh = shared.clone();
         let segments = if config.relay_only { 0 } else { TSO_SEGMENTS };
-        let (tun, udp) = (
-            TunSide::new(max_gso, config.mtu, segments),
-            UdpSide::new(max_gso),
-        );
-        std::thread::Builder::new()
-            .name("qgate-data".into())
-            .spawn(move || data_loop(sh, tun, udp, inbox))
-            .context("starting the data-plane thread")?;
+        let mut ios = vec![Io::default()];
+        let mut queues = up.more_queues.into_iter();
+        for s in up.more_udp {
+            let state =
+                UdpSocketState::new((&s).into()).context("setting up a data thread's socket")?;
+            qgate_platform::set_dont_fragment(std::os::fd::AsFd::as_fd(&s), up.ipv6_socket)
+                .context("setting don't-fragment on the UDP socket")?;
+            ios.push(Io::own(s, state, queues.next()));
+        }
+        for (i, (io, inbox)) in ios.into_iter().zip(inboxes).enumerate() {
+            let sh = shared.clone();
+            let (tun, udp) = (
+                TunSide::new(max_gso, config.mtu, segments),
+                UdpSide::new(max_gso),
+            );
+            let name = if i == 0 {
+                "qgate-data".to_string()
+            } else {
+                format!("qgate-data{i}")
+            };
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || data_loop(sh, io, tun, udp, inbox))
+                .context("starting a data-plane thread")?;
+        }
         let sh = shared.clone();
         std::thread::Builder::new()
             .name("qgate-sign".into())

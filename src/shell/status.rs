@@ -124,8 +124,19 @@ pub fn render(st: &Status) -> String {
         drops(&r.drops),
     ));
     let dp = &st.data_path;
+    let threads = match dp.worker_links.len() {
+        0 | 1 => "the data thread".to_string(),
+        n => format!(
+            "{n} data threads ({} links)",
+            dp.worker_links
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" + ")
+        ),
+    };
     out.push_str(&format!(
-        "data path {}% busy   compression {} (paused {} times)   {} and {} on the data thread\n",
+        "data path {}% busy   compression {} (paused {} times)   {} and {} on {threads}\n",
         dp.busy_percent,
         if dp.compression_paused {
             "paused: the data path, not the link, is the limit"

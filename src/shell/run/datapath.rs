@@ -6,20 +6,21 @@
 //! for the rest of a batch (and for the plane's reports).
 
 use std::io;
+use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use qgate_platform::{GROTable, VIRTIO_NET_HDR_LEN};
-use quinn_udp::RecvMeta;
+use qgate_platform::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+use quinn_udp::{RecvMeta, UdpSocketState};
 use std::os::fd::AsFd;
 
 use super::lock::{Held, Holder};
-use super::plane::Inbox;
+use super::plane::{Inbox, Mail};
 use super::{drain, Shared};
 use crate::proto::batch::SendBatch;
-use crate::proto::node::plane::{DataPlane, PlaneRx, PlaneTx};
+use crate::proto::node::plane::{worker_of, DataPlane, PlaneRx, PlaneTx};
 use crate::proto::node::{normalize, Transmit};
 use crate::proto::{Delivered, Node};
 
@@ -45,6 +46,44 @@ pub(super) const TSO_SEGMENTS: usize = 65536 / 48 + 1;
 /// What a send batch keeps of its buffer after a burst: a full TUN read
 /// (`TSO_SEGMENTS` packets) seals into about 2 MiB.
 const BATCH_KEEP: usize = 4 << 20;
+
+/// A data thread's own socket and TUN queue. The first data thread reads
+/// the node's socket and the TUN's first queue (`Shared`); each further
+/// one a socket of its own, bound to the same port (`SO_REUSEPORT`, the
+/// kernel steering each datagram to the thread that holds its link:
+/// `qgate_platform::steer_by_link`), and a queue of its own of the
+/// multi-queue TUN. Everyone sends on the node's socket.
+#[derive(Default)]
+pub(super) struct Io {
+    udp: Option<(UdpSocket, UdpSocketState)>,
+    tun: Option<SyncDevice>,
+}
+
+impl Io {
+    /// A further data thread's: its socket and TUN queue.
+    pub(super) fn own(udp: UdpSocket, state: UdpSocketState, tun: Option<SyncDevice>) -> Io {
+        Io {
+            udp: Some((udp, state)),
+            tun,
+        }
+    }
+
+    fn udp<'a>(&'a self, sh: &'a Shared) -> (&'a UdpSocket, &'a UdpSocketState) {
+        match &self.udp {
+            Some((s, state)) => (s, state),
+            None => (&sh.udp, &sh.udp_state),
+        }
+    }
+
+    fn tun<'a>(&'a self, sh: &'a Shared) -> Option<&'a SyncDevice> {
+        match (&self.tun, &self.udp) {
+            (Some(t), _) => Some(t),
+            // A further thread without a queue: a relay, which has no TUN.
+            (None, Some(_)) => None,
+            (None, None) => sh.tun.as_ref(),
+        }
+    }
+}
 
 /// Sends a batch of sealed datagrams, one GSO send per run, and empties it.
 fn send_batch(sh: &Shared, batch: &mut SendBatch) {
@@ -116,7 +155,7 @@ fn plane_to_node(sh: &Shared, inbox: &mut Inbox, node: &mut Node, mut tun: impl 
         }
     }
     if let Some(n) = inbox.report.take() {
-        sh.mailbox.answered(n);
+        sh.mailbox.answered(inbox.id, n);
     }
     inbox.take_from(node);
 }
@@ -197,8 +236,8 @@ impl TunSide {
     /// Reads one TUN read's worth of packets (one TSO segment, split), hands
     /// them to the plane, the rest to the node, and sends what comes out.
     /// The TUN is non-blocking; returns false when nothing was waiting.
-    fn step(&mut self, sh: &Shared, inbox: &mut Inbox) -> bool {
-        let Some(dev) = &sh.tun else {
+    fn step(&mut self, sh: &Shared, io: &Io, inbox: &mut Inbox) -> bool {
+        let Some(dev) = io.tun(sh) else {
             return false;
         };
         let n = match dev.recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, 0) {
@@ -318,8 +357,8 @@ impl UdpSide {
     }
 
     /// Writes the first `k` buffers to the TUN (GRO-coalesced).
-    fn write_tun(&mut self, sh: &Shared, k: usize) {
-        let res = match (k, &sh.tun) {
+    fn write_tun(&mut self, sh: &Shared, io: &Io, k: usize) {
+        let res = match (k, io.tun(sh)) {
             (0, _) | (_, None) => Ok(0),
             // Nothing to coalesce: skip the GRO table.
             (1, Some(tun)) => tun.send(&self.to_tun[0]),
@@ -335,7 +374,12 @@ impl UdpSide {
     /// Gives the node what the plane has for it (reports, messages its
     /// links opened) outside a batch, and sends what the plane's timers
     /// and the node queued.
-    pub(super) fn serve_plane(&mut self, sh: &Shared, inbox: &mut Inbox) {
+    pub(super) fn serve_plane(&mut self, sh: &Shared, io: &Io, inbox: &mut Inbox) {
+        if inbox.has_admits() {
+            let k = self.open_admits(inbox, Instant::now(), 0);
+            self.write_tun(sh, io, k);
+            inbox.pass_crossing();
+        }
         if let Some(mut node) = node_if(sh, Instant::now(), false, inbox) {
             plane_to_node(sh, inbox, &mut node, |p| sh.write_tun(p));
             self.out.take(sh, &mut node);
@@ -349,12 +393,12 @@ impl UdpSide {
     /// Receives one `recvmmsg` batch, hands it to the plane, the rest to
     /// the node, and writes the packets to the TUN. Returns false when
     /// nothing was waiting.
-    fn step(&mut self, sh: &Shared, inbox: &mut Inbox) -> bool {
+    fn step(&mut self, sh: &Shared, io: &Io, inbox: &mut Inbox) -> bool {
         let res = {
             // On the stack: nothing allocated per receive.
             let mut iov = self.bufs.each_mut().map(|b| std::io::IoSliceMut::new(b));
-            sh.udp_state
-                .recv((&sh.udp).into(), &mut iov, &mut self.meta)
+            let (socket, state) = io.udp(sh);
+            state.recv(socket.into(), &mut iov, &mut self.meta)
         };
         let n = match res {
             Ok(n) => n,
@@ -398,7 +442,7 @@ impl UdpSide {
         }
         if !self.rest.is_empty() {
             // What the plane did goes out before the node is waited for.
-            self.write_tun(sh, k);
+            self.write_tun(sh, io, k);
             k = 0;
             self.out.take_plane(sh, &mut inbox.plane);
             self.out.send(sh);
@@ -435,6 +479,20 @@ impl UdpSide {
         for &(link, i, at, len) in &self.admitted {
             let from = normalize(self.meta[i].addr);
             let seg = &self.bufs[i][at..at + len];
+            let w = worker_of(link, inbox.forward.workers());
+            if w != inbox.id {
+                // Another data thread holds the link (after the node's
+                // messages for it, which `take_from` passed on above): an
+                // initiation, whose sender's index picked this thread, or
+                // data from a neighbour's new endpoint.
+                tracing::debug!(
+                    link,
+                    to = w,
+                    "datagram passed to the data thread that holds its link"
+                );
+                inbox.forward.post(w, Mail::Admit(link, from, seg.to_vec()));
+                continue;
+            }
             let b = tun_buf(&mut self.to_tun, k, VIRTIO_NET_HDR_LEN + len);
             match inbox
                 .plane
@@ -446,13 +504,36 @@ impl UdpSide {
             }
             k += 1;
         }
+        let k = self.open_admits(inbox, now, k);
+        // Cells relayed onto other data threads' links go to them.
+        inbox.pass_crossing();
         // The node's first (what it sealed itself), then the plane's (what
         // the node just gave it, relayed cells above all).
         self.out.send(sh);
         self.out.take_plane(sh, &mut inbox.plane);
-        self.write_tun(sh, k);
+        self.write_tun(sh, io, k);
         self.out.send(sh);
         true
+    }
+}
+
+impl UdpSide {
+    /// Opens the datagrams other data threads passed on for this one's
+    /// links, into TUN buffers from `k` on; returns the new count.
+    fn open_admits(&mut self, inbox: &mut Inbox, now: Instant, mut k: usize) -> usize {
+        for (link, from, d) in std::mem::take(&mut inbox.admits) {
+            let b = tun_buf(&mut self.to_tun, k, VIRTIO_NET_HDR_LEN + d.len());
+            match inbox
+                .plane
+                .admit(now, link, from, &d, &mut b[VIRTIO_NET_HDR_LEN..])
+            {
+                PlaneRx::InPlace(n) => into_tun_buf(b, Some(n), &[]),
+                PlaneRx::Rebuilt(p) => into_tun_buf(b, None, p),
+                PlaneRx::Done | PlaneRx::NotMine => continue,
+            }
+            k += 1;
+        }
+        k
     }
 }
 
@@ -476,7 +557,13 @@ const DATA_SLICE: Duration = Duration::from_micros(100);
 /// when other work (RSA signing, a burst of control requests, other
 /// programs) keeps both cores busy, a packet that wakes it then waits less
 /// for a core.
-pub(super) fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide, mut inbox: Inbox) {
+pub(super) fn data_loop(
+    sh: Arc<Shared>,
+    io: Io,
+    mut tun: TunSide,
+    mut udp: UdpSide,
+    mut inbox: Inbox,
+) {
     if let Err(e) = qgate_platform::request_time_slice(DATA_SLICE) {
         tracing::debug!("data thread keeps the default time slice: {e}");
     }
@@ -490,10 +577,10 @@ pub(super) fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide, mut
         .try_clone_to_owned()
         .expect("a descriptor to spare");
     let mut fds = vec![
-        PollFd::new(sh.udp.as_fd(), PollFlags::POLLIN),
+        PollFd::new(io.udp(&sh).0.as_fd(), PollFlags::POLLIN),
         PollFd::new(bell.as_fd(), PollFlags::POLLIN),
     ];
-    if let Some(t) = &sh.tun {
+    if let Some(t) = io.tun(&sh) {
         fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
     }
     loop {
@@ -503,17 +590,17 @@ pub(super) fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide, mut
         // UDP batch makes the TUN side worth a look.
         while tun_ready || udp_ready {
             if udp_ready {
-                udp_ready = udp.step(&sh, &mut inbox);
+                udp_ready = udp.step(&sh, &io, &mut inbox);
                 tun_ready |= udp_ready;
             }
             if tun_ready {
-                tun_ready = tun.step(&sh, &mut inbox);
+                tun_ready = tun.step(&sh, &io, &mut inbox);
             }
             load.maybe_report(&sh, Instant::now());
         }
         // What the node sent the plane, its timers, its reports.
         inbox.take(Instant::now());
-        udp.serve_plane(&sh, &mut inbox);
+        udp.serve_plane(&sh, &io, &mut inbox);
         let waiting = Instant::now();
         // The plane's next tick; soon if the node was busy when the plane
         // had something for it.
@@ -540,7 +627,7 @@ pub(super) fn data_loop(sh: Arc<Shared>, mut tun: TunSide, mut udp: UdpSide, mut
             Err(e) => {
                 tracing::warn!("poll failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
-                (tun_ready, udp_ready) = (sh.tun.is_some(), true);
+                (tun_ready, udp_ready) = (io.tun(&sh).is_some(), true);
             }
         }
     }

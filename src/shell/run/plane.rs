@@ -15,56 +15,92 @@
 //! milliseconds at most, until the node has it.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::proto::node::plane::{DataPlane, ToPlane};
 use crate::proto::node::TICK;
 use crate::proto::Node;
 
-/// What the data thread is told.
+/// What a data thread is told.
 pub(super) enum Mail {
     /// A message from the node.
     Node(ToPlane),
     /// Report the links' counters to the node now (the number of the
     /// request).
     Report(u64),
+    /// A datagram the node's gate let through for a link this data thread
+    /// holds (a handshake initiation, a neighbour's new endpoint) that
+    /// another data thread received: the link's index, where it came
+    /// from, the datagram.
+    Admit(u32, SocketAddr, Vec<u8>),
 }
 
-/// The node's end: passes its messages on as each hold of the node ends.
-pub(super) struct Forward {
+/// One data thread's door: its channel and its bell.
+struct Door {
     tx: Sender<Mail>,
     bell: UnixDatagram,
 }
 
+/// The node's end: passes its messages on to the data threads as each hold
+/// of the node ends, each to the threads whose plane must have it
+/// ([`ToPlane::dispatch`]).
+pub(super) struct Forward {
+    doors: Vec<Door>,
+}
+
 impl Forward {
-    /// Passes on what `node` queued for the plane, and rings if anything.
+    /// Passes on what `node` queued for the planes, and rings the data
+    /// threads it gave something.
     pub(super) fn forward(&self, node: &mut Node) {
-        let mut any = false;
+        let mut rang = 0u64;
         while let Some(m) = node.poll_plane() {
-            // The data thread ends only with the process.
-            let _ = self.tx.send(Mail::Node(m));
-            any = true;
+            m.dispatch(self.doors.len(), |w, m| {
+                // A data thread ends only with the process.
+                let _ = self.doors[w].tx.send(Mail::Node(m));
+                rang |= 1 << w;
+            });
         }
-        if any {
-            self.ring();
+        self.ring_all(rang);
+    }
+
+    /// Rings the data threads whose bits `rang` has.
+    fn ring_all(&self, rang: u64) {
+        for (w, door) in self.doors.iter().enumerate() {
+            if rang & (1 << w) != 0 {
+                ring(door);
+            }
         }
     }
 
-    fn ring(&self) {
-        // A full bell (the data thread has not read it yet) rings already.
-        let _ = self.bell.send(&[1]);
+    /// Gives data thread `w` a message, and rings.
+    pub(super) fn post(&self, w: usize, mail: Mail) {
+        let _ = self.doors[w].tx.send(mail);
+        ring(&self.doors[w]);
     }
+
+    /// How many data threads there are.
+    pub(super) fn workers(&self) -> usize {
+        self.doors.len()
+    }
+}
+
+fn ring(door: &Door) {
+    // A full bell (the data thread has not read it yet) rings already.
+    let _ = door.bell.send(&[1]);
 }
 
 /// The control threads' end: fresh counters for `status`.
 pub(super) struct Mailbox {
-    forward: Forward,
+    forward: Arc<Forward>,
     asked: AtomicU64,
-    answered: AtomicU64,
+    /// Per data thread, the last report it gave the node.
+    answered: Vec<AtomicU64>,
 }
 
 /// How long `status` waits for the data thread's report at most (a busy
@@ -77,57 +113,77 @@ impl Mailbox {
     /// the last report, a tick old at most).
     pub(super) fn refresh(&self) {
         let n = self.asked.fetch_add(1, Ordering::Relaxed) + 1;
-        let _ = self.forward.tx.send(Mail::Report(n));
-        self.forward.ring();
+        for w in 0..self.forward.workers() {
+            self.forward.post(w, Mail::Report(n));
+        }
         let start = Instant::now();
         let mut pause = Duration::from_micros(200);
-        while self.answered.load(Ordering::Acquire) < n && start.elapsed() < REFRESH_WAIT {
+        let behind = || self.answered.iter().any(|a| a.load(Ordering::Acquire) < n);
+        while behind() && start.elapsed() < REFRESH_WAIT {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(5));
         }
     }
 
-    /// The data thread has given the node the report asked as `n`.
-    pub(super) fn answered(&self, n: u64) {
-        self.answered.fetch_max(n, Ordering::Release);
+    /// Data thread `w` has given the node the report asked as `n`.
+    pub(super) fn answered(&self, w: usize, n: u64) {
+        self.answered[w].fetch_max(n, Ordering::Release);
     }
 }
 
-/// The data thread's end: the plane and its messages.
+/// A data thread's end: its plane and its messages.
 pub(super) struct Inbox {
     rx: Receiver<Mail>,
     bell: UnixDatagram,
+    /// Which data thread (worker) this is.
+    pub(super) id: usize,
+    /// Every data thread's door, for what this one passes to another.
+    pub(super) forward: Arc<Forward>,
     /// The data plane.
     pub(super) plane: DataPlane,
     next_tick: Instant,
     /// The last report asked for and not yet answered.
     pub(super) report: Option<u64>,
+    /// Datagrams other data threads received for this one's links
+    /// ([`Mail::Admit`]), to open.
+    pub(super) admits: Vec<(u32, SocketAddr, Vec<u8>)>,
 }
 
-/// A mailbox for `plane`: the node lock's release hook, the control
-/// threads' end, and the data thread's.
-pub(super) fn mailbox(plane: DataPlane) -> io::Result<(Forward, Mailbox, Inbox)> {
-    let (tx, rx) = channel();
-    let (ring, bell) = UnixDatagram::pair()?;
-    ring.set_nonblocking(true)?;
-    bell.set_nonblocking(true)?;
-    let forward = Forward {
-        tx: tx.clone(),
-        bell: ring.try_clone()?,
-    };
+/// A mailbox for `planes`, one per data thread: the node lock's release
+/// hook, the control threads' end, and each data thread's.
+pub(super) fn mailbox(planes: Vec<DataPlane>) -> io::Result<(Arc<Forward>, Mailbox, Vec<Inbox>)> {
+    let mut doors = Vec::new();
+    let mut ends = Vec::new();
+    for _ in 0..planes.len() {
+        let (tx, rx) = channel();
+        let (ring, bell) = UnixDatagram::pair()?;
+        ring.set_nonblocking(true)?;
+        bell.set_nonblocking(true)?;
+        doors.push(Door { tx, bell: ring });
+        ends.push((rx, bell));
+    }
+    let forward = Arc::new(Forward { doors });
     let mailbox = Mailbox {
-        forward: Forward { tx, bell: ring },
+        forward: forward.clone(),
         asked: AtomicU64::new(0),
-        answered: AtomicU64::new(0),
+        answered: (0..planes.len()).map(|_| AtomicU64::new(0)).collect(),
     };
-    let inbox = Inbox {
-        rx,
-        bell,
-        plane,
-        next_tick: Instant::now(),
-        report: None,
-    };
-    Ok((forward, mailbox, inbox))
+    let inboxes = planes
+        .into_iter()
+        .zip(ends)
+        .enumerate()
+        .map(|(id, (plane, (rx, bell)))| Inbox {
+            rx,
+            bell,
+            id,
+            forward: forward.clone(),
+            plane,
+            next_tick: Instant::now(),
+            report: None,
+            admits: Vec::new(),
+        })
+        .collect();
+    Ok((forward, mailbox, inboxes))
 }
 
 impl Inbox {
@@ -164,9 +220,34 @@ impl Inbox {
     /// put in the channel as they ended.
     pub(super) fn take_from(&mut self, node: &mut Node) {
         self.take_mail();
-        while let Some(m) = node.poll_plane() {
-            self.plane.handle(m);
+        self.route(|_| node.poll_plane());
+    }
+
+    /// Passes the cells the plane relayed onto other data threads' links
+    /// to them ([`DataPlane::poll_crossing`]), and rings those.
+    pub(super) fn pass_crossing(&mut self) {
+        self.route(DataPlane::poll_crossing);
+    }
+
+    /// Gives each message `next` yields to this thread's plane, or to the
+    /// other data threads whose planes must have it
+    /// ([`ToPlane::dispatch`]), ringing those.
+    fn route(&mut self, mut next: impl FnMut(&mut DataPlane) -> Option<ToPlane>) {
+        let Inbox {
+            id, forward, plane, ..
+        } = self;
+        let mut rang = 0u64;
+        while let Some(m) = next(plane) {
+            m.dispatch(forward.workers(), |w, m| {
+                if w == *id {
+                    plane.handle(m);
+                } else {
+                    let _ = forward.doors[w].tx.send(Mail::Node(m));
+                    rang |= 1 << w;
+                }
+            });
         }
+        forward.ring_all(rang);
     }
 
     fn take_mail(&mut self) {
@@ -177,6 +258,7 @@ impl Inbox {
                     self.plane.report();
                     self.report = Some(n);
                 }
+                Mail::Admit(link, from, datagram) => self.admits.push((link, from, datagram)),
             }
         }
     }
@@ -189,5 +271,10 @@ impl Inbox {
     /// Whether the node has something to take from the plane.
     pub(super) fn for_node(&self) -> bool {
         self.plane.has_events() || self.report.is_some()
+    }
+
+    /// Whether other data threads passed datagrams to open.
+    pub(super) fn has_admits(&self) -> bool {
+        !self.admits.is_empty()
     }
 }
