@@ -125,9 +125,8 @@ pub struct DataPath {
     /// passes on or opens without the node (0 from older nodes).
     #[serde(default)]
     pub plane_circuits: u64,
-    /// Links per data thread, when the node runs more than one
-    /// (`link.workers`): their count is this list's length (empty from
-    /// older nodes).
+    /// Links per data thread (`link.workers`): one entry per thread
+    /// (empty from older nodes).
     #[serde(default)]
     pub worker_links: Vec<u64>,
     /// Who held the node's lock over 1 ms since start, and how often: the

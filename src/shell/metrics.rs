@@ -230,7 +230,7 @@ pub fn encode(
         ),
         (
             "data_plane_links",
-            "Links whose packets the data thread seals and opens without the node",
+            "Links whose packets the data threads seal and open without the node",
             st.data_path.plane_links,
         ),
         (
@@ -240,7 +240,7 @@ pub fn encode(
         ),
         (
             "data_plane_circuits",
-            "Circuits relayed or ending here whose cells the data thread handles without the node",
+            "Circuits relayed or ending here whose cells the data threads handle without the node",
             st.data_path.plane_circuits,
         ),
     ];

@@ -352,6 +352,17 @@ fn bind_udp(listen: SocketAddr, workers: usize) -> Result<(Vec<UdpSocket>, bool)
         Domain::IPV4
     };
     let mut sockets = Vec::new();
+    let mut listen = listen;
+    if workers > 1 {
+        // The group's sockets share the port with any other socket of the
+        // same user that asks: make sure nobody holds it first (a second
+        // instance must fail here, not join), and learn the port `:0`
+        // picks, which every socket of the group then binds.
+        let probe = UdpSocket::bind(listen).with_context(|| format!("binding UDP {listen}"))?;
+        listen = probe
+            .local_addr()
+            .context("reading the bound UDP address")?;
+    }
     for _ in 0..workers.max(1) {
         let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
         if listen.is_ipv6() {
@@ -485,6 +496,14 @@ async fn async_main(config: Config, up: Up) -> Result<()> {
     );
 
     // The data-plane threads end with the process.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if config.workers > cores {
+        tracing::warn!(
+            workers = config.workers,
+            cores,
+            "link.workers is above the machine's cores: the data threads take turns on them"
+        );
+    }
     {
         let segments = if config.relay_only { 0 } else { TSO_SEGMENTS };
         let mut ios = vec![Io::default()];
@@ -658,21 +677,28 @@ impl Shared {
     /// the packets the node hands it, the timer thread for ICMP replies):
     /// no allocation per packet, and no lock between the two.
     fn write_tun(&self, packet: &[u8]) {
-        thread_local! {
-            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        let Some(tun) = &self.tun else {
-            return;
-        };
-        BUF.with_borrow_mut(|buf| {
-            buf.clear();
-            buf.resize(VIRTIO_NET_HDR_LEN, 0);
-            buf.extend_from_slice(packet);
-            if let Err(e) = tun.send(buf) {
-                tracing::debug!("TUN write failed: {e}");
-            }
-        });
+        write_tun_on(self.tun.as_ref(), packet);
     }
+}
+
+/// Writes one packet to TUN queue `tun` (see [`Shared::write_tun`]); a data
+/// thread writes on its own queue, so that the flow's next packets come
+/// back to it.
+fn write_tun_on(tun: Option<&SyncDevice>, packet: &[u8]) {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let Some(tun) = tun else {
+        return;
+    };
+    BUF.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.resize(VIRTIO_NET_HDR_LEN, 0);
+        buf.extend_from_slice(packet);
+        if let Err(e) = tun.send(buf) {
+            tracing::debug!("TUN write failed: {e}");
+        }
+    });
 }
 
 /// Hands the node the payload buffers sent since the last call (for

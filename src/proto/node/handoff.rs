@@ -94,15 +94,21 @@ impl Node {
     /// link `index` goes to plane [`plane::worker_of`]`(index, workers)`,
     /// and the caller passes each of [`Node::poll_plane`]'s messages on
     /// with [`ToPlane::dispatch`], and so each plane's
-    /// [`DataPlane::poll_crossing`]: a circuit relayed between two links
-    /// of different planes is held by both, each passing on the cells that
-    /// arrive on its link, to the other to seal. The relay bandwidth cap
-    /// is each plane's.
+    /// [`DataPlane::poll_crossing`] to the other planes: a circuit relayed
+    /// between two links of different planes is held by both, each passing
+    /// on the cells that arrive on its link, to the other to seal. The
+    /// relay bandwidth cap is split evenly over the planes.
     pub fn data_planes(&mut self, workers: usize) -> Vec<DataPlane> {
         let workers = workers.max(1);
         self.handoff.on = true;
         self.handoff.workers = workers;
-        let bucket = self.config.relay.bandwidth.map(circuits::relay_bucket);
+        // The cap is the node's: each plane gets its share.
+        let share = |bw: u64| (bw / workers as u64).max(1);
+        let bucket = self
+            .config
+            .relay
+            .bandwidth
+            .map(|bw| circuits::relay_bucket(share(bw)));
         (0..workers)
             .map(|id| {
                 let mut plane = DataPlane::new(self.address, self.config.mtu, bucket);

@@ -130,8 +130,13 @@ impl Host {
             }
             for w in 0..workers {
                 while let Some(m) = self.planes[w].poll_crossing() {
+                    // Never back to the plane that sent it.
                     let planes = &mut self.planes;
-                    m.dispatch(workers, |v, m| planes[v].handle(m));
+                    m.dispatch(workers, |v, m| {
+                        if v != w {
+                            planes[v].handle(m);
+                        }
+                    });
                     moved = true;
                 }
                 while let Some(e) = self.planes[w].poll_event() {

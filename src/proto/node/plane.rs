@@ -26,10 +26,13 @@ use boringtun::noise::{Packet, Tunn};
 
 mod out;
 mod relay;
+mod workers;
 pub use out::OutRoute;
 use out::{Back, OutRoutes};
 pub use relay::{CellReport, Relay};
 use relay::{Relays, Step};
+pub use workers::worker_of;
+use workers::Crossing;
 
 use super::channel::{Channel, Delivery, Fit, Opened, Sealed, Tick};
 use super::circuits::CIRCUIT_MTU;
@@ -172,11 +175,12 @@ pub enum ToPlane {
     /// or take those of a circuit that ends here on a handed link (see
     /// [`Relay`]).
     Relay(Box<Relay>),
-    /// A cell another plane (the third field) passed on as a relay, onto
-    /// link `index`, which this plane holds: the frame (room for the
-    /// control header, then the cell, its header written) to seal there.
-    /// The buffer goes back to that plane, with others (`Spares`).
-    Pass(u32, Vec<u8>, usize),
+    /// A cell another plane (the third field) passed on as a relay at the
+    /// instant given, onto link `index`, which this plane holds: the frame
+    /// (room for the control header, then the cell, its header written) to
+    /// seal there. The buffer goes back to that plane, with others
+    /// (`Spares`).
+    Pass(u32, Vec<u8>, usize, Instant),
     /// Buffers of cells this plane passed to another to seal, back for
     /// the next ones (so a relay between two planes allocates no buffer
     /// per cell).
@@ -184,85 +188,6 @@ pub enum ToPlane {
     /// Leave a circuit's cells to the node again (it ended); a route back
     /// on it goes too.
     Unrelay(u64),
-}
-
-/// Which of `workers` data workers holds link `index`: the low byte of the
-/// index, modulo `workers` (the kernel steers a link's datagrams to the
-/// same worker by that byte, `qgate_platform::steer_by_link`).
-pub fn worker_of(index: u32, workers: usize) -> usize {
-    (index as usize & 0xff) % workers.max(1)
-}
-
-impl ToPlane {
-    /// Gives this message to the planes of `workers` data workers that
-    /// must have it ([`Node::data_planes`](super::Node::data_planes)):
-    /// what concerns a link to the plane that holds it, a relayed circuit
-    /// to its source side's, and what concerns every plane (an address no
-    /// longer routed, a circuit gone, path MTU, the compression pause) to
-    /// each. A route for an address goes to one plane, and the others stop
-    /// routing the address (so packets for it never leave by a route the
-    /// node replaced, from a worker the kernel happened to give them to).
-    pub fn dispatch(self, workers: usize, mut to: impl FnMut(usize, ToPlane)) {
-        let n = workers.max(1);
-        if n == 1 {
-            return to(0, self);
-        }
-        let one = |index: u32| worker_of(index, n);
-        let mut others = |keep: usize, m: &dyn Fn() -> ToPlane| {
-            for w in (0..n).filter(|w| *w != keep) {
-                to(w, m());
-            }
-        };
-        let (w, msg) = match self {
-            ToPlane::Handoff(ref lane) => (one(lane.index), self),
-            ToPlane::Route(addr, index, _) => {
-                others(one(index), &|| ToPlane::Unroute(addr));
-                (one(index), self)
-            }
-            ToPlane::RouteCircuit(ref r, _) => {
-                let (dst, w) = (r.dst, one(r.link));
-                others(w, &|| ToPlane::Unroute(dst));
-                (w, self)
-            }
-            ToPlane::Withdraw(index)
-            | ToPlane::Seal(index, _)
-            | ToPlane::SealRelayed(index, _, _)
-            | ToPlane::SealApp(index, _)
-            | ToPlane::SetCompress(index, _)
-            | ToPlane::Initiate(index, _) => (one(index), self),
-            ToPlane::Relay(r) => {
-                // Both planes of a circuit whose links sit on two: each
-                // takes the cells arriving on its link.
-                let w = one(r.prev.0);
-                match r.next.map(|n| one(n.0)).filter(|v| *v != w) {
-                    Some(v) => {
-                        to(v, ToPlane::Relay(r.clone()));
-                        (w, ToPlane::Relay(r))
-                    }
-                    None => (w, ToPlane::Relay(r)),
-                }
-            }
-            ToPlane::Pass(index, _, _) => (one(index), self),
-            ToPlane::Spares(w, _) => (w % n, self),
-            ToPlane::Unroute(addr) => {
-                others(0, &|| ToPlane::Unroute(addr));
-                (0, self)
-            }
-            ToPlane::Unrelay(h) => {
-                others(0, &|| ToPlane::Unrelay(h));
-                (0, self)
-            }
-            ToPlane::SetMtu(ep, mtu) => {
-                others(0, &|| ToPlane::SetMtu(ep, mtu));
-                (0, self)
-            }
-            ToPlane::Pause(p) => {
-                others(0, &|| ToPlane::Pause(p));
-                (0, self)
-            }
-        };
-        to(w, msg)
-    }
 }
 
 /// What the plane tells the node.
@@ -398,19 +323,10 @@ pub struct DataPlane {
     /// withdrawal crossed them), and control frames dropped while the node
     /// was busy ([`MAX_EVENTS`]).
     pub(super) lost: u64,
-    /// Which of how many planes this is ([`worker_of`]).
-    worker: (usize, usize),
-    /// Cells relayed onto links other planes hold
+    /// Which plane this is, and what it sends the other planes
     /// ([`DataPlane::poll_crossing`]).
-    crossing: VecDeque<ToPlane>,
-    /// Per plane, the buffers of the cells it passed over to seal here, to
-    /// go back in a batch.
-    returns: Vec<Vec<Vec<u8>>>,
+    cross: Crossing,
 }
-
-/// Buffers a plane gives back at once to the plane that passed it cells
-/// (one allocation, of the list, per batch).
-const RETURN_BATCH: usize = 32;
 
 impl DataPlane {
     /// An empty plane for the node at overlay address `own`, whose links
@@ -439,40 +355,36 @@ impl DataPlane {
             relays: Relays::new(bucket),
             reports_queued: 0,
             lost: 0,
-            worker: (0, 1),
-            crossing: VecDeque::new(),
-            returns: Vec::new(),
+            cross: Crossing::new(0, 1),
         }
     }
 
     /// Makes this plane number `id` of `workers` ([`Node::data_planes`](super::Node::data_planes)).
     pub(super) fn set_worker(&mut self, id: usize, workers: usize) {
-        self.worker = (id, workers.max(1));
-        self.returns = (0..workers).map(|_| Vec::new()).collect();
+        self.cross = Crossing::new(id, workers);
     }
 
-    /// Returns the buffer of a cell plane `to` passed over, in batches.
-    fn give_back(&mut self, to: usize, buf: Vec<u8>) {
-        let Some(list) = self.returns.get_mut(to).filter(|_| to != self.worker.0) else {
-            return self.recycle(buf);
-        };
-        list.push(buf);
-        if list.len() >= RETURN_BATCH {
-            let bufs = std::mem::replace(list, Vec::with_capacity(RETURN_BATCH));
-            self.crossing.push_back(ToPlane::Spares(to, bufs));
+    /// The next message this plane has for the other planes: a cell it
+    /// passed on, as a relay, towards a link another plane holds, buffers
+    /// back, an address no longer routed. Give it to them with
+    /// [`ToPlane::dispatch`], except to this plane.
+    pub fn poll_crossing(&mut self) -> Option<ToPlane> {
+        self.cross.poll()
+    }
+
+    /// A cell this plane passed on towards another plane, which the caller
+    /// could not give it (too many wait for that plane already): dropped,
+    /// counted as a cell its link could not take, its buffer kept.
+    pub fn dropped_pass(&mut self, m: ToPlane) {
+        if let ToPlane::Pass(_, frame, ..) = m {
+            self.relays.drops_mut().send_failed += 1;
+            self.recycle(frame);
         }
     }
 
-    /// Whether link `index` belongs on this plane.
-    fn holds(&self, index: u32) -> bool {
-        worker_of(index, self.worker.1) == self.worker.0
-    }
-
-    /// The next cell this plane passed on, as a relay, towards a link
-    /// another plane holds: give it to that plane (with
-    /// [`ToPlane::dispatch`]), which seals it.
-    pub fn poll_crossing(&mut self) -> Option<ToPlane> {
-        self.crossing.pop_front()
+    /// Which plane this is ([`Node::data_planes`](super::Node::data_planes)).
+    pub fn worker(&self) -> usize {
+        self.cross.id()
     }
 
     /// How many links the plane holds.
@@ -550,17 +462,20 @@ impl DataPlane {
                 self.seal(index, &frame);
                 self.recycle(frame);
             }
-            ToPlane::Pass(index, mut frame, from) => {
+            ToPlane::Pass(index, mut frame, from, at) => {
                 match self.lanes.get_mut(&index) {
                     Some(lane) => {
                         wire::write_control_header(&mut frame, self.own, lane.peer, MSG_CELL);
+                        lane.chan.last_used = lane.chan.last_used.max(at);
                         if let Sealed::Failed = lane.chan.seal(&mut self.out, &frame) {
                             lane.drops.send_failed += 1;
                         }
                     }
                     None => self.lost += 1,
                 }
-                self.give_back(from, frame);
+                if let Some(frame) = self.cross.give_back(from, frame) {
+                    self.recycle(frame);
+                }
             }
             ToPlane::Spares(_, bufs) => {
                 for b in bufs {
@@ -596,7 +511,7 @@ impl DataPlane {
                 // circuit anyway). One on another plane is that plane's:
                 // the cells for it cross over (`poll_crossing`).
                 let here = |l: Option<(u32, u32)>| {
-                    l.is_none_or(|l| !self.holds(l.0) || self.lanes.contains_key(&l.0))
+                    l.is_none_or(|l| self.cross.elsewhere(l.0) || self.lanes.contains_key(&l.0))
                 };
                 if here(Some(r.prev)) && here(r.next) {
                     self.relays.insert(*r);
@@ -832,8 +747,7 @@ impl DataPlane {
             lost,
             outs,
             routes,
-            worker,
-            crossing,
+            cross,
             ..
         } = self;
         let Some(lane) = lanes.get_mut(&index) else {
@@ -903,10 +817,7 @@ impl DataPlane {
                             }
                         }
                         // Another plane's link: the cell crosses over.
-                        None if worker_of(to, worker.1) != worker.0 => {
-                            let frame = reuse(spare, frame);
-                            crossing.push_back(ToPlane::Pass(to, frame, worker.0));
-                        }
+                        None if cross.elsewhere(to) => cross.pass(to, reuse(spare, frame), now),
                         None => *lost += 1,
                     }
                     return PlaneRx::Done;
@@ -953,6 +864,7 @@ impl DataPlane {
                         outs,
                         routes,
                         events,
+                        cross,
                     );
                 }
                 if e.cmd == Cmd::Noise && matches!(e.circuit, CircuitRef::Carried(_)) {
@@ -1041,6 +953,7 @@ impl DataPlane {
         outs: &mut OutRoutes,
         routes: &mut HashMap<Ipv6Addr, (Target, Instant)>,
         events: &mut VecDeque<FromPlane>,
+        cross: &mut Crossing,
     ) -> PlaneRx<'a> {
         let start = data.start;
         let Ok(view) = Ipv6View::new_checked(&buf[data]) else {
@@ -1075,6 +988,9 @@ impl DataPlane {
                         events.push_back(FromPlane::Unrouted(src, until));
                     }
                 }
+                // And the other planes' (which cannot route `src` back on
+                // this circuit: its link is this plane's).
+                cross.delivered(src, h);
             }
         }
         if rebuilt {
@@ -1126,6 +1042,7 @@ impl DataPlane {
                 self.events.push_back(FromPlane::Expired(lane.index));
             }
         }
+        self.cross.flush();
         if self.reports_queued == 0 {
             self.report();
         }

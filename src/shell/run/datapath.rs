@@ -17,7 +17,7 @@ use quinn_udp::{RecvMeta, UdpSocketState};
 use std::os::fd::AsFd;
 
 use super::lock::{Held, Holder};
-use super::plane::{Inbox, Mail};
+use super::plane::Inbox;
 use super::{drain, Shared};
 use crate::proto::batch::SendBatch;
 use crate::proto::node::plane::{worker_of, DataPlane, PlaneRx, PlaneTx};
@@ -275,11 +275,12 @@ impl TunSide {
                 }
             }
             self.rest = rest;
-            plane_to_node(sh, inbox, &mut node, |p| sh.write_tun(p));
+            plane_to_node(sh, inbox, &mut node, |p| super::write_tun_on(io.tun(sh), p));
             self.out.take(sh, &mut node);
             drop(node);
             self.out.send(sh);
         }
+        inbox.settle();
         self.out.take_plane(sh, &mut inbox.plane);
         self.out.send(sh);
         for b in &self.replies[..self.n_replies] {
@@ -378,14 +379,14 @@ impl UdpSide {
         if inbox.has_admits() {
             let k = self.open_admits(inbox, Instant::now(), 0);
             self.write_tun(sh, io, k);
-            inbox.pass_crossing();
         }
         if let Some(mut node) = node_if(sh, Instant::now(), false, inbox) {
-            plane_to_node(sh, inbox, &mut node, |p| sh.write_tun(p));
+            plane_to_node(sh, inbox, &mut node, |p| super::write_tun_on(io.tun(sh), p));
             self.out.take(sh, &mut node);
             drop(node);
             self.out.send(sh);
         }
+        inbox.settle();
         self.out.take_plane(sh, &mut inbox.plane);
         self.out.send(sh);
     }
@@ -490,7 +491,13 @@ impl UdpSide {
                     to = w,
                     "datagram passed to the data thread that holds its link"
                 );
-                inbox.forward.post(w, Mail::Admit(link, from, seg.to_vec()));
+                if !inbox.forward.admit(w, link, from, seg) {
+                    tracing::debug!(
+                        link,
+                        to = w,
+                        "data thread behind: admitted datagram dropped"
+                    );
+                }
                 continue;
             }
             let b = tun_buf(&mut self.to_tun, k, VIRTIO_NET_HDR_LEN + len);
@@ -505,8 +512,9 @@ impl UdpSide {
             k += 1;
         }
         let k = self.open_admits(inbox, now, k);
-        // Cells relayed onto other data threads' links go to them.
-        inbox.pass_crossing();
+        // Cells relayed onto other data threads' links go to them (and
+        // what they passed while the node was held is sealed).
+        inbox.settle();
         // The node's first (what it sealed itself), then the plane's (what
         // the node just gave it, relayed cells above all).
         self.out.send(sh);
@@ -596,7 +604,7 @@ pub(super) fn data_loop(
             if tun_ready {
                 tun_ready = tun.step(&sh, &io, &mut inbox);
             }
-            load.maybe_report(&sh, Instant::now());
+            load.maybe_report(&sh, &inbox, Instant::now());
         }
         // What the node sent the plane, its timers, its reports.
         inbox.take(Instant::now());
@@ -613,7 +621,7 @@ pub(super) fn data_loop(
         let polled = poll(&mut fds, PollTimeout::from(ms));
         let now = Instant::now();
         load.waited(waiting, now);
-        load.maybe_report(&sh, now);
+        load.maybe_report(&sh, &inbox, now);
         match polled {
             Ok(_) => {
                 let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
@@ -667,13 +675,15 @@ impl LoadWindow {
         self.waited += to.saturating_duration_since(from);
     }
 
-    fn maybe_report(&mut self, sh: &Shared, now: Instant) {
+    /// With several data threads, the node hears the busiest one's figure
+    /// (see `Forward::busiest`).
+    fn maybe_report(&mut self, sh: &Shared, inbox: &Inbox, now: Instant) {
         let window = now.saturating_duration_since(self.start);
         if window < LOAD_WINDOW {
             return;
         }
         let idle = (self.waited.as_micros() * 1000 / window.as_micros().max(1)).min(1000);
-        let busy = 1000 - idle as u16;
+        let busy = inbox.forward.busiest(inbox.id, 1000 - idle as u16);
         // Not worth a wait: a busy node hears of the load next window.
         if let Some(mut node) = sh.node.try_lock(Holder::Data) {
             node.report_data_path_busy(busy);

@@ -18,7 +18,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,10 +49,21 @@ struct Door {
 
 /// The node's end: passes its messages on to the data threads as each hold
 /// of the node ends, each to the threads whose plane must have it
-/// ([`ToPlane::dispatch`]).
+/// ([`ToPlane::dispatch`]). It also carries what data threads pass one
+/// another (relayed cells, admitted datagrams), bounded per thread.
 pub(super) struct Forward {
     doors: Vec<Door>,
+    /// Per data thread, the cells and datagrams other threads passed it
+    /// that it has not taken yet (at most [`MAX_PASSED`]).
+    passed: Vec<AtomicUsize>,
+    /// Per data thread, how busy it was over its last window (per mille).
+    busy: Vec<AtomicU16>,
 }
+
+/// Most relayed cells and admitted datagrams waiting for one data thread
+/// from the others: beyond, they are dropped (as a full socket buffer
+/// drops datagrams), so a thread that falls behind holds no more.
+const MAX_PASSED: usize = 4096;
 
 impl Forward {
     /// Passes on what `node` queued for the planes, and rings the data
@@ -82,6 +93,39 @@ impl Forward {
     pub(super) fn post(&self, w: usize, mail: Mail) {
         let _ = self.doors[w].tx.send(mail);
         ring(&self.doors[w]);
+    }
+
+    /// Passes data thread `w` a datagram the gate let through for its
+    /// link, unless [`MAX_PASSED`] wait for it already (then false).
+    pub(super) fn admit(&self, w: usize, link: u32, from: SocketAddr, datagram: &[u8]) -> bool {
+        if !self.reserve(w) {
+            return false;
+        }
+        self.post(w, Mail::Admit(link, from, datagram.to_vec()));
+        true
+    }
+
+    /// Counts one more thing passed to thread `w`, if there is room.
+    fn reserve(&self, w: usize) -> bool {
+        let n = self.passed[w].fetch_add(1, Ordering::AcqRel);
+        if n >= MAX_PASSED {
+            self.passed[w].fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Data thread `w` notes how busy it was; the answer is the busiest
+    /// thread's figure, which is what the node's compression governor
+    /// hears (a thread at its limit pauses compression, whatever the
+    /// others do).
+    pub(super) fn busiest(&self, w: usize, busy: u16) -> u16 {
+        self.busy[w].store(busy, Ordering::Relaxed);
+        self.busy
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(busy)
     }
 
     /// How many data threads there are.
@@ -147,6 +191,9 @@ pub(super) struct Inbox {
     /// Datagrams other data threads received for this one's links
     /// ([`Mail::Admit`]), to open.
     pub(super) admits: Vec<(u32, SocketAddr, Vec<u8>)>,
+    /// Cells other data threads passed while this one held the node: they
+    /// are sealed once it lets go ([`Inbox::settle`]).
+    deferred: Vec<ToPlane>,
 }
 
 /// A mailbox for `planes`, one per data thread: the node lock's release
@@ -162,7 +209,15 @@ pub(super) fn mailbox(planes: Vec<DataPlane>) -> io::Result<(Arc<Forward>, Mailb
         doors.push(Door { tx, bell: ring });
         ends.push((rx, bell));
     }
-    let forward = Arc::new(Forward { doors });
+    assert!(
+        (1..=64).contains(&planes.len()),
+        "one to 64 data threads (a bit each in a u64)"
+    );
+    let forward = Arc::new(Forward {
+        passed: (0..doors.len()).map(|_| AtomicUsize::new(0)).collect(),
+        busy: (0..doors.len()).map(|_| AtomicU16::new(0)).collect(),
+        doors,
+    });
     let mailbox = Mailbox {
         forward: forward.clone(),
         asked: AtomicU64::new(0),
@@ -181,6 +236,7 @@ pub(super) fn mailbox(planes: Vec<DataPlane>) -> io::Result<(Arc<Forward>, Mailb
             next_tick: Instant::now(),
             report: None,
             admits: Vec::new(),
+            deferred: Vec::new(),
         })
         .collect();
     Ok((forward, mailbox, inboxes))
@@ -206,7 +262,8 @@ impl Inbox {
     /// Gives the plane the messages waiting (no system call), and runs its
     /// timers when due.
     pub(super) fn take(&mut self, now: Instant) {
-        self.take_mail();
+        self.take_mail(false);
+        self.settle();
         if now >= self.next_tick {
             self.plane.handle_timeout(now);
             self.next_tick = now + TICK;
@@ -219,20 +276,34 @@ impl Inbox {
     /// a handed link), after every earlier one, which other threads' holds
     /// put in the channel as they ended.
     pub(super) fn take_from(&mut self, node: &mut Node) {
-        self.take_mail();
-        self.route(|_| node.poll_plane());
+        self.take_mail(true);
+        self.route(|_| node.poll_plane(), false);
+        self.pass_crossing();
     }
 
-    /// Passes the cells the plane relayed onto other data threads' links
-    /// to them ([`DataPlane::poll_crossing`]), and rings those.
-    pub(super) fn pass_crossing(&mut self) {
-        self.route(DataPlane::poll_crossing);
+    /// Seals what other threads passed while this one held the node, and
+    /// passes on what the plane has for the other threads. Called where
+    /// the node is not held.
+    pub(super) fn settle(&mut self) {
+        for m in std::mem::take(&mut self.deferred) {
+            self.plane.handle(m);
+        }
+        self.pass_crossing();
     }
 
-    /// Gives each message `next` yields to this thread's plane, or to the
-    /// other data threads whose planes must have it
-    /// ([`ToPlane::dispatch`]), ringing those.
-    fn route(&mut self, mut next: impl FnMut(&mut DataPlane) -> Option<ToPlane>) {
+    /// Passes what the plane has for the other data threads' planes
+    /// (relayed cells, buffers back, addresses no longer routed;
+    /// [`DataPlane::poll_crossing`]) to them, and rings those.
+    fn pass_crossing(&mut self) {
+        self.route(DataPlane::poll_crossing, true);
+    }
+
+    /// Gives each message `next` yields to the planes that must have it
+    /// ([`ToPlane::dispatch`]): this thread's (unless `crossing`: what the
+    /// plane sends the others never comes back to it), and the other data
+    /// threads', ringing those. A relayed cell for a thread that has
+    /// [`MAX_PASSED`] waiting already is dropped and counted.
+    fn route(&mut self, mut next: impl FnMut(&mut DataPlane) -> Option<ToPlane>, crossing: bool) {
         let Inbox {
             id, forward, plane, ..
         } = self;
@@ -240,25 +311,45 @@ impl Inbox {
         while let Some(m) = next(plane) {
             m.dispatch(forward.workers(), |w, m| {
                 if w == *id {
-                    plane.handle(m);
-                } else {
-                    let _ = forward.doors[w].tx.send(Mail::Node(m));
-                    rang |= 1 << w;
+                    if !crossing {
+                        plane.handle(m);
+                    }
+                    return;
                 }
+                if matches!(m, ToPlane::Pass(..)) && !forward.reserve(w) {
+                    plane.dropped_pass(m);
+                    return;
+                }
+                let _ = forward.doors[w].tx.send(Mail::Node(m));
+                rang |= 1 << w;
             });
         }
         forward.ring_all(rang);
     }
 
-    fn take_mail(&mut self) {
+    /// Takes the mail waiting; with the node held (`held`), the cells
+    /// other threads passed wait for [`Inbox::settle`].
+    fn take_mail(&mut self, held: bool) {
         while let Ok(m) = self.rx.try_recv() {
             match m {
-                Mail::Node(m) => self.plane.handle(m),
+                Mail::Node(m) => {
+                    if matches!(m, ToPlane::Pass(..)) {
+                        self.forward.passed[self.id].fetch_sub(1, Ordering::AcqRel);
+                    }
+                    if held && matches!(m, ToPlane::Pass(..) | ToPlane::Spares(..)) {
+                        self.deferred.push(m);
+                    } else {
+                        self.plane.handle(m);
+                    }
+                }
                 Mail::Report(n) => {
                     self.plane.report();
                     self.report = Some(n);
                 }
-                Mail::Admit(link, from, datagram) => self.admits.push((link, from, datagram)),
+                Mail::Admit(link, from, datagram) => {
+                    self.forward.passed[self.id].fetch_sub(1, Ordering::AcqRel);
+                    self.admits.push((link, from, datagram));
+                }
             }
         }
     }

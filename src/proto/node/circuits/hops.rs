@@ -48,6 +48,9 @@ pub(super) struct HopCirc {
     pub(super) bwd_bytes: u64,
     pub(super) rx_bytes: u64,
     pub(super) tx_bytes: u64,
+    /// Destination: when it last brought DATA (the node's or a plane's),
+    /// which decides the circuit replies go back on.
+    pub(super) last_data: Option<Instant>,
     /// Destination: which flows back are worth compressing.
     pub(super) adaptive: Adaptive,
 }
@@ -81,6 +84,7 @@ impl HopCirc {
             bwd_bytes: 0,
             rx_bytes: 0,
             tx_bytes: 0,
+            last_data: None,
             adaptive: Adaptive::default(),
         }
     }

@@ -183,7 +183,7 @@ impl Node {
         None
     }
 
-    fn hop_data(&mut self, _now: Instant, h: u64, start: usize, end: usize) -> Option<usize> {
+    fn hop_data(&mut self, now: Instant, h: u64, start: usize, end: usize) -> Option<usize> {
         let hc = self.circ.hops.get_mut(h)?;
         let Some(src) = hc.auth() else {
             self.circ.stats.drops.unauthenticated += 1;
@@ -207,6 +207,7 @@ impl Node {
             }
         };
         hc.rx_bytes += p as u64;
+        hc.last_data = hc.last_data.max(Some(now));
         // Replies go back on the circuit that last brought traffic.
         self.circ.hops.carries_replies(h, src);
         self.handoff.unroute(src);
@@ -482,6 +483,9 @@ impl Node {
     pub(in crate::proto::node) fn hop_not_in_plane(&mut self, h: u64) {
         if let Some(hc) = self.circ.hops.get_mut(h) {
             hc.in_plane = false;
+            // With several planes, another one may have taken it: it
+            // lets go too (and `drop_hop` will not ask, in_plane unset).
+            self.plane_tell(ToPlane::Unrelay(h));
         }
     }
 
@@ -561,15 +565,25 @@ impl Node {
                     };
                     hc.rx_bytes += bytes;
                     hc.last_used = hc.last_used.max(at);
+                    hc.last_data = hc.last_data.max(Some(at));
                     // Replies go back on the circuit that last brought
                     // traffic. The plane dropped any other route it held
-                    // itself; one granted meanwhile goes too.
-                    if let Some(src) = hc.auth() {
-                        if self.circ.hops.replies_on(&src) != Some(h) {
-                            self.handoff.unroute(src);
-                        }
-                        self.circ.hops.carries_replies(h, src);
+                    // itself; one granted meanwhile goes too. (With several
+                    // planes, reports come one plane at a time: a circuit
+                    // whose DATA came later than this keeps the replies.)
+                    let Some(src) = hc.auth() else { continue };
+                    let cur = self.circ.hops.replies_on(&src);
+                    let later = cur
+                        .filter(|c| *c != h)
+                        .and_then(|c| self.circ.hops.get(c))
+                        .is_some_and(|c| c.last_data > Some(at));
+                    if later {
+                        continue;
                     }
+                    if cur != Some(h) {
+                        self.handoff.unroute(src);
+                    }
+                    self.circ.hops.carries_replies(h, src);
                 }
             }
         }
