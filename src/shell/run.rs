@@ -383,8 +383,8 @@ fn bind_udp(listen: SocketAddr, workers: usize) -> Result<(Vec<UdpSocket>, bool)
         sockets.push(UdpSocket::from(s));
     }
     if workers > 1 {
-        // The port is ours now: another process (of the same user only)
-        // could join the group only after this.
+        // One program for the whole group, attached through any of its
+        // sockets.
         qgate_platform::steer_by_link(std::os::fd::AsFd::as_fd(&sockets[0]), workers as u32)
             .context("steering datagrams to the data threads")?;
     }
