@@ -32,6 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha20Rng;
 use rand_core::RngCore;
 use serde::Serialize;
 
@@ -429,6 +431,13 @@ pub(super) struct Circuits {
     to_sign: VecDeque<SignJob>,
     /// Where cover traffic's random bytes are made, reused (`noise`).
     noise_buf: Vec<u8>,
+    /// The circuits' own randomness (the relay's handshakes, plain cells'
+    /// nonces and padding, circuit IDs), seeded from the node's.
+    rng: ChaCha20Rng,
+    /// What the relay's side asks the node to do ([`relay::HopAction`]).
+    actions: VecDeque<relay::HopAction>,
+    /// Frames of sent [`relay::HopAction::Send`]s, to reuse.
+    frames: Vec<Vec<u8>>,
     /// Cells forwarded as relay, as (forward?, in, out), for the test hook.
     #[cfg(feature = "test-hooks")]
     pub(super) cell_log: Vec<(bool, Vec<u8>, Vec<u8>)>,
@@ -451,6 +460,13 @@ impl Circuits {
             next_id: 1,
             to_sign: VecDeque::new(),
             noise_buf: Vec::new(),
+            rng: ChaCha20Rng::from_seed({
+                let mut seed = [0u8; 32];
+                rng.fill_bytes(&mut seed);
+                seed
+            }),
+            actions: VecDeque::new(),
+            frames: Vec::new(),
             onion: OnionKey::generate(rng),
             prev_onion: None,
             onion_since: now,
@@ -467,6 +483,19 @@ impl Circuits {
 
     pub(super) fn onion_public(&self) -> [u8; 32] {
         self.onion.public
+    }
+
+    /// The circuit IDs on `link` and whose they are.
+    fn on_link_of(&self, link: u32) -> Vec<((u32, u32), CircRef)> {
+        self.on_link
+            .range((link, 0)..=(link, u32::MAX))
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+
+    /// Forgets a circuit ID on a link.
+    fn forget(&mut self, key: (u32, u32)) {
+        self.on_link.remove(&key);
     }
 }
 

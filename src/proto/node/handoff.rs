@@ -17,7 +17,7 @@
 //! and packets back on a circuit that ends here, to its authenticated
 //! source. A circuit this node relays between two handed links, or one
 //! that ends here on a handed link, is handed over too
-//! (`Node::maybe_hand_hop`): the plane passes its cells on, or opens them.
+//! (`Circuits::maybe_hand_hop`): the plane passes its cells on, or opens them.
 
 use super::plane::{Activity, DataPlane, FromPlane, Lane, OpenedCell, OutRoute, ToPlane};
 use super::*;
@@ -57,6 +57,11 @@ pub(super) struct Handoff {
 const MAX_ROUTED: usize = 4096;
 
 impl Handoff {
+    /// Whether the node uses a plane.
+    pub(super) fn is_on(&self) -> bool {
+        self.on
+    }
+
     /// How many messages wait for the plane.
     #[cfg(test)]
     pub(super) fn pending(&self) -> usize {
@@ -318,8 +323,9 @@ impl Node {
                 }
             }
             FromPlane::Activity(a) => self.activity(&a),
-            FromPlane::Relayed(r) => self.cells_from_plane(*r),
-            FromPlane::Unrelayed(h) => self.hop_not_in_plane(h),
+            // Neither asks for anything that sends, or needs the time.
+            FromPlane::Relayed(r) => self.cells_from_plane(self.last_timer, *r),
+            FromPlane::Unrelayed(h) => self.hop_not_in_plane(self.last_timer, h),
             FromPlane::Opened(cell) => {
                 let OpenedCell {
                     at,

@@ -107,7 +107,7 @@ impl Node {
                 long_lock_waits: self.long_lock_waits,
                 longest_lock_wait_us: self.longest_lock_wait.as_micros() as u64,
                 plane_links: self.links.values().filter(|l| l.chan.handed()).count() as u64,
-                plane_circuits: self.hops_in_plane() as u64,
+                plane_circuits: self.circ.hops_in_plane() as u64,
                 worker_links: self.worker_links(),
             },
         }

@@ -28,7 +28,7 @@ pub(super) struct HopCirc {
     /// (the keys are read-only).
     pub(super) keys: Arc<HopKeys>,
     /// Whether the data plane passes this circuit's cells on
-    /// ([`Node::maybe_hand_hop`](crate::proto::node::Node)).
+    /// (`Circuits::maybe_hand_hop`, the relay side's).
     pub(super) in_plane: bool,
     pub(super) replay: Arc<ReplayWindow>,
     /// Counter of the cells this hop originated towards the source, shared

@@ -1,354 +1,565 @@
 //! The relay's side of circuits, and the destination's (the last hop):
-//! CREATE under the relay limits, forward cells, EXTEND, LOOKUP for a
-//! source, AUTH and DATA at the destination, and replies sent back on
-//! inbound circuits.
+//! CREATE under the relay limits, forward and backward cells, EXTEND,
+//! LOOKUP for a source, AUTH and DATA at the destination, and replies sent
+//! back on inbound circuits.
+//!
+//! A part of [`Circuits`] with a narrow interface, in the manner of
+//! quinn-proto's connections: the node hands it a cell, a command the data
+//! plane opened, or the outcome of something it asked for, together with
+//! what it needs to know of the node for that call ([`HopEnv`]); it
+//! changes its own state (the hop circuits, their IDs on links, the
+//! counters) and queues what the node is to do as [`HopAction`]s: cells
+//! to send, a link to make, a lookup, a record to check, messages for the
+//! data plane. The node carries them out ([`Node::hop_actions`]) and
+//! answers with [`Circuits::extend_on`], [`Circuits::lookup_done`] or
+//! [`Circuits::auth_checked`]. It touches no link, buffer or table of the
+//! node's: a cell passed on, or DATA delivered, is the caller's buffer,
+//! rewritten in place or decoded into the one it names.
+//!
+//! [`Node::hop_actions`]: crate::proto::node::Node
 
 use std::net::Ipv6Addr;
 use std::time::Instant;
 
+use rand_core::RngCore;
+
 use super::hops::{Admit, Peeled};
-use super::{count, CircRef, HopCirc, CIRCUIT_MTU};
-use crate::proto::dht::{Contact, Goal};
-use crate::proto::identity::verify_signature;
+use super::{count, CircRef, Circuits, HopCirc};
+use crate::proto::identity::{verify_signature, NodeId, NodeRecord};
 use crate::proto::node::plane::{CellReport, CircuitRef, OutRoute, Relay, ToPlane};
-use crate::proto::node::{Node, Purpose, Routed};
 use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
 use crate::proto::onion::{
     self, auth_message, server_handshake, CellKind, Cmd, OnionKey, CELL_HEADER, CELL_LARGE,
-    CREATE_LEN, MAX_DATA,
+    CELL_SMALL, CREATED_LEN, CREATE_LEN, MAX_DATA,
 };
-use crate::proto::wire::{self, Incoming, Ipv6View};
+use crate::proto::wire::{self, Incoming, Ipv6View, Lz4Table, CONTROL_BODY};
 
-impl Node {
-    pub(super) fn on_create(&mut self, now: Instant, link: u32, circ: u32, body: &[u8]) {
-        if self.circ.on_link.contains_key(&(link, circ)) {
-            self.circ.stats.drops.bad_kind += 1;
-            return;
+/// Whether the data plane holds a link (the node's link table answers).
+pub(in crate::proto::node) trait Handed {
+    fn handed(&self, link: u32) -> bool;
+}
+
+/// What the relay's side knows of the node, for one call.
+pub(in crate::proto::node) struct HopEnv<'a> {
+    pub now: Instant,
+    /// This node's ID and overlay address.
+    pub id: NodeId,
+    pub address: Ipv6Addr,
+    /// Whether it relays for others (`relay.enabled`).
+    pub relay: bool,
+    /// Whether it has a TUN (circuits may end here).
+    pub has_tun: bool,
+    /// Whether every cell is large (`traffic.always_large`).
+    pub always_large: bool,
+    /// The node's links, if it uses a data plane: which it has handed over.
+    pub plane: Option<&'a dyn Handed>,
+}
+
+/// What the relay's side asks the node to do, in order.
+pub(in crate::proto::node) enum HopAction {
+    /// Send this node's cell (`frame[CONTROL_BODY..]`; the frame's headers
+    /// are the node's to write) on `link`, then give the frame back
+    /// ([`Circuits::reuse`]).
+    Send { link: u32, frame: Vec<u8> },
+    /// An EXTEND wants a link to this node: make one (or find it) and
+    /// answer [`Circuits::extend_on`].
+    Connect { h: u64, to: Box<Extend> },
+    /// A LOOKUP wants this address's record: answer
+    /// [`Circuits::lookup_done`], from what the node holds or after a DHT
+    /// lookup.
+    Lookup { h: u64, addr: Ipv6Addr },
+    /// An AUTH names this record: check it (its signature, against the
+    /// DHT's cache) and answer [`Circuits::auth_checked`] with it.
+    CheckAuth {
+        h: u64,
+        record: Vec<u8>,
+        signature: Vec<u8>,
+    },
+    /// Packets to this address go through the node again.
+    Unroute(Ipv6Addr),
+    /// A message for the data plane.
+    Plane(ToPlane),
+}
+
+/// What became of a cell that arrived on a circuit this node carries.
+pub(in crate::proto::node) enum Hop {
+    /// Nothing more to do (dropped, or handled: see the actions).
+    Done,
+    /// Pass the packet (rewritten in place, its cell header written) on
+    /// to this link, as a relayed cell.
+    Pass(u32),
+    /// DATA for this node: a packet of this length in the buffer the call
+    /// named.
+    Deliver(usize),
+}
+
+/// How a relay's CREATE went.
+#[derive(PartialEq, Eq)]
+pub(in crate::proto::node) enum Created {
+    /// Served, refused for the relay's limits or dropped: nothing for the
+    /// node.
+    Handled,
+    /// Refused: the neighbour may not relay through here.
+    Denied,
+}
+
+/// Frames kept for reuse (cells this node sends: answers, CREATE, DESTROY).
+const SPARE_FRAMES: usize = 64;
+
+impl Circuits {
+    /// The next thing the node is to do for the relay's side.
+    pub(in crate::proto::node) fn poll_hop(&mut self) -> Option<HopAction> {
+        self.actions.pop_front()
+    }
+
+    /// Takes back a frame of a [`HopAction::Send`], to reuse.
+    pub(in crate::proto::node) fn reuse(&mut self, frame: Vec<u8>) {
+        if self.frames.len() < SPARE_FRAMES {
+            self.frames.push(frame);
         }
-        if !self.config.access.relay.is_open() {
-            // Only a verified neighbour can be checked against the lists.
-            let who = self.links.get(&link).and_then(|l| {
-                let v = l.verified.as_ref()?;
-                Some((l.chan.endpoint.map(|e| e.ip()), v.record.node_id()))
-            });
-            let admitted = who.is_some_and(|(ip, id)| self.config.access.relay.admits(ip, &id));
-            if !admitted {
-                self.circ.stats.refused += 1;
-                self.drops.access_denied += 1;
-                tracing::debug!(
-                    link,
-                    "circuit refused: neighbour not allowed to relay through here"
-                );
-                self.send_plain(now, link, circ, CellKind::Destroy, &[3]);
-                return;
+    }
+
+    /// A zeroed frame for a cell of `size` bytes after the frame headers.
+    fn frame(&mut self, size: usize) -> Vec<u8> {
+        let mut f = self.frames.pop().unwrap_or_default();
+        f.clear();
+        f.resize(CONTROL_BODY + size, 0);
+        f
+    }
+
+    /// Where a circuit ID on a link belongs.
+    pub(super) fn circ_ref(&self, key: (u32, u32)) -> Option<CircRef> {
+        self.on_link.get(&key).copied()
+    }
+
+    /// A free circuit ID on `link`; `high`: this node's side of the link
+    /// sets the top bit (its ID is the lower), so the two sides never pick
+    /// the same one.
+    pub(in crate::proto::node) fn alloc_circ(&mut self, link: u32, high: bool) -> u32 {
+        let high = if high { 0x8000_0000 } else { 0 };
+        loop {
+            let c = (self.rng.next_u32() & 0x7fff_ffff) | high;
+            if c != 0 && !self.on_link.contains_key(&(link, c)) {
+                return c;
             }
         }
-        match self.circ.hops.admit(now, link) {
+    }
+
+    /// Queues a link-level cell with a plain body (CREATE, CREATED,
+    /// DESTROY): random nonce and padding.
+    pub(in crate::proto::node) fn send_plain(
+        &mut self,
+        link: u32,
+        circ: u32,
+        kind: CellKind,
+        body: &[u8],
+    ) {
+        let mut frame = self.frame(CELL_SMALL);
+        let mut nonce = [0u8; 16];
+        self.rng.fill_bytes(&mut nonce);
+        let cell = &mut frame[CONTROL_BODY..];
+        onion::write_header(cell, circ, kind, &nonce);
+        cell[CELL_HEADER..CELL_HEADER + body.len()].copy_from_slice(body);
+        self.rng.fill_bytes(&mut cell[CELL_HEADER + body.len()..]);
+        self.actions.push_back(HopAction::Send { link, frame });
+    }
+
+    /// Queues a backward cell from hop circuit `h`: its answer to the
+    /// source.
+    fn answer(&mut self, env: &HopEnv, h: u64, command: Cmd, data: &[u8]) {
+        let size = onion::cell_size_for(data.len(), env.always_large).unwrap_or(CELL_LARGE);
+        let mut frame = self.frame(size);
+        let Some(hc) = self.hops.get_mut(h) else {
+            self.reuse(frame);
+            return;
+        };
+        let ctr = hc.ctr.next();
+        let (link, circ) = hc.prev();
+        let (head, body) = frame[CONTROL_BODY..].split_at_mut(CELL_HEADER);
+        let n = hc.keys.originate(ctr, command, data, body);
+        onion::write_header(head, circ, CellKind::Relay, &n);
+        self.actions.push_back(HopAction::Send { link, frame });
+    }
+
+    /// A CREATE from `link`; `admitted`: whether the neighbour may relay
+    /// through here (the node checks its access lists).
+    pub(in crate::proto::node) fn on_create(
+        &mut self,
+        env: &HopEnv,
+        link: u32,
+        circ: u32,
+        body: &[u8],
+        admitted: bool,
+    ) -> Created {
+        if self.on_link.contains_key(&(link, circ)) {
+            self.stats.drops.bad_kind += 1;
+            return Created::Handled;
+        }
+        if !admitted {
+            self.stats.refused += 1;
+            self.send_plain(link, circ, CellKind::Destroy, &[3]);
+            return Created::Denied;
+        }
+        match self.hops.admit(env.now, link) {
             Admit::Yes => {}
             Admit::Limited => {
-                self.circ.stats.drops.create_limited += 1;
-                return;
+                self.stats.drops.create_limited += 1;
+                return Created::Handled;
             }
             Admit::Full => {
-                self.circ.stats.refused += 1;
+                self.stats.refused += 1;
                 tracing::debug!(link, "circuit refused: relay at its limit");
-                self.send_plain(now, link, circ, CellKind::Destroy, &[1]);
-                return;
+                self.send_plain(link, circ, CellKind::Destroy, &[1]);
+                return Created::Handled;
             }
         }
-        let id = self.node_id();
-        let keys: Vec<&OnionKey> = std::iter::once(&self.circ.onion)
-            .chain(self.circ.prev_onion.as_ref())
+        let keys: Vec<&OnionKey> = std::iter::once(&self.onion)
+            .chain(self.prev_onion.as_ref())
             .collect();
-        let res = server_handshake(&mut self.rng, &id, &keys, &body[..CREATE_LEN]);
+        let res = server_handshake(&mut self.rng, &env.id, &keys, &body[..CREATE_LEN]);
         let (created, keys) = match res {
             Ok(x) => x,
             Err(e) => {
-                self.circ.stats.refused += 1;
+                self.stats.refused += 1;
                 tracing::debug!(link, "circuit refused: {e}");
-                self.send_plain(now, link, circ, CellKind::Destroy, &[2]);
-                return;
+                self.send_plain(link, circ, CellKind::Destroy, &[2]);
+                return Created::Handled;
             }
         };
-        let h = self.circ.next_id;
-        self.circ.next_id += 1;
-        self.circ
-            .hops
-            .insert(h, HopCirc::new(now, (link, circ), keys));
-        self.circ.on_link.insert((link, circ), CircRef::Prev(h));
-        self.circ.stats.circuits_total += 1;
-        self.send_plain(now, link, circ, CellKind::Created, &created);
+        let h = self.next_id;
+        self.next_id += 1;
+        self.hops
+            .insert(h, HopCirc::new(env.now, (link, circ), keys));
+        self.on_link.insert((link, circ), CircRef::Prev(h));
+        self.stats.circuits_total += 1;
+        self.send_plain(link, circ, CellKind::Created, &created);
+        Created::Handled
     }
 
     /// Removes hop circuit `h`, telling the side it did not hear it from.
-    pub(super) fn drop_hop(&mut self, now: Instant, h: u64, tell_prev: bool, tell_next: bool) {
+    pub(in crate::proto::node) fn drop_hop(&mut self, h: u64, tell_prev: bool, tell_next: bool) {
         // Another circuit from the same source (its replacement) carries
         // the replies from now on (see `HopTable::remove`).
-        let Some(hc) = self.circ.hops.remove(h) else {
+        let Some(hc) = self.hops.remove(h) else {
             return;
         };
         // The plane may hold it, or a route back on it (one that ended
         // here and authenticated its source).
         if hc.in_plane || hc.auth().is_some() {
-            self.plane_tell(ToPlane::Unrelay(h));
+            self.actions
+                .push_back(HopAction::Plane(ToPlane::Unrelay(h)));
         }
-        self.circ.on_link.remove(&hc.prev());
+        self.on_link.remove(&hc.prev());
         if tell_prev {
-            self.send_plain(now, hc.prev().0, hc.prev().1, CellKind::Destroy, &[0]);
+            self.send_plain(hc.prev().0, hc.prev().1, CellKind::Destroy, &[0]);
         }
         if let Some(next) = hc.next {
-            self.circ.on_link.remove(&next);
+            self.on_link.remove(&next);
             if tell_next {
-                self.send_plain(now, next.0, next.1, CellKind::Destroy, &[0]);
+                self.send_plain(next.0, next.1, CellKind::Destroy, &[0]);
             }
         }
     }
 
-    /// A forward cell at a hop, in `packet[CONTROL_BODY..]` (see
-    /// [`Node::handle_cell`]): ours, or peel our layer in place and pass
-    /// it on from there.
-    pub(super) fn hop_forward(
+    /// The hop circuits' upkeep: an EXTEND that took too long fails, and
+    /// circuits idle too long go.
+    pub(in crate::proto::node) fn hop_timers(&mut self, env: &HopEnv) {
+        for (h, extending) in self.hops.stale(env.now) {
+            if extending {
+                self.answer(env, h, Cmd::ExtendFailed, &[5]);
+            }
+            self.drop_hop(h, true, true);
+        }
+        self.stats.circuits = self.hops.len();
+    }
+
+    /// A forward cell for hop circuit `h`, in `packet[CONTROL_BODY..]`:
+    /// ours (DATA is decoded into `out`), or our layer is peeled in place
+    /// and it is passed on.
+    pub(in crate::proto::node) fn hop_forward(
         &mut self,
-        now: Instant,
+        env: &HopEnv,
         h: u64,
         mut nonce: [u8; 16],
         packet: &mut [u8],
-    ) -> Option<usize> {
-        let c = wire::CONTROL_BODY;
+        out: &mut [u8],
+    ) -> Hop {
+        let c = CONTROL_BODY;
         #[cfg(feature = "test-hooks")]
         let cell_in = self.cell_for_log(&packet[c..]);
-        let peeled = self
-            .circ
+        let Some(peeled) = self
             .hops
-            .peel(now, h, &mut nonce, &mut packet[c + CELL_HEADER..])?;
+            .peel(env.now, h, &mut nonce, &mut packet[c + CELL_HEADER..])
+        else {
+            return Hop::Done;
+        };
         match peeled {
             Err(e) => {
-                count(&mut self.circ.stats.drops, e);
-                None
+                count(&mut self.stats.drops, e);
+                Hop::Done
             }
             Ok(Peeled::Unrecognised) => {
-                self.circ.stats.drops.unrecognised += 1;
-                None
+                self.stats.drops.unrecognised += 1;
+                Hop::Done
             }
             Ok(Peeled::Pass((link, circ))) => {
                 onion::write_header(&mut packet[c..], circ, CellKind::Relay, &nonce);
                 #[cfg(feature = "test-hooks")]
                 self.log_cell(true, cell_in, &packet[c..]);
-                self.pass_on(now, link, packet);
-                self.maybe_hand_hop(h);
-                None
+                // Queued after the node passes this cell on: the plane
+                // takes the circuit from the next cell on.
+                self.maybe_hand_hop(env, h);
+                Hop::Pass(link)
             }
             Ok(Peeled::Mine(command, range)) => {
-                // The cell ends here: its data goes where commands read it.
-                let start = CELL_HEADER + range.start;
-                let end = CELL_HEADER + range.end;
-                self.bufs.cell[start..end].copy_from_slice(&packet[c + start..c + end]);
-                self.hop_command(now, h, command, start, end)
+                let data = &packet[c + CELL_HEADER + range.start..c + CELL_HEADER + range.end];
+                self.hop_command(env, h, command, data, out)
             }
         }
     }
 
-    /// A command addressed to this node as a hop; the data is in
-    /// `self.bufs.cell[start..end]`.
+    /// A backward cell on hop circuit `h` (from its next hop), in
+    /// `packet[CONTROL_BODY..]`: our layer is added in place, and it is
+    /// passed on towards the source.
+    pub(in crate::proto::node) fn hop_backward(
+        &mut self,
+        env: &HopEnv,
+        h: u64,
+        mut nonce: [u8; 16],
+        packet: &mut [u8],
+    ) -> Hop {
+        let c = CONTROL_BODY;
+        let size = packet.len() - c;
+        #[cfg(feature = "test-hooks")]
+        let cell_in = self.cell_for_log(&packet[c..]);
+        let Some((link, circ)) =
+            self.hops
+                .wrap_back(env.now, h, &mut nonce, &mut packet[c + CELL_HEADER..])
+        else {
+            return Hop::Done;
+        };
+        self.hops.count_backward(h, size);
+        onion::write_header(&mut packet[c..], circ, CellKind::Relay, &nonce);
+        #[cfg(feature = "test-hooks")]
+        self.log_cell(false, cell_in, &packet[c..]);
+        self.maybe_hand_hop(env, h);
+        Hop::Pass(link)
+    }
+
+    /// CREATED from the next hop of circuit `h`: the EXTEND is done.
+    pub(in crate::proto::node) fn hop_created(&mut self, env: &HopEnv, h: u64, body: &[u8]) {
+        let ok = self.hops.get_mut(h).is_some_and(|hc| {
+            hc.last_used = env.now;
+            hc.extending.take().is_some()
+        });
+        match body.get(..CREATED_LEN) {
+            Some(created) if ok => self.answer(env, h, Cmd::Extended, created),
+            _ => self.stats.drops.bad_kind += 1,
+        }
+    }
+
+    /// A command addressed to this node as hop `h`, with its data. Returns
+    /// the length of a packet for the TUN (DATA), decoded into `out`.
     fn hop_command(
         &mut self,
-        now: Instant,
+        env: &HopEnv,
         h: u64,
         command: Cmd,
-        start: usize,
-        end: usize,
-    ) -> Option<usize> {
+        data: &[u8],
+        out: &mut [u8],
+    ) -> Hop {
         tracing::trace!(circuit = h, command = command.name(), "cell for us");
         match command {
-            Cmd::Data => return self.hop_data(now, h, start, end),
-            Cmd::Probe => {
-                let data = self.bufs.cell[start..end].to_vec();
-                self.originate(now, h, Cmd::ProbeReply, &data);
-            }
-            Cmd::Noise => self.circ.stats.drops.noise += 1,
-            Cmd::Extend => match Extend::parse(&self.bufs.cell[start..end]) {
-                Ok(x) => self.hop_extend(now, h, x),
-                Err(_) => self.circ.stats.drops.malformed += 1,
+            Cmd::Data => return self.hop_data(env, h, data, out),
+            Cmd::Probe => self.answer(env, h, Cmd::ProbeReply, data),
+            Cmd::Noise => self.stats.drops.noise += 1,
+            Cmd::Extend => match Extend::parse(data) {
+                Ok(x) => self.hop_extend(env, h, x),
+                Err(_) => self.stats.drops.malformed += 1,
             },
-            Cmd::Auth => {
-                let data = self.bufs.cell[start..end].to_vec();
-                self.hop_auth(now, h, &data);
-            }
-            Cmd::Lookup => match Lookup::parse(&self.bufs.cell[start..end]) {
-                Ok(l) => self.hop_lookup(now, h, l.address),
-                Err(_) => self.circ.stats.drops.malformed += 1,
+            Cmd::Auth => self.hop_auth(env, h, data),
+            Cmd::Lookup => match Lookup::parse(data) {
+                Ok(l) if env.relay => {
+                    let addr = l.address;
+                    self.actions.push_back(HopAction::Lookup { h, addr });
+                }
+                Ok(_) => self.answer(env, h, Cmd::LookupReply, &[]),
+                Err(_) => self.stats.drops.malformed += 1,
             },
-            _ => self.circ.stats.drops.bad_kind += 1,
+            _ => self.stats.drops.bad_kind += 1,
         }
-        None
+        Hop::Done
     }
 
-    fn hop_data(&mut self, now: Instant, h: u64, start: usize, end: usize) -> Option<usize> {
-        let hc = self.circ.hops.get_mut(h)?;
-        let Some(src) = hc.auth() else {
-            self.circ.stats.drops.unauthenticated += 1;
-            return None;
+    /// A command the data plane opened for hop circuit `h` (it holds the
+    /// circuit), with its data; as [`Circuits::hop_forward`]'s.
+    pub(in crate::proto::node) fn hop_opened(
+        &mut self,
+        env: &HopEnv,
+        h: u64,
+        at: Instant,
+        command: Cmd,
+        data: &[u8],
+        out: &mut [u8],
+    ) -> Hop {
+        let Some(hc) = self.hops.get_mut(h) else {
+            return Hop::Done;
         };
-        let Ok(view) = Ipv6View::new_checked(&self.bufs.cell[start..end]) else {
-            self.circ.stats.drops.malformed += 1;
-            return None;
+        hc.last_used = hc.last_used.max(at);
+        let env = HopEnv { now: at, ..*env };
+        self.hop_command(&env, h, command, data, out)
+    }
+
+    fn hop_data(&mut self, env: &HopEnv, h: u64, data: &[u8], out: &mut [u8]) -> Hop {
+        let Some(hc) = self.hops.get_mut(h) else {
+            return Hop::Done;
+        };
+        let Some(src) = hc.auth() else {
+            self.stats.drops.unauthenticated += 1;
+            return Hop::Done;
+        };
+        let Ok(view) = Ipv6View::new_checked(data) else {
+            self.stats.drops.malformed += 1;
+            return Hop::Done;
         };
         // The packet's source must be the node that authenticated this
         // circuit; anything else is someone speaking in another's name.
-        if view.src() != src || view.dst() != self.address {
-            self.circ.stats.drops.spoofed_source += 1;
-            return None;
+        if view.src() != src || view.dst() != env.address {
+            self.stats.drops.spoofed_source += 1;
+            return Hop::Done;
         }
-        let (p, _) = match wire::decode(view, &mut self.bufs.b) {
-            Ok((Incoming::App(p), c)) => (p.len(), c),
+        let rebuilt = view.next_header() == wire::NH_QGATE;
+        let p = match wire::decode(view, out) {
+            Ok((Incoming::App(p), _)) => p.len(),
             _ => {
-                self.circ.stats.drops.malformed += 1;
-                return None;
+                self.stats.drops.malformed += 1;
+                return Hop::Done;
             }
         };
-        hc.rx_bytes += p as u64;
-        hc.last_data = hc.last_data.max(Some(now));
-        // Replies go back on the circuit that last brought traffic.
-        self.circ.hops.carries_replies(h, src);
-        self.handoff.unroute(src);
-        // decode() returned either the cell's bytes (as is) or a rebuilt
-        // packet in bufs.b: put the result in bufs.b either way.
-        if !matches!(view.next_header(), wire::NH_QGATE) {
-            self.bufs.b[..p].copy_from_slice(&self.bufs.cell[start..start + p]);
+        // decode() returned either the cell's bytes (as is) or a packet
+        // rebuilt in `out`: the result goes to `out` either way.
+        if !rebuilt {
+            out[..p].copy_from_slice(&data[..p]);
         }
+        hc.rx_bytes += p as u64;
+        hc.last_data = hc.last_data.max(Some(env.now));
+        // Replies go back on the circuit that last brought traffic.
+        self.hops.carries_replies(h, src);
+        self.actions.push_back(HopAction::Unroute(src));
         // The circuit's next cells are the plane's, if it holds the link.
-        self.maybe_hand_hop(h);
-        Some(p)
+        self.maybe_hand_hop(env, h);
+        Hop::Deliver(p)
     }
 
-    fn hop_extend(&mut self, now: Instant, h: u64, x: Extend) {
-        let fail = |node: &mut Node, why: ExtendRefusal| {
-            node.circ.stats.refused += 1;
-            node.originate(now, h, Cmd::ExtendFailed, &[why as u8]);
-        };
-        if !self.config.relay.enabled {
-            return fail(self, ExtendRefusal::NotRelay);
+    fn hop_extend(&mut self, env: &HopEnv, h: u64, x: Extend) {
+        if !env.relay {
+            return self.extend_refused(env, h, ExtendRefusal::NotRelay);
         }
-        let Some(hc) = self.circ.hops.get(h) else {
+        let Some(hc) = self.hops.get(h) else {
             return;
         };
         if hc.next.is_some() || hc.auth().is_some() {
-            return fail(self, ExtendRefusal::AlreadyExtended);
+            return self.extend_refused(env, h, ExtendRefusal::AlreadyExtended);
         }
-        if x.node == self.node_id() {
-            return fail(self, ExtendRefusal::BadTarget);
+        if x.node == env.id {
+            return self.extend_refused(env, h, ExtendRefusal::BadTarget);
         }
-        let Extend {
-            node: id,
-            link_key,
-            endpoint: ep,
-            create,
-        } = x;
-        let Some(link) = self.connect_to(now, id, link_key, ep) else {
-            return fail(self, ExtendRefusal::NoLink);
-        };
-        if self.circ.hops.get(h).map(|hc| hc.prev().0) == Some(link) {
-            return fail(self, ExtendRefusal::BadTarget);
-        }
-        let circ = self.alloc_circ(link);
-        self.circ.on_link.insert((link, circ), CircRef::Next(h));
-        if let Some(hc) = self.circ.hops.get_mut(h) {
-            hc.next = Some((link, circ));
-            hc.extending = Some(now);
-        }
-        self.send_plain(now, link, circ, CellKind::Create, &create);
+        let to = Box::new(x);
+        self.actions.push_back(HopAction::Connect { h, to });
     }
 
-    fn hop_auth(&mut self, now: Instant, h: u64, data: &[u8]) {
-        let refuse = |node: &mut Node| node.originate(now, h, Cmd::Refused, &[]);
-        if !self.config.has_tun {
-            return refuse(self);
+    fn extend_refused(&mut self, env: &HopEnv, h: u64, why: ExtendRefusal) {
+        self.stats.refused += 1;
+        self.answer(env, h, Cmd::ExtendFailed, &[why as u8]);
+    }
+
+    /// The node's answer to [`HopAction::Connect`]: the link to the next
+    /// hop and whether this side sets the top bit of circuit IDs on it
+    /// (see [`Circuits::alloc_circ`]), or None when no link could be made.
+    pub(in crate::proto::node) fn extend_on(
+        &mut self,
+        env: &HopEnv,
+        h: u64,
+        link: Option<(u32, bool)>,
+        create: &[u8; CREATE_LEN],
+    ) {
+        let Some(hc) = self.hops.get(h) else {
+            return;
+        };
+        let Some((link, high)) = link else {
+            return self.extend_refused(env, h, ExtendRefusal::NoLink);
+        };
+        if hc.prev().0 == link {
+            return self.extend_refused(env, h, ExtendRefusal::BadTarget);
+        }
+        let circ = self.alloc_circ(link, high);
+        self.on_link.insert((link, circ), CircRef::Next(h));
+        if let Some(hc) = self.hops.get_mut(h) {
+            hc.next = Some((link, circ));
+            hc.extending = Some(env.now);
+        }
+        self.send_plain(link, circ, CellKind::Create, create);
+    }
+
+    fn hop_auth(&mut self, env: &HopEnv, h: u64, data: &[u8]) {
+        if !env.has_tun {
+            return self.answer(env, h, Cmd::Refused, &[]);
         }
         // One AUTH per circuit, before any RSA work (a lost READY fails
         // the source's build step; a refusal closes its circuit). Only at
         // the circuit's end: a hop that extended it passes DATA on, and
         // an authenticated source would have it deliver some too.
-        if !self.circ.hops.first_auth(h) {
-            self.circ.stats.drops.bad_kind += 1;
+        if !self.hops.first_auth(h) {
+            self.stats.drops.bad_kind += 1;
             return;
         }
-        if self.circ.hops.get(h).is_some_and(|hc| hc.next.is_some()) {
-            return refuse(self);
+        if self.hops.get(h).is_some_and(|hc| hc.next.is_some()) {
+            return self.answer(env, h, Cmd::Refused, &[]);
         }
-        let Ok(body::Auth {
-            record,
-            signature: sig,
-        }) = body::Auth::parse(data)
-        else {
-            return refuse(self);
+        let Ok(body::Auth { record, signature }) = body::Auth::parse(data) else {
+            return self.answer(env, h, Cmd::Refused, &[]);
         };
-        let Ok(rec) = self.dht.records().verified_record(record) else {
-            return refuse(self);
+        self.actions.push_back(HopAction::CheckAuth {
+            h,
+            record: record.to_vec(),
+            signature: signature.to_vec(),
+        });
+    }
+
+    /// The node's answer to [`HopAction::CheckAuth`]: the record, if it is
+    /// a valid one. The source is authenticated if the signature is its
+    /// key's over this circuit's binding.
+    pub(in crate::proto::node) fn auth_checked(
+        &mut self,
+        env: &HopEnv,
+        h: u64,
+        record: Option<NodeRecord>,
+        signature: &[u8],
+    ) {
+        let Some(rec) = record else {
+            return self.answer(env, h, Cmd::Refused, &[]);
         };
-        let Some(hc) = self.circ.hops.get(h) else {
+        let Some(hc) = self.hops.get(h) else {
             return;
         };
-        let msg = auth_message(&self.node_id(), &hc.keys.bind);
-        if verify_signature(&rec.public_der, &msg, sig).ok() != Some(rec.node_id())
-            || rec.node_id() == self.node_id()
+        let msg = auth_message(&env.id, &hc.keys.bind);
+        if verify_signature(&rec.public_der, &msg, signature).ok() != Some(rec.node_id())
+            || rec.node_id() == env.id
         {
-            self.circ.stats.drops.forged += 1;
-            return refuse(self);
+            self.stats.drops.forged += 1;
+            return self.answer(env, h, Cmd::Refused, &[]);
         }
         let src = rec.overlay_address();
-        self.circ.hops.carries_replies(h, src);
-        self.unroute(src);
+        self.hops.carries_replies(h, src);
+        self.actions.push_back(HopAction::Unroute(src));
         tracing::debug!(circuit = h, source = %src, "inbound circuit authenticated");
-        self.originate(now, h, Cmd::Ready, &[]);
+        self.answer(env, h, Cmd::Ready, &[]);
     }
 
-    fn hop_lookup(&mut self, now: Instant, h: u64, addr: Ipv6Addr) {
-        if !self.config.relay.enabled {
-            self.originate(now, h, Cmd::LookupReply, &[]);
-            return;
-        }
-        // Known already (a link, or the routing table)?
-        if let Some(rec) = self.local_record(&addr) {
-            self.originate(now, h, Cmd::LookupReply, &rec);
-            return;
-        }
-        let goal = Goal::Node {
-            prefix: addr.octets()[1..16].to_vec(),
-            min_seq: 0,
-            reachable: true,
-        };
-        match self.dht.lookup(now, goal) {
-            Some(id) => {
-                self.purposes.insert(id, Purpose::Circuit(h, addr));
-                self.pump_dht(now);
-            }
-            None => self.originate(now, h, Cmd::LookupReply, &[]),
-        }
-    }
-
-    /// A DHT lookup a circuit asked for has finished.
-    pub(in crate::proto::node) fn circuit_lookup_done(
-        &mut self,
-        now: Instant,
-        h: u64,
-        addr: Ipv6Addr,
-        found: Option<Contact>,
-    ) {
-        let rec = found
-            .filter(|c| c.info.id.overlay_address() == addr)
-            .map(|c| c.record.to_vec())
-            .unwrap_or_default();
-        self.originate(now, h, Cmd::LookupReply, &rec);
-    }
-
-    /// A record for an address we already hold: a neighbour's, the DHT's
-    /// table, or one a circuit looked up.
-    pub(in crate::proto::node) fn local_record(&self, addr: &Ipv6Addr) -> Option<Vec<u8>> {
-        if let Some(v) = self.links.for_addr(addr).and_then(|l| l.verified.as_ref()) {
-            return Some(v.record_bytes.clone());
-        }
-        let c = self.dht.find_local(&addr.octets()[1..16])?;
-        (c.info.id.overlay_address() == *addr).then(|| c.record.to_vec())
+    /// The node's answer to [`HopAction::Lookup`]: the record found, or
+    /// nothing (empty).
+    pub(in crate::proto::node) fn lookup_done(&mut self, env: &HopEnv, h: u64, record: &[u8]) {
+        self.answer(env, h, Cmd::LookupReply, record);
     }
 
     /// If a circuit from `dst` brought traffic lately, the packet goes back
@@ -358,66 +569,54 @@ impl Node {
         now: Instant,
         dst: &Ipv6Addr,
     ) -> Option<u64> {
-        let own_circuit = self.circ.out.current(dst).is_some();
-        self.circ.hops.inbound_route(now, dst, own_circuit)
+        let own_circuit = self.out.current(dst).is_some();
+        self.hops.inbound_route(now, dst, own_circuit)
     }
 
-    /// Sends a packet back on inbound circuit `h` (see [`Node::inbound_route`]).
-    pub(in crate::proto::node) fn inbound_send(
+    /// Builds the DATA cell for `view` back on inbound circuit `h` in
+    /// `cell` (`scratch`: where a compressed packet is framed; `lz4`: the
+    /// compressor's table, if circuits compress). Returns (link, cell
+    /// length).
+    pub(in crate::proto::node) fn reply_cell(
         &mut self,
-        now: Instant,
-        view: Ipv6View<'_>,
         h: u64,
-    ) -> Routed {
-        if view.bytes().len() > CIRCUIT_MTU {
-            self.drops.too_big += 1;
-            return self.icmp_reply(
-                now,
-                view,
-                wire::ICMPV6_PACKET_TOO_BIG,
-                0,
-                CIRCUIT_MTU as u32,
-            );
-        }
-        let (compress, large) = (self.circuit_compress(), self.config.traffic.always_large);
-        let Some(hc) = self.circ.hops.get_mut(h) else {
-            return Routed::Nothing;
-        };
-        let table = compress.then_some((&mut hc.adaptive, &mut self.bufs.lz4));
-        let (frame, _) = crate::proto::compress::encode(view, table, &mut self.bufs.b);
+        view: Ipv6View<'_>,
+        lz4: Option<&mut Lz4Table>,
+        always_large: bool,
+        scratch: &mut [u8],
+        cell: &mut [u8],
+    ) -> Option<(u32, usize)> {
+        let hc = self.hops.get_mut(h)?;
+        let table = lz4.map(|t| (&mut hc.adaptive, t));
+        let (frame, _) = crate::proto::compress::encode(view, table, scratch);
         if frame.len() > MAX_DATA {
-            return Routed::Nothing;
+            return None;
         }
-        let size = onion::cell_size_for(frame.len(), large).unwrap_or(CELL_LARGE);
+        let size = onion::cell_size_for(frame.len(), always_large).unwrap_or(CELL_LARGE);
         let ctr = hc.ctr.next();
         hc.tx_bytes += view.bytes().len() as u64;
         let (link, circ) = hc.prev();
-        let (head, body) = self.bufs.cell[..size].split_at_mut(CELL_HEADER);
+        let (head, body) = cell.get_mut(..size)?.split_at_mut(CELL_HEADER);
         let n = hc.keys.originate(ctr, Cmd::Data, frame, body);
         onion::write_header(head, circ, CellKind::Relay, &n);
-        if !self.send_cell(now, link, size) {
-            return Routed::Nothing;
-        }
-        let dst = view.dst();
-        if !self.plane_routes(now, &dst) {
-            if let Some(r) = self.back_route(h, dst) {
-                self.plane_route_circuit(now, r);
-            }
-        }
-        Routed::Queued
+        Some((link, size))
     }
 
     /// A route for the data plane back on circuit `h`, which ends here and
     /// authenticated `dst` as its source, if the node uses a plane and it
     /// holds the circuit's link: the plane then sends the packets to `dst`
     /// back on it itself for a while.
-    fn back_route(&self, h: u64, dst: Ipv6Addr) -> Option<OutRoute> {
-        if !self.uses_plane() {
-            return None;
-        }
-        let hc = self.circ.hops.get(h)?;
+    pub(in crate::proto::node) fn back_route(
+        &self,
+        env: &HopEnv,
+        h: u64,
+        dst: Ipv6Addr,
+        compress: bool,
+    ) -> Option<OutRoute> {
+        let plane = env.plane?;
+        let hc = self.hops.get(h)?;
         let (link, circ) = hc.prev();
-        if hc.auth() != Some(dst) || !self.handed(link) {
+        if hc.auth() != Some(dst) || !plane.handed(link) {
             return None;
         }
         Some(OutRoute {
@@ -428,8 +627,8 @@ impl Node {
             keys: vec![hc.keys.clone()],
             replays: Vec::new(),
             counter: hc.ctr.clone(),
-            compress: self.config.traffic.compress && self.config.compression.enabled,
-            always_large: self.config.traffic.always_large,
+            compress,
+            always_large: env.always_large,
         })
     }
 
@@ -441,87 +640,60 @@ impl Node {
     /// [`Relay`]). Asked whenever the node passes one of its cells on
     /// itself, or delivers its DATA, so a circuit goes over with its first
     /// cell after its links did.
-    pub(super) fn maybe_hand_hop(&mut self, h: u64) {
-        if !self.uses_plane() {
+    fn maybe_hand_hop(&mut self, env: &HopEnv, h: u64) {
+        let Some(plane) = env.plane else {
             return;
-        }
-        let Some(hc) = self.circ.hops.get(h) else {
+        };
+        let Some(hc) = self.hops.get_mut(h) else {
             return;
         };
         // Only a circuit ending here has a source its DATA may come from.
         let (prev, next) = (hc.prev(), hc.next);
         let src = hc.auth().filter(|_| next.is_none());
         let ready = match next {
-            Some(next) => hc.extending.is_none() && self.handed(next.0),
+            Some(next) => hc.extending.is_none() && plane.handed(next.0),
             None => src.is_some(),
         };
-        if hc.in_plane || !ready || !self.handed(prev.0) {
+        if hc.in_plane || !ready || !plane.handed(prev.0) {
             return;
         }
-        let (keys, replay) = (hc.keys.clone(), hc.replay.clone());
-        if let Some(hc) = self.circ.hops.get_mut(h) {
-            hc.in_plane = true;
-        }
+        hc.in_plane = true;
         tracing::trace!(
             circuit = h,
             ends_here = next.is_none(),
             "circuit handed to the data plane"
         );
-        self.plane_tell(ToPlane::Relay(Box::new(Relay {
+        let relay = Relay {
             h,
             prev,
             next,
-            keys,
-            replay,
+            keys: hc.keys.clone(),
+            replay: hc.replay.clone(),
             src,
-        })));
+        };
+        let msg = ToPlane::Relay(Box::new(relay));
+        self.actions.push_back(HopAction::Plane(msg));
     }
 
     /// The data plane could not take relayed circuit `h` (a link of it was
     /// withdrawn meanwhile): the node passes its cells on, and may hand it
     /// over again.
     pub(in crate::proto::node) fn hop_not_in_plane(&mut self, h: u64) {
-        if let Some(hc) = self.circ.hops.get_mut(h) {
+        if let Some(hc) = self.hops.get_mut(h) {
             hc.in_plane = false;
             // With several planes, another one may have taken it: it
             // lets go too (and `drop_hop` will not ask, in_plane unset).
-            self.plane_tell(ToPlane::Unrelay(h));
-        }
-    }
-
-    /// A command for this node that the data plane opened on a circuit
-    /// (`hop`: which hop of a circuit this node built spoke), with its
-    /// data. Returns a packet for the TUN (in `bufs.b`), if it brought one.
-    pub(in crate::proto::node) fn opened_from_plane(
-        &mut self,
-        at: Instant,
-        circuit: CircuitRef,
-        hop: usize,
-        cmd: Cmd,
-        data: &[u8],
-    ) -> Option<usize> {
-        let (start, end) = (CELL_HEADER, CELL_HEADER + data.len());
-        self.bufs.cell.get_mut(start..end)?.copy_from_slice(data);
-        match circuit {
-            CircuitRef::Carried(h) => {
-                let hc = self.circ.hops.get_mut(h)?;
-                hc.last_used = hc.last_used.max(at);
-                self.hop_command(at, h, cmd, start, end)
-            }
-            CircuitRef::Built(id) => {
-                let hop_of = self.circ.out.get_mut(id)?.hops.get_mut(hop)?;
-                hop_of.last_reply = hop_of.last_reply.max(at);
-                self.out_command(at, id, hop, cmd, start, end)
-            }
+            let msg = ToPlane::Unrelay(h);
+            self.actions.push_back(HopAction::Plane(msg));
         }
     }
 
     /// Takes in what the data plane did with circuits' cells: passed on
     /// for relayed circuits, delivered at their ends, sent as DATA on
     /// circuits this node built or back on those it ends.
-    pub(in crate::proto::node) fn cells_from_plane(&mut self, r: CellReport) {
+    pub(in crate::proto::node) fn plane_report(&mut self, r: CellReport) {
         for (h, at, fwd, bwd) in r.circuits {
-            if let Some(hc) = self.circ.hops.get_mut(h) {
+            if let Some(hc) = self.hops.get_mut(h) {
                 hc.last_used = hc.last_used.max(at);
                 hc.fwd_bytes += fwd;
                 hc.bwd_bytes += bwd;
@@ -530,7 +702,7 @@ impl Node {
         for (circuit, at, bytes) in r.sent {
             match circuit {
                 CircuitRef::Built(id) => {
-                    if let Some(c) = self.circ.out.get_mut(id) {
+                    if let Some(c) = self.out.get_mut(id) {
                         c.last_used = c.last_used.max(at);
                         c.tx_bytes += bytes;
                     }
@@ -538,7 +710,7 @@ impl Node {
                 // As the node's own replies, they keep nothing alive: a
                 // circuit is fresh while it brings traffic.
                 CircuitRef::Carried(h) => {
-                    if let Some(hc) = self.circ.hops.get_mut(h) {
+                    if let Some(hc) = self.hops.get_mut(h) {
                         hc.tx_bytes += bytes;
                     }
                 }
@@ -551,7 +723,7 @@ impl Node {
         for (circuit, at, bytes) in received {
             match circuit {
                 CircuitRef::Built(id) => {
-                    let Some(c) = self.circ.out.get_mut(id) else {
+                    let Some(c) = self.out.get_mut(id) else {
                         continue;
                     };
                     c.rx_bytes += bytes;
@@ -559,36 +731,11 @@ impl Node {
                         last.last_reply = last.last_reply.max(at);
                     }
                 }
-                CircuitRef::Carried(h) => {
-                    let Some(hc) = self.circ.hops.get_mut(h) else {
-                        continue;
-                    };
-                    hc.rx_bytes += bytes;
-                    hc.last_used = hc.last_used.max(at);
-                    hc.last_data = hc.last_data.max(Some(at));
-                    // Replies go back on the circuit that last brought
-                    // traffic. The plane dropped any other route it held
-                    // itself; one granted meanwhile goes too. (With several
-                    // planes, reports come one plane at a time: a circuit
-                    // whose DATA came later than this keeps the replies.)
-                    let Some(src) = hc.auth() else { continue };
-                    let cur = self.circ.hops.replies_on(&src);
-                    let later = cur
-                        .filter(|c| *c != h)
-                        .and_then(|c| self.circ.hops.get(c))
-                        .is_some_and(|c| c.last_data > Some(at));
-                    if later {
-                        continue;
-                    }
-                    if cur != Some(h) {
-                        self.handoff.unroute(src);
-                    }
-                    self.circ.hops.carries_replies(h, src);
-                }
+                CircuitRef::Carried(h) => self.delivered(h, at, bytes),
             }
         }
-        self.circ.stats.drops.add(&r.drops);
-        let s = &mut self.circ.stats;
+        self.stats.drops.add(&r.drops);
+        let s = &mut self.stats;
         s.cells_forwarded += r.cells;
         s.bytes_forwarded += r.bytes;
         s.drops.over_bandwidth += r.over_bandwidth;
@@ -598,28 +745,57 @@ impl Node {
         }
     }
 
+    /// The plane delivered `bytes` of DATA that came on circuit `h`, the
+    /// last at `at`.
+    fn delivered(&mut self, h: u64, at: Instant, bytes: u64) {
+        let Some(hc) = self.hops.get_mut(h) else {
+            return;
+        };
+        hc.rx_bytes += bytes;
+        hc.last_used = hc.last_used.max(at);
+        hc.last_data = hc.last_data.max(Some(at));
+        // Replies go back on the circuit that last brought traffic. The
+        // plane dropped any other route it held itself; one granted
+        // meanwhile goes too. (With several planes, reports come one plane
+        // at a time: a circuit whose DATA came later than this keeps the
+        // replies.)
+        let Some(src) = hc.auth() else {
+            return;
+        };
+        let cur = self.hops.replies_on(&src);
+        let later = cur
+            .filter(|c| *c != h)
+            .and_then(|c| self.hops.get(c))
+            .is_some_and(|c| c.last_data > Some(at));
+        if later {
+            return;
+        }
+        if cur != Some(h) {
+            self.actions.push_back(HopAction::Unroute(src));
+        }
+        self.hops.carries_replies(h, src);
+    }
+
     /// How many circuits the data plane holds: relayed (it passes their
     /// cells on) or ending here (it opens them).
     pub(in crate::proto::node) fn hops_in_plane(&self) -> usize {
-        self.circ.hops.values().filter(|hc| hc.in_plane).count()
+        self.hops.values().filter(|hc| hc.in_plane).count()
     }
 
-    /// Test hook: whether relays record the cells they forward.
+    /// Test hook: notes a relayed cell as it arrived and as it left.
     #[cfg(feature = "test-hooks")]
-    pub(in crate::proto::node) fn cell_log_on(&self) -> bool {
-        self.circ.cell_log_on
+    fn log_cell(&mut self, forward: bool, cell_in: Option<Vec<u8>>, out: &[u8]) {
+        if let Some(cell_in) = cell_in {
+            if self.cell_log.len() < 100_000 {
+                self.cell_log.push((forward, cell_in, out.to_vec()));
+            }
+        }
     }
 
-    /// Test hook: relays record the cells they forward from now on (for
-    /// [`Node::take_cell_log`]).
+    /// Test hook: a copy of a cell about to be relayed, when cells are
+    /// being logged.
     #[cfg(feature = "test-hooks")]
-    pub fn enable_cell_log(&mut self) {
-        self.circ.cell_log_on = true;
-    }
-
-    /// Test hook: the cells forwarded since the last call.
-    #[cfg(feature = "test-hooks")]
-    pub fn take_cell_log(&mut self) -> Vec<(bool, Vec<u8>, Vec<u8>)> {
-        std::mem::take(&mut self.circ.cell_log)
+    fn cell_for_log(&self, cell: &[u8]) -> Option<Vec<u8>> {
+        self.cell_log_on.then(|| cell.to_vec())
     }
 }

@@ -19,7 +19,7 @@ use crate::proto::node::{Node, Routed};
 use crate::proto::onion::body::{self, Extend, ExtendRefusal, Lookup};
 use crate::proto::onion::{CellKind, ClientHandshake, Cmd, CELL_HEADER, CREATED_LEN, MAX_DATA};
 use crate::proto::route;
-use crate::proto::wire::{self, Incoming, Ipv6View, IPV6_MIN_MTU};
+use crate::proto::wire::{self, Incoming, Ipv6View};
 use std::sync::Arc;
 
 impl Node {
@@ -39,14 +39,7 @@ impl Node {
     ) -> Routed {
         let dst = view.dst();
         if view.bytes().len() > CIRCUIT_MTU {
-            self.drops.too_big += 1;
-            return self.icmp_reply(
-                now,
-                view,
-                wire::ICMPV6_PACKET_TOO_BIG,
-                0,
-                CIRCUIT_MTU.max(IPV6_MIN_MTU) as u32,
-            );
+            return self.too_big_for_circuit(now, view);
         }
         let id = match self.circ.out.current(&dst) {
             Some(id) => id,

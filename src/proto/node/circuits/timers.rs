@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use rand_core::RngCore;
 
+use super::cells::hop_env;
 use super::{
     Stage, CIRCUIT_LIFETIME, LIVENESS, ONION_ROTATE, OUT_IDLE, PROBE_DEAD, PROBE_INTERVAL,
     STEP_TIMEOUT,
@@ -150,12 +151,8 @@ impl Node {
             self.noise(now, id);
         }
         // Circuits we carry.
-        for (h, extending) in self.circ.hops.stale(now) {
-            if extending {
-                self.originate(now, h, Cmd::ExtendFailed, &[5]);
-            }
-            self.drop_hop(now, h, true, true);
-        }
-        self.circ.stats.circuits = self.circ.hops.len();
+        let env = hop_env!(self, now);
+        self.circ.hop_timers(&env);
+        self.hop_actions(now);
     }
 }
